@@ -1,0 +1,128 @@
+/* client.h: the splitlearn-comm client on the gRPC C core.
+ *
+ * One client owns one gRPC channel (one HTTP/2 connection, reconnected by gRPC
+ * when it drops); any number of threads may call it at once. Every wait happens in
+ * the calling thread, in slices of about 200 ms; between slices the caller's
+ * interrupt hook is asked whether to give up (this is how Ctrl-C reaches a
+ * blocking call). No function here touches Python; callers release their own
+ * locks (the GIL) around them.
+ */
+#ifndef SL_CLIENT_H
+#define SL_CLIENT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "chanargs.h"
+#include "message.h"
+#include "payload.h"
+#include "retry.h"
+#include "sl_common.h"
+#include "tensor.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct sl_client sl_client;
+
+/* Called between wait slices; return nonzero to abandon the call (it is cancelled
+ * and the call returns SL_EINTR). */
+typedef int (*sl_interrupt_fn)(void *user);
+
+typedef struct sl_call_opts {
+  double timeout;            /* overall seconds for all attempts and sleeps; <= 0: none */
+  const sl_kv *metadata;     /* request metadata (copied per attempt) */
+  size_t n_metadata;
+  int wait_for_ready;        /* wait for the server to come up instead of failing fast */
+  const sl_retry_policy *retry; /* NULL: a single attempt */
+  sl_interrupt_fn interrupt;
+  void *interrupt_user;
+} sl_call_opts;
+
+/* How a call ended. Strings and arrays are malloc'd; sl_call_status_clear frees. */
+typedef struct sl_call_status {
+  int code;            /* gRPC status code; SL_STATUS_OK on success */
+  char *details;       /* status message ("" when none) */
+  sl_kv *trailing;     /* trailing metadata */
+  size_t n_trailing;
+  sl_kv *initial;      /* initial metadata */
+  size_t n_initial;
+  char *debug;         /* gRPC's debug error string, or NULL */
+  int attempts;        /* attempts made */
+} sl_call_status;
+
+void sl_call_status_clear(sl_call_status *st);
+
+/* Create a client for `target` ("host:port", any gRPC target). Nothing connects
+ * until the first call or sl_client_connect(). */
+int sl_client_create(const char *target, const sl_chan_arg *args, size_t nargs, sl_client **out,
+                     sl_err *err);
+
+/* Wait until the channel is ready, at most `timeout` seconds. Returns SL_OK when
+ * ready, SL_ETIMEDOUT or SL_EINTR. */
+int sl_client_connect(sl_client *c, double timeout, sl_interrupt_fn interrupt, void *user);
+
+/* Extra fields of a Compute request / response. */
+typedef struct sl_compute_extra {
+  int has_request_id;
+  int32_t request_id;
+  int has_compute_time_ms;
+  float compute_time_ms;
+} sl_compute_extra;
+
+/* Send a tensor (its bytes referenced through `payload_data`/`release`, see
+ * below) to Compute and wait for the result tensor.
+ *   `desc`, `data`, `nbytes`: the contiguous input; the caller keeps `data` valid
+ *   until `release(owner)` runs (exactly once, possibly after this function has
+ *   returned, on any thread). On every return path release will run.
+ * On SL_OK, `out` holds the result (caller clears it) and `extra_out` its fields.
+ * On a non-OK status, returns SL_ESTATUS with `st` filled; SL_EINTR when
+ * interrupted; other negative codes with `err` for local failures (a tensor too
+ * big for one message, out of memory). `st` is always filled as far as known. */
+int sl_client_compute(sl_client *c, const sl_call_opts *opts, const sl_tensor_desc *desc,
+                      const void *data, size_t nbytes, sl_release_fn release, void *owner,
+                      const sl_compute_extra *extra_in, sl_tensor_msg *out,
+                      sl_compute_extra *extra_out, sl_call_status *st, sl_err *err);
+
+/* Result of HealthCheck. Strings malloc'd; sl_health_clear frees. */
+typedef struct sl_health {
+  char *status;
+  char *message;
+  char *version;
+  int has_uptime;
+  float uptime_seconds;
+} sl_health;
+void sl_health_clear(sl_health *h);
+
+int sl_client_health(sl_client *c, const sl_call_opts *opts, sl_health *out, sl_call_status *st,
+                     sl_err *err);
+
+/* Result of GetServiceInfo. Strings malloc'd; sl_info_result_clear frees. */
+typedef struct sl_info_result {
+  char *service_name;
+  char *version;
+  char *device;
+  int has_uptime;
+  float uptime_seconds;
+  int64_t total_requests;
+  sl_kv *custom;
+  size_t n_custom;
+} sl_info_result;
+void sl_info_result_clear(sl_info_result *r);
+
+int sl_client_service_info(sl_client *c, const sl_call_opts *opts, sl_info_result *out,
+                           sl_call_status *st, sl_err *err);
+
+/* grpc.health.v1.Health/Check for `service` ("" for the whole server). `*status`
+ * gets the ServingStatus number (1 SERVING, 2 NOT_SERVING). */
+int sl_client_std_health(sl_client *c, const sl_call_opts *opts, const char *service, int *status,
+                         sl_call_status *st, sl_err *err);
+
+void sl_client_destroy(sl_client *c);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SL_CLIENT_H */

@@ -1,0 +1,82 @@
+/* message.h: the tensor-carrying messages of the wire contract (proto/).
+ *
+ * Reading: a received message (as spans) becomes an sl_tensor_msg: the unpacked
+ * protobuf-c header (every field but the tensor bytes), the tensor descriptor, and
+ * the tensor bytes copied exactly once into fresh 64-byte aligned storage.
+ * Writing: a header message (protobuf-c struct with its tensor field empty) is
+ * packed and followed by the tensor field's prefix; the tensor bytes themselves
+ * are referenced by an sl_payload (payload.h).
+ */
+#ifndef SL_MESSAGE_H
+#define SL_MESSAGE_H
+
+#include <protobuf-c/protobuf-c.h>
+
+#include "payload.h"
+#include "sl_common.h"
+#include "splitlearn_comm.pb-c.h"
+#include "tensor.h"
+#include "wire.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum sl_msg_kind {
+  SL_MSG_COMPUTE_REQUEST = 0,
+  SL_MSG_COMPUTE_RESPONSE,
+  SL_MSG_BACKWARD_REQUEST,
+  SL_MSG_BACKWARD_RESPONSE
+} sl_msg_kind;
+
+/* Name of the built-in raw codec (also what an empty codec field means). */
+#define SL_CODEC_RAW "raw"
+
+typedef struct sl_tensor_msg {
+  sl_msg_kind kind;
+  ProtobufCMessage *header; /* owned; every field but the tensor bytes */
+  sl_tensor_desc desc;      /* from the shape and dtype fields */
+  void *data;               /* owned storage (sl_storage_free) unless set to NULL by a taker */
+  size_t nbytes;            /* bytes in data */
+  const char *codec;        /* points into header, or SL_CODEC_RAW; never NULL */
+} sl_tensor_msg;
+
+/* Parse a message of `kind`. Fails with INVALID_ARGUMENT (in `err`) on a
+ * malformed message, an unknown dtype, a bad shape, or (raw codec) a byte count
+ * that disagrees with the shape. Any codec name is accepted here; the caller
+ * decides which codecs it knows. On success the caller owns `out` and clears it
+ * with sl_tensor_msg_clear(). */
+int sl_tensor_msg_read(sl_msg_kind kind, const sl_span *spans, size_t nspans, sl_tensor_msg *out,
+                       sl_err *err);
+
+void sl_tensor_msg_clear(sl_tensor_msg *m);
+
+/* Shape/dtype/codec of the header of a tensor message, whatever its kind. */
+typedef struct sl_tensor_fields {
+  size_t *n_shape;
+  int32_t **shape;
+  char **dtype;
+  char **codec;
+} sl_tensor_fields;
+
+/* The tensor-describing fields of `msg` (a message of `kind`). */
+void sl_tensor_msg_fields(sl_msg_kind kind, ProtobufCMessage *msg, sl_tensor_fields *f);
+
+/* Fill `shape32` (room for SL_MAX_NDIM) from `desc`; SL_ETOOBIG with a message
+ * when a dimension does not fit the wire's int32. */
+int sl_shape_to_wire(const sl_tensor_desc *desc, int32_t *shape32, sl_err *err);
+
+/* Pack `header` (a message of `kind` whose tensor field is empty) and append the
+ * tensor field prefix for `data_len` bytes, then wrap it with the tensor bytes in
+ * a payload (one reference, the caller's). Refuses with RESOURCE_EXHAUSTED a
+ * message over SL_MAX_MESSAGE_BYTES, naming the limit. On failure release is not
+ * called and the caller keeps `data`. */
+int sl_tensor_msg_pack(sl_msg_kind kind, const ProtobufCMessage *header, const void *data,
+                       size_t data_len, sl_release_fn release, void *owner, sl_payload **out,
+                       sl_err *err);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SL_MESSAGE_H */

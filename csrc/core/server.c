@@ -1,0 +1,627 @@
+/* server.c: see server.h.
+ *
+ * Threads: sl_server_start() spawns max_workers workers. Each worker owns a
+ * completion queue registered with the server, asks gRPC for one call
+ * (grpc_server_request_call bound to its own queue), serves it to the end, and
+ * asks again. Only the worker ever polls its queue, so every event it sees is for
+ * the batch it just started. Stopping: grpc_server_shutdown_and_notify makes every
+ * pending request fail (ok=0), which ends the workers; in-flight calls finish or
+ * are cancelled after the grace period.
+ */
+#include "server.h"
+
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
+#include <grpc/support/alloc.h>
+#include <grpc/support/time.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "health.pb-c.h"
+#include "transport.h"
+
+#define SERVICE "/splitlearn.comm.ComputeService/"
+#define METHOD_COMPUTE SERVICE "Compute"
+#define METHOD_BACKWARD SERVICE "ComputeBackward"
+#define METHOD_HEALTH SERVICE "HealthCheck"
+#define METHOD_INFO SERVICE "GetServiceInfo"
+#define METHOD_STD_HEALTH "/grpc.health.v1.Health/Check"
+
+enum { ST_CREATED, ST_RUNNING, ST_STOPPING, ST_STOPPED };
+
+typedef struct worker {
+  sl_server *srv;
+  pthread_t thread;
+  int started;
+  grpc_completion_queue *cq;
+} worker;
+
+struct sl_server {
+  char *host;
+  int port_req;
+  int port;
+  int max_workers;
+  char *version;
+  grpc_channel_args chargs;
+  sl_server_hooks hooks;
+  void *user;
+
+  grpc_server *server;
+  grpc_completion_queue *shutdown_cq;
+  worker *workers;
+  int grpc_inited;
+
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  int state;
+  atomic_int serving;
+  atomic_llong total_requests;
+  double started_at;
+};
+
+/* ---- helpers -------------------------------------------------------------- */
+
+/* Wait for `tag` on a queue only this thread polls. Returns the event's success. */
+static int wait_tag(grpc_completion_queue *cq, void *tag) {
+  for (;;) {
+    grpc_event ev = grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    if (ev.type == GRPC_OP_COMPLETE && ev.tag == tag) return ev.success;
+    if (ev.type == GRPC_QUEUE_SHUTDOWN) return 0;
+  }
+}
+
+static int streq_slice(grpc_slice s, const char *lit) {
+  size_t n = strlen(lit);
+  return GRPC_SLICE_LENGTH(s) == n && memcmp(GRPC_SLICE_START_PTR(s), lit, n) == 0;
+}
+
+void sl_service_info_clear(sl_service_info *info) {
+  free(info->service_name);
+  free(info->device);
+  sl__kv_free(info->custom, info->n_custom);
+  memset(info, 0, sizeof(*info));
+}
+
+/* An outgoing reply: either a payload (message) or none, plus a status. */
+typedef struct reply {
+  sl_payload *payload; /* NULL: no message */
+  sl_err err;          /* code and message of the status */
+} reply;
+
+/* Pack a small (tensor-less) message into a payload. */
+static int small_payload(const ProtobufCMessage *msg, sl_payload **out, sl_err *err) {
+  size_t len = protobuf_c_message_get_packed_size(msg);
+  uint8_t *buf = malloc(len ? len : 1);
+  int rc;
+  if (buf == NULL) return sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+  protobuf_c_message_pack(msg, buf);
+  rc = sl_payload_new(buf, len, NULL, 0, NULL, NULL, out);
+  if (rc != SL_OK) {
+    free(buf);
+    return sl_err_set(err, rc, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+  }
+  return SL_OK;
+}
+
+/* ---- the methods ------------------------------------------------------------ */
+
+static void serve_health(sl_server *s, reply *r) {
+  Splitlearn__Comm__HealthResponse resp = SPLITLEARN__COMM__HEALTH_RESPONSE__INIT;
+  int serving = atomic_load(&s->serving);
+  resp.status = serving ? "ok" : "unhealthy";
+  resp.message = serving ? "serving" : "stopping";
+  resp.version = s->version;
+  resp._uptime_seconds_case = SPLITLEARN__COMM__HEALTH_RESPONSE___UPTIME_SECONDS_UPTIME_SECONDS;
+  resp.uptime_seconds = (float)(sl_now() - s->started_at);
+  small_payload(&resp.base, &r->payload, &r->err);
+}
+
+static void serve_std_health(sl_server *s, const sl__bbspans *in, reply *r) {
+  Grpc__Health__V1__HealthCheckResponse resp = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
+  Grpc__Health__V1__HealthCheckRequest *req = NULL;
+  uint8_t *buf = NULL;
+  size_t len = 0;
+  for (size_t i = 0; i < in->n; i++) len += in->spans[i].len;
+  buf = malloc(len ? len : 1);
+  if (buf == NULL) {
+    sl_err_set(&r->err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+    return;
+  }
+  len = 0;
+  for (size_t i = 0; i < in->n; i++) {
+    memcpy(buf + len, in->spans[i].ptr, in->spans[i].len);
+    len += in->spans[i].len;
+  }
+  req = grpc__health__v1__health_check_request__unpack(NULL, len, buf);
+  free(buf);
+  if (req == NULL) {
+    sl_err_set(&r->err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT, "malformed HealthCheckRequest");
+    return;
+  }
+  if (req->service[0] != '\0' && strcmp(req->service, "splitlearn.comm.ComputeService") != 0) {
+    sl_err_set(&r->err, SL_ENOTFOUND, SL_STATUS_NOT_FOUND, "unknown service '%.128s'",
+               req->service);
+  } else {
+    resp.status = atomic_load(&s->serving)
+                      ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
+                      : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
+    small_payload(&resp.base, &r->payload, &r->err);
+  }
+  grpc__health__v1__health_check_request__free_unpacked(req, NULL);
+}
+
+static void serve_info(sl_server *s, reply *r) {
+  Splitlearn__Comm__ServiceInfoResponse resp = SPLITLEARN__COMM__SERVICE_INFO_RESPONSE__INIT;
+  Splitlearn__Comm__ServiceInfoResponse__CustomInfoEntry *entries = NULL;
+  Splitlearn__Comm__ServiceInfoResponse__CustomInfoEntry **ptrs = NULL;
+  sl_service_info info = {0};
+  int rc = SL_OK;
+
+  if (s->hooks.service_info != NULL) rc = s->hooks.service_info(s->user, &info, &r->err);
+  if (rc != SL_OK) goto cleanup;
+  resp.service_name = info.service_name ? info.service_name : "splitlearn-comm";
+  resp.device = info.device ? info.device : "cpu";
+  resp.version = s->version;
+  resp._uptime_seconds_case = SPLITLEARN__COMM__SERVICE_INFO_RESPONSE___UPTIME_SECONDS_UPTIME_SECONDS;
+  resp.uptime_seconds = (float)(sl_now() - s->started_at);
+  resp.total_requests = atomic_load(&s->total_requests);
+  if (info.n_custom > 0) {
+    entries = calloc(info.n_custom, sizeof(*entries));
+    ptrs = calloc(info.n_custom, sizeof(*ptrs));
+    if (entries == NULL || ptrs == NULL) {
+      sl_err_set(&r->err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+      goto cleanup;
+    }
+    for (size_t i = 0; i < info.n_custom; i++) {
+      splitlearn__comm__service_info_response__custom_info_entry__init(&entries[i]);
+      entries[i].key = (char *)info.custom[i].key;
+      entries[i].value = (char *)info.custom[i].value;
+      ptrs[i] = &entries[i];
+    }
+    resp.n_custom_info = info.n_custom;
+    resp.custom_info = ptrs;
+  }
+  small_payload(&resp.base, &r->payload, &r->err);
+cleanup:
+  free(ptrs);
+  free(entries);
+  sl_service_info_clear(&info);
+}
+
+static void serve_compute(sl_server *s, const sl_call_info *ci, const sl__bbspans *in, reply *r) {
+  Splitlearn__Comm__ComputeResponse resp = SPLITLEARN__COMM__COMPUTE_RESPONSE__INIT;
+  Splitlearn__Comm__ComputeRequest *req;
+  sl_tensor_msg msg;
+  sl_compute_args args;
+  sl_kv *reqmd = NULL;
+  int32_t shape32[SL_MAX_NDIM];
+  int have_out = 0;
+  int rc;
+
+  memset(&args, 0, sizeof(args));
+  atomic_fetch_add(&s->total_requests, 1);
+  rc = sl_tensor_msg_read(SL_MSG_COMPUTE_REQUEST, in->spans, in->n, &msg, &r->err);
+  if (rc != SL_OK) return;
+  req = (Splitlearn__Comm__ComputeRequest *)msg.header;
+  if (strcmp(msg.codec, SL_CODEC_RAW) != 0) {
+    sl_err_set(&r->err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+               "unknown codec '%.64s' in ComputeRequest; this server knows: raw", msg.codec);
+    goto cleanup;
+  }
+  if (req->n_metadata > 0) {
+    reqmd = calloc(req->n_metadata, sizeof(*reqmd));
+    if (reqmd == NULL) {
+      sl_err_set(&r->err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+      goto cleanup;
+    }
+    for (size_t i = 0; i < req->n_metadata; i++) {
+      reqmd[i].key = req->metadata[i]->key;
+      reqmd[i].value = req->metadata[i]->value;
+      reqmd[i].value_len = strlen(req->metadata[i]->value);
+    }
+  }
+  args.tensor = &msg;
+  args.req_metadata = reqmd;
+  args.n_req_metadata = req->n_metadata;
+  args.has_request_id =
+      req->_request_id_case == SPLITLEARN__COMM__COMPUTE_REQUEST___REQUEST_ID_REQUEST_ID;
+  args.request_id = req->request_id;
+  if (s->hooks.compute == NULL) {
+    sl_err_set(&r->err, SL_ESTATE, SL_STATUS_UNIMPLEMENTED, "no compute function");
+    goto cleanup;
+  }
+  rc = s->hooks.compute(s->user, ci, &args, &r->err);
+  if (rc != SL_OK) {
+    if (r->err.code == SL_STATUS_OK) {
+      sl_err_set(&r->err, rc, SL_STATUS_INTERNAL, "compute failed: %s", sl_strerror(rc));
+    }
+    goto cleanup;
+  }
+  have_out = 1;
+  if (sl_shape_to_wire(&args.out_desc, shape32, &r->err) != SL_OK) goto cleanup;
+  resp.n_shape = (size_t)args.out_desc.ndim;
+  resp.shape = shape32;
+  resp.dtype = (char *)sl_dtype_name(args.out_desc.dtype);
+  resp.codec = SL_CODEC_RAW;
+  resp._compute_time_ms_case =
+      SPLITLEARN__COMM__COMPUTE_RESPONSE___COMPUTE_TIME_MS_COMPUTE_TIME_MS;
+  resp.compute_time_ms = args.compute_time_ms;
+  if (args.has_request_id) {
+    resp._request_id_case = SPLITLEARN__COMM__COMPUTE_RESPONSE___REQUEST_ID_REQUEST_ID;
+    resp.request_id = args.request_id;
+  }
+  if (req->_forward_id_case == SPLITLEARN__COMM__COMPUTE_REQUEST___FORWARD_ID_FORWARD_ID) {
+    resp._forward_id_case = SPLITLEARN__COMM__COMPUTE_RESPONSE___FORWARD_ID_FORWARD_ID;
+    resp.forward_id = req->forward_id;
+  }
+  rc = sl_tensor_msg_pack(SL_MSG_COMPUTE_RESPONSE, &resp.base, args.out_data, args.out_nbytes,
+                          args.out_release, args.out_owner, &r->payload, &r->err);
+  if (rc == SL_OK) have_out = 0; /* the payload owns the result now */
+cleanup:
+  if (have_out && args.out_release != NULL) args.out_release(args.out_owner);
+  free(reqmd);
+  sl_tensor_msg_clear(&msg);
+}
+
+/* ---- one call, start to end ------------------------------------------------ */
+
+static void serve_call(worker *w, grpc_call *call, grpc_call_details *details,
+                       grpc_metadata_array *md) {
+  sl_server *s = w->srv;
+  grpc_op ops[3];
+  grpc_byte_buffer *in_bb = NULL, *out_bb = NULL;
+  sl__bbspans in = {0};
+  reply r;
+  sl_call_info ci;
+  sl_kv *kv = NULL;
+  size_t nkv = 0;
+  char *method = NULL, *peer = NULL, *details_str = NULL;
+  grpc_slice details_slice;
+  int cancelled = 0, tag1, tag2;
+  double remaining;
+
+  memset(&r, 0, sizeof(r));
+  memset(&ci, 0, sizeof(ci));
+  memset(ops, 0, sizeof(ops));
+  ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+  ops[1].op = GRPC_OP_RECV_MESSAGE;
+  ops[1].data.recv_message.recv_message = &in_bb;
+  if (grpc_call_start_batch(call, ops, 2, &tag1, NULL) != GRPC_CALL_OK) goto cleanup;
+  if (!wait_tag(w->cq, &tag1)) goto cleanup; /* the client went away */
+
+  method = sl__slice_strdup(details->method);
+  peer = grpc_call_get_peer(call);
+  if (method == NULL || sl__kv_from_metadata(md, &kv, &nkv) != SL_OK) {
+    sl_err_set(&r.err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+    goto respond;
+  }
+  ci.method = method;
+  ci.peer = peer ? peer : "";
+  remaining = sl__seconds_until(details->deadline);
+  ci.deadline = remaining > 1e15 ? 0.0 : sl_now() + remaining;
+  ci.metadata = kv;
+  ci.n_metadata = nkv;
+
+  if (in_bb == NULL) {
+    sl_err_set(&r.err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT, "the call carried no request message");
+    goto respond;
+  }
+  if (sl__bbspans_init(in_bb, &in, &r.err) != SL_OK) goto respond;
+
+  if (streq_slice(details->method, METHOD_COMPUTE)) {
+    serve_compute(s, &ci, &in, &r);
+  } else if (streq_slice(details->method, METHOD_HEALTH)) {
+    serve_health(s, &r);
+  } else if (streq_slice(details->method, METHOD_INFO)) {
+    serve_info(s, &r);
+  } else if (streq_slice(details->method, METHOD_STD_HEALTH)) {
+    serve_std_health(s, &in, &r);
+  } else if (streq_slice(details->method, METHOD_BACKWARD)) {
+    sl_err_set(&r.err, SL_ENOTFOUND, SL_STATUS_UNIMPLEMENTED,
+               "ComputeBackward is not supported by this server's compute function");
+  } else {
+    sl_err_set(&r.err, SL_ENOTFOUND, SL_STATUS_UNIMPLEMENTED, "unknown method %s", method);
+  }
+
+respond:
+  sl__bbspans_clear(&in);
+  if (r.err.status != SL_OK && r.err.code == SL_STATUS_OK) r.err.code = SL_STATUS_INTERNAL;
+  if (r.err.status != SL_OK && r.payload != NULL) {
+    sl_payload_unref(r.payload);
+    r.payload = NULL;
+  }
+  memset(ops, 0, sizeof(ops));
+  size_t nops = 0;
+  if (r.payload != NULL) {
+    out_bb = sl__payload_byte_buffer(r.payload);
+    if (out_bb != NULL) {
+      ops[nops].op = GRPC_OP_SEND_MESSAGE;
+      ops[nops].data.send_message.send_message = out_bb;
+      nops++;
+    } else {
+      sl_err_set(&r.err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+    }
+  }
+  details_str = r.err.status != SL_OK ? r.err.msg : "";
+  details_slice = grpc_slice_from_copied_string(details_str);
+  ops[nops].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+  ops[nops].data.send_status_from_server.status =
+      r.err.status != SL_OK ? (grpc_status_code)r.err.code : GRPC_STATUS_OK;
+  ops[nops].data.send_status_from_server.status_details = &details_slice;
+  ops[nops].data.send_status_from_server.trailing_metadata_count = 0;
+  nops++;
+  ops[nops].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+  ops[nops].data.recv_close_on_server.cancelled = &cancelled;
+  nops++;
+  if (grpc_call_start_batch(call, ops, nops, &tag2, NULL) == GRPC_CALL_OK) wait_tag(w->cq, &tag2);
+  grpc_slice_unref(details_slice);
+
+cleanup:
+  if (out_bb != NULL) grpc_byte_buffer_destroy(out_bb);
+  if (r.payload != NULL) sl_payload_unref(r.payload);
+  if (in_bb != NULL) grpc_byte_buffer_destroy(in_bb);
+  sl__kv_free(kv, nkv);
+  free(method);
+  if (peer != NULL) gpr_free(peer);
+}
+
+static void *worker_main(void *arg) {
+  worker *w = arg;
+  sl_server *s = w->srv;
+  if (s->hooks.worker_start != NULL) s->hooks.worker_start(s->user);
+  for (;;) {
+    grpc_call *call = NULL;
+    grpc_call_details details;
+    grpc_metadata_array md;
+    int tag, ok;
+    grpc_call_details_init(&details);
+    grpc_metadata_array_init(&md);
+    if (grpc_server_request_call(s->server, &call, &details, &md, w->cq, w->cq, &tag) !=
+        GRPC_CALL_OK) {
+      grpc_call_details_destroy(&details);
+      grpc_metadata_array_destroy(&md);
+      break;
+    }
+    ok = wait_tag(w->cq, &tag);
+    if (ok) serve_call(w, call, &details, &md);
+    if (call != NULL) grpc_call_unref(call);
+    grpc_call_details_destroy(&details);
+    grpc_metadata_array_destroy(&md);
+    if (!ok) break; /* the server is shutting down */
+  }
+  if (s->hooks.worker_stop != NULL) s->hooks.worker_stop(s->user);
+  return NULL;
+}
+
+/* ---- lifecycle ------------------------------------------------------------- */
+
+int sl_server_create(const sl_server_config *cfg, const sl_server_hooks *hooks, void *user,
+                     sl_server **out, sl_err *err) {
+  int status = SL_ENOMEM;
+  sl_server *s = NULL;
+
+  *out = NULL;
+  if (cfg->max_workers < 1 || cfg->max_workers > 4096) {
+    return sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                      "max_workers must be between 1 and 4096, not %d", cfg->max_workers);
+  }
+  if (cfg->port < 0 || cfg->port > 65535) {
+    return sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                      "port must be between 0 and 65535, not %d", cfg->port);
+  }
+  s = calloc(1, sizeof(*s));
+  if (s == NULL) goto oom;
+  pthread_mutex_init(&s->mu, NULL);
+  pthread_cond_init(&s->cv, NULL);
+  s->state = ST_CREATED;
+  s->host = sl_strndup(cfg->host ? cfg->host : "0.0.0.0", strlen(cfg->host ? cfg->host : "0.0.0.0"));
+  s->version = sl_strndup(cfg->version ? cfg->version : "", strlen(cfg->version ? cfg->version : ""));
+  s->workers = calloc((size_t)cfg->max_workers, sizeof(*s->workers));
+  if (s->host == NULL || s->version == NULL || s->workers == NULL) goto oom;
+  s->port_req = cfg->port;
+  s->max_workers = cfg->max_workers;
+  s->hooks = *hooks;
+  s->user = user;
+  atomic_init(&s->serving, 0);
+  atomic_init(&s->total_requests, 0);
+  status = sl__channel_args_build(cfg->args, cfg->nargs, 1, &s->chargs, err);
+  if (status != SL_OK) goto cleanup;
+  grpc_init();
+  s->grpc_inited = 1;
+  *out = s;
+  s = NULL;
+  status = SL_OK;
+  goto cleanup;
+oom:
+  status = sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+cleanup:
+  if (s != NULL) sl_server_destroy(s);
+  return status;
+}
+
+static void destroy_queue(grpc_completion_queue *cq) {
+  if (cq == NULL) return;
+  grpc_completion_queue_shutdown(cq);
+  while (grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type !=
+         GRPC_QUEUE_SHUTDOWN) {
+  }
+  grpc_completion_queue_destroy(cq);
+}
+
+/* Tear down gRPC objects after the workers are gone (or were never started). */
+static void teardown_grpc(sl_server *s) {
+  if (s->server != NULL) {
+    grpc_server_destroy(s->server);
+    s->server = NULL;
+  }
+  for (int i = 0; i < s->max_workers; i++) {
+    destroy_queue(s->workers[i].cq);
+    s->workers[i].cq = NULL;
+  }
+  destroy_queue(s->shutdown_cq);
+  s->shutdown_cq = NULL;
+}
+
+/* Shut the gRPC server down, give calls `grace` seconds, then cancel them. */
+static void shutdown_server(sl_server *s, double grace) {
+  int tag;
+  grpc_event ev;
+  grpc_server_shutdown_and_notify(s->server, s->shutdown_cq, &tag);
+  ev = grpc_completion_queue_next(s->shutdown_cq, sl__deadline_in(grace > 0 ? grace : 1e-6),
+                                  NULL);
+  if (ev.type != GRPC_OP_COMPLETE) {
+    grpc_server_cancel_all_calls(s->server);
+    wait_tag(s->shutdown_cq, &tag);
+  }
+}
+
+int sl_server_start(sl_server *s, sl_err *err) {
+  int status = SL_EINVAL;
+  char addr[512];
+  grpc_server_credentials *creds = NULL;
+  int started = 0;
+
+  pthread_mutex_lock(&s->mu);
+  if (s->state != ST_CREATED) {
+    pthread_mutex_unlock(&s->mu);
+    return sl_err_set(err, SL_ESTATE, SL_STATUS_FAILED_PRECONDITION,
+                      "the server was already started");
+  }
+  s->state = ST_RUNNING; /* claimed; reset below on failure */
+  pthread_mutex_unlock(&s->mu);
+
+  if (strchr(s->host, ':') != NULL && s->host[0] != '[') {
+    snprintf(addr, sizeof(addr), "[%s]:%d", s->host, s->port_req);
+  } else {
+    snprintf(addr, sizeof(addr), "%s:%d", s->host, s->port_req);
+  }
+  s->server = grpc_server_create(&s->chargs, NULL);
+  s->shutdown_cq = grpc_completion_queue_create_for_next(NULL);
+  if (s->server == NULL || s->shutdown_cq == NULL) {
+    status = sl_err_set(err, SL_EGRPC, SL_STATUS_INTERNAL, "could not create the gRPC server");
+    goto cleanup;
+  }
+  grpc_server_register_completion_queue(s->server, s->shutdown_cq, NULL);
+  for (int i = 0; i < s->max_workers; i++) {
+    s->workers[i].srv = s;
+    s->workers[i].cq = grpc_completion_queue_create_for_next(NULL);
+    if (s->workers[i].cq == NULL) {
+      status = sl_err_set(err, SL_EGRPC, SL_STATUS_INTERNAL, "could not create a completion queue");
+      goto cleanup;
+    }
+    grpc_server_register_completion_queue(s->server, s->workers[i].cq, NULL);
+  }
+  creds = grpc_insecure_server_credentials_create();
+  s->port = grpc_server_add_http2_port(s->server, addr, creds);
+  if (s->port == 0) {
+    status = sl_err_set(err, SL_EINVAL, SL_STATUS_UNAVAILABLE,
+                        "could not bind %s (address in use, or not an address of this host)",
+                        addr);
+    goto cleanup;
+  }
+  grpc_server_start(s->server);
+  started = 1;
+  s->started_at = sl_now();
+  atomic_store(&s->serving, 1);
+  for (int i = 0; i < s->max_workers; i++) {
+    if (pthread_create(&s->workers[i].thread, NULL, worker_main, &s->workers[i]) != 0) {
+      status = sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED,
+                          "could not start worker thread %d of %d", i + 1, s->max_workers);
+      goto cleanup;
+    }
+    s->workers[i].started = 1;
+  }
+  status = SL_OK;
+cleanup:
+  if (creds != NULL) grpc_server_credentials_release(creds);
+  if (status != SL_OK) {
+    atomic_store(&s->serving, 0);
+    if (started) shutdown_server(s, 0);
+    for (int i = 0; i < s->max_workers; i++) {
+      if (s->workers[i].started) pthread_join(s->workers[i].thread, NULL);
+      s->workers[i].started = 0;
+    }
+    if (!started && s->server != NULL) {
+      /* a server never started is destroyed without shutdown */
+    }
+    teardown_grpc(s);
+    pthread_mutex_lock(&s->mu);
+    s->state = ST_STOPPED;
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+  }
+  return status;
+}
+
+int sl_server_port(const sl_server *s) { return s->port; }
+
+void sl_server_stop(sl_server *s, double grace) {
+  pthread_mutex_lock(&s->mu);
+  if (s->state == ST_CREATED) {
+    s->state = ST_STOPPED;
+    pthread_cond_broadcast(&s->cv);
+  }
+  if (s->state != ST_RUNNING) {
+    while (s->state != ST_STOPPED) pthread_cond_wait(&s->cv, &s->mu);
+    pthread_mutex_unlock(&s->mu);
+    return;
+  }
+  s->state = ST_STOPPING;
+  pthread_mutex_unlock(&s->mu);
+
+  atomic_store(&s->serving, 0);
+  shutdown_server(s, grace);
+  for (int i = 0; i < s->max_workers; i++) {
+    if (s->workers[i].started) pthread_join(s->workers[i].thread, NULL);
+    s->workers[i].started = 0;
+  }
+  teardown_grpc(s);
+
+  pthread_mutex_lock(&s->mu);
+  s->state = ST_STOPPED;
+  pthread_cond_broadcast(&s->cv);
+  pthread_mutex_unlock(&s->mu);
+}
+
+int sl_server_wait(sl_server *s, double timeout) {
+  int status = SL_OK;
+  pthread_mutex_lock(&s->mu);
+  if (timeout < 0) {
+    while (s->state != ST_STOPPED) pthread_cond_wait(&s->cv, &s->mu);
+  } else {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += (time_t)timeout;
+    ts.tv_nsec += (long)((timeout - (double)(time_t)timeout) * 1e9);
+    if (ts.tv_nsec >= 1000000000L) {
+      ts.tv_sec++;
+      ts.tv_nsec -= 1000000000L;
+    }
+    while (s->state != ST_STOPPED) {
+      if (pthread_cond_timedwait(&s->cv, &s->mu, &ts) != 0) break;
+    }
+    if (s->state != ST_STOPPED) status = SL_ETIMEDOUT;
+  }
+  pthread_mutex_unlock(&s->mu);
+  return status;
+}
+
+int sl_server_is_serving(const sl_server *s) { return atomic_load(&s->serving); }
+
+int64_t sl_server_total_requests(const sl_server *s) { return atomic_load(&s->total_requests); }
+
+void sl_server_destroy(sl_server *s) {
+  if (s == NULL) return;
+  sl_server_stop(s, 0);
+  sl__channel_args_free(&s->chargs);
+  if (s->grpc_inited) grpc_shutdown();
+  pthread_mutex_destroy(&s->mu);
+  pthread_cond_destroy(&s->cv);
+  free(s->workers);
+  free(s->host);
+  free(s->version);
+  free(s);
+}

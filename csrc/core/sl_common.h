@@ -1,0 +1,97 @@
+/* sl_common.h: status codes, the error record and allocation helpers shared by
+ * every module of the splitlearn-comm C core.
+ *
+ * The core never includes Python.h. Every function that can fail returns an int:
+ * SL_OK (0) or a negative SL_E* code; when it also takes an `sl_err *`, the record
+ * holds the gRPC status code to report and a human-readable message naming what
+ * went wrong. Out-parameters come last.
+ */
+#ifndef SL_COMMON_H
+#define SL_COMMON_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define SL_OK 0
+#define SL_ENOMEM (-1)    /* allocation failed */
+#define SL_EINVAL (-2)    /* invalid argument or malformed input */
+#define SL_EOVERFLOW (-3) /* a size computation overflowed */
+#define SL_ETOOBIG (-4)   /* over a message or size limit */
+#define SL_ESTATE (-5)    /* called in the wrong state */
+#define SL_EGRPC (-6)     /* the gRPC core refused an operation */
+#define SL_ETIMEDOUT (-7) /* a wait ran out of time */
+#define SL_EAGAIN (-8)    /* not done yet: call again */
+#define SL_EINTR (-9)     /* interrupted by the caller's interrupt hook */
+#define SL_ESTATUS (-10)  /* the call ended with a non-OK gRPC status */
+#define SL_ENOTFOUND (-11)
+#define SL_EUSER (-12)    /* a user hook failed; detail in the sl_err record */
+
+/* gRPC status codes, numbered as in grpc/status.h, so that the core's callers do
+ * not need the gRPC headers to read an sl_err. */
+enum {
+  SL_STATUS_OK = 0,
+  SL_STATUS_CANCELLED = 1,
+  SL_STATUS_UNKNOWN = 2,
+  SL_STATUS_INVALID_ARGUMENT = 3,
+  SL_STATUS_DEADLINE_EXCEEDED = 4,
+  SL_STATUS_NOT_FOUND = 5,
+  SL_STATUS_ALREADY_EXISTS = 6,
+  SL_STATUS_PERMISSION_DENIED = 7,
+  SL_STATUS_RESOURCE_EXHAUSTED = 8,
+  SL_STATUS_FAILED_PRECONDITION = 9,
+  SL_STATUS_ABORTED = 10,
+  SL_STATUS_OUT_OF_RANGE = 11,
+  SL_STATUS_UNIMPLEMENTED = 12,
+  SL_STATUS_INTERNAL = 13,
+  SL_STATUS_UNAVAILABLE = 14,
+  SL_STATUS_DATA_LOSS = 15,
+  SL_STATUS_UNAUTHENTICATED = 16
+};
+
+#define SL_ERR_MSG_MAX 512
+
+/* An error record. Owned by whoever declares it (usually on the stack); it holds
+ * no pointers, so there is nothing to free. */
+typedef struct sl_err {
+  int status;                /* the SL_E* code that was returned */
+  int code;                  /* gRPC status code to report (SL_STATUS_*) */
+  char msg[SL_ERR_MSG_MAX];  /* NUL-terminated message */
+} sl_err;
+
+/* Clear `err` (status 0, code OK, empty message). `err` may be NULL. */
+void sl_err_clear(sl_err *err);
+
+/* Fill `err` (which may be NULL) and return `status`, so that callers can write
+ * `return sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT, "...", ...)`. */
+int sl_err_set(sl_err *err, int status, int code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/* A static, human-readable name for an SL_E* code. Never NULL. */
+const char *sl_strerror(int status);
+
+/* A static name for a gRPC status code ("INVALID_ARGUMENT", ...). Never NULL. */
+const char *sl_status_name(int code);
+
+/* Duplicate `n` bytes of `s` into a new NUL-terminated malloc'd string, or NULL
+ * when out of memory. The caller frees it with free(). */
+char *sl_strndup(const char *s, size_t n);
+
+/* A key/value pair of strings. Who owns the strings is said by each user. */
+typedef struct sl_kv {
+  const char *key;
+  const char *value;
+  size_t value_len; /* values may hold binary ("-bin" metadata keys) */
+} sl_kv;
+
+/* Monotonic clock, in seconds. */
+double sl_now(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SL_COMMON_H */

@@ -1,0 +1,68 @@
+/* tensor.h: tensor descriptors, shape validation and tensor storage.
+ *
+ * A descriptor (sl_tensor_desc) is a plain value: dtype, rank and shape, no
+ * pointers. Storage returned by sl_storage_alloc() is 64-byte aligned and owned by
+ * the caller until handed on; it is freed with sl_storage_free() from any thread
+ * (no GIL, no lock held by the caller is needed).
+ */
+#ifndef SL_TENSOR_H
+#define SL_TENSOR_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "dtype.h"
+#include "sl_common.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Most dimensions a tensor may have (NumPy's limit; PyTorch allows fewer). */
+#define SL_MAX_NDIM 64
+
+/* The largest gRPC message: its length travels as a 32-bit prefix and protobuf
+ * limits a message to 2 GiB - 1. */
+#define SL_MAX_MESSAGE_BYTES ((size_t)2147483647u)
+
+/* Alignment of every tensor storage this library allocates. */
+#define SL_STORAGE_ALIGN 64
+
+typedef struct sl_tensor_desc {
+  sl_dtype dtype;
+  int ndim; /* 0 for a scalar */
+  int64_t shape[SL_MAX_NDIM];
+} sl_tensor_desc;
+
+/* Fill `desc` from a wire shape (int32 values, as the proto carries them) and a
+ * dtype, checking that no dimension is negative and that the byte count fits in
+ * size_t; `*nbytes` gets the byte count. On failure fills `err` with
+ * INVALID_ARGUMENT naming the bad dimension. */
+int sl_desc_from_wire(sl_dtype dtype, const int32_t *shape, size_t ndim, sl_tensor_desc *desc,
+                      size_t *nbytes, sl_err *err);
+
+/* Byte count of a descriptor (elements times itemsize), with overflow and sign
+ * checks. Returns SL_OK, SL_EINVAL (negative dimension or bad dtype) or
+ * SL_EOVERFLOW. */
+int sl_desc_nbytes(const sl_tensor_desc *desc, size_t *nbytes);
+
+/* Check that `data_len` bytes on the wire are exactly what `desc` needs (raw codec).
+ * On mismatch fills `err` with INVALID_ARGUMENT saying both numbers. */
+int sl_desc_check_len(const sl_tensor_desc *desc, size_t data_len, sl_err *err);
+
+/* Format a shape as "[2, 3, 4]" into buf (always NUL-terminated). */
+void sl_desc_format_shape(const sl_tensor_desc *desc, char *buf, size_t buflen);
+
+/* Allocate `nbytes` of 64-byte aligned storage (at least one alignment unit, so
+ * that an empty tensor still has a valid pointer). Returns SL_OK or SL_ENOMEM. The
+ * caller owns `*out` and frees it with sl_storage_free(). */
+int sl_storage_alloc(size_t nbytes, void **out);
+
+/* Free storage from sl_storage_alloc(); NULL is a no-op. Safe from any thread. */
+void sl_storage_free(void *p);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SL_TENSOR_H */

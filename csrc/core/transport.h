@@ -1,0 +1,62 @@
+/* transport.h: internal to the splitlearn-comm C core; not a public header.
+ *
+ * Glue between the gRPC C core and the rest of the core: received byte buffers as
+ * spans, payloads as byte buffers, metadata and channel arguments.
+ */
+#ifndef SL_TRANSPORT_H
+#define SL_TRANSPORT_H
+
+#include <grpc/byte_buffer.h>
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/grpc.h>
+
+#include "payload.h"
+#include "sl_common.h"
+#include "wire.h"
+
+/* The spans of a received byte buffer. Holds a reference on every slice until
+ * sl__bbspans_clear(); the byte buffer itself stays owned by the caller. */
+typedef struct sl__bbspans {
+  grpc_slice *slices;
+  sl_span *spans;
+  size_t n;
+} sl__bbspans;
+
+int sl__bbspans_init(grpc_byte_buffer *bb, sl__bbspans *out, sl_err *err);
+void sl__bbspans_clear(sl__bbspans *s);
+
+/* A new byte buffer for one send of `p`: the header is copied (it is small), the
+ * tensor bytes are referenced through a slice that holds a payload reference. The
+ * caller owns the returned buffer (grpc_byte_buffer_destroy). NULL when out of
+ * memory. */
+grpc_byte_buffer *sl__payload_byte_buffer(sl_payload *p);
+
+/* Read a whole (small) message into one malloc'd buffer. */
+int sl__bb_readall(grpc_byte_buffer *bb, uint8_t **out, size_t *len);
+
+/* A channel argument as the public API takes it (see sl_chan_arg in client.h). */
+#include "chanargs.h"
+
+/* Build grpc_channel_args from the user's list plus our defaults (no message size
+ * limits; for servers, no SO_REUSEPORT), skipping a default the user set. The
+ * result is freed with sl__channel_args_free(). */
+int sl__channel_args_build(const sl_chan_arg *args, size_t nargs, int for_server,
+                           grpc_channel_args *out, sl_err *err);
+void sl__channel_args_free(grpc_channel_args *a);
+
+/* Copy a metadata array into malloc'd key/value pairs (keys and values are
+ * NUL-terminated copies, value_len keeps binary values). Freed with sl__kv_free. */
+int sl__kv_from_metadata(const grpc_metadata_array *md, sl_kv **out, size_t *n);
+void sl__kv_free(sl_kv *kv, size_t n);
+
+/* A gRPC slice's bytes as a new NUL-terminated malloc'd string (NULL on OOM). */
+char *sl__slice_strdup(grpc_slice s);
+
+/* Seconds from now until `deadline` (negative when past; a large number when
+ * infinite). */
+double sl__seconds_until(gpr_timespec deadline);
+
+/* Absolute deadline `seconds` from now; infinite when seconds <= 0. */
+gpr_timespec sl__deadline_in(double seconds);
+
+#endif /* SL_TRANSPORT_H */

@@ -1,0 +1,223 @@
+/* wire.c: see wire.h. */
+#include "wire.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+/* A cursor over a list of spans. `pos` is the absolute offset. */
+typedef struct cursor {
+  const sl_span *spans;
+  size_t nspans;
+  size_t idx; /* current span */
+  size_t off; /* offset in the current span */
+  size_t pos; /* absolute position */
+  size_t total;
+} cursor;
+
+static void cursor_init(cursor *c, const sl_span *spans, size_t nspans) {
+  size_t i;
+  c->spans = spans;
+  c->nspans = nspans;
+  c->idx = 0;
+  c->off = 0;
+  c->pos = 0;
+  c->total = 0;
+  for (i = 0; i < nspans; i++) c->total += spans[i].len;
+  /* skip leading empty spans */
+  while (c->idx < c->nspans && c->spans[c->idx].len == 0) c->idx++;
+}
+
+static size_t cursor_left(const cursor *c) { return c->total - c->pos; }
+
+/* Advance past n bytes, optionally copying them into dst. n <= cursor_left(). */
+static void cursor_take(cursor *c, size_t n, uint8_t *dst) {
+  while (n > 0) {
+    const sl_span *s = &c->spans[c->idx];
+    size_t avail = s->len - c->off;
+    size_t k = n < avail ? n : avail;
+    if (dst != NULL) {
+      memcpy(dst, s->ptr + c->off, k);
+      dst += k;
+    }
+    c->off += k;
+    c->pos += k;
+    n -= k;
+    if (c->off == s->len) {
+      c->idx++;
+      c->off = 0;
+      while (c->idx < c->nspans && c->spans[c->idx].len == 0) c->idx++;
+    }
+  }
+}
+
+/* Read a varint; SL_EINVAL when truncated or longer than 10 bytes. The raw bytes
+ * are stored into raw[0..*rawlen) for re-emission. */
+static int cursor_varint(cursor *c, uint64_t *v, uint8_t raw[10], size_t *rawlen) {
+  uint64_t result = 0;
+  int shift = 0;
+  size_t n = 0;
+  for (;;) {
+    uint8_t b;
+    if (cursor_left(c) == 0 || n == 10) return SL_EINVAL;
+    cursor_take(c, 1, &b);
+    raw[n++] = b;
+    result |= (uint64_t)(b & 0x7f) << shift;
+    if ((b & 0x80) == 0) break;
+    shift += 7;
+  }
+  *v = result;
+  *rawlen = n;
+  return SL_OK;
+}
+
+int sl_wire_split(const sl_span *spans, size_t nspans, uint32_t data_field,
+                  sl_wire_split_result *result, sl_err *err) {
+  int status = SL_EINVAL;
+  cursor c;
+  uint8_t *header = NULL;
+  size_t hlen = 0;
+
+  memset(result, 0, sizeof(*result));
+  cursor_init(&c, spans, nspans);
+  /* The header can never be longer than the message. */
+  header = malloc(c.total ? c.total : 1);
+  if (header == NULL) {
+    status = sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED,
+                        "out of memory reading a %zu-byte message", c.total);
+    goto cleanup;
+  }
+  while (cursor_left(&c) > 0) {
+    uint64_t tag, len;
+    uint8_t raw_tag[10], raw_len[10];
+    size_t raw_tag_n, raw_len_n;
+    size_t field_start = c.pos;
+    uint32_t field;
+    unsigned wt;
+
+    if (cursor_varint(&c, &tag, raw_tag, &raw_tag_n) != SL_OK) {
+      status = sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                          "malformed message: truncated field tag at byte %zu", field_start);
+      goto cleanup;
+    }
+    field = (uint32_t)(tag >> 3);
+    wt = (unsigned)(tag & 7);
+    if (field == 0 || tag >> 3 > 0x1fffffffu) {
+      status = sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                          "malformed message: invalid field number at byte %zu", field_start);
+      goto cleanup;
+    }
+    switch (wt) {
+      case 0: { /* varint */
+        uint64_t v;
+        uint8_t raw[10];
+        size_t rn;
+        if (cursor_varint(&c, &v, raw, &rn) != SL_OK) {
+          status = sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                              "malformed message: truncated varint in field %u at byte %zu",
+                              field, field_start);
+          goto cleanup;
+        }
+        memcpy(header + hlen, raw_tag, raw_tag_n);
+        hlen += raw_tag_n;
+        memcpy(header + hlen, raw, rn);
+        hlen += rn;
+        break;
+      }
+      case 1:   /* 64-bit */
+      case 5: { /* 32-bit */
+        size_t n = wt == 1 ? 8 : 4;
+        if (cursor_left(&c) < n) {
+          status = sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                              "malformed message: truncated field %u at byte %zu", field,
+                              field_start);
+          goto cleanup;
+        }
+        memcpy(header + hlen, raw_tag, raw_tag_n);
+        hlen += raw_tag_n;
+        cursor_take(&c, n, header + hlen);
+        hlen += n;
+        break;
+      }
+      case 2: { /* length-delimited */
+        if (cursor_varint(&c, &len, raw_len, &raw_len_n) != SL_OK || len > cursor_left(&c)) {
+          status = sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                              "malformed message: field %u at byte %zu is truncated", field,
+                              field_start);
+          goto cleanup;
+        }
+        if (field == data_field) {
+          result->data_found = 1;
+          result->data_len = (size_t)len;
+          result->data_span = c.idx;
+          result->data_off = c.off;
+          cursor_take(&c, (size_t)len, NULL);
+        } else {
+          memcpy(header + hlen, raw_tag, raw_tag_n);
+          hlen += raw_tag_n;
+          memcpy(header + hlen, raw_len, raw_len_n);
+          hlen += raw_len_n;
+          cursor_take(&c, (size_t)len, header + hlen);
+          hlen += (size_t)len;
+        }
+        break;
+      }
+      default:
+        status = sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                            "malformed message: unsupported wire type %u for field %u at byte %zu",
+                            wt, field, field_start);
+        goto cleanup;
+    }
+    if (field == data_field && wt != 2) {
+      status = sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                          "malformed message: tensor field %u has wire type %u, not bytes", field,
+                          wt);
+      goto cleanup;
+    }
+  }
+  result->header = header;
+  result->header_len = hlen;
+  header = NULL;
+  status = SL_OK;
+cleanup:
+  free(header);
+  if (status != SL_OK) memset(result, 0, sizeof(*result));
+  return status;
+}
+
+void sl_wire_copy_data(const sl_span *spans, size_t nspans, const sl_wire_split_result *result,
+                       void *dst) {
+  uint8_t *out = dst;
+  size_t left = result->data_len;
+  size_t idx = result->data_span;
+  size_t off = result->data_off;
+  while (left > 0 && idx < nspans) {
+    size_t avail = spans[idx].len - off;
+    size_t k = left < avail ? left : avail;
+    memcpy(out, spans[idx].ptr + off, k);
+    out += k;
+    left -= k;
+    idx++;
+    off = 0;
+  }
+}
+
+void sl_wire_split_result_clear(sl_wire_split_result *result) {
+  free(result->header);
+  memset(result, 0, sizeof(*result));
+}
+
+size_t sl_wire_put_varint(uint64_t v, uint8_t *out) {
+  size_t n = 0;
+  while (v >= 0x80) {
+    out[n++] = (uint8_t)(v | 0x80);
+    v >>= 7;
+  }
+  out[n++] = (uint8_t)v;
+  return n;
+}
+
+size_t sl_wire_data_prefix(uint32_t field, uint64_t len, uint8_t out[SL_WIRE_PREFIX_MAX]) {
+  size_t n = sl_wire_put_varint(((uint64_t)field << 3) | 2u, out);
+  n += sl_wire_put_varint(len, out + n);
+  return n;
+}

@@ -1,0 +1,75 @@
+/* wire.h: the tensor-aware protobuf reader and writer.
+ *
+ * A received gRPC message is a list of spans (slices of at most 64 KiB, at
+ * arbitrary boundaries). protobuf-c needs one contiguous buffer and copies
+ * `bytes` fields, so the tensor bytes must never go through it. sl_wire_split()
+ * walks the top-level fields of a message across the spans, copies every field
+ * except the tensor field into a small contiguous header (for protobuf-c), and
+ * records where the tensor bytes are; sl_wire_copy_data() then copies them once,
+ * straight into the final storage.
+ *
+ * Sending is the mirror image: the packed header, then a tag and length prefix
+ * (sl_wire_data_prefix), then the tensor bytes referenced, not copied.
+ *
+ * Nothing here knows gRPC or Python: input is plain (pointer, length) spans.
+ */
+#ifndef SL_WIRE_H
+#define SL_WIRE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "sl_common.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* A read-only view of bytes owned by someone else. */
+typedef struct sl_span {
+  const uint8_t *ptr;
+  size_t len;
+} sl_span;
+
+typedef struct sl_wire_split_result {
+  uint8_t *header;     /* malloc'd copy of every other field; caller frees with free() */
+  size_t header_len;
+  int data_found;      /* the tensor field was present */
+  size_t data_len;     /* its length in bytes (0 when absent) */
+  size_t data_span;    /* index of the span where the tensor bytes start */
+  size_t data_off;     /* offset of the first tensor byte in that span */
+} sl_wire_split_result;
+
+/* Split a protobuf message given as `nspans` spans into its tensor field number
+ * `data_field` (a length-delimited field) and everything else. On success the
+ * caller owns result->header. A truncated or malformed message, a group, or a
+ * tensor field with the wrong wire type fails with SL_EINVAL and an
+ * INVALID_ARGUMENT message naming the byte offset. When the field occurs more than
+ * once, the last occurrence wins (protobuf's rule). Never allocates more than the
+ * message's own length. */
+int sl_wire_split(const sl_span *spans, size_t nspans, uint32_t data_field,
+                  sl_wire_split_result *result, sl_err *err);
+
+/* Copy the tensor bytes located by sl_wire_split() into `dst` (which has room for
+ * result->data_len bytes). */
+void sl_wire_copy_data(const sl_span *spans, size_t nspans, const sl_wire_split_result *result,
+                       void *dst);
+
+/* Free result->header and clear the record. */
+void sl_wire_split_result_clear(sl_wire_split_result *result);
+
+/* Most bytes sl_wire_data_prefix() writes. */
+#define SL_WIRE_PREFIX_MAX 16
+
+/* Write the tag (field `field`, wire type 2) and the varint length `len` into
+ * `out`; returns the number of bytes written. */
+size_t sl_wire_data_prefix(uint32_t field, uint64_t len, uint8_t out[SL_WIRE_PREFIX_MAX]);
+
+/* Encode a varint into `out` (room for 10 bytes); returns bytes written. */
+size_t sl_wire_put_varint(uint64_t v, uint8_t *out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SL_WIRE_H */

@@ -1,0 +1,394 @@
+/* client_py.c: _core.Client, the Python face of sl_client.
+ *
+ * Every call releases the GIL for its whole network wait (attempts and retry
+ * sleeps included); between 200 ms slices it takes the GIL back briefly to run
+ * signal handlers (Ctrl-C cancels the call) when it runs on the main thread.
+ * A non-OK status raises _core.CallError(code, details, trailing_metadata,
+ * initial_metadata, debug_error_string, attempts).
+ */
+#include "client.h"
+#include "slpy.h"
+
+typedef struct client_obj {
+  PyObject_HEAD
+  sl_client *client;
+  slpy_state *st;
+  PyObject *target; /* str */
+} client_obj;
+
+typedef struct interrupt_ctx {
+  PyThreadState *ts;
+  int on_main;
+} interrupt_ctx;
+
+/* Called without the GIL, in the thread that made the call, between wait
+ * slices. Returns 1 (and leaves the exception set for the caller) when a signal
+ * handler raised. */
+static int check_interrupt(void *user) {
+  interrupt_ctx *c = user;
+  int r;
+  if (!c->on_main) return 0;
+  PyEval_RestoreThread(c->ts);
+  r = PyErr_CheckSignals();
+  c->ts = PyEval_SaveThread();
+  return r < 0;
+}
+
+static int parse_retry(PyObject *retry, sl_retry_policy *p, const sl_retry_policy **out) {
+  *out = NULL;
+  if (retry == NULL || retry == Py_None) return 0;
+  if (!PyArg_ParseTuple(retry, "idddd;retry must be (max_retries, initial, max, multiplier, jitter)",
+                        &p->max_retries, &p->initial_delay, &p->max_delay, &p->multiplier,
+                        &p->jitter)) {
+    return -1;
+  }
+  *out = p;
+  return 0;
+}
+
+static int ensure_open(client_obj *self) {
+  if (self->client == NULL) {
+    PyErr_SetString(PyExc_ValueError, "the client is closed");
+    return -1;
+  }
+  return 0;
+}
+
+/* Raise CallError from a finished call's status. */
+static void raise_call_error(client_obj *self, const sl_call_status *st) {
+  PyObject *trailing = slpy_metadata_tuple(st->trailing, st->n_trailing);
+  PyObject *initial = slpy_metadata_tuple(st->initial, st->n_initial);
+  PyObject *args = NULL;
+  if (trailing != NULL && initial != NULL) {
+    args = Py_BuildValue("(isOOsi)", st->code, st->details ? st->details : "", trailing, initial,
+                         st->debug ? st->debug : "", st->attempts);
+  }
+  if (args != NULL) PyErr_SetObject(self->st->call_error, args);
+  Py_XDECREF(args);
+  Py_XDECREF(trailing);
+  Py_XDECREF(initial);
+}
+
+/* Turn a core return code into a Python exception (returns NULL always). */
+static PyObject *raise_for(client_obj *self, int rc, const sl_call_status *st, const sl_err *err) {
+  if (rc == SL_EINTR) {
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_KeyboardInterrupt, "call interrupted");
+    return NULL;
+  }
+  if (rc == SL_ESTATUS) {
+    raise_call_error(self, st);
+    return NULL;
+  }
+  if (rc == SL_ETOOBIG) {
+    PyErr_SetString(PyExc_ValueError, err->msg);
+  } else if (rc == SL_ENOMEM) {
+    PyErr_SetString(PyExc_MemoryError, err->msg);
+  } else if (rc == SL_EINVAL && err->code == SL_STATUS_INVALID_ARGUMENT && st->attempts == 0) {
+    PyErr_SetString(PyExc_ValueError, err->msg);
+  } else {
+    /* a local failure after the call completed (e.g. a malformed response) */
+    PyObject *args = Py_BuildValue("(is()()si)", err->code ? err->code : SL_STATUS_INTERNAL,
+                                   err->msg, "", st->attempts);
+    if (args != NULL) PyErr_SetObject(self->st->call_error, args);
+    Py_XDECREF(args);
+  }
+  return NULL;
+}
+
+/* The options every call takes. Pointers into Python objects: valid while the
+ * arguments live. */
+typedef struct call_args {
+  sl_call_opts opts;
+  sl_retry_policy policy;
+  sl_kv *md;
+  interrupt_ctx ictx;
+} call_args;
+
+static int call_args_init(client_obj *self, call_args *a, double timeout, PyObject *metadata,
+                          int wait_for_ready, PyObject *retry) {
+  memset(a, 0, sizeof(*a));
+  if (slpy_parse_metadata(metadata, &a->md, &a->opts.n_metadata) < 0) return -1;
+  if (parse_retry(retry, &a->policy, &a->opts.retry) < 0) {
+    PyMem_Free(a->md);
+    return -1;
+  }
+  a->opts.metadata = a->md;
+  a->opts.timeout = timeout;
+  a->opts.wait_for_ready = wait_for_ready;
+  a->opts.interrupt = check_interrupt;
+  a->opts.interrupt_user = &a->ictx;
+  a->ictx.on_main = PyThread_get_thread_ident() == self->st->main_thread;
+  return 0;
+}
+
+static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwargs) {
+  static char *kwlist[] = {"tensor", "timeout", "metadata", "wait_for_ready", "retry",
+                           "request_id", NULL};
+  PyObject *tensor, *metadata = Py_None, *retry = Py_None, *request_id = Py_None;
+  double timeout = 0;
+  int wait_for_ready = 0, rc;
+  call_args ca;
+  slpy_export ex;
+  sl_compute_extra in_extra = {0}, out_extra;
+  sl_tensor_msg out;
+  sl_call_status st;
+  sl_err err;
+  PyObject *holder = NULL, *result = NULL, *initial = NULL;
+
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|dOpOO", kwlist, &tensor, &timeout, &metadata,
+                                   &wait_for_ready, &retry, &request_id)) {
+    return NULL;
+  }
+  if (ensure_open(self) < 0) return NULL;
+  if (request_id != Py_None) {
+    long v = PyLong_AsLong(request_id);
+    if (v == -1 && PyErr_Occurred()) return NULL;
+    in_extra.has_request_id = 1;
+    in_extra.request_id = (int32_t)v;
+  }
+  if (call_args_init(self, &ca, timeout, metadata, wait_for_ready, retry) < 0) return NULL;
+  if (slpy_export_tensor(tensor, &ex) < 0) {
+    PyMem_Free(ca.md);
+    return NULL;
+  }
+  memset(&st, 0, sizeof(st));
+  sl_err_clear(&err);
+  ca.ictx.ts = PyEval_SaveThread();
+  rc = sl_client_compute(self->client, &ca.opts, &ex.desc, ex.data, ex.nbytes, slpy_export_release,
+                         ex.dlm, &in_extra, &out, &out_extra, &st, &err);
+  PyEval_RestoreThread(ca.ictx.ts);
+  PyMem_Free(ca.md);
+  if (rc != SL_OK) {
+    raise_for(self, rc, &st, &err);
+    goto cleanup;
+  }
+  holder = slpy_holder_new(self->st, out.data, &out.desc);
+  out.data = NULL;
+  if (holder == NULL) goto cleanup;
+  initial = slpy_metadata_tuple(st.initial, st.n_initial);
+  if (initial == NULL) goto cleanup;
+  result = Py_BuildValue("(ONNiO)", holder,
+                         out_extra.has_compute_time_ms
+                             ? PyFloat_FromDouble(out_extra.compute_time_ms)
+                             : Py_NewRef(Py_None),
+                         out_extra.has_request_id ? PyLong_FromLong(out_extra.request_id)
+                                                  : Py_NewRef(Py_None),
+                         st.attempts, initial);
+cleanup:
+  Py_XDECREF(initial);
+  Py_XDECREF(holder);
+  sl_tensor_msg_clear(&out);
+  sl_call_status_clear(&st);
+  return result;
+}
+
+static PyObject *client_health(client_obj *self, PyObject *args, PyObject *kwargs) {
+  static char *kwlist[] = {"timeout", "metadata", "wait_for_ready", "retry", NULL};
+  PyObject *metadata = Py_None, *retry = Py_None;
+  double timeout = 0;
+  int wait_for_ready = 0, rc;
+  call_args ca;
+  sl_health h;
+  sl_call_status st;
+  sl_err err;
+  PyObject *result;
+
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|dOpO", kwlist, &timeout, &metadata,
+                                   &wait_for_ready, &retry)) {
+    return NULL;
+  }
+  if (ensure_open(self) < 0) return NULL;
+  if (call_args_init(self, &ca, timeout, metadata, wait_for_ready, retry) < 0) return NULL;
+  memset(&st, 0, sizeof(st));
+  sl_err_clear(&err);
+  ca.ictx.ts = PyEval_SaveThread();
+  rc = sl_client_health(self->client, &ca.opts, &h, &st, &err);
+  PyEval_RestoreThread(ca.ictx.ts);
+  PyMem_Free(ca.md);
+  if (rc != SL_OK) {
+    raise_for(self, rc, &st, &err);
+    sl_call_status_clear(&st);
+    return NULL;
+  }
+  sl_call_status_clear(&st);
+  result = Py_BuildValue("{s:s,s:s,s:s,s:d}", "status", h.status, "message", h.message, "version",
+                         h.version, "uptime_seconds", (double)h.uptime_seconds);
+  sl_health_clear(&h);
+  return result;
+}
+
+static PyObject *client_service_info(client_obj *self, PyObject *args, PyObject *kwargs) {
+  static char *kwlist[] = {"timeout", "metadata", "wait_for_ready", "retry", NULL};
+  PyObject *metadata = Py_None, *retry = Py_None, *custom = NULL, *result = NULL;
+  double timeout = 0;
+  int wait_for_ready = 0, rc;
+  call_args ca;
+  sl_info_result r;
+  sl_call_status st;
+  sl_err err;
+
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|dOpO", kwlist, &timeout, &metadata,
+                                   &wait_for_ready, &retry)) {
+    return NULL;
+  }
+  if (ensure_open(self) < 0) return NULL;
+  if (call_args_init(self, &ca, timeout, metadata, wait_for_ready, retry) < 0) return NULL;
+  memset(&st, 0, sizeof(st));
+  sl_err_clear(&err);
+  ca.ictx.ts = PyEval_SaveThread();
+  rc = sl_client_service_info(self->client, &ca.opts, &r, &st, &err);
+  PyEval_RestoreThread(ca.ictx.ts);
+  PyMem_Free(ca.md);
+  if (rc != SL_OK) {
+    raise_for(self, rc, &st, &err);
+    sl_call_status_clear(&st);
+    return NULL;
+  }
+  sl_call_status_clear(&st);
+  custom = PyDict_New();
+  if (custom == NULL) goto cleanup;
+  for (size_t i = 0; i < r.n_custom; i++) {
+    PyObject *v = PyUnicode_FromString(r.custom[i].value);
+    if (v == NULL || PyDict_SetItemString(custom, r.custom[i].key, v) < 0) {
+      Py_XDECREF(v);
+      goto cleanup;
+    }
+    Py_DECREF(v);
+  }
+  result = Py_BuildValue("{s:s,s:s,s:s,s:d,s:L,s:O}", "service_name", r.service_name, "version",
+                         r.version, "device", r.device, "uptime_seconds",
+                         (double)r.uptime_seconds, "total_requests", (long long)r.total_requests,
+                         "custom_info", custom);
+cleanup:
+  Py_XDECREF(custom);
+  sl_info_result_clear(&r);
+  return result;
+}
+
+static PyObject *client_std_health(client_obj *self, PyObject *args, PyObject *kwargs) {
+  static char *kwlist[] = {"service", "timeout", "metadata", "wait_for_ready", NULL};
+  PyObject *metadata = Py_None;
+  const char *service = "";
+  double timeout = 0;
+  int wait_for_ready = 0, rc, serving = 0;
+  call_args ca;
+  sl_call_status st;
+  sl_err err;
+
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|sdOp", kwlist, &service, &timeout, &metadata,
+                                   &wait_for_ready)) {
+    return NULL;
+  }
+  if (ensure_open(self) < 0) return NULL;
+  if (call_args_init(self, &ca, timeout, metadata, wait_for_ready, Py_None) < 0) return NULL;
+  memset(&st, 0, sizeof(st));
+  sl_err_clear(&err);
+  ca.ictx.ts = PyEval_SaveThread();
+  rc = sl_client_std_health(self->client, &ca.opts, service, &serving, &st, &err);
+  PyEval_RestoreThread(ca.ictx.ts);
+  PyMem_Free(ca.md);
+  if (rc != SL_OK) raise_for(self, rc, &st, &err);
+  sl_call_status_clear(&st);
+  if (rc != SL_OK) return NULL;
+  return PyLong_FromLong(serving);
+}
+
+static PyObject *client_connect(client_obj *self, PyObject *arg) {
+  double timeout = PyFloat_AsDouble(arg);
+  interrupt_ctx ictx;
+  int rc;
+  if (timeout == -1.0 && PyErr_Occurred()) return NULL;
+  if (ensure_open(self) < 0) return NULL;
+  ictx.on_main = PyThread_get_thread_ident() == self->st->main_thread;
+  ictx.ts = PyEval_SaveThread();
+  rc = sl_client_connect(self->client, timeout, check_interrupt, &ictx);
+  PyEval_RestoreThread(ictx.ts);
+  if (rc == SL_EINTR) {
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_KeyboardInterrupt, "interrupted");
+    return NULL;
+  }
+  return PyBool_FromLong(rc == SL_OK);
+}
+
+static PyObject *client_close(client_obj *self, PyObject *unused) {
+  sl_client *c = self->client;
+  (void)unused;
+  self->client = NULL;
+  if (c != NULL) {
+    Py_BEGIN_ALLOW_THREADS
+    sl_client_destroy(c);
+    Py_END_ALLOW_THREADS
+  }
+  Py_RETURN_NONE;
+}
+
+static int client_init(client_obj *self, PyObject *args, PyObject *kwargs) {
+  static char *kwlist[] = {"target", "options", NULL};
+  PyObject *target, *options = Py_None;
+  sl_chan_arg *chargs = NULL;
+  size_t nchargs = 0;
+  sl_err err;
+  int rc;
+  const char *t;
+
+  if (self->client != NULL) {
+    PyErr_SetString(PyExc_RuntimeError, "Client.__init__ called twice");
+    return -1;
+  }
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "U|O", kwlist, &target, &options)) return -1;
+  t = PyUnicode_AsUTF8(target);
+  if (t == NULL) return -1;
+  if (slpy_parse_options(options, &chargs, &nchargs) < 0) return -1;
+  self->st = slpy_state_of_type(Py_TYPE(self));
+  if (self->st == NULL) {
+    PyMem_Free(chargs);
+    return -1;
+  }
+  Py_XSETREF(self->target, Py_NewRef(target));
+  sl_err_clear(&err);
+  rc = sl_client_create(t, chargs, nchargs, &self->client, &err);
+  PyMem_Free(chargs);
+  if (rc != SL_OK) {
+    PyErr_SetString(PyExc_ValueError, err.msg);
+    return -1;
+  }
+  return 0;
+}
+
+static void client_dealloc(client_obj *self) {
+  PyTypeObject *tp = Py_TYPE(self);
+  client_close(self, NULL);
+  Py_CLEAR(self->target);
+  tp->tp_free((PyObject *)self);
+  Py_DECREF(tp);
+}
+
+static PyMethodDef client_methods[] = {
+    {"compute", (PyCFunction)(void (*)(void))client_compute, METH_VARARGS | METH_KEYWORDS,
+     "compute(tensor, timeout=0, metadata=None, wait_for_ready=False, retry=None, "
+     "request_id=None) -> (DLPackTensor, compute_time_ms, request_id, attempts, "
+     "initial_metadata)"},
+    {"health", (PyCFunction)(void (*)(void))client_health, METH_VARARGS | METH_KEYWORDS,
+     "HealthCheck -> dict"},
+    {"service_info", (PyCFunction)(void (*)(void))client_service_info,
+     METH_VARARGS | METH_KEYWORDS, "GetServiceInfo -> dict"},
+    {"std_health", (PyCFunction)(void (*)(void))client_std_health, METH_VARARGS | METH_KEYWORDS,
+     "grpc.health.v1.Health/Check -> ServingStatus number"},
+    {"connect", (PyCFunction)client_connect, METH_O, "connect(timeout) -> bool (channel ready)"},
+    {"close", (PyCFunction)client_close, METH_NOARGS, "Close the channel."},
+    {NULL, NULL, 0, NULL}};
+
+static PyType_Slot client_slots[] = {
+    {Py_tp_init, client_init},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_dealloc, client_dealloc},
+    {Py_tp_methods, client_methods},
+    {Py_tp_doc, "The C client (internal; use splitlearn_comm.GRPCComputeClient)."},
+    {0, NULL}};
+
+PyType_Spec slpy_client_spec = {
+    .name = "splitlearn_comm._core.Client",
+    .basicsize = sizeof(client_obj),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = client_slots,
+};

@@ -1,0 +1,376 @@
+/* server_py.c: _core.Server, the Python face of sl_server.
+ *
+ * Server(compute, info, host, port, max_workers, version, options)
+ *   compute(tensor, method, peer, metadata, request_metadata, deadline, request_id)
+ *     -> (result, compute_time_ms): called on a C worker thread with the GIL;
+ *     `tensor` is a DLPackTensor, `result` anything with __dlpack__ (contiguous, CPU).
+ *     An exception becomes the call's status: INTERNAL with "Type: message", or the
+ *     exception's `sl_code` / `sl_details` attributes when it has them.
+ *   info() -> (service_name, device, {str: str})
+ */
+#include <stdatomic.h>
+
+#include "server.h"
+#include "slpy.h"
+
+typedef struct server_obj {
+  PyObject_HEAD
+  sl_server *server;
+  PyObject *compute; /* strong */
+  PyObject *info;    /* strong */
+  slpy_state *st;
+  PyTypeObject *holder_type; /* strong */
+} server_obj;
+
+/* ---- hooks: called without the GIL, on the core's worker threads ---- */
+
+/* Keep a Python thread state for the worker's whole life, so each call only
+ * swaps the GIL instead of creating and destroying a thread state. */
+static void hook_worker_start(void *user) {
+  (void)user;
+  if (_Py_IsFinalizing()) return;
+  PyGILState_Ensure();
+  PyEval_SaveThread();
+}
+
+static void hook_worker_stop(void *user) {
+  PyThreadState *ts;
+  (void)user;
+  if (_Py_IsFinalizing()) return; /* leak the thread state rather than touch a dying runtime */
+  ts = PyGILState_GetThisThreadState();
+  if (ts == NULL) return;
+  PyEval_RestoreThread(ts);
+  PyGILState_Release(PyGILState_UNLOCKED);
+}
+
+/* Fill `err` from the pending Python exception and clear it. */
+static void error_from_exception(sl_err *err) {
+  PyObject *type = NULL, *exc = NULL, *tb = NULL;
+  PyObject *code = NULL, *details = NULL;
+  char msg[SL_ERR_MSG_MAX];
+  int grpc_code = SL_STATUS_INTERNAL;
+
+  PyErr_Fetch(&type, &exc, &tb);
+  PyErr_NormalizeException(&type, &exc, &tb);
+  Py_XDECREF(type);
+  Py_XDECREF(tb);
+  if (exc == NULL) {
+    sl_err_set(err, SL_EUSER, grpc_code, "unknown error");
+    return;
+  }
+  code = PyObject_GetAttrString(exc, "sl_code");
+  if (code != NULL && PyLong_Check(code)) {
+    long c = PyLong_AsLong(code);
+    if (c > 0 && c <= 16) grpc_code = (int)c;
+  }
+  PyErr_Clear();
+  details = PyObject_GetAttrString(exc, "sl_details");
+  if (details != NULL && PyUnicode_Check(details) && PyUnicode_AsUTF8(details) != NULL) {
+    snprintf(msg, sizeof(msg), "%s", PyUnicode_AsUTF8(details));
+  } else {
+    PyErr_Clear();
+    slpy_format_exception(exc, msg, sizeof(msg));
+  }
+  sl_err_set(err, SL_EUSER, grpc_code, "%s", msg);
+  Py_XDECREF(code);
+  Py_XDECREF(details);
+  Py_XDECREF(exc);
+  PyErr_Clear();
+}
+
+/* Called without the GIL. */
+static int hook_compute(void *user, const sl_call_info *call, sl_compute_args *args, sl_err *err) {
+  server_obj *self = user;
+  PyGILState_STATE g;
+  PyObject *tensor = NULL, *md = NULL, *reqmd = NULL, *deadline = NULL, *rid = NULL;
+  PyObject *ret = NULL;
+  slpy_export ex;
+  double ms = 0;
+  int status = SL_EUSER;
+
+  if (_Py_IsFinalizing()) {
+    return sl_err_set(err, SL_ESTATE, SL_STATUS_UNAVAILABLE, "the server is shutting down");
+  }
+  g = PyGILState_Ensure();
+  tensor = slpy_holder_new(self->st, args->tensor->data, &args->tensor->desc);
+  args->tensor->data = NULL; /* owned by the holder now (freed even on failure) */
+  if (tensor == NULL) goto pyerror;
+  md = slpy_metadata_tuple(call->metadata, call->n_metadata);
+  if (md == NULL) goto pyerror;
+  reqmd = PyDict_New();
+  if (reqmd == NULL) goto pyerror;
+  for (size_t i = 0; i < args->n_req_metadata; i++) {
+    PyObject *v = PyUnicode_FromString(args->req_metadata[i].value);
+    if (v == NULL || PyDict_SetItemString(reqmd, args->req_metadata[i].key, v) < 0) {
+      Py_XDECREF(v);
+      goto pyerror;
+    }
+    Py_DECREF(v);
+  }
+  if (call->deadline > 0) {
+    deadline = PyFloat_FromDouble(call->deadline);
+  } else {
+    deadline = Py_NewRef(Py_None);
+  }
+  rid = args->has_request_id ? PyLong_FromLong(args->request_id) : Py_NewRef(Py_None);
+  if (deadline == NULL || rid == NULL) goto pyerror;
+  ret = PyObject_CallFunction(self->compute, "OssOOOO", tensor, call->method, call->peer, md,
+                              reqmd, deadline, rid);
+  if (ret == NULL) goto pyerror;
+  if (!PyTuple_Check(ret) || PyTuple_GET_SIZE(ret) != 2) {
+    PyErr_SetString(PyExc_TypeError, "internal: compute dispatcher must return (tensor, ms)");
+    goto pyerror;
+  }
+  ms = PyFloat_AsDouble(PyTuple_GET_ITEM(ret, 1));
+  if (ms == -1.0 && PyErr_Occurred()) goto pyerror;
+  if (slpy_export_tensor(PyTuple_GET_ITEM(ret, 0), &ex) < 0) goto pyerror;
+  args->out_desc = ex.desc;
+  args->out_data = ex.data;
+  args->out_nbytes = ex.nbytes;
+  args->out_release = slpy_export_release;
+  args->out_owner = ex.dlm;
+  args->compute_time_ms = (float)ms;
+  status = SL_OK;
+  goto cleanup;
+pyerror:
+  error_from_exception(err);
+cleanup:
+  Py_XDECREF(ret);
+  Py_XDECREF(rid);
+  Py_XDECREF(deadline);
+  Py_XDECREF(reqmd);
+  Py_XDECREF(md);
+  Py_XDECREF(tensor);
+  PyGILState_Release(g);
+  return status;
+}
+
+static char *dup_utf8(PyObject *o) {
+  const char *s;
+  Py_ssize_t n;
+  PyObject *str = PyObject_Str(o);
+  char *out;
+  if (str == NULL) return NULL;
+  s = PyUnicode_AsUTF8AndSize(str, &n);
+  out = s ? sl_strndup(s, (size_t)n) : NULL;
+  if (s != NULL && out == NULL) PyErr_NoMemory();
+  Py_DECREF(str);
+  return out;
+}
+
+/* Called without the GIL. */
+static int hook_info(void *user, sl_service_info *out, sl_err *err) {
+  server_obj *self = user;
+  PyGILState_STATE g;
+  PyObject *ret = NULL, *items = NULL;
+  int status = SL_EUSER;
+
+  if (_Py_IsFinalizing()) {
+    return sl_err_set(err, SL_ESTATE, SL_STATUS_UNAVAILABLE, "the server is shutting down");
+  }
+  g = PyGILState_Ensure();
+  ret = PyObject_CallNoArgs(self->info);
+  if (ret == NULL) goto pyerror;
+  if (!PyTuple_Check(ret) || PyTuple_GET_SIZE(ret) != 3 || !PyDict_Check(PyTuple_GET_ITEM(ret, 2))) {
+    PyErr_SetString(PyExc_TypeError, "internal: info callback must return (name, device, dict)");
+    goto pyerror;
+  }
+  out->service_name = dup_utf8(PyTuple_GET_ITEM(ret, 0));
+  out->device = dup_utf8(PyTuple_GET_ITEM(ret, 1));
+  if (out->service_name == NULL || out->device == NULL) goto pyerror;
+  items = PyDict_Items(PyTuple_GET_ITEM(ret, 2));
+  if (items == NULL) goto pyerror;
+  out->custom = calloc((size_t)PyList_GET_SIZE(items) + 1, sizeof(*out->custom));
+  if (out->custom == NULL) {
+    PyErr_NoMemory();
+    goto pyerror;
+  }
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
+    PyObject *kv = PyList_GET_ITEM(items, i);
+    out->custom[i].key = dup_utf8(PyTuple_GET_ITEM(kv, 0));
+    out->custom[i].value = out->custom[i].key ? dup_utf8(PyTuple_GET_ITEM(kv, 1)) : NULL;
+    out->n_custom = (size_t)i + 1;
+    if (out->custom[i].value == NULL) goto pyerror;
+    out->custom[i].value_len = strlen(out->custom[i].value);
+  }
+  status = SL_OK;
+  goto cleanup;
+pyerror:
+  error_from_exception(err);
+  {
+    char inner[SL_ERR_MSG_MAX];
+    memcpy(inner, err->msg, sizeof(inner));
+    sl_err_set(err, SL_EUSER, err->code, "get_info() failed: %.400s", inner);
+  }
+cleanup:
+  Py_XDECREF(items);
+  Py_XDECREF(ret);
+  PyGILState_Release(g);
+  return status;
+}
+
+/* ---- the type ---- */
+
+static int server_init(server_obj *self, PyObject *args, PyObject *kwargs) {
+  static char *kwlist[] = {"compute", "info", "host", "port", "max_workers", "version", "options",
+                           NULL};
+  PyObject *compute, *info, *options = Py_None;
+  const char *host, *version;
+  int port, max_workers;
+  sl_chan_arg *chargs = NULL;
+  size_t nchargs = 0;
+  sl_server_config cfg;
+  sl_server_hooks hooks = {hook_worker_start, hook_worker_stop, hook_compute, hook_info};
+  sl_err err;
+  int rc;
+
+  if (self->server != NULL) {
+    PyErr_SetString(PyExc_RuntimeError, "Server.__init__ called twice");
+    return -1;
+  }
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOsiis|O", kwlist, &compute, &info, &host, &port,
+                                   &max_workers, &version, &options)) {
+    return -1;
+  }
+  if (!PyCallable_Check(compute) || !PyCallable_Check(info)) {
+    PyErr_SetString(PyExc_TypeError, "compute and info must be callable");
+    return -1;
+  }
+  if (slpy_parse_options(options, &chargs, &nchargs) < 0) return -1;
+  self->st = slpy_state_of_type(Py_TYPE(self));
+  if (self->st == NULL) {
+    PyMem_Free(chargs);
+    return -1;
+  }
+  self->holder_type = (PyTypeObject *)Py_NewRef(self->st->holder_type);
+  self->compute = Py_NewRef(compute);
+  self->info = Py_NewRef(info);
+  cfg.host = host;
+  cfg.port = port;
+  cfg.max_workers = max_workers;
+  cfg.version = version;
+  cfg.args = chargs;
+  cfg.nargs = nchargs;
+  sl_err_clear(&err);
+  rc = sl_server_create(&cfg, &hooks, self, &self->server, &err);
+  PyMem_Free(chargs);
+  if (rc != SL_OK) {
+    PyErr_SetString(rc == SL_EINVAL ? PyExc_ValueError : PyExc_RuntimeError, err.msg);
+    return -1;
+  }
+  return 0;
+}
+
+static PyObject *server_start(server_obj *self, PyObject *unused) {
+  sl_err err;
+  int rc;
+  (void)unused;
+  if (self->server == NULL) {
+    PyErr_SetString(PyExc_RuntimeError, "server not initialised");
+    return NULL;
+  }
+  sl_err_clear(&err);
+  Py_BEGIN_ALLOW_THREADS
+  rc = sl_server_start(self->server, &err);
+  Py_END_ALLOW_THREADS
+  if (rc != SL_OK) {
+    PyErr_SetString(rc == SL_EINVAL ? PyExc_OSError : PyExc_RuntimeError, err.msg);
+    return NULL;
+  }
+  return PyLong_FromLong(sl_server_port(self->server));
+}
+
+static PyObject *server_stop(server_obj *self, PyObject *arg) {
+  double grace = PyFloat_AsDouble(arg);
+  if (grace == -1.0 && PyErr_Occurred()) return NULL;
+  if (self->server == NULL) Py_RETURN_NONE;
+  Py_BEGIN_ALLOW_THREADS
+  sl_server_stop(self->server, grace);
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
+/* wait(timeout or None) -> bool: True once stopped. Sliced, so Ctrl-C works. */
+static PyObject *server_wait(server_obj *self, PyObject *arg) {
+  double timeout = -1, end = 0;
+  int rc = SL_ETIMEDOUT;
+  if (arg != Py_None) {
+    timeout = PyFloat_AsDouble(arg);
+    if (timeout == -1.0 && PyErr_Occurred()) return NULL;
+    end = sl_now() + timeout;
+  }
+  if (self->server == NULL) Py_RETURN_TRUE;
+  for (;;) {
+    double slice = 0.2;
+    if (timeout >= 0) {
+      double left = end - sl_now();
+      if (left < slice) slice = left > 0 ? left : 0;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rc = sl_server_wait(self->server, slice);
+    Py_END_ALLOW_THREADS
+    if (rc == SL_OK) Py_RETURN_TRUE;
+    if (PyErr_CheckSignals() < 0) return NULL;
+    if (timeout >= 0 && sl_now() >= end) Py_RETURN_FALSE;
+  }
+}
+
+static PyObject *server_get_port(server_obj *self, void *closure) {
+  (void)closure;
+  return PyLong_FromLong(self->server ? sl_server_port(self->server) : 0);
+}
+
+static PyObject *server_get_serving(server_obj *self, void *closure) {
+  (void)closure;
+  return PyBool_FromLong(self->server ? sl_server_is_serving(self->server) : 0);
+}
+
+static PyObject *server_get_total(server_obj *self, void *closure) {
+  (void)closure;
+  return PyLong_FromLongLong(self->server ? sl_server_total_requests(self->server) : 0);
+}
+
+static void server_dealloc(server_obj *self) {
+  PyTypeObject *tp = Py_TYPE(self);
+  if (self->server != NULL) {
+    sl_server *s = self->server;
+    /* workers may be waiting for the GIL inside a hook: release it while they end */
+    Py_BEGIN_ALLOW_THREADS
+    sl_server_destroy(s);
+    Py_END_ALLOW_THREADS
+    self->server = NULL;
+  }
+  Py_CLEAR(self->compute);
+  Py_CLEAR(self->info);
+  Py_CLEAR(self->holder_type);
+  tp->tp_free((PyObject *)self);
+  Py_DECREF(tp);
+}
+
+static PyMethodDef server_methods[] = {
+    {"start", (PyCFunction)server_start, METH_NOARGS, "Bind and start serving; returns the port."},
+    {"stop", (PyCFunction)server_stop, METH_O, "stop(grace): refuse new calls, drain, cancel."},
+    {"wait", (PyCFunction)server_wait, METH_O, "wait(timeout or None) -> True once stopped."},
+    {NULL, NULL, 0, NULL}};
+
+static PyGetSetDef server_getset[] = {
+    {"port", (getter)server_get_port, NULL, "The bound port.", NULL},
+    {"serving", (getter)server_get_serving, NULL, "True while serving.", NULL},
+    {"total_requests", (getter)server_get_total, NULL, "Compute calls served.", NULL},
+    {NULL, NULL, NULL, NULL, NULL}};
+
+static PyType_Slot server_slots[] = {
+    {Py_tp_init, server_init},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_dealloc, server_dealloc},
+    {Py_tp_methods, server_methods},
+    {Py_tp_getset, server_getset},
+    {Py_tp_doc, "The C server (internal; use splitlearn_comm.GRPCComputeServer)."},
+    {0, NULL}};
+
+PyType_Spec slpy_server_spec = {
+    .name = "splitlearn_comm._core.Server",
+    .basicsize = sizeof(server_obj),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = server_slots,
+};

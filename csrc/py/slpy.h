@@ -1,0 +1,77 @@
+/* slpy.h: internal to the splitlearn_comm._core extension; not a public header.
+ *
+ * GIL contract of this layer: every function here is called with the GIL held
+ * unless its comment says "called without the GIL". Those are the hooks the C
+ * core calls from its own threads; each takes the GIL itself on its first line
+ * with PyGILState_Ensure() and gives it back on its one exit.
+ */
+#ifndef SLPY_H
+#define SLPY_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <pythread.h>
+
+#include "chanargs.h"
+#include "sl_common.h"
+#include "tensor.h"
+
+/* Module state: one per module object (heap types, no static type objects). */
+typedef struct slpy_state {
+  PyTypeObject *holder_type; /* DLPackTensor */
+  PyTypeObject *server_type;
+  PyTypeObject *client_type;
+  PyObject *call_error;      /* _core.CallError */
+  unsigned long main_thread;
+} slpy_state;
+
+slpy_state *slpy_state_of_module(PyObject *module);
+slpy_state *slpy_state_of_type(PyTypeObject *tp);
+
+/* ---- DLPack bridge (dlbridge.c) ---- */
+
+/* A tensor exported by a producer through DLPack, ready to send. */
+typedef struct slpy_export {
+  sl_tensor_desc desc;
+  const void *data;
+  size_t nbytes;
+  void *dlm; /* DLManagedTensor*, owned: give it to slpy_export_release() */
+} slpy_export;
+
+/* Export `obj` (anything with __dlpack__: torch.Tensor, numpy.ndarray) as a
+ * contiguous CPU tensor. Raises TypeError / ValueError naming what is wrong. On
+ * success the caller must eventually pass ex->dlm to slpy_export_release. */
+int slpy_export_tensor(PyObject *obj, slpy_export *ex);
+
+/* Release an exported tensor: runs the producer's DLPack deleter.
+ * Called without the GIL, from any thread (DLPack deleters may be; NumPy's takes
+ * the GIL itself, PyTorch's needs none). */
+void slpy_export_release(void *dlm);
+
+/* A new DLPackTensor object that owns `storage` (from sl_storage_alloc) and
+ * exposes it through __dlpack__ / __dlpack_device__. On failure the storage is
+ * freed and NULL returned with an exception set. */
+PyObject *slpy_holder_new(slpy_state *st, void *storage, const sl_tensor_desc *desc);
+
+extern PyType_Spec slpy_holder_spec;
+extern PyType_Spec slpy_server_spec;
+extern PyType_Spec slpy_client_spec;
+
+/* ---- shared helpers (module.c) ---- */
+
+/* Convert `options` (None or a sequence of (str, int|bool|str)) into channel
+ * arguments. *out is PyMem-allocated (free with PyMem_Free); the strings point
+ * into `options`' objects, so `options` must outlive their use. */
+int slpy_parse_options(PyObject *options, sl_chan_arg **out, size_t *n);
+
+/* Convert metadata (None or a sequence of (str, str|bytes) pairs) into sl_kv
+ * pointing into the objects. PyMem-allocated array; free with PyMem_Free. */
+int slpy_parse_metadata(PyObject *md, sl_kv **out, size_t *n);
+
+/* A tuple of (key, value) pairs; values of "-bin" keys as bytes, others as str. */
+PyObject *slpy_metadata_tuple(const sl_kv *kv, size_t n);
+
+/* The exception's text as "TypeName: message" in buf. Clears nothing. */
+void slpy_format_exception(PyObject *exc, char *buf, size_t buflen);
+
+#endif /* SLPY_H */

@@ -1,0 +1,30 @@
+"""splitlearn-comm: tensor transport for split learning.
+
+A server hosts a :class:`ComputeFunction`; clients send it tensors over gRPC and
+get tensors back. The network, framing and threads are a C core on the gRPC C
+core; this package is the Python face of it.
+"""
+from __future__ import annotations
+
+from .client import ExponentialBackoff, FixedDelay, GRPCComputeClient, RetryStrategy
+from .context import CallContext, current_call
+from .core import ComputeFunction, ModelComputeFunction, TensorCodec
+from .errors import RpcError
+from .server import GRPCComputeServer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CallContext",
+    "ComputeFunction",
+    "ExponentialBackoff",
+    "FixedDelay",
+    "GRPCComputeClient",
+    "GRPCComputeServer",
+    "ModelComputeFunction",
+    "RetryStrategy",
+    "RpcError",
+    "TensorCodec",
+    "current_call",
+    "__version__",
+]

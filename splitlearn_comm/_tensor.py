@@ -1,0 +1,83 @@
+"""Tensors in and out of the C core (internal).
+
+Sending needs a contiguous CPU tensor that speaks DLPack; receiving gives a
+DLPackTensor that torch.from_dlpack / numpy.from_dlpack wrap without a copy.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Tuple
+
+import numpy as np
+
+# How a result is given back: ("torch", device) or ("numpy", None).
+Restore = Tuple[str, Any]
+
+
+def _torch():
+    import torch  # imported lazily: NumPy-only users never pay for it
+
+    return torch
+
+
+def is_torch_tensor(obj: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor)
+
+
+def prepare(obj: Any) -> Tuple[Any, Restore]:
+    """Make `obj` sendable (contiguous, CPU, plain) and say how to give a result back."""
+    if is_torch_tensor(obj):
+        device = obj.device
+        t = obj.detach()
+        if t.layout != _torch().strided:
+            raise TypeError(f"sparse and other non-strided tensors ({t.layout}) cannot be sent; "
+                            "call .to_dense() first, or use a codec")
+        if device.type != "cpu":
+            t = t.cpu()  # the one copy to host; the result goes back to `device`
+        if t.is_conj():
+            t = t.resolve_conj()
+        if t.is_neg():
+            t = t.resolve_neg()
+        if not t.is_contiguous():
+            t = t.contiguous()
+        return t, ("torch", device)
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.byteorder == ">" or (obj.dtype.byteorder == "=" and sys.byteorder == "big"):
+            obj = obj.astype(obj.dtype.newbyteorder("<"))
+        return np.ascontiguousarray(obj), ("numpy", None)
+    if isinstance(obj, np.generic):
+        return np.ascontiguousarray(np.asarray(obj)), ("numpy", None)
+    if hasattr(obj, "__dlpack__"):
+        return obj, ("torch", None)
+    raise TypeError("expected a torch.Tensor, a numpy.ndarray or an object with __dlpack__, "
+                    f"got {type(obj).__name__}")
+
+
+def restore(holder: Any, how: Restore) -> Any:
+    """Wrap a received DLPackTensor as the caller's kind of tensor."""
+    kind, device = how
+    if kind == "numpy":
+        return np.from_dlpack(holder)
+    t = _torch().from_dlpack(holder)
+    if device is not None and device.type != "cpu":
+        t = t.to(device)
+    return t
+
+
+def as_tensor(holder: Any) -> Any:
+    """A received tensor as torch.Tensor (server side; NumPy when torch is absent)."""
+    try:
+        torch = _torch()
+    except ImportError:  # pragma: no cover - torch is a hard requirement of servers in practice
+        return np.from_dlpack(holder)
+    return torch.from_dlpack(holder)
+
+
+def prepare_result(obj: Any) -> Any:
+    """Make a compute() result sendable: a contiguous CPU tensor without autograd."""
+    if is_torch_tensor(obj) or isinstance(obj, np.ndarray) or hasattr(obj, "__dlpack__"):
+        return prepare(obj)[0]
+    if isinstance(obj, (int, float, complex, bool, np.generic)):
+        return prepare(np.asarray(obj))[0]
+    raise TypeError(f"compute() must return a tensor, got {type(obj).__name__}")

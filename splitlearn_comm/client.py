@@ -1,0 +1,321 @@
+"""The client: GRPCComputeClient and the retry strategies."""
+from __future__ import annotations
+
+import abc
+import logging
+import random
+import re
+import threading
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import grpc
+
+from . import _core, _tensor
+from .core import TensorCodec, _check_codec
+from .errors import RpcError, from_call_error
+
+logger = logging.getLogger("splitlearn_comm.client")
+
+MetadataLike = Union[None, Mapping[str, Union[str, bytes]], Sequence[Tuple[str, Union[str, bytes]]]]
+OptionsLike = Optional[Sequence[Tuple[str, Union[int, bool, str]]]]
+
+_COMPUTE = "/splitlearn.comm.ComputeService/Compute"
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+              grpc.StatusCode.RESOURCE_EXHAUSTED)
+_KEY = re.compile(r"^[0-9a-z_.\-]+$")
+
+
+class RetryStrategy(abc.ABC):
+    """How a client retries a failed call.
+
+    Subclass it and implement :meth:`execute`: call ``func(*args, **kwargs)`` (one
+    attempt, which raises :class:`splitlearn_comm.RpcError`, a ``grpc.RpcError``,
+    on failure) as often as your policy says. Whatever ``execute`` returns or raises
+    is what ``GRPCComputeClient.compute`` returns or raises. Subclasses need not
+    call ``super().__init__()``.
+    """
+
+    @abc.abstractmethod
+    def execute(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``func`` under this policy."""
+
+
+class _BuiltinRetry(RetryStrategy):
+    """A policy whose whole loop (attempts and sleeps) runs in C without the GIL."""
+
+    max_retries: int
+    _initial: float
+    _max: float
+    _multiplier: float
+    _jitter: float
+
+    def _policy(self) -> Tuple[int, float, float, float, float]:
+        return (int(self.max_retries), float(self._initial), float(self._max),
+                float(self._multiplier), float(self._jitter))
+
+    def delay(self, retry: int) -> float:
+        """The delay before retry number ``retry`` (0-based), jitter applied."""
+        d = self._initial * (self._multiplier ** retry if self._multiplier > 1 else 1.0)
+        d = min(d, self._max) if self._max > 0 else d
+        return max(0.0, d * (1.0 + self._jitter * (2.0 * random.random() - 1.0)))
+
+    def execute(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """The same policy in Python, for use outside the client."""
+        retry = 0
+        while True:
+            try:
+                return func(*args, **kwargs)
+            except grpc.RpcError as e:
+                code = e.code() if callable(getattr(e, "code", None)) else None
+                if code not in _RETRYABLE or retry >= self.max_retries:
+                    raise
+                time.sleep(self.delay(retry))
+                retry += 1
+
+
+class ExponentialBackoff(_BuiltinRetry):
+    """Retry UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED with growing delays.
+
+    The n-th retry waits ``min(max_delay, initial_delay * 2**n)``, scaled by a random
+    factor in ``[1 - jitter, 1 + jitter]``. Other codes (INVALID_ARGUMENT, INTERNAL
+    from a failing ``compute()``, ...) are never retried. The client's timeout
+    bounds all attempts and sleeps together.
+    """
+
+    def __init__(self, max_retries: int = 3, initial_delay: float = 1.0, max_delay: float = 30.0,
+                 jitter: float = 0.25) -> None:
+        if max_retries < 0 or initial_delay < 0 or max_delay < 0 or not 0 <= jitter <= 1:
+            raise ValueError("max_retries, initial_delay and max_delay must be >= 0 and "
+                             "jitter within [0, 1]")
+        self.max_retries = max_retries
+        self.initial_delay = initial_delay
+        self.max_delay = max_delay
+        self.jitter = jitter
+        self._initial, self._max, self._multiplier, self._jitter = (
+            initial_delay, max_delay, 2.0, jitter)
+
+    def __repr__(self) -> str:
+        return (f"ExponentialBackoff(max_retries={self.max_retries}, "
+                f"initial_delay={self.initial_delay}, max_delay={self.max_delay}, "
+                f"jitter={self.jitter})")
+
+
+class FixedDelay(_BuiltinRetry):
+    """Retry UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED after a fixed delay."""
+
+    def __init__(self, max_retries: int = 3, delay: float = 1.0) -> None:
+        if max_retries < 0 or delay < 0:
+            raise ValueError("max_retries and delay must be >= 0")
+        self.max_retries = max_retries
+        self.delay_seconds = delay
+        self._initial, self._max, self._multiplier, self._jitter = delay, delay, 1.0, 0.0
+
+    def __repr__(self) -> str:
+        return f"FixedDelay(max_retries={self.max_retries}, delay={self.delay_seconds})"
+
+
+_DEFAULT = object()
+
+
+def _normalize_metadata(md: MetadataLike) -> List[Tuple[str, Union[str, bytes]]]:
+    if md is None:
+        return []
+    items = list(md.items()) if isinstance(md, Mapping) else list(md)
+    out = []
+    for item in items:
+        if not isinstance(item, tuple) or len(item) != 2:
+            raise TypeError(f"metadata items must be (key, value) tuples, got {item!r}")
+        key, value = item
+        if not isinstance(key, str) or not _KEY.match(key):
+            raise ValueError(f"invalid metadata key {key!r}: keys are lowercase ASCII letters, "
+                             "digits, '-', '_' and '.'")
+        if key.endswith("-bin"):
+            if not isinstance(value, (bytes, str)):
+                raise TypeError(f"metadata value for {key!r} must be bytes")
+        elif not isinstance(value, str) or not value.isascii() or not value.isprintable():
+            raise ValueError(f"metadata value for {key!r} must be printable ASCII text "
+                             "(use a key ending in '-bin' for binary values)")
+        out.append((key, value))
+    return out
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.total = self.ok = self.failed = 0
+        self.total_ms = self.compute_ms = self.network_ms = 0.0
+
+
+class GRPCComputeClient:
+    """Send tensors to a :class:`GRPCComputeServer` and get the results back.
+
+    Args:
+        server_address: ``"host:port"`` (any gRPC target).
+        timeout: seconds allowed for each ``compute()`` (all retries included).
+        retry_strategy: a :class:`RetryStrategy`; ``ExponentialBackoff()`` by
+            default; ``None`` makes a single attempt.
+        codec: the :class:`TensorCodec` for requests (``None``: raw).
+        options: gRPC channel arguments, ``[(name, value), ...]``.
+        metadata: gRPC metadata sent with every call, e.g.
+            ``[("authorization", token)]``.
+        wait_for_ready: wait (within the timeout) for an unreachable server to come up
+            instead of failing at once with UNAVAILABLE.
+
+    One client may be shared by many threads; their calls multiplex over one HTTP/2
+    connection, and each waits on the network without holding the GIL.
+    """
+
+    def __init__(self, server_address: str, timeout: float = 30.0,
+                 retry_strategy: Any = _DEFAULT, codec: Optional[TensorCodec] = None,
+                 options: OptionsLike = None, metadata: MetadataLike = None,
+                 wait_for_ready: bool = False) -> None:
+        _check_codec(codec)
+        if retry_strategy is _DEFAULT:
+            retry_strategy = ExponentialBackoff()
+        if retry_strategy is not None and not isinstance(retry_strategy, RetryStrategy):
+            raise TypeError("retry_strategy must be a RetryStrategy or None")
+        self.server_address = server_address
+        self.timeout = timeout
+        self.retry_strategy = retry_strategy
+        self.codec = codec or TensorCodec()
+        self.options = list(options or [])
+        self.metadata = _normalize_metadata(metadata)
+        self.wait_for_ready = wait_for_ready
+        self._core: Optional[Any] = _core.Client(server_address, self.options)
+        self._stats = _Stats()
+        self._ids = 0
+        self._ids_lock = threading.Lock()
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def connect(self, timeout: Optional[float] = None) -> bool:
+        """Wait until the server is reachable; True when connected within ``timeout``."""
+        return bool(self._live().connect(self.timeout if timeout is None else timeout))
+
+    def close(self) -> None:
+        """Close the channel. Calls after this raise ValueError."""
+        core, self._core = self._core, None
+        if core is not None:
+            core.close()
+
+    def __enter__(self) -> "GRPCComputeClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _live(self) -> Any:
+        if self._core is None:
+            raise ValueError("the client is closed")
+        return self._core
+
+    # -- calls ----------------------------------------------------------------
+
+    def compute(self, tensor: Any, metadata: MetadataLike = None,
+                timeout: Optional[float] = None) -> Any:
+        """Send ``tensor`` to the server's ``compute()`` and return its result.
+
+        A ``torch.Tensor`` comes back as a ``torch.Tensor`` on the device ``tensor``
+        was on; a NumPy array comes back as a NumPy array. ``metadata`` is extra gRPC
+        metadata for this call; ``timeout`` overrides the client's.
+
+        Raises:
+            RpcError: the call failed (``e.code()`` is a ``grpc.StatusCode``).
+            TypeError, ValueError: the tensor cannot be sent (unsupported dtype,
+                larger than gRPC's 2 GiB message limit, ...).
+        """
+        sendable, how = _tensor.prepare(tensor)
+        md = self.metadata + _normalize_metadata(metadata)
+        total = self.timeout if timeout is None else timeout
+        start = time.perf_counter()
+        try:
+            strategy = self.retry_strategy
+            if strategy is None or isinstance(strategy, _BuiltinRetry):
+                policy = strategy._policy() if strategy is not None else None
+                holder, server_ms = self._attempt(sendable, md, total, policy)
+            else:
+                deadline = time.monotonic() + total if total and total > 0 else None
+                holder, server_ms = strategy.execute(self._attempt_until, sendable, md, deadline)
+        except BaseException:
+            self._record(False, start, None)
+            raise
+        self._record(True, start, server_ms)
+        return _tensor.restore(holder, how)
+
+    def _next_id(self) -> int:
+        with self._ids_lock:
+            self._ids = (self._ids + 1) & 0x7FFFFFFF
+            return self._ids
+
+    def _attempt(self, sendable: Any, md: list, timeout: Optional[float],
+                 policy: Optional[tuple]) -> Tuple[Any, Optional[float]]:
+        try:
+            holder, server_ms, _rid, _attempts, _initial = self._live().compute(
+                sendable, timeout=timeout or 0.0, metadata=md, wait_for_ready=self.wait_for_ready,
+                retry=policy, request_id=self._next_id())
+        except _core.CallError as e:
+            raise from_call_error(e, target=self.server_address, method=_COMPUTE) from None
+        return holder, server_ms
+
+    def _attempt_until(self, sendable: Any, md: list,
+                       deadline: Optional[float]) -> Tuple[Any, Optional[float]]:
+        """One attempt bounded by the overall deadline (for Python strategies)."""
+        if deadline is None:
+            return self._attempt(sendable, md, None, None)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                           "the call's timeout ran out before this attempt",
+                           target=self.server_address, method=_COMPUTE, attempts=0)
+        return self._attempt(sendable, md, left, None)
+
+    def _record(self, ok: bool, start: float, server_ms: Optional[float]) -> None:
+        ms = (time.perf_counter() - start) * 1e3
+        s = self._stats
+        with s.lock:
+            s.total += 1
+            if ok:
+                s.ok += 1
+                s.total_ms += ms
+                s.compute_ms += server_ms or 0.0
+                s.network_ms += max(0.0, ms - (server_ms or 0.0))
+            else:
+                s.failed += 1
+
+    def health_check(self, timeout: Optional[float] = None) -> bool:
+        """True when the server answers HealthCheck with status "ok"."""
+        try:
+            reply = self._live().health(timeout=self.timeout if timeout is None else timeout,
+                                        metadata=self.metadata)
+        except _core.CallError as e:
+            logger.debug("health check of %s failed: %s", self.server_address, e.args[1])
+            return False
+        return reply["status"] == "ok"
+
+    def get_service_info(self, timeout: Optional[float] = None) -> Dict[str, Any]:
+        """The server's GetServiceInfo answer as a dict: service_name, version, device,
+        uptime_seconds, total_requests and custom_info (its ``get_info()``)."""
+        try:
+            return self._live().service_info(
+                timeout=self.timeout if timeout is None else timeout, metadata=self.metadata)
+        except _core.CallError as e:
+            raise from_call_error(e, target=self.server_address,
+                                  method="/splitlearn.comm.ComputeService/GetServiceInfo") from None
+
+    def get_statistics(self) -> Dict[str, Any]:
+        """Counters and mean times (ms) of this client's ``compute()`` calls."""
+        s = self._stats
+        with s.lock:
+            n = s.ok or 1
+            return {
+                "total_requests": s.total,
+                "successful_requests": s.ok,
+                "failed_requests": s.failed,
+                "avg_network_time_ms": s.network_ms / n,
+                "avg_compute_time_ms": s.compute_ms / n,
+                "avg_total_time_ms": s.total_ms / n,
+            }
+
+    def __repr__(self) -> str:
+        return f"GRPCComputeClient({self.server_address!r})"

@@ -1,0 +1,58 @@
+"""The call being served, visible inside ``compute()`` without changing its signature."""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Dict, Optional, Tuple
+
+_local = threading.local()
+
+
+class CallContext:
+    """What the server knows about the call ``compute()`` is serving.
+
+    Attributes:
+        method: full method path, e.g. ``/splitlearn.comm.ComputeService/Compute``.
+        peer: the client's address, e.g. ``ipv4:127.0.0.1:53422``.
+        metadata: the call's invocation metadata, a tuple of (key, value) pairs.
+        request_metadata: the request message's own ``metadata`` map.
+        deadline: the call's deadline on the ``time.monotonic()`` clock, or None.
+        request_id: the request's ``request_id`` field, or None.
+    """
+
+    __slots__ = ("method", "peer", "metadata", "request_metadata", "deadline", "request_id")
+
+    def __init__(self, method: str, peer: str, metadata: Tuple[Tuple[str, Any], ...],
+                 request_metadata: Dict[str, str], deadline: Optional[float],
+                 request_id: Optional[int]) -> None:
+        self.method = method
+        self.peer = peer
+        self.metadata = metadata
+        self.request_metadata = request_metadata
+        self.deadline = deadline
+        self.request_id = request_id
+
+    def time_remaining(self) -> Optional[float]:
+        """Seconds until the deadline (None when the call has none)."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - time.monotonic())
+
+    def is_active(self) -> bool:
+        """False once the call's deadline has passed."""
+        return self.deadline is None or time.monotonic() < self.deadline
+
+    def invocation_metadata(self) -> Tuple[Tuple[str, Any], ...]:
+        return self.metadata
+
+    def __repr__(self) -> str:
+        return f"CallContext(method={self.method!r}, peer={self.peer!r})"
+
+
+def current_call() -> Optional[CallContext]:
+    """The call served by this thread, or None outside ``compute()``."""
+    return getattr(_local, "call", None)
+
+
+def _set(ctx: Optional[CallContext]) -> None:
+    _local.call = ctx
