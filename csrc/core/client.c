@@ -295,6 +295,12 @@ int sl_client_compute(sl_client *c, const sl_call_opts *opts, const sl_tensor_de
   memset(out, 0, sizeof(*out));
   memset(extra_out, 0, sizeof(*extra_out));
   status = sl_desc_check_len(desc, nbytes, err);
+  if (status == SL_OK && nbytes > SL_MAX_MESSAGE_BYTES - 64) {
+    status = sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,
+                        "tensor of %zu bytes is over gRPC's message limit of %zu bytes (2 GiB - 1); "
+                        "split the tensor or use a compressing codec",
+                        nbytes, SL_MAX_MESSAGE_BYTES);
+  }
   if (status == SL_OK) status = sl_shape_to_wire(desc, shape32, err);
   if (status != SL_OK) {
     if (release != NULL) release(owner);

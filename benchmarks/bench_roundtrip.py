@@ -1,0 +1,585 @@
+#!/usr/bin/env python3
+"""Round-trip benchmark: splitlearn-comm against a plain grpcio + NumPy baseline.
+
+A client sends a float32 torch tensor, the server's compute() returns it unchanged,
+the client receives it. For each tensor size (3 KiB, 1 MiB, 32 MiB) and each
+implementation this measures the p50 and p99 latency of one round trip and the
+throughput (round trips/s, and MB/s of tensor payload each way, MB = 10^6 bytes):
+
+  splitlearn-comm  GRPCComputeServer(IdentityComputeFunction(), host="127.0.0.1",
+                   port=0, max_workers=4) in a child process;
+                   GRPCComputeClient(..., retry_strategy=None) in this one.
+  grpcio+numpy     what a user would otherwise write: grpc.server(ThreadPoolExecutor(4))
+                   serving the same proto (Python stubs generated at run time into a
+                   temporary folder by grpc_tools.protoc), np.frombuffer(...).reshape()
+                   on receive, ndarray.tobytes() on send, torch.from_numpy() /
+                   Tensor.numpy() at the edges, message limits -1; a grpcio stub client.
+
+Both servers run in child processes (this file run with --serve) bound to
+127.0.0.1 port 0; each child reports its port on stdout, the parent checks its
+health (HealthCheck RPC), warms up, times the round trips and finally stops the
+children by closing their stdin.
+
+    python3 benchmarks/bench_roundtrip.py                 # full run, writes benchmarks/results.md
+    python3 benchmarks/bench_roundtrip.py --quick         # smoke run, prints only
+    python3 benchmarks/bench_roundtrip.py --concurrency 4 # 4 client threads per run
+
+See benchmarks/README.md for how to read the output.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from concurrent import futures
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PROTO_DIR = os.path.join(ROOT, "proto")
+PROTO_FILE = "splitlearn_comm.proto"
+
+try:  # the installed (or editable) package first, else this checkout
+    import splitlearn_comm  # noqa: F401
+except ImportError:  # pragma: no cover - depends on how the script is run
+    sys.path.insert(0, ROOT)
+    import splitlearn_comm  # noqa: F401
+
+import grpc
+import numpy as np
+import torch
+
+from splitlearn_comm import ComputeFunction, GRPCComputeClient, GRPCComputeServer
+
+IMPL_SLC = "splitlearn-comm"
+IMPL_GRPCIO = "grpcio+numpy"
+IMPLS = (IMPL_SLC, IMPL_GRPCIO)
+
+KiB = 1024
+MiB = 1024 * 1024
+
+# (label, shape, full-run N, quick-run N); float32, so bytes = 4 * numel
+SIZES: List[Tuple[str, Tuple[int, ...], int, int]] = [
+    ("3 KiB", (3, 256), 2000, 200),
+    ("1 MiB", (256, 1024), 300, 30),
+    ("32 MiB", (8192, 1024), 30, 5),
+]
+
+# C-core floor of any gRPC design (unary echo, no copies, p50), measured on this
+# machine and recorded in /work/shared/GRPC-CORE-NOTES.md, "Figures on this machine".
+CORE_FLOOR_P50 = {"3 KiB": "150 us", "1 MiB": "0.77 ms", "32 MiB": "21.5 ms"}
+
+_UNLIMITED = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+
+
+class IdentityComputeFunction(ComputeFunction):
+    """Returns its input unchanged: the round trip is all transport."""
+
+    def compute(self, input_tensor: Any) -> Any:
+        return input_tensor
+
+
+# --------------------------------------------------------------------------------------
+# The grpcio baseline's generated stubs
+# --------------------------------------------------------------------------------------
+
+def generate_stubs(out_dir: str) -> None:
+    """Generate splitlearn_comm_pb2(_grpc).py from proto/ into ``out_dir``."""
+    from grpc_tools import protoc
+    import importlib.resources
+
+    include = str(importlib.resources.files("grpc_tools") / "_proto")
+    rc = protoc.main(["grpc_tools.protoc", f"-I{PROTO_DIR}", f"-I{include}",
+                      f"--python_out={out_dir}", f"--grpc_python_out={out_dir}",
+                      os.path.join(PROTO_DIR, PROTO_FILE)])
+    if rc != 0:
+        raise RuntimeError(f"grpc_tools.protoc failed with status {rc}")
+
+
+def import_stubs(stub_dir: str) -> Tuple[Any, Any]:
+    if stub_dir not in sys.path:
+        sys.path.insert(0, stub_dir)
+    import splitlearn_comm_pb2 as pb2  # type: ignore[import-not-found]
+    import splitlearn_comm_pb2_grpc as pb2_grpc  # type: ignore[import-not-found]
+    return pb2, pb2_grpc
+
+
+def _to_tensor(data: bytes, shape: Sequence[int]) -> torch.Tensor:
+    # What a user writes: a NumPy view of the message bytes, then torch.from_numpy.
+    return torch.from_numpy(np.frombuffer(data, dtype=np.float32).reshape(tuple(shape)))
+
+
+# --------------------------------------------------------------------------------------
+# Child processes: the servers
+# --------------------------------------------------------------------------------------
+
+def serve_splitlearn() -> Callable[[], None]:
+    server = GRPCComputeServer(IdentityComputeFunction(), host="127.0.0.1", port=0,
+                               max_workers=4)
+    server.start()
+    _report_port(server.port)
+    return lambda: server.stop(grace=1.0)
+
+
+def serve_grpcio(stub_dir: str) -> Callable[[], None]:
+    pb2, pb2_grpc = import_stubs(stub_dir)
+    fn = IdentityComputeFunction()
+    started = time.monotonic()
+
+    class Servicer(pb2_grpc.ComputeServiceServicer):
+        def Compute(self, request: Any, context: Any) -> Any:
+            x = _to_tensor(request.data, request.shape)
+            t0 = time.perf_counter()
+            y = fn.compute(x)
+            ms = (time.perf_counter() - t0) * 1e3
+            arr = y.numpy()
+            return pb2.ComputeResponse(data=arr.tobytes(), shape=list(arr.shape),
+                                       request_id=request.request_id, compute_time_ms=ms)
+
+        def HealthCheck(self, request: Any, context: Any) -> Any:
+            return pb2.HealthResponse(status="ok", version="baseline",
+                                      uptime_seconds=time.monotonic() - started)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=_UNLIMITED)
+    pb2_grpc.add_ComputeServiceServicer_to_server(Servicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    if port == 0:
+        raise OSError("grpcio could not bind 127.0.0.1:0")
+    server.start()
+    _report_port(port)
+    return lambda: server.stop(grace=1.0).wait()
+
+
+def _report_port(port: int) -> None:
+    sys.stdout.write(f"PORT {port}\n")
+    sys.stdout.flush()
+
+
+def child_main(impl: str, stub_dir: Optional[str]) -> int:
+    # The parent reads each array back as a torch tensor without a copy: NumPy's
+    # read-only buffer warning is expected and harmless here (nothing writes to it).
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    if impl == IMPL_SLC:
+        stop = serve_splitlearn()
+    elif impl == IMPL_GRPCIO:
+        if not stub_dir:
+            raise SystemExit("--serve grpcio+numpy needs --stub-dir")
+        stop = serve_grpcio(stub_dir)
+    else:
+        raise SystemExit(f"unknown implementation {impl!r}")
+    # Serve until the parent closes our stdin (or dies).
+    try:
+        while sys.stdin.buffer.read(4096):
+            pass
+    except KeyboardInterrupt:
+        pass
+    stop()
+    return 0
+
+
+class Child:
+    """A server in a child process: this file run with --serve IMPL."""
+
+    def __init__(self, impl: str, stub_dir: str) -> None:
+        self.impl = impl
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--serve", impl, "--stub-dir", stub_dir],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=ROOT)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode().strip()
+        if not line.startswith("PORT "):
+            self.stop()
+            raise RuntimeError(f"{impl} server did not start (said {line!r}, "
+                               f"exit status {self.proc.poll()})")
+        self.port = int(line.split()[1])
+        self.address = f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+# --------------------------------------------------------------------------------------
+# Clients: one callable per implementation, torch tensor in, torch tensor out
+# --------------------------------------------------------------------------------------
+
+class SplitlearnClient:
+    def __init__(self, address: str) -> None:
+        self.client = GRPCComputeClient(address, retry_strategy=None)
+
+    def wait_ready(self, timeout: float) -> None:
+        if not self.client.connect(timeout) or not self.client.health_check(timeout):
+            raise RuntimeError(f"splitlearn-comm server at {self.client.server_address} "
+                               "is not healthy")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.client.compute(x)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class GrpcioClient:
+    def __init__(self, address: str, stub_dir: str) -> None:
+        self.pb2, pb2_grpc = import_stubs(stub_dir)
+        self.channel = grpc.insecure_channel(address, options=_UNLIMITED)
+        self.stub = pb2_grpc.ComputeServiceStub(self.channel)
+
+    def wait_ready(self, timeout: float) -> None:
+        reply = self.stub.HealthCheck(self.pb2.HealthRequest(), timeout=timeout,
+                                      wait_for_ready=True)
+        if reply.status != "ok":
+            raise RuntimeError(f"grpcio server is not healthy: {reply.status!r}")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        arr = x.numpy()
+        reply = self.stub.Compute(self.pb2.ComputeRequest(data=arr.tobytes(),
+                                                          shape=list(arr.shape)))
+        return _to_tensor(reply.data, reply.shape)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+# --------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------
+
+class Result:
+    def __init__(self, size: str, nbytes: int, impl: str, concurrency: int, n: int,
+                 latencies_ns: List[int], wall_ns: int) -> None:
+        self.size, self.nbytes, self.impl = size, nbytes, impl
+        self.concurrency, self.n = concurrency, n
+        lat = sorted(latencies_ns)
+        self.p50_ms = _percentile(lat, 50) / 1e6
+        self.p99_ms = _percentile(lat, 99) / 1e6
+        self.rts = n / (wall_ns / 1e9)
+        self.mbs = self.rts * nbytes / 1e6
+
+
+def _percentile(sorted_values: List[int], q: float) -> float:
+    """Nearest-rank-with-interpolation percentile (statistics.quantiles, inclusive)."""
+    if len(sorted_values) == 1:
+        return float(sorted_values[0])
+    cuts = statistics.quantiles(sorted_values, n=100, method="inclusive")
+    return float(cuts[int(q) - 1])
+
+
+def check_identity(call: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                   impl: str, size: str) -> None:
+    y = call(x)
+    if not isinstance(y, torch.Tensor) or y.dtype != x.dtype or y.shape != x.shape \
+            or not torch.equal(y, x):
+        raise AssertionError(f"{impl} {size}: the result differs from the input "
+                             f"({type(y).__name__}, {getattr(y, 'dtype', None)}, "
+                             f"{tuple(getattr(y, 'shape', ()))})")
+
+
+def run_timed(call: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, n: int,
+              concurrency: int) -> Tuple[List[int], int]:
+    """``n`` round trips spread over ``concurrency`` threads sharing ``call``.
+    Returns every call's latency (ns) and the wall time of the whole run (ns)."""
+    clock = time.perf_counter_ns
+    if concurrency <= 1:
+        lat = [0] * n
+        t_start = clock()
+        for i in range(n):
+            t0 = clock()
+            call(x)
+            lat[i] = clock() - t0
+        return lat, clock() - t_start
+
+    shares = [n // concurrency + (1 if i < n % concurrency else 0) for i in range(concurrency)]
+    per_thread: List[List[int]] = [[] for _ in range(concurrency)]
+    errors: List[BaseException] = []
+    barrier = threading.Barrier(concurrency + 1)
+    ends = [0] * concurrency
+
+    def worker(k: int) -> None:
+        out = per_thread[k]
+        barrier.wait()
+        try:
+            for _ in range(shares[k]):
+                t0 = clock()
+                call(x)
+                out.append(clock() - t0)
+        except BaseException as e:  # reported by the parent thread
+            errors.append(e)
+        ends[k] = clock()
+
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True)
+               for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t_start = clock()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return [v for lst in per_thread for v in lst], max(ends) - t_start
+
+
+# --------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> Dict[str, str]:
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        usable = os.cpu_count() or 0
+    import google.protobuf
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpus": f"{usable} usable (nproc), {os.cpu_count()} online",
+        "cpu": _cpu_model(),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "grpcio": grpc.__version__,
+        "protobuf": google.protobuf.__version__,
+        "splitlearn-comm": getattr(splitlearn_comm, "__version__", "?"),
+    }
+
+
+def _fmt_ms(ms: float) -> str:
+    return f"{ms:.3f}" if ms < 10 else f"{ms:.1f}"
+
+
+def _fmt_num(v: float) -> str:
+    return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
+
+
+def table(results: List[Result]) -> List[str]:
+    lines = ["| size | implementation | threads | round trips | p50 ms | p99 ms "
+             "| round trips/s | MB/s each way |",
+             "|---|---|--:|--:|--:|--:|--:|--:|"]
+    for r in results:
+        lines.append(f"| {r.size} | {r.impl} | {r.concurrency} | {r.n} | {_fmt_ms(r.p50_ms)} "
+                     f"| {_fmt_ms(r.p99_ms)} | {_fmt_num(r.rts)} | {_fmt_num(r.mbs)} |")
+    return lines
+
+
+def speedups(results: List[Result]) -> List[str]:
+    lines = ["| size | threads | p50 latency: baseline / splitlearn-comm "
+             "| throughput: splitlearn-comm / baseline |",
+             "|---|--:|--:|--:|"]
+    by_key = {(r.size, r.concurrency, r.impl): r for r in results}
+    seen = []
+    for r in results:
+        key = (r.size, r.concurrency)
+        if key in seen:
+            continue
+        seen.append(key)
+        a, b = by_key.get(key + (IMPL_SLC,)), by_key.get(key + (IMPL_GRPCIO,))
+        if a is None or b is None:
+            continue
+        lines.append(f"| {r.size} | {r.concurrency} | {b.p50_ms / a.p50_ms:.2f}x "
+                     f"| {a.rts / b.rts:.2f}x |")
+    return lines
+
+
+def render(results: List[Result], info: Dict[str, str], args: argparse.Namespace,
+           elapsed_s: float) -> str:
+    out = ["# Round-trip benchmark results", ""]
+    if args.quick:
+        out += ["**Quick (smoke) run: too few round trips for the figures to mean much.**", ""]
+    out += [
+        "Generated by `benchmarks/bench_roundtrip.py` (see `benchmarks/README.md`). A client "
+        "sends a float32 torch tensor, the server's `compute()` returns it unchanged, the "
+        "client receives it as a torch tensor. Both servers ran in child processes on "
+        "127.0.0.1 (4 server worker threads each); the client ran in the parent process. "
+        "`threads` is the number of client threads sharing one client (one channel); "
+        "p50/p99 are per round trip, round trips/s is the aggregate over all threads, and "
+        "MB/s is tensor payload carried in each direction (MB = 10^6 bytes).",
+        "",
+        "- splitlearn-comm: `GRPCComputeServer(IdentityComputeFunction(), host=\"127.0.0.1\", "
+        "port=0, max_workers=4)` and `GRPCComputeClient(address, retry_strategy=None)`.",
+        "- grpcio+numpy (the baseline a user would otherwise write): `grpc.server("
+        "ThreadPoolExecutor(max_workers=4))` on the same proto, grpcio stubs, "
+        "`np.frombuffer(data, np.float32).reshape(shape)` + `torch.from_numpy` on receive, "
+        "`tensor.numpy().tobytes()` on send, message limits -1.",
+        "",
+        "Machine and software:",
+        "",
+    ]
+    out += [f"- {k}: {v}" for k, v in info.items()]
+    out += [
+        f"- run: `{' '.join(['bench_roundtrip.py'] + args.argv)}`, took {elapsed_s:.0f} s",
+        "",
+        "**These numbers come from a small, shared, noisy 2-vCPU virtual machine.** Client "
+        "and server compete for the same two CPUs, and run-to-run variation of 10-30% is "
+        "normal here. Compare only rows from the same run (they were made back to back, "
+        "implementations alternating per size); do not compare them with figures from "
+        "other machines or other days.",
+        "",
+        "## Results",
+        "",
+    ]
+    out += table(results)
+    out += ["", "## Speedup of splitlearn-comm over the grpcio+numpy baseline", ""]
+    out += speedups(results)
+    out += [
+        "",
+        "## For comparison",
+        "",
+        "The floor of any gRPC design on this machine, a unary echo on the gRPC C core with "
+        "no copies, measured with C probes and recorded in `GRPC-CORE-NOTES.md` (\"Figures on "
+        "this machine\"), has p50 " + " / ".join(
+            f"{CORE_FLOOR_P50[s]} ({s})" for s, *_ in SIZES) + ". Those figures are from an "
+        "earlier session, not this run, so they indicate the scale of the remaining "
+        "overhead rather than an exact difference.",
+        "",
+    ]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run with about 10x fewer round trips; prints the results "
+                        "and writes no file unless --output is given")
+    p.add_argument("--concurrency", type=int, default=1, metavar="K",
+                   help="client threads sharing one client for every size (default 1)")
+    p.add_argument("--mux", type=int, default=4, metavar="K",
+                   help="also run 1 MiB with K client threads sharing one client, to show "
+                        "that calls multiplex (default 4; 0 skips it; skipped when it "
+                        "equals --concurrency)")
+    p.add_argument("--sizes", default=",".join(s for s, *_ in SIZES),
+                   help="comma-separated subset of: " + ", ".join(s for s, *_ in SIZES))
+    p.add_argument("--repeat", type=float, default=1.0, metavar="F",
+                   help="scale every round-trip count by F (default 1)")
+    p.add_argument("--output", default=None, metavar="PATH",
+                   help="where to write the markdown report (default "
+                        "benchmarks/results.md; none for --quick)")
+    p.add_argument("--serve", choices=IMPLS, help=argparse.SUPPRESS)
+    p.add_argument("--stub-dir", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.argv = list(argv)
+    if args.concurrency < 1:
+        p.error("--concurrency must be at least 1")
+    if args.mux < 0:
+        p.error("--mux must be 0 or more")
+    wanted = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    known = {s for s, *_ in SIZES}
+    bad = [s for s in wanted if s not in known]
+    if bad:
+        p.error(f"unknown sizes {bad}; choose from {sorted(known)}")
+    args.sizes = wanted
+    return args
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    if args.serve:
+        return child_main(args.serve, args.stub_dir)
+
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    output = args.output
+    if output is None and not args.quick:
+        output = os.path.join(HERE, "results.md")
+
+    begun = time.perf_counter()
+    info = machine_info()
+    stub_dir = tempfile.mkdtemp(prefix="slc-bench-stubs-")
+    children: List[Child] = []
+    clients: Dict[str, Any] = {}
+    results: List[Result] = []
+    try:
+        generate_stubs(stub_dir)
+        for impl in IMPLS:
+            children.append(Child(impl, stub_dir))
+        by_impl = {c.impl: c for c in children}
+        clients[IMPL_SLC] = SplitlearnClient(by_impl[IMPL_SLC].address)
+        clients[IMPL_GRPCIO] = GrpcioClient(by_impl[IMPL_GRPCIO].address, stub_dir)
+        for impl in IMPLS:
+            clients[impl].wait_ready(30.0)
+
+        plan: List[Tuple[str, Tuple[int, ...], int, int]] = []
+        for label, shape, n_full, n_quick in SIZES:
+            if label not in args.sizes:
+                continue
+            n = max(1, int(round((n_quick if args.quick else n_full) * args.repeat)))
+            plan.append((label, shape, n, args.concurrency))
+            if label == "1 MiB" and args.mux and args.mux != args.concurrency:
+                plan.append((label, shape, n * 2 if not args.quick else n, args.mux))
+
+        torch.manual_seed(0)
+        for label, shape, n, k in plan:
+            x = torch.randn(shape, dtype=torch.float32)
+            nbytes = x.numel() * x.element_size()
+            warm = max(3, n // 10)
+            for impl in IMPLS:
+                call = clients[impl]
+                check_identity(call, x, impl, label)
+                run_timed(call, x, warm, k)
+            for impl in IMPLS:
+                lat, wall = run_timed(clients[impl], x, n, k)
+                r = Result(label, nbytes, impl, k, n, lat, wall)
+                results.append(r)
+                print(f"{label:>7} {impl:<16} threads={k} n={n:<5} p50={_fmt_ms(r.p50_ms):>8} ms "
+                      f"p99={_fmt_ms(r.p99_ms):>8} ms {_fmt_num(r.rts):>7} rt/s "
+                      f"{_fmt_num(r.mbs):>7} MB/s", flush=True)
+    finally:
+        for c in clients.values():
+            c.close()
+        for child in children:
+            child.stop()
+        shutil.rmtree(stub_dir, ignore_errors=True)
+
+    report = render(results, info, args, time.perf_counter() - begun)
+    if output:
+        with open(output, "w") as f:
+            f.write(report)
+        print(f"wrote {os.path.relpath(output)}")
+    else:
+        print()
+        print("\n".join(table(results)))
+        print()
+        print("\n".join(speedups(results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

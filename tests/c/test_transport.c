@@ -1,0 +1,269 @@
+/* End-to-end tests of the C core alone: an sl_server with a C compute hook and
+ * an sl_client, over real sockets on 127.0.0.1 (port 0). */
+#include <grpc/grpc.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+
+#include "client.h"
+#include "server.h"
+#include "sl_test.h"
+
+/* ---- a compute hook: doubles float32, echoes other dtypes, fails on request ---- */
+
+static atomic_int inside, max_inside;
+
+static void free_storage(void *p) { sl_storage_free(p); }
+
+static int double_hook(void *user, const sl_call_info *call, sl_compute_args *a, sl_err *err) {
+  int now;
+  (void)user;
+  if (call->n_metadata > 0) {
+    for (size_t i = 0; i < call->n_metadata; i++) {
+      if (strcmp(call->metadata[i].key, "fail") == 0) {
+        return sl_err_set(err, SL_EUSER, SL_STATUS_INTERNAL, "ValueError: asked to fail");
+      }
+      if (strcmp(call->metadata[i].key, "sleep-ms") == 0) {
+        struct timespec ts = {0, atoi(call->metadata[i].value) * 1000000L};
+        now = atomic_fetch_add(&inside, 1) + 1;
+        int prev = atomic_load(&max_inside);
+        while (now > prev && !atomic_compare_exchange_weak(&max_inside, &prev, now)) {
+        }
+        nanosleep(&ts, NULL);
+        atomic_fetch_sub(&inside, 1);
+      }
+    }
+  }
+  if (a->tensor->desc.dtype == SL_DTYPE_FLOAT32) {
+    float *f = a->tensor->data;
+    for (size_t i = 0; i < a->tensor->nbytes / 4; i++) f[i] *= 2.0f;
+  }
+  a->out_desc = a->tensor->desc;
+  a->out_data = a->tensor->data;
+  a->out_nbytes = a->tensor->nbytes;
+  a->out_release = free_storage;
+  a->out_owner = a->tensor->data;
+  a->tensor->data = NULL; /* taken */
+  a->compute_time_ms = 1.5f;
+  return SL_OK;
+}
+
+static int info_hook(void *user, sl_service_info *out, sl_err *err) {
+  (void)user;
+  (void)err;
+  out->service_name = sl_strndup("test", 4);
+  out->device = sl_strndup("cpu", 3);
+  out->custom = calloc(1, sizeof(*out->custom));
+  out->custom[0].key = sl_strndup("k", 1);
+  out->custom[0].value = sl_strndup("v", 1);
+  out->n_custom = 1;
+  return SL_OK;
+}
+
+static sl_server *start_server(int workers) {
+  sl_server_config cfg = {"127.0.0.1", 0, workers, "9.9.9", NULL, 0};
+  sl_server_hooks hooks = {NULL, NULL, double_hook, info_hook};
+  sl_server *s = NULL;
+  sl_err err;
+  CHECK_EQ_INT(sl_server_create(&cfg, &hooks, NULL, &s, &err), SL_OK);
+  CHECK_EQ_INT(sl_server_start(s, &err), SL_OK);
+  CHECK(sl_server_port(s) > 0);
+  return s;
+}
+
+static sl_client *connect_to(sl_server *s) {
+  char target[64];
+  sl_client *c = NULL;
+  sl_err err;
+  snprintf(target, sizeof(target), "127.0.0.1:%d", sl_server_port(s));
+  CHECK_EQ_INT(sl_client_create(target, NULL, 0, &c, &err), SL_OK);
+  CHECK_EQ_INT(sl_client_connect(c, 10.0, NULL, NULL), SL_OK);
+  return c;
+}
+
+static int input_released;
+static void release_input(void *owner) {
+  (void)owner;
+  input_released++;
+}
+
+/* Send n floats 0..n-1 with metadata; returns the status code. */
+static int roundtrip(sl_client *c, size_t n, const sl_kv *md, size_t nmd, float **result,
+                     sl_call_status *st) {
+  float *in = malloc(n * sizeof(float) + 1);
+  sl_tensor_desc d = {SL_DTYPE_FLOAT32, 1, {(int64_t)n}};
+  sl_call_opts o = {10.0, md, nmd, 0, NULL, NULL, NULL};
+  sl_tensor_msg out;
+  sl_compute_extra ein = {1, 5, 0, 0}, eout;
+  sl_err err;
+  int rc;
+  for (size_t i = 0; i < n; i++) in[i] = (float)i;
+  memset(st, 0, sizeof(*st));
+  rc = sl_client_compute(c, &o, &d, in, n * sizeof(float), release_input, NULL, &ein, &out,
+                         &eout, st, &err);
+  *result = NULL;
+  if (rc == SL_OK) {
+    CHECK_EQ_INT(out.nbytes, n * sizeof(float));
+    CHECK_EQ_INT(eout.has_request_id, 1);
+    CHECK_EQ_INT(eout.request_id, 5);
+    CHECK(eout.has_compute_time_ms && eout.compute_time_ms == 1.5f);
+    *result = malloc(out.nbytes + 1);
+    memcpy(*result, out.data, out.nbytes);
+    sl_tensor_msg_clear(&out);
+  }
+  free(in);
+  return rc == SL_OK ? SL_STATUS_OK : st->code;
+}
+
+static void test_roundtrip_sizes(void) {
+  sl_server *s = start_server(2);
+  sl_client *c = connect_to(s);
+  size_t sizes[] = {0, 1, 1000, 1 << 20, 3 << 20};
+  input_released = 0;
+  for (size_t k = 0; k < sizeof(sizes) / sizeof(sizes[0]); k++) {
+    float *r;
+    sl_call_status st;
+    CHECK_EQ_INT(roundtrip(c, sizes[k], NULL, 0, &r, &st), SL_STATUS_OK);
+    for (size_t i = 0; r && i < sizes[k]; i++) {
+      if (r[i] != 2.0f * (float)i) {
+        CHECK(r[i] == 2.0f * (float)i);
+        break;
+      }
+    }
+    free(r);
+    sl_call_status_clear(&st);
+  }
+  sl_client_destroy(c);
+  sl_server_destroy(s);
+  CHECK_EQ_INT(input_released, 5); /* every input given back exactly once */
+}
+
+static void test_hook_error_keeps_serving(void) {
+  sl_server *s = start_server(1);
+  sl_client *c = connect_to(s);
+  sl_kv fail = {"fail", "1", 1};
+  float *r;
+  sl_call_status st;
+  CHECK_EQ_INT(roundtrip(c, 4, &fail, 1, &r, &st), SL_STATUS_INTERNAL);
+  CHECK(st.details != NULL);
+  if (st.details) CHECK_CONTAINS(st.details, "ValueError: asked to fail");
+  sl_call_status_clear(&st);
+  CHECK_EQ_INT(roundtrip(c, 4, NULL, 0, &r, &st), SL_STATUS_OK);
+  free(r);
+  sl_call_status_clear(&st);
+  sl_client_destroy(c);
+  sl_server_destroy(s);
+}
+
+static void test_health_and_info(void) {
+  sl_server *s = start_server(1);
+  sl_client *c = connect_to(s);
+  sl_call_opts o = {5.0, NULL, 0, 0, NULL, NULL, NULL};
+  sl_health h;
+  sl_info_result info;
+  sl_call_status st = {0};
+  sl_err err;
+  int serving = 0;
+  CHECK_EQ_INT(sl_client_health(c, &o, &h, &st, &err), SL_OK);
+  CHECK(strcmp(h.status, "ok") == 0 && strcmp(h.version, "9.9.9") == 0);
+  sl_health_clear(&h);
+  sl_call_status_clear(&st);
+  CHECK_EQ_INT(sl_client_service_info(c, &o, &info, &st, &err), SL_OK);
+  CHECK(strcmp(info.service_name, "test") == 0);
+  CHECK_EQ_INT(info.n_custom, 1);
+  sl_info_result_clear(&info);
+  sl_call_status_clear(&st);
+  CHECK_EQ_INT(sl_client_std_health(c, &o, "", &serving, &st, &err), SL_OK);
+  CHECK_EQ_INT(serving, 1);
+  sl_call_status_clear(&st);
+  CHECK_EQ_INT(sl_client_std_health(c, &o, "no.such.Service", &serving, &st, &err), SL_ESTATUS);
+  CHECK_EQ_INT(st.code, SL_STATUS_NOT_FOUND);
+  sl_call_status_clear(&st);
+  sl_client_destroy(c);
+  sl_server_destroy(s);
+}
+
+typedef struct par_arg {
+  sl_client *c;
+  int code;
+} par_arg;
+
+static void *par_call(void *p) {
+  par_arg *a = p;
+  sl_kv sleep_md = {"sleep-ms", "300", 3};
+  float *r;
+  sl_call_status st;
+  a->code = roundtrip(a->c, 16, &sleep_md, 1, &r, &st);
+  free(r);
+  sl_call_status_clear(&st);
+  return NULL;
+}
+
+static void test_workers_run_concurrently(void) {
+  sl_server *s = start_server(4);
+  sl_client *c = connect_to(s);
+  pthread_t th[6];
+  par_arg args[6];
+  atomic_store(&max_inside, 0);
+  for (int i = 0; i < 6; i++) {
+    args[i].c = c;
+    pthread_create(&th[i], NULL, par_call, &args[i]);
+  }
+  for (int i = 0; i < 6; i++) {
+    pthread_join(th[i], NULL);
+    CHECK_EQ_INT(args[i].code, SL_STATUS_OK);
+  }
+  CHECK_EQ_INT(atomic_load(&max_inside), 4); /* exactly max_workers at once */
+  sl_client_destroy(c);
+  sl_server_destroy(s);
+}
+
+static void test_unavailable_fails_fast(void) {
+  sl_client *c = NULL;
+  sl_err err;
+  float *r;
+  sl_call_status st;
+  double t0 = sl_now();
+  /* port 1 on loopback: nothing listens there */
+  CHECK_EQ_INT(sl_client_create("127.0.0.1:1", NULL, 0, &c, &err), SL_OK);
+  CHECK_EQ_INT(roundtrip(c, 4, NULL, 0, &r, &st), SL_STATUS_UNAVAILABLE);
+  CHECK(sl_now() - t0 < 5.0);
+  sl_call_status_clear(&st);
+  sl_client_destroy(c);
+}
+
+static void test_busy_port_is_an_error(void) {
+  sl_server *s = start_server(1);
+  sl_server_config cfg = {"127.0.0.1", sl_server_port(s), 1, "", NULL, 0};
+  sl_server_hooks hooks = {NULL, NULL, double_hook, NULL};
+  sl_server *t = NULL;
+  sl_err err;
+  CHECK_EQ_INT(sl_server_create(&cfg, &hooks, NULL, &t, &err), SL_OK);
+  CHECK_EQ_INT(sl_server_start(t, &err), SL_EINVAL);
+  CHECK_CONTAINS(err.msg, "could not bind");
+  sl_server_destroy(t);
+  sl_server_destroy(s);
+}
+
+static void test_stop_twice_and_wait(void) {
+  sl_server *s = start_server(2);
+  CHECK_EQ_INT(sl_server_wait(s, 0.05), SL_ETIMEDOUT);
+  sl_server_stop(s, 1.0);
+  sl_server_stop(s, 1.0);
+  CHECK_EQ_INT(sl_server_wait(s, 0), SL_OK);
+  CHECK_EQ_INT(sl_server_is_serving(s), 0);
+  sl_server_destroy(s);
+}
+
+int main(void) {
+  grpc_init();
+  RUN(test_roundtrip_sizes);
+  RUN(test_hook_error_keeps_serving);
+  RUN(test_health_and_info);
+  RUN(test_workers_run_concurrently);
+  RUN(test_unavailable_fails_fast);
+  RUN(test_busy_port_is_an_error);
+  RUN(test_stop_twice_and_wait);
+  grpc_shutdown_blocking();
+  return sl_test_done("test_transport");
+}

@@ -1,0 +1,70 @@
+"""Shared fixtures: real servers and clients on 127.0.0.1, port 0."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Iterator, List
+
+import pytest
+
+import splitlearn_comm as slc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Echo(slc.ComputeFunction):
+    """Returns its input unchanged."""
+
+    def compute(self, input_tensor):
+        return input_tensor
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., slc.GRPCComputeServer]]:
+    """Start GRPCComputeServers on 127.0.0.1:0; all are stopped at teardown."""
+    started: List[slc.GRPCComputeServer] = []
+
+    def start(compute_fn: slc.ComputeFunction, **kwargs) -> slc.GRPCComputeServer:
+        kwargs.setdefault("host", "127.0.0.1")
+        kwargs.setdefault("port", 0)
+        server = slc.GRPCComputeServer(compute_fn, **kwargs)
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop(grace=0)
+
+
+@pytest.fixture
+def connect() -> Iterator[Callable[..., slc.GRPCComputeClient]]:
+    """Clients for a server (single attempt unless told otherwise), closed at teardown."""
+    clients: List[slc.GRPCComputeClient] = []
+
+    def make(server: slc.GRPCComputeServer, **kwargs) -> slc.GRPCComputeClient:
+        kwargs.setdefault("retry_strategy", None)
+        kwargs.setdefault("timeout", 30.0)
+        client = slc.GRPCComputeClient(f"127.0.0.1:{server.port}", **kwargs)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture
+def echo_client(serve, connect) -> slc.GRPCComputeClient:
+    return connect(serve(Echo()))
+
+
+def subprocess_env() -> dict:
+    """Environment for child Python processes that import the package from here."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), ROOT) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+PYTHON = sys.executable
