@@ -269,7 +269,7 @@ class GrpcioClient:
 
 class Result:
     def __init__(self, size: str, nbytes: int, impl: str, concurrency: int, n: int,
-                 latencies_ns: List[int], wall_ns: int) -> None:
+                 latencies_ns: List[int], wall_ns: int, cpu_ns: int) -> None:
         self.size, self.nbytes, self.impl = size, nbytes, impl
         self.concurrency, self.n = concurrency, n
         lat = sorted(latencies_ns)
@@ -277,6 +277,7 @@ class Result:
         self.p99_ms = _percentile(lat, 99) / 1e6
         self.rts = n / (wall_ns / 1e9)
         self.mbs = self.rts * nbytes / 1e6
+        self.cpu_ms = cpu_ns / n / 1e6
 
 
 def _percentile(sorted_values: List[int], q: float) -> float:
@@ -298,18 +299,22 @@ def check_identity(call: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
 
 
 def run_timed(call: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, n: int,
-              concurrency: int) -> Tuple[List[int], int]:
+              concurrency: int) -> Tuple[List[int], int, int]:
     """``n`` round trips spread over ``concurrency`` threads sharing ``call``.
-    Returns every call's latency (ns) and the wall time of the whole run (ns)."""
+    Returns every call's latency (ns), the wall time of the whole run (ns) and the
+    CPU time this (client) process used meanwhile, all its threads together (ns)."""
     clock = time.perf_counter_ns
+    cpu = time.process_time_ns
     if concurrency <= 1:
         lat = [0] * n
+        c_start = cpu()
         t_start = clock()
         for i in range(n):
             t0 = clock()
             call(x)
             lat[i] = clock() - t0
-        return lat, clock() - t_start
+        wall = clock() - t_start
+        return lat, wall, cpu() - c_start
 
     shares = [n // concurrency + (1 if i < n % concurrency else 0) for i in range(concurrency)]
     per_thread: List[List[int]] = [[] for _ in range(concurrency)]
@@ -334,12 +339,14 @@ def run_timed(call: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, n: 
     for t in threads:
         t.start()
     barrier.wait()
+    c_start = cpu()
     t_start = clock()
     for t in threads:
         t.join()
+    c_used = cpu() - c_start
     if errors:
         raise errors[0]
-    return [v for lst in per_thread for v in lst], max(ends) - t_start
+    return [v for lst in per_thread for v in lst], max(ends) - t_start, c_used
 
 
 # --------------------------------------------------------------------------------------
@@ -388,11 +395,12 @@ def _fmt_num(v: float) -> str:
 
 def table(results: List[Result]) -> List[str]:
     lines = ["| size | implementation | threads | round trips | p50 ms | p99 ms "
-             "| round trips/s | MB/s each way |",
-             "|---|---|--:|--:|--:|--:|--:|--:|"]
+             "| round trips/s | MB/s each way | client CPU ms per round trip |",
+             "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
     for r in results:
         lines.append(f"| {r.size} | {r.impl} | {r.concurrency} | {r.n} | {_fmt_ms(r.p50_ms)} "
-                     f"| {_fmt_ms(r.p99_ms)} | {_fmt_num(r.rts)} | {_fmt_num(r.mbs)} |")
+                     f"| {_fmt_ms(r.p99_ms)} | {_fmt_num(r.rts)} | {_fmt_num(r.mbs)} "
+                     f"| {_fmt_ms(r.cpu_ms)} |")
     return lines
 
 
@@ -555,12 +563,12 @@ def main(argv: Sequence[str]) -> int:
                 check_identity(call, x, impl, label)
                 run_timed(call, x, warm, k)
             for impl in IMPLS:
-                lat, wall = run_timed(clients[impl], x, n, k)
-                r = Result(label, nbytes, impl, k, n, lat, wall)
+                lat, wall, cpu = run_timed(clients[impl], x, n, k)
+                r = Result(label, nbytes, impl, k, n, lat, wall, cpu)
                 results.append(r)
                 print(f"{label:>7} {impl:<16} threads={k} n={n:<5} p50={_fmt_ms(r.p50_ms):>8} ms "
                       f"p99={_fmt_ms(r.p99_ms):>8} ms {_fmt_num(r.rts):>7} rt/s "
-                      f"{_fmt_num(r.mbs):>7} MB/s", flush=True)
+                      f"{_fmt_num(r.mbs):>7} MB/s  client CPU {_fmt_ms(r.cpu_ms)} ms/rt", flush=True)
     finally:
         for c in clients.values():
             c.close()
