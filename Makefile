@@ -47,7 +47,8 @@ $(GEN)/splitlearn_comm.pb-c.c: proto/splitlearn_comm.proto proto/health.proto sc
 # C unit tests: the core alone, no Python, under ASan+UBSan with leak checking.
 $(CBIN)/%: tests/c/%.c tests/c/sl_test.h $(CORE_SRC) $(GEN)/splitlearn_comm.pb-c.c
 	@mkdir -p $(CBIN)
-	$(CC) $(CFLAGS_C) $(SAN) $(shell pkg-config --cflags $(PKGS)) -o $@ $< $(CORE_SRC) \
+	@echo "CC $@"
+	@$(CC) $(CFLAGS_C) $(SAN) $(shell pkg-config --cflags $(PKGS)) -o $@ $< $(CORE_SRC) \
 	  $(GEN)/splitlearn_comm.pb-c.c $(GEN)/health.pb-c.c $(shell pkg-config --libs $(PKGS)) -lpthread -lm
 
 ctest: deps $(CTESTS)

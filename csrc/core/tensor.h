@@ -54,12 +54,18 @@ int sl_desc_check_len(const sl_tensor_desc *desc, size_t data_len, sl_err *err);
 void sl_desc_format_shape(const sl_tensor_desc *desc, char *buf, size_t buflen);
 
 /* Allocate `nbytes` of 64-byte aligned storage (at least one alignment unit, so
- * that an empty tensor still has a valid pointer). Returns SL_OK or SL_ENOMEM. The
+ * that an empty tensor still has a valid pointer), reusing a pooled block of the
+ * same size when there is one. Returns SL_OK or SL_ENOMEM. The
  * caller owns `*out` and frees it with sl_storage_free(). */
 int sl_storage_alloc(size_t nbytes, void **out);
 
-/* Free storage from sl_storage_alloc(); NULL is a no-op. Safe from any thread. */
+/* Free storage from sl_storage_alloc(); NULL is a no-op. Safe from any thread.
+ * Blocks of 256 KiB and more go back to a small bounded pool (16 blocks, 512 MiB)
+ * and are reused by the next allocation of the same size. */
 void sl_storage_free(void *p);
+
+/* Free every pooled block (tests, and processes that want the memory back). */
+void sl_storage_pool_trim(void);
 
 #ifdef __cplusplus
 }

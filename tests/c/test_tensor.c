@@ -129,8 +129,25 @@ static void test_storage_alignment(void) {
   {
     void *p = (void *)1;
     CHECK_EQ_INT(sl_storage_alloc(SIZE_MAX - 10, &p), SL_ENOMEM);
+
     CHECK(p == NULL);
   }
+}
+
+static void test_storage_pool_reuses_same_size(void) {
+  void *a = NULL, *b = NULL, *c = NULL;
+  sl_storage_pool_trim();
+  CHECK_EQ_INT(sl_storage_alloc(1 << 20, &a), SL_OK);
+  memset(a, 1, 1 << 20);
+  sl_storage_free(a);
+  CHECK_EQ_INT(sl_storage_alloc(1 << 20, &b), SL_OK);
+  CHECK(a == b); /* the pooled block came back */
+  CHECK_EQ_INT(sl_storage_alloc(1 << 20, &c), SL_OK);
+  CHECK(c != b);
+  CHECK_EQ_INT((uintptr_t)c % SL_STORAGE_ALIGN, 0);
+  sl_storage_free(b);
+  sl_storage_free(c);
+  sl_storage_pool_trim();
 }
 
 int main(void) {
@@ -146,5 +163,6 @@ int main(void) {
   RUN(test_from_wire_overflow);
   RUN(test_check_len);
   RUN(test_storage_alignment);
+  RUN(test_storage_pool_reuses_same_size);
   return sl_test_done("test_tensor");
 }
