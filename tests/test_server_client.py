@@ -297,7 +297,7 @@ def test_call_context_inside_compute(serve, connect):
     assert seen["method"] == "/splitlearn.comm.ComputeService/Compute"
     assert seen["peer"].startswith("ipv4:127.0.0.1:")
     assert seen["md"]["x-user"] == "alice" and seen["md"]["x-trace"] == "t1"
-    assert 0 < seen["remaining"] <= 10 and seen["active"]
+    assert 0 < seen["remaining"] <= 10.5 and seen["active"]  # gRPC rounds timeouts up
     assert slc.current_call() is None
 
 
@@ -321,8 +321,8 @@ SIGINT_SERVER = textwrap.dedent("""
 
     server = slc.GRPCComputeServer(Echo(), host="127.0.0.1", port=0)
     server.start()
-    print("ready", server.port, flush=True)
     try:
+        print("ready", server.port, flush=True)
         server.wait_for_termination()
     except KeyboardInterrupt:
         server.stop(grace=1)
