@@ -37,7 +37,8 @@ venv: deps $(VENV)/.deps
 
 # the editable install builds splitlearn_comm/_core*.so in place
 install: venv
-	$(PIP) install -q --disable-pip-version-check --no-build-isolation -e .
+	$(PIP) install -q --disable-pip-version-check --no-build-isolation \
+	  --config-settings editable_mode=compat -e .
 
 build: install
 

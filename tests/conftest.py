@@ -11,6 +11,12 @@ import splitlearn_comm as slc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+if os.environ.get("SPLITLEARN_TEST_SANITIZED") == "1":
+    # `make asan` must test the sanitized build, not the in-place one
+    from splitlearn_comm import _core
+
+    assert "/build/asan/" in _core.__file__, f"testing {_core.__file__}, not the ASan build"
+
 
 class Echo(slc.ComputeFunction):
     """Returns its input unchanged."""
