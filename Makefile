@@ -14,7 +14,7 @@ PY       := $(VENV)/bin/python
 PIP      := $(PY) -m pip
 GEN      := build/gen
 CBIN     := build/ctest
-PKGS     := grpc libprotobuf-c
+PKGS     := grpc libprotobuf-c zlib libzstd
 CFLAGS_C := -std=gnu11 -g -O1 -Wall -Wextra -Werror -Wno-missing-field-initializers \
             -fno-omit-frame-pointer -Icsrc/core -I$(GEN)
 CORE_SRC := $(wildcard csrc/core/*.c)

@@ -20,7 +20,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = pathlib.Path(__file__).resolve().parent
-PKGS = ("grpc", "libprotobuf-c")
+PKGS = ("grpc", "libprotobuf-c", "zlib", "libzstd")
 
 
 def pkg_config(*args: str) -> list[str]:
