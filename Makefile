@@ -77,7 +77,7 @@ asan-pytest: install
 	cp splitlearn_comm/*.py splitlearn_comm/py.typed build/asan/splitlearn_comm/
 	LD_PRELOAD="$(ASAN_LIB) $(UBSAN_LIB)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 SPLITLEARN_TEST_SANITIZED=1 \
-	  PYTHONPATH=$(CURDIR)/build/asan $(PY) -m pytest -q -p no:cacheprovider tests
+	  PYTHONPATH=$(CURDIR)/build/asan $(PY) -P -m pytest -q -p no:cacheprovider tests
 
 bench: install
 	$(PY) benchmarks/bench_roundtrip.py
