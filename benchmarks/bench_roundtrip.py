@@ -32,6 +32,7 @@ import argparse
 import datetime
 import os
 import platform
+import select
 import shutil
 import statistics
 import subprocess
@@ -88,6 +89,23 @@ class IdentityComputeFunction(ComputeFunction):
         return input_tensor
 
 
+class DelayedIdentityComputeFunction(IdentityComputeFunction):
+    """Sleeps ``delay_s`` (releasing the GIL, like a model running in native code),
+    then returns its input: used only by the overlap check, never by the main table."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+
+    def compute(self, input_tensor: Any) -> Any:
+        time.sleep(self.delay_s)
+        return input_tensor
+
+
+def make_compute(delay_ms: float) -> IdentityComputeFunction:
+    return DelayedIdentityComputeFunction(delay_ms / 1e3) if delay_ms > 0 \
+        else IdentityComputeFunction()
+
+
 # --------------------------------------------------------------------------------------
 # The grpcio baseline's generated stubs
 # --------------------------------------------------------------------------------------
@@ -122,17 +140,17 @@ def _to_tensor(data: bytes, shape: Sequence[int]) -> torch.Tensor:
 # Child processes: the servers
 # --------------------------------------------------------------------------------------
 
-def serve_splitlearn() -> Callable[[], None]:
-    server = GRPCComputeServer(IdentityComputeFunction(), host="127.0.0.1", port=0,
+def serve_splitlearn(delay_ms: float) -> Callable[[], None]:
+    server = GRPCComputeServer(make_compute(delay_ms), host="127.0.0.1", port=0,
                                max_workers=4)
     server.start()
     _report_port(server.port)
     return lambda: server.stop(grace=1.0)
 
 
-def serve_grpcio(stub_dir: str) -> Callable[[], None]:
+def serve_grpcio(stub_dir: str, delay_ms: float) -> Callable[[], None]:
     pb2, pb2_grpc = import_stubs(stub_dir)
-    fn = IdentityComputeFunction()
+    fn = make_compute(delay_ms)
     started = time.monotonic()
 
     class Servicer(pb2_grpc.ComputeServiceServicer):
@@ -164,16 +182,16 @@ def _report_port(port: int) -> None:
     sys.stdout.flush()
 
 
-def child_main(impl: str, stub_dir: Optional[str]) -> int:
+def child_main(impl: str, stub_dir: Optional[str], delay_ms: float) -> int:
     # The parent reads each array back as a torch tensor without a copy: NumPy's
     # read-only buffer warning is expected and harmless here (nothing writes to it).
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     if impl == IMPL_SLC:
-        stop = serve_splitlearn()
+        stop = serve_splitlearn(delay_ms)
     elif impl == IMPL_GRPCIO:
         if not stub_dir:
             raise SystemExit("--serve grpcio+numpy needs --stub-dir")
-        stop = serve_grpcio(stub_dir)
+        stop = serve_grpcio(stub_dir, delay_ms)
     else:
         raise SystemExit(f"unknown implementation {impl!r}")
     # Serve until the parent closes our stdin (or dies).
@@ -189,21 +207,37 @@ def child_main(impl: str, stub_dir: Optional[str]) -> int:
 class Child:
     """A server in a child process: this file run with --serve IMPL."""
 
-    def __init__(self, impl: str, stub_dir: str) -> None:
+    def __init__(self, impl: str, stub_dir: str, delay_ms: float = 0.0) -> None:
         self.impl = impl
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--serve", impl, "--stub-dir", stub_dir],
+            [sys.executable, os.path.abspath(__file__), "--serve", impl, "--stub-dir", stub_dir,
+             "--delay-ms", repr(delay_ms)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=ROOT)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().decode().strip()
+        line = self._read_line(timeout=60.0)
         if not line.startswith("PORT "):
             self.stop()
             raise RuntimeError(f"{impl} server did not start (said {line!r}, "
                                f"exit status {self.proc.poll()})")
         self.port = int(line.split()[1])
         self.address = f"127.0.0.1:{self.port}"
+
+    def _read_line(self, timeout: float) -> str:
+        """The child's first line of output ('' if it exits or stays silent)."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        data = b""
+        while b"\n" not in data:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                break
+            chunk = os.read(fd, 256)
+            if not chunk:
+                break
+            data += chunk
+        return data.decode(errors="replace").split("\n", 1)[0].strip()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -423,56 +457,106 @@ def speedups(results: List[Result]) -> List[str]:
     return lines
 
 
-def render(results: List[Result], info: Dict[str, str], args: argparse.Namespace,
-           elapsed_s: float) -> str:
+def render(results: List[Result], overlap: List[Result], info: Dict[str, str],
+           args: argparse.Namespace, elapsed_s: float) -> str:
     out = ["# Round-trip benchmark results", ""]
     if args.quick:
-        out += ["**Quick (smoke) run: too few round trips for the figures to mean much.**", ""]
+        out += ["**Quick (smoke) run: too few round trips for these figures to mean "
+                "anything.**", ""]
     out += [
-        "Generated by `benchmarks/bench_roundtrip.py` (see `benchmarks/README.md`). A client "
-        "sends a float32 torch tensor, the server's `compute()` returns it unchanged, the "
-        "client receives it as a torch tensor. Both servers ran in child processes on "
-        "127.0.0.1 (4 server worker threads each); the client ran in the parent process. "
-        "`threads` is the number of client threads sharing one client (one channel); "
-        "p50/p99 are per round trip, round trips/s is the aggregate over all threads, and "
-        "MB/s is tensor payload carried in each direction (MB = 10^6 bytes).",
+        "Generated by `benchmarks/bench_roundtrip.py` (how to run and read it: "
+        "`benchmarks/README.md`). A client sends a float32 torch tensor, the server's "
+        "`compute()` returns it unchanged, the client receives it as a torch tensor. Both "
+        "servers ran in child processes on 127.0.0.1 with 4 worker threads each; the "
+        "client ran in the parent process.",
         "",
-        "- splitlearn-comm: `GRPCComputeServer(IdentityComputeFunction(), host=\"127.0.0.1\", "
-        "port=0, max_workers=4)` and `GRPCComputeClient(address, retry_strategy=None)`.",
-        "- grpcio+numpy (the baseline a user would otherwise write): `grpc.server("
-        "ThreadPoolExecutor(max_workers=4))` on the same proto, grpcio stubs, "
-        "`np.frombuffer(data, np.float32).reshape(shape)` + `torch.from_numpy` on receive, "
-        "`tensor.numpy().tobytes()` on send, message limits -1.",
+        "- **splitlearn-comm**: `GRPCComputeServer(IdentityComputeFunction(), "
+        "host=\"127.0.0.1\", port=0, max_workers=4)` and "
+        "`GRPCComputeClient(address, retry_strategy=None)`.",
+        "- **grpcio+numpy**, the baseline a user would otherwise write: "
+        "`grpc.server(ThreadPoolExecutor(max_workers=4))` serving the same proto through "
+        "grpcio stubs, `torch.from_numpy(np.frombuffer(data, np.float32).reshape(shape))` "
+        "on receive, `tensor.numpy().tobytes()` on send, message limits -1, a grpcio stub "
+        "as client.",
         "",
         "Machine and software:",
         "",
     ]
     out += [f"- {k}: {v}" for k, v in info.items()]
     out += [
-        f"- run: `{' '.join(['bench_roundtrip.py'] + args.argv)}`, took {elapsed_s:.0f} s",
+        f"- command: `{' '.join(['benchmarks/bench_roundtrip.py'] + args.argv)}` "
+        f"({elapsed_s:.0f} s)",
         "",
-        "**These numbers come from a small, shared, noisy 2-vCPU virtual machine.** Client "
-        "and server compete for the same two CPUs, and run-to-run variation of 10-30% is "
-        "normal here. Compare only rows from the same run (they were made back to back, "
-        "implementations alternating per size); do not compare them with figures from "
-        "other machines or other days.",
+        "**These figures come from a small, shared, noisy 2-vCPU virtual machine**: the "
+        "client and the server compete for the same two CPUs, and the same command run "
+        "twice can differ by 10-30% (more in p99). Compare only rows of one run, which were "
+        "made back to back (for each size, both implementations were warmed up, then timed "
+        "one after the other); do not compare them with figures from another machine or "
+        "another run.",
         "",
-        "## Results",
+        "## Round trips",
+        "",
+        "`threads`: client threads sharing one client (one channel). `round trips`: how "
+        "many were timed. p50/p99: latency of one round trip as the calling thread sees "
+        "it, tensor in to tensor out (with few round trips, p99 is close to the slowest "
+        "one). `round trips/s`: completed round trips per second of wall time, all "
+        "threads together. `MB/s each way`: tensor payload carried per second in each "
+        "direction (MB = 10^6 bytes). `client CPU`: CPU time the client process used "
+        "(every thread, gRPC's included) per round trip.",
         "",
     ]
     out += table(results)
-    out += ["", "## Speedup of splitlearn-comm over the grpcio+numpy baseline", ""]
+    out += ["", "## Speedup of splitlearn-comm over grpcio+numpy", "",
+            "Ratios of the rows above (greater than 1: splitlearn-comm is faster).", ""]
     out += speedups(results)
+    multi = sorted({r.concurrency for r in results if r.concurrency > 1})
+    if multi:
+        out += [
+            "",
+            "On the rows with several threads the calls share one HTTP/2 connection. "
+            "With an identity `compute()` a round trip is nothing but CPU work (copies, "
+            "TCP, gRPC) split between the client and the server process, and on this "
+            "2-vCPU machine one client thread already keeps most of both CPUs busy; more "
+            "threads therefore cannot raise the aggregate round trips/s much here and "
+            "may lower it (the threads queue for the CPUs, and p50 grows with their "
+            "number). Whether calls really are in flight together is what the overlap "
+            "check below tests.",
+        ]
+    if overlap:
+        delay = args.overlap_delay_ms
+        out += [
+            "",
+            "## Overlap check: calls from several threads in flight at once",
+            "",
+            f"The same two servers, except that `compute()` sleeps {delay:g} ms (releasing "
+            "the GIL, as a model running in native code does) before returning its 3 KiB "
+            f"input. One thread can complete at most {1000 / delay:.0f} round trips/s; "
+            f"with K threads, calls that really overlap (client waits with the GIL "
+            f"released, calls multiplexed on the channel, server workers in parallel) "
+            f"give about K x {1000 / delay:.0f}.",
+            "",
+        ]
+        out += table(overlap)
+        base = {r.impl: r for r in overlap if r.concurrency == 1}
+        out.append("")
+        for r in overlap:
+            if r.concurrency > 1 and r.impl in base:
+                out.append(f"- {r.impl}: {r.concurrency} threads give "
+                           f"{r.rts / base[r.impl].rts:.2f}x the round trips/s of one "
+                           f"(ideal {r.concurrency}x).")
+    floor = " / ".join(f"{CORE_FLOOR_P50[s]} ({s})" for s, *_ in SIZES)
     out += [
         "",
         "## For comparison",
         "",
-        "The floor of any gRPC design on this machine, a unary echo on the gRPC C core with "
-        "no copies, measured with C probes and recorded in `GRPC-CORE-NOTES.md` (\"Figures on "
-        "this machine\"), has p50 " + " / ".join(
-            f"{CORE_FLOOR_P50[s]} ({s})" for s, *_ in SIZES) + ". Those figures are from an "
-        "earlier session, not this run, so they indicate the scale of the remaining "
-        "overhead rather than an exact difference.",
+        "The floor of any gRPC design on this machine, a unary echo on the gRPC C core "
+        f"with no copies measured by C probes, has p50 {floor}, from the table \"Figures "
+        "on this machine\" in the project's `GRPC-CORE-NOTES.md` (which also gives "
+        "346 us / 1.51 ms / 150 ms for a plain grpcio echo of bytes, without NumPy or "
+        "torch). Those figures were measured in an earlier session, not in this run, so "
+        "they give the scale of the remaining overhead, not an exact difference; at "
+        "3 KiB, where a round trip is mostly cross-CPU wake-ups, a run can even come "
+        "out below the floor, depending on where the scheduler puts the processes.",
         "",
     ]
     return "\n".join(out)
@@ -494,6 +578,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="also run 1 MiB with K client threads sharing one client, to show "
                         "that calls multiplex (default 4; 0 skips it; skipped when it "
                         "equals --concurrency)")
+    p.add_argument("--overlap-delay-ms", type=float, default=20.0, metavar="MS",
+                   help="after the main table, run 3 KiB against servers whose compute() "
+                        "sleeps MS ms, with 1 and with --mux client threads, to show that "
+                        "calls overlap (default 20; 0 skips it)")
     p.add_argument("--sizes", default=",".join(s for s, *_ in SIZES),
                    help="comma-separated subset of: " + ", ".join(s for s, *_ in SIZES))
     p.add_argument("--repeat", type=float, default=1.0, metavar="F",
@@ -503,6 +591,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         "benchmarks/results.md; none for --quick)")
     p.add_argument("--serve", choices=IMPLS, help=argparse.SUPPRESS)
     p.add_argument("--stub-dir", help=argparse.SUPPRESS)
+    p.add_argument("--delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.argv = list(argv)
     if args.concurrency < 1:
@@ -518,10 +607,65 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+class Servers:
+    """Both servers in child processes, a client for each, ready to call."""
+
+    def __init__(self, stub_dir: str, delay_ms: float = 0.0) -> None:
+        self.children: List[Child] = []
+        self.clients: Dict[str, Any] = {}
+        try:
+            for impl in IMPLS:
+                self.children.append(Child(impl, stub_dir, delay_ms))
+            by_impl = {c.impl: c for c in self.children}
+            self.clients[IMPL_SLC] = SplitlearnClient(by_impl[IMPL_SLC].address)
+            self.clients[IMPL_GRPCIO] = GrpcioClient(by_impl[IMPL_GRPCIO].address, stub_dir)
+            for impl in IMPLS:
+                self.clients[impl].wait_ready(30.0)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for c in self.clients.values():
+            c.close()
+        for child in self.children:
+            child.stop()
+
+    def __enter__(self) -> "Servers":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def measure(servers: Servers, plan: Sequence[Tuple[str, Tuple[int, ...], int, int]]
+            ) -> List[Result]:
+    """For each (size, shape, n, threads): check, warm up, then time each
+    implementation in turn, back to back."""
+    results = []
+    torch.manual_seed(0)
+    for label, shape, n, k in plan:
+        x = torch.randn(shape, dtype=torch.float32)
+        nbytes = x.numel() * x.element_size()
+        warm = max(3, n // 10)
+        for impl in IMPLS:
+            call = servers.clients[impl]
+            check_identity(call, x, impl, label)
+            run_timed(call, x, warm, k)
+        for impl in IMPLS:
+            lat, wall, cpu = run_timed(servers.clients[impl], x, n, k)
+            r = Result(label, nbytes, impl, k, n, lat, wall, cpu)
+            results.append(r)
+            print(f"{label:>7} {impl:<16} threads={k} n={n:<5} p50={_fmt_ms(r.p50_ms):>8} ms "
+                  f"p99={_fmt_ms(r.p99_ms):>8} ms {_fmt_num(r.rts):>7} rt/s "
+                  f"{_fmt_num(r.mbs):>7} MB/s  client CPU {_fmt_ms(r.cpu_ms)} ms/rt", flush=True)
+    return results
+
+
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     if args.serve:
-        return child_main(args.serve, args.stub_dir)
+        return child_main(args.serve, args.stub_dir, args.delay_ms)
 
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     output = args.output
@@ -531,18 +675,8 @@ def main(argv: Sequence[str]) -> int:
     begun = time.perf_counter()
     info = machine_info()
     stub_dir = tempfile.mkdtemp(prefix="slc-bench-stubs-")
-    children: List[Child] = []
-    clients: Dict[str, Any] = {}
-    results: List[Result] = []
     try:
         generate_stubs(stub_dir)
-        for impl in IMPLS:
-            children.append(Child(impl, stub_dir))
-        by_impl = {c.impl: c for c in children}
-        clients[IMPL_SLC] = SplitlearnClient(by_impl[IMPL_SLC].address)
-        clients[IMPL_GRPCIO] = GrpcioClient(by_impl[IMPL_GRPCIO].address, stub_dir)
-        for impl in IMPLS:
-            clients[impl].wait_ready(30.0)
 
         plan: List[Tuple[str, Tuple[int, ...], int, int]] = []
         for label, shape, n_full, n_quick in SIZES:
@@ -551,41 +685,30 @@ def main(argv: Sequence[str]) -> int:
             n = max(1, int(round((n_quick if args.quick else n_full) * args.repeat)))
             plan.append((label, shape, n, args.concurrency))
             if label == "1 MiB" and args.mux and args.mux != args.concurrency:
-                plan.append((label, shape, n * 2 if not args.quick else n, args.mux))
+                plan.append((label, shape, n * 2, args.mux))
+        with Servers(stub_dir) as servers:
+            results = measure(servers, plan)
 
-        torch.manual_seed(0)
-        for label, shape, n, k in plan:
-            x = torch.randn(shape, dtype=torch.float32)
-            nbytes = x.numel() * x.element_size()
-            warm = max(3, n // 10)
-            for impl in IMPLS:
-                call = clients[impl]
-                check_identity(call, x, impl, label)
-                run_timed(call, x, warm, k)
-            for impl in IMPLS:
-                lat, wall, cpu = run_timed(clients[impl], x, n, k)
-                r = Result(label, nbytes, impl, k, n, lat, wall, cpu)
-                results.append(r)
-                print(f"{label:>7} {impl:<16} threads={k} n={n:<5} p50={_fmt_ms(r.p50_ms):>8} ms "
-                      f"p99={_fmt_ms(r.p99_ms):>8} ms {_fmt_num(r.rts):>7} rt/s "
-                      f"{_fmt_num(r.mbs):>7} MB/s  client CPU {_fmt_ms(r.cpu_ms)} ms/rt", flush=True)
+        overlap: List[Result] = []
+        if args.overlap_delay_ms > 0 and args.mux > 1:
+            label, shape = SIZES[0][0], SIZES[0][1]
+            n1 = max(4, int(round((10 if args.quick else 50) * args.repeat)))
+            print(f"overlap check: compute() sleeps {args.overlap_delay_ms:g} ms", flush=True)
+            with Servers(stub_dir, args.overlap_delay_ms) as servers:
+                overlap = measure(servers, [(label, shape, n1, 1),
+                                            (label, shape, n1 * args.mux, args.mux)])
     finally:
-        for c in clients.values():
-            c.close()
-        for child in children:
-            child.stop()
         shutil.rmtree(stub_dir, ignore_errors=True)
 
-    report = render(results, info, args, time.perf_counter() - begun)
+    report = render(results, overlap, info, args, time.perf_counter() - begun)
     if output:
         with open(output, "w") as f:
             f.write(report)
-        print(f"wrote {os.path.relpath(output)}")
+        shown = os.path.relpath(output)
+        print(f"wrote {output if shown.startswith('..') else shown}")
     else:
         print()
-        print("\n".join(table(results)))
-        print()
-        print("\n".join(speedups(results)))
+        print(report)
     return 0
 
 
