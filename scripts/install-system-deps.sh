@@ -2,7 +2,7 @@
 # Install the Debian packages splitlearn-comm builds against, when missing.
 # Run as root (CI and the dev machines are root); does nothing when all are there.
 set -eu
-PKGS="libgrpc-dev libprotobuf-c-dev protobuf-c-compiler libdlpack-dev zlib1g-dev libzstd-dev pkg-config"
+PKGS="libgrpc-dev libprotobuf-c-dev protobuf-c-compiler libdlpack-dev zlib1g-dev libzstd-dev pkg-config openssl"
 missing=""
 for p in $PKGS; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

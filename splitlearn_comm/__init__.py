@@ -6,16 +6,27 @@ core; this package is the Python face of it.
 """
 from __future__ import annotations
 
+from .codecs import (BFloat16Codec, CodecError, CompressedTensorCodec, Float16Codec, Int8Codec,
+                     SparseCOOCodec)
 from .client import ExponentialBackoff, FixedDelay, GRPCComputeClient, RetryStrategy
 from .context import CallContext, current_call
 from .core import ComputeFunction, ModelComputeFunction, TensorCodec
 from .errors import RpcError
 from .server import GRPCComputeServer
+from .tls import ClientTLS, ServerTLS
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BFloat16Codec",
     "CallContext",
+    "ClientTLS",
+    "ServerTLS",
+    "CodecError",
+    "CompressedTensorCodec",
+    "Float16Codec",
+    "Int8Codec",
+    "SparseCOOCodec",
     "ComputeFunction",
     "ExponentialBackoff",
     "FixedDelay",

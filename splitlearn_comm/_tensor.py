@@ -54,6 +54,16 @@ def prepare(obj: Any) -> Tuple[Any, Restore]:
                     f"got {type(obj).__name__}")
 
 
+def dtype_name(dtype: Any) -> str:
+    """A dtype's wire name, as PyTorch spells it ("float32", "bfloat16", "bool")."""
+    if isinstance(dtype, str):
+        return dtype.replace("torch.", "")
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(dtype, torch.dtype):
+        return str(dtype).replace("torch.", "")
+    return np.dtype(dtype).name
+
+
 def restore(holder: Any, how: Restore) -> Any:
     """Wrap a received DLPackTensor as the caller's kind of tensor."""
     kind, device = how
@@ -63,6 +73,18 @@ def restore(holder: Any, how: Restore) -> Any:
     if device is not None and device.type != "cpu":
         t = t.to(device)
     return t
+
+
+def convert_like(result: Any, how: Restore) -> Any:
+    """A Python codec's decoded result as the caller's kind of tensor, on its device."""
+    kind, device = how
+    if kind == "numpy":
+        return result.numpy() if is_torch_tensor(result) else np.asarray(result)
+    if isinstance(result, np.ndarray):
+        result = _torch().from_numpy(result)
+    if device is not None and device.type != "cpu" and is_torch_tensor(result):
+        result = result.to(device)
+    return result
 
 
 def as_tensor(holder: Any) -> Any:

@@ -11,9 +11,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import grpc
 
-from . import _core, _tensor
+from . import _core, _tensor, protocol
+from .codecs import CodecError, CodecRegistry, decode_python, encode_python
 from .core import TensorCodec, _check_codec
 from .errors import RpcError, from_call_error
+from .tls import ClientTLS
 
 logger = logging.getLogger("splitlearn_comm.client")
 
@@ -118,6 +120,11 @@ class FixedDelay(_BuiltinRetry):
 _DEFAULT = object()
 
 
+def _seconds(timeout: Optional[float], forever: float = 0.0) -> float:
+    """A timeout for the C core: None means no deadline (0 there, or `forever`)."""
+    return forever if timeout is None else float(timeout)
+
+
 def _normalize_metadata(md: MetadataLike) -> List[Tuple[str, Union[str, bytes]]]:
     if md is None:
         return []
@@ -155,7 +162,12 @@ class GRPCComputeClient:
         timeout: seconds allowed for each ``compute()`` (all retries included).
         retry_strategy: a :class:`RetryStrategy`; ``ExponentialBackoff()`` by
             default; ``None`` makes a single attempt.
-        codec: the :class:`TensorCodec` for requests (``None``: raw).
+        codec: the :class:`TensorCodec` for requests (``None``: raw). Built-in codecs
+            run in C without the GIL; a Python codec must also be registered on the
+            server.
+        codecs: more Python codecs this client can decode (responses carry the
+            name of the codec that encoded them).
+        tls: a :class:`ClientTLS` to connect over TLS (or mutual TLS).
         options: gRPC channel arguments, ``[(name, value), ...]``.
         metadata: gRPC metadata sent with every call, e.g.
             ``[("authorization", token)]``.
@@ -169,7 +181,9 @@ class GRPCComputeClient:
     def __init__(self, server_address: str, timeout: float = 30.0,
                  retry_strategy: Any = _DEFAULT, codec: Optional[TensorCodec] = None,
                  options: OptionsLike = None, metadata: MetadataLike = None,
-                 wait_for_ready: bool = False) -> None:
+                 wait_for_ready: bool = False,
+                 codecs: Optional[Sequence[TensorCodec]] = None,
+                 tls: Optional[ClientTLS] = None) -> None:
         _check_codec(codec)
         if retry_strategy is _DEFAULT:
             retry_strategy = ExponentialBackoff()
@@ -179,10 +193,17 @@ class GRPCComputeClient:
         self.timeout = timeout
         self.retry_strategy = retry_strategy
         self.codec = codec or TensorCodec()
+        self._registry = CodecRegistry([self.codec, *(codecs or [])])
+        c = None if self.codec.is_python() else self.codec._c_codec()
+        self._c_codec = None if c is None or c.name == "raw" else c
         self.options = list(options or [])
         self.metadata = _normalize_metadata(metadata)
         self.wait_for_ready = wait_for_ready
-        self._core: Optional[Any] = _core.Client(server_address, self.options)
+        if tls is not None and not isinstance(tls, ClientTLS):
+            raise TypeError("tls must be a splitlearn_comm.ClientTLS")
+        self.tls = tls
+        self._core: Optional[Any] = _core.Client(server_address, self.options,
+                                                 tls._args() if tls else None)
         self._stats = _Stats()
         self._ids = 0
         self._ids_lock = threading.Lock()
@@ -191,7 +212,8 @@ class GRPCComputeClient:
 
     def connect(self, timeout: Optional[float] = None) -> bool:
         """Wait until the server is reachable; True when connected within ``timeout``."""
-        return bool(self._live().connect(self.timeout if timeout is None else timeout))
+        return bool(self._live().connect(_seconds(self.timeout if timeout is None else timeout,
+                                                  forever=1e9)))
 
     def close(self) -> None:
         """Close the channel. Calls after this raise ValueError."""
@@ -226,6 +248,8 @@ class GRPCComputeClient:
                 larger than gRPC's 2 GiB message limit, ...).
         """
         sendable, how = _tensor.prepare(tensor)
+        if self.codec.is_python():
+            sendable = encode_python(self.codec, tensor)
         md = self.metadata + _normalize_metadata(metadata)
         total = self.timeout if timeout is None else timeout
         start = time.perf_counter()
@@ -233,15 +257,27 @@ class GRPCComputeClient:
             strategy = self.retry_strategy
             if strategy is None or isinstance(strategy, _BuiltinRetry):
                 policy = strategy._policy() if strategy is not None else None
-                holder, server_ms = self._attempt(sendable, md, total, policy)
+                reply = self._attempt(sendable, md, total, policy)
             else:
                 deadline = time.monotonic() + total if total and total > 0 else None
-                holder, server_ms = strategy.execute(self._attempt_until, sendable, md, deadline)
+                reply = strategy.execute(self._attempt_until, sendable, md, deadline)
         except BaseException:
             self._record(False, start, None)
             raise
-        self._record(True, start, server_ms)
-        return _tensor.restore(holder, how)
+        self._record(True, start, reply[1])
+        return self._result(reply, how)
+
+    def _result(self, reply: tuple, how: _tensor.Restore) -> Any:
+        holder, _ms, _rid, _attempts, _initial, codec_name, codec_meta, shape, _dtype = reply
+        if codec_name is None:
+            return _tensor.restore(holder, how)
+        codec = self._registry.get(codec_name)
+        try:
+            result = decode_python(codec, memoryview(holder), tuple(shape), codec_meta)
+        except Exception as e:
+            raise CodecError(f"codec {codec_name!r} failed to decode the response: "
+                             f"{type(e).__name__}: {e}") from e
+        return _tensor.convert_like(result, how)
 
     def _next_id(self) -> int:
         with self._ids_lock:
@@ -249,17 +285,16 @@ class GRPCComputeClient:
             return self._ids
 
     def _attempt(self, sendable: Any, md: list, timeout: Optional[float],
-                 policy: Optional[tuple]) -> Tuple[Any, Optional[float]]:
+                 policy: Optional[tuple]) -> tuple:
         try:
-            holder, server_ms, _rid, _attempts, _initial = self._live().compute(
+            return self._live().compute(
                 sendable, timeout=timeout or 0.0, metadata=md, wait_for_ready=self.wait_for_ready,
-                retry=policy, request_id=self._next_id())
+                retry=policy, request_id=self._next_id(), codec=self._c_codec,
+                encoded=isinstance(sendable, tuple))
         except _core.CallError as e:
             raise from_call_error(e, target=self.server_address, method=_COMPUTE) from None
-        return holder, server_ms
 
-    def _attempt_until(self, sendable: Any, md: list,
-                       deadline: Optional[float]) -> Tuple[Any, Optional[float]]:
+    def _attempt_until(self, sendable: Any, md: list, deadline: Optional[float]) -> tuple:
         """One attempt bounded by the overall deadline (for Python strategies)."""
         if deadline is None:
             return self._attempt(sendable, md, None, None)
@@ -286,8 +321,9 @@ class GRPCComputeClient:
     def health_check(self, timeout: Optional[float] = None) -> bool:
         """True when the server answers HealthCheck with status "ok"."""
         try:
-            reply = self._live().health(timeout=self.timeout if timeout is None else timeout,
-                                        metadata=self.metadata)
+            reply = self._live().health(
+                timeout=_seconds(self.timeout if timeout is None else timeout),
+                metadata=self.metadata)
         except _core.CallError as e:
             logger.debug("health check of %s failed: %s", self.server_address, e.args[1])
             return False
@@ -298,7 +334,8 @@ class GRPCComputeClient:
         uptime_seconds, total_requests and custom_info (its ``get_info()``)."""
         try:
             return self._live().service_info(
-                timeout=self.timeout if timeout is None else timeout, metadata=self.metadata)
+                timeout=_seconds(self.timeout if timeout is None else timeout),
+                metadata=self.metadata)
         except _core.CallError as e:
             raise from_call_error(e, target=self.server_address,
                                   method="/splitlearn.comm.ComputeService/GetServiceInfo") from None
@@ -317,5 +354,62 @@ class GRPCComputeClient:
                 "avg_total_time_ms": s.total_ms / n,
             }
 
+    @property
+    def stub(self) -> "ComputeServiceStub":
+        """A low-level stub with the service's methods, taking and returning the
+        message objects of :mod:`splitlearn_comm.protocol`, as a grpcio stub would."""
+        return ComputeServiceStub(self)
+
     def __repr__(self) -> str:
         return f"GRPCComputeClient({self.server_address!r})"
+
+
+class ComputeServiceStub:
+    """``client.stub``: one method per RPC, with per-call ``metadata`` and ``timeout``.
+
+    Calls go through the client's channel (and its TLS and default metadata) but
+    not its retry strategy or codec: what you build is what is sent.
+    """
+
+    def __init__(self, client: GRPCComputeClient) -> None:
+        self._client = client
+
+    def _md(self, metadata: MetadataLike) -> list:
+        return self._client.metadata + _normalize_metadata(metadata)
+
+    def _timeout(self, timeout: Optional[float]) -> float:
+        return _seconds(self._client.timeout if timeout is None else timeout)
+
+    def Compute(self, request: "protocol.ComputeRequest", metadata: MetadataLike = None,
+                timeout: Optional[float] = None) -> "protocol.ComputeResponse":
+        meta = dict(request.codec_metadata or {})
+        sendable = (request.data, tuple(request.shape), request.dtype, request.codec or "raw", meta)
+        try:
+            reply = self._client._live().compute(
+                sendable, timeout=self._timeout(timeout), metadata=self._md(metadata),
+                request_id=request.request_id, encoded=True)
+        except _core.CallError as e:
+            raise from_call_error(e, target=self._client.server_address, method=_COMPUTE) from None
+        holder, ms, rid, _attempts, _initial, codec, codec_meta, shape, dtype = reply
+        return protocol.ComputeResponse(
+            data=bytes(memoryview(holder)), shape=list(shape), dtype=dtype, codec=codec or "raw",
+            codec_metadata=codec_meta or {}, compute_time_ms=ms, request_id=rid)
+
+    def HealthCheck(self, request: Any = None, metadata: MetadataLike = None,
+                    timeout: Optional[float] = None) -> "protocol.HealthResponse":
+        try:
+            r = self._client._live().health(timeout=self._timeout(timeout), metadata=self._md(metadata))
+        except _core.CallError as e:
+            raise from_call_error(e, target=self._client.server_address,
+                                  method="/splitlearn.comm.ComputeService/HealthCheck") from None
+        return protocol.HealthResponse(**r)
+
+    def GetServiceInfo(self, request: Any = None, metadata: MetadataLike = None,
+                       timeout: Optional[float] = None) -> "protocol.ServiceInfoResponse":
+        try:
+            r = self._client._live().service_info(timeout=self._timeout(timeout),
+                                                  metadata=self._md(metadata))
+        except _core.CallError as e:
+            raise from_call_error(e, target=self._client.server_address,
+                                  method="/splitlearn.comm.ComputeService/GetServiceInfo") from None
+        return protocol.ServiceInfoResponse(**r)

@@ -66,47 +66,102 @@ class TensorCodec:
     """How a tensor is turned into bytes on the wire.
 
     ``TensorCodec()`` is the built-in raw codec: the tensor's own bytes (C order,
-    little-endian) with its dtype, sent without a copy by the C core. It is what a
-    client and server use when no codec is given.
+    little-endian) with its dtype, sent without a copy. ``TensorCodec(dtype=torch.float16)``
+    casts on the wire and restores the original dtype on decode. Both run in C
+    without the GIL. Other built-ins live in :mod:`splitlearn_comm.codecs`.
 
-    The extension protocol (``encode`` returning ``(data, shape)`` or
-    ``(data, shape, metadata)`` and the matching ``decode``) is what custom codecs
-    implement; the methods below are the raw codec's, in Python, for reference and
-    for tests.
+    To write your own, subclass and implement ``encode`` and ``decode``::
+
+        class MyCodec(TensorCodec):
+            def encode(self, tensor):
+                return data, shape              # or (data, shape, metadata)
+            def decode(self, data, shape):      # or (data, shape, metadata)
+                return tensor
+
+    ``data`` may be bytes, bytearray or any buffer; ``decode`` receives a buffer
+    (``memoryview``-compatible: ``np.frombuffer``, slicing and ``int.from_bytes``
+    work). ``metadata`` is a dict of str to float, int, str, bytes or bool (NumPy
+    scalars included) and reaches ``decode`` with the same Python types; ``decode``
+    is called with the same arity ``encode`` returned. The codec's name (its
+    ``codec_name`` class attribute, default the class's qualified name) travels
+    with the tensor so that the receiver decodes with the same codec: register it
+    on both sides (``codec=`` or ``codecs=[...]`` of the client and the server).
+    Subclasses need not call ``super().__init__()``.
     """
 
-    #: The name that travels with the tensor.
-    name: str = "raw"
+    #: The name that travels with the tensor (default: the class's qualified name).
+    codec_name: Optional[str] = None
 
-    def encode(self, tensor: Any) -> Tuple[bytes, Tuple[int, ...]]:
-        """Return the tensor's raw bytes and its shape."""
+    def __init__(self, dtype: Any = None) -> None:
+        self.dtype = dtype
+
+    # -- what kind of codec this is --------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The codec's wire name."""
+        c = self._c_codec()
+        if c is not None:
+            return c.name
+        return type(self).codec_name or type(self).__qualname__
+
+    def is_python(self) -> bool:
+        """True for a codec implemented in Python (a subclass overriding encode/decode)."""
+        return getattr(type(self), "_builtin", False) is False and (
+            type(self).encode is not TensorCodec.encode or type(self).decode is not TensorCodec.decode)
+
+    def _spec(self) -> Optional[tuple]:
+        """The C codec's arguments (kind, wire_dtype, per_channel, axis, algorithm, level)."""
+        if self.is_python():
+            return None
+        dtype = getattr(self, "dtype", None)
+        if dtype is None:
+            return (0, "", False, 0, 0, 0)
+        from . import _tensor
+
+        return (1, _tensor.dtype_name(dtype), False, 0, 0, 0)
+
+    def _c_codec(self) -> Any:
+        """The C codec object (cached), or None for a Python codec."""
+        cached = self.__dict__.get("_c")
+        if cached is not None or self.is_python():
+            return cached
+        spec = self._spec()
+        from . import _core
+
+        inner = getattr(self, "_inner_spec", lambda: None)()
+        c = _core.Codec(*spec, inner) if inner is not None else _core.Codec(*spec)
+        self.__dict__["_c"] = c
+        return c
+
+    # -- the protocol ------------------------------------------------------------
+
+    def encode(self, tensor: Any) -> Tuple[Any, Tuple[int, ...], Dict[str, Any]]:
+        """Encode ``tensor``: ``(data, shape, metadata)``. Built-ins run in C."""
         from . import _tensor
 
         t, _ = _tensor.prepare(tensor)
-        import numpy as np
+        payload, metadata = self._c_codec().encode(t)
+        metadata["sl.dtype"] = _tensor.dtype_name(t.dtype)
+        return memoryview(payload), tuple(t.shape), metadata
 
-        array = np.from_dlpack(t) if not isinstance(t, np.ndarray) else t
-        return array.tobytes(), tuple(array.shape)
+    def decode(self, data: Any, shape: Sequence[int],
+               metadata: Optional[Dict[str, Any]] = None) -> Any:
+        """Rebuild the tensor ``encode`` described."""
+        from . import _core, _tensor
 
-    def decode(self, data: Any, shape: Sequence[int], metadata: Optional[Dict[str, Any]] = None,
-               dtype: str = "float32") -> Any:
-        """Rebuild a tensor of ``dtype`` from raw bytes and a shape."""
-        import torch
+        metadata = dict(metadata or {})
+        dtype = metadata.pop("sl.dtype", "float32")
+        holder = _core.decode(self.name, data, tuple(shape), dtype, metadata)
+        return _tensor.as_tensor(holder)
 
-        return torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype)).reshape(tuple(shape))
-
-    def _is_builtin_raw(self) -> bool:
-        return (type(self) is TensorCodec or
-                (type(self).encode is TensorCodec.encode and type(self).decode is TensorCodec.decode))
+    def __repr__(self) -> str:
+        dtype = getattr(self, "dtype", None)
+        return f"{type(self).__name__}()" if dtype is None else f"{type(self).__name__}(dtype={dtype})"
 
 
 def _check_codec(codec: Optional[TensorCodec]) -> None:
-    """0.1 carries the raw codec only; refuse others clearly rather than ignore them."""
     if codec is None:
         return
     if not isinstance(codec, TensorCodec):
         raise TypeError(f"codec must be a TensorCodec, got {type(codec).__name__}")
-    if not codec._is_builtin_raw():
-        raise NotImplementedError(
-            f"codec {type(codec).__qualname__}: custom and compressing codecs are not in this "
-            "release yet; use the raw codec (codec=None)")

@@ -11,8 +11,10 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import grpc
 
 from . import _core, _tensor, context
+from .codecs import CodecError, CodecRegistry, decode_python, encode_python
 from .core import ComputeFunction, TensorCodec, _check_codec
 from .errors import Abort
+from .tls import ServerTLS
 
 logger = logging.getLogger("splitlearn_comm.server")
 
@@ -112,13 +114,23 @@ class GRPCComputeServer:
         host: address to bind ("0.0.0.0" for every IPv4 interface, "127.0.0.1", "::").
         port: port to bind; 0 lets the OS pick one (read it from :attr:`port`).
         max_workers: C worker threads, hence calls served at once.
-        codec: the :class:`TensorCodec` for responses (``None``: raw).
+        codec: the :class:`TensorCodec` for responses; ``None`` answers each request
+            with the codec it came in (raw when that codec cannot encode the result).
+        codecs: Python codecs this server decodes (``codec`` is registered too);
+            built-in codecs are always known.
         version: reported by HealthCheck and GetServiceInfo.
         options: gRPC channel arguments, ``[(name, value), ...]``, e.g.
             ``("grpc.max_receive_message_length", 100 * 1024 * 1024)``. Message
             sizes are unlimited (up to gRPC's 2 GiB) unless set here.
-        interceptors: ``grpc.ServerInterceptor`` objects run, in order, before each
-            Compute call.
+        interceptors: ``grpc.ServerInterceptor`` objects run, in order, for every
+            call (with ``handler_call_details.method`` and ``.invocation_metadata``);
+            with none, no Python runs for a call but ``compute()`` itself.
+        auth_tokens: accepted values of the ``authorization`` metadata, checked in C
+            with a constant-time comparison (UNAUTHENTICATED otherwise). The standard
+            ``grpc.health.v1`` check stays open for load balancers.
+        tls: a :class:`ServerTLS` to serve over TLS (or mutual TLS).
+        handle_signals: make SIGTERM and SIGINT stop the server gracefully (main
+            thread only).
 
     ``start()`` returns at once; ``stop(grace)`` drains; ``wait_for_termination()``
     blocks until stopped (Ctrl-C interrupts it). Usable as a context manager.
@@ -128,7 +140,10 @@ class GRPCComputeServer:
     def __init__(self, compute_fn: ComputeFunction, host: str = "0.0.0.0", port: int = 50051,
                  max_workers: int = 10, codec: Optional[TensorCodec] = None,
                  version: str = "1.0.0", options: Optional[Sequence[Tuple[str, Any]]] = None,
-                 interceptors: Optional[Sequence[grpc.ServerInterceptor]] = None) -> None:
+                 interceptors: Optional[Sequence[grpc.ServerInterceptor]] = None,
+                 codecs: Optional[Sequence[TensorCodec]] = None,
+                 auth_tokens: Optional[Sequence[str]] = None, tls: Optional[ServerTLS] = None,
+                 handle_signals: bool = False, grace: float = 5.0) -> None:
         if not callable(getattr(compute_fn, "compute", None)):
             raise TypeError("compute_fn must be a ComputeFunction (an object with compute())")
         if max_workers < 1:
@@ -138,10 +153,21 @@ class GRPCComputeServer:
         self.host = host
         self._port = port
         self.max_workers = max_workers
-        self.codec = codec or TensorCodec()
+        self.codec = codec
+        self._registry = CodecRegistry([c for c in (codec, *(codecs or [])) if c is not None])
         self.version = version
         self.options = list(options or [])
         self.interceptors = list(interceptors or [])
+        for i in self.interceptors:
+            if not callable(getattr(i, "intercept_service", None)):
+                raise TypeError(f"interceptors must be grpc.ServerInterceptor objects, got {i!r}")
+        self.auth_tokens = list(auth_tokens) if auth_tokens else None
+        if tls is not None and not isinstance(tls, ServerTLS):
+            raise TypeError("tls must be a splitlearn_comm.ServerTLS")
+        self.tls = tls
+        self.handle_signals = handle_signals
+        self.grace = grace
+        self._previous_handlers: Dict[int, Any] = {}
         self._core: Optional[Any] = None
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -158,30 +184,71 @@ class GRPCComputeServer:
         """Run ``setup()``, bind and start serving; returns at once."""
         with self._lock:
             if self._core is not None:
-                raise RuntimeError("the server was already started")
+                raise RuntimeError("the server was already started; a stopped server cannot be "
+                                   "restarted: create a new GRPCComputeServer")
             setup = getattr(self.compute_fn, "setup", None)
             if callable(setup):
                 setup()
-            server = _core.Server(_make_dispatch(self.compute_fn, self.interceptors),
-                                  _make_info(self.compute_fn), self.host, int(self._port),
-                                  int(self.max_workers), str(self.version), self.options)
+            c_codec = None
+            if self.codec is not None and not self.codec.is_python():
+                c_codec = self.codec._c_codec()
+            server = _core.Server(
+                _make_dispatch(self.compute_fn, self._registry, self.codec),
+                _make_info(self.compute_fn), self.host, int(self._port), int(self.max_workers),
+                str(self.version), self.options, c_codec, self._registry.names(),
+                self.auth_tokens, self.tls._args() if self.tls else None,
+                _make_intercept(self.interceptors) if self.interceptors else None)
             try:
                 server.start()
-            except OSError as e:
-                raise OSError(f"could not start the server on {self.host}:{self._port}: {e}") from None
+            except BaseException as e:
+                teardown = getattr(self.compute_fn, "teardown", None)
+                if callable(teardown):
+                    teardown()  # setup() ran: undo it
+                if isinstance(e, OSError):
+                    raise OSError(f"could not start the server on {self.host}:{self._port}: {e}") from None
+                raise
             self._core = server
             _live.add(self)
+            if self.handle_signals:
+                self._install_signal_handlers()
         logger.info("serving %s on %s:%d (%d workers)", type(self.compute_fn).__name__,
                     self.host, self.port, self.max_workers)
         return self
 
+    def _install_signal_handlers(self) -> None:
+        import signal
+
+        def on_signal(signum: int, frame: Any) -> None:
+            logger.info("signal %d: stopping the server (grace %.1fs)", signum, self.grace)
+            threading.Thread(target=self.stop, args=(self.grace,), daemon=True,
+                             name="splitlearn-stop").start()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous_handlers[sig] = signal.signal(sig, on_signal)
+
+    def _restore_signal_handlers(self) -> None:
+        import signal
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers.clear()
+
+    @property
+    def serving(self) -> bool:
+        """True while the server accepts calls (False while draining and after)."""
+        return bool(self._core is not None and self._core.serving)
+
     def stop(self, grace: Optional[float] = 5.0) -> None:
-        """Stop accepting calls, give those in flight ``grace`` seconds, cancel the rest,
-        then run ``teardown()`` once."""
+        """Stop gracefully: health checks answer NOT_SERVING, new calls get
+        UNAVAILABLE, calls in flight get ``grace`` seconds to finish and the rest are
+        cancelled; then ``teardown()`` runs once."""
         core = self._core
         if core is None:
             return
         core.stop(float(grace or 0.0))
+        self._restore_signal_handlers()
         with self._lock:
             if self._torn_down:
                 return
@@ -228,44 +295,77 @@ def _make_info(compute_fn: ComputeFunction):
     return info
 
 
-def _make_dispatch(compute_fn: ComputeFunction, interceptors: Sequence[grpc.ServerInterceptor]):
-    """The Python side of a Compute call, run on a C worker thread holding the GIL."""
-    compute = compute_fn.compute
+def _decode_request(registry: CodecRegistry, name: str, holder: Any, shape: tuple,
+                    metadata: Dict[str, Any]) -> Any:
+    try:
+        x = decode_python(registry.get(name), memoryview(holder), shape, metadata)
+    except Exception as e:
+        raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                    f"codec {name!r} failed to decode the request: {type(e).__name__}: {e}") from e
+    if not _tensor.is_torch_tensor(x):
+        x = _tensor._torch().as_tensor(x)
+    return x
+
+
+def _make_intercept(interceptors: Sequence[grpc.ServerInterceptor]):
+    """Run grpc.ServerInterceptors for a call (on a C worker thread, with the GIL)."""
     ours = grpc.unary_unary_rpc_method_handler(lambda request, ctx: None)
 
-    def run_interceptors(call: context.CallContext) -> None:
-        details = _HandlerCallDetails(call.method, call.metadata)
+    def chain(i: int):
+        if i == len(interceptors):
+            return lambda details: ours
+        return lambda details: interceptors[i].intercept_service(chain(i + 1), details)
 
-        def chain(i: int):
-            if i == len(interceptors):
-                return lambda d: ours
-            return lambda d: interceptors[i].intercept_service(chain(i + 1), d)
+    run = chain(0)
 
-        handler = chain(0)(details)
+    def intercept(method: str, peer: str, metadata: Tuple, deadline: Optional[float]) -> None:
+        handler = run(_HandlerCallDetails(method, metadata))
         if handler is ours:
             return
         if handler is None:
-            raise Abort(grpc.StatusCode.UNIMPLEMENTED, f"method {call.method} not found")
-        ctx = _ServicerContext(call)
+            raise Abort(grpc.StatusCode.UNIMPLEMENTED, f"method {method} not found")
         fn = handler.unary_unary
         if fn is None:
-            raise Abort(grpc.StatusCode.UNIMPLEMENTED, "interceptor returned a non-unary handler")
+            raise Abort(grpc.StatusCode.UNIMPLEMENTED, "an interceptor returned a non-unary handler")
+        ctx = _ServicerContext(context.CallContext(method, peer, metadata, {}, deadline, None))
         fn(None, ctx)
-        code = ctx.code() or grpc.StatusCode.UNKNOWN
-        raise Abort(code if code != grpc.StatusCode.OK else grpc.StatusCode.UNKNOWN,
-                    ctx.details() or "the call was handled by an interceptor")
+        code = ctx.code()
+        if code is None or code == grpc.StatusCode.OK:
+            raise Abort(grpc.StatusCode.UNIMPLEMENTED,
+                        "an interceptor replaced the handler without setting a status; "
+                        "use context.abort() or context.set_code()")
+        raise Abort(code, ctx.details() or code.name)
 
-    def dispatch(holder: Any, method: str, peer: str, metadata: Tuple, request_metadata: Dict,
+    return intercept
+
+
+def _make_dispatch(compute_fn: ComputeFunction, registry: CodecRegistry,
+                   server_codec: Optional[TensorCodec]):
+    """The Python side of a Compute call, run on a C worker thread holding the GIL."""
+    compute = compute_fn.compute
+    python_out = server_codec if server_codec is not None and server_codec.is_python() else None
+
+    def dispatch(holder: Any, codec: Optional[str], codec_meta: Optional[Dict], shape: tuple,
+                 dtype: str, method: str, peer: str, metadata: Tuple, request_metadata: Dict,
                  deadline: Optional[float], request_id: Optional[int]) -> Tuple[Any, float]:
         call = context.CallContext(method, peer, metadata, request_metadata, deadline, request_id)
         context._set(call)
         try:
-            if interceptors:
-                run_interceptors(call)
-            x = _tensor.as_tensor(holder)
+            if codec is None:
+                x = _tensor.as_tensor(holder)
+            else:
+                x = _decode_request(registry, codec, holder, shape, codec_meta or {})
             t0 = time.perf_counter()
             out = compute(x)
             ms = (time.perf_counter() - t0) * 1e3
+            out_codec = python_out
+            if out_codec is None and codec is not None and server_codec is None:
+                out_codec = registry.get(codec)  # answer in the request's codec
+            if out_codec is not None:
+                try:
+                    return encode_python(out_codec, out), ms
+                except CodecError as e:
+                    raise Abort(grpc.StatusCode.INTERNAL, f"{e} (the result)") from e
             return _tensor.prepare_result(out), ms
         finally:
             context._set(None)

@@ -34,8 +34,8 @@ void sl_call_status_clear(sl_call_status *st) {
   st->attempts = attempts;
 }
 
-int sl_client_create(const char *target, const sl_chan_arg *args, size_t nargs, sl_client **out,
-                     sl_err *err) {
+int sl_client_create(const char *target, const sl_chan_arg *args, size_t nargs,
+                     const sl_tls_client *tls, sl_client **out, sl_err *err) {
   int status;
   grpc_channel_args chargs = {0, NULL};
   grpc_channel_credentials *creds = NULL;
@@ -51,7 +51,22 @@ int sl_client_create(const char *target, const sl_chan_arg *args, size_t nargs, 
   }
   status = sl__channel_args_build(args, nargs, 0, &chargs, err);
   if (status != SL_OK) goto cleanup;
-  creds = grpc_insecure_credentials_create();
+  if (tls != NULL) {
+    grpc_ssl_pem_key_cert_pair pair = {tls->private_key, tls->cert_chain};
+    if ((tls->cert_chain == NULL) != (tls->private_key == NULL)) {
+      status = sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                          "a client certificate needs its private key, and the other way round");
+      goto cleanup;
+    }
+    creds = grpc_ssl_credentials_create(tls->root_certs, tls->cert_chain ? &pair : NULL, NULL,
+                                        NULL);
+  } else {
+    creds = grpc_insecure_credentials_create();
+  }
+  if (creds == NULL) {
+    status = sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT, "invalid TLS credentials");
+    goto cleanup;
+  }
   c->channel = grpc_channel_create(target, creds, &chargs);
   if (c->channel == NULL) {
     status = sl_err_set(err, SL_EGRPC, SL_STATUS_INVALID_ARGUMENT,
@@ -280,62 +295,40 @@ static int unary(sl_client *c, const char *method, sl_payload *p, const sl_call_
   }
 }
 
-int sl_client_compute(sl_client *c, const sl_call_opts *opts, const sl_tensor_desc *desc,
-                      const void *data, size_t nbytes, sl_release_fn release, void *owner,
+int sl_client_compute(sl_client *c, const sl_call_opts *opts, const sl_tensor_out *in,
                       const sl_compute_extra *extra_in, sl_tensor_msg *out,
                       sl_compute_extra *extra_out, sl_call_status *st, sl_err *err) {
   int status;
   Splitlearn__Comm__ComputeRequest req = SPLITLEARN__COMM__COMPUTE_REQUEST__INIT;
   Splitlearn__Comm__ComputeResponse *resp_hdr;
-  int32_t shape32[SL_MAX_NDIM];
   sl_payload *p = NULL;
   grpc_byte_buffer *resp = NULL;
   sl__bbspans spans = {0};
 
   memset(out, 0, sizeof(*out));
   memset(extra_out, 0, sizeof(*extra_out));
-  status = sl_desc_check_len(desc, nbytes, err);
-  if (status == SL_OK && nbytes > SL_MAX_MESSAGE_BYTES - 64) {
-    status = sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,
-                        "tensor of %zu bytes is over gRPC's message limit of %zu bytes (2 GiB - 1); "
-                        "split the tensor or use a compressing codec",
-                        nbytes, SL_MAX_MESSAGE_BYTES);
+  if (in->nbytes > SL_MAX_MESSAGE_BYTES - 64) {
+    if (in->release != NULL) in->release(in->owner);
+    return sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,
+                      "tensor of %zu bytes is over gRPC's message limit of %zu bytes (2 GiB - 1); "
+                      "split the tensor or use a compressing codec",
+                      in->nbytes, SL_MAX_MESSAGE_BYTES);
   }
-  if (status == SL_OK) status = sl_shape_to_wire(desc, shape32, err);
-  if (status != SL_OK) {
-    if (release != NULL) release(owner);
-    return status;
-  }
-  req.n_shape = (size_t)desc->ndim;
-  req.shape = shape32;
-  req.dtype = (char *)sl_dtype_name(desc->dtype);
-  req.codec = SL_CODEC_RAW;
   if (extra_in != NULL && extra_in->has_request_id) {
     req._request_id_case = SPLITLEARN__COMM__COMPUTE_REQUEST___REQUEST_ID_REQUEST_ID;
     req.request_id = extra_in->request_id;
   }
-  status = sl_tensor_msg_pack(SL_MSG_COMPUTE_REQUEST, &req.base, data, nbytes, release, owner, &p,
-                              err);
-  if (status != SL_OK) {
-    if (release != NULL) release(owner);
-    return status;
-  }
+  status = sl_tensor_out_pack(SL_MSG_COMPUTE_REQUEST, &req.base, in, &p, err);
+  if (status != SL_OK) return status;
   status = unary(c, "/splitlearn.comm.ComputeService/Compute", p, opts, &resp, st, err);
   if (status != SL_OK) goto cleanup;
   status = sl__bbspans_init(resp, &spans, err);
-  if (status != SL_OK) goto cleanup;
-  status = sl_tensor_msg_read(SL_MSG_COMPUTE_RESPONSE, spans.spans, spans.n, out, err);
+  if (status == SL_OK) status = sl_tensor_msg_read(SL_MSG_COMPUTE_RESPONSE, spans.spans, spans.n, out, err);
+  if (status == SL_OK) status = sl_tensor_msg_decode(out, err);
   if (status != SL_OK) {
     char inner[SL_ERR_MSG_MAX];
     memcpy(inner, err->msg, sizeof(inner));
-    sl_err_set(err, status, err->code, "bad response from the server: %.400s", inner);
-    goto cleanup;
-  }
-  if (strcmp(out->codec, SL_CODEC_RAW) != 0) {
-    status = sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
-                        "the server answered with codec '%.64s', unknown to this client "
-                        "(known: raw)",
-                        out->codec);
+    sl_err_set(err, status, SL_STATUS_INTERNAL, "bad response from the server: %.400s", inner);
     sl_tensor_msg_clear(out);
     goto cleanup;
   }
@@ -349,7 +342,7 @@ int sl_client_compute(sl_client *c, const sl_call_opts *opts, const sl_tensor_de
 cleanup:
   sl__bbspans_clear(&spans);
   if (resp != NULL) grpc_byte_buffer_destroy(resp);
-  sl_payload_unref(p); /* release(owner) runs once gRPC has let go of the bytes too */
+  sl_payload_unref(p); /* in->release runs once gRPC has let go of the bytes too */
   return status;
 }
 

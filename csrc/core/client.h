@@ -54,10 +54,17 @@ typedef struct sl_call_status {
 
 void sl_call_status_clear(sl_call_status *st);
 
-/* Create a client for `target` ("host:port", any gRPC target). Nothing connects
- * until the first call or sl_client_connect(). */
-int sl_client_create(const char *target, const sl_chan_arg *args, size_t nargs, sl_client **out,
-                     sl_err *err);
+/* TLS for a client: PEM strings, copied. */
+typedef struct sl_tls_client {
+  const char *root_certs;  /* CAs to trust; NULL: the system's */
+  const char *cert_chain;  /* client certificate for mutual TLS, or NULL */
+  const char *private_key; /* its key, or NULL */
+} sl_tls_client;
+
+/* Create a client for `target` ("host:port", any gRPC target), over TLS when `tls`
+ * is not NULL. Nothing connects until the first call or sl_client_connect(). */
+int sl_client_create(const char *target, const sl_chan_arg *args, size_t nargs,
+                     const sl_tls_client *tls, sl_client **out, sl_err *err);
 
 /* Wait until the channel is ready, at most `timeout` seconds. Returns SL_OK when
  * ready, SL_ETIMEDOUT or SL_EINTR. */
@@ -71,17 +78,18 @@ typedef struct sl_compute_extra {
   float compute_time_ms;
 } sl_compute_extra;
 
-/* Send a tensor (its bytes referenced through `payload_data`/`release`, see
- * below) to Compute and wait for the result tensor.
- *   `desc`, `data`, `nbytes`: the contiguous input; the caller keeps `data` valid
- *   until `release(owner)` runs (exactly once, possibly after this function has
- *   returned, on any thread). On every return path release will run.
- * On SL_OK, `out` holds the result (caller clears it) and `extra_out` its fields.
- * On a non-OK status, returns SL_ESTATUS with `st` filled; SL_EINTR when
- * interrupted; other negative codes with `err` for local failures (a tensor too
- * big for one message, out of memory). `st` is always filled as far as known. */
-int sl_client_compute(sl_client *c, const sl_call_opts *opts, const sl_tensor_desc *desc,
-                      const void *data, size_t nbytes, sl_release_fn release, void *owner,
+/* Send a tensor to Compute and wait for the result tensor.
+ *   `in`: the tensor, raw or to be encoded in C by in->codec (without any lock), or
+ *   a payload already encoded by the caller (in->encoded). The caller keeps
+ *   in->data valid until in->release(in->owner) runs: exactly once, on every
+ *   return path, possibly after this function has returned, on any thread.
+ * On SL_OK, `out` holds the result (caller clears it) and `extra_out` its fields:
+ * decoded when raw or built in (out->decoded = 1), otherwise the payload of the
+ * response's codec for the caller to decode. On a non-OK status, returns
+ * SL_ESTATUS with `st` filled; SL_EINTR when interrupted; other negative codes
+ * with `err` for local failures (a tensor too big for one message, out of memory,
+ * an undecodable response). `st` is always filled as far as known. */
+int sl_client_compute(sl_client *c, const sl_call_opts *opts, const sl_tensor_out *in,
                       const sl_compute_extra *extra_in, sl_tensor_msg *out,
                       sl_compute_extra *extra_out, sl_call_status *st, sl_err *err);
 

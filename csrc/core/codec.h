@@ -121,6 +121,11 @@ int sl_codec_encode(const sl_codec *c, const sl_tensor_desc *desc, const void *d
 /* 1 when `name` is a built-in codec's wire name. */
 int sl_codec_name_is_builtin(const char *name);
 
+/* An encoder with the parameters of the one that produced a payload of built-in
+ * codec `name` with metadata `meta` (a server answers with the codec the request
+ * used). SL_EINVAL when `name` is not built in. */
+int sl_codec_create_from_wire(const char *name, const sl_meta *meta, sl_codec **out, sl_err *err);
+
 /* Decode a payload of built-in codec `name` into a new tensor of `desc` (the
  * message's dtype and shape: the original tensor's). *out (sl_storage) holds
  * exactly the tensor's bytes. */

@@ -1,6 +1,7 @@
 /* message.c: see message.h. */
 #include "message.h"
 
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -26,6 +27,153 @@ static const char *kind_name(sl_msg_kind kind) {
 
 /* In every tensor message the tensor bytes are field 1 and the shape field 2. */
 #define TENSOR_FIELD 1u
+
+/* Every tensor message's codec_metadata map entry has this layout (protobuf-c
+ * generates one identical struct per message); checked below. */
+typedef struct meta_entry {
+  ProtobufCMessage base;
+  char *key;
+  Splitlearn__Comm__MetadataValue *value;
+} meta_entry;
+
+#define SAME_LAYOUT(T)                                                              \
+  _Static_assert(sizeof(T) == sizeof(meta_entry) &&                                 \
+                     offsetof(T, key) == offsetof(meta_entry, key) &&               \
+                     offsetof(T, value) == offsetof(meta_entry, value),             \
+                 #T " differs from meta_entry")
+SAME_LAYOUT(Splitlearn__Comm__ComputeRequest__CodecMetadataEntry);
+SAME_LAYOUT(Splitlearn__Comm__ComputeResponse__CodecMetadataEntry);
+SAME_LAYOUT(Splitlearn__Comm__BackwardRequest__CodecMetadataEntry);
+SAME_LAYOUT(Splitlearn__Comm__BackwardResponse__CodecMetadataEntry);
+
+typedef struct meta_fields {
+  size_t *n;
+  meta_entry ***entries;
+  const ProtobufCMessageDescriptor *entry_desc;
+} meta_fields;
+
+static void meta_fields_of(sl_msg_kind kind, ProtobufCMessage *msg, meta_fields *f) {
+  switch (kind) {
+    case SL_MSG_COMPUTE_REQUEST: {
+      Splitlearn__Comm__ComputeRequest *m = (Splitlearn__Comm__ComputeRequest *)msg;
+      f->n = &m->n_codec_metadata;
+      f->entries = (meta_entry ***)&m->codec_metadata;
+      f->entry_desc = &splitlearn__comm__compute_request__codec_metadata_entry__descriptor;
+      break;
+    }
+    case SL_MSG_COMPUTE_RESPONSE: {
+      Splitlearn__Comm__ComputeResponse *m = (Splitlearn__Comm__ComputeResponse *)msg;
+      f->n = &m->n_codec_metadata;
+      f->entries = (meta_entry ***)&m->codec_metadata;
+      f->entry_desc = &splitlearn__comm__compute_response__codec_metadata_entry__descriptor;
+      break;
+    }
+    case SL_MSG_BACKWARD_REQUEST: {
+      Splitlearn__Comm__BackwardRequest *m = (Splitlearn__Comm__BackwardRequest *)msg;
+      f->n = &m->n_codec_metadata;
+      f->entries = (meta_entry ***)&m->codec_metadata;
+      f->entry_desc = &splitlearn__comm__backward_request__codec_metadata_entry__descriptor;
+      break;
+    }
+    case SL_MSG_BACKWARD_RESPONSE: {
+      Splitlearn__Comm__BackwardResponse *m = (Splitlearn__Comm__BackwardResponse *)msg;
+      f->n = &m->n_codec_metadata;
+      f->entries = (meta_entry ***)&m->codec_metadata;
+      f->entry_desc = &splitlearn__comm__backward_response__codec_metadata_entry__descriptor;
+      break;
+    }
+  }
+}
+
+/* The codec metadata of an unpacked message as an sl_meta (copied). */
+static int meta_from_wire(sl_msg_kind kind, ProtobufCMessage *msg, sl_meta *out, sl_err *err) {
+  meta_fields f = {NULL, NULL, NULL};
+  int rc = SL_OK;
+  meta_fields_of(kind, msg, &f);
+  for (size_t i = 0; i < *f.n && rc == SL_OK; i++) {
+    const meta_entry *e = (*f.entries)[i];
+    const Splitlearn__Comm__MetadataValue *v = e->value;
+    if (v == NULL) continue;
+    switch (v->kind_case) {
+      case SPLITLEARN__COMM__METADATA_VALUE__KIND_DOUBLE_VALUE:
+        rc = sl_meta_add_double(out, e->key, v->double_value);
+        break;
+      case SPLITLEARN__COMM__METADATA_VALUE__KIND_INT_VALUE:
+        rc = sl_meta_add_int(out, e->key, v->int_value);
+        break;
+      case SPLITLEARN__COMM__METADATA_VALUE__KIND_STRING_VALUE:
+        rc = sl_meta_add_string(out, e->key, v->string_value);
+        break;
+      case SPLITLEARN__COMM__METADATA_VALUE__KIND_BYTES_VALUE:
+        rc = sl_meta_add_bytes(out, e->key, v->bytes_value.data, v->bytes_value.len);
+        break;
+      case SPLITLEARN__COMM__METADATA_VALUE__KIND_BOOL_VALUE:
+        rc = sl_meta_add_bool(out, e->key, v->bool_value);
+        break;
+      default:
+        break; /* a value of a kind from the future: ignored */
+    }
+  }
+  if (rc != SL_OK) {
+    return sl_err_set(err, rc, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory reading codec metadata");
+  }
+  return SL_OK;
+}
+
+/* Point the message's codec_metadata at entries built from `meta`. The arrays are
+ * malloc'd into *mem (freed by the caller with free() after packing); strings
+ * point into `meta`. */
+static int meta_to_wire(sl_msg_kind kind, ProtobufCMessage *msg, const sl_meta *meta, void **mem) {
+  meta_fields f = {NULL, NULL, NULL};
+  size_t n = meta ? meta->n : 0;
+  char *block;
+  meta_entry **ptrs;
+  meta_entry *entries;
+  Splitlearn__Comm__MetadataValue *values;
+  *mem = NULL;
+  if (n == 0) return SL_OK;
+  block = calloc(n, sizeof(*ptrs) + sizeof(*entries) + sizeof(*values));
+  if (block == NULL) return SL_ENOMEM;
+  ptrs = (meta_entry **)block;
+  entries = (meta_entry *)(block + n * sizeof(*ptrs));
+  values = (Splitlearn__Comm__MetadataValue *)(block + n * (sizeof(*ptrs) + sizeof(*entries)));
+  meta_fields_of(kind, msg, &f);
+  for (size_t i = 0; i < n; i++) {
+    const sl_meta_value *mv = &meta->items[i];
+    protobuf_c_message_init(f.entry_desc, &entries[i]);
+    splitlearn__comm__metadata_value__init(&values[i]);
+    entries[i].key = mv->key;
+    entries[i].value = &values[i];
+    switch (mv->type) {
+      case SL_META_DOUBLE:
+        values[i].kind_case = SPLITLEARN__COMM__METADATA_VALUE__KIND_DOUBLE_VALUE;
+        values[i].double_value = mv->d;
+        break;
+      case SL_META_INT:
+        values[i].kind_case = SPLITLEARN__COMM__METADATA_VALUE__KIND_INT_VALUE;
+        values[i].int_value = mv->i;
+        break;
+      case SL_META_STRING:
+        values[i].kind_case = SPLITLEARN__COMM__METADATA_VALUE__KIND_STRING_VALUE;
+        values[i].string_value = mv->bytes;
+        break;
+      case SL_META_BYTES:
+        values[i].kind_case = SPLITLEARN__COMM__METADATA_VALUE__KIND_BYTES_VALUE;
+        values[i].bytes_value.data = (uint8_t *)mv->bytes;
+        values[i].bytes_value.len = mv->len;
+        break;
+      case SL_META_BOOL:
+        values[i].kind_case = SPLITLEARN__COMM__METADATA_VALUE__KIND_BOOL_VALUE;
+        values[i].bool_value = mv->i != 0;
+        break;
+    }
+    ptrs[i] = &entries[i];
+  }
+  *f.n = n;
+  *f.entries = ptrs;
+  *mem = block;
+  return SL_OK;
+}
 
 void sl_tensor_msg_fields(sl_msg_kind kind, ProtobufCMessage *msg, sl_tensor_fields *f) {
   switch (kind) {
@@ -99,7 +247,10 @@ int sl_tensor_msg_read(sl_msg_kind kind, const sl_span *spans, size_t nspans, sl
   if (strcmp(out->codec, SL_CODEC_RAW) == 0) {
     status = sl_desc_check_len(&out->desc, split.data_len, err);
     if (status != SL_OK) goto cleanup;
+    out->decoded = 1;
   }
+  status = meta_from_wire(kind, out->header, &out->meta, err);
+  if (status != SL_OK) goto cleanup;
   status = sl_storage_alloc(split.data_len, &out->data);
   if (status != SL_OK) {
     status = sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED,
@@ -120,8 +271,113 @@ cleanup:
 void sl_tensor_msg_clear(sl_tensor_msg *m) {
   if (m->header != NULL) protobuf_c_message_free_unpacked(m->header, NULL);
   sl_storage_free(m->data);
+  sl_meta_clear(&m->meta);
   memset(m, 0, sizeof(*m));
   m->codec = SL_CODEC_RAW;
+}
+
+/* A bool tensor's bytes must be 0 or 1: anything else is not a bool to PyTorch. */
+static int check_bools(const sl_tensor_msg *m, sl_err *err) {
+  const uint8_t *p = m->data;
+  uint8_t bad = 0;
+  if (m->desc.dtype != SL_DTYPE_BOOL) return SL_OK;
+  for (size_t i = 0; i < m->nbytes; i++) bad |= p[i];
+  if (bad > 1) {
+    return sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                      "bool tensor holds bytes other than 0 and 1");
+  }
+  return SL_OK;
+}
+
+int sl_tensor_msg_decode(sl_tensor_msg *m, sl_err *err) {
+  void *out = NULL;
+  size_t nbytes = 0;
+  int rc;
+  if (m->decoded || !sl_codec_name_is_builtin(m->codec)) return m->decoded ? check_bools(m, err) : SL_OK;
+  rc = sl_codec_decode(m->codec, &m->desc, m->data, m->nbytes, &m->meta, &out, err);
+  if (rc != SL_OK) return rc;
+  rc = sl_desc_nbytes(&m->desc, &nbytes);
+  if (rc != SL_OK) {
+    sl_storage_free(out);
+    return sl_err_set(err, rc, SL_STATUS_INVALID_ARGUMENT, "invalid dtype or shape");
+  }
+  sl_storage_free(m->data);
+  m->data = out;
+  m->nbytes = nbytes;
+  m->decoded = 1;
+  return check_bools(m, err);
+}
+
+static void storage_release(void *p) { sl_storage_free(p); }
+
+int sl_tensor_out_pack(sl_msg_kind kind, ProtobufCMessage *header, const sl_tensor_out *t,
+                       sl_payload **out, sl_err *err) {
+  int status;
+  sl_tensor_fields f = {NULL, NULL, NULL, NULL};
+  int32_t shape32[SL_MAX_NDIM];
+  const void *data = t->data;
+  size_t nbytes = t->nbytes;
+  sl_release_fn release = t->release;
+  void *owner = t->owner;
+  const char *codec_name = SL_CODEC_RAW;
+  const sl_meta *meta = t->meta;
+  sl_meta encoded_meta = {NULL, 0};
+  void *encoded = NULL, *meta_mem = NULL;
+
+  *out = NULL;
+  if (t->encoded) {
+    codec_name = t->codec_name ? t->codec_name : SL_CODEC_RAW;
+  } else {
+    meta = NULL;
+    status = sl_desc_check_len(&t->desc, t->nbytes, err);
+    if (status != SL_OK) goto cleanup;
+    if (t->codec != NULL && !sl_codec_is_raw(t->codec)) {
+      size_t len = 0;
+      status = sl_codec_encode(t->codec, &t->desc, t->data, t->nbytes, &encoded, &len,
+                               &encoded_meta, err);
+      if (status != SL_OK) goto cleanup;
+      /* the tensor itself is no longer needed: give it back now */
+      if (release != NULL) release(owner);
+      release = storage_release;
+      owner = encoded;
+      data = encoded;
+      nbytes = len;
+      encoded = NULL;
+      codec_name = sl_codec_name(t->codec);
+      meta = &encoded_meta;
+    }
+  }
+  status = sl_shape_to_wire(&t->desc, shape32, err);
+  if (status != SL_OK) goto cleanup;
+  sl_tensor_msg_fields(kind, header, &f);
+  *f.n_shape = (size_t)t->desc.ndim;
+  *f.shape = shape32;
+  *f.dtype = (char *)sl_dtype_name(t->desc.dtype);
+  *f.codec = (char *)codec_name;
+  status = meta_to_wire(kind, header, meta, &meta_mem);
+  if (status != SL_OK) {
+    status = sl_err_set(err, status, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+    goto cleanup;
+  }
+  status = sl_tensor_msg_pack(kind, header, data, nbytes, release, owner, out, err);
+  if (status == SL_OK) release = NULL; /* the payload owns it now */
+cleanup:
+  /* the header must not keep pointers into memory freed here */
+  if (f.shape != NULL) {
+    *f.shape = NULL;
+    *f.n_shape = 0;
+  }
+  {
+    meta_fields mf = {NULL, NULL, NULL};
+    meta_fields_of(kind, header, &mf);
+    *mf.entries = NULL;
+    *mf.n = 0;
+  }
+  free(meta_mem);
+  sl_meta_clear(&encoded_meta);
+  sl_storage_free(encoded);
+  if (release != NULL) release(owner);
+  return status;
 }
 
 int sl_shape_to_wire(const sl_tensor_desc *desc, int32_t *shape32, sl_err *err) {

@@ -12,6 +12,7 @@
 
 #include <protobuf-c/protobuf-c.h>
 
+#include "codec.h"
 #include "payload.h"
 #include "sl_common.h"
 #include "splitlearn_comm.pb-c.h"
@@ -35,21 +36,50 @@ typedef enum sl_msg_kind {
 typedef struct sl_tensor_msg {
   sl_msg_kind kind;
   ProtobufCMessage *header; /* owned; every field but the tensor bytes */
-  sl_tensor_desc desc;      /* from the shape and dtype fields */
+  sl_tensor_desc desc;      /* from the shape and dtype fields: the tensor's, before encoding */
   void *data;               /* owned storage (sl_storage_free) unless set to NULL by a taker */
   size_t nbytes;            /* bytes in data */
   const char *codec;        /* points into header, or SL_CODEC_RAW; never NULL */
+  sl_meta meta;             /* the codec metadata, owned */
+  int decoded;              /* 1: data holds the tensor (desc's bytes); 0: a codec's payload */
 } sl_tensor_msg;
 
 /* Parse a message of `kind`. Fails with INVALID_ARGUMENT (in `err`) on a
  * malformed message, an unknown dtype, a bad shape, or (raw codec) a byte count
  * that disagrees with the shape. Any codec name is accepted here; the caller
- * decides which codecs it knows. On success the caller owns `out` and clears it
- * with sl_tensor_msg_clear(). */
+ * decides which codecs it knows. A raw tensor is decoded (decoded = 1) at once;
+ * any other codec's payload is left for sl_tensor_msg_decode() or the caller.
+ * On success the caller owns `out` and clears it with sl_tensor_msg_clear(). */
 int sl_tensor_msg_read(sl_msg_kind kind, const sl_span *spans, size_t nspans, sl_tensor_msg *out,
                        sl_err *err);
 
 void sl_tensor_msg_clear(sl_tensor_msg *m);
+
+/* Decode a built-in codec's payload in place (data becomes the tensor, decoded =
+ * 1). A message already decoded, or whose codec is not built in, is left as it
+ * is (check `decoded`). Fails with the codec's INVALID_ARGUMENT message. */
+int sl_tensor_msg_decode(sl_tensor_msg *m, sl_err *err);
+
+/* A tensor to send, as a client request or a server response. */
+typedef struct sl_tensor_out {
+  sl_tensor_desc desc;    /* the tensor's dtype and shape (before encoding) */
+  const void *data;       /* the tensor's bytes (encoded = 0) or a codec payload (encoded = 1) */
+  size_t nbytes;
+  sl_release_fn release;  /* release(owner) runs exactly once when data is no longer needed */
+  void *owner;
+  int encoded;            /* 1: data is already a payload of codec `codec_name` */
+  const char *codec_name; /* encoded = 1: the payload's codec (copied into the message) */
+  const sl_meta *meta;    /* encoded = 1: its metadata (copied), or NULL */
+  const sl_codec *codec;  /* encoded = 0: encode with it here, in C (NULL or raw: send as is) */
+} sl_tensor_out;
+
+/* Pack a tensor message of `kind`: encode `t` if asked (in C, no locks held),
+ * set the shape, dtype, codec and codec metadata fields of `header` (a message of
+ * `kind` whose other fields the caller has set), and wrap it all in a payload.
+ * t->release(owner) runs exactly once on every path: at once when the tensor was
+ * encoded into a new buffer or on failure, otherwise when the payload is done. */
+int sl_tensor_out_pack(sl_msg_kind kind, ProtobufCMessage *header, const sl_tensor_out *t,
+                       sl_payload **out, sl_err *err);
 
 /* Shape/dtype/codec of the header of a tensor message, whatever its kind. */
 typedef struct sl_tensor_fields {

@@ -46,6 +46,10 @@ struct sl_server {
   int max_workers;
   char *version;
   grpc_channel_args chargs;
+  const sl_codec *codec; /* borrowed */
+  char **python_codecs;
+  size_t n_python_codecs;
+  char *known_codecs;    /* "raw, float16, ..., MyCodec" for error messages */
   sl_server_hooks hooks;
   void *user;
 
@@ -58,7 +62,12 @@ struct sl_server {
   pthread_cond_t cv;
   int state;
   atomic_int serving;
+  atomic_int in_flight;
   atomic_llong total_requests;
+  char **tokens;
+  size_t *token_lens;
+  size_t n_tokens;
+  grpc_server_credentials *creds;
   double started_at;
 };
 
@@ -191,26 +200,59 @@ cleanup:
   sl_service_info_clear(&info);
 }
 
+static int is_python_codec(const sl_server *s, const char *name) {
+  for (size_t i = 0; i < s->n_python_codecs; i++)
+    if (strcmp(s->python_codecs[i], name) == 0) return 1;
+  return 0;
+}
+
+/* Decode the request's tensor if a built-in codec carries it, or check that the
+ * compute hook knows its (Python) codec. */
+static int decode_request(sl_server *s, sl_tensor_msg *msg, sl_err *err) {
+  if (msg->decoded) return sl_tensor_msg_decode(msg, err); /* checks bools */
+  if (sl_codec_name_is_builtin(msg->codec)) return sl_tensor_msg_decode(msg, err);
+  if (is_python_codec(s, msg->codec)) return SL_OK;
+  return sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                    "unknown codec '%.64s' in the request; this server knows: %s", msg->codec,
+                    s->known_codecs);
+}
+
+/* The codec a result goes back with when the hook left the choice to us: the
+ * server's, else the request's when built in and taking the dtype, else raw.
+ * *made is an encoder created here (the caller destroys it). */
+static const sl_codec *response_codec(sl_server *s, const sl_tensor_msg *req, sl_dtype dtype,
+                                      sl_codec **made) {
+  const sl_codec *c = s->codec;
+  *made = NULL;
+  if (c == NULL && strcmp(req->codec, SL_CODEC_RAW) != 0 && sl_codec_name_is_builtin(req->codec)) {
+    if (sl_codec_create_from_wire(req->codec, &req->meta, made, NULL) == SL_OK) c = *made;
+  }
+  if (c != NULL && !sl_codec_accepts(c, dtype)) c = NULL; /* e.g. an int64 result of a float16 call */
+  return c;
+}
+
 static void serve_compute(sl_server *s, const sl_call_info *ci, const sl__bbspans *in, reply *r) {
   Splitlearn__Comm__ComputeResponse resp = SPLITLEARN__COMM__COMPUTE_RESPONSE__INIT;
   Splitlearn__Comm__ComputeRequest *req;
   sl_tensor_msg msg;
   sl_compute_args args;
   sl_kv *reqmd = NULL;
-  int32_t shape32[SL_MAX_NDIM];
+  sl_codec *made = NULL;
   int have_out = 0;
   int rc;
 
   memset(&args, 0, sizeof(args));
+  memset(&msg, 0, sizeof(msg));
+  atomic_fetch_add(&s->in_flight, 1);
+  if (!atomic_load(&s->serving)) {
+    sl_err_set(&r->err, SL_ESTATE, SL_STATUS_UNAVAILABLE, "the server is stopping");
+    goto done;
+  }
   atomic_fetch_add(&s->total_requests, 1);
   rc = sl_tensor_msg_read(SL_MSG_COMPUTE_REQUEST, in->spans, in->n, &msg, &r->err);
-  if (rc != SL_OK) return;
+  if (rc != SL_OK) goto done;
   req = (Splitlearn__Comm__ComputeRequest *)msg.header;
-  if (strcmp(msg.codec, SL_CODEC_RAW) != 0) {
-    sl_err_set(&r->err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
-               "unknown codec '%.64s' in ComputeRequest; this server knows: raw", msg.codec);
-    goto cleanup;
-  }
+  if (decode_request(s, &msg, &r->err) != SL_OK) goto cleanup;
   if (req->n_metadata > 0) {
     reqmd = calloc(req->n_metadata, sizeof(*reqmd));
     if (reqmd == NULL) {
@@ -241,11 +283,9 @@ static void serve_compute(sl_server *s, const sl_call_info *ci, const sl__bbspan
     goto cleanup;
   }
   have_out = 1;
-  if (sl_shape_to_wire(&args.out_desc, shape32, &r->err) != SL_OK) goto cleanup;
-  resp.n_shape = (size_t)args.out_desc.ndim;
-  resp.shape = shape32;
-  resp.dtype = (char *)sl_dtype_name(args.out_desc.dtype);
-  resp.codec = SL_CODEC_RAW;
+  if (!args.out.encoded && args.out.codec == NULL) {
+    args.out.codec = response_codec(s, &msg, args.out.desc.dtype, &made);
+  }
   resp._compute_time_ms_case =
       SPLITLEARN__COMM__COMPUTE_RESPONSE___COMPUTE_TIME_MS_COMPUTE_TIME_MS;
   resp.compute_time_ms = args.compute_time_ms;
@@ -257,13 +297,43 @@ static void serve_compute(sl_server *s, const sl_call_info *ci, const sl__bbspan
     resp._forward_id_case = SPLITLEARN__COMM__COMPUTE_RESPONSE___FORWARD_ID_FORWARD_ID;
     resp.forward_id = req->forward_id;
   }
-  rc = sl_tensor_msg_pack(SL_MSG_COMPUTE_RESPONSE, &resp.base, args.out_data, args.out_nbytes,
-                          args.out_release, args.out_owner, &r->payload, &r->err);
-  if (rc == SL_OK) have_out = 0; /* the payload owns the result now */
+  have_out = 0; /* sl_tensor_out_pack releases the result on every path */
+  sl_tensor_out_pack(SL_MSG_COMPUTE_RESPONSE, &resp.base, &args.out, &r->payload, &r->err);
 cleanup:
-  if (have_out && args.out_release != NULL) args.out_release(args.out_owner);
+  if (have_out && args.out.release != NULL) args.out.release(args.out.owner);
+  sl_codec_destroy(made);
   free(reqmd);
   sl_tensor_msg_clear(&msg);
+done:
+  if (atomic_fetch_sub(&s->in_flight, 1) == 1 && !atomic_load(&s->serving)) {
+    pthread_mutex_lock(&s->mu);
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+  }
+}
+
+/* Constant-time comparison of the "authorization" metadata with every token:
+ * the time taken does not depend on where a guess first differs. */
+static int authorized(const sl_server *s, const sl_kv *kv, size_t nkv) {
+  const char *value = NULL;
+  size_t vlen = 0;
+  int ok = 0;
+  for (size_t i = 0; i < nkv; i++) {
+    if (strcmp(kv[i].key, "authorization") == 0) {
+      value = kv[i].value;
+      vlen = kv[i].value_len;
+    }
+  }
+  if (value == NULL) return 0;
+  for (size_t t = 0; t < s->n_tokens; t++) {
+    const unsigned char *a = (const unsigned char *)s->tokens[t];
+    const unsigned char *b = (const unsigned char *)value;
+    size_t n = s->token_lens[t];
+    unsigned diff = (unsigned)(n ^ vlen);
+    for (size_t i = 0; i < n; i++) diff |= (unsigned)(a[i] ^ b[i < vlen ? i : 0]);
+    ok |= diff == 0;
+  }
+  return ok;
 }
 
 /* ---- one call, start to end ------------------------------------------------ */
@@ -305,6 +375,16 @@ static void serve_call(worker *w, grpc_call *call, grpc_call_details *details,
   ci.metadata = kv;
   ci.n_metadata = nkv;
 
+  if (s->n_tokens > 0 && !streq_slice(details->method, METHOD_STD_HEALTH) &&
+      !authorized(s, kv, nkv)) {
+    sl_err_set(&r.err, SL_EINVAL, SL_STATUS_UNAUTHENTICATED,
+               "missing or invalid authorization token");
+    goto respond;
+  }
+  if (s->hooks.intercept != NULL && s->hooks.intercept(s->user, &ci, &r.err) != SL_OK) {
+    if (r.err.code == SL_STATUS_OK) r.err.code = SL_STATUS_UNKNOWN;
+    goto respond;
+  }
   if (in_bb == NULL) {
     sl_err_set(&r.err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT, "the call carried no request message");
     goto respond;
@@ -398,6 +478,32 @@ static void *worker_main(void *arg) {
 
 /* ---- lifecycle ------------------------------------------------------------- */
 
+/* Keep the Python codec names and the list of every known codec for messages. */
+static int copy_codec_names(sl_server *s, const sl_server_config *cfg, sl_err *err) {
+  static const char *const builtin = "raw, cast, float16, bfloat16, int8, zstd, zlib, sparse_coo";
+  size_t len = strlen(builtin) + 1;
+  if (cfg->n_python_codecs > 0) {
+    s->python_codecs = calloc(cfg->n_python_codecs, sizeof(char *));
+    if (s->python_codecs == NULL) goto oom;
+  }
+  for (size_t i = 0; i < cfg->n_python_codecs; i++) {
+    s->python_codecs[i] = sl_strndup(cfg->python_codecs[i], strlen(cfg->python_codecs[i]));
+    if (s->python_codecs[i] == NULL) goto oom;
+    s->n_python_codecs = i + 1;
+    len += strlen(cfg->python_codecs[i]) + 2;
+  }
+  s->known_codecs = malloc(len);
+  if (s->known_codecs == NULL) goto oom;
+  strcpy(s->known_codecs, builtin);
+  for (size_t i = 0; i < s->n_python_codecs; i++) {
+    strcat(s->known_codecs, ", ");
+    strcat(s->known_codecs, s->python_codecs[i]);
+  }
+  return SL_OK;
+oom:
+  return sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+}
+
 int sl_server_create(const sl_server_config *cfg, const sl_server_hooks *hooks, void *user,
                      sl_server **out, sl_err *err) {
   int status = SL_ENOMEM;
@@ -423,14 +529,52 @@ int sl_server_create(const sl_server_config *cfg, const sl_server_hooks *hooks, 
   if (s->host == NULL || s->version == NULL || s->workers == NULL) goto oom;
   s->port_req = cfg->port;
   s->max_workers = cfg->max_workers;
+  s->codec = cfg->codec;
+  status = copy_codec_names(s, cfg, err);
+  if (status != SL_OK) goto cleanup;
+  if (cfg->n_auth_tokens > 0) {
+    s->tokens = calloc(cfg->n_auth_tokens, sizeof(char *));
+    s->token_lens = calloc(cfg->n_auth_tokens, sizeof(size_t));
+    if (s->tokens == NULL || s->token_lens == NULL) goto oom;
+    for (size_t i = 0; i < cfg->n_auth_tokens; i++) {
+      s->token_lens[i] = strlen(cfg->auth_tokens[i]);
+      s->tokens[i] = sl_strndup(cfg->auth_tokens[i], s->token_lens[i]);
+      if (s->tokens[i] == NULL) goto oom;
+      s->n_tokens = i + 1;
+    }
+  }
   s->hooks = *hooks;
   s->user = user;
   atomic_init(&s->serving, 0);
+  atomic_init(&s->in_flight, 0);
   atomic_init(&s->total_requests, 0);
   status = sl__channel_args_build(cfg->args, cfg->nargs, 1, &s->chargs, err);
   if (status != SL_OK) goto cleanup;
   grpc_init();
   s->grpc_inited = 1;
+  if (cfg->tls != NULL) {
+    grpc_ssl_pem_key_cert_pair pair = {cfg->tls->private_key, cfg->tls->cert_chain};
+    if (cfg->tls->cert_chain == NULL || cfg->tls->private_key == NULL) {
+      status = sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                          "TLS needs a certificate chain and a private key");
+      goto cleanup;
+    }
+    if (cfg->tls->require_client_auth && cfg->tls->root_certs == NULL) {
+      status = sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                          "require_client_auth needs root_certs to verify clients with");
+      goto cleanup;
+    }
+    s->creds = grpc_ssl_server_credentials_create_ex(
+        cfg->tls->root_certs, &pair, 1,
+        cfg->tls->require_client_auth ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+                                      : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE,
+        NULL);
+    if (s->creds == NULL) {
+      status = sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                          "the TLS certificate or key is not valid PEM");
+      goto cleanup;
+    }
+  }
   *out = s;
   s = NULL;
   status = SL_OK;
@@ -514,7 +658,8 @@ int sl_server_start(sl_server *s, sl_err *err) {
     }
     grpc_server_register_completion_queue(s->server, s->workers[i].cq, NULL);
   }
-  creds = grpc_insecure_server_credentials_create();
+  creds = s->creds != NULL ? s->creds : grpc_insecure_server_credentials_create();
+  s->creds = NULL; /* grpc_server_add_http2_port does not take it; released below */
   s->port = grpc_server_add_http2_port(s->server, addr, creds);
   if (s->port == 0) {
     status = sl_err_set(err, SL_EINVAL, SL_STATUS_UNAVAILABLE,
@@ -570,9 +715,26 @@ void sl_server_stop(sl_server *s, double grace) {
     return;
   }
   s->state = ST_STOPPING;
+  atomic_store(&s->serving, 0);
+  /* drain: let the Compute calls in flight finish, at most `grace` seconds */
+  {
+    double end = sl_now() + (grace > 0 ? grace : 0);
+    while (atomic_load(&s->in_flight) > 0 && sl_now() < end) {
+      struct timespec ts;
+      double left = end - sl_now();
+      if (left > 0.05) left = 0.05;
+      clock_gettime(CLOCK_REALTIME, &ts);
+      ts.tv_nsec += (long)(left * 1e9);
+      if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
+      }
+      pthread_cond_timedwait(&s->cv, &s->mu, &ts);
+    }
+    grace = end - sl_now();
+  }
   pthread_mutex_unlock(&s->mu);
 
-  atomic_store(&s->serving, 0);
   shutdown_server(s, grace);
   for (int i = 0; i < s->max_workers; i++) {
     if (s->workers[i].started) pthread_join(s->workers[i].thread, NULL);
@@ -611,6 +773,8 @@ int sl_server_wait(sl_server *s, double timeout) {
 
 int sl_server_is_serving(const sl_server *s) { return atomic_load(&s->serving); }
 
+int sl_server_in_flight(const sl_server *s) { return atomic_load(&s->in_flight); }
+
 int64_t sl_server_total_requests(const sl_server *s) { return atomic_load(&s->total_requests); }
 
 void sl_server_destroy(sl_server *s) {
@@ -620,6 +784,13 @@ void sl_server_destroy(sl_server *s) {
   if (s->grpc_inited) grpc_shutdown();
   pthread_mutex_destroy(&s->mu);
   pthread_cond_destroy(&s->cv);
+  for (size_t i = 0; i < s->n_tokens; i++) free(s->tokens[i]);
+  free(s->tokens);
+  free(s->token_lens);
+  if (s->creds != NULL) grpc_server_credentials_release(s->creds);
+  for (size_t i = 0; i < s->n_python_codecs; i++) free(s->python_codecs[i]);
+  free(s->python_codecs);
+  free(s->known_codecs);
   free(s->workers);
   free(s->host);
   free(s->version);

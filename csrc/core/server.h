@@ -42,19 +42,21 @@ typedef struct sl_call_info {
 /* The in/out record of the compute hook. */
 typedef struct sl_compute_args {
   /* in */
-  sl_tensor_msg *tensor;         /* received tensor; the hook may take tensor->data
-                                    (then it sets it to NULL and frees it itself) */
+  sl_tensor_msg *tensor;         /* the received tensor. tensor->decoded = 1: data holds the
+                                    tensor (raw, or a built-in codec decoded in C); 0: data
+                                    holds the payload of codec tensor->codec, one of the
+                                    config's `python_codecs`, for the hook to decode. The
+                                    hook may take tensor->data (then it sets it to NULL and
+                                    frees it itself with sl_storage_free) */
   const sl_kv *req_metadata;     /* the request's metadata map */
   size_t n_req_metadata;
   int has_request_id;
   int32_t request_id;
-  /* out, on success */
-  sl_tensor_desc out_desc;
-  const void *out_data;          /* the result's bytes, owned by out_owner */
-  size_t out_nbytes;
-  sl_release_fn out_release;     /* called exactly once, from any thread, when the
-                                    server is done with out_data (even if sending fails) */
-  void *out_owner;
+  /* out, on success: the result. out.codec NULL (and out.encoded 0) lets the server
+     choose: the config's codec, else the request's codec when it is built in and
+     takes the result's dtype, else raw. out.release(out.owner) runs exactly once,
+     from any thread, even if sending fails. */
+  sl_tensor_out out;
   float compute_time_ms;
 } sl_compute_args;
 
@@ -78,19 +80,38 @@ typedef struct sl_server_hooks {
   int (*compute)(void *user, const sl_call_info *call, sl_compute_args *args, sl_err *err);
   /* Fill the service info (GetServiceInfo). NULL: name "splitlearn-comm", device "cpu". */
   int (*service_info)(void *user, sl_service_info *out, sl_err *err);
+  /* Called for every call before it is served (interceptors); NULL: none. A
+   * negative return ends the call with err's code and message. */
+  int (*intercept)(void *user, const sl_call_info *call, sl_err *err);
 } sl_server_hooks;
+
+/* TLS for a server: PEM strings, copied. */
+typedef struct sl_tls_server {
+  const char *cert_chain;   /* the server's certificate chain */
+  const char *private_key;  /* its key */
+  const char *root_certs;   /* CAs that sign client certificates (mutual TLS); NULL: none */
+  int require_client_auth;  /* 1: clients must present a certificate signed by root_certs */
+} sl_tls_server;
 
 typedef struct sl_server_config {
   const char *host;        /* "0.0.0.0", "127.0.0.1", "::", "localhost" */
+  const sl_codec *codec;   /* codec of responses; NULL: answer with the request's codec */
+  const char *const *python_codecs; /* names of codecs the compute hook decodes and encodes */
+  size_t n_python_codecs;
   int port;                /* 0: the OS picks; see sl_server_port() */
   int max_workers;         /* >= 1 */
   const char *version;     /* reported by HealthCheck and GetServiceInfo */
   const sl_chan_arg *args; /* gRPC channel arguments; copied */
   size_t nargs;
+  const char *const *auth_tokens; /* accepted "authorization" metadata values; copied.
+                                     None: no check. The standard health check is exempt. */
+  size_t n_auth_tokens;
+  const sl_tls_server *tls;       /* NULL: plaintext */
 } sl_server_config;
 
-/* Create a server (nothing is bound yet). The config is copied; `hooks` is copied;
- * `user` is passed to every hook and must outlive the server. */
+/* Create a server (nothing is bound yet). The config is copied (but cfg->codec is
+ * borrowed and must outlive the server); `hooks` is copied; `user` is passed to
+ * every hook and must outlive the server. */
 int sl_server_create(const sl_server_config *cfg, const sl_server_hooks *hooks, void *user,
                      sl_server **out, sl_err *err);
 
@@ -102,9 +123,11 @@ int sl_server_start(sl_server *s, sl_err *err);
 /* The bound port (valid after a successful start). */
 int sl_server_port(const sl_server *s);
 
-/* Stop: new calls are refused, calls in flight get `grace` seconds to finish,
- * then are cancelled; returns when every worker has exited. Safe to call from
- * several threads and more than once. Must not be called from a hook. */
+/* Stop gracefully. First the server drains: health checks answer NOT_SERVING
+ * ("unhealthy"), new Compute calls get UNAVAILABLE, and the calls in flight get
+ * up to `grace` seconds to finish. Then gRPC is shut down, whatever is still
+ * running is cancelled, and this returns once every worker has exited. Safe to
+ * call from several threads and more than once. Must not be called from a hook. */
 void sl_server_stop(sl_server *s, double grace);
 
 /* Wait until the server has stopped, at most `timeout` seconds (< 0: forever).
@@ -113,6 +136,9 @@ int sl_server_wait(sl_server *s, double timeout);
 
 /* 1 while running and serving. */
 int sl_server_is_serving(const sl_server *s);
+
+/* Compute calls being served right now. */
+int sl_server_in_flight(const sl_server *s);
 
 /* Calls of Compute served so far. */
 int64_t sl_server_total_requests(const sl_server *s);

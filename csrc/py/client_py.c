@@ -121,25 +121,39 @@ static int call_args_init(client_obj *self, call_args *a, double timeout, PyObje
   return 0;
 }
 
+/* compute(tensor, timeout=0, metadata=None, wait_for_ready=False, retry=None,
+ *         request_id=None, codec=None, encoded=False)
+ * `tensor` is a tensor (encoded in C by `codec`, a _core.Codec, when given) or,
+ * with encoded=True, a Python codec's (data, shape, dtype, codec, metadata).
+ * Returns (result, compute_time_ms, request_id, attempts, initial_metadata,
+ * codec, codec_metadata, shape, dtype): `result` is the decoded tensor when `codec`
+ * is None, else the payload of that (Python) codec for the caller to decode. */
 static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwargs) {
   static char *kwlist[] = {"tensor", "timeout", "metadata", "wait_for_ready", "retry",
-                           "request_id", NULL};
+                           "request_id", "codec", "encoded", NULL};
   PyObject *tensor, *metadata = Py_None, *retry = Py_None, *request_id = Py_None;
+  PyObject *codec = Py_None;
   double timeout = 0;
-  int wait_for_ready = 0, rc;
+  int wait_for_ready = 0, encoded = 0, rc, cerr = 0;
   call_args ca;
   slpy_export ex;
+  sl_tensor_out in;
   sl_compute_extra in_extra = {0}, out_extra;
   sl_tensor_msg out;
   sl_call_status st;
   sl_err err;
-  PyObject *holder = NULL, *result = NULL, *initial = NULL;
+  const sl_codec *ccodec;
+  PyObject *holder = NULL, *result = NULL, *initial = NULL, *rcodec = NULL, *rmeta = NULL;
+  PyObject *shape = NULL;
 
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|dOpOO", kwlist, &tensor, &timeout, &metadata,
-                                   &wait_for_ready, &retry, &request_id)) {
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|dOpOOOp", kwlist, &tensor, &timeout,
+                                   &metadata, &wait_for_ready, &retry, &request_id, &codec,
+                                   &encoded)) {
     return NULL;
   }
   if (ensure_open(self) < 0) return NULL;
+  ccodec = slpy_codec_of(self->st, codec, &cerr);
+  if (cerr) return NULL;
   if (request_id != Py_None) {
     long v = PyLong_AsLong(request_id);
     if (v == -1 && PyErr_Occurred()) return NULL;
@@ -147,34 +161,64 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
     in_extra.request_id = (int32_t)v;
   }
   if (call_args_init(self, &ca, timeout, metadata, wait_for_ready, retry) < 0) return NULL;
-  if (slpy_export_tensor(tensor, &ex) < 0) {
-    PyMem_Free(ca.md);
-    return NULL;
+  memset(&in, 0, sizeof(in));
+  if (encoded) {
+    if (slpy_encoded_from_tuple(tensor, &in) < 0) {
+      PyMem_Free(ca.md);
+      return NULL;
+    }
+  } else {
+    if (slpy_export_tensor(tensor, &ex) < 0) {
+      PyMem_Free(ca.md);
+      return NULL;
+    }
+    in.desc = ex.desc;
+    in.data = ex.data;
+    in.nbytes = ex.nbytes;
+    in.release = slpy_export_release;
+    in.owner = ex.dlm;
+    in.codec = ccodec;
   }
   memset(&st, 0, sizeof(st));
   sl_err_clear(&err);
   ca.ictx.ts = PyEval_SaveThread();
-  rc = sl_client_compute(self->client, &ca.opts, &ex.desc, ex.data, ex.nbytes, slpy_export_release,
-                         ex.dlm, &in_extra, &out, &out_extra, &st, &err);
+  rc = sl_client_compute(self->client, &ca.opts, &in, &in_extra, &out, &out_extra, &st, &err);
   PyEval_RestoreThread(ca.ictx.ts);
   PyMem_Free(ca.md);
   if (rc != SL_OK) {
     raise_for(self, rc, &st, &err);
     goto cleanup;
   }
-  holder = slpy_holder_new(self->st, out.data, &out.desc);
+  if (out.decoded) {
+    holder = slpy_holder_new(self->st, out.data, &out.desc);
+    rcodec = Py_NewRef(Py_None);
+    rmeta = Py_NewRef(Py_None);
+  } else {
+    sl_tensor_desc pd;
+    pd.dtype = SL_DTYPE_UINT8;
+    pd.ndim = 1;
+    pd.shape[0] = (int64_t)out.nbytes;
+    holder = slpy_holder_new(self->st, out.data, &pd);
+    rcodec = PyUnicode_FromString(out.codec);
+    rmeta = slpy_meta_to_dict(&out.meta);
+  }
   out.data = NULL;
-  if (holder == NULL) goto cleanup;
+  if (holder == NULL || rcodec == NULL || rmeta == NULL) goto cleanup;
   initial = slpy_metadata_tuple(st.initial, st.n_initial);
-  if (initial == NULL) goto cleanup;
-  result = Py_BuildValue("(ONNiO)", holder,
+  shape = slpy_shape_tuple(&out.desc);
+  if (initial == NULL || shape == NULL) goto cleanup;
+  result = Py_BuildValue("(ONNiOOOOs)", holder,
                          out_extra.has_compute_time_ms
                              ? PyFloat_FromDouble(out_extra.compute_time_ms)
                              : Py_NewRef(Py_None),
                          out_extra.has_request_id ? PyLong_FromLong(out_extra.request_id)
                                                   : Py_NewRef(Py_None),
-                         st.attempts, initial);
+                         st.attempts, initial, rcodec, rmeta, shape,
+                         sl_dtype_name(out.desc.dtype));
 cleanup:
+  Py_XDECREF(shape);
+  Py_XDECREF(rmeta);
+  Py_XDECREF(rcodec);
   Py_XDECREF(initial);
   Py_XDECREF(holder);
   sl_tensor_msg_clear(&out);
@@ -323,8 +367,9 @@ static PyObject *client_close(client_obj *self, PyObject *unused) {
 }
 
 static int client_init(client_obj *self, PyObject *args, PyObject *kwargs) {
-  static char *kwlist[] = {"target", "options", NULL};
-  PyObject *target, *options = Py_None;
+  static char *kwlist[] = {"target", "options", "tls", NULL};
+  PyObject *target, *options = Py_None, *tls = Py_None;
+  sl_tls_client tls_cfg = {NULL, NULL, NULL};
   sl_chan_arg *chargs = NULL;
   size_t nchargs = 0;
   sl_err err;
@@ -335,7 +380,14 @@ static int client_init(client_obj *self, PyObject *args, PyObject *kwargs) {
     PyErr_SetString(PyExc_RuntimeError, "Client.__init__ called twice");
     return -1;
   }
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "U|O", kwlist, &target, &options)) return -1;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "U|OO", kwlist, &target, &options, &tls)) {
+    return -1;
+  }
+  if (tls != Py_None &&
+      !PyArg_ParseTuple(tls, "zzz;tls must be (root_certs, cert_chain, private_key)",
+                        &tls_cfg.root_certs, &tls_cfg.cert_chain, &tls_cfg.private_key)) {
+    return -1;
+  }
   t = PyUnicode_AsUTF8(target);
   if (t == NULL) return -1;
   if (slpy_parse_options(options, &chargs, &nchargs) < 0) return -1;
@@ -346,7 +398,7 @@ static int client_init(client_obj *self, PyObject *args, PyObject *kwargs) {
   }
   Py_XSETREF(self->target, Py_NewRef(target));
   sl_err_clear(&err);
-  rc = sl_client_create(t, chargs, nchargs, &self->client, &err);
+  rc = sl_client_create(t, chargs, nchargs, tls != Py_None ? &tls_cfg : NULL, &self->client, &err);
   PyMem_Free(chargs);
   if (rc != SL_OK) {
     PyErr_SetString(PyExc_ValueError, err.msg);
@@ -366,8 +418,8 @@ static void client_dealloc(client_obj *self) {
 static PyMethodDef client_methods[] = {
     {"compute", (PyCFunction)(void (*)(void))client_compute, METH_VARARGS | METH_KEYWORDS,
      "compute(tensor, timeout=0, metadata=None, wait_for_ready=False, retry=None, "
-     "request_id=None) -> (DLPackTensor, compute_time_ms, request_id, attempts, "
-     "initial_metadata)"},
+     "request_id=None, codec=None, encoded=False) -> (result, compute_time_ms, request_id, "
+     "attempts, initial_metadata, codec, codec_metadata, shape, dtype)"},
     {"health", (PyCFunction)(void (*)(void))client_health, METH_VARARGS | METH_KEYWORDS,
      "HealthCheck -> dict"},
     {"service_info", (PyCFunction)(void (*)(void))client_service_info,

@@ -108,21 +108,46 @@ void slpy_export_release(void *p) {
 
 /* ---- import ---- */
 
+/* DLPack 1.0's versioned tensor (capsule "dltensor_versioned"). Debian's
+ * dlpack.h (0.6) predates it; the layout is fixed by the DLPack 1.x ABI. Consumers
+ * that ask for it (NumPy 2 passes max_version=(1, 0)) learn that the tensor is
+ * writable: from a legacy capsule NumPy makes a read-only array. */
+typedef struct sl_dlpack_version {
+  uint32_t major;
+  uint32_t minor;
+} sl_dlpack_version;
+
+typedef struct sl_dlmtensor_versioned {
+  sl_dlpack_version version;
+  void *manager_ctx;
+  void (*deleter)(struct sl_dlmtensor_versioned *self);
+  uint64_t flags; /* bit 0: read only; bit 1: is copied; none set */
+  DLTensor dl_tensor;
+} sl_dlmtensor_versioned;
+
 typedef struct owned_tensor {
-  DLManagedTensor dlm;
+  DLManagedTensor dlm;              /* handed out as a legacy capsule, or */
+  sl_dlmtensor_versioned versioned; /* as a versioned one; both describe the same bytes */
   int64_t shape[SL_MAX_NDIM];
 } owned_tensor;
 
-/* The deleter of tensors we hand out: any thread, no GIL needed. */
-static void owned_deleter(DLManagedTensor *self) {
-  owned_tensor *o = (owned_tensor *)self;
-  sl_storage_free(self->dl_tensor.data);
+/* The deleters of tensors we hand out: any thread, no GIL needed. */
+static void owned_free(owned_tensor *o) {
+  sl_storage_free(o->dlm.dl_tensor.data);
   PyMem_RawFree(o);
+}
+
+static void owned_deleter(DLManagedTensor *self) { owned_free((owned_tensor *)self->manager_ctx); }
+
+static void owned_versioned_deleter(sl_dlmtensor_versioned *self) {
+  owned_free((owned_tensor *)self->manager_ctx);
 }
 
 typedef struct holder {
   PyObject_HEAD
-  owned_tensor *tensor; /* NULL once handed out */
+  owned_tensor *tensor; /* NULL once handed out through DLPack */
+  size_t nbytes;
+  Py_ssize_t exports;   /* live buffer views: DLPack export is refused while > 0 */
 } holder;
 
 PyObject *slpy_holder_new(slpy_state *st, void *storage, const sl_tensor_desc *desc) {
@@ -142,14 +167,22 @@ PyObject *slpy_holder_new(slpy_state *st, void *storage, const sl_tensor_desc *d
   o->dlm.dl_tensor.shape = o->shape;
   o->dlm.dl_tensor.strides = NULL; /* C-contiguous */
   o->dlm.dl_tensor.byte_offset = 0;
-  o->dlm.manager_ctx = NULL;
+  o->dlm.manager_ctx = o;
   o->dlm.deleter = owned_deleter;
+  o->versioned.version.major = 1;
+  o->versioned.version.minor = 0;
+  o->versioned.manager_ctx = o;
+  o->versioned.deleter = owned_versioned_deleter;
+  o->versioned.flags = 0;
+  o->versioned.dl_tensor = o->dlm.dl_tensor;
   h = PyObject_New(holder, st->holder_type);
   if (h == NULL) {
-    owned_deleter(&o->dlm);
+    owned_free(o);
     return NULL;
   }
   h->tensor = o;
+  h->exports = 0;
+  if (sl_desc_nbytes(desc, &h->nbytes) != SL_OK) h->nbytes = 0;
   return (PyObject *)h;
 }
 
@@ -161,15 +194,39 @@ static void capsule_destructor(PyObject *capsule) {
   }
 }
 
+static void versioned_capsule_destructor(PyObject *capsule) {
+  if (PyCapsule_IsValid(capsule, "dltensor_versioned")) {
+    sl_dlmtensor_versioned *v = PyCapsule_GetPointer(capsule, "dltensor_versioned");
+    if (v != NULL && v->deleter != NULL) v->deleter(v);
+  }
+}
+
+/* __dlpack__(*, stream=None, max_version=None, dl_device=None, copy=None): a
+ * versioned capsule when the consumer takes DLPack 1.x, a legacy one otherwise.
+ * The tensor is on the CPU, so stream, dl_device and copy need no action. */
 static PyObject *holder_dlpack(holder *self, PyObject *args, PyObject *kwargs) {
-  PyObject *capsule;
+  PyObject *capsule, *max_version = NULL;
+  int versioned = 0;
   (void)args;
-  (void)kwargs; /* stream, max_version, dl_device, copy: a legacy CPU capsule fits all */
+  if (kwargs != NULL) max_version = PyDict_GetItemString(kwargs, "max_version");
+  if (max_version != NULL && max_version != Py_None) {
+    PyObject *major = PySequence_GetItem(max_version, 0);
+    if (major == NULL) return NULL;
+    versioned = PyLong_AsLong(major) >= 1;
+    Py_DECREF(major);
+    if (PyErr_Occurred()) return NULL;
+  }
   if (self->tensor == NULL) {
     PyErr_SetString(PyExc_BufferError, "this tensor was already exported once");
     return NULL;
   }
-  capsule = PyCapsule_New(&self->tensor->dlm, "dltensor", capsule_destructor);
+  if (self->exports > 0) {
+    PyErr_SetString(PyExc_BufferError, "this tensor's bytes are viewed by a memoryview");
+    return NULL;
+  }
+  capsule = versioned ? PyCapsule_New(&self->tensor->versioned, "dltensor_versioned",
+                                      versioned_capsule_destructor)
+                      : PyCapsule_New(&self->tensor->dlm, "dltensor", capsule_destructor);
   if (capsule == NULL) return NULL;
   self->tensor = NULL;
   return capsule;
@@ -183,9 +240,27 @@ static PyObject *holder_dlpack_device(holder *self, PyObject *unused) {
 
 static void holder_dealloc(holder *self) {
   PyTypeObject *tp = Py_TYPE(self);
-  if (self->tensor != NULL) owned_deleter(&self->tensor->dlm);
+  if (self->tensor != NULL) owned_free(self->tensor);
   tp->tp_free((PyObject *)self);
   Py_DECREF(tp);
+}
+
+static int holder_getbuffer(holder *self, Py_buffer *view, int flags) {
+  if (self->tensor == NULL) {
+    PyErr_SetString(PyExc_BufferError, "this tensor was already exported through DLPack");
+    return -1;
+  }
+  if (PyBuffer_FillInfo(view, (PyObject *)self, self->tensor->dlm.dl_tensor.data,
+                        (Py_ssize_t)self->nbytes, 0, flags) < 0) {
+    return -1;
+  }
+  self->exports++;
+  return 0;
+}
+
+static void holder_releasebuffer(holder *self, Py_buffer *view) {
+  (void)view;
+  self->exports--;
 }
 
 static PyMethodDef holder_methods[] = {
@@ -198,6 +273,8 @@ static PyMethodDef holder_methods[] = {
 static PyType_Slot holder_slots[] = {
     {Py_tp_dealloc, holder_dealloc},
     {Py_tp_methods, holder_methods},
+    {Py_bf_getbuffer, holder_getbuffer},
+    {Py_bf_releasebuffer, holder_releasebuffer},
     {Py_tp_doc, "A received tensor, owned by C, exported once through DLPack."},
     {0, NULL}};
 

@@ -1,9 +1,15 @@
 /* server_py.c: _core.Server, the Python face of sl_server.
  *
- * Server(compute, info, host, port, max_workers, version, options)
- *   compute(tensor, method, peer, metadata, request_metadata, deadline, request_id)
- *     -> (result, compute_time_ms): called on a C worker thread with the GIL;
- *     `tensor` is a DLPackTensor, `result` anything with __dlpack__ (contiguous, CPU).
+ * Server(compute, info, host, port, max_workers, version, options, codec=None,
+ *        python_codecs=())
+ *   compute(tensor, codec, codec_metadata, shape, dtype, method, peer, metadata,
+ *           request_metadata, deadline, request_id)
+ *     -> (result, compute_time_ms): called on a C worker thread with the GIL.
+ *     `tensor` is a DLPackTensor: the decoded tensor when `codec` is None, else the
+ *     payload (bytes, via memoryview) of the Python codec named `codec`, with its
+ *     metadata dict and the tensor's wire shape and dtype. `result` is anything with
+ *     __dlpack__ (contiguous, CPU), or an encoded tuple (data, shape, dtype, codec,
+ *     metadata) from a Python codec.
  *     An exception becomes the call's status: INTERNAL with "Type: message", or the
  *     exception's `sl_code` / `sl_details` attributes when it has them.
  *   info() -> (service_name, device, {str: str})
@@ -18,6 +24,8 @@ typedef struct server_obj {
   sl_server *server;
   PyObject *compute; /* strong */
   PyObject *info;    /* strong */
+  PyObject *codec;   /* strong: the response _core.Codec, or None */
+  PyObject *intercept; /* strong: interceptor chain callable, or None */
   slpy_state *st;
   PyTypeObject *holder_type; /* strong */
 } server_obj;
@@ -83,7 +91,7 @@ static int hook_compute(void *user, const sl_call_info *call, sl_compute_args *a
   server_obj *self = user;
   PyGILState_STATE g;
   PyObject *tensor = NULL, *md = NULL, *reqmd = NULL, *deadline = NULL, *rid = NULL;
-  PyObject *ret = NULL;
+  PyObject *ret = NULL, *codec = NULL, *cmeta = NULL, *shape = NULL;
   slpy_export ex;
   double ms = 0;
   int status = SL_EUSER;
@@ -92,13 +100,30 @@ static int hook_compute(void *user, const sl_call_info *call, sl_compute_args *a
     return sl_err_set(err, SL_ESTATE, SL_STATUS_UNAVAILABLE, "the server is shutting down");
   }
   g = PyGILState_Ensure();
-  tensor = slpy_holder_new(self->st, args->tensor->data, &args->tensor->desc);
+  if (args->tensor->decoded) {
+    tensor = slpy_holder_new(self->st, args->tensor->data, &args->tensor->desc);
+  } else {
+    sl_tensor_desc pd;
+    pd.dtype = SL_DTYPE_UINT8;
+    pd.ndim = 1;
+    pd.shape[0] = (int64_t)args->tensor->nbytes;
+    tensor = slpy_holder_new(self->st, args->tensor->data, &pd);
+  }
   args->tensor->data = NULL; /* owned by the holder now (freed even on failure) */
   if (tensor == NULL) goto pyerror;
+  if (args->tensor->decoded) {
+    codec = Py_NewRef(Py_None);
+    cmeta = Py_NewRef(Py_None);
+  } else {
+    codec = PyUnicode_FromString(args->tensor->codec);
+    cmeta = slpy_meta_to_dict(&args->tensor->meta);
+  }
+  shape = slpy_shape_tuple(&args->tensor->desc);
   md = slpy_metadata_tuple(call->metadata, call->n_metadata);
-  if (md == NULL) goto pyerror;
   reqmd = PyDict_New();
-  if (reqmd == NULL) goto pyerror;
+  if (codec == NULL || cmeta == NULL || shape == NULL || md == NULL || reqmd == NULL) {
+    goto pyerror;
+  }
   for (size_t i = 0; i < args->n_req_metadata; i++) {
     PyObject *v = PyUnicode_FromString(args->req_metadata[i].value);
     if (v == NULL || PyDict_SetItemString(reqmd, args->req_metadata[i].key, v) < 0) {
@@ -114,8 +139,9 @@ static int hook_compute(void *user, const sl_call_info *call, sl_compute_args *a
   }
   rid = args->has_request_id ? PyLong_FromLong(args->request_id) : Py_NewRef(Py_None);
   if (deadline == NULL || rid == NULL) goto pyerror;
-  ret = PyObject_CallFunction(self->compute, "OssOOOO", tensor, call->method, call->peer, md,
-                              reqmd, deadline, rid);
+  ret = PyObject_CallFunction(self->compute, "OOOOsssOOOO", tensor, codec, cmeta, shape,
+                              sl_dtype_name(args->tensor->desc.dtype), call->method, call->peer,
+                              md, reqmd, deadline, rid);
   if (ret == NULL) goto pyerror;
   if (!PyTuple_Check(ret) || PyTuple_GET_SIZE(ret) != 2) {
     PyErr_SetString(PyExc_TypeError, "internal: compute dispatcher must return (tensor, ms)");
@@ -123,12 +149,17 @@ static int hook_compute(void *user, const sl_call_info *call, sl_compute_args *a
   }
   ms = PyFloat_AsDouble(PyTuple_GET_ITEM(ret, 1));
   if (ms == -1.0 && PyErr_Occurred()) goto pyerror;
-  if (slpy_export_tensor(PyTuple_GET_ITEM(ret, 0), &ex) < 0) goto pyerror;
-  args->out_desc = ex.desc;
-  args->out_data = ex.data;
-  args->out_nbytes = ex.nbytes;
-  args->out_release = slpy_export_release;
-  args->out_owner = ex.dlm;
+  if (PyTuple_Check(PyTuple_GET_ITEM(ret, 0))) {
+    if (slpy_encoded_from_tuple(PyTuple_GET_ITEM(ret, 0), &args->out) < 0) goto pyerror;
+  } else {
+    if (slpy_export_tensor(PyTuple_GET_ITEM(ret, 0), &ex) < 0) goto pyerror;
+    memset(&args->out, 0, sizeof(args->out));
+    args->out.desc = ex.desc;
+    args->out.data = ex.data;
+    args->out.nbytes = ex.nbytes;
+    args->out.release = slpy_export_release;
+    args->out.owner = ex.dlm;
+  }
   args->compute_time_ms = (float)ms;
   status = SL_OK;
   goto cleanup;
@@ -140,6 +171,9 @@ cleanup:
   Py_XDECREF(deadline);
   Py_XDECREF(reqmd);
   Py_XDECREF(md);
+  Py_XDECREF(shape);
+  Py_XDECREF(cmeta);
+  Py_XDECREF(codec);
   Py_XDECREF(tensor);
   PyGILState_Release(g);
   return status;
@@ -209,18 +243,80 @@ cleanup:
   return status;
 }
 
+/* Called without the GIL: run the interceptors for one call. */
+static int hook_intercept(void *user, const sl_call_info *call, sl_err *err) {
+  server_obj *self = user;
+  PyGILState_STATE g;
+  PyObject *md = NULL, *deadline = NULL, *ret = NULL;
+  int status = SL_EUSER;
+
+  if (_Py_IsFinalizing()) {
+    return sl_err_set(err, SL_ESTATE, SL_STATUS_UNAVAILABLE, "the server is shutting down");
+  }
+  g = PyGILState_Ensure();
+  md = slpy_metadata_tuple(call->metadata, call->n_metadata);
+  deadline = call->deadline > 0 ? PyFloat_FromDouble(call->deadline) : Py_NewRef(Py_None);
+  if (md == NULL || deadline == NULL) goto pyerror;
+  ret = PyObject_CallFunction(self->intercept, "ssOO", call->method, call->peer, md, deadline);
+  if (ret == NULL) goto pyerror;
+  status = SL_OK;
+  goto cleanup;
+pyerror:
+  error_from_exception(err);
+cleanup:
+  Py_XDECREF(ret);
+  Py_XDECREF(deadline);
+  Py_XDECREF(md);
+  PyGILState_Release(g);
+  return status;
+}
+
+/* Parse auth tokens (None or a sequence of str) into borrowed UTF-8 pointers. */
+static int parse_tokens(PyObject *tokens, PyObject **seq, const char ***out, size_t *n) {
+  *seq = NULL;
+  *out = NULL;
+  *n = 0;
+  if (tokens == Py_None) return 0;
+  *seq = PySequence_Fast(tokens, "auth_tokens must be a sequence of str");
+  if (*seq == NULL) return -1;
+  *out = PyMem_Calloc((size_t)PySequence_Fast_GET_SIZE(*seq) + 1, sizeof(char *));
+  if (*out == NULL) {
+    PyErr_NoMemory();
+    return -1;
+  }
+  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(*seq); i++) {
+    PyObject *t = PySequence_Fast_GET_ITEM(*seq, i);
+    if (!PyUnicode_Check(t) || PyUnicode_GET_LENGTH(t) == 0) {
+      PyErr_SetString(PyExc_TypeError, "auth_tokens must be non-empty str");
+      return -1;
+    }
+    (*out)[i] = PyUnicode_AsUTF8(t);
+    if ((*out)[i] == NULL) return -1;
+  }
+  *n = (size_t)PySequence_Fast_GET_SIZE(*seq);
+  return 0;
+}
+
 /* ---- the type ---- */
 
 static int server_init(server_obj *self, PyObject *args, PyObject *kwargs) {
   static char *kwlist[] = {"compute", "info", "host", "port", "max_workers", "version", "options",
-                           NULL};
-  PyObject *compute, *info, *options = Py_None;
+                           "codec", "python_codecs", "auth_tokens", "tls", "intercept", NULL};
+  PyObject *compute, *info, *options = Py_None, *codec = Py_None, *pycodecs = Py_None;
+  PyObject *tokens = Py_None, *tls = Py_None, *intercept = Py_None, *token_seq = NULL;
+  const char **token_ptrs = NULL;
+  size_t n_tokens = 0;
+  sl_tls_server tls_cfg;
+  PyObject *names = NULL;
+  const char **name_ptrs = NULL;
+  const sl_codec *ccodec;
+  int cerr = 0;
   const char *host, *version;
   int port, max_workers;
   sl_chan_arg *chargs = NULL;
   size_t nchargs = 0;
   sl_server_config cfg;
-  sl_server_hooks hooks = {hook_worker_start, hook_worker_stop, hook_compute, hook_info};
+  sl_server_hooks hooks = {hook_worker_start, hook_worker_stop, hook_compute, hook_info, NULL};
   sl_err err;
   int rc;
 
@@ -228,23 +324,62 @@ static int server_init(server_obj *self, PyObject *args, PyObject *kwargs) {
     PyErr_SetString(PyExc_RuntimeError, "Server.__init__ called twice");
     return -1;
   }
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOsiis|O", kwlist, &compute, &info, &host, &port,
-                                   &max_workers, &version, &options)) {
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOsiis|OOOOOO", kwlist, &compute, &info, &host,
+                                   &port, &max_workers, &version, &options, &codec, &pycodecs,
+                                   &tokens, &tls, &intercept)) {
+    return -1;
+  }
+  memset(&tls_cfg, 0, sizeof(tls_cfg));
+  if (tls != Py_None &&
+      !PyArg_ParseTuple(tls, "sszp;tls must be (cert_chain, private_key, root_certs, require)",
+                        &tls_cfg.cert_chain, &tls_cfg.private_key, &tls_cfg.root_certs,
+                        &tls_cfg.require_client_auth)) {
+    return -1;
+  }
+  if (intercept != Py_None && !PyCallable_Check(intercept)) {
+    PyErr_SetString(PyExc_TypeError, "intercept must be callable or None");
+    return -1;
+  }
+  if (parse_tokens(tokens, &token_seq, &token_ptrs, &n_tokens) < 0) {
+    PyMem_Free(token_ptrs);
+    Py_XDECREF(token_seq);
     return -1;
   }
   if (!PyCallable_Check(compute) || !PyCallable_Check(info)) {
     PyErr_SetString(PyExc_TypeError, "compute and info must be callable");
-    return -1;
+    goto early_fail;
   }
-  if (slpy_parse_options(options, &chargs, &nchargs) < 0) return -1;
   self->st = slpy_state_of_type(Py_TYPE(self));
-  if (self->st == NULL) {
-    PyMem_Free(chargs);
-    return -1;
+  if (self->st == NULL) goto early_fail;
+  ccodec = slpy_codec_of(self->st, codec, &cerr);
+  if (cerr) goto early_fail;
+  if (pycodecs != Py_None) {
+    names = PySequence_Fast(pycodecs, "python_codecs must be a sequence of str");
+    if (names == NULL) goto early_fail;
+    name_ptrs = PyMem_Calloc((size_t)PySequence_Fast_GET_SIZE(names) + 1, sizeof(char *));
+    if (name_ptrs == NULL) {
+      PyErr_NoMemory();
+      goto early_fail;
+    }
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(names); i++) {
+      name_ptrs[i] = PyUnicode_AsUTF8(PySequence_Fast_GET_ITEM(names, i));
+      if (name_ptrs[i] == NULL) goto early_fail;
+    }
   }
+  if (slpy_parse_options(options, &chargs, &nchargs) < 0) goto early_fail;
   self->holder_type = (PyTypeObject *)Py_NewRef(self->st->holder_type);
   self->compute = Py_NewRef(compute);
   self->info = Py_NewRef(info);
+  self->codec = Py_NewRef(codec);
+  self->intercept = Py_NewRef(intercept);
+  if (intercept != Py_None) hooks.intercept = hook_intercept;
+  memset(&cfg, 0, sizeof(cfg));
+  cfg.auth_tokens = token_ptrs;
+  cfg.n_auth_tokens = n_tokens;
+  cfg.tls = tls != Py_None ? &tls_cfg : NULL;
+  cfg.codec = ccodec;
+  cfg.python_codecs = name_ptrs;
+  cfg.n_python_codecs = names ? (size_t)PySequence_Fast_GET_SIZE(names) : 0;
   cfg.host = host;
   cfg.port = port;
   cfg.max_workers = max_workers;
@@ -254,11 +389,21 @@ static int server_init(server_obj *self, PyObject *args, PyObject *kwargs) {
   sl_err_clear(&err);
   rc = sl_server_create(&cfg, &hooks, self, &self->server, &err);
   PyMem_Free(chargs);
+  PyMem_Free(name_ptrs);
+  Py_XDECREF(names);
+  PyMem_Free(token_ptrs);
+  Py_XDECREF(token_seq);
   if (rc != SL_OK) {
     PyErr_SetString(rc == SL_EINVAL ? PyExc_ValueError : PyExc_RuntimeError, err.msg);
     return -1;
   }
   return 0;
+early_fail:
+  PyMem_Free(name_ptrs);
+  Py_XDECREF(names);
+  PyMem_Free(token_ptrs);
+  Py_XDECREF(token_seq);
+  return -1;
 }
 
 static PyObject *server_start(server_obj *self, PyObject *unused) {
@@ -325,6 +470,11 @@ static PyObject *server_get_serving(server_obj *self, void *closure) {
   return PyBool_FromLong(self->server ? sl_server_is_serving(self->server) : 0);
 }
 
+static PyObject *server_get_in_flight(server_obj *self, void *closure) {
+  (void)closure;
+  return PyLong_FromLong(self->server ? sl_server_in_flight(self->server) : 0);
+}
+
 static PyObject *server_get_total(server_obj *self, void *closure) {
   (void)closure;
   return PyLong_FromLongLong(self->server ? sl_server_total_requests(self->server) : 0);
@@ -342,6 +492,8 @@ static void server_dealloc(server_obj *self) {
   }
   Py_CLEAR(self->compute);
   Py_CLEAR(self->info);
+  Py_CLEAR(self->codec);
+  Py_CLEAR(self->intercept);
   Py_CLEAR(self->holder_type);
   tp->tp_free((PyObject *)self);
   Py_DECREF(tp);
@@ -357,6 +509,7 @@ static PyGetSetDef server_getset[] = {
     {"port", (getter)server_get_port, NULL, "The bound port.", NULL},
     {"serving", (getter)server_get_serving, NULL, "True while serving.", NULL},
     {"total_requests", (getter)server_get_total, NULL, "Compute calls served.", NULL},
+    {"in_flight", (getter)server_get_in_flight, NULL, "Compute calls being served.", NULL},
     {NULL, NULL, NULL, NULL, NULL}};
 
 static PyType_Slot server_slots[] = {

@@ -13,6 +13,8 @@
 #include <pythread.h>
 
 #include "chanargs.h"
+#include "codec.h"
+#include "message.h"
 #include "sl_common.h"
 #include "tensor.h"
 
@@ -21,6 +23,7 @@ typedef struct slpy_state {
   PyTypeObject *holder_type; /* DLPackTensor */
   PyTypeObject *server_type;
   PyTypeObject *client_type;
+  PyTypeObject *codec_type;
   PyObject *call_error;      /* _core.CallError */
   unsigned long main_thread;
 } slpy_state;
@@ -49,13 +52,50 @@ int slpy_export_tensor(PyObject *obj, slpy_export *ex);
 void slpy_export_release(void *dlm);
 
 /* A new DLPackTensor object that owns `storage` (from sl_storage_alloc) and
- * exposes it through __dlpack__ / __dlpack_device__. On failure the storage is
- * freed and NULL returned with an exception set. */
+ * exposes it through __dlpack__ / __dlpack_device__, and its bytes through the
+ * buffer protocol (memoryview(obj): writable, 1-D, unsigned bytes). On failure
+ * the storage is freed and NULL returned with an exception set. */
 PyObject *slpy_holder_new(slpy_state *st, void *storage, const sl_tensor_desc *desc);
 
 extern PyType_Spec slpy_holder_spec;
 extern PyType_Spec slpy_server_spec;
 extern PyType_Spec slpy_client_spec;
+extern PyType_Spec slpy_codec_spec;
+
+/* The sl_codec of a _core.Codec object (borrowed; lives as long as the object),
+ * NULL (no exception) for None, NULL with TypeError for anything else. */
+const sl_codec *slpy_codec_of(slpy_state *st, PyObject *obj, int *error);
+
+/* _core.decode(name, payload, shape, dtype, metadata) */
+PyObject *slpy_codec_decode(PyObject *module, PyObject *args);
+
+/* ---- codec metadata ---- */
+
+/* Convert a dict of str -> float | int | str | bytes | bool (NumPy scalars too)
+ * into `out` (which must start empty). TypeError names a bad key or value. */
+int slpy_meta_from_dict(PyObject *dict, sl_meta *out);
+
+/* A new dict with the same Python types the sender used. */
+PyObject *slpy_meta_to_dict(const sl_meta *m);
+
+/* An already-encoded tensor handed over by Python: (data, shape, dtype, codec, meta).
+ * Owns a buffer view of `data` (released with the GIL taken) and the metadata. */
+typedef struct slpy_encoded {
+  Py_buffer view;
+  sl_meta meta;
+  char codec[128];
+  int has_view;
+} slpy_encoded;
+
+/* Fill an sl_tensor_out from a 5-tuple (data, shape, dtype, codec, meta). On
+ * success out->owner is a new slpy_encoded released by slpy_encoded_release. */
+int slpy_encoded_from_tuple(PyObject *t, sl_tensor_out *out);
+
+/* Release function of slpy_encoded: called without the GIL, from any thread. */
+void slpy_encoded_release(void *owner);
+
+/* Shape tuple of a descriptor. */
+PyObject *slpy_shape_tuple(const sl_tensor_desc *d);
 
 /* ---- shared helpers (module.c) ---- */
 

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 
 #include "client.h"
+#include "codec.h"
 #include "server.h"
 #include "sl_test.h"
 
@@ -38,11 +39,12 @@ static int double_hook(void *user, const sl_call_info *call, sl_compute_args *a,
     float *f = a->tensor->data;
     for (size_t i = 0; i < a->tensor->nbytes / 4; i++) f[i] *= 2.0f;
   }
-  a->out_desc = a->tensor->desc;
-  a->out_data = a->tensor->data;
-  a->out_nbytes = a->tensor->nbytes;
-  a->out_release = free_storage;
-  a->out_owner = a->tensor->data;
+  memset(&a->out, 0, sizeof(a->out));
+  a->out.desc = a->tensor->desc;
+  a->out.data = a->tensor->data;
+  a->out.nbytes = a->tensor->nbytes;
+  a->out.release = free_storage;
+  a->out.owner = a->tensor->data;
   a->tensor->data = NULL; /* taken */
   a->compute_time_ms = 1.5f;
   return SL_OK;
@@ -61,7 +63,10 @@ static int info_hook(void *user, sl_service_info *out, sl_err *err) {
 }
 
 static sl_server *start_server(int workers) {
-  sl_server_config cfg = {"127.0.0.1", 0, workers, "9.9.9", NULL, 0};
+  sl_server_config cfg = {0};
+  cfg.host = "127.0.0.1";
+  cfg.max_workers = workers;
+  cfg.version = "9.9.9";
   sl_server_hooks hooks = {NULL, NULL, double_hook, info_hook};
   sl_server *s = NULL;
   sl_err err;
@@ -76,7 +81,7 @@ static sl_client *connect_to(sl_server *s) {
   sl_client *c = NULL;
   sl_err err;
   snprintf(target, sizeof(target), "127.0.0.1:%d", sl_server_port(s));
-  CHECK_EQ_INT(sl_client_create(target, NULL, 0, &c, &err), SL_OK);
+  CHECK_EQ_INT(sl_client_create(target, NULL, 0, NULL, &c, &err), SL_OK);
   CHECK_EQ_INT(sl_client_connect(c, 10.0, NULL, NULL), SL_OK);
   return c;
 }
@@ -88,19 +93,24 @@ static void release_input(void *owner) {
 }
 
 /* Send n floats 0..n-1 with metadata; returns the status code. */
-static int roundtrip(sl_client *c, size_t n, const sl_kv *md, size_t nmd, float **result,
-                     sl_call_status *st) {
+static int roundtrip_with(sl_client *c, const sl_codec *codec, size_t n, const sl_kv *md,
+                          size_t nmd, float **result, sl_call_status *st) {
   float *in = malloc(n * sizeof(float) + 1);
   sl_tensor_desc d = {SL_DTYPE_FLOAT32, 1, {(int64_t)n}};
   sl_call_opts o = {10.0, md, nmd, 0, NULL, NULL, NULL};
   sl_tensor_msg out;
   sl_compute_extra ein = {1, 5, 0, 0}, eout;
+  sl_tensor_out t = {0};
   sl_err err;
   int rc;
   for (size_t i = 0; i < n; i++) in[i] = (float)i;
   memset(st, 0, sizeof(*st));
-  rc = sl_client_compute(c, &o, &d, in, n * sizeof(float), release_input, NULL, &ein, &out,
-                         &eout, st, &err);
+  t.desc = d;
+  t.data = in;
+  t.nbytes = n * sizeof(float);
+  t.release = release_input;
+  t.codec = codec;
+  rc = sl_client_compute(c, &o, &t, &ein, &out, &eout, st, &err);
   *result = NULL;
   if (rc == SL_OK) {
     CHECK_EQ_INT(out.nbytes, n * sizeof(float));
@@ -113,6 +123,11 @@ static int roundtrip(sl_client *c, size_t n, const sl_kv *md, size_t nmd, float 
   }
   free(in);
   return rc == SL_OK ? SL_STATUS_OK : st->code;
+}
+
+static int roundtrip(sl_client *c, size_t n, const sl_kv *md, size_t nmd, float **result,
+                     sl_call_status *st) {
+  return roundtrip_with(c, NULL, n, md, nmd, result, st);
 }
 
 static void test_roundtrip_sizes(void) {
@@ -136,6 +151,34 @@ static void test_roundtrip_sizes(void) {
   sl_client_destroy(c);
   sl_server_destroy(s);
   CHECK_EQ_INT(input_released, 5); /* every input given back exactly once */
+}
+
+static void test_builtin_codecs_end_to_end(void) {
+  /* the client encodes in C, the server decodes in C, answers with the same codec */
+  static const sl_codec_spec specs[] = {
+      {.kind = SL_CODEC_KIND_FLOAT16},
+      {.kind = SL_CODEC_KIND_BFLOAT16},
+      {.kind = SL_CODEC_KIND_COMPRESSED, .algorithm = SL_COMPRESS_ZSTD, .level = 3},
+      {.kind = SL_CODEC_KIND_COMPRESSED, .algorithm = SL_COMPRESS_ZLIB, .level = 6},
+      {.kind = SL_CODEC_KIND_SPARSE_COO},
+  };
+  sl_server *s = start_server(2);
+  sl_client *c = connect_to(s);
+  for (size_t k = 0; k < sizeof(specs) / sizeof(specs[0]); k++) {
+    sl_codec *codec = NULL;
+    sl_err err;
+    float *r = NULL;
+    sl_call_status st;
+    CHECK_EQ_INT(sl_codec_create(&specs[k], &codec, &err), SL_OK);
+    CHECK_EQ_INT(roundtrip_with(c, codec, 4096, NULL, 0, &r, &st), SL_STATUS_OK);
+    /* small integers are exact in every one of these codecs */
+    for (size_t i = 0; r && i < 256; i++) CHECK(r[i] == 2.0f * (float)i);
+    free(r);
+    sl_call_status_clear(&st);
+    sl_codec_destroy(codec);
+  }
+  sl_client_destroy(c);
+  sl_server_destroy(s);
 }
 
 static void test_hook_error_keeps_serving(void) {
@@ -225,7 +268,7 @@ static void test_unavailable_fails_fast(void) {
   sl_call_status st;
   double t0 = sl_now();
   /* port 1 on loopback: nothing listens there */
-  CHECK_EQ_INT(sl_client_create("127.0.0.1:1", NULL, 0, &c, &err), SL_OK);
+  CHECK_EQ_INT(sl_client_create("127.0.0.1:1", NULL, 0, NULL, &c, &err), SL_OK);
   CHECK_EQ_INT(roundtrip(c, 4, NULL, 0, &r, &st), SL_STATUS_UNAVAILABLE);
   CHECK(sl_now() - t0 < 5.0);
   sl_call_status_clear(&st);
@@ -234,7 +277,11 @@ static void test_unavailable_fails_fast(void) {
 
 static void test_busy_port_is_an_error(void) {
   sl_server *s = start_server(1);
-  sl_server_config cfg = {"127.0.0.1", sl_server_port(s), 1, "", NULL, 0};
+  sl_server_config cfg = {0};
+  cfg.host = "127.0.0.1";
+  cfg.port = sl_server_port(s);
+  cfg.max_workers = 1;
+  cfg.version = "";
   sl_server_hooks hooks = {NULL, NULL, double_hook, NULL};
   sl_server *t = NULL;
   sl_err err;
@@ -258,6 +305,7 @@ static void test_stop_twice_and_wait(void) {
 int main(void) {
   grpc_init();
   RUN(test_roundtrip_sizes);
+  RUN(test_builtin_codecs_end_to_end);
   RUN(test_hook_error_keeps_serving);
   RUN(test_health_and_info);
   RUN(test_workers_run_concurrently);
