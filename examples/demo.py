@@ -157,11 +157,17 @@ def run_client(port: int) -> None:
 def main() -> int:
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     proc, conn, port = start_server_process()
-    print(f"server process {proc.pid} serving build_mlp()[:{SPLIT}] on 127.0.0.1:{port}")
+    interrupted = False
     try:
+        print(f"server process {proc.pid} serving build_mlp()[:{SPLIT}] on 127.0.0.1:{port}")
         run_client(port)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted; stopping the server process", file=sys.stderr)
     finally:
         code = stop_server_process(proc, conn)
+    if interrupted:
+        return 130
     print(f"\nserver process exited with code {code}")
     return 0 if code == 0 else 1
 

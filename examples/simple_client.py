@@ -26,7 +26,8 @@ from splitlearn_comm import ExponentialBackoff, GRPCComputeClient
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="server host (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=50051, help="server port (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=50051,
+                        help="server port (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32,
                         help="samples per call (default: %(default)s)")
     parser.add_argument("--calls", type=int, default=5,

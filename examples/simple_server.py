@@ -76,8 +76,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"listening on {args.host}:{server.port}", flush=True)
 
     # SIGTERM (docker stop, kill, systemd) stops the server; wait_for_termination()
-    # then returns. Ctrl-C raises KeyboardInterrupt out of wait_for_termination().
+    # then returns. Ctrl-C (SIGINT) raises KeyboardInterrupt out of
+    # wait_for_termination(); the handler is set explicitly because a shell starts
+    # background jobs (`python simple_server.py &`) with SIGINT ignored.
     signal.signal(signal.SIGTERM, lambda signum, frame: server.stop(grace=args.grace))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         server.wait_for_termination()
     except KeyboardInterrupt:

@@ -76,7 +76,8 @@ typedef enum sl_codec_kind {
   SL_CODEC_KIND_CAST,       /* "cast": the tensor cast to wire_dtype on the wire, original dtype restored */
   SL_CODEC_KIND_FLOAT16,    /* "float16": float32 -> IEEE half (round to nearest even) -> float32 */
   SL_CODEC_KIND_BFLOAT16,   /* "bfloat16": float32 -> bfloat16 (round to nearest even) -> float32 */
-  SL_CODEC_KIND_INT8,       /* "int8": affine 8-bit quantization, per tensor or per channel */
+  SL_CODEC_KIND_INT8,       /* "int8": affine 8-bit quantization, per tensor or per channel;
+                               encoding a tensor holding NaN or +-inf fails with SL_EINVAL */
   SL_CODEC_KIND_COMPRESSED, /* "zstd" / "zlib": lossless compression of an inner codec's payload */
   SL_CODEC_KIND_SPARSE_COO  /* "sparse_coo": indices + values of the non-zero elements, any dtype */
 } sl_codec_kind;
@@ -89,7 +90,8 @@ typedef struct sl_codec_spec {
   int per_channel;                    /* INT8: 0 per tensor, 1 per channel along `axis` */
   int axis;                           /* INT8: channel axis (negative counts from the end) */
   sl_compression algorithm;           /* COMPRESSED */
-  int level;                          /* COMPRESSED: zstd 1..22, zlib 0..9 (default 6) */
+  int level;                          /* COMPRESSED: zstd 1..22 (0: zstd's default, 3),
+                                         zlib 0..9 (-1: zlib's default, 6) */
   const struct sl_codec_spec *inner;  /* COMPRESSED: codec applied before compressing (NULL: raw) */
 } sl_codec_spec;
 
@@ -139,7 +141,9 @@ int sl_codec_decode(const char *name, const sl_tensor_desc *desc, const void *pa
 void sl_f32_to_f16(const float *in, uint16_t *out, size_t n);
 void sl_f16_to_f32(const uint16_t *in, float *out, size_t n);
 
-/* float32 <-> bfloat16, round to nearest even, bit-identical to tensor.bfloat16(). */
+/* float32 <-> bfloat16, round to nearest even, bit-identical to tensor.bfloat16().
+ * Every NaN becomes 0xFFFF, as tensor.bfloat16() gives on a contiguous tensor on
+ * AVX2/AVX-512 CPUs (torch's scalar path gives 0x7FC0); see codec_convert.c. */
 void sl_f32_to_bf16(const float *in, uint16_t *out, size_t n);
 void sl_bf16_to_f32(const uint16_t *in, float *out, size_t n);
 

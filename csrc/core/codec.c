@@ -1,0 +1,540 @@
+/* codec.c: see codec.h. The typed metadata helpers, the codec objects
+ * (create/destroy/name/accepts), the encode/decode dispatch and the raw codec.
+ *
+ * The codecs themselves live in codec_convert.c (cast, float16, bfloat16 and the
+ * conversion kernels), codec_quant.c (int8), codec_compress.c (zstd, zlib) and
+ * codec_sparse.c (sparse_coo); codec_internal.h is their private interface.
+ *
+ * Metadata: sl_meta_get() returns the LAST value added under a key, as a
+ * protobuf map parser keeps the last entry of a repeated key.
+ *
+ * Wire names and their metadata (every decoder ignores keys it does not know):
+ *   raw         none; payload = the tensor's bytes
+ *   cast        "wire_dtype" (string); payload = the tensor in wire_dtype
+ *   float16     none; payload = numel IEEE binary16 values (float32 tensors only)
+ *   bfloat16    none; payload = numel bfloat16 values (float32 tensors only)
+ *   int8        see codec_quant.c
+ *   zstd, zlib  see codec_compress.c
+ *   sparse_coo  none; see codec_sparse.c
+ * All multi-byte values on the wire are little-endian.
+ *
+ * Compression levels: zstd takes 1..22, and 0 for zstd's default (3); zlib takes
+ * 0..9, and -1 for zlib's default (6).
+ */
+#include "codec.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "codec_internal.h"
+
+/* ---- typed metadata ---- */
+
+static int meta_append(sl_meta *m, const char *key, sl_meta_value *v) {
+  sl_meta_value *items;
+  if (m == NULL || key == NULL) return SL_EINVAL;
+  if (m->n >= SIZE_MAX / sizeof(*items) - 1) return SL_ENOMEM;
+  v->key = sl_strndup(key, strlen(key));
+  if (v->key == NULL) return SL_ENOMEM;
+  items = realloc(m->items, (m->n + 1) * sizeof(*items));
+  if (items == NULL) {
+    free(v->key);
+    v->key = NULL;
+    return SL_ENOMEM;
+  }
+  items[m->n] = *v;
+  m->items = items;
+  m->n++;
+  return SL_OK;
+}
+
+int sl_meta_add_double(sl_meta *m, const char *key, double d) {
+  sl_meta_value v = {0};
+  v.type = SL_META_DOUBLE;
+  v.d = d;
+  return meta_append(m, key, &v);
+}
+
+int sl_meta_add_int(sl_meta *m, const char *key, int64_t i) {
+  sl_meta_value v = {0};
+  v.type = SL_META_INT;
+  v.i = i;
+  return meta_append(m, key, &v);
+}
+
+int sl_meta_add_bool(sl_meta *m, const char *key, int b) {
+  sl_meta_value v = {0};
+  v.type = SL_META_BOOL;
+  v.i = b ? 1 : 0;
+  return meta_append(m, key, &v);
+}
+
+static int meta_add_blob(sl_meta *m, const char *key, sl_meta_type type, const void *p,
+                         size_t len) {
+  sl_meta_value v = {0};
+  int rc;
+  if (p == NULL && len > 0) return SL_EINVAL;
+  if (len == SIZE_MAX) return SL_ENOMEM;
+  v.type = type;
+  v.len = len;
+  v.bytes = malloc(len + 1);
+  if (v.bytes == NULL) return SL_ENOMEM;
+  if (len > 0) memcpy(v.bytes, p, len);
+  v.bytes[len] = '\0';
+  rc = meta_append(m, key, &v);
+  if (rc != SL_OK) free(v.bytes);
+  return rc;
+}
+
+int sl_meta_add_string(sl_meta *m, const char *key, const char *s) {
+  if (s == NULL) return SL_EINVAL;
+  return meta_add_blob(m, key, SL_META_STRING, s, strlen(s));
+}
+
+int sl_meta_add_bytes(sl_meta *m, const char *key, const void *p, size_t len) {
+  return meta_add_blob(m, key, SL_META_BYTES, p, len);
+}
+
+const sl_meta_value *sl_meta_get(const sl_meta *m, const char *key) {
+  size_t i;
+  if (m == NULL || key == NULL) return NULL;
+  for (i = m->n; i-- > 0;) {
+    if (m->items[i].key != NULL && strcmp(m->items[i].key, key) == 0) return &m->items[i];
+  }
+  return NULL;
+}
+
+void sl_meta_clear(sl_meta *m) {
+  size_t i;
+  if (m == NULL) return;
+  for (i = 0; i < m->n; i++) {
+    free(m->items[i].key);
+    free(m->items[i].bytes);
+  }
+  free(m->items);
+  m->items = NULL;
+  m->n = 0;
+}
+
+/* ---- shared helpers (codec_internal.h) ---- */
+
+int sl__codec_fail(sl_err *err, int status, const char *codec, const char *fmt, ...) {
+  char detail[SL_ERR_MSG_MAX];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(detail, sizeof(detail), fmt, ap);
+  va_end(ap);
+  return sl_err_set(err, status,
+                    status == SL_ENOMEM ? SL_STATUS_RESOURCE_EXHAUSTED
+                                        : SL_STATUS_INVALID_ARGUMENT,
+                    "codec '%s': %s", codec, detail);
+}
+
+size_t sl__desc_numel(const sl_tensor_desc *desc) {
+  size_t n = 1;
+  int i;
+  for (i = 0; i < desc->ndim; i++) {
+    if (desc->shape[i] == 0) return 0;
+  }
+  /* no zero dimension: the product fits, since the byte count does */
+  for (i = 0; i < desc->ndim; i++) n *= (size_t)desc->shape[i];
+  return n;
+}
+
+int sl__dtype_is_float(sl_dtype dt) {
+  return dt == SL_DTYPE_FLOAT16 || dt == SL_DTYPE_BFLOAT16 || dt == SL_DTYPE_FLOAT32 ||
+         dt == SL_DTYPE_FLOAT64;
+}
+
+static const char *meta_type_name(sl_meta_type t) {
+  switch (t) {
+    case SL_META_DOUBLE: return "double";
+    case SL_META_INT: return "int";
+    case SL_META_STRING: return "string";
+    case SL_META_BYTES: return "bytes";
+    case SL_META_BOOL: return "bool";
+    default: return "unknown";
+  }
+}
+
+int sl__meta_need(const sl_meta *meta, const char *codec, const char *key, sl_meta_type type,
+                  const sl_meta_value **out, sl_err *err) {
+  const sl_meta_value *v = sl_meta_get(meta, key);
+  *out = NULL;
+  if (v == NULL) {
+    return sl__codec_fail(err, SL_EINVAL, codec, "metadata '%s' (%s) is missing", key,
+                          meta_type_name(type));
+  }
+  if (v->type != type) {
+    return sl__codec_fail(err, SL_EINVAL, codec, "metadata '%s' should be %s, not %s", key,
+                          meta_type_name(type), meta_type_name(v->type));
+  }
+  if ((type == SL_META_STRING || type == SL_META_BYTES) && v->bytes == NULL && v->len > 0) {
+    return sl__codec_fail(err, SL_EINVAL, codec, "metadata '%s' has no value", key);
+  }
+  *out = v;
+  return SL_OK;
+}
+
+/* ---- raw ---- */
+
+int sl__raw_encode(const sl_codec *c, const sl_tensor_desc *desc, size_t numel, const void *data,
+                   size_t nbytes, void **payload, size_t *payload_len, sl_meta *meta,
+                   sl_err *err) {
+  int status = -1;
+  void *buf = NULL;
+  (void)c;
+  (void)desc;
+  (void)numel;
+  (void)meta;
+  status = sl_storage_alloc(nbytes, &buf);
+  if (status != SL_OK) {
+    status = sl__codec_fail(err, SL_ENOMEM, "raw", "cannot allocate %zu bytes", nbytes);
+    goto cleanup;
+  }
+  if (nbytes > 0) memcpy(buf, data, nbytes);
+  *payload = buf;
+  *payload_len = nbytes;
+  buf = NULL;
+  status = SL_OK;
+cleanup:
+  sl_storage_free(buf);
+  return status;
+}
+
+int sl__raw_payload_max(const sl_tensor_desc *desc, size_t numel, size_t nbytes,
+                        const sl_meta *meta, size_t *max_len, sl_err *err) {
+  (void)desc;
+  (void)numel;
+  (void)meta;
+  (void)err;
+  *max_len = nbytes;
+  return SL_OK;
+}
+
+int sl__raw_decode(const sl_tensor_desc *desc, size_t numel, size_t nbytes, const void *payload,
+                   size_t payload_len, const sl_meta *meta, void *out, sl_err *err) {
+  (void)numel;
+  (void)meta;
+  if (payload_len != nbytes) {
+    return sl__codec_fail(err, SL_EINVAL, "raw",
+                          "payload has %zu bytes; %zu elements of %s need %zu", payload_len,
+                          numel, sl_dtype_name(desc->dtype), nbytes);
+  }
+  if (nbytes > 0) memcpy(out, payload, nbytes);
+  return SL_OK;
+}
+
+/* ---- the codec table ---- */
+
+static const sl__codec_entry codec_table[] = {
+    {"raw", SL_CODEC_KIND_RAW, sl__raw_payload_max, sl__raw_decode},
+    {"cast", SL_CODEC_KIND_CAST, sl__cast_payload_max, sl__cast_decode},
+    {"float16", SL_CODEC_KIND_FLOAT16, sl__half_payload_max, sl__f16_decode},
+    {"bfloat16", SL_CODEC_KIND_BFLOAT16, sl__half_payload_max, sl__bf16_decode},
+    {"int8", SL_CODEC_KIND_INT8, sl__int8_payload_max, sl__int8_decode},
+    {"zstd", SL_CODEC_KIND_COMPRESSED, NULL, NULL},
+    {"zlib", SL_CODEC_KIND_COMPRESSED, NULL, NULL},
+    {"sparse_coo", SL_CODEC_KIND_SPARSE_COO, sl__sparse_payload_max, sl__sparse_decode},
+};
+
+#define CODEC_TABLE_N (sizeof(codec_table) / sizeof(codec_table[0]))
+
+const sl__codec_entry *sl__codec_lookup(const char *name) {
+  size_t i;
+  if (name == NULL) return NULL;
+  for (i = 0; i < CODEC_TABLE_N; i++) {
+    if (strcmp(codec_table[i].name, name) == 0) return &codec_table[i];
+  }
+  return NULL;
+}
+
+int sl_codec_name_is_builtin(const char *name) { return sl__codec_lookup(name) != NULL; }
+
+int sl__codec_kind_accepts(sl_codec_kind kind, sl_dtype dtype) {
+  if (dtype <= SL_DTYPE_INVALID || dtype >= SL_DTYPE_COUNT) return 0;
+  switch (kind) {
+    case SL_CODEC_KIND_RAW:
+    case SL_CODEC_KIND_SPARSE_COO:
+    case SL_CODEC_KIND_COMPRESSED: return 1;
+    case SL_CODEC_KIND_CAST:
+    case SL_CODEC_KIND_INT8: return sl__dtype_is_float(dtype);
+    case SL_CODEC_KIND_FLOAT16:
+    case SL_CODEC_KIND_BFLOAT16: return dtype == SL_DTYPE_FLOAT32;
+    default: return 0;
+  }
+}
+
+/* ---- codec objects ---- */
+
+static const char *kind_label(sl_codec_kind kind) {
+  switch (kind) {
+    case SL_CODEC_KIND_RAW: return "raw";
+    case SL_CODEC_KIND_CAST: return "cast";
+    case SL_CODEC_KIND_FLOAT16: return "float16";
+    case SL_CODEC_KIND_BFLOAT16: return "bfloat16";
+    case SL_CODEC_KIND_INT8: return "int8";
+    case SL_CODEC_KIND_COMPRESSED: return "compressed";
+    case SL_CODEC_KIND_SPARSE_COO: return "sparse_coo";
+    default: return "?";
+  }
+}
+
+static int check_spec(const sl_codec_spec *spec, sl_err *err) {
+  const char *name = kind_label(spec->kind);
+  switch (spec->kind) {
+    case SL_CODEC_KIND_RAW:
+    case SL_CODEC_KIND_FLOAT16:
+    case SL_CODEC_KIND_BFLOAT16:
+    case SL_CODEC_KIND_SPARSE_COO: return SL_OK;
+    case SL_CODEC_KIND_CAST:
+      if (!sl__dtype_is_float(spec->wire_dtype)) {
+        return sl__codec_fail(err, SL_EINVAL, name,
+                              "wire_dtype must be float16, bfloat16, float32 or float64, not "
+                              "'%s'",
+                              sl_dtype_name(spec->wire_dtype));
+      }
+      return SL_OK;
+    case SL_CODEC_KIND_INT8:
+      if (spec->per_channel != 0 && spec->per_channel != 1) {
+        return sl__codec_fail(err, SL_EINVAL, name, "per_channel must be 0 or 1, not %d",
+                              spec->per_channel);
+      }
+      if (spec->per_channel && (spec->axis < -SL_MAX_NDIM || spec->axis >= SL_MAX_NDIM)) {
+        return sl__codec_fail(err, SL_EINVAL, name, "axis %d is out of range", spec->axis);
+      }
+      return SL_OK;
+    case SL_CODEC_KIND_COMPRESSED:
+      if (spec->algorithm == SL_COMPRESS_ZSTD) {
+        if (spec->level < 0 || spec->level > 22) {
+          return sl__codec_fail(err, SL_EINVAL, "zstd",
+                                "level %d is out of range (1..22, or 0 for the default)",
+                                spec->level);
+        }
+      } else if (spec->algorithm == SL_COMPRESS_ZLIB) {
+        if (spec->level < -1 || spec->level > 9) {
+          return sl__codec_fail(err, SL_EINVAL, "zlib",
+                                "level %d is out of range (0..9, or -1 for the default)",
+                                spec->level);
+        }
+      } else {
+        return sl__codec_fail(err, SL_EINVAL, name, "unknown compression algorithm %d",
+                              (int)spec->algorithm);
+      }
+      if (spec->inner != NULL && spec->inner->kind == SL_CODEC_KIND_COMPRESSED) {
+        return sl__codec_fail(err, SL_EINVAL, name,
+                              "the inner codec cannot itself be a compressed codec");
+      }
+      return SL_OK;
+    default:
+      return sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT, "unknown codec kind %d",
+                        (int)spec->kind);
+  }
+}
+
+int sl_codec_create(const sl_codec_spec *spec, sl_codec **out, sl_err *err) {
+  int status = -1;
+  sl_codec *c = NULL;
+  if (out == NULL) return sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT, "no output");
+  *out = NULL;
+  if (spec == NULL) {
+    status = sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT, "no codec spec");
+    goto cleanup;
+  }
+  status = check_spec(spec, err);
+  if (status != SL_OK) goto cleanup;
+  c = calloc(1, sizeof(*c));
+  if (c == NULL) {
+    status = sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+    goto cleanup;
+  }
+  c->spec = *spec;
+  c->spec.inner = NULL;
+  if (spec->kind == SL_CODEC_KIND_COMPRESSED && spec->inner != NULL &&
+      spec->inner->kind != SL_CODEC_KIND_RAW) {
+    status = sl_codec_create(spec->inner, &c->inner, err);
+    if (status != SL_OK) goto cleanup;
+    c->spec.inner = &c->inner->spec;
+  }
+  if (spec->kind == SL_CODEC_KIND_INT8 && !spec->per_channel) c->spec.axis = 0;
+  *out = c;
+  c = NULL;
+  status = SL_OK;
+cleanup:
+  sl_codec_destroy(c);
+  return status;
+}
+
+void sl_codec_destroy(sl_codec *c) {
+  if (c == NULL) return;
+  sl_codec_destroy(c->inner);
+  free(c);
+}
+
+const char *sl_codec_name(const sl_codec *c) {
+  if (c == NULL) return "";
+  if (c->spec.kind == SL_CODEC_KIND_COMPRESSED) {
+    return c->spec.algorithm == SL_COMPRESS_ZLIB ? "zlib" : "zstd";
+  }
+  return kind_label(c->spec.kind);
+}
+
+int sl_codec_is_raw(const sl_codec *c) { return c != NULL && c->spec.kind == SL_CODEC_KIND_RAW; }
+
+int sl_codec_accepts(const sl_codec *c, sl_dtype dtype) {
+  if (c == NULL) return 0;
+  if (c->spec.kind == SL_CODEC_KIND_COMPRESSED && c->inner != NULL) {
+    return sl_codec_accepts(c->inner, dtype);
+  }
+  return sl__codec_kind_accepts(c->spec.kind, dtype);
+}
+
+/* ---- dispatch ---- */
+
+static int check_desc(const char *codec, const sl_tensor_desc *desc, size_t *nbytes,
+                      sl_err *err) {
+  char shp[128];
+  int rc;
+  if (desc == NULL) return sl__codec_fail(err, SL_EINVAL, codec, "no tensor descriptor");
+  if (desc->ndim < 0 || desc->ndim > SL_MAX_NDIM) {
+    return sl__codec_fail(err, SL_EINVAL, codec, "tensor has %d dimensions", desc->ndim);
+  }
+  rc = sl_desc_nbytes(desc, nbytes);
+  if (rc != SL_OK) {
+    sl_desc_format_shape(desc, shp, sizeof(shp));
+    return sl__codec_fail(err, SL_EINVAL, codec, "invalid tensor: shape %s of dtype '%s' (%s)",
+                          shp, sl_dtype_name(desc->dtype), sl_strerror(rc));
+  }
+  return SL_OK;
+}
+
+static sl__encode_fn encoder_of(sl_codec_kind kind) {
+  switch (kind) {
+    case SL_CODEC_KIND_RAW: return sl__raw_encode;
+    case SL_CODEC_KIND_CAST: return sl__cast_encode;
+    case SL_CODEC_KIND_FLOAT16:
+    case SL_CODEC_KIND_BFLOAT16: return sl__half_encode;
+    case SL_CODEC_KIND_INT8: return sl__int8_encode;
+    case SL_CODEC_KIND_COMPRESSED: return sl__compress_encode;
+    case SL_CODEC_KIND_SPARSE_COO: return sl__sparse_encode;
+    default: return NULL;
+  }
+}
+
+int sl_codec_encode(const sl_codec *c, const sl_tensor_desc *desc, const void *data,
+                    size_t nbytes, void **payload, size_t *payload_len, sl_meta *meta,
+                    sl_err *err) {
+  int status = -1;
+  const char *name = sl_codec_name(c);
+  size_t need = 0;
+  sl__encode_fn enc;
+  void *buf = NULL;
+  size_t len = 0;
+  if (payload == NULL || payload_len == NULL || meta == NULL || c == NULL) {
+    return sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                      "sl_codec_encode: missing codec or output argument");
+  }
+  *payload = NULL;
+  *payload_len = 0;
+  if (meta->n != 0) {
+    return sl__codec_fail(err, SL_EINVAL, name, "the metadata to fill must start empty");
+  }
+  status = check_desc(name, desc, &need, err);
+  if (status != SL_OK) goto cleanup;
+  if (!sl_codec_accepts(c, desc->dtype)) {
+    status = sl__codec_fail(err, SL_EINVAL, name, "does not take %s tensors",
+                            sl_dtype_name(desc->dtype));
+    goto cleanup;
+  }
+  if (need != nbytes) {
+    status = sl__codec_fail(err, SL_EINVAL, name,
+                            "the tensor's shape needs %zu bytes but %zu were given", need, nbytes);
+    goto cleanup;
+  }
+  if (data == NULL && nbytes > 0) {
+    status = sl__codec_fail(err, SL_EINVAL, name, "no tensor data");
+    goto cleanup;
+  }
+  enc = encoder_of(c->spec.kind);
+  if (enc == NULL) {
+    status = sl__codec_fail(err, SL_EINVAL, name, "no encoder");
+    goto cleanup;
+  }
+  status = enc(c, desc, sl__desc_numel(desc), data, nbytes, &buf, &len, meta, err);
+  if (status != SL_OK) goto cleanup;
+  *payload = buf;
+  *payload_len = len;
+  buf = NULL;
+  status = SL_OK;
+cleanup:
+  sl_storage_free(buf);
+  if (status != SL_OK) sl_meta_clear(meta);
+  return status;
+}
+
+int sl_codec_decode(const char *name, const sl_tensor_desc *desc, const void *payload,
+                    size_t payload_len, const sl_meta *meta, void **out, sl_err *err) {
+  int status = -1;
+  const sl__codec_entry *e;
+  size_t nbytes = 0;
+  void *buf = NULL;
+  if (out == NULL) {
+    return sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                      "sl_codec_decode: missing output argument");
+  }
+  *out = NULL;
+  e = sl__codec_lookup(name);
+  if (e == NULL) {
+    status = sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                        "unknown codec '%.64s'; the built-in codecs are raw, cast, float16, "
+                        "bfloat16, int8, zstd, zlib, sparse_coo",
+                        name == NULL ? "(null)" : name);
+    goto cleanup;
+  }
+  status = check_desc(e->name, desc, &nbytes, err);
+  if (status != SL_OK) goto cleanup;
+  if (!sl__codec_kind_accepts(e->kind, desc->dtype)) {
+    status = sl__codec_fail(err, SL_EINVAL, e->name, "does not decode to %s tensors",
+                            sl_dtype_name(desc->dtype));
+    goto cleanup;
+  }
+  if (payload == NULL && payload_len > 0) {
+    status = sl__codec_fail(err, SL_EINVAL, e->name, "no payload bytes");
+    goto cleanup;
+  }
+  if (e->payload_max != NULL) {
+    /* check the metadata and the length before allocating the tensor (the
+     * decoder checks the exact length again) */
+    size_t max_len = 0;
+    status = e->payload_max(desc, sl__desc_numel(desc), nbytes, meta, &max_len, err);
+    if (status != SL_OK) goto cleanup;
+    if (payload_len > max_len) {
+      status = sl__codec_fail(err, SL_EINVAL, e->name,
+                              "payload has %zu bytes; a payload for this tensor has at most %zu",
+                              payload_len, max_len);
+      goto cleanup;
+    }
+  }
+  status = sl_storage_alloc(nbytes, &buf);
+  if (status != SL_OK) {
+    status = sl__codec_fail(err, SL_ENOMEM, e->name, "cannot allocate %zu bytes", nbytes);
+    goto cleanup;
+  }
+  if (e->kind == SL_CODEC_KIND_COMPRESSED) {
+    status = sl__compress_decode(strcmp(e->name, "zlib") == 0 ? SL_COMPRESS_ZLIB
+                                                              : SL_COMPRESS_ZSTD,
+                                 desc, sl__desc_numel(desc), nbytes, payload, payload_len, meta,
+                                 buf, err);
+  } else {
+    status = e->decode(desc, sl__desc_numel(desc), nbytes, payload, payload_len, meta, buf, err);
+  }
+  if (status != SL_OK) goto cleanup;
+  *out = buf;
+  buf = NULL;
+  status = SL_OK;
+cleanup:
+  sl_storage_free(buf);
+  return status;
+}
