@@ -328,11 +328,22 @@ def test_handle_signals(sig):
             proc.wait()
 
 
-def test_stock_grpcio_health_client(serve):
-    from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: F401
+STOCK_HEALTH_CLIENT = textwrap.dedent("""
+    import sys
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    with grpc.insecure_channel(sys.argv[1]) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        print(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+""")
+
+
+def test_stock_grpcio_health_client(serve):
+    """grpcio-health-checking's own client (in a child process: its generated
+    module and the interop tests' share one protobuf descriptor pool)."""
     server = serve(Echo())
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
-        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    out = subprocess.run([PYTHON, "-c", STOCK_HEALTH_CLIENT, f"127.0.0.1:{server.port}"],
+                         capture_output=True, text=True, timeout=60, env=subprocess_env())
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "SERVING"

@@ -294,13 +294,17 @@ int sl_tensor_msg_decode(sl_tensor_msg *m, sl_err *err) {
   size_t nbytes = 0;
   int rc;
   if (m->decoded || !sl_codec_name_is_builtin(m->codec)) return m->decoded ? check_bools(m, err) : SL_OK;
+  rc = sl_desc_nbytes(&m->desc, &nbytes);
+  if (rc != SL_OK) return sl_err_set(err, rc, SL_STATUS_INVALID_ARGUMENT, "invalid dtype or shape");
+  if (nbytes > SL_MAX_DECODED_BYTES) {
+    /* a few bytes of sparse or compressed payload may declare any shape */
+    return sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,
+                      "codec '%.64s': the decoded tensor would take %zu bytes, over the limit of "
+                      "%zu bytes (16 GiB)",
+                      m->codec, nbytes, (size_t)SL_MAX_DECODED_BYTES);
+  }
   rc = sl_codec_decode(m->codec, &m->desc, m->data, m->nbytes, &m->meta, &out, err);
   if (rc != SL_OK) return rc;
-  rc = sl_desc_nbytes(&m->desc, &nbytes);
-  if (rc != SL_OK) {
-    sl_storage_free(out);
-    return sl_err_set(err, rc, SL_STATUS_INVALID_ARGUMENT, "invalid dtype or shape");
-  }
   sl_storage_free(m->data);
   m->data = out;
   m->nbytes = nbytes;

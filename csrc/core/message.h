@@ -55,8 +55,12 @@ int sl_tensor_msg_read(sl_msg_kind kind, const sl_span *spans, size_t nspans, sl
 
 void sl_tensor_msg_clear(sl_tensor_msg *m);
 
+/* The largest tensor a codec payload may decode to (16 GiB): a compressed or
+ * sparse payload of a few bytes may declare any shape. */
+#define SL_MAX_DECODED_BYTES ((size_t)16 << 30)
+
 /* Decode a built-in codec's payload in place (data becomes the tensor, decoded =
- * 1). A message already decoded, or whose codec is not built in, is left as it
+ * 1). A decoded size over SL_MAX_DECODED_BYTES is RESOURCE_EXHAUSTED. A message already decoded, or whose codec is not built in, is left as it
  * is (check `decoded`). Fails with the codec's INVALID_ARGUMENT message. */
 int sl_tensor_msg_decode(sl_tensor_msg *m, sl_err *err);
 
