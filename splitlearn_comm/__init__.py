@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from .codecs import (BFloat16Codec, CodecError, CompressedTensorCodec, Float16Codec, Int8Codec,
                      SparseCOOCodec)
-from .client import ExponentialBackoff, FixedDelay, GRPCComputeClient, RetryStrategy
+from .client import (CircuitBreaker, ExponentialBackoff, FixedDelay, GRPCComputeClient,
+                     RetryStrategy)
 from .context import CallContext, current_call
 from .core import ComputeFunction, ModelComputeFunction, TensorCodec
 from .errors import RpcError
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BFloat16Codec",
     "CallContext",
+    "CircuitBreaker",
     "ClientTLS",
     "ServerTLS",
     "CodecError",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import abc
+import collections
 import logging
 import random
 import re
@@ -47,14 +48,18 @@ class _BuiltinRetry(RetryStrategy):
     """A policy whose whole loop (attempts and sleeps) runs in C without the GIL."""
 
     max_retries: int
+    attempt_timeout: Optional[float] = None
     _initial: float
     _max: float
     _multiplier: float
     _jitter: float
 
-    def _policy(self) -> Tuple[int, float, float, float, float]:
+    def _policy(self) -> Tuple[int, float, float, float, float, float]:
         return (int(self.max_retries), float(self._initial), float(self._max),
-                float(self._multiplier), float(self._jitter))
+                float(self._multiplier), float(self._jitter), float(self.attempt_timeout or 0.0))
+
+    def _breaker(self) -> Any:
+        return None
 
     def delay(self, retry: int) -> float:
         """The delay before retry number ``retry`` (0-based), jitter applied."""
@@ -82,11 +87,12 @@ class ExponentialBackoff(_BuiltinRetry):
     The n-th retry waits ``min(max_delay, initial_delay * 2**n)``, scaled by a random
     factor in ``[1 - jitter, 1 + jitter]``. Other codes (INVALID_ARGUMENT, INTERNAL
     from a failing ``compute()``, ...) are never retried. The client's timeout
-    bounds all attempts and sleeps together.
+    bounds all attempts and sleeps together; ``attempt_timeout`` bounds each
+    attempt (one that runs out is retried as DEADLINE_EXCEEDED).
     """
 
     def __init__(self, max_retries: int = 3, initial_delay: float = 1.0, max_delay: float = 30.0,
-                 jitter: float = 0.25) -> None:
+                 jitter: float = 0.25, attempt_timeout: Optional[float] = None) -> None:
         if max_retries < 0 or initial_delay < 0 or max_delay < 0 or not 0 <= jitter <= 1:
             raise ValueError("max_retries, initial_delay and max_delay must be >= 0 and "
                              "jitter within [0, 1]")
@@ -94,6 +100,7 @@ class ExponentialBackoff(_BuiltinRetry):
         self.initial_delay = initial_delay
         self.max_delay = max_delay
         self.jitter = jitter
+        self.attempt_timeout = attempt_timeout
         self._initial, self._max, self._multiplier, self._jitter = (
             initial_delay, max_delay, 2.0, jitter)
 
@@ -106,15 +113,89 @@ class ExponentialBackoff(_BuiltinRetry):
 class FixedDelay(_BuiltinRetry):
     """Retry UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED after a fixed delay."""
 
-    def __init__(self, max_retries: int = 3, delay: float = 1.0) -> None:
+    def __init__(self, max_retries: int = 3, delay: float = 1.0,
+                 attempt_timeout: Optional[float] = None) -> None:
         if max_retries < 0 or delay < 0:
             raise ValueError("max_retries and delay must be >= 0")
         self.max_retries = max_retries
+        self.attempt_timeout = attempt_timeout
         self.delay_seconds = delay
         self._initial, self._max, self._multiplier, self._jitter = delay, delay, 1.0, 0.0
 
     def __repr__(self) -> str:
         return f"FixedDelay(max_retries={self.max_retries}, delay={self.delay_seconds})"
+
+
+class CircuitBreaker(_BuiltinRetry):
+    """Stop calling a server that keeps failing; try again after a while.
+
+    Wraps another strategy (``strategy``; ``None``: one attempt per call). After
+    ``failure_threshold`` calls in a row fail with UNAVAILABLE, DEADLINE_EXCEEDED or
+    RESOURCE_EXHAUSTED (after their retries), the breaker opens: calls fail at once
+    with UNAVAILABLE, saying the breaker is open and for how long, for
+    ``reset_timeout`` seconds. Then it lets calls through as probes:
+    ``half_open_attempts`` successes close it, one failure opens it again. Errors the
+    server chose (INVALID_ARGUMENT, INTERNAL, ...) do not count as failures: the
+    server is up. Thread-safe; with a built-in (or no) inner strategy, the whole
+    logic runs in C without the GIL. One breaker may be shared by several clients.
+    """
+
+    def __init__(self, failure_threshold: int = 5, reset_timeout: float = 60.0,
+                 half_open_attempts: int = 3, strategy: Optional[RetryStrategy] = None) -> None:
+        if failure_threshold < 1 or half_open_attempts < 1 or reset_timeout < 0:
+            raise ValueError("failure_threshold and half_open_attempts must be >= 1, "
+                             "reset_timeout >= 0")
+        if strategy is not None and not isinstance(strategy, RetryStrategy):
+            raise TypeError("strategy must be a RetryStrategy or None")
+        if isinstance(strategy, CircuitBreaker):
+            raise TypeError("a CircuitBreaker cannot wrap another CircuitBreaker")
+        self.failure_threshold = failure_threshold
+        self.reset_timeout = reset_timeout
+        self.half_open_attempts = half_open_attempts
+        self.strategy = strategy
+        self._c = _core.Breaker(failure_threshold, float(reset_timeout), half_open_attempts)
+
+    @property
+    def max_retries(self) -> int:  # type: ignore[override]
+        return self.strategy.max_retries if isinstance(self.strategy, _BuiltinRetry) else 0
+
+    @property
+    def state(self) -> str:
+        """``"closed"``, ``"open"`` or ``"half_open"``."""
+        return self._c.state
+
+    def is_builtin(self) -> bool:
+        return self.strategy is None or isinstance(self.strategy, _BuiltinRetry)
+
+    def _policy(self) -> Optional[tuple]:  # type: ignore[override]
+        return self.strategy._policy() if isinstance(self.strategy, _BuiltinRetry) else None
+
+    def _breaker(self) -> Any:
+        return self._c
+
+    def execute(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """The breaker around ``strategy.execute`` (for Python strategies and direct use)."""
+        allowed, wait, failures = self._c.allow()
+        if not allowed:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE,
+                           f"circuit breaker is open for another {wait:.1f} s after {failures} "
+                           "failed calls in a row; calls fail at once until then", attempts=0)
+        try:
+            if self.strategy is None:
+                result = func(*args, **kwargs)
+            else:
+                result = self.strategy.execute(func, *args, **kwargs)
+        except grpc.RpcError as e:
+            code = e.code() if callable(getattr(e, "code", None)) else grpc.StatusCode.UNKNOWN
+            self._c.record(code.value[0])
+            raise
+        self._c.record(0)
+        return result
+
+    def __repr__(self) -> str:
+        return (f"CircuitBreaker(failure_threshold={self.failure_threshold}, "
+                f"reset_timeout={self.reset_timeout}, half_open_attempts="
+                f"{self.half_open_attempts}, strategy={self.strategy!r}, state={self.state!r})")
 
 
 _DEFAULT = object()
@@ -148,10 +229,35 @@ def _normalize_metadata(md: MetadataLike) -> List[Tuple[str, Union[str, bytes]]]
 
 
 class _Stats:
+    """Counters of a client's compute() calls (thread-safe)."""
+
+    WINDOW = 4096  # the latest calls kept for percentiles
+
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.total = self.ok = self.failed = 0
+        self.total = self.ok = self.failed = self.retries = 0
         self.total_ms = self.compute_ms = self.network_ms = 0.0
+        self.bytes_sent = self.bytes_received = 0
+        self.by_code: Dict[str, int] = {}
+        self.recent: "collections.deque[float]" = collections.deque(maxlen=self.WINDOW)
+
+    def count_error(self, err: RpcError) -> None:
+        with self.lock:
+            self.by_code[err.code().name] = self.by_code.get(err.code().name, 0) + 1
+            self.retries += max(0, err.attempts - 1)
+
+    def count_ok(self, reply: tuple) -> None:
+        with self.lock:
+            self.retries += max(0, reply[3] - 1)
+            self.bytes_sent += reply[9]
+            self.bytes_received += reply[10]
+
+    @staticmethod
+    def percentile(values: List[float], q: float) -> float:
+        if not values:
+            return 0.0
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 class GRPCComputeClient:
@@ -255,9 +361,10 @@ class GRPCComputeClient:
         start = time.perf_counter()
         try:
             strategy = self.retry_strategy
-            if strategy is None or isinstance(strategy, _BuiltinRetry):
-                policy = strategy._policy() if strategy is not None else None
-                reply = self._attempt(sendable, md, total, policy)
+            if strategy is None or (isinstance(strategy, _BuiltinRetry) and
+                                    (not isinstance(strategy, CircuitBreaker) or
+                                     strategy.is_builtin())):
+                reply = self._attempt(sendable, md, total, strategy)
             else:
                 deadline = time.monotonic() + total if total and total > 0 else None
                 reply = strategy.execute(self._attempt_until, sendable, md, deadline)
@@ -265,10 +372,11 @@ class GRPCComputeClient:
             self._record(False, start, None)
             raise
         self._record(True, start, reply[1])
+        self._stats.count_ok(reply)
         return self._result(reply, how)
 
     def _result(self, reply: tuple, how: _tensor.Restore) -> Any:
-        holder, _ms, _rid, _attempts, _initial, codec_name, codec_meta, shape, _dtype = reply
+        holder, _ms, _rid, _attempts, _initial, codec_name, codec_meta, shape, _dtype = reply[:9]
         if codec_name is None:
             return _tensor.restore(holder, how)
         codec = self._registry.get(codec_name)
@@ -285,14 +393,19 @@ class GRPCComputeClient:
             return self._ids
 
     def _attempt(self, sendable: Any, md: list, timeout: Optional[float],
-                 policy: Optional[tuple]) -> tuple:
+                 strategy: Optional[_BuiltinRetry]) -> tuple:
+        """One call to the C core: a single attempt, or a built-in strategy's loop in C."""
         try:
             return self._live().compute(
                 sendable, timeout=timeout or 0.0, metadata=md, wait_for_ready=self.wait_for_ready,
-                retry=policy, request_id=self._next_id(), codec=self._c_codec,
+                retry=strategy._policy() if strategy is not None else None,
+                breaker=strategy._breaker() if strategy is not None else None,
+                request_id=self._next_id(), codec=self._c_codec,
                 encoded=isinstance(sendable, tuple))
         except _core.CallError as e:
-            raise from_call_error(e, target=self.server_address, method=_COMPUTE) from None
+            err = from_call_error(e, target=self.server_address, method=_COMPUTE)
+            self._stats.count_error(err)
+            raise err from None
 
     def _attempt_until(self, sendable: Any, md: list, deadline: Optional[float]) -> tuple:
         """One attempt bounded by the overall deadline (for Python strategies)."""
@@ -310,6 +423,7 @@ class GRPCComputeClient:
         s = self._stats
         with s.lock:
             s.total += 1
+            s.recent.append(ms)
             if ok:
                 s.ok += 1
                 s.total_ms += ms
@@ -341,17 +455,30 @@ class GRPCComputeClient:
                                   method="/splitlearn.comm.ComputeService/GetServiceInfo") from None
 
     def get_statistics(self) -> Dict[str, Any]:
-        """Counters and mean times (ms) of this client's ``compute()`` calls."""
+        """Counters and times (ms) of this client's ``compute()`` calls.
+
+        ``avg_*`` are means over successful calls (network = total - server compute);
+        ``p50_total_time_ms`` / ``p99_total_time_ms`` cover the latest 4096 calls;
+        ``failures_by_code`` counts failed calls by gRPC status name; ``retries`` the
+        attempts beyond the first; bytes are message bytes on the wire, all attempts.
+        """
         s = self._stats
         with s.lock:
             n = s.ok or 1
+            recent = list(s.recent)
             return {
                 "total_requests": s.total,
                 "successful_requests": s.ok,
                 "failed_requests": s.failed,
+                "retries": s.retries,
+                "failures_by_code": dict(s.by_code),
+                "bytes_sent": s.bytes_sent,
+                "bytes_received": s.bytes_received,
                 "avg_network_time_ms": s.network_ms / n,
                 "avg_compute_time_ms": s.compute_ms / n,
                 "avg_total_time_ms": s.total_ms / n,
+                "p50_total_time_ms": _Stats.percentile(recent, 0.50),
+                "p99_total_time_ms": _Stats.percentile(recent, 0.99),
             }
 
     @property
@@ -390,7 +517,7 @@ class ComputeServiceStub:
                 request_id=request.request_id, encoded=True)
         except _core.CallError as e:
             raise from_call_error(e, target=self._client.server_address, method=_COMPUTE) from None
-        holder, ms, rid, _attempts, _initial, codec, codec_meta, shape, dtype = reply
+        holder, ms, rid, _attempts, _initial, codec, codec_meta, shape, dtype = reply[:9]
         return protocol.ComputeResponse(
             data=bytes(memoryview(holder)), shape=list(shape), dtype=dtype, codec=codec or "raw",
             codec_metadata=codec_meta or {}, compute_time_ms=ms, request_id=rid)

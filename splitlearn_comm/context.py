@@ -20,11 +20,13 @@ class CallContext:
         request_id: the request's ``request_id`` field, or None.
     """
 
-    __slots__ = ("method", "peer", "metadata", "request_metadata", "deadline", "request_id")
+    __slots__ = ("method", "peer", "metadata", "request_metadata", "deadline", "request_id",
+                 "_state")
 
     def __init__(self, method: str, peer: str, metadata: Tuple[Tuple[str, Any], ...],
                  request_metadata: Dict[str, str], deadline: Optional[float],
-                 request_id: Optional[int]) -> None:
+                 request_id: Optional[int], state: Any = None) -> None:
+        self._state = state
         self.method = method
         self.peer = peer
         self.metadata = metadata
@@ -39,11 +41,26 @@ class CallContext:
         return max(0.0, self.deadline - time.monotonic())
 
     def is_active(self) -> bool:
-        """False once the call's deadline has passed."""
+        """False once the call is over for the client: it was cancelled (the client
+        gave up or went away), its deadline passed, or the server is stopping. A
+        long ``compute()`` may check this and stop early; its result would reach no
+        one. Call it from the thread running ``compute()``."""
+        if self._state is not None:
+            return bool(self._state.is_active())
         return self.deadline is None or time.monotonic() < self.deadline
 
     def invocation_metadata(self) -> Tuple[Tuple[str, Any], ...]:
         return self.metadata
+
+    def abort(self, code: Any, details: str) -> None:
+        """End the call with gRPC status ``code`` (a ``grpc.StatusCode``) and
+        ``details``, as ``grpc.ServicerContext.abort`` does: raises, so nothing after
+        it runs. Use it for errors the client should see as such (e.g.
+        ``INVALID_ARGUMENT`` for an input the model cannot take); any other exception
+        from ``compute()`` becomes ``INTERNAL``."""
+        from .errors import Abort
+
+        raise Abort(code, details)
 
     def __repr__(self) -> str:
         return f"CallContext(method={self.method!r}, peer={self.peer!r})"

@@ -318,7 +318,8 @@ def _make_intercept(interceptors: Sequence[grpc.ServerInterceptor]):
 
     run = chain(0)
 
-    def intercept(method: str, peer: str, metadata: Tuple, deadline: Optional[float]) -> None:
+    def intercept(method: str, peer: str, metadata: Tuple, deadline: Optional[float],
+                  state: Any = None) -> None:
         handler = run(_HandlerCallDetails(method, metadata))
         if handler is ours:
             return
@@ -327,7 +328,7 @@ def _make_intercept(interceptors: Sequence[grpc.ServerInterceptor]):
         fn = handler.unary_unary
         if fn is None:
             raise Abort(grpc.StatusCode.UNIMPLEMENTED, "an interceptor returned a non-unary handler")
-        ctx = _ServicerContext(context.CallContext(method, peer, metadata, {}, deadline, None))
+        ctx = _ServicerContext(context.CallContext(method, peer, metadata, {}, deadline, None, state))
         fn(None, ctx)
         code = ctx.code()
         if code is None or code == grpc.StatusCode.OK:
@@ -347,8 +348,10 @@ def _make_dispatch(compute_fn: ComputeFunction, registry: CodecRegistry,
 
     def dispatch(holder: Any, codec: Optional[str], codec_meta: Optional[Dict], shape: tuple,
                  dtype: str, method: str, peer: str, metadata: Tuple, request_metadata: Dict,
-                 deadline: Optional[float], request_id: Optional[int]) -> Tuple[Any, float]:
-        call = context.CallContext(method, peer, metadata, request_metadata, deadline, request_id)
+                 deadline: Optional[float], request_id: Optional[int],
+                 state: Any = None) -> Tuple[Any, float]:
+        call = context.CallContext(method, peer, metadata, request_metadata, deadline, request_id,
+                                   state)
         context._set(call)
         try:
             if codec is None:

@@ -11,6 +11,7 @@
 #include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
 #include <stdlib.h>
+#include <stdio.h>
 #include <string.h>
 #include <time.h>
 
@@ -26,12 +27,15 @@ struct sl_client {
 
 void sl_call_status_clear(sl_call_status *st) {
   int attempts = st->attempts;
+  size_t sent = st->bytes_sent, received = st->bytes_received;
   free(st->details);
   free(st->debug);
   sl__kv_free(st->trailing, st->n_trailing);
   sl__kv_free(st->initial, st->n_initial);
   memset(st, 0, sizeof(*st));
   st->attempts = attempts;
+  st->bytes_sent = sent;
+  st->bytes_received = received;
 }
 
 int sl_client_create(const char *target, const sl_chan_arg *args, size_t nargs,
@@ -130,6 +134,7 @@ int sl_client_connect(sl_client *c, double timeout, sl_interrupt_fn interrupt, v
 static int attempt(sl_client *c, const char *method, sl_payload *p, double deadline,
                    const sl_call_opts *o, grpc_byte_buffer **resp, sl_call_status *st,
                    sl_err *err) {
+  /* `deadline`: this attempt's, on the sl_now() clock (0: none) */
   int status = SL_EGRPC, interrupted = 0, tag;
   grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
   grpc_call *call = NULL;
@@ -204,6 +209,8 @@ static int attempt(sl_client *c, const char *method, sl_payload *p, double deadl
       grpc_call_cancel_with_status(call, GRPC_STATUS_CANCELLED, "interrupted by the caller", NULL);
     }
   }
+  st->bytes_sent += sl_payload_size(p);
+  if (*resp != NULL) st->bytes_received += grpc_byte_buffer_length(*resp);
   st->code = (int)code;
   st->details = sl__slice_strdup(details);
   if (error_string != NULL) st->debug = sl_strndup(error_string, strlen(error_string));
@@ -251,18 +258,24 @@ static int sleep_sliced(double seconds, const sl_call_opts *o) {
   }
 }
 
-/* A unary call with the options' retry policy. Returns SL_OK (status OK, *resp set),
- * SL_ESTATUS (non-OK status in st), SL_EINTR, or a local failure. */
-static int unary(sl_client *c, const char *method, sl_payload *p, const sl_call_opts *o,
-                 grpc_byte_buffer **resp, sl_call_status *st, sl_err *err) {
+/* The attempts of a unary call under the options' retry policy. Returns SL_OK
+ * (status OK, *resp set), SL_ESTATUS (non-OK status in st), SL_EINTR, or a local
+ * failure. */
+static int attempts(sl_client *c, const char *method, sl_payload *p, const sl_call_opts *o,
+                    grpc_byte_buffer **resp, sl_call_status *st, sl_err *err) {
   double deadline = o->timeout > 0 ? sl_now() + o->timeout : 0;
   uint64_t rng = (uint64_t)(uintptr_t)st ^ (uint64_t)(sl_now() * 1e9);
   int retry = 0;
   for (;;) {
     int rc;
+    double attempt_deadline = deadline;
+    if (o->retry != NULL && o->retry->attempt_timeout > 0) {
+      double own = sl_now() + o->retry->attempt_timeout;
+      if (attempt_deadline == 0 || own < attempt_deadline) attempt_deadline = own;
+    }
     sl_call_status_clear(st);
     st->attempts = retry + 1;
-    rc = attempt(c, method, p, deadline, o, resp, st, err);
+    rc = attempt(c, method, p, attempt_deadline, o, resp, st, err);
     if (rc == SL_EINTR) {
       st->code = SL_STATUS_CANCELLED;
       return rc;
@@ -293,6 +306,33 @@ static int unary(sl_client *c, const char *method, sl_payload *p, const sl_call_
     }
     retry++;
   }
+}
+
+/* A unary call: the circuit breaker (if any), then the attempts. */
+static int unary(sl_client *c, const char *method, sl_payload *p, const sl_call_opts *o,
+                 grpc_byte_buffer **resp, sl_call_status *st, sl_err *err) {
+  int rc;
+  if (o->breaker != NULL) {
+    double now = sl_now(), retry_at = 0;
+    int failures = 0;
+    if (!sl_breaker_allow(o->breaker, now, &retry_at, &failures)) {
+      char buf[160];
+      int n = snprintf(buf, sizeof(buf),
+                       "circuit breaker is open for another %.1f s after %d failed calls in a "
+                       "row; calls fail at once until then",
+                       retry_at - now, failures);
+      sl_call_status_clear(st);
+      st->attempts = 0;
+      st->code = SL_STATUS_UNAVAILABLE;
+      st->details = sl_strndup(buf, n > 0 && (size_t)n < sizeof(buf) ? (size_t)n : strlen(buf));
+      return SL_ESTATUS;
+    }
+  }
+  rc = attempts(c, method, p, o, resp, st, err);
+  if (o->breaker != NULL && (rc == SL_OK || rc == SL_ESTATUS)) {
+    sl_breaker_record(o->breaker, rc == SL_OK ? SL_STATUS_OK : st->code, sl_now());
+  }
+  return rc;
 }
 
 int sl_client_compute(sl_client *c, const sl_call_opts *opts, const sl_tensor_out *in,

@@ -36,6 +36,7 @@ typedef struct sl_call_opts {
   size_t n_metadata;
   int wait_for_ready;        /* wait for the server to come up instead of failing fast */
   const sl_retry_policy *retry; /* NULL: a single attempt */
+  sl_breaker *breaker;          /* NULL: none; else consulted before and told after the call */
   sl_interrupt_fn interrupt;
   void *interrupt_user;
 } sl_call_opts;
@@ -50,6 +51,8 @@ typedef struct sl_call_status {
   size_t n_initial;
   char *debug;         /* gRPC's debug error string, or NULL */
   int attempts;        /* attempts made */
+  size_t bytes_sent;     /* message bytes sent, all attempts */
+  size_t bytes_received; /* message bytes received */
 } sl_call_status;
 
 void sl_call_status_clear(sl_call_status *st);

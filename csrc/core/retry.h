@@ -12,6 +12,7 @@ extern "C" {
 
 typedef struct sl_retry_policy {
   int max_retries;      /* retries after the first attempt; 0: one attempt */
+  double attempt_timeout; /* seconds each attempt may take (0: the call's whole timeout) */
   double initial_delay; /* seconds before the first retry */
   double max_delay;     /* cap on any one delay */
   double multiplier;    /* 2 for exponential backoff, 1 for a fixed delay */
@@ -26,6 +27,36 @@ int sl_retry_code_is_retryable(int code);
 /* The delay before retry number `retry` (0 for the first retry), given a uniform
  * random value `u` in [0, 1). */
 double sl_retry_delay(const sl_retry_policy *p, int retry, double u);
+
+/* ---- circuit breaker ----
+ *
+ * Shared by every call of a client (thread-safe). CLOSED: calls go through;
+ * `failure_threshold` failures in a row open it. OPEN: calls fail at once with
+ * UNAVAILABLE until `reset_timeout` seconds have passed. HALF_OPEN: calls go
+ * through as probes; `half_open_attempts` successes close it, one failure opens it
+ * again. A failure is a call that ended (after its retries) with a retryable code
+ * (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED): the server or the network
+ * is in trouble. Any other ending (OK, or an error the server chose, such as
+ * INVALID_ARGUMENT or INTERNAL) counts as a success of the transport. */
+typedef struct sl_breaker sl_breaker;
+
+enum { SL_BREAKER_CLOSED = 0, SL_BREAKER_OPEN = 1, SL_BREAKER_HALF_OPEN = 2 };
+
+/* Create a breaker; SL_OK or SL_ENOMEM. Freed with sl_breaker_destroy. */
+int sl_breaker_create(int failure_threshold, double reset_timeout, int half_open_attempts,
+                      sl_breaker **out);
+void sl_breaker_destroy(sl_breaker *b);
+
+/* May a call go through now (`now` on the sl_now() clock)? 1 yes; 0 no, with
+ * *retry_at set to when it may (sl_now() clock) and *failures to the failures that
+ * opened it. */
+int sl_breaker_allow(sl_breaker *b, double now, double *retry_at, int *failures);
+
+/* Record how a call ended (its final gRPC status code). */
+void sl_breaker_record(sl_breaker *b, int code, double now);
+
+/* The state (SL_BREAKER_*) and the current run of failures. */
+int sl_breaker_state(sl_breaker *b, int *failures);
 
 /* A small thread-safe PRNG step (xorshift64*); returns a uniform value in [0, 1). */
 double sl_retry_uniform(uint64_t *state);

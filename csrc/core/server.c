@@ -82,6 +82,44 @@ static int wait_tag(grpc_completion_queue *cq, void *tag) {
   }
 }
 
+/* A call's close watch: RECV_CLOSE_ON_SERVER started as soon as the request is
+ * in, so that a cancelled call is noticed while it is being computed. */
+typedef struct call_state {
+  grpc_completion_queue *cq;
+  int started;   /* the RECV_CLOSE_ON_SERVER batch is pending or done */
+  int closed;    /* it completed: the call is over (cancelled, during compute) */
+  int cancelled; /* set by gRPC */
+  double deadline;
+} call_state;
+
+/* Take one event (waiting at most until `until`); note the close. Returns the
+ * event's tag, or NULL when none came. */
+static void *next_event(call_state *cs, gpr_timespec until, int *success) {
+  grpc_event ev = grpc_completion_queue_next(cs->cq, until, NULL);
+  if (ev.type != GRPC_OP_COMPLETE) return NULL;
+  if (ev.tag == (void *)cs) cs->closed = 1;
+  *success = ev.success;
+  return ev.tag;
+}
+
+/* Wait for `tag` while also noting the close event. */
+static int wait_call_tag(call_state *cs, void *tag) {
+  for (;;) {
+    int success = 0;
+    void *t = next_event(cs, gpr_inf_future(GPR_CLOCK_REALTIME), &success);
+    if (t == tag) return success;
+  }
+}
+
+int sl_call_is_active(void *state) {
+  call_state *cs = state;
+  int success;
+  if (cs == NULL) return 0;
+  if (cs->started && !cs->closed) next_event(cs, gpr_time_0(GPR_CLOCK_REALTIME), &success);
+  if (cs->closed) return 0;
+  return cs->deadline <= 0 || sl_now() < cs->deadline;
+}
+
 static int streq_slice(grpc_slice s, const char *lit) {
   size_t n = strlen(lit);
   return GRPC_SLICE_LENGTH(s) == n && memcmp(GRPC_SLICE_START_PTR(s), lit, n) == 0;
@@ -350,17 +388,24 @@ static void serve_call(worker *w, grpc_call *call, grpc_call_details *details,
   size_t nkv = 0;
   char *method = NULL, *peer = NULL, *details_str = NULL;
   grpc_slice details_slice;
-  int cancelled = 0, tag1, tag2;
+  int tag1, tag2;
   double remaining;
+  call_state cs;
 
   memset(&r, 0, sizeof(r));
   memset(&ci, 0, sizeof(ci));
+  memset(&cs, 0, sizeof(cs));
+  cs.cq = w->cq;
   memset(ops, 0, sizeof(ops));
   ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
   ops[1].op = GRPC_OP_RECV_MESSAGE;
   ops[1].data.recv_message.recv_message = &in_bb;
   if (grpc_call_start_batch(call, ops, 2, &tag1, NULL) != GRPC_CALL_OK) goto cleanup;
   if (!wait_tag(w->cq, &tag1)) goto cleanup; /* the client went away */
+  memset(ops, 0, sizeof(ops));
+  ops[0].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+  ops[0].data.recv_close_on_server.cancelled = &cs.cancelled;
+  cs.started = grpc_call_start_batch(call, ops, 1, &cs, NULL) == GRPC_CALL_OK;
 
   method = sl__slice_strdup(details->method);
   peer = grpc_call_get_peer(call);
@@ -374,6 +419,8 @@ static void serve_call(worker *w, grpc_call *call, grpc_call_details *details,
   ci.deadline = remaining > 1e15 ? 0.0 : sl_now() + remaining;
   ci.metadata = kv;
   ci.n_metadata = nkv;
+  ci.state = &cs;
+  cs.deadline = ci.deadline;
 
   if (s->n_tokens > 0 && !streq_slice(details->method, METHOD_STD_HEALTH) &&
       !authorized(s, kv, nkv)) {
@@ -433,13 +480,16 @@ respond:
   ops[nops].data.send_status_from_server.status_details = &details_slice;
   ops[nops].data.send_status_from_server.trailing_metadata_count = 0;
   nops++;
-  ops[nops].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
-  ops[nops].data.recv_close_on_server.cancelled = &cancelled;
-  nops++;
-  if (grpc_call_start_batch(call, ops, nops, &tag2, NULL) == GRPC_CALL_OK) wait_tag(w->cq, &tag2);
+  if (grpc_call_start_batch(call, ops, nops, &tag2, NULL) == GRPC_CALL_OK) {
+    wait_call_tag(&cs, &tag2);
+  } else {
+    grpc_call_cancel(call, NULL); /* no status will be sent: end the call */
+  }
   grpc_slice_unref(details_slice);
 
 cleanup:
+  /* the close watch completes when the call ends; it must before the call goes */
+  if (cs.started && !cs.closed) wait_call_tag(&cs, &cs);
   if (out_bb != NULL) grpc_byte_buffer_destroy(out_bb);
   if (r.payload != NULL) sl_payload_unref(r.payload);
   if (in_bb != NULL) grpc_byte_buffer_destroy(in_bb);

@@ -37,7 +37,14 @@ typedef struct sl_call_info {
   double deadline;               /* sl_now()-clock deadline; 0 when none */
   const sl_kv *metadata;         /* invocation metadata */
   size_t n_metadata;
+  void *state;                   /* pass to sl_call_is_active(), during the hook only */
 } sl_call_info;
+
+/* 0 once the call was cancelled (the client went away or gave up, its deadline
+ * passed, or the server is stopping): the result would reach no one, so a long
+ * computation may stop early. 1 otherwise. Call it only from the thread running
+ * the hook, with the hook's call->state. */
+int sl_call_is_active(void *state);
 
 /* The in/out record of the compute hook. */
 typedef struct sl_compute_args {

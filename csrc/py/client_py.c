@@ -37,9 +37,12 @@ static int check_interrupt(void *user) {
 static int parse_retry(PyObject *retry, sl_retry_policy *p, const sl_retry_policy **out) {
   *out = NULL;
   if (retry == NULL || retry == Py_None) return 0;
-  if (!PyArg_ParseTuple(retry, "idddd;retry must be (max_retries, initial, max, multiplier, jitter)",
+  p->attempt_timeout = 0;
+  if (!PyArg_ParseTuple(retry,
+                        "idddd|d;retry must be (max_retries, initial, max, multiplier, jitter, "
+                        "attempt_timeout)",
                         &p->max_retries, &p->initial_delay, &p->max_delay, &p->multiplier,
-                        &p->jitter)) {
+                        &p->jitter, &p->attempt_timeout)) {
     return -1;
   }
   *out = p;
@@ -105,8 +108,11 @@ typedef struct call_args {
 } call_args;
 
 static int call_args_init(client_obj *self, call_args *a, double timeout, PyObject *metadata,
-                          int wait_for_ready, PyObject *retry) {
+                          int wait_for_ready, PyObject *retry, PyObject *breaker) {
+  int berr = 0;
   memset(a, 0, sizeof(*a));
+  a->opts.breaker = slpy_breaker_of(self->st, breaker, &berr);
+  if (berr) return -1;
   if (slpy_parse_metadata(metadata, &a->md, &a->opts.n_metadata) < 0) return -1;
   if (parse_retry(retry, &a->policy, &a->opts.retry) < 0) {
     PyMem_Free(a->md);
@@ -130,9 +136,9 @@ static int call_args_init(client_obj *self, call_args *a, double timeout, PyObje
  * is None, else the payload of that (Python) codec for the caller to decode. */
 static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwargs) {
   static char *kwlist[] = {"tensor", "timeout", "metadata", "wait_for_ready", "retry",
-                           "request_id", "codec", "encoded", NULL};
+                           "request_id", "codec", "encoded", "breaker", NULL};
   PyObject *tensor, *metadata = Py_None, *retry = Py_None, *request_id = Py_None;
-  PyObject *codec = Py_None;
+  PyObject *codec = Py_None, *breaker = Py_None;
   double timeout = 0;
   int wait_for_ready = 0, encoded = 0, rc, cerr = 0;
   call_args ca;
@@ -146,9 +152,9 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
   PyObject *holder = NULL, *result = NULL, *initial = NULL, *rcodec = NULL, *rmeta = NULL;
   PyObject *shape = NULL;
 
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|dOpOOOp", kwlist, &tensor, &timeout,
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|dOpOOOpO", kwlist, &tensor, &timeout,
                                    &metadata, &wait_for_ready, &retry, &request_id, &codec,
-                                   &encoded)) {
+                                   &encoded, &breaker)) {
     return NULL;
   }
   if (ensure_open(self) < 0) return NULL;
@@ -160,7 +166,7 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
     in_extra.has_request_id = 1;
     in_extra.request_id = (int32_t)v;
   }
-  if (call_args_init(self, &ca, timeout, metadata, wait_for_ready, retry) < 0) return NULL;
+  if (call_args_init(self, &ca, timeout, metadata, wait_for_ready, retry, breaker) < 0) return NULL;
   memset(&in, 0, sizeof(in));
   if (encoded) {
     if (slpy_encoded_from_tuple(tensor, &in) < 0) {
@@ -207,14 +213,15 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
   initial = slpy_metadata_tuple(st.initial, st.n_initial);
   shape = slpy_shape_tuple(&out.desc);
   if (initial == NULL || shape == NULL) goto cleanup;
-  result = Py_BuildValue("(ONNiOOOOs)", holder,
+  result = Py_BuildValue("(ONNiOOOOsnn)", holder,
                          out_extra.has_compute_time_ms
                              ? PyFloat_FromDouble(out_extra.compute_time_ms)
                              : Py_NewRef(Py_None),
                          out_extra.has_request_id ? PyLong_FromLong(out_extra.request_id)
                                                   : Py_NewRef(Py_None),
                          st.attempts, initial, rcodec, rmeta, shape,
-                         sl_dtype_name(out.desc.dtype));
+                         sl_dtype_name(out.desc.dtype), (Py_ssize_t)st.bytes_sent,
+                         (Py_ssize_t)st.bytes_received);
 cleanup:
   Py_XDECREF(shape);
   Py_XDECREF(rmeta);
@@ -227,8 +234,8 @@ cleanup:
 }
 
 static PyObject *client_health(client_obj *self, PyObject *args, PyObject *kwargs) {
-  static char *kwlist[] = {"timeout", "metadata", "wait_for_ready", "retry", NULL};
-  PyObject *metadata = Py_None, *retry = Py_None;
+  static char *kwlist[] = {"timeout", "metadata", "wait_for_ready", "retry", "breaker", NULL};
+  PyObject *metadata = Py_None, *retry = Py_None, *breaker = Py_None;
   double timeout = 0;
   int wait_for_ready = 0, rc;
   call_args ca;
@@ -237,12 +244,12 @@ static PyObject *client_health(client_obj *self, PyObject *args, PyObject *kwarg
   sl_err err;
   PyObject *result;
 
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|dOpO", kwlist, &timeout, &metadata,
-                                   &wait_for_ready, &retry)) {
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|dOpOO", kwlist, &timeout, &metadata,
+                                   &wait_for_ready, &retry, &breaker)) {
     return NULL;
   }
   if (ensure_open(self) < 0) return NULL;
-  if (call_args_init(self, &ca, timeout, metadata, wait_for_ready, retry) < 0) return NULL;
+  if (call_args_init(self, &ca, timeout, metadata, wait_for_ready, retry, breaker) < 0) return NULL;
   memset(&st, 0, sizeof(st));
   sl_err_clear(&err);
   ca.ictx.ts = PyEval_SaveThread();
@@ -262,8 +269,9 @@ static PyObject *client_health(client_obj *self, PyObject *args, PyObject *kwarg
 }
 
 static PyObject *client_service_info(client_obj *self, PyObject *args, PyObject *kwargs) {
-  static char *kwlist[] = {"timeout", "metadata", "wait_for_ready", "retry", NULL};
+  static char *kwlist[] = {"timeout", "metadata", "wait_for_ready", "retry", "breaker", NULL};
   PyObject *metadata = Py_None, *retry = Py_None, *custom = NULL, *result = NULL;
+  PyObject *breaker = Py_None;
   double timeout = 0;
   int wait_for_ready = 0, rc;
   call_args ca;
@@ -271,12 +279,12 @@ static PyObject *client_service_info(client_obj *self, PyObject *args, PyObject 
   sl_call_status st;
   sl_err err;
 
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|dOpO", kwlist, &timeout, &metadata,
-                                   &wait_for_ready, &retry)) {
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|dOpOO", kwlist, &timeout, &metadata,
+                                   &wait_for_ready, &retry, &breaker)) {
     return NULL;
   }
   if (ensure_open(self) < 0) return NULL;
-  if (call_args_init(self, &ca, timeout, metadata, wait_for_ready, retry) < 0) return NULL;
+  if (call_args_init(self, &ca, timeout, metadata, wait_for_ready, retry, breaker) < 0) return NULL;
   memset(&st, 0, sizeof(st));
   sl_err_clear(&err);
   ca.ictx.ts = PyEval_SaveThread();
@@ -324,7 +332,7 @@ static PyObject *client_std_health(client_obj *self, PyObject *args, PyObject *k
     return NULL;
   }
   if (ensure_open(self) < 0) return NULL;
-  if (call_args_init(self, &ca, timeout, metadata, wait_for_ready, Py_None) < 0) return NULL;
+  if (call_args_init(self, &ca, timeout, metadata, wait_for_ready, Py_None, Py_None) < 0) return NULL;
   memset(&st, 0, sizeof(st));
   sl_err_clear(&err);
   ca.ictx.ts = PyEval_SaveThread();

@@ -380,6 +380,11 @@ static int module_exec(PyObject *m) {
   if (st->server_type == NULL) return -1;
   st->client_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &slpy_client_spec, NULL);
   if (st->client_type == NULL) return -1;
+  st->callstate_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &slpy_callstate_spec, NULL);
+  if (st->callstate_type == NULL) return -1;
+  st->breaker_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &slpy_breaker_spec, NULL);
+  if (st->breaker_type == NULL) return -1;
+  if (PyModule_AddObjectRef(m, "Breaker", (PyObject *)st->breaker_type) < 0) return -1;
   st->codec_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &slpy_codec_spec, NULL);
   if (st->codec_type == NULL) return -1;
   if (PyModule_AddObjectRef(m, "Codec", (PyObject *)st->codec_type) < 0) return -1;
@@ -404,6 +409,8 @@ static int module_traverse(PyObject *m, visitproc visit, void *arg) {
   Py_VISIT(st->server_type);
   Py_VISIT(st->client_type);
   Py_VISIT(st->codec_type);
+  Py_VISIT(st->callstate_type);
+  Py_VISIT(st->breaker_type);
   Py_VISIT(st->call_error);
   return 0;
 }
@@ -414,6 +421,8 @@ static int module_clear(PyObject *m) {
   Py_CLEAR(st->server_type);
   Py_CLEAR(st->client_type);
   Py_CLEAR(st->codec_type);
+  Py_CLEAR(st->callstate_type);
+  Py_CLEAR(st->breaker_type);
   Py_CLEAR(st->call_error);
   return 0;
 }

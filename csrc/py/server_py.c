@@ -30,6 +30,54 @@ typedef struct server_obj {
   PyTypeObject *holder_type; /* strong */
 } server_obj;
 
+/* ---- CallState: a call's liveness, for current_call().is_active() ---- */
+
+typedef struct callstate_obj {
+  PyObject_HEAD
+  void *state; /* the core's call state; NULL once the hook returned */
+} callstate_obj;
+
+static PyObject *callstate_is_active(callstate_obj *self, PyObject *unused) {
+  (void)unused;
+  /* polls the worker's own completion queue: only valid in the serving thread */
+  if (self->state == NULL) Py_RETURN_FALSE;
+  return PyBool_FromLong(sl_call_is_active(self->state));
+}
+
+static void callstate_dealloc(callstate_obj *self) {
+  PyTypeObject *tp = Py_TYPE(self);
+  tp->tp_free((PyObject *)self);
+  Py_DECREF(tp);
+}
+
+static PyMethodDef callstate_methods[] = {
+    {"is_active", (PyCFunction)callstate_is_active, METH_NOARGS,
+     "False once the call was cancelled or its deadline passed."},
+    {NULL, NULL, 0, NULL}};
+
+static PyType_Slot callstate_slots[] = {
+    {Py_tp_dealloc, callstate_dealloc},
+    {Py_tp_methods, callstate_methods},
+    {Py_tp_doc, "The liveness of the call being served (internal)."},
+    {0, NULL}};
+
+PyType_Spec slpy_callstate_spec = {
+    .name = "splitlearn_comm._core.CallState",
+    .basicsize = sizeof(callstate_obj),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = callstate_slots,
+};
+
+static PyObject *callstate_new(slpy_state *st, void *state) {
+  callstate_obj *o = PyObject_New(callstate_obj, st->callstate_type);
+  if (o != NULL) o->state = state;
+  return (PyObject *)o;
+}
+
+static void callstate_end(PyObject *o) {
+  if (o != NULL) ((callstate_obj *)o)->state = NULL;
+}
+
 /* ---- hooks: called without the GIL, on the core's worker threads ---- */
 
 /* Keep a Python thread state for the worker's whole life, so each call only
@@ -91,7 +139,7 @@ static int hook_compute(void *user, const sl_call_info *call, sl_compute_args *a
   server_obj *self = user;
   PyGILState_STATE g;
   PyObject *tensor = NULL, *md = NULL, *reqmd = NULL, *deadline = NULL, *rid = NULL;
-  PyObject *ret = NULL, *codec = NULL, *cmeta = NULL, *shape = NULL;
+  PyObject *ret = NULL, *codec = NULL, *cmeta = NULL, *shape = NULL, *cstate = NULL;
   slpy_export ex;
   double ms = 0;
   int status = SL_EUSER;
@@ -138,10 +186,11 @@ static int hook_compute(void *user, const sl_call_info *call, sl_compute_args *a
     deadline = Py_NewRef(Py_None);
   }
   rid = args->has_request_id ? PyLong_FromLong(args->request_id) : Py_NewRef(Py_None);
-  if (deadline == NULL || rid == NULL) goto pyerror;
-  ret = PyObject_CallFunction(self->compute, "OOOOsssOOOO", tensor, codec, cmeta, shape,
+  cstate = callstate_new(self->st, call->state);
+  if (deadline == NULL || rid == NULL || cstate == NULL) goto pyerror;
+  ret = PyObject_CallFunction(self->compute, "OOOOsssOOOOO", tensor, codec, cmeta, shape,
                               sl_dtype_name(args->tensor->desc.dtype), call->method, call->peer,
-                              md, reqmd, deadline, rid);
+                              md, reqmd, deadline, rid, cstate);
   if (ret == NULL) goto pyerror;
   if (!PyTuple_Check(ret) || PyTuple_GET_SIZE(ret) != 2) {
     PyErr_SetString(PyExc_TypeError, "internal: compute dispatcher must return (tensor, ms)");
@@ -166,6 +215,8 @@ static int hook_compute(void *user, const sl_call_info *call, sl_compute_args *a
 pyerror:
   error_from_exception(err);
 cleanup:
+  callstate_end(cstate);
+  Py_XDECREF(cstate);
   Py_XDECREF(ret);
   Py_XDECREF(rid);
   Py_XDECREF(deadline);
@@ -247,7 +298,7 @@ cleanup:
 static int hook_intercept(void *user, const sl_call_info *call, sl_err *err) {
   server_obj *self = user;
   PyGILState_STATE g;
-  PyObject *md = NULL, *deadline = NULL, *ret = NULL;
+  PyObject *md = NULL, *deadline = NULL, *ret = NULL, *cstate = NULL;
   int status = SL_EUSER;
 
   if (_Py_IsFinalizing()) {
@@ -256,14 +307,18 @@ static int hook_intercept(void *user, const sl_call_info *call, sl_err *err) {
   g = PyGILState_Ensure();
   md = slpy_metadata_tuple(call->metadata, call->n_metadata);
   deadline = call->deadline > 0 ? PyFloat_FromDouble(call->deadline) : Py_NewRef(Py_None);
-  if (md == NULL || deadline == NULL) goto pyerror;
-  ret = PyObject_CallFunction(self->intercept, "ssOO", call->method, call->peer, md, deadline);
+  cstate = callstate_new(self->st, call->state);
+  if (md == NULL || deadline == NULL || cstate == NULL) goto pyerror;
+  ret = PyObject_CallFunction(self->intercept, "ssOOO", call->method, call->peer, md, deadline,
+                              cstate);
   if (ret == NULL) goto pyerror;
   status = SL_OK;
   goto cleanup;
 pyerror:
   error_from_exception(err);
 cleanup:
+  callstate_end(cstate);
+  Py_XDECREF(cstate);
   Py_XDECREF(ret);
   Py_XDECREF(deadline);
   Py_XDECREF(md);

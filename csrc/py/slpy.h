@@ -24,6 +24,8 @@ typedef struct slpy_state {
   PyTypeObject *server_type;
   PyTypeObject *client_type;
   PyTypeObject *codec_type;
+  PyTypeObject *callstate_type;
+  PyTypeObject *breaker_type;
   PyObject *call_error;      /* _core.CallError */
   unsigned long main_thread;
 } slpy_state;
@@ -61,6 +63,11 @@ extern PyType_Spec slpy_holder_spec;
 extern PyType_Spec slpy_server_spec;
 extern PyType_Spec slpy_client_spec;
 extern PyType_Spec slpy_codec_spec;
+extern PyType_Spec slpy_callstate_spec;
+extern PyType_Spec slpy_breaker_spec;
+
+/* The sl_breaker of a _core.Breaker (borrowed), NULL for None, TypeError otherwise. */
+struct sl_breaker *slpy_breaker_of(slpy_state *st, PyObject *obj, int *error);
 
 /* The sl_codec of a _core.Codec object (borrowed; lives as long as the object),
  * NULL (no exception) for None, NULL with TypeError for anything else. */
