@@ -24,6 +24,7 @@ MetadataLike = Union[None, Mapping[str, Union[str, bytes]], Sequence[Tuple[str, 
 OptionsLike = Optional[Sequence[Tuple[str, Union[int, bool, str]]]]
 
 _COMPUTE = "/splitlearn.comm.ComputeService/Compute"
+_BACKWARD = "/splitlearn.comm.ComputeService/ComputeBackward"
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
               grpc.StatusCode.RESOURCE_EXHAUSTED)
 _KEY = re.compile(r"^[0-9a-z_.\-]+$")
@@ -353,6 +354,12 @@ class GRPCComputeClient:
             TypeError, ValueError: the tensor cannot be sent (unsupported dtype,
                 larger than gRPC's 2 GiB message limit, ...).
         """
+        return self._tensor_call(tensor, metadata=metadata, timeout=timeout)
+
+    def _tensor_call(self, tensor: Any, *, metadata: MetadataLike = None,
+                     timeout: Optional[float] = None, **fields: Any) -> Any:
+        """compute() with the call's extra fields: backward=True (ComputeBackward),
+        forward_id, training_mode, model_id, learning_rate, accumulation_step."""
         sendable, how = _tensor.prepare(tensor)
         if self.codec.is_python():
             sendable = encode_python(self.codec, tensor)
@@ -364,10 +371,10 @@ class GRPCComputeClient:
             if strategy is None or (isinstance(strategy, _BuiltinRetry) and
                                     (not isinstance(strategy, CircuitBreaker) or
                                      strategy.is_builtin())):
-                reply = self._attempt(sendable, md, total, strategy)
+                reply = self._attempt(sendable, md, total, strategy, fields)
             else:
                 deadline = time.monotonic() + total if total and total > 0 else None
-                reply = strategy.execute(self._attempt_until, sendable, md, deadline)
+                reply = strategy.execute(self._attempt_until, sendable, md, deadline, fields)
         except BaseException:
             self._record(False, start, None)
             raise
@@ -393,30 +400,33 @@ class GRPCComputeClient:
             return self._ids
 
     def _attempt(self, sendable: Any, md: list, timeout: Optional[float],
-                 strategy: Optional[_BuiltinRetry]) -> tuple:
+                 strategy: Optional[_BuiltinRetry], fields: Optional[Dict[str, Any]] = None) -> tuple:
         """One call to the C core: a single attempt, or a built-in strategy's loop in C."""
+        fields = fields or {}
         try:
             return self._live().compute(
                 sendable, timeout=timeout or 0.0, metadata=md, wait_for_ready=self.wait_for_ready,
                 retry=strategy._policy() if strategy is not None else None,
                 breaker=strategy._breaker() if strategy is not None else None,
-                request_id=self._next_id(), codec=self._c_codec,
-                encoded=isinstance(sendable, tuple))
+                request_id=None if fields.get("backward") else self._next_id(),
+                codec=self._c_codec, encoded=isinstance(sendable, tuple), **fields)
         except _core.CallError as e:
-            err = from_call_error(e, target=self.server_address, method=_COMPUTE)
+            method = _BACKWARD if fields.get("backward") else _COMPUTE
+            err = from_call_error(e, target=self.server_address, method=method)
             self._stats.count_error(err)
             raise err from None
 
-    def _attempt_until(self, sendable: Any, md: list, deadline: Optional[float]) -> tuple:
+    def _attempt_until(self, sendable: Any, md: list, deadline: Optional[float],
+                       fields: Optional[Dict[str, Any]] = None) -> tuple:
         """One attempt bounded by the overall deadline (for Python strategies)."""
         if deadline is None:
-            return self._attempt(sendable, md, None, None)
+            return self._attempt(sendable, md, None, None, fields)
         left = deadline - time.monotonic()
         if left <= 0:
             raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED,
                            "the call's timeout ran out before this attempt",
                            target=self.server_address, method=_COMPUTE, attempts=0)
-        return self._attempt(sendable, md, left, None)
+        return self._attempt(sendable, md, left, None, fields)
 
     def _record(self, ok: bool, start: float, server_ms: Optional[float]) -> None:
         ms = (time.perf_counter() - start) * 1e3

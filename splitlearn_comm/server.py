@@ -340,26 +340,46 @@ def _make_intercept(interceptors: Sequence[grpc.ServerInterceptor]):
     return intercept
 
 
+def _backward_args(fields: Dict[str, Any]) -> Dict[str, Any]:
+    return {"forward_id": fields.get("forward_id"),
+            "learning_rate": fields.get("learning_rate"),
+            "accumulation_step": fields.get("accumulation_step")}
+
+
 def _make_dispatch(compute_fn: ComputeFunction, registry: CodecRegistry,
                    server_codec: Optional[TensorCodec]):
     """The Python side of a Compute call, run on a C worker thread holding the GIL."""
     compute = compute_fn.compute
+    backward = getattr(compute_fn, "backward", None)
     python_out = server_codec if server_codec is not None and server_codec.is_python() else None
 
     def dispatch(holder: Any, codec: Optional[str], codec_meta: Optional[Dict], shape: tuple,
                  dtype: str, method: str, peer: str, metadata: Tuple, request_metadata: Dict,
                  deadline: Optional[float], request_id: Optional[int],
-                 state: Any = None) -> Tuple[Any, float]:
+                 state: Any = None, fields: Optional[Dict[str, Any]] = None) -> Tuple[Any, float]:
         call = context.CallContext(method, peer, metadata, request_metadata, deadline, request_id,
                                    state)
         context._set(call)
         try:
+            is_backward = method.endswith("/ComputeBackward")
+            if is_backward and not callable(backward):
+                raise Abort(grpc.StatusCode.UNIMPLEMENTED,
+                            f"{type(compute_fn).__name__} does not support ComputeBackward "
+                            "(it has no backward() method; see docs/training.md)")
             if codec is None:
                 x = _tensor.as_tensor(holder)
             else:
                 x = _decode_request(registry, codec, holder, shape, codec_meta or {})
             t0 = time.perf_counter()
-            out = compute(x)
+            if is_backward:
+                out = backward(x, **_backward_args(fields or {}))
+            elif fields and (fields.get("forward_id") is not None
+                             or fields.get("training_mode") is not None) and \
+                    getattr(compute_fn, "supports_training", False):
+                out = compute_fn.compute_training(x, forward_id=fields.get("forward_id"),
+                                                  training=bool(fields.get("training_mode")))
+            else:
+                out = compute(x)
             ms = (time.perf_counter() - t0) * 1e3
             out_codec = python_out
             if out_codec is None and codec is not None and server_codec is None:

@@ -335,12 +335,17 @@ static int unary(sl_client *c, const char *method, sl_payload *p, const sl_call_
   return rc;
 }
 
-int sl_client_compute(sl_client *c, const sl_call_opts *opts, const sl_tensor_out *in,
-                      const sl_compute_extra *extra_in, sl_tensor_msg *out,
+int sl_client_compute(sl_client *c, const sl_call_opts *opts, int backward,
+                      const sl_tensor_out *in, const sl_call_fields *fields, sl_tensor_msg *out,
                       sl_compute_extra *extra_out, sl_call_status *st, sl_err *err) {
   int status;
   Splitlearn__Comm__ComputeRequest req = SPLITLEARN__COMM__COMPUTE_REQUEST__INIT;
-  Splitlearn__Comm__ComputeResponse *resp_hdr;
+  Splitlearn__Comm__BackwardRequest breq = SPLITLEARN__COMM__BACKWARD_REQUEST__INIT;
+  sl_msg_kind req_kind = backward ? SL_MSG_BACKWARD_REQUEST : SL_MSG_COMPUTE_REQUEST;
+  sl_msg_kind resp_kind = backward ? SL_MSG_BACKWARD_RESPONSE : SL_MSG_COMPUTE_RESPONSE;
+  ProtobufCMessage *header = backward ? &breq.base : &req.base;
+  const char *method = backward ? "/splitlearn.comm.ComputeService/ComputeBackward"
+                                : "/splitlearn.comm.ComputeService/Compute";
   sl_payload *p = NULL;
   grpc_byte_buffer *resp = NULL;
   sl__bbspans spans = {0};
@@ -354,16 +359,13 @@ int sl_client_compute(sl_client *c, const sl_call_opts *opts, const sl_tensor_ou
                       "split the tensor or use a compressing codec",
                       in->nbytes, SL_MAX_MESSAGE_BYTES);
   }
-  if (extra_in != NULL && extra_in->has_request_id) {
-    req._request_id_case = SPLITLEARN__COMM__COMPUTE_REQUEST___REQUEST_ID_REQUEST_ID;
-    req.request_id = extra_in->request_id;
-  }
-  status = sl_tensor_out_pack(SL_MSG_COMPUTE_REQUEST, &req.base, in, &p, err);
+  if (fields != NULL) sl_call_fields_to_request(req_kind, header, fields);
+  status = sl_tensor_out_pack(req_kind, header, in, &p, err);
   if (status != SL_OK) return status;
-  status = unary(c, "/splitlearn.comm.ComputeService/Compute", p, opts, &resp, st, err);
+  status = unary(c, method, p, opts, &resp, st, err);
   if (status != SL_OK) goto cleanup;
   status = sl__bbspans_init(resp, &spans, err);
-  if (status == SL_OK) status = sl_tensor_msg_read(SL_MSG_COMPUTE_RESPONSE, spans.spans, spans.n, out, err);
+  if (status == SL_OK) status = sl_tensor_msg_read(resp_kind, spans.spans, spans.n, out, err);
   if (status == SL_OK) status = sl_tensor_msg_decode(out, err);
   if (status != SL_OK) {
     char inner[SL_ERR_MSG_MAX];
@@ -372,13 +374,22 @@ int sl_client_compute(sl_client *c, const sl_call_opts *opts, const sl_tensor_ou
     sl_tensor_msg_clear(out);
     goto cleanup;
   }
-  resp_hdr = (Splitlearn__Comm__ComputeResponse *)out->header;
-  extra_out->has_request_id =
-      resp_hdr->_request_id_case == SPLITLEARN__COMM__COMPUTE_RESPONSE___REQUEST_ID_REQUEST_ID;
-  extra_out->request_id = resp_hdr->request_id;
-  extra_out->has_compute_time_ms = resp_hdr->_compute_time_ms_case ==
-                                   SPLITLEARN__COMM__COMPUTE_RESPONSE___COMPUTE_TIME_MS_COMPUTE_TIME_MS;
-  extra_out->compute_time_ms = resp_hdr->compute_time_ms;
+  if (backward) {
+    Splitlearn__Comm__BackwardResponse *b = (Splitlearn__Comm__BackwardResponse *)out->header;
+    extra_out->has_compute_time_ms =
+        b->_backward_time_ms_case ==
+        SPLITLEARN__COMM__BACKWARD_RESPONSE___BACKWARD_TIME_MS_BACKWARD_TIME_MS;
+    extra_out->compute_time_ms = b->backward_time_ms;
+  } else {
+    Splitlearn__Comm__ComputeResponse *r = (Splitlearn__Comm__ComputeResponse *)out->header;
+    extra_out->has_request_id =
+        r->_request_id_case == SPLITLEARN__COMM__COMPUTE_RESPONSE___REQUEST_ID_REQUEST_ID;
+    extra_out->request_id = r->request_id;
+    extra_out->has_compute_time_ms =
+        r->_compute_time_ms_case ==
+        SPLITLEARN__COMM__COMPUTE_RESPONSE___COMPUTE_TIME_MS_COMPUTE_TIME_MS;
+    extra_out->compute_time_ms = r->compute_time_ms;
+  }
 cleanup:
   sl__bbspans_clear(&spans);
   if (resp != NULL) grpc_byte_buffer_destroy(resp);

@@ -81,7 +81,9 @@ typedef struct sl_compute_extra {
   float compute_time_ms;
 } sl_compute_extra;
 
-/* Send a tensor to Compute and wait for the result tensor.
+/* Send a tensor to Compute (backward = 0) or ComputeBackward (backward = 1: the
+ * tensor is the gradient of the forward call's output, fields->forward_id names
+ * that call) and wait for the result tensor. `fields` may be NULL.
  *   `in`: the tensor, raw or to be encoded in C by in->codec (without any lock), or
  *   a payload already encoded by the caller (in->encoded). The caller keeps
  *   in->data valid until in->release(in->owner) runs: exactly once, on every
@@ -92,8 +94,8 @@ typedef struct sl_compute_extra {
  * SL_ESTATUS with `st` filled; SL_EINTR when interrupted; other negative codes
  * with `err` for local failures (a tensor too big for one message, out of memory,
  * an undecodable response). `st` is always filled as far as known. */
-int sl_client_compute(sl_client *c, const sl_call_opts *opts, const sl_tensor_out *in,
-                      const sl_compute_extra *extra_in, sl_tensor_msg *out,
+int sl_client_compute(sl_client *c, const sl_call_opts *opts, int backward,
+                      const sl_tensor_out *in, const sl_call_fields *fields, sl_tensor_msg *out,
                       sl_compute_extra *extra_out, sl_call_status *st, sl_err *err);
 
 /* Result of HealthCheck. Strings malloc'd; sl_health_clear frees. */

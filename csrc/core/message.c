@@ -432,3 +432,67 @@ cleanup:
   free(buf);
   return status;
 }
+
+void sl_call_fields_from_request(sl_msg_kind kind, const ProtobufCMessage *msg, sl_call_fields *f) {
+  memset(f, 0, sizeof(*f));
+  f->training_mode = -1;
+  if (kind == SL_MSG_COMPUTE_REQUEST) {
+    const Splitlearn__Comm__ComputeRequest *m = (const Splitlearn__Comm__ComputeRequest *)msg;
+    if (m->_forward_id_case == SPLITLEARN__COMM__COMPUTE_REQUEST___FORWARD_ID_FORWARD_ID) {
+      f->forward_id = m->forward_id;
+    }
+    if (m->_training_mode_case == SPLITLEARN__COMM__COMPUTE_REQUEST___TRAINING_MODE_TRAINING_MODE) {
+      f->training_mode = m->training_mode ? 1 : 0;
+    }
+    f->model_id = m->model_id;
+    f->has_request_id = m->_request_id_case == SPLITLEARN__COMM__COMPUTE_REQUEST___REQUEST_ID_REQUEST_ID;
+    f->request_id = m->request_id;
+  } else if (kind == SL_MSG_BACKWARD_REQUEST) {
+    const Splitlearn__Comm__BackwardRequest *m = (const Splitlearn__Comm__BackwardRequest *)msg;
+    f->forward_id = m->forward_id;
+    if (m->_model_id_case == SPLITLEARN__COMM__BACKWARD_REQUEST___MODEL_ID_MODEL_ID) {
+      f->model_id = m->model_id;
+    }
+    f->has_learning_rate =
+        m->_learning_rate_case == SPLITLEARN__COMM__BACKWARD_REQUEST___LEARNING_RATE_LEARNING_RATE;
+    f->learning_rate = m->learning_rate;
+    f->has_accumulation_step = m->_accumulation_step_case ==
+                               SPLITLEARN__COMM__BACKWARD_REQUEST___ACCUMULATION_STEP_ACCUMULATION_STEP;
+    f->accumulation_step = m->accumulation_step;
+  }
+}
+
+void sl_call_fields_to_request(sl_msg_kind kind, ProtobufCMessage *msg, const sl_call_fields *f) {
+  if (kind == SL_MSG_COMPUTE_REQUEST) {
+    Splitlearn__Comm__ComputeRequest *m = (Splitlearn__Comm__ComputeRequest *)msg;
+    if (f->forward_id != NULL) {
+      m->_forward_id_case = SPLITLEARN__COMM__COMPUTE_REQUEST___FORWARD_ID_FORWARD_ID;
+      m->forward_id = (char *)f->forward_id;
+    }
+    if (f->training_mode >= 0) {
+      m->_training_mode_case = SPLITLEARN__COMM__COMPUTE_REQUEST___TRAINING_MODE_TRAINING_MODE;
+      m->training_mode = f->training_mode != 0;
+    }
+    if (f->model_id != NULL) m->model_id = (char *)f->model_id;
+    if (f->has_request_id) {
+      m->_request_id_case = SPLITLEARN__COMM__COMPUTE_REQUEST___REQUEST_ID_REQUEST_ID;
+      m->request_id = f->request_id;
+    }
+  } else if (kind == SL_MSG_BACKWARD_REQUEST) {
+    Splitlearn__Comm__BackwardRequest *m = (Splitlearn__Comm__BackwardRequest *)msg;
+    if (f->forward_id != NULL) m->forward_id = (char *)f->forward_id;
+    if (f->model_id != NULL && f->model_id[0] != '\0') {
+      m->_model_id_case = SPLITLEARN__COMM__BACKWARD_REQUEST___MODEL_ID_MODEL_ID;
+      m->model_id = (char *)f->model_id;
+    }
+    if (f->has_learning_rate) {
+      m->_learning_rate_case = SPLITLEARN__COMM__BACKWARD_REQUEST___LEARNING_RATE_LEARNING_RATE;
+      m->learning_rate = f->learning_rate;
+    }
+    if (f->has_accumulation_step) {
+      m->_accumulation_step_case =
+          SPLITLEARN__COMM__BACKWARD_REQUEST___ACCUMULATION_STEP_ACCUMULATION_STEP;
+      m->accumulation_step = f->accumulation_step;
+    }
+  }
+}

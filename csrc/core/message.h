@@ -64,6 +64,28 @@ void sl_tensor_msg_clear(sl_tensor_msg *m);
  * is (check `decoded`). Fails with the codec's INVALID_ARGUMENT message. */
 int sl_tensor_msg_decode(sl_tensor_msg *m, sl_err *err);
 
+/* The scalar fields of a tensor call besides the tensor (split-learning training:
+ * ComputeRequest.forward_id / training_mode / model_id and the BackwardRequest
+ * fields). Strings are borrowed. */
+typedef struct sl_call_fields {
+  const char *forward_id;    /* NULL: unset */
+  int training_mode;         /* -1: unset; 0 or 1 */
+  const char *model_id;      /* NULL or "": unset */
+  int has_learning_rate;
+  float learning_rate;
+  int has_accumulation_step;
+  int32_t accumulation_step;
+  int has_request_id;
+  int32_t request_id;
+} sl_call_fields;
+
+/* Read the fields of an unpacked request (ComputeRequest or BackwardRequest);
+ * strings point into the message. */
+void sl_call_fields_from_request(sl_msg_kind kind, const ProtobufCMessage *msg, sl_call_fields *f);
+
+/* Set them on a request message being built (strings borrowed). */
+void sl_call_fields_to_request(sl_msg_kind kind, ProtobufCMessage *msg, const sl_call_fields *f);
+
 /* A tensor to send, as a client request or a server response. */
 typedef struct sl_tensor_out {
   sl_tensor_desc desc;    /* the tensor's dtype and shape (before encoding) */

@@ -269,9 +269,12 @@ static const sl_codec *response_codec(sl_server *s, const sl_tensor_msg *req, sl
   return c;
 }
 
-static void serve_compute(sl_server *s, const sl_call_info *ci, const sl__bbspans *in, reply *r) {
+/* Compute or ComputeBackward: read the tensor, decode it, run the hook, answer. */
+static void serve_tensor_call(sl_server *s, const sl_call_info *ci, const sl__bbspans *in,
+                              int backward, reply *r) {
   Splitlearn__Comm__ComputeResponse resp = SPLITLEARN__COMM__COMPUTE_RESPONSE__INIT;
-  Splitlearn__Comm__ComputeRequest *req;
+  Splitlearn__Comm__BackwardResponse bresp = SPLITLEARN__COMM__BACKWARD_RESPONSE__INIT;
+  sl_msg_kind req_kind = backward ? SL_MSG_BACKWARD_REQUEST : SL_MSG_COMPUTE_REQUEST;
   sl_tensor_msg msg;
   sl_compute_args args;
   sl_kv *reqmd = NULL;
@@ -287,28 +290,31 @@ static void serve_compute(sl_server *s, const sl_call_info *ci, const sl__bbspan
     goto done;
   }
   atomic_fetch_add(&s->total_requests, 1);
-  rc = sl_tensor_msg_read(SL_MSG_COMPUTE_REQUEST, in->spans, in->n, &msg, &r->err);
+  rc = sl_tensor_msg_read(req_kind, in->spans, in->n, &msg, &r->err);
   if (rc != SL_OK) goto done;
-  req = (Splitlearn__Comm__ComputeRequest *)msg.header;
   if (decode_request(s, &msg, &r->err) != SL_OK) goto cleanup;
-  if (req->n_metadata > 0) {
-    reqmd = calloc(req->n_metadata, sizeof(*reqmd));
-    if (reqmd == NULL) {
-      sl_err_set(&r->err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
-      goto cleanup;
-    }
-    for (size_t i = 0; i < req->n_metadata; i++) {
-      reqmd[i].key = req->metadata[i]->key;
-      reqmd[i].value = req->metadata[i]->value;
-      reqmd[i].value_len = strlen(req->metadata[i]->value);
+  sl_call_fields_from_request(req_kind, msg.header, &args.fields);
+  if (!backward) {
+    Splitlearn__Comm__ComputeRequest *req = (Splitlearn__Comm__ComputeRequest *)msg.header;
+    if (req->n_metadata > 0) {
+      reqmd = calloc(req->n_metadata, sizeof(*reqmd));
+      if (reqmd == NULL) {
+        sl_err_set(&r->err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+        goto cleanup;
+      }
+      for (size_t i = 0; i < req->n_metadata; i++) {
+        reqmd[i].key = req->metadata[i]->key;
+        reqmd[i].value = req->metadata[i]->value;
+        reqmd[i].value_len = strlen(req->metadata[i]->value);
+      }
+      args.n_req_metadata = req->n_metadata;
     }
   }
+  args.backward = backward;
   args.tensor = &msg;
   args.req_metadata = reqmd;
-  args.n_req_metadata = req->n_metadata;
-  args.has_request_id =
-      req->_request_id_case == SPLITLEARN__COMM__COMPUTE_REQUEST___REQUEST_ID_REQUEST_ID;
-  args.request_id = req->request_id;
+  args.has_request_id = args.fields.has_request_id;
+  args.request_id = args.fields.request_id;
   if (s->hooks.compute == NULL) {
     sl_err_set(&r->err, SL_ESTATE, SL_STATUS_UNIMPLEMENTED, "no compute function");
     goto cleanup;
@@ -324,19 +330,27 @@ static void serve_compute(sl_server *s, const sl_call_info *ci, const sl__bbspan
   if (!args.out.encoded && args.out.codec == NULL) {
     args.out.codec = response_codec(s, &msg, args.out.desc.dtype, &made);
   }
-  resp._compute_time_ms_case =
-      SPLITLEARN__COMM__COMPUTE_RESPONSE___COMPUTE_TIME_MS_COMPUTE_TIME_MS;
-  resp.compute_time_ms = args.compute_time_ms;
-  if (args.has_request_id) {
-    resp._request_id_case = SPLITLEARN__COMM__COMPUTE_RESPONSE___REQUEST_ID_REQUEST_ID;
-    resp.request_id = args.request_id;
-  }
-  if (req->_forward_id_case == SPLITLEARN__COMM__COMPUTE_REQUEST___FORWARD_ID_FORWARD_ID) {
-    resp._forward_id_case = SPLITLEARN__COMM__COMPUTE_RESPONSE___FORWARD_ID_FORWARD_ID;
-    resp.forward_id = req->forward_id;
-  }
   have_out = 0; /* sl_tensor_out_pack releases the result on every path */
-  sl_tensor_out_pack(SL_MSG_COMPUTE_RESPONSE, &resp.base, &args.out, &r->payload, &r->err);
+  if (backward) {
+    bresp.forward_id = (char *)(args.fields.forward_id ? args.fields.forward_id : "");
+    bresp._backward_time_ms_case =
+        SPLITLEARN__COMM__BACKWARD_RESPONSE___BACKWARD_TIME_MS_BACKWARD_TIME_MS;
+    bresp.backward_time_ms = args.compute_time_ms;
+    sl_tensor_out_pack(SL_MSG_BACKWARD_RESPONSE, &bresp.base, &args.out, &r->payload, &r->err);
+  } else {
+    resp._compute_time_ms_case =
+        SPLITLEARN__COMM__COMPUTE_RESPONSE___COMPUTE_TIME_MS_COMPUTE_TIME_MS;
+    resp.compute_time_ms = args.compute_time_ms;
+    if (args.has_request_id) {
+      resp._request_id_case = SPLITLEARN__COMM__COMPUTE_RESPONSE___REQUEST_ID_REQUEST_ID;
+      resp.request_id = args.request_id;
+    }
+    if (args.fields.forward_id != NULL) {
+      resp._forward_id_case = SPLITLEARN__COMM__COMPUTE_RESPONSE___FORWARD_ID_FORWARD_ID;
+      resp.forward_id = (char *)args.fields.forward_id;
+    }
+    sl_tensor_out_pack(SL_MSG_COMPUTE_RESPONSE, &resp.base, &args.out, &r->payload, &r->err);
+  }
 cleanup:
   if (have_out && args.out.release != NULL) args.out.release(args.out.owner);
   sl_codec_destroy(made);
@@ -439,16 +453,15 @@ static void serve_call(worker *w, grpc_call *call, grpc_call_details *details,
   if (sl__bbspans_init(in_bb, &in, &r.err) != SL_OK) goto respond;
 
   if (streq_slice(details->method, METHOD_COMPUTE)) {
-    serve_compute(s, &ci, &in, &r);
+    serve_tensor_call(s, &ci, &in, 0, &r);
+  } else if (streq_slice(details->method, METHOD_BACKWARD)) {
+    serve_tensor_call(s, &ci, &in, 1, &r);
   } else if (streq_slice(details->method, METHOD_HEALTH)) {
     serve_health(s, &r);
   } else if (streq_slice(details->method, METHOD_INFO)) {
     serve_info(s, &r);
   } else if (streq_slice(details->method, METHOD_STD_HEALTH)) {
     serve_std_health(s, &in, &r);
-  } else if (streq_slice(details->method, METHOD_BACKWARD)) {
-    sl_err_set(&r.err, SL_ENOTFOUND, SL_STATUS_UNIMPLEMENTED,
-               "ComputeBackward is not supported by this server's compute function");
   } else {
     sl_err_set(&r.err, SL_ENOTFOUND, SL_STATUS_UNIMPLEMENTED, "unknown method %s", method);
   }

@@ -3,9 +3,8 @@
  * `max_workers` pthreads serve calls; each owns a completion queue and serves one
  * call at a time from request to status, so at most max_workers calls run user
  * code at once and the rest wait inside gRPC. The server answers
- * splitlearn.comm.ComputeService (Compute, HealthCheck, GetServiceInfo;
- * ComputeBackward answers UNIMPLEMENTED until a compute function supports it) and
- * grpc.health.v1.Health/Check.
+ * splitlearn.comm.ComputeService (Compute and ComputeBackward through the
+ * compute hook, HealthCheck, GetServiceInfo) and grpc.health.v1.Health/Check.
  *
  * User code is reached only through the hooks (sl_server_hooks), each called on a
  * worker thread with `user`. The core never takes any lock of the caller's
@@ -55,7 +54,9 @@ typedef struct sl_compute_args {
                                     config's `python_codecs`, for the hook to decode. The
                                     hook may take tensor->data (then it sets it to NULL and
                                     frees it itself with sl_storage_free) */
-  const sl_kv *req_metadata;     /* the request's metadata map */
+  int backward;                  /* 0: Compute; 1: ComputeBackward (tensor = grad_output) */
+  sl_call_fields fields;         /* forward_id, training_mode, learning_rate, ... */
+  const sl_kv *req_metadata;     /* the request's metadata map (Compute only) */
   size_t n_req_metadata;
   int has_request_id;
   int32_t request_id;

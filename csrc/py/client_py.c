@@ -136,15 +136,21 @@ static int call_args_init(client_obj *self, call_args *a, double timeout, PyObje
  * is None, else the payload of that (Python) codec for the caller to decode. */
 static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwargs) {
   static char *kwlist[] = {"tensor", "timeout", "metadata", "wait_for_ready", "retry",
-                           "request_id", "codec", "encoded", "breaker", NULL};
+                           "request_id", "codec", "encoded", "breaker", "backward",
+                           "forward_id", "training_mode", "model_id", "learning_rate",
+                           "accumulation_step", NULL};
   PyObject *tensor, *metadata = Py_None, *retry = Py_None, *request_id = Py_None;
-  PyObject *codec = Py_None, *breaker = Py_None;
+  PyObject *codec = Py_None, *breaker = Py_None, *training = Py_None, *lr = Py_None;
+  PyObject *acc = Py_None;
+  const char *forward_id = NULL, *model_id = NULL;
+  int backward = 0;
+  sl_call_fields fields;
   double timeout = 0;
   int wait_for_ready = 0, encoded = 0, rc, cerr = 0;
   call_args ca;
   slpy_export ex;
   sl_tensor_out in;
-  sl_compute_extra in_extra = {0}, out_extra;
+  sl_compute_extra out_extra;
   sl_tensor_msg out;
   sl_call_status st;
   sl_err err;
@@ -152,10 +158,25 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
   PyObject *holder = NULL, *result = NULL, *initial = NULL, *rcodec = NULL, *rmeta = NULL;
   PyObject *shape = NULL;
 
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|dOpOOOpO", kwlist, &tensor, &timeout,
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|dOpOOOpOpzOzOO", kwlist, &tensor, &timeout,
                                    &metadata, &wait_for_ready, &retry, &request_id, &codec,
-                                   &encoded, &breaker)) {
+                                   &encoded, &breaker, &backward, &forward_id, &training,
+                                   &model_id, &lr, &acc)) {
     return NULL;
+  }
+  memset(&fields, 0, sizeof(fields));
+  fields.forward_id = forward_id;
+  fields.model_id = model_id;
+  fields.training_mode = training == Py_None ? -1 : PyObject_IsTrue(training);
+  if (lr != Py_None) {
+    fields.has_learning_rate = 1;
+    fields.learning_rate = (float)PyFloat_AsDouble(lr);
+    if (PyErr_Occurred()) return NULL;
+  }
+  if (acc != Py_None) {
+    fields.has_accumulation_step = 1;
+    fields.accumulation_step = (int32_t)PyLong_AsLong(acc);
+    if (PyErr_Occurred()) return NULL;
   }
   if (ensure_open(self) < 0) return NULL;
   ccodec = slpy_codec_of(self->st, codec, &cerr);
@@ -163,8 +184,8 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
   if (request_id != Py_None) {
     long v = PyLong_AsLong(request_id);
     if (v == -1 && PyErr_Occurred()) return NULL;
-    in_extra.has_request_id = 1;
-    in_extra.request_id = (int32_t)v;
+    fields.has_request_id = 1;
+    fields.request_id = (int32_t)v;
   }
   if (call_args_init(self, &ca, timeout, metadata, wait_for_ready, retry, breaker) < 0) return NULL;
   memset(&in, 0, sizeof(in));
@@ -188,7 +209,8 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
   memset(&st, 0, sizeof(st));
   sl_err_clear(&err);
   ca.ictx.ts = PyEval_SaveThread();
-  rc = sl_client_compute(self->client, &ca.opts, &in, &in_extra, &out, &out_extra, &st, &err);
+  rc = sl_client_compute(self->client, &ca.opts, backward, &in, &fields, &out, &out_extra, &st,
+                         &err);
   PyEval_RestoreThread(ca.ictx.ts);
   PyMem_Free(ca.md);
   if (rc != SL_OK) {

@@ -3,6 +3,8 @@
  * All state lives in slpy_state (module state, with traverse/clear); the types are
  * heap types made from PyType_Spec. See slpy.h for the GIL contract.
  */
+#include <grpc/grpc.h>
+
 #include "slpy.h"
 
 slpy_state *slpy_state_of_module(PyObject *module) { return PyModule_GetState(module); }
@@ -373,6 +375,11 @@ static PyMethodDef module_methods[] = {
 
 static int module_exec(PyObject *m) {
   slpy_state *st = slpy_state_of_module(m);
+  /* One gRPC reference for the life of the process: servers and clients take and
+   * drop their own, and dropping the last one would run gRPC's whole shutdown
+   * (joining its executor threads, seconds under load) inside whatever Python
+   * call happened to free the object. The process exit ends gRPC instead. */
+  grpc_init();
   st->main_thread = PyThread_get_thread_ident();
   st->holder_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &slpy_holder_spec, NULL);
   if (st->holder_type == NULL) return -1;

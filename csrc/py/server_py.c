@@ -134,12 +134,35 @@ static void error_from_exception(sl_err *err) {
   PyErr_Clear();
 }
 
+/* The training fields of a call as a dict (None for unset ones). */
+static PyObject *fields_dict(const sl_call_fields *f) {
+  PyObject *fid = f->forward_id ? PyUnicode_FromString(f->forward_id) : Py_NewRef(Py_None);
+  PyObject *mid = f->model_id && f->model_id[0] ? PyUnicode_FromString(f->model_id)
+                                                : Py_NewRef(Py_None);
+  PyObject *tm = f->training_mode < 0 ? Py_NewRef(Py_None) : PyBool_FromLong(f->training_mode);
+  PyObject *lr = f->has_learning_rate ? PyFloat_FromDouble(f->learning_rate) : Py_NewRef(Py_None);
+  PyObject *acc =
+      f->has_accumulation_step ? PyLong_FromLong(f->accumulation_step) : Py_NewRef(Py_None);
+  PyObject *d = NULL;
+  if (fid && mid && tm && lr && acc) {
+    d = Py_BuildValue("{s:O,s:O,s:O,s:O,s:O}", "forward_id", fid, "model_id", mid,
+                      "training_mode", tm, "learning_rate", lr, "accumulation_step", acc);
+  }
+  Py_XDECREF(fid);
+  Py_XDECREF(mid);
+  Py_XDECREF(tm);
+  Py_XDECREF(lr);
+  Py_XDECREF(acc);
+  return d;
+}
+
 /* Called without the GIL. */
 static int hook_compute(void *user, const sl_call_info *call, sl_compute_args *args, sl_err *err) {
   server_obj *self = user;
   PyGILState_STATE g;
   PyObject *tensor = NULL, *md = NULL, *reqmd = NULL, *deadline = NULL, *rid = NULL;
   PyObject *ret = NULL, *codec = NULL, *cmeta = NULL, *shape = NULL, *cstate = NULL;
+  PyObject *fields = NULL;
   slpy_export ex;
   double ms = 0;
   int status = SL_EUSER;
@@ -187,10 +210,11 @@ static int hook_compute(void *user, const sl_call_info *call, sl_compute_args *a
   }
   rid = args->has_request_id ? PyLong_FromLong(args->request_id) : Py_NewRef(Py_None);
   cstate = callstate_new(self->st, call->state);
-  if (deadline == NULL || rid == NULL || cstate == NULL) goto pyerror;
-  ret = PyObject_CallFunction(self->compute, "OOOOsssOOOOO", tensor, codec, cmeta, shape,
+  fields = fields_dict(&args->fields);
+  if (deadline == NULL || rid == NULL || cstate == NULL || fields == NULL) goto pyerror;
+  ret = PyObject_CallFunction(self->compute, "OOOOsssOOOOOO", tensor, codec, cmeta, shape,
                               sl_dtype_name(args->tensor->desc.dtype), call->method, call->peer,
-                              md, reqmd, deadline, rid, cstate);
+                              md, reqmd, deadline, rid, cstate, fields);
   if (ret == NULL) goto pyerror;
   if (!PyTuple_Check(ret) || PyTuple_GET_SIZE(ret) != 2) {
     PyErr_SetString(PyExc_TypeError, "internal: compute dispatcher must return (tensor, ms)");
@@ -217,6 +241,7 @@ pyerror:
 cleanup:
   callstate_end(cstate);
   Py_XDECREF(cstate);
+  Py_XDECREF(fields);
   Py_XDECREF(ret);
   Py_XDECREF(rid);
   Py_XDECREF(deadline);

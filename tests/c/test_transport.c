@@ -99,7 +99,8 @@ static int roundtrip_with(sl_client *c, const sl_codec *codec, size_t n, const s
   sl_tensor_desc d = {SL_DTYPE_FLOAT32, 1, {(int64_t)n}};
   sl_call_opts o = {10.0, md, nmd, 0, NULL, NULL, NULL};
   sl_tensor_msg out;
-  sl_compute_extra ein = {1, 5, 0, 0}, eout;
+  sl_compute_extra eout;
+  sl_call_fields fields = {0};
   sl_tensor_out t = {0};
   sl_err err;
   int rc;
@@ -110,7 +111,10 @@ static int roundtrip_with(sl_client *c, const sl_codec *codec, size_t n, const s
   t.nbytes = n * sizeof(float);
   t.release = release_input;
   t.codec = codec;
-  rc = sl_client_compute(c, &o, &t, &ein, &out, &eout, st, &err);
+  fields.training_mode = -1;
+  fields.has_request_id = 1;
+  fields.request_id = 5;
+  rc = sl_client_compute(c, &o, 0, &t, &fields, &out, &eout, st, &err);
   *result = NULL;
   if (rc == SL_OK) {
     CHECK_EQ_INT(out.nbytes, n * sizeof(float));
