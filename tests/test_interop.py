@@ -21,7 +21,7 @@ import contextlib
 import importlib
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Sequence, Tuple
 
 import grpc
 import numpy as np
@@ -71,7 +71,12 @@ class Stubs(NamedTuple):
 
 def generate_stubs(out_dir: Path) -> Stubs:
     """Compile proto/splitlearn_comm.proto and proto/health.proto into ``out_dir``
-    with grpcio-tools' protoc and import the generated modules."""
+    with grpcio-tools' protoc and import the generated modules.
+
+    health_pb2 registers ``grpc.health.v1.*`` in protobuf's default descriptor pool,
+    so grpcio-health-checking's ``grpc_health.v1.health_pb2`` (the same symbols)
+    cannot be imported into the same test process afterwards, nor before: tests
+    that need it run it in a child process."""
     args = ["grpc_tools.protoc", f"-I{PROTO_DIR}", f"--python_out={out_dir}",
             f"--grpc_python_out={out_dir}", "splitlearn_comm.proto", "health.proto"]
     rc = protoc.main(args)
