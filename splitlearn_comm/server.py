@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 import weakref
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import grpc
 
@@ -131,6 +131,11 @@ class GRPCComputeServer:
         tls: a :class:`ServerTLS` to serve over TLS (or mutual TLS).
         handle_signals: make SIGTERM and SIGINT stop the server gracefully (main
             thread only).
+        access_log: ``True`` (logger ``splitlearn_comm.access``) or a
+            ``logging.Logger``: one JSON line per call, made in C without the GIL and
+            written by one background thread.
+        metrics_port: serve Prometheus metrics on this port (needs prometheus_client);
+            :meth:`metrics` works without it.
 
     ``start()`` returns at once; ``stop(grace)`` drains; ``wait_for_termination()``
     blocks until stopped (Ctrl-C interrupts it). Usable as a context manager.
@@ -143,7 +148,9 @@ class GRPCComputeServer:
                  interceptors: Optional[Sequence[grpc.ServerInterceptor]] = None,
                  codecs: Optional[Sequence[TensorCodec]] = None,
                  auth_tokens: Optional[Sequence[str]] = None, tls: Optional[ServerTLS] = None,
-                 handle_signals: bool = False, grace: float = 5.0) -> None:
+                 handle_signals: bool = False, grace: float = 5.0,
+                 access_log: Union[bool, logging.Logger] = False,
+                 metrics_port: Optional[int] = None) -> None:
         if not callable(getattr(compute_fn, "compute", None)):
             raise TypeError("compute_fn must be a ComputeFunction (an object with compute())")
         if max_workers < 1:
@@ -166,6 +173,10 @@ class GRPCComputeServer:
             raise TypeError("tls must be a splitlearn_comm.ServerTLS")
         self.tls = tls
         self.handle_signals = handle_signals
+        self.access_log = access_log
+        self.metrics_port = metrics_port
+        self._access_writer: Any = None
+        self._metrics_http: Any = None
         self.grace = grace
         self._previous_handlers: Dict[int, Any] = {}
         self._core: Optional[Any] = None
@@ -209,6 +220,14 @@ class GRPCComputeServer:
                 raise
             self._core = server
             _live.add(self)
+            if self.access_log:
+                from .monitoring import AccessLogWriter
+
+                self._access_writer = AccessLogWriter(server, self.access_log)
+            if self.metrics_port is not None:
+                from .monitoring import start_metrics_server
+
+                self._metrics_http = start_metrics_server(self, int(self.metrics_port))
             if self.handle_signals:
                 self._install_signal_handlers()
         logger.info("serving %s on %s:%d (%d workers)", type(self.compute_fn).__name__,
@@ -235,6 +254,16 @@ class GRPCComputeServer:
             signal.signal(sig, handler)
         self._previous_handlers.clear()
 
+    def metrics(self) -> Dict[str, Any]:
+        """The server's own metrics, kept in C: ``requests`` by (method, status name),
+        ``in_flight``, ``latency_seconds`` histograms by stage (cumulative
+        ``buckets`` of (upper bound, count), ``count``, ``sum``), ``request_bytes``,
+        ``response_bytes`` and ``access_log_dropped``."""
+        if self._core is None:
+            return {"requests": {}, "in_flight": 0, "latency_seconds": {},
+                    "request_bytes": 0, "response_bytes": 0, "access_log_dropped": 0}
+        return self._core.metrics()
+
     @property
     def serving(self) -> bool:
         """True while the server accepts calls (False while draining and after)."""
@@ -249,6 +278,14 @@ class GRPCComputeServer:
             return
         core.stop(float(grace or 0.0))
         self._restore_signal_handlers()
+        if self._access_writer is not None:
+            self._access_writer.close()
+        if self._metrics_http is not None:
+            http = self._metrics_http[0] if isinstance(self._metrics_http, tuple) else None
+            if http is not None:
+                http.shutdown()
+                http.server_close()
+            self._metrics_http = None
         with self._lock:
             if self._torn_down:
                 return

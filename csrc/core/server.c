@@ -68,6 +68,7 @@ struct sl_server {
   size_t *token_lens;
   size_t n_tokens;
   grpc_server_credentials *creds;
+  sl_metrics *metrics;
   double started_at;
 };
 
@@ -132,11 +133,19 @@ void sl_service_info_clear(sl_service_info *info) {
   memset(info, 0, sizeof(*info));
 }
 
-/* An outgoing reply: either a payload (message) or none, plus a status. */
+/* An outgoing reply: either a payload (message) or none, plus a status, and the
+ * record of the call for the metrics. */
 typedef struct reply {
   sl_payload *payload; /* NULL: no message */
   sl_err err;          /* code and message of the status */
+  sl_call_record rec;
 } reply;
+
+static void record_desc(const sl_tensor_desc *d, sl_dtype *dtype, int *ndim, int64_t *shape) {
+  *dtype = d->dtype;
+  *ndim = d->ndim;
+  for (int i = 0; i < d->ndim && i < SL_RECORD_NDIM; i++) shape[i] = d->shape[i];
+}
 
 /* Pack a small (tensor-less) message into a payload. */
 static int small_payload(const ProtobufCMessage *msg, sl_payload **out, sl_err *err) {
@@ -290,10 +299,17 @@ static void serve_tensor_call(sl_server *s, const sl_call_info *ci, const sl__bb
     goto done;
   }
   atomic_fetch_add(&s->total_requests, 1);
+  double t0 = sl_now(), t1, t2;
+  r->rec.tensor_call = 1;
   rc = sl_tensor_msg_read(req_kind, in->spans, in->n, &msg, &r->err);
   if (rc != SL_OK) goto done;
+  snprintf(r->rec.codec, sizeof(r->rec.codec), "%s", msg.codec);
+  record_desc(&msg.desc, &r->rec.in_dtype, &r->rec.in_ndim, r->rec.in_shape);
   if (decode_request(s, &msg, &r->err) != SL_OK) goto cleanup;
   sl_call_fields_from_request(req_kind, msg.header, &args.fields);
+  if (args.fields.forward_id != NULL) {
+    snprintf(r->rec.forward_id, sizeof(r->rec.forward_id), "%s", args.fields.forward_id);
+  }
   if (!backward) {
     Splitlearn__Comm__ComputeRequest *req = (Splitlearn__Comm__ComputeRequest *)msg.header;
     if (req->n_metadata > 0) {
@@ -319,7 +335,14 @@ static void serve_tensor_call(sl_server *s, const sl_call_info *ci, const sl__bb
     sl_err_set(&r->err, SL_ESTATE, SL_STATUS_UNIMPLEMENTED, "no compute function");
     goto cleanup;
   }
+  r->rec.has_request_id = args.has_request_id;
+  r->rec.request_id = args.request_id;
+  t1 = sl_now();
+  r->rec.stage[SL_STAGE_DECODE] = t1 - t0;
   rc = s->hooks.compute(s->user, ci, &args, &r->err);
+  t2 = sl_now();
+  r->rec.stage[SL_STAGE_QUEUE] = args.queue_seconds;
+  r->rec.stage[SL_STAGE_COMPUTE] = t2 - t1 - args.queue_seconds;
   if (rc != SL_OK) {
     if (r->err.code == SL_STATUS_OK) {
       sl_err_set(&r->err, rc, SL_STATUS_INTERNAL, "compute failed: %s", sl_strerror(rc));
@@ -327,6 +350,7 @@ static void serve_tensor_call(sl_server *s, const sl_call_info *ci, const sl__bb
     goto cleanup;
   }
   have_out = 1;
+  record_desc(&args.out.desc, &r->rec.out_dtype, &r->rec.out_ndim, r->rec.out_shape);
   if (!args.out.encoded && args.out.codec == NULL) {
     args.out.codec = response_codec(s, &msg, args.out.desc.dtype, &made);
   }
@@ -351,6 +375,7 @@ static void serve_tensor_call(sl_server *s, const sl_call_info *ci, const sl__bb
     }
     sl_tensor_out_pack(SL_MSG_COMPUTE_RESPONSE, &resp.base, &args.out, &r->payload, &r->err);
   }
+  r->rec.stage[SL_STAGE_ENCODE] = sl_now() - t2;
 cleanup:
   if (have_out && args.out.release != NULL) args.out.release(args.out.owner);
   sl_codec_destroy(made);
@@ -362,6 +387,15 @@ done:
     pthread_cond_broadcast(&s->cv);
     pthread_mutex_unlock(&s->mu);
   }
+}
+
+static int method_of(grpc_slice m) {
+  if (streq_slice(m, METHOD_COMPUTE)) return SL_METHOD_COMPUTE;
+  if (streq_slice(m, METHOD_BACKWARD)) return SL_METHOD_BACKWARD;
+  if (streq_slice(m, METHOD_HEALTH)) return SL_METHOD_HEALTH;
+  if (streq_slice(m, METHOD_INFO)) return SL_METHOD_INFO;
+  if (streq_slice(m, METHOD_STD_HEALTH)) return SL_METHOD_STD_HEALTH;
+  return SL_METHOD_OTHER;
 }
 
 /* Constant-time comparison of the "authorization" metadata with every token:
@@ -406,6 +440,9 @@ static void serve_call(worker *w, grpc_call *call, grpc_call_details *details,
   double remaining;
   call_state cs;
 
+  double t_start = sl_now(), t_send = 0;
+  int counted = 0;
+
   memset(&r, 0, sizeof(r));
   memset(&ci, 0, sizeof(ci));
   memset(&cs, 0, sizeof(cs));
@@ -416,6 +453,11 @@ static void serve_call(worker *w, grpc_call *call, grpc_call_details *details,
   ops[1].data.recv_message.recv_message = &in_bb;
   if (grpc_call_start_batch(call, ops, 2, &tag1, NULL) != GRPC_CALL_OK) goto cleanup;
   if (!wait_tag(w->cq, &tag1)) goto cleanup; /* the client went away */
+  sl_metrics_call_started(s->metrics);
+  counted = 1;
+  r.rec.stage[SL_STAGE_RECEIVE] = sl_now() - t_start;
+  r.rec.method = method_of(details->method);
+  if (in_bb != NULL) r.rec.bytes_in = grpc_byte_buffer_length(in_bb);
   memset(ops, 0, sizeof(ops));
   ops[0].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
   ops[0].data.recv_close_on_server.cancelled = &cs.cancelled;
@@ -429,6 +471,8 @@ static void serve_call(worker *w, grpc_call *call, grpc_call_details *details,
   }
   ci.method = method;
   ci.peer = peer ? peer : "";
+  snprintf(r.rec.method_name, sizeof(r.rec.method_name), "%s", method);
+  snprintf(r.rec.peer, sizeof(r.rec.peer), "%s", ci.peer);
   remaining = sl__seconds_until(details->deadline);
   ci.deadline = remaining > 1e15 ? 0.0 : sl_now() + remaining;
   ci.metadata = kv;
@@ -476,6 +520,7 @@ respond:
   memset(ops, 0, sizeof(ops));
   size_t nops = 0;
   if (r.payload != NULL) {
+    r.rec.bytes_out = sl_payload_size(r.payload);
     out_bb = sl__payload_byte_buffer(r.payload);
     if (out_bb != NULL) {
       ops[nops].op = GRPC_OP_SEND_MESSAGE;
@@ -493,6 +538,8 @@ respond:
   ops[nops].data.send_status_from_server.status_details = &details_slice;
   ops[nops].data.send_status_from_server.trailing_metadata_count = 0;
   nops++;
+  r.rec.code = r.err.status != SL_OK ? r.err.code : SL_STATUS_OK;
+  t_send = sl_now();
   if (grpc_call_start_batch(call, ops, nops, &tag2, NULL) == GRPC_CALL_OK) {
     wait_call_tag(&cs, &tag2);
   } else {
@@ -503,6 +550,16 @@ respond:
 cleanup:
   /* the close watch completes when the call ends; it must before the call goes */
   if (cs.started && !cs.closed) wait_call_tag(&cs, &cs);
+  if (counted) {
+    struct timespec wall;
+    double now = sl_now();
+    r.rec.stage[SL_STAGE_SEND] = now - t_send;
+    r.rec.stage[SL_STAGE_TOTAL] = now - t_start;
+    if (cs.cancelled && r.rec.code == SL_STATUS_OK) r.rec.code = SL_STATUS_CANCELLED;
+    clock_gettime(CLOCK_REALTIME, &wall);
+    r.rec.wall_time = (double)wall.tv_sec + (double)wall.tv_nsec * 1e-9;
+    sl_metrics_call_finished(s->metrics, &r.rec);
+  }
   if (out_bb != NULL) grpc_byte_buffer_destroy(out_bb);
   if (r.payload != NULL) sl_payload_unref(r.payload);
   if (in_bb != NULL) grpc_byte_buffer_destroy(in_bb);
@@ -613,6 +670,7 @@ int sl_server_create(const sl_server_config *cfg, const sl_server_hooks *hooks, 
   atomic_init(&s->total_requests, 0);
   status = sl__channel_args_build(cfg->args, cfg->nargs, 1, &s->chargs, err);
   if (status != SL_OK) goto cleanup;
+  if (sl_metrics_create(&s->metrics) != SL_OK) goto oom;
   grpc_init();
   s->grpc_inited = 1;
   if (cfg->tls != NULL) {
@@ -838,6 +896,18 @@ int sl_server_is_serving(const sl_server *s) { return atomic_load(&s->serving); 
 
 int sl_server_in_flight(const sl_server *s) { return atomic_load(&s->in_flight); }
 
+void sl_server_metrics(sl_server *s, sl_metrics_snapshot *out) {
+  sl_metrics_snapshot_take(s->metrics, out);
+}
+
+int sl_server_access_log_enable(sl_server *s, size_t capacity) {
+  return sl_metrics_access_log_enable(s->metrics, capacity);
+}
+
+size_t sl_server_access_log_take(sl_server *s, sl_call_record *out, size_t max, double timeout) {
+  return sl_metrics_access_log_take(s->metrics, out, max, timeout);
+}
+
 int64_t sl_server_total_requests(const sl_server *s) { return atomic_load(&s->total_requests); }
 
 void sl_server_destroy(sl_server *s) {
@@ -847,6 +917,7 @@ void sl_server_destroy(sl_server *s) {
   if (s->grpc_inited) grpc_shutdown();
   pthread_mutex_destroy(&s->mu);
   pthread_cond_destroy(&s->cv);
+  sl_metrics_destroy(s->metrics);
   for (size_t i = 0; i < s->n_tokens; i++) free(s->tokens[i]);
   free(s->tokens);
   free(s->token_lens);

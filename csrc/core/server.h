@@ -18,6 +18,7 @@
 
 #include "chanargs.h"
 #include "message.h"
+#include "metrics.h"
 #include "payload.h"
 #include "sl_common.h"
 #include "tensor.h"
@@ -66,6 +67,8 @@ typedef struct sl_compute_args {
      from any thread, even if sending fails. */
   sl_tensor_out out;
   float compute_time_ms;
+  double queue_seconds;          /* out, optional: time the hook waited before it could run
+                                    user code (e.g. for the GIL); counted apart from compute */
 } sl_compute_args;
 
 /* Result of the service-info hook: strings are malloc'd by the hook and freed by
@@ -147,6 +150,15 @@ int sl_server_is_serving(const sl_server *s);
 
 /* Compute calls being served right now. */
 int sl_server_in_flight(const sl_server *s);
+
+/* A snapshot of the server's metrics (see metrics.h). */
+void sl_server_metrics(sl_server *s, sl_metrics_snapshot *out);
+
+/* Turn the access log on (keeping at most `capacity` records until taken). */
+int sl_server_access_log_enable(sl_server *s, size_t capacity);
+
+/* Take up to `max` access log records, waiting at most `timeout` seconds. */
+size_t sl_server_access_log_take(sl_server *s, sl_call_record *out, size_t max, double timeout);
 
 /* Calls of Compute served so far. */
 int64_t sl_server_total_requests(const sl_server *s);

@@ -170,7 +170,11 @@ static int hook_compute(void *user, const sl_call_info *call, sl_compute_args *a
   if (_Py_IsFinalizing()) {
     return sl_err_set(err, SL_ESTATE, SL_STATUS_UNAVAILABLE, "the server is shutting down");
   }
-  g = PyGILState_Ensure();
+  {
+    double before = sl_now();
+    g = PyGILState_Ensure();
+    args->queue_seconds = sl_now() - before;
+  }
   if (args->tensor->decoded) {
     tensor = slpy_holder_new(self->st, args->tensor->data, &args->tensor->desc);
   } else {
@@ -579,7 +583,164 @@ static void server_dealloc(server_obj *self) {
   Py_DECREF(tp);
 }
 
+/* ---- metrics and the access log ---- */
+
+static PyObject *hist_dict(const sl_hist_snapshot *h) {
+  PyObject *buckets = PyList_New(SL_HIST_BUCKETS + 1), *d;
+  uint64_t cum = 0;
+  if (buckets == NULL) return NULL;
+  for (int b = 0; b <= SL_HIST_BUCKETS; b++) {
+    PyObject *pair;
+    cum += h->counts[b];
+    pair = Py_BuildValue("(dK)", b < SL_HIST_BUCKETS ? sl_hist_bounds[b] : Py_HUGE_VAL,
+                         (unsigned long long)cum);
+    if (pair == NULL) {
+      Py_DECREF(buckets);
+      return NULL;
+    }
+    PyList_SET_ITEM(buckets, b, pair);
+  }
+  d = Py_BuildValue("{s:N,s:K,s:d}", "buckets", buckets, "count", (unsigned long long)h->count,
+                    "sum", h->sum);
+  return d;
+}
+
+/* metrics() -> dict: counters and histograms kept in C (no GIL on the call path). */
+static PyObject *server_metrics(server_obj *self, PyObject *unused) {
+  sl_metrics_snapshot m;
+  PyObject *requests = NULL, *latency = NULL, *result = NULL;
+  (void)unused;
+  if (self->server == NULL) {
+    PyErr_SetString(PyExc_RuntimeError, "server not initialised");
+    return NULL;
+  }
+  sl_server_metrics(self->server, &m);
+  requests = PyDict_New();
+  latency = PyDict_New();
+  if (requests == NULL || latency == NULL) goto cleanup;
+  for (int i = 0; i < SL_METHOD_COUNT; i++) {
+    for (int c = 0; c < 17; c++) {
+      PyObject *key, *v;
+      int rc;
+      if (m.requests[i][c] == 0) continue;
+      key = Py_BuildValue("(ss)", sl_metric_method_name(i), sl_status_name(c));
+      v = PyLong_FromUnsignedLongLong(m.requests[i][c]);
+      rc = key && v ? PyDict_SetItem(requests, key, v) : -1;
+      Py_XDECREF(key);
+      Py_XDECREF(v);
+      if (rc < 0) goto cleanup;
+    }
+  }
+  for (int st = 0; st < SL_STAGE_COUNT; st++) {
+    PyObject *h = hist_dict(&m.latency[st]);
+    int rc = h ? PyDict_SetItemString(latency, sl_stage_name(st), h) : -1;
+    Py_XDECREF(h);
+    if (rc < 0) goto cleanup;
+  }
+  result = Py_BuildValue("{s:O,s:L,s:O,s:K,s:K,s:K}", "requests", requests, "in_flight",
+                         (long long)m.in_flight, "latency_seconds", latency, "request_bytes",
+                         (unsigned long long)m.request_bytes, "response_bytes",
+                         (unsigned long long)m.response_bytes, "access_log_dropped",
+                         (unsigned long long)m.access_log_dropped);
+cleanup:
+  Py_XDECREF(requests);
+  Py_XDECREF(latency);
+  return result;
+}
+
+static PyObject *server_access_log_enable(server_obj *self, PyObject *arg) {
+  Py_ssize_t cap = PyLong_AsSsize_t(arg);
+  if (cap == -1 && PyErr_Occurred()) return NULL;
+  if (self->server == NULL || cap <= 0) {
+    PyErr_SetString(PyExc_ValueError, "capacity must be positive");
+    return NULL;
+  }
+  if (sl_server_access_log_enable(self->server, (size_t)cap) != SL_OK) return PyErr_NoMemory();
+  Py_RETURN_NONE;
+}
+
+static PyObject *shape_list(int ndim, const int64_t *shape) {
+  PyObject *l = PyList_New(0);
+  if (l == NULL) return NULL;
+  for (int i = 0; i < ndim && i < SL_RECORD_NDIM; i++) {
+    PyObject *v = PyLong_FromLongLong(shape[i]);
+    if (v == NULL || PyList_Append(l, v) < 0) {
+      Py_XDECREF(v);
+      Py_DECREF(l);
+      return NULL;
+    }
+    Py_DECREF(v);
+  }
+  return l;
+}
+
+static PyObject *record_dict(const sl_call_record *r) {
+  PyObject *d = NULL, *durations = PyDict_New();
+  PyObject *in_shape = NULL, *out_shape = NULL, *rid = NULL;
+  if (durations == NULL) return NULL;
+  for (int st = 0; st < SL_STAGE_COUNT; st++) {
+    PyObject *v;
+    if (!r->tensor_call && st != SL_STAGE_TOTAL) continue;
+    v = PyFloat_FromDouble(r->stage[st] * 1e3);
+    if (v == NULL || PyDict_SetItemString(durations, sl_stage_name(st), v) < 0) {
+      Py_XDECREF(v);
+      goto cleanup;
+    }
+    Py_DECREF(v);
+  }
+  in_shape = r->in_dtype ? shape_list(r->in_ndim, r->in_shape) : Py_NewRef(Py_None);
+  out_shape = r->out_dtype ? shape_list(r->out_ndim, r->out_shape) : Py_NewRef(Py_None);
+  rid = r->has_request_id ? PyLong_FromLong(r->request_id) : Py_NewRef(Py_None);
+  if (in_shape == NULL || out_shape == NULL || rid == NULL) goto cleanup;
+  d = Py_BuildValue("{s:d,s:s,s:s,s:s,s:O,s:z,s:O,s:z,s:O,s:z,s:z,s:K,s:K,s:O}", "time",
+                    r->wall_time, "method", r->method_name, "peer", r->peer, "status",
+                    sl_status_name(r->code), "request_id", rid, "forward_id", r->forward_id[0] ? r->forward_id : NULL,
+                    "input_shape", in_shape, "input_dtype",
+                    r->in_dtype ? sl_dtype_name(r->in_dtype) : NULL, "output_shape", out_shape,
+                    "output_dtype", r->out_dtype ? sl_dtype_name(r->out_dtype) : NULL, "codec",
+                    r->codec[0] ? r->codec : NULL, "bytes_in", (unsigned long long)r->bytes_in,
+                    "bytes_out", (unsigned long long)r->bytes_out, "durations_ms", durations);
+cleanup:
+  Py_XDECREF(in_shape);
+  Py_XDECREF(out_shape);
+  Py_XDECREF(rid);
+  Py_DECREF(durations);
+  return d;
+}
+
+/* take_access_log(max, timeout) -> list of dicts; waits without the GIL. */
+static PyObject *server_take_access_log(server_obj *self, PyObject *args) {
+  Py_ssize_t max;
+  double timeout;
+  sl_call_record *recs;
+  size_t n;
+  PyObject *list;
+  if (!PyArg_ParseTuple(args, "nd", &max, &timeout)) return NULL;
+  if (self->server == NULL || max <= 0) return PyList_New(0);
+  recs = PyMem_RawMalloc((size_t)max * sizeof(*recs));
+  if (recs == NULL) return PyErr_NoMemory();
+  Py_BEGIN_ALLOW_THREADS
+  n = sl_server_access_log_take(self->server, recs, (size_t)max, timeout);
+  Py_END_ALLOW_THREADS
+  list = PyList_New((Py_ssize_t)n);
+  for (size_t i = 0; list != NULL && i < n; i++) {
+    PyObject *d = record_dict(&recs[i]);
+    if (d == NULL) {
+      Py_CLEAR(list);
+      break;
+    }
+    PyList_SET_ITEM(list, (Py_ssize_t)i, d);
+  }
+  PyMem_RawFree(recs);
+  return list;
+}
+
 static PyMethodDef server_methods[] = {
+    {"metrics", (PyCFunction)server_metrics, METH_NOARGS, "Counters and histograms (dict)."},
+    {"access_log_enable", (PyCFunction)server_access_log_enable, METH_O,
+     "access_log_enable(capacity): keep per-call records for take_access_log()."},
+    {"take_access_log", (PyCFunction)server_take_access_log, METH_VARARGS,
+     "take_access_log(max, timeout) -> [record dict, ...]"},
     {"start", (PyCFunction)server_start, METH_NOARGS, "Bind and start serving; returns the port."},
     {"stop", (PyCFunction)server_stop, METH_O, "stop(grace): refuse new calls, drain, cancel."},
     {"wait", (PyCFunction)server_wait, METH_O, "wait(timeout or None) -> True once stopped."},

@@ -1,0 +1,141 @@
+"""Server metrics for Prometheus, and the structured access log.
+
+The server measures itself in C (atomic counters and fixed-bucket histograms; no
+GIL and no Python per call). :meth:`GRPCComputeServer.metrics` returns them as a
+dict; :class:`ServerMetricsCollector` exposes them to ``prometheus_client``
+(an optional dependency: ``pip install prometheus_client``), and
+``GRPCComputeServer(..., metrics_port=9100)`` serves them on ``/metrics``.
+
+Metric names (Prometheus conventions: base units, ``_total`` counters):
+
+=========================================  ==========  ==================================
+``splitlearn_requests_total``              counter     calls by ``method`` and ``code``
+``splitlearn_errors_total``                counter     calls that did not end OK, by ``method``
+``splitlearn_in_flight_requests``          gauge       calls being served
+``splitlearn_request_bytes_total``         counter     message bytes received
+``splitlearn_response_bytes_total``        counter     message bytes sent
+``splitlearn_call_duration_seconds``       histogram   Compute/ComputeBackward, by ``stage``:
+                                                       receive, decode, queue (waiting for
+                                                       the GIL), compute, encode, send, total
+``splitlearn_access_log_dropped_total``    counter     access log records dropped (full ring)
+=========================================  ==========  ==================================
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any, Iterator, Optional, Union
+
+__all__ = ["AccessLogWriter", "ServerMetricsCollector", "start_metrics_server"]
+
+logger = logging.getLogger("splitlearn_comm.monitoring")
+
+
+def _prometheus():
+    try:
+        import prometheus_client  # noqa: F401
+        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                            HistogramMetricFamily)
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+        raise ImportError("Prometheus metrics need prometheus_client: "
+                          "pip install 'splitlearn-comm[prometheus]'") from e
+    return CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+
+class ServerMetricsCollector:
+    """A ``prometheus_client`` collector reading a server's C metrics at scrape time.
+
+    ``prometheus_client.REGISTRY.register(ServerMetricsCollector(server))`` adds the
+    server's metrics to the default registry; ``server`` is a
+    :class:`GRPCComputeServer` (started or not) and may be labelled with ``labels``
+    (e.g. ``{"server": "tail"}``) when one process runs several.
+    """
+
+    def __init__(self, server: Any, labels: Optional[dict] = None) -> None:
+        self.server = server
+        self.labels = dict(labels or {})
+
+    def collect(self) -> Iterator[Any]:
+        counter, gauge, histogram = _prometheus()
+        m = self.server.metrics()
+        extra = list(self.labels)
+        values = list(self.labels.values())
+        requests = counter("splitlearn_requests_total", "Calls served, by method and status code.",
+                           labels=["method", "code", *extra])
+        errors = counter("splitlearn_errors_total", "Calls that did not end OK, by method.",
+                         labels=["method", *extra])
+        failed: dict = {}
+        for (method, code), n in m["requests"].items():
+            requests.add_metric([method, code, *values], n)
+            if code != "OK":
+                failed[method] = failed.get(method, 0) + n
+        for method, n in failed.items():
+            errors.add_metric([method, *values], n)
+        yield requests
+        yield errors
+        in_flight = gauge("splitlearn_in_flight_requests", "Calls being served.", labels=extra)
+        in_flight.add_metric(values, m["in_flight"])
+        yield in_flight
+        for name, key, doc in (("splitlearn_request_bytes_total", "request_bytes",
+                                "Message bytes received."),
+                               ("splitlearn_response_bytes_total", "response_bytes",
+                                "Message bytes sent."),
+                               ("splitlearn_access_log_dropped_total", "access_log_dropped",
+                                "Access log records dropped because the ring was full.")):
+            c = counter(name, doc, labels=extra)
+            c.add_metric(values, m[key])
+            yield c
+        h = histogram("splitlearn_call_duration_seconds",
+                      "Compute and ComputeBackward calls, by stage.", labels=["stage", *extra])
+        for stage, hist in m["latency_seconds"].items():
+            buckets = [("+Inf" if b == float("inf") else repr(b), n) for b, n in hist["buckets"]]
+            h.add_metric([stage, *values], buckets, hist["sum"])
+        yield h
+
+
+def start_metrics_server(server: Any, port: int, addr: str = "0.0.0.0") -> Any:
+    """Serve ``server``'s metrics on ``http://addr:port/metrics`` (its own registry)."""
+    _prometheus()
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry()
+    registry.register(ServerMetricsCollector(server))
+    result = start_http_server(port, addr=addr, registry=registry)
+    logger.info("metrics on http://%s:%d/metrics", addr, port)
+    return result
+
+
+class AccessLogWriter:
+    """Writes a server's access log: one JSON line per call through ``logging``.
+
+    Records are made in C on the call path (no GIL) and queued in a bounded ring;
+    this writer's one thread takes them in batches and logs them at INFO on
+    ``logger`` (default ``splitlearn_comm.access``). Fields: time, method, peer,
+    status, request_id, forward_id, input/output shape and dtype, codec, bytes in and
+    out, and durations in ms by stage.
+    """
+
+    def __init__(self, core: Any, target: Union[bool, logging.Logger, None] = True,
+                 capacity: int = 65536) -> None:
+        self.logger = target if isinstance(target, logging.Logger) else \
+            logging.getLogger("splitlearn_comm.access")
+        self._core = core
+        self._stop = threading.Event()
+        core.access_log_enable(capacity)
+        self._thread = threading.Thread(target=self._run, name="splitlearn-access-log",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            stopping = self._stop.is_set()
+            for record in self._core.take_access_log(512, 0.0 if stopping else 0.2):
+                self.logger.info(json.dumps(record, separators=(",", ":")))
+            if stopping:
+                return
+
+    def close(self) -> None:
+        """Write what is queued and stop the thread."""
+        self._stop.set()
+        self._thread.join(10)
