@@ -4,7 +4,10 @@
   every batch it sends;
 * ``simple_server.py --port 0`` must print "listening on HOST:PORT", serve
   ``simple_client.py`` against that port, and exit 0 promptly on SIGINT (Ctrl-C)
-  and on SIGTERM.
+  and on SIGTERM;
+* ``custom_codec.py``, ``auth_server.py`` and ``tls_server.py`` run a server and
+  its clients in one process: each must exit 0 in time and print the lines that
+  show what it demonstrates.
 
 Every wait is bounded; readiness is read from the server's output, never slept for.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
 DEMO_TIMEOUT_S = 180
+#: Limit for each self-contained example (server and clients in one process).
+SELF_CONTAINED_TIMEOUT_S = 120
 #: How long the server may take to print its "listening on" line (imports torch first).
 START_TIMEOUT_S = 60
 CLIENT_TIMEOUT_S = 120
@@ -170,3 +176,65 @@ def test_simple_client_reports_missing_server() -> None:
                 CLIENT_TIMEOUT_S)
     assert proc.returncode == 1, _report(proc)
     assert "no server at 127.0.0.1:1" in proc.stderr, _report(proc)
+
+
+# -- self-contained examples: server and clients in one process -----------------------
+
+@pytest.mark.timeout(SELF_CONTAINED_TIMEOUT_S + 20)
+def test_custom_codec_example() -> None:
+    proc = _run([str(EXAMPLES / "custom_codec.py"), "--batch", "2", "--seq", "64"],
+                SELF_CONTAINED_TIMEOUT_S)
+    assert proc.returncode == 0, _report(proc)
+    out = proc.stdout
+    raw = 2 * 64 * 768 * 4
+    assert f"{raw} bytes raw" in out, _report(proc)
+    expected = {  # label: request payload bytes
+        "raw": raw,
+        "scaled-half (Python)": raw // 2,
+        "int8 (built in)": raw // 4,
+    }
+    for label, nbytes in expected.items():
+        line = re.search(rf"^codec {re.escape(label)}: (\d+) bytes, (\d+) bytes saved "
+                         rf"\((\d+)%\), max error (\S+)$", out, re.M)
+        assert line is not None, f"no line for {label}\n" + _report(proc)
+        assert int(line.group(1)) == nbytes and int(line.group(2)) == raw - nbytes, line.group(0)
+    zstd = re.search(r"^codec zstd over bfloat16 \(built in\): (\d+) bytes", out, re.M)
+    assert zstd is not None and int(zstd.group(1)) < raw // 2, _report(proc)
+    assert "all results within tolerance" in out, _report(proc)
+
+
+@pytest.mark.timeout(SELF_CONTAINED_TIMEOUT_S + 20)
+def test_auth_server_example() -> None:
+    proc = _run([str(EXAMPLES / "auth_server.py")], SELF_CONTAINED_TIMEOUT_S)
+    assert proc.returncode == 0, _report(proc)
+    lines = proc.stdout.splitlines()
+    for expected in [
+        "client with the token: ok, result [2.0, 4.0]",
+        "client without the token: refused, UNAUTHENTICATED: missing or invalid authorization token",
+        "client with the token but no name: refused, PERMISSION_DENIED: say who you are in x-client",
+        "standard health check without a token: SERVING",
+        "  Compute from trainer-1",
+        "  Compute from <anonymous>",
+    ]:
+        assert expected in lines, f"missing {expected!r}\n" + _report(proc)
+    # the call without a token never reached the interceptor or compute()
+    assert "intruder" not in proc.stdout, _report(proc)
+    assert lines.count("  compute() for trainer-1") == 1, _report(proc)
+
+
+@pytest.mark.timeout(SELF_CONTAINED_TIMEOUT_S + 20)
+def test_tls_server_example() -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command line tool")
+    proc = _run([str(EXAMPLES / "tls_server.py")], SELF_CONTAINED_TIMEOUT_S)
+    assert proc.returncode == 0, _report(proc)
+    lines = proc.stdout.splitlines()
+    for expected in [
+        "trusted client: served, result [-1.0, 2.0]",
+        "client without a certificate: refused, UNAVAILABLE",
+        "client with a certificate from another CA: refused, UNAVAILABLE",
+        "as expected: only the trusted client was served",
+    ]:
+        assert expected in lines, f"missing {expected!r}\n" + _report(proc)
+    made = re.search(r"^made a throwaway CA and certificates in (\S+)$", proc.stdout, re.M)
+    assert made is not None and not Path(made.group(1)).exists(), "the temporary PKI was left behind"

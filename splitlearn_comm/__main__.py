@@ -1,0 +1,7 @@
+"""``python -m splitlearn_comm``: the ``splitlearn-comm`` command line."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
