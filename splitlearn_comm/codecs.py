@@ -75,9 +75,12 @@ class BFloat16Codec(_Builtin):
 class Int8Codec(_Builtin):
     """8-bit affine quantization: a quarter of float32's bytes.
 
-    Each value is mapped to one of 256 levels between the tensor's (or the
-    channel's, with ``axis``) minimum and maximum; the error is at most half a
-    step, ``(max - min) / 255 / 2``, per element.
+    Each value is mapped to one of 256 levels spanning the tensor's (or the
+    channel's, with ``axis``) range, widened to include 0 so that zeros (ReLU
+    outputs) come back exact; the error is at most half a step,
+    ``(max(hi, 0) - min(lo, 0)) / 255 / 2``, per element. NaN and inf cannot be
+    quantized: such a tensor is refused (a server answering in int8 sends such a
+    result raw instead).
 
     Args:
         axis: quantize per channel along this axis (e.g. 1 for NCHW activations);

@@ -136,6 +136,9 @@ class GRPCComputeServer:
             written by one background thread.
         metrics_port: serve Prometheus metrics on this port (needs prometheus_client);
             :meth:`metrics` works without it.
+        max_decoded_bytes: how large a tensor built-in codec payloads may decode to,
+            per call and for all calls at once (default 4 GiB): a sparse or compressed
+            payload of a few bytes may declare any shape.
 
     ``start()`` returns at once; ``stop(grace)`` drains; ``wait_for_termination()``
     blocks until stopped (Ctrl-C interrupts it). Usable as a context manager.
@@ -150,7 +153,8 @@ class GRPCComputeServer:
                  auth_tokens: Optional[Sequence[str]] = None, tls: Optional[ServerTLS] = None,
                  handle_signals: bool = False, grace: float = 5.0,
                  access_log: Union[bool, logging.Logger] = False,
-                 metrics_port: Optional[int] = None) -> None:
+                 metrics_port: Optional[int] = None,
+                 max_decoded_bytes: Optional[int] = None) -> None:
         if not callable(getattr(compute_fn, "compute", None)):
             raise TypeError("compute_fn must be a ComputeFunction (an object with compute())")
         if max_workers < 1:
@@ -175,6 +179,7 @@ class GRPCComputeServer:
         self.handle_signals = handle_signals
         self.access_log = access_log
         self.metrics_port = metrics_port
+        self.max_decoded_bytes = max_decoded_bytes
         self._access_writer: Any = None
         self._metrics_http: Any = None
         self.grace = grace
@@ -193,10 +198,17 @@ class GRPCComputeServer:
 
     def start(self) -> "GRPCComputeServer":
         """Run ``setup()``, bind and start serving; returns at once."""
+        if self.handle_signals and threading.current_thread() is not threading.main_thread():
+            raise ValueError("handle_signals=True needs start() on the main thread "
+                             "(Python delivers signals there)")
         with self._lock:
             if self._core is not None:
                 raise RuntimeError("the server was already started; a stopped server cannot be "
                                    "restarted: create a new GRPCComputeServer")
+            try:  # the first call would otherwise pay ~1 s to import torch on a worker
+                import torch  # noqa: F401
+            except ImportError:  # pragma: no cover - NumPy-only servers
+                pass
             setup = getattr(self.compute_fn, "setup", None)
             if callable(setup):
                 setup()
@@ -208,7 +220,8 @@ class GRPCComputeServer:
                 _make_info(self.compute_fn), self.host, int(self._port), int(self.max_workers),
                 str(self.version), self.options, c_codec, self._registry.names(),
                 self.auth_tokens, self.tls._args() if self.tls else None,
-                _make_intercept(self.interceptors) if self.interceptors else None)
+                _make_intercept(self.interceptors) if self.interceptors else None,
+                int(self.max_decoded_bytes or 0))
             try:
                 server.start()
             except BaseException as e:
@@ -239,6 +252,9 @@ class GRPCComputeServer:
 
         def on_signal(signum: int, frame: Any) -> None:
             logger.info("signal %d: stopping the server (grace %.1fs)", signum, self.grace)
+            # handlers run in the main thread: put the previous ones back now, so a
+            # second Ctrl-C behaves as it did before this server
+            self._restore_signal_handlers()
             threading.Thread(target=self.stop, args=(self.grace,), daemon=True,
                              name="splitlearn-stop").start()
 
@@ -357,7 +373,16 @@ def _make_intercept(interceptors: Sequence[grpc.ServerInterceptor]):
 
     def intercept(method: str, peer: str, metadata: Tuple, deadline: Optional[float],
                   state: Any = None) -> None:
-        handler = run(_HandlerCallDetails(method, metadata))
+        call = context.CallContext(method, peer, metadata, {}, deadline, None, state)
+        context._set(call)
+        try:
+            run_one(call)
+        finally:
+            context._set(None)
+
+    def run_one(call: context.CallContext) -> None:
+        method = call.method
+        handler = run(_HandlerCallDetails(method, call.metadata))
         if handler is ours:
             return
         if handler is None:
@@ -365,7 +390,7 @@ def _make_intercept(interceptors: Sequence[grpc.ServerInterceptor]):
         fn = handler.unary_unary
         if fn is None:
             raise Abort(grpc.StatusCode.UNIMPLEMENTED, "an interceptor returned a non-unary handler")
-        ctx = _ServicerContext(context.CallContext(method, peer, metadata, {}, deadline, None, state))
+        ctx = _ServicerContext(call)
         fn(None, ctx)
         code = ctx.code()
         if code is None or code == grpc.StatusCode.OK:

@@ -357,3 +357,31 @@ def _encode_request(data: bytes, shape, dtype: str, codec: str) -> bytes:
     packed_shape = b"".join(_varint(d) for d in shape)
     return (_field(1, data) + _field(2, packed_shape) + _field(16, dtype.encode())
             + _field(17, codec.encode()))
+
+
+def test_decoded_size_is_bounded_per_call_and_server(serve):
+    """A few bytes of sparse payload may declare any shape: the server refuses to
+    decode past max_decoded_bytes (per call: INVALID_ARGUMENT)."""
+    import grpc
+
+    server = serve(Echo(), max_decoded_bytes=1 << 20)
+    payload = (0).to_bytes(8, "little")  # a sparse_coo payload with no non-zeros
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = channel.unary_unary("/splitlearn.comm.ComputeService/Compute",
+                                   request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as info:
+            stub(_encode_request(payload, (1 << 20,), "float32", "sparse_coo"), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "max_decoded_bytes" in info.value.details()
+        ok = stub(_encode_request(payload, (1024,), "float32", "sparse_coo"), timeout=10)
+        assert ok  # 4 KiB decodes fine
+
+
+def test_unencodable_result_goes_back_raw(serve, connect):
+    class Inf(slc.ComputeFunction):
+        def compute(self, x):
+            return x / 0  # inf: int8 cannot carry it
+
+    client = connect(serve(Inf()), codec=Int8Codec())
+    y = client.compute(torch.ones(4))
+    assert torch.isinf(y).all()

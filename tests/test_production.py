@@ -113,6 +113,18 @@ def test_interceptor_with_set_code_and_context_accessors(serve, connect):
     assert 0 < seen["remaining"] <= 10.5 and seen["active"]
 
 
+def test_current_call_inside_interceptors(serve, connect):
+    seen = []
+
+    class Peek(grpc.ServerInterceptor):
+        def intercept_service(self, continuation, details):
+            seen.append(slc.current_call().method)
+            return continuation(details)
+
+    connect(serve(Echo(), interceptors=[Peek()])).compute(torch.ones(1))
+    assert seen == ["/splitlearn.comm.ComputeService/Compute"]
+
+
 def test_interceptor_that_raises_is_a_status_not_a_crash(serve, connect):
     class Broken(grpc.ServerInterceptor):
         def intercept_service(self, continuation, details):
@@ -305,7 +317,9 @@ SIGNAL_SERVER = textwrap.dedent("""
     server.start()
     print("ready", server.port, flush=True)
     server.wait_for_termination()
-    print("stopped", flush=True)
+    import signal
+    restored = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    print("stopped" if restored else "handlers-not-restored", flush=True)
 """)
 
 

@@ -339,6 +339,13 @@ int sl_tensor_out_pack(sl_msg_kind kind, ProtobufCMessage *header, const sl_tens
       size_t len = 0;
       status = sl_codec_encode(t->codec, &t->desc, t->data, t->nbytes, &encoded, &len,
                                &encoded_meta, err);
+      if (status == SL_EINVAL && t->raw_if_unencodable) {
+        /* the codec was our choice, not the caller's: send the tensor as it is */
+        sl_err_clear(err);
+        sl_meta_clear(&encoded_meta);
+        status = SL_OK;
+        goto framing;
+      }
       if (status != SL_OK) goto cleanup;
       /* the tensor itself is no longer needed: give it back now */
       if (release != NULL) release(owner);
@@ -351,6 +358,7 @@ int sl_tensor_out_pack(sl_msg_kind kind, ProtobufCMessage *header, const sl_tens
       meta = &encoded_meta;
     }
   }
+framing:
   status = sl_shape_to_wire(&t->desc, shape32, err);
   if (status != SL_OK) goto cleanup;
   sl_tensor_msg_fields(kind, header, &f);

@@ -97,6 +97,7 @@ typedef struct sl_tensor_out {
   const char *codec_name; /* encoded = 1: the payload's codec (copied into the message) */
   const sl_meta *meta;    /* encoded = 1: its metadata (copied), or NULL */
   const sl_codec *codec;  /* encoded = 0: encode with it here, in C (NULL or raw: send as is) */
+  int raw_if_unencodable; /* 1: a tensor `codec` refuses (dtype, NaN for int8, ...) goes raw */
 } sl_tensor_out;
 
 /* Pack a tensor message of `kind`: encode `t` if asked (in C, no locks held),

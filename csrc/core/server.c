@@ -69,6 +69,8 @@ struct sl_server {
   size_t n_tokens;
   grpc_server_credentials *creds;
   sl_metrics *metrics;
+  size_t max_decoded;
+  atomic_llong decoded_in_use;
   double started_at;
 };
 
@@ -255,9 +257,30 @@ static int is_python_codec(const sl_server *s, const char *name) {
 
 /* Decode the request's tensor if a built-in codec carries it, or check that the
  * compute hook knows its (Python) codec. */
-static int decode_request(sl_server *s, sl_tensor_msg *msg, sl_err *err) {
+static int decode_request(sl_server *s, sl_tensor_msg *msg, size_t *reserved, sl_err *err) {
   if (msg->decoded) return sl_tensor_msg_decode(msg, err); /* checks bools */
-  if (sl_codec_name_is_builtin(msg->codec)) return sl_tensor_msg_decode(msg, err);
+  if (sl_codec_name_is_builtin(msg->codec)) {
+    /* a few bytes of sparse or compressed payload may declare any shape: bound what
+     * one call, and all calls together, may decode to */
+    size_t need = 0;
+    long long before;
+    if (sl_desc_nbytes(&msg->desc, &need) != SL_OK || need > s->max_decoded) {
+      return sl_err_set(err, SL_ETOOBIG, SL_STATUS_INVALID_ARGUMENT,
+                        "codec '%.64s': the tensor would decode to more than this server's "
+                        "limit of %zu bytes (max_decoded_bytes)",
+                        msg->codec, s->max_decoded);
+    }
+    before = atomic_fetch_add(&s->decoded_in_use, (long long)need);
+    if ((size_t)before + need > s->max_decoded) {
+      atomic_fetch_sub(&s->decoded_in_use, (long long)need);
+      return sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,
+                        "the server is decoding too much at once (%zu-byte limit for all "
+                        "calls); try again",
+                        s->max_decoded);
+    }
+    *reserved = need;
+    return sl_tensor_msg_decode(msg, err);
+  }
   if (is_python_codec(s, msg->codec)) return SL_OK;
   return sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
                     "unknown codec '%.64s' in the request; this server knows: %s", msg->codec,
@@ -288,6 +311,7 @@ static void serve_tensor_call(sl_server *s, const sl_call_info *ci, const sl__bb
   sl_compute_args args;
   sl_kv *reqmd = NULL;
   sl_codec *made = NULL;
+  size_t reserved = 0;
   int have_out = 0;
   int rc;
 
@@ -305,7 +329,7 @@ static void serve_tensor_call(sl_server *s, const sl_call_info *ci, const sl__bb
   if (rc != SL_OK) goto done;
   snprintf(r->rec.codec, sizeof(r->rec.codec), "%s", msg.codec);
   record_desc(&msg.desc, &r->rec.in_dtype, &r->rec.in_ndim, r->rec.in_shape);
-  if (decode_request(s, &msg, &r->err) != SL_OK) goto cleanup;
+  if (decode_request(s, &msg, &reserved, &r->err) != SL_OK) goto cleanup;
   sl_call_fields_from_request(req_kind, msg.header, &args.fields);
   if (args.fields.forward_id != NULL) {
     snprintf(r->rec.forward_id, sizeof(r->rec.forward_id), "%s", args.fields.forward_id);
@@ -353,6 +377,7 @@ static void serve_tensor_call(sl_server *s, const sl_call_info *ci, const sl__bb
   record_desc(&args.out.desc, &r->rec.out_dtype, &r->rec.out_ndim, r->rec.out_shape);
   if (!args.out.encoded && args.out.codec == NULL) {
     args.out.codec = response_codec(s, &msg, args.out.desc.dtype, &made);
+    args.out.raw_if_unencodable = 1;
   }
   have_out = 0; /* sl_tensor_out_pack releases the result on every path */
   if (backward) {
@@ -381,6 +406,7 @@ cleanup:
   sl_codec_destroy(made);
   free(reqmd);
   sl_tensor_msg_clear(&msg);
+  if (reserved > 0) atomic_fetch_sub(&s->decoded_in_use, (long long)reserved);
 done:
   if (atomic_fetch_sub(&s->in_flight, 1) == 1 && !atomic_load(&s->serving)) {
     pthread_mutex_lock(&s->mu);
@@ -650,6 +676,9 @@ int sl_server_create(const sl_server_config *cfg, const sl_server_hooks *hooks, 
   s->port_req = cfg->port;
   s->max_workers = cfg->max_workers;
   s->codec = cfg->codec;
+  s->max_decoded = cfg->max_decoded_bytes ? cfg->max_decoded_bytes : ((size_t)4 << 30);
+  if (s->max_decoded > SL_MAX_DECODED_BYTES) s->max_decoded = SL_MAX_DECODED_BYTES;
+  atomic_init(&s->decoded_in_use, 0);
   status = copy_codec_names(s, cfg, err);
   if (status != SL_OK) goto cleanup;
   if (cfg->n_auth_tokens > 0) {

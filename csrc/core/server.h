@@ -118,6 +118,8 @@ typedef struct sl_server_config {
                                      None: no check. The standard health check is exempt. */
   size_t n_auth_tokens;
   const sl_tls_server *tls;       /* NULL: plaintext */
+  size_t max_decoded_bytes;       /* bytes that built-in codec payloads may decode to, per
+                                     call and for all calls at once; 0: 4 GiB */
 } sl_server_config;
 
 /* Create a server (nothing is bound yet). The config is copied (but cfg->codec is

@@ -385,12 +385,14 @@ static int parse_tokens(PyObject *tokens, PyObject **seq, const char ***out, siz
 
 static int server_init(server_obj *self, PyObject *args, PyObject *kwargs) {
   static char *kwlist[] = {"compute", "info", "host", "port", "max_workers", "version", "options",
-                           "codec", "python_codecs", "auth_tokens", "tls", "intercept", NULL};
+                           "codec", "python_codecs", "auth_tokens", "tls", "intercept",
+                           "max_decoded_bytes", NULL};
   PyObject *compute, *info, *options = Py_None, *codec = Py_None, *pycodecs = Py_None;
   PyObject *tokens = Py_None, *tls = Py_None, *intercept = Py_None, *token_seq = NULL;
   const char **token_ptrs = NULL;
   size_t n_tokens = 0;
   sl_tls_server tls_cfg;
+  Py_ssize_t max_decoded = 0;
   PyObject *names = NULL;
   const char **name_ptrs = NULL;
   const sl_codec *ccodec;
@@ -408,9 +410,9 @@ static int server_init(server_obj *self, PyObject *args, PyObject *kwargs) {
     PyErr_SetString(PyExc_RuntimeError, "Server.__init__ called twice");
     return -1;
   }
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOsiis|OOOOOO", kwlist, &compute, &info, &host,
-                                   &port, &max_workers, &version, &options, &codec, &pycodecs,
-                                   &tokens, &tls, &intercept)) {
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOsiis|OOOOOOn", kwlist, &compute, &info,
+                                   &host, &port, &max_workers, &version, &options, &codec,
+                                   &pycodecs, &tokens, &tls, &intercept, &max_decoded)) {
     return -1;
   }
   memset(&tls_cfg, 0, sizeof(tls_cfg));
@@ -461,6 +463,7 @@ static int server_init(server_obj *self, PyObject *args, PyObject *kwargs) {
   cfg.auth_tokens = token_ptrs;
   cfg.n_auth_tokens = n_tokens;
   cfg.tls = tls != Py_None ? &tls_cfg : NULL;
+  cfg.max_decoded_bytes = max_decoded > 0 ? (size_t)max_decoded : 0;
   cfg.codec = ccodec;
   cfg.python_codecs = name_ptrs;
   cfg.n_python_codecs = names ? (size_t)PySequence_Fast_GET_SIZE(names) : 0;
