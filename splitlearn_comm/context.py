@@ -21,12 +21,13 @@ class CallContext:
     """
 
     __slots__ = ("method", "peer", "metadata", "request_metadata", "deadline", "request_id",
-                 "_state")
+                 "_state", "_trailing")
 
     def __init__(self, method: str, peer: str, metadata: Tuple[Tuple[str, Any], ...],
                  request_metadata: Dict[str, str], deadline: Optional[float],
                  request_id: Optional[int], state: Any = None) -> None:
         self._state = state
+        self._trailing: Tuple[Tuple[str, Any], ...] = ()
         self.method = method
         self.peer = peer
         self.metadata = metadata
@@ -52,6 +53,13 @@ class CallContext:
     def invocation_metadata(self) -> Tuple[Tuple[str, Any], ...]:
         return self.metadata
 
+    def set_trailing_metadata(self, trailing_metadata: Any) -> None:
+        """Metadata sent with the call's status, whether it ends OK or not (keys are
+        lowercase ASCII; values str, or bytes for keys ending in ``-bin``)."""
+        from .client import _normalize_metadata
+
+        self._trailing = tuple(_normalize_metadata(trailing_metadata))
+
     def abort(self, code: Any, details: str) -> None:
         """End the call with gRPC status ``code`` (a ``grpc.StatusCode``) and
         ``details``, as ``grpc.ServicerContext.abort`` does: raises, so nothing after
@@ -60,7 +68,7 @@ class CallContext:
         from ``compute()`` becomes ``INTERNAL``."""
         from .errors import Abort
 
-        raise Abort(code, details)
+        raise Abort(code, details, self._trailing)
 
     def __repr__(self) -> str:
         return f"CallContext(method={self.method!r}, peer={self.peer!r})"

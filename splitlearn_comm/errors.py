@@ -108,7 +108,8 @@ class Abort(Exception):
     The C core reads ``sl_code`` and ``sl_details`` off the exception.
     """
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, trailing: Sequence = ()) -> None:
         super().__init__(details)
         self.sl_code = code.value[0]
         self.sl_details = details
+        self.sl_trailing = tuple(trailing)

@@ -49,10 +49,11 @@ class _ServicerContext(grpc.ServicerContext):
         self._trailing: Tuple = ()
 
     def abort(self, code: grpc.StatusCode, details: str) -> None:
-        raise Abort(code, details)
+        raise Abort(code, details, self._call._trailing)
 
     def abort_with_status(self, status: Any) -> None:
-        raise Abort(status.code, status.details)
+        trailing = tuple(getattr(status, "trailing_metadata", None) or ()) or self._call._trailing
+        raise Abort(status.code, status.details, trailing)
 
     def set_code(self, code: grpc.StatusCode) -> None:
         self._code = code
@@ -94,7 +95,7 @@ class _ServicerContext(grpc.ServicerContext):
         return False
 
     def set_trailing_metadata(self, trailing_metadata: Tuple) -> None:
-        self._trailing = tuple(trailing_metadata)
+        self._call.set_trailing_metadata(trailing_metadata)
 
     def send_initial_metadata(self, initial_metadata: Tuple) -> None:
         pass
@@ -397,7 +398,7 @@ def _make_intercept(interceptors: Sequence[grpc.ServerInterceptor]):
             raise Abort(grpc.StatusCode.UNIMPLEMENTED,
                         "an interceptor replaced the handler without setting a status; "
                         "use context.abort() or context.set_code()")
-        raise Abort(code, ctx.details() or code.name)
+        raise Abort(code, ctx.details() or code.name, call._trailing)
 
     return intercept
 
@@ -448,10 +449,16 @@ def _make_dispatch(compute_fn: ComputeFunction, registry: CodecRegistry,
                 out_codec = registry.get(codec)  # answer in the request's codec
             if out_codec is not None:
                 try:
-                    return encode_python(out_codec, out), ms
+                    return encode_python(out_codec, out), ms, call._trailing
                 except CodecError as e:
-                    raise Abort(grpc.StatusCode.INTERNAL, f"{e} (the result)") from e
-            return _tensor.prepare_result(out), ms
+                    raise Abort(grpc.StatusCode.INTERNAL, f"{e} (the result)", call._trailing) from e
+            return _tensor.prepare_result(out), ms, call._trailing
+        except Abort:
+            raise
+        except Exception as e:
+            if call._trailing:
+                e.sl_trailing = call._trailing  # type: ignore[attr-defined]
+            raise
         finally:
             context._set(None)
 

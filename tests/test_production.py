@@ -361,3 +361,33 @@ def test_stock_grpcio_health_client(serve):
                          capture_output=True, text=True, timeout=60, env=subprocess_env())
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "SERVING"
+
+
+def test_trailing_metadata_from_compute_and_interceptors(serve, connect):
+    class Tagged(slc.ComputeFunction):
+        def compute(self, x):
+            call = slc.current_call()
+            call.set_trailing_metadata([("x-model-version", "7")])
+            if x.numel() == 1:
+                call.abort(grpc.StatusCode.FAILED_PRECONDITION, "warming up")
+            return x
+
+    class Deny(grpc.ServerInterceptor):
+        def intercept_service(self, continuation, details):
+            if dict(details.invocation_metadata).get("who") != "me":
+                def handler(request, context):
+                    context.set_trailing_metadata([("retry-after", "5")])
+                    context.abort(grpc.StatusCode.PERMISSION_DENIED, "not you")
+                return grpc.unary_unary_rpc_method_handler(handler)
+            return continuation(details)
+
+    server = serve(Tagged(), interceptors=[Deny()])
+    me = connect(server, metadata=[("who", "me")])
+    assert torch.equal(me.compute(torch.ones(2)), torch.ones(2))
+    with pytest.raises(slc.RpcError) as info:
+        me.compute(torch.ones(1))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert ("x-model-version", "7") in info.value.trailing_metadata()
+    with pytest.raises(slc.RpcError) as info:
+        connect(server).compute(torch.ones(2))
+    assert ("retry-after", "5") in info.value.trailing_metadata()

@@ -93,6 +93,8 @@ typedef struct call_state {
   int closed;    /* it completed: the call is over (cancelled, during compute) */
   int cancelled; /* set by gRPC */
   double deadline;
+  grpc_metadata *trailing; /* malloc'd; keys and values are owned slices */
+  size_t n_trailing, cap_trailing;
 } call_state;
 
 /* Take one event (waiting at most until `until`); note the close. Returns the
@@ -112,6 +114,22 @@ static int wait_call_tag(call_state *cs, void *tag) {
     void *t = next_event(cs, gpr_inf_future(GPR_CLOCK_REALTIME), &success);
     if (t == tag) return success;
   }
+}
+
+int sl_call_add_trailing(void *state, const char *key, const char *value, size_t value_len) {
+  call_state *cs = state;
+  if (cs->n_trailing == cs->cap_trailing) {
+    size_t cap = cs->cap_trailing ? 2 * cs->cap_trailing : 4;
+    grpc_metadata *bigger = realloc(cs->trailing, cap * sizeof(*bigger));
+    if (bigger == NULL) return SL_ENOMEM;
+    cs->trailing = bigger;
+    cs->cap_trailing = cap;
+  }
+  memset(&cs->trailing[cs->n_trailing], 0, sizeof(grpc_metadata));
+  cs->trailing[cs->n_trailing].key = grpc_slice_from_copied_string(key);
+  cs->trailing[cs->n_trailing].value = grpc_slice_from_copied_buffer(value, value_len);
+  cs->n_trailing++;
+  return SL_OK;
 }
 
 int sl_call_is_active(void *state) {
@@ -562,7 +580,8 @@ respond:
   ops[nops].data.send_status_from_server.status =
       r.err.status != SL_OK ? (grpc_status_code)r.err.code : GRPC_STATUS_OK;
   ops[nops].data.send_status_from_server.status_details = &details_slice;
-  ops[nops].data.send_status_from_server.trailing_metadata_count = 0;
+  ops[nops].data.send_status_from_server.trailing_metadata_count = cs.n_trailing;
+  ops[nops].data.send_status_from_server.trailing_metadata = cs.trailing;
   nops++;
   r.rec.code = r.err.status != SL_OK ? r.err.code : SL_STATUS_OK;
   t_send = sl_now();
@@ -586,6 +605,11 @@ cleanup:
     r.rec.wall_time = (double)wall.tv_sec + (double)wall.tv_nsec * 1e-9;
     sl_metrics_call_finished(s->metrics, &r.rec);
   }
+  for (size_t i = 0; i < cs.n_trailing; i++) {
+    grpc_slice_unref(cs.trailing[i].key);
+    grpc_slice_unref(cs.trailing[i].value);
+  }
+  free(cs.trailing);
   if (out_bb != NULL) grpc_byte_buffer_destroy(out_bb);
   if (r.payload != NULL) sl_payload_unref(r.payload);
   if (in_bb != NULL) grpc_byte_buffer_destroy(in_bb);

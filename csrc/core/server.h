@@ -37,8 +37,13 @@ typedef struct sl_call_info {
   double deadline;               /* sl_now()-clock deadline; 0 when none */
   const sl_kv *metadata;         /* invocation metadata */
   size_t n_metadata;
-  void *state;                   /* pass to sl_call_is_active(), during the hook only */
+  void *state;                   /* pass to sl_call_is_active() and sl_call_add_trailing(),
+                                    during the hook only */
 } sl_call_info;
+
+/* Add a trailing metadata entry to the call's status (sent whether the call ends
+ * OK or not). The key and value are copied. SL_OK or SL_ENOMEM. */
+int sl_call_add_trailing(void *state, const char *key, const char *value, size_t value_len);
 
 /* 0 once the call was cancelled (the client went away or gave up, its deadline
  * passed, or the server is stopping): the result would reach no one, so a long

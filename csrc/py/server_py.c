@@ -99,8 +99,38 @@ static void hook_worker_stop(void *user) {
   PyGILState_Release(PyGILState_UNLOCKED);
 }
 
-/* Fill `err` from the pending Python exception and clear it. */
-static void error_from_exception(sl_err *err) {
+/* Send `pairs` (a sequence of (str, str | bytes)) as the call's trailing metadata.
+ * Bad items are skipped (the Python layer validates keys); clears any error. */
+static void add_trailing(void *state, PyObject *pairs) {
+  PyObject *seq;
+  if (state == NULL || pairs == NULL || pairs == Py_None) return;
+  seq = PySequence_Fast(pairs, "trailing metadata must be a sequence");
+  if (seq == NULL) {
+    PyErr_Clear();
+    return;
+  }
+  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+    PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+    const char *key, *value = NULL;
+    Py_ssize_t len = 0;
+    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) continue;
+    key = PyUnicode_Check(PyTuple_GET_ITEM(item, 0)) ? PyUnicode_AsUTF8(PyTuple_GET_ITEM(item, 0))
+                                                     : NULL;
+    if (PyUnicode_Check(PyTuple_GET_ITEM(item, 1))) {
+      value = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(item, 1), &len);
+    } else if (PyBytes_Check(PyTuple_GET_ITEM(item, 1))) {
+      value = PyBytes_AS_STRING(PyTuple_GET_ITEM(item, 1));
+      len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(item, 1));
+    }
+    if (key != NULL && value != NULL) sl_call_add_trailing(state, key, value, (size_t)len);
+  }
+  Py_DECREF(seq);
+  PyErr_Clear();
+}
+
+/* Fill `err` from the pending Python exception and clear it; its `sl_trailing`
+ * (if any) becomes the call's trailing metadata. */
+static void error_from_exception(sl_err *err, void *state) {
   PyObject *type = NULL, *exc = NULL, *tb = NULL;
   PyObject *code = NULL, *details = NULL;
   char msg[SL_ERR_MSG_MAX];
@@ -113,6 +143,12 @@ static void error_from_exception(sl_err *err) {
   if (exc == NULL) {
     sl_err_set(err, SL_EUSER, grpc_code, "unknown error");
     return;
+  }
+  {
+    PyObject *trailing = PyObject_GetAttrString(exc, "sl_trailing");
+    if (trailing != NULL) add_trailing(state, trailing);
+    Py_XDECREF(trailing);
+    PyErr_Clear();
   }
   code = PyObject_GetAttrString(exc, "sl_code");
   if (code != NULL && PyLong_Check(code)) {
@@ -220,10 +256,11 @@ static int hook_compute(void *user, const sl_call_info *call, sl_compute_args *a
                               sl_dtype_name(args->tensor->desc.dtype), call->method, call->peer,
                               md, reqmd, deadline, rid, cstate, fields);
   if (ret == NULL) goto pyerror;
-  if (!PyTuple_Check(ret) || PyTuple_GET_SIZE(ret) != 2) {
-    PyErr_SetString(PyExc_TypeError, "internal: compute dispatcher must return (tensor, ms)");
+  if (!PyTuple_Check(ret) || PyTuple_GET_SIZE(ret) < 2 || PyTuple_GET_SIZE(ret) > 3) {
+    PyErr_SetString(PyExc_TypeError, "internal: compute dispatcher must return (tensor, ms[, trailing])");
     goto pyerror;
   }
+  if (PyTuple_GET_SIZE(ret) == 3) add_trailing(call->state, PyTuple_GET_ITEM(ret, 2));
   ms = PyFloat_AsDouble(PyTuple_GET_ITEM(ret, 1));
   if (ms == -1.0 && PyErr_Occurred()) goto pyerror;
   if (PyTuple_Check(PyTuple_GET_ITEM(ret, 0))) {
@@ -241,7 +278,7 @@ static int hook_compute(void *user, const sl_call_info *call, sl_compute_args *a
   status = SL_OK;
   goto cleanup;
 pyerror:
-  error_from_exception(err);
+  error_from_exception(err, call->state);
 cleanup:
   callstate_end(cstate);
   Py_XDECREF(cstate);
@@ -310,7 +347,7 @@ static int hook_info(void *user, sl_service_info *out, sl_err *err) {
   status = SL_OK;
   goto cleanup;
 pyerror:
-  error_from_exception(err);
+  error_from_exception(err, NULL);
   {
     char inner[SL_ERR_MSG_MAX];
     memcpy(inner, err->msg, sizeof(inner));
@@ -344,7 +381,7 @@ static int hook_intercept(void *user, const sl_call_info *call, sl_err *err) {
   status = SL_OK;
   goto cleanup;
 pyerror:
-  error_from_exception(err);
+  error_from_exception(err, call->state);
 cleanup:
   callstate_end(cstate);
   Py_XDECREF(cstate);
