@@ -81,6 +81,8 @@ asan-pytest: install
 
 bench: install
 	$(PY) benchmarks/bench_roundtrip.py
+	$(PY) benchmarks/bench_codecs.py
+	$(PY) benchmarks/bench_training.py
 
 clean:
 	rm -rf build splitlearn_comm/*.so *.egg-info

@@ -702,8 +702,15 @@ def main(argv: Sequence[str]) -> int:
 
     report = render(results, overlap, info, args, time.perf_counter() - begun)
     if output:
+        # keep the other scripts' sections (bench_codecs.py, bench_training.py)
+        kept = ""
+        if os.path.exists(output):
+            with open(output) as f:
+                old = f.read()
+            at = old.find("<!-- bench_")
+            kept = old[at:] if at >= 0 else ""
         with open(output, "w") as f:
-            f.write(report)
+            f.write(report.rstrip("\n") + "\n\n" + kept if kept else report)
         shown = os.path.relpath(output)
         print(f"wrote {output if shown.startswith('..') else shown}")
     else:
