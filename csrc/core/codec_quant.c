@@ -163,14 +163,34 @@ int sl__int8_encode(const sl_codec *c, const sl_tensor_desc *desc, size_t numel,
     double mn = 0.0, mx = 0.0, scale;
     int zp;
     uint8_t *q;
-    for (i = 0; i < numel; i++) {
-      double x = load_el(dt, data, i);
-      if (!isfinite(x)) {
-        status = refuse_nonfinite(x, i, err);
+    if (dt == SL_DTYPE_FLOAT32) {
+      /* the common case, without the per-element dtype switch (vectorizes) */
+      const float *f = data;
+      float fmn = 0.0f, fmx = 0.0f, bad = 0.0f;
+      for (i = 0; i < numel; i++) {
+        float x = f[i];
+        bad += x - x; /* NaN for NaN and +-inf, 0 otherwise */
+        fmn = x < fmn ? x : fmn;
+        fmx = x > fmx ? x : fmx;
+      }
+      if (bad != 0.0f || bad != bad) {
+        for (i = 0; i < numel && isfinite(f[i]); i++) {
+        }
+        status = refuse_nonfinite(f[i], i, err);
         goto cleanup;
       }
-      if (x < mn) mn = x;
-      if (x > mx) mx = x;
+      mn = fmn;
+      mx = fmx;
+    } else {
+      for (i = 0; i < numel; i++) {
+        double x = load_el(dt, data, i);
+        if (!isfinite(x)) {
+          status = refuse_nonfinite(x, i, err);
+          goto cleanup;
+        }
+        if (x < mn) mn = x;
+        if (x > mx) mx = x;
+      }
     }
     choose_params(mn, mx, &scale, &zp);
     len = numel;
@@ -185,7 +205,20 @@ int sl__int8_encode(const sl_codec *c, const sl_tensor_desc *desc, size_t numel,
       goto cleanup;
     }
     q = buf;
-    for (i = 0; i < numel; i++) q[i] = quantize(load_el(dt, data, i), scale, zp);
+    if (dt == SL_DTYPE_FLOAT32 && scale != 0.0) {
+      /* quantize() unrolled: floor(x/s + 0.5) + zp == trunc(x/s + 0.5 + zp) once
+       * clamped to [0, 255], since zp is an integer; same bits, no branches */
+      const float *f = data;
+      const double bias = 0.5 + (double)zp;
+      for (i = 0; i < numel; i++) {
+        double t = (double)f[i] / scale + bias;
+        t = t < 0.0 ? 0.0 : t;
+        t = t > 255.0 ? 255.0 : t;
+        q[i] = (uint8_t)t;
+      }
+    } else {
+      for (i = 0; i < numel; i++) q[i] = quantize(load_el(dt, data, i), scale, zp);
+    }
   } else {
     int axis = c->spec.axis;
     size_t outer, chans, inner, o, ch, k, idx;
@@ -335,6 +368,16 @@ int sl__int8_decode(const sl_tensor_desc *desc, size_t numel, size_t nbytes, con
                           numel, need, axis >= 0 ? "per channel" : "per tensor");
   }
   if (axis < 0) {
+    if (dt == SL_DTYPE_FLOAT32) {
+      float *f = out;
+      for (i = 0; i < numel; i++) {
+        double v = ((double)p[i] - (double)zp) * scale;
+        v = v > lim ? lim : v;
+        v = v < -lim ? -lim : v;
+        f[i] = (float)(v + 0.0);
+      }
+      return SL_OK;
+    }
     for (i = 0; i < numel; i++) store_el(dt, out, i, dequantize(p[i], scale, zp, lim));
     return SL_OK;
   }
