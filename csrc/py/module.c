@@ -4,6 +4,9 @@
  * heap types made from PyType_Spec. See slpy.h for the GIL contract.
  */
 #include <grpc/grpc.h>
+#include <grpc/support/log.h>
+#include <stdio.h>
+#include <stdlib.h>
 
 #include "slpy.h"
 
@@ -358,6 +361,58 @@ cleanup:
   return status;
 }
 
+/* ---- the gRPC core's own log ----
+ *
+ * gRPC prints ERROR lines to stderr for things this library already reports as
+ * exceptions or statuses (a busy port, a refused connection). They are kept in a
+ * small ring instead (_core.grpc_log() returns them), and printed to stderr only
+ * when the user asked for gRPC's log with GRPC_VERBOSITY or GRPC_TRACE. Called by
+ * gRPC from any thread, without the GIL; the ring is guarded by its own lock. */
+
+#define GRPC_LOG_LINES 64
+static PyThread_type_lock grpc_log_lock;
+static char grpc_log_ring[GRPC_LOG_LINES][256];
+static size_t grpc_log_next; /* lines written so far */
+static int grpc_log_echo;    /* print to stderr too */
+
+static void grpc_log_sink(gpr_log_func_args *args) {
+  static const char sev[] = {'D', 'I', 'E'};
+  if (grpc_log_echo) {
+    fprintf(stderr, "%c %s:%d] %s\n", sev[args->severity % 3], args->file, args->line,
+            args->message);
+  }
+  if (grpc_log_lock == NULL) return;
+  PyThread_acquire_lock(grpc_log_lock, WAIT_LOCK);
+  snprintf(grpc_log_ring[grpc_log_next % GRPC_LOG_LINES], sizeof(grpc_log_ring[0]), "%c %s:%d] %s",
+           sev[args->severity % 3], args->file, args->line, args->message);
+  grpc_log_next++;
+  PyThread_release_lock(grpc_log_lock);
+}
+
+static PyObject *py_grpc_log(PyObject *m, PyObject *unused) {
+  PyObject *list = PyList_New(0);
+  size_t first, last;
+  (void)m;
+  (void)unused;
+  if (list == NULL || grpc_log_lock == NULL) return list;
+  PyThread_acquire_lock(grpc_log_lock, WAIT_LOCK);
+  last = grpc_log_next;
+  first = last > GRPC_LOG_LINES ? last - GRPC_LOG_LINES : 0;
+  for (size_t i = first; i < last; i++) {
+    PyObject *line = PyUnicode_DecodeUTF8(grpc_log_ring[i % GRPC_LOG_LINES],
+                                          (Py_ssize_t)strlen(grpc_log_ring[i % GRPC_LOG_LINES]),
+                                          "replace");
+    if (line == NULL || PyList_Append(list, line) < 0) {
+      Py_XDECREF(line);
+      Py_CLEAR(list);
+      break;
+    }
+    Py_DECREF(line);
+  }
+  PyThread_release_lock(grpc_log_lock);
+  return list;
+}
+
 /* ---- module ---- */
 
 static PyObject *py_status_name(PyObject *m, PyObject *arg) {
@@ -369,6 +424,7 @@ static PyObject *py_status_name(PyObject *m, PyObject *arg) {
 
 static PyMethodDef module_methods[] = {
     {"status_name", py_status_name, METH_O, "Name of a gRPC status code."},
+    {"grpc_log", py_grpc_log, METH_NOARGS, "The gRPC core's latest log lines (list of str)."},
     {"decode", slpy_codec_decode, METH_VARARGS,
      "decode(name, payload, shape, dtype, metadata) -> DLPackTensor (built-in codecs)."},
     {NULL, NULL, 0, NULL}};
@@ -379,6 +435,12 @@ static int module_exec(PyObject *m) {
    * drop their own, and dropping the last one would run gRPC's whole shutdown
    * (joining its executor threads, seconds under load) inside whatever Python
    * call happened to free the object. The process exit ends gRPC instead. */
+  if (grpc_log_lock == NULL) {
+    grpc_log_lock = PyThread_allocate_lock();
+    if (grpc_log_lock == NULL) return -1;
+    grpc_log_echo = getenv("GRPC_VERBOSITY") != NULL || getenv("GRPC_TRACE") != NULL;
+    gpr_set_log_function(grpc_log_sink);
+  }
   grpc_init();
   st->main_thread = PyThread_get_thread_ident();
   st->holder_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &slpy_holder_spec, NULL);
