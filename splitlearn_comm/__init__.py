@@ -15,6 +15,7 @@ from .core import ComputeFunction, ModelComputeFunction, TensorCodec
 from .errors import RpcError
 from .server import GRPCComputeServer
 from .tls import ClientTLS, ServerTLS
+from .training import TrainableComputeFunction, remote
 
 __version__ = "0.1.0"
 
@@ -40,4 +41,15 @@ __all__ = [
     "TensorCodec",
     "current_call",
     "__version__",
+    "TrainableComputeFunction",
+    "RemoteModule",
+    "remote",
 ]
+
+
+def __getattr__(name: str):
+    if name == "RemoteModule":  # a torch.nn.Module: made on first use, torch is imported lazily
+        from . import training
+
+        return training.RemoteModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

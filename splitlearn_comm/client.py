@@ -356,6 +356,24 @@ class GRPCComputeClient:
         """
         return self._tensor_call(tensor, metadata=metadata, timeout=timeout)
 
+    def remote(self, tensor: Any, *, training: Optional[bool] = None,
+               learning_rate: Optional[float] = None, accumulation_step: Optional[int] = None,
+               metadata: MetadataLike = None, timeout: Optional[float] = None) -> Any:
+        """``compute()`` as a step of the caller's autograd graph (split-learning training).
+
+        Under autograd (or with ``training=True``) the call is a training forward and
+        the result requires grad: ``loss.backward()`` sends its gradient to the server
+        (ComputeBackward, with ``learning_rate`` and ``accumulation_step``) and goes on
+        into the layers that produced ``tensor`` with the input gradient the server
+        returns. Under ``torch.no_grad()`` (or ``training=False``) it is a plain
+        inference call. The server hosts a ``TrainableComputeFunction`` (or another
+        compute function with ``backward()``); see docs/training.md.
+        """
+        from .training import remote
+
+        return remote(self, tensor, training=training, learning_rate=learning_rate,
+                      accumulation_step=accumulation_step, metadata=metadata, timeout=timeout)
+
     def _tensor_call(self, tensor: Any, *, metadata: MetadataLike = None,
                      timeout: Optional[float] = None, **fields: Any) -> Any:
         """compute() with the call's extra fields: backward=True (ComputeBackward),
@@ -425,7 +443,9 @@ class GRPCComputeClient:
         if left <= 0:
             raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED,
                            "the call's timeout ran out before this attempt",
-                           target=self.server_address, method=_COMPUTE, attempts=0)
+                           target=self.server_address,
+                           method=_BACKWARD if (fields or {}).get("backward") else _COMPUTE,
+                           attempts=0)
         return self._attempt(sendable, md, left, None, fields)
 
     def _record(self, ok: bool, start: float, server_ms: Optional[float]) -> None:
