@@ -202,6 +202,24 @@ class CircuitBreaker(_BuiltinRetry):
 _DEFAULT = object()
 
 
+_HOST_PORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:/\[\]]+)):(?P<port>\d+)$")
+
+
+def _check_target(target: str) -> None:
+    """Refuse addresses gRPC would misread: empty, or host:port with a bad port.
+    Other gRPC target forms (dns:///..., unix:..., ipv4:...) pass through."""
+    if not isinstance(target, str) or not target.strip():
+        raise ValueError(f"server_address must be 'host:port', got {target!r}")
+    if "://" in target or target.startswith(("unix:", "ipv4:", "ipv6:", "dns:", "xds:")):
+        return
+    m = _HOST_PORT.match(target)
+    if m is None:
+        raise ValueError(f"server_address {target!r} is not 'host:port' (e.g. '127.0.0.1:50051', "
+                         "'[::1]:50051') or a gRPC target URI")
+    if not 1 <= int(m.group("port")) <= 65535:
+        raise ValueError(f"server_address {target!r}: port must be 1-65535")
+
+
 def _seconds(timeout: Optional[float], forever: float = 0.0) -> float:
     """A timeout for the C core: None means no deadline (0 there, or `forever`)."""
     return forever if timeout is None else float(timeout)
@@ -308,6 +326,7 @@ class GRPCComputeClient:
         self.wait_for_ready = wait_for_ready
         if tls is not None and not isinstance(tls, ClientTLS):
             raise TypeError("tls must be a splitlearn_comm.ClientTLS")
+        _check_target(server_address)
         self.tls = tls
         self._core: Optional[Any] = _core.Client(server_address, self.options,
                                                  tls._args() if tls else None)
@@ -550,7 +569,8 @@ class ComputeServiceStub:
         holder, ms, rid, _attempts, _initial, codec, codec_meta, shape, dtype = reply[:9]
         return protocol.ComputeResponse(
             data=bytes(memoryview(holder)), shape=list(shape), dtype=dtype, codec=codec or "raw",
-            codec_metadata=codec_meta or {}, compute_time_ms=ms, request_id=rid)
+            codec_metadata={k: v for k, v in (codec_meta or {}).items() if not k.startswith("sl.")},
+            compute_time_ms=ms, request_id=rid)
 
     def HealthCheck(self, request: Any = None, metadata: MetadataLike = None,
                     timeout: Optional[float] = None) -> "protocol.HealthResponse":

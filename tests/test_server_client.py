@@ -349,3 +349,9 @@ def test_ctrl_c_ends_wait_for_termination():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("address", ["", "  ", "127.0.0.1:99999", "127.0.0.1:0", "localhost"])
+def test_bad_addresses_are_value_errors(address):
+    with pytest.raises(ValueError, match="server_address"):
+        slc.GRPCComputeClient(address)
