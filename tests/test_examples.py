@@ -5,9 +5,10 @@
 * ``simple_server.py --port 0`` must print "listening on HOST:PORT", serve
   ``simple_client.py`` against that port, and exit 0 promptly on SIGINT (Ctrl-C)
   and on SIGTERM;
-* ``custom_codec.py``, ``auth_server.py`` and ``tls_server.py`` run a server and
-  its clients in one process: each must exit 0 in time and print the lines that
-  show what it demonstrates.
+* ``custom_codec.py``, ``auth_server.py``, ``tls_server.py``,
+  ``prometheus_monitoring.py`` and ``multi_port_server.py`` run their servers and
+  clients in one process: each must exit 0 in time and print the lines that show
+  what it demonstrates.
 
 Every wait is bounded; readiness is read from the server's output, never slept for.
 """
@@ -238,3 +239,51 @@ def test_tls_server_example() -> None:
         assert expected in lines, f"missing {expected!r}\n" + _report(proc)
     made = re.search(r"^made a throwaway CA and certificates in (\S+)$", proc.stdout, re.M)
     assert made is not None and not Path(made.group(1)).exists(), "the temporary PKI was left behind"
+
+
+@pytest.mark.timeout(SELF_CONTAINED_TIMEOUT_S + 20)
+def test_prometheus_monitoring_example() -> None:
+    pytest.importorskip("prometheus_client")   # an optional extra
+    proc = _run([str(EXAMPLES / "prometheus_monitoring.py"), "--calls", "4"],
+                SELF_CONTAINED_TIMEOUT_S)
+    assert proc.returncode == 0, _report(proc)
+    lines = proc.stdout.splitlines()
+    url = re.search(r"^serving on 127\.0\.0\.1:\d+, metrics on "
+                    r"(http://127\.0\.0\.1:\d+/metrics)$", proc.stdout, re.M)
+    assert url is not None, _report(proc)
+    assert f"scraped {url.group(1)}: " in proc.stdout, _report(proc)   # one scrape, over HTTP
+    for expected in [
+        "bad call: INTERNAL",
+        'splitlearn_requests_total{code="OK",method="Compute"} 4.0',
+        'splitlearn_requests_total{code="INTERNAL",method="Compute"} 1.0',
+        'splitlearn_errors_total{method="Compute"} 1.0',
+        "splitlearn_in_flight_requests 0.0",
+        'splitlearn_call_duration_seconds_count{stage="total"} 5.0',
+        "compute_requests_total 5.0",      # the compute function's own counters
+        "compute_errors_total 1.0",
+        "stopped",
+    ]:
+        assert expected in lines, f"missing {expected!r}\n" + _report(proc)
+    assert all(not line.startswith("splitlearn_") or "_bucket{" not in line for line in lines)
+
+
+@pytest.mark.timeout(SELF_CONTAINED_TIMEOUT_S + 20)
+def test_multi_port_server_example() -> None:
+    proc = _run([str(EXAMPLES / "multi_port_server.py"), "--batch", "5"], SELF_CONTAINED_TIMEOUT_S)
+    assert proc.returncode == 0, _report(proc)
+    lines = proc.stdout.splitlines()
+    ports = [int(m.group(2)) for m in
+             re.finditer(r"^(preprocessing|model|postprocessing) listening on 127\.0\.0\.1:(\d+)$",
+                         proc.stdout, re.M)]
+    assert len(ports) == 3 and len(set(ports)) == 3 and 0 not in ports, _report(proc)
+    for expected in [
+        "pipeline: input (5, 16) -> preprocessing (5, 16) -> model (5, 3) -> postprocessing (5, 3)",
+        "rows sum to 1: True",
+        "matches the stages run locally: True",
+        "stopped the model server",
+        "model: UNAVAILABLE",
+        "preprocessing still serving: True",
+        "postprocessing still serving: True",
+        "all servers stopped",
+    ]:
+        assert expected in lines, f"missing {expected!r}\n" + _report(proc)
