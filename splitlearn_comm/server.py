@@ -241,7 +241,11 @@ class GRPCComputeServer:
             if self.metrics_port is not None:
                 from .monitoring import start_metrics_server
 
-                self._metrics_http = start_metrics_server(self, int(self.metrics_port))
+                bind = self.host if self.host not in ("", "0.0.0.0", "::") else "0.0.0.0"
+                self._metrics_http = start_metrics_server(self, int(self.metrics_port), bind)
+                http = self._metrics_http[0] if isinstance(self._metrics_http, tuple) else None
+                if http is not None:
+                    self.metrics_port = http.server_port  # the bound port, also for 0
             if self.handle_signals:
                 self._install_signal_handlers()
         logger.info("serving %s on %s:%d (%d workers)", type(self.compute_fn).__name__,
