@@ -136,13 +136,7 @@ size_t sl_metrics_access_log_take(sl_metrics *m, sl_call_record *out, size_t max
   pthread_mutex_lock(&m->mu);
   if (m->ring != NULL && m->len == 0 && timeout > 0) {
     struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_sec += (time_t)timeout;
-    ts.tv_nsec += (long)((timeout - (double)(time_t)timeout) * 1e9);
-    if (ts.tv_nsec >= 1000000000L) {
-      ts.tv_sec++;
-      ts.tv_nsec -= 1000000000L;
-    }
+    sl_deadline_timespec(timeout, &ts);
     while (m->len == 0) {
       if (pthread_cond_timedwait(&m->cv, &m->mu, &ts) != 0) break;
     }

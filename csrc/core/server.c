@@ -897,12 +897,7 @@ void sl_server_stop(sl_server *s, double grace) {
       struct timespec ts;
       double left = end - sl_now();
       if (left > 0.05) left = 0.05;
-      clock_gettime(CLOCK_REALTIME, &ts);
-      ts.tv_nsec += (long)(left * 1e9);
-      if (ts.tv_nsec >= 1000000000L) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000L;
-      }
+      sl_deadline_timespec(left, &ts);
       pthread_cond_timedwait(&s->cv, &s->mu, &ts);
     }
     grace = end - sl_now();
@@ -929,13 +924,7 @@ int sl_server_wait(sl_server *s, double timeout) {
     while (s->state != ST_STOPPED) pthread_cond_wait(&s->cv, &s->mu);
   } else {
     struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_sec += (time_t)timeout;
-    ts.tv_nsec += (long)((timeout - (double)(time_t)timeout) * 1e9);
-    if (ts.tv_nsec >= 1000000000L) {
-      ts.tv_sec++;
-      ts.tv_nsec -= 1000000000L;
-    }
+    sl_deadline_timespec(timeout, &ts);
     while (s->state != ST_STOPPED) {
       if (pthread_cond_timedwait(&s->cv, &s->mu, &ts) != 0) break;
     }

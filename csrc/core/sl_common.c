@@ -70,3 +70,14 @@ double sl_now(void) {
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
+
+void sl_deadline_timespec(double seconds, struct timespec *out) {
+  clock_gettime(CLOCK_REALTIME, out);
+  if (seconds < 0) seconds = 0;
+  out->tv_sec += (time_t)seconds;
+  out->tv_nsec += (long)((seconds - (double)(time_t)seconds) * 1e9);
+  if (out->tv_nsec >= 1000000000L) {
+    out->tv_sec++;
+    out->tv_nsec -= 1000000000L;
+  }
+}

@@ -90,6 +90,10 @@ typedef struct sl_kv {
 /* Monotonic clock, in seconds. */
 double sl_now(void);
 
+struct timespec;
+/* The CLOCK_REALTIME instant `seconds` from now (for pthread_cond_timedwait). */
+void sl_deadline_timespec(double seconds, struct timespec *out);
+
 #ifdef __cplusplus
 }
 #endif
