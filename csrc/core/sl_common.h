@@ -1,7 +1,7 @@
 /* sl_common.h: status codes, the error record and allocation helpers shared by
  * every module of the splitlearn-comm C core.
  *
- * The core is pure C: it never includes the Python headers. Every function that can fail returns an int:
+ * The core is pure C: it never includes a CPython API header. Every function that can fail returns an int:
  * SL_OK (0) or a negative SL_E* code; when it also takes an `sl_err *`, the record
  * holds the gRPC status code to report and a human-readable message naming what
  * went wrong. Out-parameters come last.
