@@ -76,6 +76,8 @@ except ImportError:  # pragma: no cover - depends on how the script is run
 import numpy as np
 import torch
 
+from _report import cpu_model, write_section  # noqa: E402
+
 from splitlearn_comm import _core
 from splitlearn_comm.codecs import (BFloat16Codec, CompressedTensorCodec, Float16Codec,
                                     Int8Codec, SparseCOOCodec)
@@ -505,17 +507,6 @@ def time_group(impls: List[Impl], s: Sample, min_reps: int, max_reps: int,
 # Report
 # --------------------------------------------------------------------------------------
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _cpu_flags() -> str:
     want = ["avx2", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16"]
     try:
@@ -557,7 +548,7 @@ def machine_info() -> Dict[str, str]:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpus": f"{usable} usable (nproc), {os.cpu_count()} online",
         "load average at the start (1, 5, 15 min)": _load(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu features": _cpu_flags(),
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
@@ -1022,22 +1013,6 @@ def render(impls: List[Impl], samples: List[Sample], info: Dict[str, str],
     return "\n".join(out)
 
 
-def write_section(path: str, section: str) -> None:
-    """Put `section` into `path` in place of an earlier one; keep everything else."""
-    try:
-        with open(path) as f:
-            text = f.read()
-    except FileNotFoundError:
-        text = ""
-    b, e = text.find(BEGIN), text.find(END)
-    if b >= 0 and e > b:
-        new = text[:b] + section.rstrip("\n") + "\n" + text[e + len(END):].lstrip("\n")
-    else:
-        new = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section
-    with open(path, "w") as f:
-        f.write(new)
-
-
 # --------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------
@@ -1123,7 +1098,7 @@ def main(argv: Sequence[str]) -> int:
     report = render(impls, samples, info, kernels, kernel_note, reps, problems, notes, args,
                     time.perf_counter() - begun)
     if output:
-        write_section(output, report)
+        write_section(output, report, BEGIN, END)
         shown = os.path.relpath(output)
         print(f"wrote the Codecs section of {output if shown.startswith('..') else shown}")
     else:

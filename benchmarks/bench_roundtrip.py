@@ -59,6 +59,8 @@ import grpc
 import numpy as np
 import torch
 
+from _report import cpu_model  # noqa: E402
+
 from splitlearn_comm import ComputeFunction, GRPCComputeClient, GRPCComputeServer
 
 IMPL_SLC = "splitlearn-comm"
@@ -387,17 +389,6 @@ def run_timed(call: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, n: 
 # Report
 # --------------------------------------------------------------------------------------
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine_info() -> Dict[str, str]:
     try:
         usable = len(os.sched_getaffinity(0))
@@ -408,7 +399,7 @@ def machine_info() -> Dict[str, str]:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpus": f"{usable} usable (nproc), {os.cpu_count()} online",
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -44,6 +44,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
+
+from _report import cpu_model, write_section  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import splitlearn_comm as slc  # noqa: E402
@@ -213,15 +215,7 @@ def machine_info() -> Dict[str, str]:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         usable = os.cpu_count() or 0
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpus": f"{usable} usable (nproc), {os.cpu_count()} online",
@@ -299,22 +293,6 @@ def report(rows: List[Dict[str, float]], info: Dict[str, str], threads: int, sec
     return "\n".join(out)
 
 
-def write_section(path: str, section: str) -> None:
-    """Put `section` into `path` in place of an earlier one; keep everything else."""
-    try:
-        with open(path) as f:
-            text = f.read()
-    except FileNotFoundError:
-        text = ""
-    b, e = text.find(BEGIN), text.find(END)
-    if b >= 0 and e > b:
-        new = text[:b] + section.rstrip("\n") + "\n" + text[e + len(END):].lstrip("\n")
-    else:
-        new = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section
-    with open(path, "w") as f:
-        f.write(new)
-
-
 def main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a tenth of the steps; prints only")
@@ -339,7 +317,7 @@ def main(argv: Sequence[str]) -> int:
     output = args.output or (None if args.quick else os.path.join(HERE, "results.md"))
     print(text)
     if output:
-        write_section(output, text)
+        write_section(output, text, BEGIN, END)
         print(f"wrote the Training section of {output}")
     return 0
 
