@@ -11,10 +11,12 @@ import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import grpc
+import numpy as np
 
-from . import _core, _tensor, protocol
+from . import _core, _structure, _tensor, protocol
+from ._structure import CodecSpec
 from .codecs import CodecError, CodecRegistry, decode_python, encode_python
-from .core import TensorCodec, _check_codec
+from .core import TensorCodec
 from .errors import RpcError, from_call_error
 from .tls import ClientTLS
 
@@ -265,11 +267,11 @@ class _Stats:
             self.by_code[err.code().name] = self.by_code.get(err.code().name, 0) + 1
             self.retries += max(0, err.attempts - 1)
 
-    def count_ok(self, reply: tuple) -> None:
+    def count_ok(self, reply: Any) -> None:
         with self.lock:
-            self.retries += max(0, reply[3] - 1)
-            self.bytes_sent += reply[9]
-            self.bytes_received += reply[10]
+            self.retries += max(0, reply.attempts - 1)
+            self.bytes_sent += reply.bytes_sent
+            self.bytes_received += reply.bytes_received
 
     @staticmethod
     def percentile(values: List[float], q: float) -> float:
@@ -277,6 +279,45 @@ class _Stats:
             return 0.0
         ordered = sorted(values)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _as_float32(t: Any) -> Any:
+    """A KV cache tensor as the original's wire carries it: float32."""
+    if _tensor.is_torch_tensor(t):
+        return t.detach().float()
+    return np.asarray(t, dtype=np.float32)
+
+
+def _timing(start: float, reply: Any) -> Dict[str, float]:
+    total = (time.perf_counter() - start) * 1e3
+    server = float(reply.compute_time_ms or 0.0)
+    return {"network_total_ms": total, "server_compute_ms": server,
+            "network_overhead_ms": max(0.0, total - server)}
+
+
+def _out_leaves(form: int, items: Sequence[Tuple[str, Any]], spec: Any) -> List[Any]:
+    """The OutTensor objects of a call: each tensor made sendable, with its codec
+    (a built-in's C codec, or already encoded by a Python codec, or None: raw)."""
+    out = []
+    for i, (name, obj) in enumerate(items):
+        t, _how = _tensor.prepare(obj)
+        if form == _structure.SINGLE and i > 0:
+            out.append(_core.OutTensor((name, t, None)))  # KV cache entries: raw
+            continue
+        if form == _structure.SINGLE and isinstance(spec, TensorCodec):
+            codec = spec  # one tensor: the codec as given (it refuses what it cannot take)
+        else:
+            codec = _structure.codec_for(spec, name)
+            if codec is not None and not _structure.accepts(codec, _structure.dtype_of(t)):
+                codec = None
+        if codec is None:
+            out.append(_core.OutTensor((name, t, None)))
+        elif codec.is_python():
+            out.append(_core.OutTensor((name, encode_python(codec, obj), None)))
+        else:
+            c = codec._c_codec()
+            out.append(_core.OutTensor((name, t, None if c.name == "raw" else c)))
+    return out
 
 
 class GRPCComputeClient:
@@ -287,9 +328,12 @@ class GRPCComputeClient:
         timeout: seconds allowed for each ``compute()`` (all retries included).
         retry_strategy: a :class:`RetryStrategy`; ``ExponentialBackoff()`` by
             default; ``None`` makes a single attempt.
-        codec: the :class:`TensorCodec` for requests (``None``: raw). Built-in codecs
-            run in C without the GIL; a Python codec must also be registered on the
-            server.
+        codec: the :class:`TensorCodec` for requests (``None``: raw), or a mapping
+            from tensor name or path prefix to codec (``{"hidden": Float16Codec()}``).
+            In a structure, one codec applies to the tensors it accepts (floating
+            point for most; integer and bool tensors go raw); see docs/api.md.
+            Built-in codecs run in C without the GIL; a Python codec must also be
+            registered on the server.
         codecs: more Python codecs this client can decode (responses carry the
             name of the codec that encoded them).
         tls: a :class:`ClientTLS` to connect over TLS (or mutual TLS).
@@ -304,12 +348,12 @@ class GRPCComputeClient:
     """
 
     def __init__(self, server_address: str, timeout: float = 30.0,
-                 retry_strategy: Any = _DEFAULT, codec: Optional[TensorCodec] = None,
+                 retry_strategy: Any = _DEFAULT, codec: CodecSpec = None,
                  options: OptionsLike = None, metadata: MetadataLike = None,
                  wait_for_ready: bool = False,
                  codecs: Optional[Sequence[TensorCodec]] = None,
                  tls: Optional[ClientTLS] = None) -> None:
-        _check_codec(codec)
+        _structure.check_codec_spec(codec)
         if retry_strategy is _DEFAULT:
             retry_strategy = ExponentialBackoff()
         if retry_strategy is not None and not isinstance(retry_strategy, RetryStrategy):
@@ -317,10 +361,9 @@ class GRPCComputeClient:
         self.server_address = server_address
         self.timeout = timeout
         self.retry_strategy = retry_strategy
-        self.codec = codec or TensorCodec()
-        self._registry = CodecRegistry([self.codec, *(codecs or [])])
-        c = None if self.codec.is_python() else self.codec._c_codec()
-        self._c_codec = None if c is None or c.name == "raw" else c
+        self.codec: CodecSpec = codec if codec is not None else TensorCodec()
+        mapped = list(codec.values()) if isinstance(codec, Mapping) else [self.codec]
+        self._registry = CodecRegistry([*mapped, *(codecs or [])])
         self.options = list(options or [])
         self.metadata = _normalize_metadata(metadata)
         self.wait_for_ready = wait_for_ready
@@ -361,19 +404,82 @@ class GRPCComputeClient:
     # -- calls ----------------------------------------------------------------
 
     def compute(self, tensor: Any, metadata: MetadataLike = None,
-                timeout: Optional[float] = None) -> Any:
+                timeout: Optional[float] = None, *, codec: Any = _DEFAULT,
+                model_id: Optional[str] = None) -> Any:
         """Send ``tensor`` to the server's ``compute()`` and return its result.
 
-        A ``torch.Tensor`` comes back as a ``torch.Tensor`` on the device ``tensor``
-        was on; a NumPy array comes back as a NumPy array. ``metadata`` is extra gRPC
-        metadata for this call; ``timeout`` overrides the client's.
+        ``tensor`` is a tensor or any structure of them: dicts (str keys), tuples
+        and lists nested as you like, with ``None``, ``bool``, ``int``, ``float``
+        and ``str`` leaves too. ``compute()`` receives it with the same structure,
+        container types and names, and whatever structure it returns comes back the
+        same way. A ``torch.Tensor`` comes back as a ``torch.Tensor`` on the device
+        the (first) input was on; NumPy arrays come back as NumPy arrays.
+        ``metadata`` is extra gRPC metadata for this call; ``timeout`` overrides
+        the client's; ``codec`` the client's codec (one codec or a mapping from
+        tensor name or path prefix to codec); ``model_id`` is sent in the
+        request's ``model_id`` field.
 
         Raises:
             RpcError: the call failed (``e.code()`` is a ``grpc.StatusCode``).
-            TypeError, ValueError: the tensor cannot be sent (unsupported dtype,
-                larger than gRPC's 2 GiB message limit, ...).
+            TypeError, ValueError: the input cannot be sent (unsupported dtype or
+                leaf type, larger than gRPC's 2 GiB message limit, ...).
         """
-        return self._tensor_call(tensor, metadata=metadata, timeout=timeout)
+        fields: Dict[str, Any] = {}
+        if model_id is not None:
+            fields["model_id"] = str(model_id)
+        return self._tensor_call(tensor, metadata=metadata, timeout=timeout, codec=codec,
+                                 **fields)
+
+    def compute_with_timing(self, tensor: Any, model_id: Optional[str] = None
+                            ) -> Tuple[Any, Dict[str, float]]:
+        """``compute()`` and the timing of the call, as the original library gave it:
+        ``{"network_total_ms", "server_compute_ms", "network_overhead_ms"}``."""
+        start = time.perf_counter()
+        reply_box: List[Any] = []
+        out = self._tensor_call(tensor, model_id=model_id, _reply=reply_box)
+        return out, _timing(start, reply_box[0])
+
+    def compute_with_cache(self, input_tensor: Any, past_key_values: Any = None,
+                           use_cache: bool = False, model_id: Optional[str] = None,
+                           timeout: Optional[float] = None
+                           ) -> Tuple[Any, Optional[Tuple[Tuple[Any, Any], ...]], Dict[str, float]]:
+        """The original library's KV-cache call, on its wire fields, for migration.
+
+        Sends ``input_tensor`` with ``past_key_values`` (a sequence of ``(key,
+        value)`` pairs, one per layer, or None) in ``ComputeRequest.past_key_values``
+        and ``use_cache`` in ``ComputeRequest.use_cache``; returns ``(output,
+        present_key_values, timing)`` with ``present_key_values`` read from
+        ``ComputeResponse.present_key_values`` (a tuple of ``(key, value)`` pairs, or
+        None when the server sent none). The cache travels as raw float32, as the
+        original sent it: other dtypes are converted (and come back float32). Works
+        against the original's servers and ours; a server of ours calls
+        ``compute(x, past_key_values=..., use_cache=...)`` (see docs/api.md). New
+        code can send the cache as a structure with ``compute()`` instead, in any
+        dtype and codec.
+        """
+        leaves: List[Tuple[str, Any]] = [("", input_tensor)]
+        if past_key_values is not None:
+            for i, pair in enumerate(past_key_values):
+                if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                    raise TypeError(f"past_key_values[{i}] must be a (key, value) pair")
+                for part in pair:
+                    if not _tensor.is_torch_tensor(part) and not isinstance(part, np.ndarray):
+                        raise TypeError(f"past_key_values[{i}] holds a {type(part).__name__}, "
+                                        "not a tensor")
+                leaves.append(("", _as_float32(pair[0])))
+                leaves.append(("", _as_float32(pair[1])))
+        start = time.perf_counter()
+        reply_box: List[Any] = []
+        fields: Dict[str, Any] = {"use_cache": bool(use_cache)}
+        if model_id is not None:
+            fields["model_id"] = str(model_id)
+        out = self._tensor_call(input_tensor, timeout=timeout, _reply=reply_box,
+                                _kv_leaves=leaves, **fields)
+        reply = reply_box[0]
+        present = None
+        if isinstance(out, tuple) and reply.form == _structure.SINGLE:
+            out, present = out
+        return out, present, _timing(start, reply)
 
     def remote(self, tensor: Any, *, training: Optional[bool] = None,
                learning_rate: Optional[float] = None, accumulation_step: Optional[int] = None,
@@ -394,12 +500,27 @@ class GRPCComputeClient:
                       accumulation_step=accumulation_step, metadata=metadata, timeout=timeout)
 
     def _tensor_call(self, tensor: Any, *, metadata: MetadataLike = None,
-                     timeout: Optional[float] = None, **fields: Any) -> Any:
+                     timeout: Optional[float] = None, codec: Any = _DEFAULT,
+                     _reply: Optional[List[Any]] = None,
+                     _kv_leaves: Optional[List[Tuple[str, Any]]] = None, **fields: Any) -> Any:
         """compute() with the call's extra fields: backward=True (ComputeBackward),
-        forward_id, training_mode, model_id, learning_rate, accumulation_step."""
-        sendable, how = _tensor.prepare(tensor)
-        if self.codec.is_python():
-            sendable = encode_python(self.codec, tensor)
+        forward_id, training_mode, model_id, learning_rate, accumulation_step,
+        use_cache."""
+        spec = self.codec if codec is _DEFAULT else codec
+        if codec is not _DEFAULT:
+            _structure.check_codec_spec(spec)
+            if isinstance(spec, TensorCodec):
+                self._registry.register(spec)
+            elif isinstance(spec, Mapping):
+                for c in spec.values():
+                    self._registry.register(c)
+        if _kv_leaves is not None:
+            form, items, nodes = _structure.SINGLE, _kv_leaves, None
+        else:
+            form, items, nodes = _structure.flatten(tensor)
+        how = _structure.restore_kind(tensor)
+        leaves = _out_leaves(form, items, spec)
+        sendable = (leaves, form, nodes)
         md = self.metadata + _normalize_metadata(metadata)
         total = self.timeout if timeout is None else timeout
         start = time.perf_counter()
@@ -415,19 +536,32 @@ class GRPCComputeClient:
         except BaseException:
             self._record(False, start, None)
             raise
-        self._record(True, start, reply[1])
+        self._record(True, start, reply.compute_time_ms)
         self._stats.count_ok(reply)
+        if _reply is not None:
+            _reply.append(reply)
         return self._result(reply, how)
 
-    def _result(self, reply: tuple, how: _tensor.Restore) -> Any:
-        holder, _ms, _rid, _attempts, _initial, codec_name, codec_meta, shape, _dtype = reply[:9]
-        if codec_name is None:
-            return _tensor.restore(holder, how)
-        codec = self._registry.get(codec_name)
+    def _result(self, reply: Any, how: _tensor.Restore) -> Any:
+        values = [self._leaf_value(leaf, how) for leaf in reply.leaves]
+        if reply.form == _structure.SINGLE:
+            if reply.n_kv:
+                pairs = tuple((values[1 + 2 * i], values[2 + 2 * i]) for i in range(reply.n_kv))
+                return values[0], pairs
+            return values[0]
+        return _structure.unflatten(reply.form, values, [leaf.name for leaf in reply.leaves],
+                                    reply.nodes)
+
+    def _leaf_value(self, leaf: Any, how: _tensor.Restore) -> Any:
+        if leaf.codec is None:
+            return _tensor.restore(leaf.tensor, how)
+        codec = self._registry.get(leaf.codec)
         try:
-            result = decode_python(codec, memoryview(holder), tuple(shape), codec_meta)
+            result = decode_python(codec, memoryview(leaf.tensor), tuple(leaf.shape),
+                                   leaf.codec_metadata)
         except Exception as e:
-            raise CodecError(f"codec {codec_name!r} failed to decode the response: "
+            what = f" (tensor {leaf.name!r})" if leaf.name else ""
+            raise CodecError(f"codec {leaf.codec!r} failed to decode the response{what}: "
                              f"{type(e).__name__}: {e}") from e
         return _tensor.convert_like(result, how)
 
@@ -436,25 +570,26 @@ class GRPCComputeClient:
             self._ids = (self._ids + 1) & 0x7FFFFFFF
             return self._ids
 
-    def _attempt(self, sendable: Any, md: list, timeout: Optional[float],
-                 strategy: Optional[_BuiltinRetry], fields: Optional[Dict[str, Any]] = None) -> tuple:
+    def _attempt(self, sendable: tuple, md: list, timeout: Optional[float],
+                 strategy: Optional[_BuiltinRetry], fields: Optional[Dict[str, Any]] = None) -> Any:
         """One call to the C core: a single attempt, or a built-in strategy's loop in C."""
         fields = fields or {}
+        leaves, form, nodes = sendable
         try:
             return self._live().compute(
-                sendable, timeout=timeout or 0.0, metadata=md, wait_for_ready=self.wait_for_ready,
+                leaves, form=form, nodes=nodes, timeout=timeout or 0.0, metadata=md,
+                wait_for_ready=self.wait_for_ready,
                 retry=strategy._policy() if strategy is not None else None,
                 breaker=strategy._breaker() if strategy is not None else None,
-                request_id=None if fields.get("backward") else self._next_id(),
-                codec=self._c_codec, encoded=isinstance(sendable, tuple), **fields)
+                request_id=None if fields.get("backward") else self._next_id(), **fields)
         except _core.CallError as e:
             method = _BACKWARD if fields.get("backward") else _COMPUTE
             err = from_call_error(e, target=self.server_address, method=method)
             self._stats.count_error(err)
             raise err from None
 
-    def _attempt_until(self, sendable: Any, md: list, deadline: Optional[float],
-                       fields: Optional[Dict[str, Any]] = None) -> tuple:
+    def _attempt_until(self, sendable: tuple, md: list, deadline: Optional[float],
+                       fields: Optional[Dict[str, Any]] = None) -> Any:
         """One attempt bounded by the overall deadline (for Python strategies)."""
         if deadline is None:
             return self._attempt(sendable, md, None, None, fields)
@@ -562,15 +697,20 @@ class ComputeServiceStub:
         sendable = (request.data, tuple(request.shape), request.dtype, request.codec or "raw", meta)
         try:
             reply = self._client._live().compute(
-                sendable, timeout=self._timeout(timeout), metadata=self._md(metadata),
-                request_id=request.request_id, encoded=True)
+                [_core.OutTensor(("", sendable, None))], timeout=self._timeout(timeout),
+                metadata=self._md(metadata), request_id=request.request_id)
         except _core.CallError as e:
             raise from_call_error(e, target=self._client.server_address, method=_COMPUTE) from None
-        holder, ms, rid, _attempts, _initial, codec, codec_meta, shape, dtype = reply[:9]
+        if reply.form != _structure.SINGLE:
+            raise CodecError("the server answered with several tensors; the stub reads one "
+                             "(use GRPCComputeClient.compute)")
+        leaf = reply.leaves[0]
         return protocol.ComputeResponse(
-            data=bytes(memoryview(holder)), shape=list(shape), dtype=dtype, codec=codec or "raw",
-            codec_metadata={k: v for k, v in (codec_meta or {}).items() if not k.startswith("sl.")},
-            compute_time_ms=ms, request_id=rid)
+            data=bytes(memoryview(leaf.tensor)), shape=list(leaf.shape), dtype=leaf.dtype,
+            codec=leaf.codec or "raw",
+            codec_metadata={k: v for k, v in (leaf.codec_metadata or {}).items()
+                            if not k.startswith("sl.")},
+            compute_time_ms=reply.compute_time_ms, request_id=reply.request_id)
 
     def HealthCheck(self, request: Any = None, metadata: MetadataLike = None,
                     timeout: Optional[float] = None) -> "protocol.HealthResponse":

@@ -134,6 +134,19 @@ class TensorCodec:
         self.__dict__["_c"] = c
         return c
 
+    def accepts(self, dtype: Any) -> bool:
+        """Whether this codec takes tensors of ``dtype`` (a torch/NumPy dtype or its
+        name). In a structure, a tensor the codec does not take goes raw. Built-in
+        codecs answer for themselves (``Int8Codec`` and the casts take floating
+        point, ``SparseCOOCodec`` and ``CompressedTensorCodec`` take any dtype); a
+        Python codec takes floating point unless it overrides this."""
+        from . import _tensor
+
+        name = _tensor.dtype_name(dtype)
+        if self.is_python():
+            return name in ("float16", "bfloat16", "float32", "float64")
+        return bool(self._c_codec().accepts(name))
+
     # -- the protocol ------------------------------------------------------------
 
     def encode(self, tensor: Any) -> Tuple[Any, Tuple[int, ...], Dict[str, Any]]:

@@ -6,13 +6,14 @@ import logging
 import threading
 import time
 import weakref
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import grpc
 
-from . import _core, _tensor, context
+from . import _core, _structure, _tensor, context
+from ._structure import CodecSpec
 from .codecs import CodecError, CodecRegistry, decode_python, encode_python
-from .core import ComputeFunction, TensorCodec, _check_codec
+from .core import ComputeFunction, TensorCodec
 from .errors import Abort
 from .tls import ServerTLS
 
@@ -115,8 +116,10 @@ class GRPCComputeServer:
         host: address to bind ("0.0.0.0" for every IPv4 interface, "127.0.0.1", "::").
         port: port to bind; 0 lets the OS pick one (read it from :attr:`port`).
         max_workers: C worker threads, hence calls served at once.
-        codec: the :class:`TensorCodec` for responses; ``None`` answers each request
-            with the codec it came in (raw when that codec cannot encode the result).
+        codec: the :class:`TensorCodec` for responses, or a mapping from result tensor
+            name or path prefix to codec; ``None`` answers each request with the codec
+            it came in. Either way a tensor the codec does not take (an int64 result
+            of a float16 call, a mask) goes back raw.
         codecs: Python codecs this server decodes (``codec`` is registered too);
             built-in codecs are always known.
         version: reported by HealthCheck and GetServiceInfo.
@@ -137,9 +140,12 @@ class GRPCComputeServer:
             written by one background thread.
         metrics_port: serve Prometheus metrics on this port (needs prometheus_client);
             :meth:`metrics` works without it.
-        max_decoded_bytes: how large a tensor built-in codec payloads may decode to,
-            per call and for all calls at once (default 4 GiB): a sparse or compressed
-            payload of a few bytes may declare any shape.
+        max_decoded_bytes: how many bytes built-in codec payloads may decode to,
+            all tensors of a call together and all calls at once (default 4 GiB): a
+            sparse or compressed payload of a few bytes may declare any shape.
+        max_tensors: tensors one request may carry (default 4096).
+        max_depth: how deeply one request's structure may nest containers (default
+            32). Requests over a limit fail with INVALID_ARGUMENT naming it.
 
     ``start()`` returns at once; ``stop(grace)`` drains; ``wait_for_termination()``
     blocks until stopped (Ctrl-C interrupts it). Usable as a context manager.
@@ -155,18 +161,25 @@ class GRPCComputeServer:
                  handle_signals: bool = False, grace: float = 5.0,
                  access_log: Union[bool, logging.Logger] = False,
                  metrics_port: Optional[int] = None,
-                 max_decoded_bytes: Optional[int] = None) -> None:
+                 max_decoded_bytes: Optional[int] = None,
+                 max_tensors: Optional[int] = None, max_depth: Optional[int] = None) -> None:
         if not callable(getattr(compute_fn, "compute", None)):
             raise TypeError("compute_fn must be a ComputeFunction (an object with compute())")
         if max_workers < 1:
             raise ValueError(f"max_workers must be at least 1, not {max_workers}")
-        _check_codec(codec)
+        _structure.check_codec_spec(codec)
+        for name, value in (("max_tensors", max_tensors), ("max_depth", max_depth)):
+            if value is not None and int(value) < 1:
+                raise ValueError(f"{name} must be at least 1, not {value}")
+        self.max_tensors = max_tensors
+        self.max_depth = max_depth
         self.compute_fn = compute_fn
         self.host = host
         self._port = port
         self.max_workers = max_workers
         self.codec = codec
-        self._registry = CodecRegistry([c for c in (codec, *(codecs or [])) if c is not None])
+        mapped = list(codec.values()) if isinstance(codec, Mapping) else [codec]
+        self._registry = CodecRegistry([c for c in (*mapped, *(codecs or [])) if c is not None])
         self.version = version
         self.options = list(options or [])
         self.interceptors = list(interceptors or [])
@@ -214,7 +227,7 @@ class GRPCComputeServer:
             if callable(setup):
                 setup()
             c_codec = None
-            if self.codec is not None and not self.codec.is_python():
+            if isinstance(self.codec, TensorCodec) and not self.codec.is_python():
                 c_codec = self.codec._c_codec()
             server = _core.Server(
                 _make_dispatch(self.compute_fn, self._registry, self.codec),
@@ -222,7 +235,8 @@ class GRPCComputeServer:
                 str(self.version), self.options, c_codec, self._registry.names(),
                 self.auth_tokens, self.tls._args() if self.tls else None,
                 _make_intercept(self.interceptors) if self.interceptors else None,
-                int(self.max_decoded_bytes or 0))
+                int(self.max_decoded_bytes or 0), int(self.max_tensors or 0),
+                int(self.max_depth or 0))
             try:
                 server.start()
             except BaseException as e:
@@ -353,18 +367,6 @@ def _make_info(compute_fn: ComputeFunction):
     return info
 
 
-def _decode_request(registry: CodecRegistry, name: str, holder: Any, shape: tuple,
-                    metadata: Dict[str, Any]) -> Any:
-    try:
-        x = decode_python(registry.get(name), memoryview(holder), shape, metadata)
-    except Exception as e:
-        raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                    f"codec {name!r} failed to decode the request: {type(e).__name__}: {e}") from e
-    if not _tensor.is_torch_tensor(x):
-        x = _tensor._torch().as_tensor(x)
-    return x
-
-
 def _make_intercept(interceptors: Sequence[grpc.ServerInterceptor]):
     """Run grpc.ServerInterceptors for a call (on a C worker thread, with the GIL)."""
     ours = grpc.unary_unary_rpc_method_handler(lambda request, ctx: None)
@@ -413,51 +415,139 @@ def _backward_args(fields: Dict[str, Any]) -> Dict[str, Any]:
             "accumulation_step": fields.get("accumulation_step")}
 
 
+def _takes(fn: Any, *names: str) -> bool:
+    """Whether ``fn`` accepts every keyword in ``names`` (or **kwargs)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return True
+    return all(n in params for n in names)
+
+
+def _leaf_value(registry: CodecRegistry, leaf: Any) -> Any:
+    """A received leaf as a torch.Tensor (decoded by its Python codec if it has one)."""
+    if leaf.codec is None:
+        return _tensor.as_tensor(leaf.tensor)
+    try:
+        x = decode_python(registry.get(leaf.codec), memoryview(leaf.tensor), tuple(leaf.shape),
+                          leaf.codec_metadata or {})
+    except Exception as e:
+        what = f" (tensor {leaf.name!r})" if leaf.name else ""
+        raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                    f"codec {leaf.codec!r} failed to decode the request{what}: "
+                    f"{type(e).__name__}: {e}") from e
+    if not _tensor.is_torch_tensor(x):
+        x = _tensor._torch().as_tensor(x)
+    return x
+
+
+def _is_kv_pairs(obj: Any) -> bool:
+    return obj is None or (isinstance(obj, (tuple, list)) and all(
+        isinstance(p, (tuple, list)) and len(p) == 2 and all(_structure.is_tensor(t) for t in p)
+        for p in obj))
+
+
+def _reply_leaves(out: Any, kv_call: bool, spec: CodecSpec, python_in: Optional[TensorCodec]
+                  ) -> Tuple[List[Any], int, Any]:
+    """The OutTensor objects, form and nodes of a result. Codecs: a mapping (or a
+    Python codec) is applied here; a single built-in codec, and the choice when
+    there is none, are made in C for each tensor (sl_server: response_codec)."""
+    if kv_call and isinstance(out, tuple) and len(out) == 2 and _structure.is_tensor(out[0]) \
+            and _is_kv_pairs(out[1]):
+        # the original's (hidden_states, present_key_values): its wire fields
+        items = [("", out[0])]
+        for k, v in (out[1] or ()):
+            items += [("", k.detach().float() if _tensor.is_torch_tensor(k) else k),
+                      ("", v.detach().float() if _tensor.is_torch_tensor(v) else v)]
+        form, nodes = _structure.SINGLE, None
+    elif _structure.is_tensor(out) or isinstance(out, (int, float, complex)) and \
+            not isinstance(out, bool):
+        form, items, nodes = _structure.SINGLE, [("", out)], None
+    else:
+        form, items, nodes = _structure.flatten(out)
+    leaves = []
+    for i, (name, obj) in enumerate(items):
+        t = _tensor.prepare_result(obj)
+        codec: Optional[TensorCodec] = None
+        if form == _structure.SINGLE and i > 0:
+            codec = None  # KV cache entries: raw float32
+        elif isinstance(spec, Mapping) or (spec is not None and spec.is_python()):
+            codec = _structure.codec_for(spec, name)
+        elif spec is None and python_in is not None:
+            codec = python_in  # answer in the request's (Python) codec
+        if codec is not None and form != _structure.SINGLE and \
+                not _structure.accepts(codec, _structure.dtype_of(t)):
+            codec = None
+        if codec is not None and codec.is_python():
+            try:
+                leaves.append(_core.OutTensor((name, encode_python(codec, obj), None)))
+            except CodecError as e:
+                what = f"the result {name!r}" if name else "the result"
+                raise Abort(grpc.StatusCode.INTERNAL, f"{e} ({what})") from e
+        elif codec is not None:
+            c = codec._c_codec()
+            leaves.append(_core.OutTensor((name, t, None if c.name == "raw" else c)))
+        else:
+            leaves.append(_core.OutTensor((name, t, None)))
+    return leaves, form, nodes
+
+
 def _make_dispatch(compute_fn: ComputeFunction, registry: CodecRegistry,
-                   server_codec: Optional[TensorCodec]):
+                   server_codec: CodecSpec):
     """The Python side of a Compute call, run on a C worker thread holding the GIL."""
     compute = compute_fn.compute
     backward = getattr(compute_fn, "backward", None)
-    python_out = server_codec if server_codec is not None and server_codec.is_python() else None
+    takes_cache = _takes(compute, "past_key_values", "use_cache")
+    name = type(compute_fn).__name__
 
-    def dispatch(holder: Any, codec: Optional[str], codec_meta: Optional[Dict], shape: tuple,
-                 dtype: str, method: str, peer: str, metadata: Tuple, request_metadata: Dict,
-                 deadline: Optional[float], request_id: Optional[int],
-                 state: Any = None, fields: Optional[Dict[str, Any]] = None) -> Tuple[Any, float]:
-        call = context.CallContext(method, peer, metadata, request_metadata, deadline, request_id,
-                                   state)
+    def dispatch(c: Any) -> Tuple[List[Any], float, Tuple, int, Any]:
+        call = context.CallContext(c.method, c.peer, c.metadata, c.request_metadata, c.deadline,
+                                   c.request_id, c.state)
         context._set(call)
         try:
-            is_backward = method.endswith("/ComputeBackward")
-            if is_backward and not callable(backward):
+            fields = c.fields or {}
+            if c.backward and not callable(backward):
                 raise Abort(grpc.StatusCode.UNIMPLEMENTED,
-                            f"{type(compute_fn).__name__} does not support ComputeBackward "
+                            f"{name} does not support ComputeBackward "
                             "(it has no backward() method; see docs/training.md)")
-            if codec is None:
-                x = _tensor.as_tensor(holder)
+            values = [_leaf_value(registry, leaf) for leaf in c.leaves]
+            python_in = None
+            names = {leaf.codec for leaf in c.leaves if leaf.codec is not None}
+            if server_codec is None and len(names) == 1:
+                python_in = registry.get(names.pop())
+            kv_call = not c.backward and c.form == _structure.SINGLE and (
+                c.n_kv > 0 or (c.use_cache is not None and takes_cache))
+            if c.form == _structure.SINGLE:
+                x = values[0]
             else:
-                x = _decode_request(registry, codec, holder, shape, codec_meta or {})
+                x = _structure.unflatten(c.form, values, [leaf.name for leaf in c.leaves],
+                                         c.nodes)
             t0 = time.perf_counter()
-            if is_backward:
-                out = backward(x, **_backward_args(fields or {}))
-            elif fields and (fields.get("forward_id") is not None
-                             or fields.get("training_mode") is not None) and \
-                    getattr(compute_fn, "supports_training", False):
+            if c.backward:
+                out = backward(x, **_backward_args(fields))
+            elif kv_call:
+                if not takes_cache:
+                    raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the request carries a KV cache (past_key_values) but "
+                                f"{name}.compute() takes no past_key_values/use_cache keywords")
+                pkv = tuple((values[1 + 2 * i], values[2 + 2 * i]) for i in range(c.n_kv))
+                out = compute(x, past_key_values=pkv or None, use_cache=bool(c.use_cache))
+            elif (fields.get("forward_id") is not None or fields.get("training_mode") is not None) \
+                    and getattr(compute_fn, "supports_training", False):
                 out = compute_fn.compute_training(x, forward_id=fields.get("forward_id"),
                                                   training=bool(fields.get("training_mode")))
             else:
                 out = compute(x)
             ms = (time.perf_counter() - t0) * 1e3
-            out_codec = python_out
-            if out_codec is None and codec is not None and server_codec is None:
-                out_codec = registry.get(codec)  # answer in the request's codec
-            if out_codec is not None:
-                try:
-                    return encode_python(out_codec, out), ms, call._trailing
-                except CodecError as e:
-                    raise Abort(grpc.StatusCode.INTERNAL, f"{e} (the result)", call._trailing) from e
-            return _tensor.prepare_result(out), ms, call._trailing
-        except Abort:
+            leaves, form, nodes = _reply_leaves(out, kv_call, server_codec, python_in)
+            return leaves, ms, call._trailing, form, nodes
+        except Abort as e:
+            if call._trailing and not getattr(e, "sl_trailing", None):
+                e.sl_trailing = call._trailing  # type: ignore[attr-defined]
             raise
         except Exception as e:
             if call._trailing:

@@ -34,16 +34,16 @@ def test_compute_error_is_internal_and_server_keeps_serving(serve, connect):
     assert torch.equal(client.compute(torch.zeros(2)), torch.ones(2))
 
 
-def test_compute_returning_a_non_tensor_is_internal(serve, connect):
+def test_compute_returning_something_unsendable_is_internal(serve, connect):
     class Bad(slc.ComputeFunction):
         def compute(self, input_tensor):
-            return {"not": "a tensor"}
+            return {"fine": input_tensor, "not sendable": object()}
 
     client = connect(serve(Bad()))
     with pytest.raises(slc.RpcError) as info:
         client.compute(torch.zeros(2))
     assert info.value.code() == grpc.StatusCode.INTERNAL
-    assert "must return a tensor" in info.value.details()
+    assert "cannot send a object at 'not sendable'" in info.value.details()
 
 
 def test_compute_may_return_numpy_or_scalars(serve, connect):

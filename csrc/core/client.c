@@ -336,7 +336,7 @@ static int unary(sl_client *c, const char *method, sl_payload *p, const sl_call_
 }
 
 int sl_client_compute(sl_client *c, const sl_call_opts *opts, int backward,
-                      const sl_tensor_out *in, const sl_call_fields *fields, sl_tensor_msg *out,
+                      const sl_tensor_set *in, const sl_call_fields *fields, sl_tensor_msg *out,
                       sl_compute_extra *extra_out, sl_call_status *st, sl_err *err) {
   int status;
   Splitlearn__Comm__ComputeRequest req = SPLITLEARN__COMM__COMPUTE_REQUEST__INIT;
@@ -352,15 +352,18 @@ int sl_client_compute(sl_client *c, const sl_call_opts *opts, int backward,
 
   memset(out, 0, sizeof(*out));
   memset(extra_out, 0, sizeof(*extra_out));
-  if (in->nbytes > SL_MAX_MESSAGE_BYTES - 64) {
-    if (in->release != NULL) in->release(in->owner);
-    return sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,
-                      "tensor of %zu bytes is over gRPC's message limit of %zu bytes (2 GiB - 1); "
-                      "split the tensor or use a compressing codec",
-                      in->nbytes, SL_MAX_MESSAGE_BYTES);
+  for (size_t i = 0; i < in->n; i++) {
+    if (in->items[i].nbytes > SL_MAX_MESSAGE_BYTES - 64) {
+      size_t nb = in->items[i].nbytes;
+      sl_tensor_set_release(in);
+      return sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,
+                        "tensor of %zu bytes is over gRPC's message limit of %zu bytes (2 GiB - "
+                        "1); split the tensor or use a compressing codec",
+                        nb, SL_MAX_MESSAGE_BYTES);
+    }
   }
   if (fields != NULL) sl_call_fields_to_request(req_kind, header, fields);
-  status = sl_tensor_out_pack(req_kind, header, in, &p, err);
+  status = sl_tensor_set_pack(req_kind, header, in, &p, err);
   if (status != SL_OK) return status;
   status = unary(c, method, p, opts, &resp, st, err);
   if (status != SL_OK) goto cleanup;
@@ -393,7 +396,7 @@ int sl_client_compute(sl_client *c, const sl_call_opts *opts, int backward,
 cleanup:
   sl__bbspans_clear(&spans);
   if (resp != NULL) grpc_byte_buffer_destroy(resp);
-  sl_payload_unref(p); /* in->release runs once gRPC has let go of the bytes too */
+  sl_payload_unref(p); /* the releases run once gRPC has let go of the bytes too */
   return status;
 }
 

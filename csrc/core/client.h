@@ -81,21 +81,22 @@ typedef struct sl_compute_extra {
   float compute_time_ms;
 } sl_compute_extra;
 
-/* Send a tensor to Compute (backward = 0) or ComputeBackward (backward = 1: the
- * tensor is the gradient of the forward call's output, fields->forward_id names
- * that call) and wait for the result tensor. `fields` may be NULL.
- *   `in`: the tensor, raw or to be encoded in C by in->codec (without any lock), or
- *   a payload already encoded by the caller (in->encoded). The caller keeps
- *   in->data valid until in->release(in->owner) runs: exactly once, on every
- *   return path, possibly after this function has returned, on any thread.
+/* Send tensors to Compute (backward = 0) or ComputeBackward (backward = 1: the
+ * tensors are the gradients of the forward call's outputs, fields->forward_id
+ * names that call) and wait for the result. `fields` may be NULL.
+ *   `in`: the tensors (one in the single form), each raw or to be encoded in C by
+ *   its codec (without any lock), or a payload already encoded by the caller
+ *   (item->encoded). The caller keeps each item's data valid until its
+ *   release(owner) runs: exactly once, on every return path, possibly after this
+ *   function has returned, on any thread (this function always consumes them).
  * On SL_OK, `out` holds the result (caller clears it) and `extra_out` its fields:
- * decoded when raw or built in (out->decoded = 1), otherwise the payload of the
- * response's codec for the caller to decode. On a non-OK status, returns
+ * each item decoded when raw or built in (decoded = 1), otherwise the payload of
+ * its codec for the caller to decode. On a non-OK status, returns
  * SL_ESTATUS with `st` filled; SL_EINTR when interrupted; other negative codes
  * with `err` for local failures (a tensor too big for one message, out of memory,
  * an undecodable response). `st` is always filled as far as known. */
 int sl_client_compute(sl_client *c, const sl_call_opts *opts, int backward,
-                      const sl_tensor_out *in, const sl_call_fields *fields, sl_tensor_msg *out,
+                      const sl_tensor_set *in, const sl_call_fields *fields, sl_tensor_msg *out,
                       sl_compute_extra *extra_out, sl_call_status *st, sl_err *err);
 
 /* Result of HealthCheck. Strings malloc'd; sl_health_clear frees. */

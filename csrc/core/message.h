@@ -33,35 +33,107 @@ typedef enum sl_msg_kind {
 /* Name of the built-in raw codec (also what an empty codec field means). */
 #define SL_CODEC_RAW "raw"
 
+/* How a message carries its tensors. */
+typedef enum sl_msg_form {
+  SL_FORM_SINGLE = 0,    /* one tensor in the fields of the original contract (data, shape)
+                            plus our dtype/codec fields 16-18; in a ComputeRequest or
+                            ComputeResponse also the original's KV cache entries */
+  SL_FORM_MAP = 1,       /* named tensors (fields 19 and 20), no structure: a map by name */
+  SL_FORM_STRUCTURE = 2  /* named tensors and a structure descriptor (field 21) */
+} sl_msg_form;
+
+/* One received tensor. */
+typedef struct sl_tensor_item {
+  const char *name;     /* points into the header; "" in the single form */
+  sl_tensor_desc desc;  /* the tensor's dtype and shape, before encoding */
+  void *data;           /* owned storage (sl_storage_free) unless set to NULL by a taker */
+  size_t nbytes;        /* bytes in data */
+  const char *codec;    /* points into the header, or SL_CODEC_RAW; never NULL */
+  sl_meta meta;         /* the codec metadata, owned */
+  int decoded;          /* 1: data holds the tensor (desc's bytes); 0: a codec's payload */
+} sl_tensor_item;
+
+/* Kinds of structure nodes: the numbers of StructureNode.Kind (proto/). */
+typedef enum sl_node_kind {
+  SL_NODE_TENSOR = 1,
+  SL_NODE_NONE = 2,
+  SL_NODE_TUPLE = 3,
+  SL_NODE_LIST = 4,
+  SL_NODE_DICT = 5,
+  SL_NODE_INT = 6,
+  SL_NODE_FLOAT = 7,
+  SL_NODE_BOOL = 8,
+  SL_NODE_STRING = 9
+} sl_node_kind;
+
+/* One node of a structure, in pre-order; the k-th TENSOR node is tensor k.
+ * Strings are borrowed (from the received header, or from the sender). */
+typedef struct sl_node {
+  int kind;             /* sl_node_kind */
+  uint32_t size;        /* TUPLE / LIST / DICT: number of children that follow */
+  const char *key;      /* the node's key in its parent DICT; NULL or "" elsewhere */
+  int64_t i;            /* INT, BOOL */
+  double d;             /* FLOAT */
+  const char *s;        /* STRING */
+} sl_node;
+
+/* Bounds on what one received message may carry. */
+typedef struct sl_msg_limits {
+  size_t max_tensors;   /* named tensors per message (0: SL_DEFAULT_MAX_TENSORS) */
+  int max_depth;        /* containers nested in a structure (0: SL_DEFAULT_MAX_DEPTH) */
+} sl_msg_limits;
+
+#define SL_DEFAULT_MAX_TENSORS 4096
+#define SL_DEFAULT_MAX_DEPTH 32
+
 typedef struct sl_tensor_msg {
   sl_msg_kind kind;
   ProtobufCMessage *header; /* owned; every field but the tensor bytes */
-  sl_tensor_desc desc;      /* from the shape and dtype fields: the tensor's, before encoding */
-  void *data;               /* owned storage (sl_storage_free) unless set to NULL by a taker */
-  size_t nbytes;            /* bytes in data */
-  const char *codec;        /* points into header, or SL_CODEC_RAW; never NULL */
-  sl_meta meta;             /* the codec metadata, owned */
-  int decoded;              /* 1: data holds the tensor (desc's bytes); 0: a codec's payload */
+  int form;                 /* sl_msg_form */
+  sl_tensor_item *items;    /* owned array of n_items */
+  size_t n_items;           /* SINGLE: 1 + 2 * n_kv */
+  sl_node *nodes;           /* owned array (strings point into header); STRUCTURE only */
+  size_t n_nodes;
+  size_t n_kv;              /* SINGLE: KV cache entries; items[1 + 2i] is the key and
+                               items[2 + 2i] the value of entry i */
 } sl_tensor_msg;
 
-/* Parse a message of `kind`. Fails with INVALID_ARGUMENT (in `err`) on a
- * malformed message, an unknown dtype, a bad shape, or (raw codec) a byte count
- * that disagrees with the shape. Any codec name is accepted here; the caller
- * decides which codecs it knows. A raw tensor is decoded (decoded = 1) at once;
- * any other codec's payload is left for sl_tensor_msg_decode() or the caller.
- * On success the caller owns `out` and clears it with sl_tensor_msg_clear(). */
+/* Parse a message of `kind` (`limits` NULL: the defaults). Fails with
+ * INVALID_ARGUMENT (in `err`) on a malformed message, an unknown dtype, a bad
+ * shape, a raw tensor whose byte count disagrees with its shape, duplicate or
+ * missing tensor names, tensor descriptors that do not match the data fields, a
+ * structure that does not match the tensors, more tensors than
+ * limits->max_tensors, or a structure nested deeper than limits->max_depth; the
+ * message names the problem. Any codec name is accepted here; the caller decides
+ * which codecs it knows. Raw tensors are decoded (decoded = 1) at once; other
+ * codecs' payloads are left for sl_tensor_item_decode() or the caller.
+ * On success the caller owns `out` and clears it with sl_tensor_msg_clear(); on
+ * failure `out` is left cleared. */
 int sl_tensor_msg_read(sl_msg_kind kind, const sl_span *spans, size_t nspans, sl_tensor_msg *out,
                        sl_err *err);
+int sl_tensor_msg_read_limited(sl_msg_kind kind, const sl_span *spans, size_t nspans,
+                               const sl_msg_limits *limits, sl_tensor_msg *out, sl_err *err);
 
 void sl_tensor_msg_clear(sl_tensor_msg *m);
+
+/* Check a structure (pre-order nodes) against `n_tensors` tensors: known kinds,
+ * children that exist, no container nested deeper than `max_depth` (0: the
+ * default), unique keys in each dict, one TENSOR leaf per tensor. Fails with
+ * INVALID_ARGUMENT naming the problem. */
+int sl_structure_check(const sl_node *nodes, size_t n, size_t n_tensors, int max_depth,
+                       sl_err *err);
 
 /* The largest tensor a codec payload may decode to (16 GiB): a compressed or
  * sparse payload of a few bytes may declare any shape. */
 #define SL_MAX_DECODED_BYTES ((size_t)16 << 30)
 
 /* Decode a built-in codec's payload in place (data becomes the tensor, decoded =
- * 1). A decoded size over SL_MAX_DECODED_BYTES is RESOURCE_EXHAUSTED. A message already decoded, or whose codec is not built in, is left as it
- * is (check `decoded`). Fails with the codec's INVALID_ARGUMENT message. */
+ * 1). A decoded size over SL_MAX_DECODED_BYTES is RESOURCE_EXHAUSTED. An item
+ * already decoded, or whose codec is not built in, is left as it is (check
+ * `decoded`). Fails with the codec's INVALID_ARGUMENT message. */
+int sl_tensor_item_decode(sl_tensor_item *it, sl_err *err);
+
+/* sl_tensor_item_decode() on every item; an error names the tensor. */
 int sl_tensor_msg_decode(sl_tensor_msg *m, sl_err *err);
 
 /* The scalar fields of a tensor call besides the tensor (split-learning training:
@@ -77,6 +149,7 @@ typedef struct sl_call_fields {
   int32_t accumulation_step;
   int has_request_id;
   int32_t request_id;
+  int use_cache;             /* ComputeRequest.use_cache: -1 unset; 0 or 1 */
 } sl_call_fields;
 
 /* Read the fields of an unpacked request (ComputeRequest or BackwardRequest);
@@ -98,7 +171,35 @@ typedef struct sl_tensor_out {
   const sl_meta *meta;    /* encoded = 1: its metadata (copied), or NULL */
   const sl_codec *codec;  /* encoded = 0: encode with it here, in C (NULL or raw: send as is) */
   int raw_if_unencodable; /* 1: a tensor `codec` refuses (dtype, NaN for int8, ...) goes raw */
+  const char *name;       /* the tensor's name (copied into the message); MAP/STRUCTURE form */
 } sl_tensor_out;
+
+/* The tensors of an outgoing message. */
+typedef struct sl_tensor_set {
+  sl_tensor_out *items;   /* n items; each release runs exactly once (see below) */
+  size_t n;
+  int form;               /* sl_msg_form; SINGLE: n == 1 + 2 * n_kv */
+  const sl_node *nodes;   /* STRUCTURE: the structure, pre-order (strings copied) */
+  size_t n_nodes;
+  size_t n_kv;            /* SINGLE: items[1..] are n_kv (key, value) pairs sent in the
+                             original's KV cache fields (ComputeRequest.past_key_values,
+                             ComputeResponse.present_key_values): raw float32 only */
+} sl_tensor_set;
+
+/* Pack a message of `kind` carrying `set`: encode each tensor that asks for it
+ * (in C, no locks held), set the tensor fields of `header` (a message of `kind`
+ * whose other fields the caller has set) and wrap it all in a payload whose
+ * tensor bytes are referenced, not copied. A single-form set of one tensor gives
+ * exactly the bytes sl_tensor_out_pack() gives. Every item's release(owner) runs
+ * exactly once on every path, success or failure (this function always consumes
+ * the tensors it is given): at once when a tensor was encoded into a new buffer
+ * or on failure, otherwise when the payload is done. On return the header holds
+ * no pointer into memory freed here. */
+int sl_tensor_set_pack(sl_msg_kind kind, ProtobufCMessage *header, const sl_tensor_set *set,
+                       sl_payload **out, sl_err *err);
+
+/* Release every item of `set` (for callers that fail before packing it). */
+void sl_tensor_set_release(const sl_tensor_set *set);
 
 /* Pack a tensor message of `kind`: encode `t` if asked (in C, no locks held),
  * set the shape, dtype, codec and codec metadata fields of `header` (a message of
@@ -114,6 +215,10 @@ typedef struct sl_tensor_fields {
   int32_t **shape;
   char **dtype;
   char **codec;
+  size_t *n_tensors;                      /* field 19 */
+  Splitlearn__Comm__NamedTensor ***tensors;
+  size_t *n_structure;                    /* field 21 */
+  Splitlearn__Comm__StructureNode ***structure;
 } sl_tensor_fields;
 
 /* The tensor-describing fields of `msg` (a message of `kind`). */

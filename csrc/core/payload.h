@@ -1,12 +1,17 @@
-/* payload.h: an outgoing tensor message, shared by every attempt that sends it.
+/* payload.h: an outgoing message, shared by every attempt that sends it.
  *
- * A payload is a packed protobuf header (owned, malloc'd; it already ends with the
- * tag and length prefix of the tensor field) followed by the tensor bytes, which
- * are referenced, never copied. The payload is reference counted: whoever creates
- * it holds one reference, each gRPC slice that points at the tensor bytes holds
- * another. When the last reference goes, `release(owner)` runs exactly once, on
- * whichever thread dropped it (the creator's, or a gRPC thread that holds no Python
- * lock): it is how the tensor's owner learns that its memory is free again.
+ * A payload is an owned, malloc'd block of small bytes (the packed protobuf
+ * header and the tag and length prefixes of the tensor fields) interleaved with
+ * tensor bytes that are referenced, never copied: block[0, cut[0]), then segment
+ * 0, then block[cut[0], cut[1]), then segment 1, ..., then block[cut[n-1], end).
+ * The payload is reference counted: whoever creates it holds one reference, each
+ * gRPC slice that points at tensor bytes holds another. When the last reference
+ * goes, every segment's `release(owner)` runs exactly once, on whichever thread
+ * dropped it (the creator's, or a gRPC thread that holds no Python lock): it is
+ * how a tensor's owner learns that its memory is free again.
+ *
+ * Failing functions here leave ownership with the caller (the project's rule,
+ * sl_common.h): a failed sl_payload_new* takes nothing and calls no release.
  */
 #ifndef SL_PAYLOAD_H
 #define SL_PAYLOAD_H
@@ -24,22 +29,40 @@ typedef void (*sl_release_fn)(void *owner);
 
 typedef struct sl_payload sl_payload;
 
-/* Create a payload with one reference held by the caller. Takes ownership of
- * `header` (malloc'd, freed with free()) on success only; `data` stays owned by
- * `owner` until `release(owner)` runs (release may be NULL). Returns SL_OK or
- * SL_ENOMEM (then nothing was taken and release is not called). */
+/* Tensor bytes referenced by a payload. */
+typedef struct sl_segment {
+  const void *data;
+  size_t len;
+  sl_release_fn release; /* may be NULL */
+  void *owner;
+} sl_segment;
+
+/* Create a payload of one block and one segment, with one reference held by the
+ * caller. Takes ownership of `header` (malloc'd, freed with free()) on success
+ * only; `data` stays owned by `owner` until `release(owner)` runs (release may be
+ * NULL). Returns SL_OK or SL_ENOMEM. */
 int sl_payload_new(uint8_t *header, size_t header_len, const void *data, size_t data_len,
                    sl_release_fn release, void *owner, sl_payload **out);
 
+/* The general form: `block` (malloc'd, taken on success) cut by `cuts` (nsegs
+ * increasing offsets into it) around `nsegs` segments (copied). */
+int sl_payload_new_segments(uint8_t *block, size_t block_len, const size_t *cuts,
+                            const sl_segment *segs, size_t nsegs, sl_payload **out);
+
 void sl_payload_ref(sl_payload *p);
 
-/* Drop one reference; the last one runs release(owner) and frees the payload. */
+/* Drop one reference; the last one runs every release and frees the payload. */
 void sl_payload_unref(sl_payload *p);
 
-/* Accessors. */
+/* The pieces in wire order: 2 * nsegs + 1 of them; even pieces are block bytes
+ * (possibly empty), odd pieces segment bytes. */
+size_t sl_payload_npieces(const sl_payload *p);
+const void *sl_payload_piece(const sl_payload *p, size_t i, size_t *len);
+
+/* Accessors of the single-segment form (the block, and segment 0). */
 const uint8_t *sl_payload_header(const sl_payload *p, size_t *len);
 const void *sl_payload_data(const sl_payload *p, size_t *len);
-size_t sl_payload_size(const sl_payload *p); /* header + data bytes */
+size_t sl_payload_size(const sl_payload *p); /* every byte of the message */
 
 #ifdef __cplusplus
 }

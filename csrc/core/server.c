@@ -71,6 +71,7 @@ struct sl_server {
   sl_metrics *metrics;
   size_t max_decoded;
   atomic_llong decoded_in_use;
+  sl_msg_limits limits;
   double started_at;
 };
 
@@ -273,22 +274,42 @@ static int is_python_codec(const sl_server *s, const char *name) {
   return 0;
 }
 
-/* Decode the request's tensor if a built-in codec carries it, or check that the
- * compute hook knows its (Python) codec. */
+/* Prefix `err`'s message with the name of the tensor it is about (named forms). */
+static int name_error(const sl_tensor_msg *msg, size_t i, int rc, sl_err *err) {
+  char inner[SL_ERR_MSG_MAX];
+  if (msg->form == SL_FORM_SINGLE) return rc;
+  memcpy(inner, err->msg, sizeof(inner));
+  sl_err_set(err, rc, err->code, "tensor '%.64s': %.400s", msg->items[i].name, inner);
+  return rc;
+}
+
+/* Decode every tensor of the request a built-in codec carries, and check that
+ * the compute hook knows the (Python) codec of the others. What built-in
+ * payloads of one call decode to is bounded, per call and for all calls at once:
+ * a few bytes of sparse or compressed payload may declare any shape. */
 static int decode_request(sl_server *s, sl_tensor_msg *msg, size_t *reserved, sl_err *err) {
-  if (msg->decoded) return sl_tensor_msg_decode(msg, err); /* checks bools */
-  if (sl_codec_name_is_builtin(msg->codec)) {
-    /* a few bytes of sparse or compressed payload may declare any shape: bound what
-     * one call, and all calls together, may decode to */
-    size_t need = 0;
-    long long before;
-    if (sl_desc_nbytes(&msg->desc, &need) != SL_OK || need > s->max_decoded) {
-      return sl_err_set(err, SL_ETOOBIG, SL_STATUS_INVALID_ARGUMENT,
-                        "codec '%.64s': the tensor would decode to more than this server's "
-                        "limit of %zu bytes (max_decoded_bytes)",
-                        msg->codec, s->max_decoded);
+  size_t need = 0;
+  for (size_t i = 0; i < msg->n_items; i++) {
+    sl_tensor_item *it = &msg->items[i];
+    size_t n = 0;
+    if (it->decoded) continue;
+    if (sl_codec_name_is_builtin(it->codec)) {
+      if (sl_desc_nbytes(&it->desc, &n) != SL_OK || n > s->max_decoded - need) {
+        return sl_err_set(err, SL_ETOOBIG, SL_STATUS_INVALID_ARGUMENT,
+                          "codec '%.64s': the request's tensors would decode to more than this "
+                          "server's limit of %zu bytes per call (max_decoded_bytes)",
+                          it->codec, s->max_decoded);
+      }
+      need += n;
+    } else if (!is_python_codec(s, it->codec)) {
+      sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                 "unknown codec '%.64s' in the request; this server knows: %s", it->codec,
+                 s->known_codecs);
+      return name_error(msg, i, SL_EINVAL, err);
     }
-    before = atomic_fetch_add(&s->decoded_in_use, (long long)need);
+  }
+  if (need > 0) {
+    long long before = atomic_fetch_add(&s->decoded_in_use, (long long)need);
     if ((size_t)before + need > s->max_decoded) {
       atomic_fetch_sub(&s->decoded_in_use, (long long)need);
       return sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,
@@ -297,29 +318,46 @@ static int decode_request(sl_server *s, sl_tensor_msg *msg, size_t *reserved, sl
                         s->max_decoded);
     }
     *reserved = need;
-    return sl_tensor_msg_decode(msg, err);
   }
-  if (is_python_codec(s, msg->codec)) return SL_OK;
-  return sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
-                    "unknown codec '%.64s' in the request; this server knows: %s", msg->codec,
-                    s->known_codecs);
+  for (size_t i = 0; i < msg->n_items; i++) {
+    int rc = sl_tensor_item_decode(&msg->items[i], err); /* checks bools too */
+    if (rc != SL_OK) return name_error(msg, i, rc, err);
+  }
+  return SL_OK;
 }
 
-/* The codec a result goes back with when the hook left the choice to us: the
- * server's, else the request's when built in and taking the dtype, else raw.
- * *made is an encoder created here (the caller destroys it). */
+/* The codec the request came in: the one non-raw built-in codec its tensors
+ * used (NULL when none, or when they used several). */
+static const sl_tensor_item *request_codec(const sl_tensor_msg *req) {
+  const sl_tensor_item *found = NULL;
+  for (size_t i = 0; i < req->n_items; i++) {
+    const sl_tensor_item *it = &req->items[i];
+    if (strcmp(it->codec, SL_CODEC_RAW) == 0 || !sl_codec_name_is_builtin(it->codec)) continue;
+    if (found != NULL && strcmp(found->codec, it->codec) != 0) return NULL;
+    if (found == NULL) found = it;
+  }
+  return found;
+}
+
+/* The codec a result tensor goes back with when the hook left the choice to us
+ * (the one place that chooses): the server's, else the request's when built in
+ * and taking the tensor's dtype, else raw. *made is an encoder created here (the
+ * caller destroys it). */
 static const sl_codec *response_codec(sl_server *s, const sl_tensor_msg *req, sl_dtype dtype,
                                       sl_codec **made) {
   const sl_codec *c = s->codec;
-  *made = NULL;
-  if (c == NULL && strcmp(req->codec, SL_CODEC_RAW) != 0 && sl_codec_name_is_builtin(req->codec)) {
-    if (sl_codec_create_from_wire(req->codec, &req->meta, made, NULL) == SL_OK) c = *made;
+  if (c == NULL) {
+    if (*made == NULL) {
+      const sl_tensor_item *rc = request_codec(req);
+      if (rc != NULL) sl_codec_create_from_wire(rc->codec, &rc->meta, made, NULL);
+    }
+    c = *made;
   }
   if (c != NULL && !sl_codec_accepts(c, dtype)) c = NULL; /* e.g. an int64 result of a float16 call */
   return c;
 }
 
-/* Compute or ComputeBackward: read the tensor, decode it, run the hook, answer. */
+/* Compute or ComputeBackward: read the tensors, decode them, run the hook, answer. */
 static void serve_tensor_call(sl_server *s, const sl_call_info *ci, const sl__bbspans *in,
                               int backward, reply *r) {
   Splitlearn__Comm__ComputeResponse resp = SPLITLEARN__COMM__COMPUTE_RESPONSE__INIT;
@@ -343,10 +381,12 @@ static void serve_tensor_call(sl_server *s, const sl_call_info *ci, const sl__bb
   atomic_fetch_add(&s->total_requests, 1);
   double t0 = sl_now(), t1, t2;
   r->rec.tensor_call = 1;
-  rc = sl_tensor_msg_read(req_kind, in->spans, in->n, &msg, &r->err);
+  rc = sl_tensor_msg_read_limited(req_kind, in->spans, in->n, &s->limits, &msg, &r->err);
   if (rc != SL_OK) goto done;
-  snprintf(r->rec.codec, sizeof(r->rec.codec), "%s", msg.codec);
-  record_desc(&msg.desc, &r->rec.in_dtype, &r->rec.in_ndim, r->rec.in_shape);
+  if (msg.n_items > 0) {
+    snprintf(r->rec.codec, sizeof(r->rec.codec), "%s", msg.items[0].codec);
+    record_desc(&msg.items[0].desc, &r->rec.in_dtype, &r->rec.in_ndim, r->rec.in_shape);
+  }
   if (decode_request(s, &msg, &reserved, &r->err) != SL_OK) goto cleanup;
   sl_call_fields_from_request(req_kind, msg.header, &args.fields);
   if (args.fields.forward_id != NULL) {
@@ -392,18 +432,23 @@ static void serve_tensor_call(sl_server *s, const sl_call_info *ci, const sl__bb
     goto cleanup;
   }
   have_out = 1;
-  record_desc(&args.out.desc, &r->rec.out_dtype, &r->rec.out_ndim, r->rec.out_shape);
-  if (!args.out.encoded && args.out.codec == NULL) {
-    args.out.codec = response_codec(s, &msg, args.out.desc.dtype, &made);
-    args.out.raw_if_unencodable = 1;
+  if (args.out.n > 0) {
+    record_desc(&args.out.items[0].desc, &r->rec.out_dtype, &r->rec.out_ndim, r->rec.out_shape);
   }
-  have_out = 0; /* sl_tensor_out_pack releases the result on every path */
+  for (size_t i = 0; i < args.out.n; i++) {
+    sl_tensor_out *o = &args.out.items[i];
+    if (o->encoded || o->codec != NULL) continue;
+    if (args.out.form == SL_FORM_SINGLE && i > 0) continue; /* KV entries go raw */
+    o->codec = response_codec(s, &msg, o->desc.dtype, &made);
+    o->raw_if_unencodable = 1;
+  }
+  have_out = 0; /* sl_tensor_set_pack releases the results on every path */
   if (backward) {
     bresp.forward_id = (char *)(args.fields.forward_id ? args.fields.forward_id : "");
     bresp._backward_time_ms_case =
         SPLITLEARN__COMM__BACKWARD_RESPONSE___BACKWARD_TIME_MS_BACKWARD_TIME_MS;
     bresp.backward_time_ms = args.compute_time_ms;
-    sl_tensor_out_pack(SL_MSG_BACKWARD_RESPONSE, &bresp.base, &args.out, &r->payload, &r->err);
+    sl_tensor_set_pack(SL_MSG_BACKWARD_RESPONSE, &bresp.base, &args.out, &r->payload, &r->err);
   } else {
     resp._compute_time_ms_case =
         SPLITLEARN__COMM__COMPUTE_RESPONSE___COMPUTE_TIME_MS_COMPUTE_TIME_MS;
@@ -416,11 +461,12 @@ static void serve_tensor_call(sl_server *s, const sl_call_info *ci, const sl__bb
       resp._forward_id_case = SPLITLEARN__COMM__COMPUTE_RESPONSE___FORWARD_ID_FORWARD_ID;
       resp.forward_id = (char *)args.fields.forward_id;
     }
-    sl_tensor_out_pack(SL_MSG_COMPUTE_RESPONSE, &resp.base, &args.out, &r->payload, &r->err);
+    sl_tensor_set_pack(SL_MSG_COMPUTE_RESPONSE, &resp.base, &args.out, &r->payload, &r->err);
   }
   r->rec.stage[SL_STAGE_ENCODE] = sl_now() - t2;
 cleanup:
-  if (have_out && args.out.release != NULL) args.out.release(args.out.owner);
+  if (have_out) sl_tensor_set_release(&args.out);
+  if (args.out_free != NULL) args.out_free(args.out_owner);
   sl_codec_destroy(made);
   free(reqmd);
   sl_tensor_msg_clear(&msg);
@@ -703,6 +749,8 @@ int sl_server_create(const sl_server_config *cfg, const sl_server_hooks *hooks, 
   s->max_decoded = cfg->max_decoded_bytes ? cfg->max_decoded_bytes : ((size_t)4 << 30);
   if (s->max_decoded > SL_MAX_DECODED_BYTES) s->max_decoded = SL_MAX_DECODED_BYTES;
   atomic_init(&s->decoded_in_use, 0);
+  s->limits.max_tensors = cfg->max_tensors ? cfg->max_tensors : SL_DEFAULT_MAX_TENSORS;
+  s->limits.max_depth = cfg->max_depth > 0 ? cfg->max_depth : SL_DEFAULT_MAX_DEPTH;
   status = copy_codec_names(s, cfg, err);
   if (status != SL_OK) goto cleanup;
   if (cfg->n_auth_tokens > 0) {

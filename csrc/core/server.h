@@ -54,23 +54,28 @@ int sl_call_is_active(void *state);
 /* The in/out record of the compute hook. */
 typedef struct sl_compute_args {
   /* in */
-  sl_tensor_msg *tensor;         /* the received tensor. tensor->decoded = 1: data holds the
-                                    tensor (raw, or a built-in codec decoded in C); 0: data
-                                    holds the payload of codec tensor->codec, one of the
-                                    config's `python_codecs`, for the hook to decode. The
-                                    hook may take tensor->data (then it sets it to NULL and
-                                    frees it itself with sl_storage_free) */
-  int backward;                  /* 0: Compute; 1: ComputeBackward (tensor = grad_output) */
-  sl_call_fields fields;         /* forward_id, training_mode, learning_rate, ... */
+  sl_tensor_msg *tensor;         /* the received tensors (items; nodes in the structure form).
+                                    An item with decoded = 1 holds the tensor (raw, or a
+                                    built-in codec decoded in C); 0: the payload of codec
+                                    item->codec, one of the config's `python_codecs`, for the
+                                    hook to decode. The hook may take an item's data (then it
+                                    sets it to NULL and frees it itself with sl_storage_free) */
+  int backward;                  /* 0: Compute; 1: ComputeBackward (the tensors are the
+                                    gradients of the forward's outputs) */
+  sl_call_fields fields;         /* forward_id, training_mode, learning_rate, use_cache, ... */
   const sl_kv *req_metadata;     /* the request's metadata map (Compute only) */
   size_t n_req_metadata;
   int has_request_id;
   int32_t request_id;
-  /* out, on success: the result. out.codec NULL (and out.encoded 0) lets the server
-     choose: the config's codec, else the request's codec when it is built in and
-     takes the result's dtype, else raw. out.release(out.owner) runs exactly once,
-     from any thread, even if sending fails. */
-  sl_tensor_out out;
+  /* out, on success: the results. An item with codec NULL (and encoded 0) lets the
+     server choose: the config's codec, else the request's codec when it is built in
+     and takes the item's dtype, else raw. Each item's release(owner) runs exactly
+     once, from any thread, even if sending fails. The arrays of `out` (items,
+     nodes, their strings) belong to the hook: out_free(out_owner), when set, runs
+     once after the reply was packed, on every path, even when the hook failed. */
+  sl_tensor_set out;
+  void (*out_free)(void *out_owner);
+  void *out_owner;
   float compute_time_ms;
   double queue_seconds;          /* out, optional: time the hook waited before it could run
                                     user code (e.g. for the GIL); counted apart from compute */
@@ -124,7 +129,10 @@ typedef struct sl_server_config {
   size_t n_auth_tokens;
   const sl_tls_server *tls;       /* NULL: plaintext */
   size_t max_decoded_bytes;       /* bytes that built-in codec payloads may decode to, per
-                                     call and for all calls at once; 0: 4 GiB */
+                                     call (all its tensors) and for all calls at once;
+                                     0: 4 GiB */
+  size_t max_tensors;             /* named tensors per request; 0: SL_DEFAULT_MAX_TENSORS */
+  int max_depth;                  /* structure nesting per request; 0: SL_DEFAULT_MAX_DEPTH */
 } sl_server_config;
 
 /* Create a server (nothing is bound yet). The config is copied (but cfg->codec is

@@ -75,20 +75,31 @@ void sl__bbspans_clear(sl__bbspans *s) {
 static void payload_slice_done(void *user) { sl_payload_unref((sl_payload *)user); }
 
 grpc_byte_buffer *sl__payload_byte_buffer(sl_payload *p) {
-  grpc_slice slices[2];
-  size_t n = 0, hlen, dlen;
-  const uint8_t *h = sl_payload_header(p, &hlen);
-  const void *d = sl_payload_data(p, &dlen);
+  grpc_slice small[8];
+  grpc_slice *slices = small;
+  size_t n = 0, np = sl_payload_npieces(p);
   grpc_byte_buffer *bb;
 
-  slices[n++] = grpc_slice_from_copied_buffer((const char *)h, hlen);
-  if (dlen > 0) {
-    sl_payload_ref(p);
-    /* the slice owns one payload reference, given back in payload_slice_done */
-    slices[n++] = grpc_slice_new_with_user_data((void *)d, dlen, payload_slice_done, p);
+  if (np > sizeof(small) / sizeof(small[0])) {
+    slices = malloc(np * sizeof(*slices));
+    if (slices == NULL) return NULL;
+  }
+  for (size_t i = 0; i < np; i++) {
+    size_t len;
+    const void *d = sl_payload_piece(p, i, &len);
+    if (len == 0) continue;
+    if (i % 2 == 0) {
+      /* header and field prefixes: small, copied */
+      slices[n++] = grpc_slice_from_copied_buffer((const char *)d, len);
+    } else {
+      sl_payload_ref(p);
+      /* the slice owns one payload reference, given back in payload_slice_done */
+      slices[n++] = grpc_slice_new_with_user_data((void *)d, len, payload_slice_done, p);
+    }
   }
   bb = grpc_raw_byte_buffer_create(slices, n);
   for (size_t i = 0; i < n; i++) grpc_slice_unref(slices[i]);
+  if (slices != small) free(slices);
   return bb;
 }
 

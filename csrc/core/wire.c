@@ -70,12 +70,24 @@ static int cursor_varint(cursor *c, uint64_t *v, uint8_t raw[10], size_t *rawlen
   return SL_OK;
 }
 
+static int is_bulk(uint32_t field, const uint32_t *bulk, size_t nbulk) {
+  for (size_t i = 0; i < nbulk; i++)
+    if (bulk[i] == field) return 1;
+  return 0;
+}
+
 int sl_wire_split(const sl_span *spans, size_t nspans, uint32_t data_field,
                   sl_wire_split_result *result, sl_err *err) {
+  return sl_wire_split_bulk(spans, nspans, data_field, NULL, 0, result, err);
+}
+
+int sl_wire_split_bulk(const sl_span *spans, size_t nspans, uint32_t data_field,
+                       const uint32_t *bulk, size_t nbulk, sl_wire_split_result *result,
+                       sl_err *err) {
   int status = SL_EINVAL;
   cursor c;
   uint8_t *header = NULL;
-  size_t hlen = 0;
+  size_t hlen = 0, cap_occ = 0;
 
   memset(result, 0, sizeof(*result));
   cursor_init(&c, spans, nspans);
@@ -145,7 +157,25 @@ int sl_wire_split(const sl_span *spans, size_t nspans, uint32_t data_field,
                               field_start);
           goto cleanup;
         }
-        if (field == data_field) {
+        if (nbulk > 0 && is_bulk(field, bulk, nbulk)) {
+          if (result->n_occ == cap_occ) {
+            size_t cap = cap_occ ? 2 * cap_occ : 8;
+            sl_wire_occ *bigger = realloc(result->occ, cap * sizeof(*bigger));
+            if (bigger == NULL) {
+              status = sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED,
+                                  "out of memory reading a %zu-byte message", c.total);
+              goto cleanup;
+            }
+            result->occ = bigger;
+            cap_occ = cap;
+          }
+          result->occ[result->n_occ].field = field;
+          result->occ[result->n_occ].span = c.idx;
+          result->occ[result->n_occ].off = c.off;
+          result->occ[result->n_occ].len = (size_t)len;
+          result->n_occ++;
+          cursor_take(&c, (size_t)len, NULL);
+        } else if (field == data_field) {
           result->data_found = 1;
           result->data_len = (size_t)len;
           result->data_span = c.idx;
@@ -167,7 +197,7 @@ int sl_wire_split(const sl_span *spans, size_t nspans, uint32_t data_field,
                             wt, field, field_start);
         goto cleanup;
     }
-    if (field == data_field && wt != 2) {
+    if ((field == data_field || (nbulk > 0 && is_bulk(field, bulk, nbulk))) && wt != 2) {
       status = sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
                           "malformed message: tensor field %u has wire type %u, not bytes", field,
                           wt);
@@ -180,29 +210,63 @@ int sl_wire_split(const sl_span *spans, size_t nspans, uint32_t data_field,
   status = SL_OK;
 cleanup:
   free(header);
-  if (status != SL_OK) memset(result, 0, sizeof(*result));
+  if (status != SL_OK) {
+    free(result->occ);
+    memset(result, 0, sizeof(*result));
+  }
   return status;
 }
 
-void sl_wire_copy_data(const sl_span *spans, size_t nspans, const sl_wire_split_result *result,
-                       void *dst) {
+void sl_wire_copy_range(const sl_span *spans, size_t nspans, size_t span, size_t off, size_t len,
+                        void *dst) {
   uint8_t *out = dst;
-  size_t left = result->data_len;
-  size_t idx = result->data_span;
-  size_t off = result->data_off;
-  while (left > 0 && idx < nspans) {
-    size_t avail = spans[idx].len - off;
-    size_t k = left < avail ? left : avail;
-    memcpy(out, spans[idx].ptr + off, k);
+  while (len > 0 && span < nspans) {
+    size_t avail = spans[span].len - off;
+    size_t k = len < avail ? len : avail;
+    memcpy(out, spans[span].ptr + off, k);
     out += k;
-    left -= k;
-    idx++;
+    len -= k;
+    span++;
     off = 0;
   }
 }
 
+int sl_wire_subspans(const sl_span *spans, size_t nspans, const sl_wire_occ *occ, sl_span **out,
+                     size_t *n) {
+  size_t left = occ->len, k = 0, idx = occ->span, off = occ->off;
+  sl_span *v;
+  /* count first: the spans the range touches */
+  for (size_t i = idx, o = off, l = left; l > 0 && i < nspans; i++, o = 0) {
+    size_t avail = spans[i].len - o;
+    l -= l < avail ? l : avail;
+    k++;
+  }
+  v = malloc((k ? k : 1) * sizeof(*v));
+  if (v == NULL) return SL_ENOMEM;
+  k = 0;
+  while (left > 0 && idx < nspans) {
+    size_t avail = spans[idx].len - off;
+    size_t take = left < avail ? left : avail;
+    v[k].ptr = spans[idx].ptr + off;
+    v[k].len = take;
+    k++;
+    left -= take;
+    idx++;
+    off = 0;
+  }
+  *out = v;
+  *n = k;
+  return SL_OK;
+}
+
+void sl_wire_copy_data(const sl_span *spans, size_t nspans, const sl_wire_split_result *result,
+                       void *dst) {
+  sl_wire_copy_range(spans, nspans, result->data_span, result->data_off, result->data_len, dst);
+}
+
 void sl_wire_split_result_clear(sl_wire_split_result *result) {
   free(result->header);
+  free(result->occ);
   memset(result, 0, sizeof(*result));
 }
 

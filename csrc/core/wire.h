@@ -31,6 +31,14 @@ typedef struct sl_span {
   size_t len;
 } sl_span;
 
+/* Where one length-delimited field's contents lie in a list of spans. */
+typedef struct sl_wire_occ {
+  uint32_t field;      /* its field number */
+  size_t span;         /* index of the span where its contents start */
+  size_t off;          /* offset of its first byte in that span */
+  size_t len;          /* its length in bytes */
+} sl_wire_occ;
+
 typedef struct sl_wire_split_result {
   uint8_t *header;     /* malloc'd copy of every other field; caller frees with free() */
   size_t header_len;
@@ -38,6 +46,8 @@ typedef struct sl_wire_split_result {
   size_t data_len;     /* its length in bytes (0 when absent) */
   size_t data_span;    /* index of the span where the tensor bytes start */
   size_t data_off;     /* offset of the first tensor byte in that span */
+  sl_wire_occ *occ;    /* malloc'd: every occurrence of the bulk fields, in wire order */
+  size_t n_occ;
 } sl_wire_split_result;
 
 /* Split a protobuf message given as `nspans` spans into its tensor field number
@@ -49,6 +59,23 @@ typedef struct sl_wire_split_result {
  * message's own length. */
 int sl_wire_split(const sl_span *spans, size_t nspans, uint32_t data_field,
                   sl_wire_split_result *result, sl_err *err);
+
+/* sl_wire_split() that also leaves out of the header every occurrence of the
+ * `nbulk` length-delimited `bulk` fields (tensor_data, KV cache entries),
+ * recording each in result->occ in wire order instead. A bulk field with another
+ * wire type fails like a bad tensor field. `data_field` 0: none. */
+int sl_wire_split_bulk(const sl_span *spans, size_t nspans, uint32_t data_field,
+                       const uint32_t *bulk, size_t nbulk, sl_wire_split_result *result,
+                       sl_err *err);
+
+/* Copy the `len` bytes that start at (span, off) into dst. */
+void sl_wire_copy_range(const sl_span *spans, size_t nspans, size_t span, size_t off, size_t len,
+                        void *dst);
+
+/* The spans covering one occurrence's contents (a view, no bytes copied): *out is
+ * malloc'd (caller frees with free()). SL_OK or SL_ENOMEM. */
+int sl_wire_subspans(const sl_span *spans, size_t nspans, const sl_wire_occ *occ, sl_span **out,
+                     size_t *n);
 
 /* Copy the tensor bytes located by sl_wire_split() into `dst` (which has room for
  * result->data_len bytes). */

@@ -127,47 +127,48 @@ static int call_args_init(client_obj *self, call_args *a, double timeout, PyObje
   return 0;
 }
 
-/* compute(tensor, timeout=0, metadata=None, wait_for_ready=False, retry=None,
- *         request_id=None, codec=None, encoded=False)
- * `tensor` is a tensor (encoded in C by `codec`, a _core.Codec, when given) or,
- * with encoded=True, a Python codec's (data, shape, dtype, codec, metadata).
- * Returns (result, compute_time_ms, request_id, attempts, initial_metadata,
- * codec, codec_metadata, shape, dtype): `result` is the decoded tensor when `codec`
- * is None, else the payload of that (Python) codec for the caller to decode. */
+/* compute(leaves, form=0, nodes=None, timeout=0, metadata=None, wait_for_ready=False,
+ *         retry=None, request_id=None, breaker=None, backward=False, forward_id=None,
+ *         training_mode=None, model_id=None, learning_rate=None, accumulation_step=None,
+ *         use_cache=None) -> Reply
+ * `leaves` is a sequence of OutTensor (name, tensor, codec): a tensor (encoded in
+ * C by `codec`, a _core.Codec, when given) or a Python codec's (data, shape, dtype,
+ * codec, metadata). `form` 0 sends leaves[0] in the single-tensor fields (and
+ * leaves[1:] as KV cache pairs), 1 a map by name, 2 a structure (`nodes`). */
 static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwargs) {
-  static char *kwlist[] = {"tensor", "timeout", "metadata", "wait_for_ready", "retry",
-                           "request_id", "codec", "encoded", "breaker", "backward",
-                           "forward_id", "training_mode", "model_id", "learning_rate",
-                           "accumulation_step", NULL};
-  PyObject *tensor, *metadata = Py_None, *retry = Py_None, *request_id = Py_None;
-  PyObject *codec = Py_None, *breaker = Py_None, *training = Py_None, *lr = Py_None;
-  PyObject *acc = Py_None;
+  static char *kwlist[] = {"leaves", "form", "nodes", "timeout", "metadata", "wait_for_ready",
+                           "retry", "request_id", "breaker", "backward", "forward_id",
+                           "training_mode", "model_id", "learning_rate", "accumulation_step",
+                           "use_cache", NULL};
+  PyObject *leaves, *nodes = Py_None, *metadata = Py_None, *retry = Py_None;
+  PyObject *request_id = Py_None, *breaker = Py_None, *training = Py_None, *lr = Py_None;
+  PyObject *acc = Py_None, *use_cache = Py_None;
   const char *forward_id = NULL, *model_id = NULL;
-  int backward = 0;
+  int backward = 0, form = 0;
   sl_call_fields fields;
   double timeout = 0;
-  int wait_for_ready = 0, encoded = 0, rc, cerr = 0;
+  int wait_for_ready = 0, rc;
   call_args ca;
-  slpy_export ex;
-  sl_tensor_out in;
+  sl_tensor_set in;
+  slpy_setbuf *buf = NULL;
   sl_compute_extra out_extra;
   sl_tensor_msg out;
   sl_call_status st;
   sl_err err;
-  const sl_codec *ccodec;
-  PyObject *holder = NULL, *result = NULL, *initial = NULL, *rcodec = NULL, *rmeta = NULL;
-  PyObject *shape = NULL;
+  PyObject *rleaves = NULL, *rnodes = NULL, *initial = NULL, *result = NULL;
 
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|dOpOOOpOpzOzOO", kwlist, &tensor, &timeout,
-                                   &metadata, &wait_for_ready, &retry, &request_id, &codec,
-                                   &encoded, &breaker, &backward, &forward_id, &training,
-                                   &model_id, &lr, &acc)) {
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|iOdOpOOOpzOzOOO", kwlist, &leaves, &form,
+                                   &nodes, &timeout, &metadata, &wait_for_ready, &retry,
+                                   &request_id, &breaker, &backward, &forward_id, &training,
+                                   &model_id, &lr, &acc, &use_cache)) {
     return NULL;
   }
   memset(&fields, 0, sizeof(fields));
+  memset(&out, 0, sizeof(out));
   fields.forward_id = forward_id;
   fields.model_id = model_id;
   fields.training_mode = training == Py_None ? -1 : PyObject_IsTrue(training);
+  fields.use_cache = use_cache == Py_None ? -1 : PyObject_IsTrue(use_cache);
   if (lr != Py_None) {
     fields.has_learning_rate = 1;
     fields.learning_rate = (float)PyFloat_AsDouble(lr);
@@ -179,8 +180,6 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
     if (PyErr_Occurred()) return NULL;
   }
   if (ensure_open(self) < 0) return NULL;
-  ccodec = slpy_codec_of(self->st, codec, &cerr);
-  if (cerr) return NULL;
   if (request_id != Py_None) {
     long v = PyLong_AsLong(request_id);
     if (v == -1 && PyErr_Occurred()) return NULL;
@@ -188,68 +187,54 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
     fields.request_id = (int32_t)v;
   }
   if (call_args_init(self, &ca, timeout, metadata, wait_for_ready, retry, breaker) < 0) return NULL;
-  memset(&in, 0, sizeof(in));
-  if (encoded) {
-    if (slpy_encoded_from_tuple(tensor, &in) < 0) {
-      PyMem_Free(ca.md);
-      return NULL;
-    }
-  } else {
-    if (slpy_export_tensor(tensor, &ex) < 0) {
-      PyMem_Free(ca.md);
-      return NULL;
-    }
-    in.desc = ex.desc;
-    in.data = ex.data;
-    in.nbytes = ex.nbytes;
-    in.release = slpy_export_release;
-    in.owner = ex.dlm;
-    in.codec = ccodec;
+  if (slpy_set_from_python(self->st, leaves, form, nodes, &in, &buf) < 0) {
+    PyMem_Free(ca.md);
+    return NULL;
   }
   memset(&st, 0, sizeof(st));
   sl_err_clear(&err);
   ca.ictx.ts = PyEval_SaveThread();
+  /* consumes the tensors of `in` on every path */
   rc = sl_client_compute(self->client, &ca.opts, backward, &in, &fields, &out, &out_extra, &st,
                          &err);
+  slpy_setbuf_free(buf);
   PyEval_RestoreThread(ca.ictx.ts);
   PyMem_Free(ca.md);
   if (rc != SL_OK) {
     raise_for(self, rc, &st, &err);
     goto cleanup;
   }
-  if (out.decoded) {
-    holder = slpy_holder_new(self->st, out.data, &out.desc);
-    rcodec = Py_NewRef(Py_None);
-    rmeta = Py_NewRef(Py_None);
-  } else {
-    sl_tensor_desc pd;
-    pd.dtype = SL_DTYPE_UINT8;
-    pd.ndim = 1;
-    pd.shape[0] = (int64_t)out.nbytes;
-    holder = slpy_holder_new(self->st, out.data, &pd);
-    rcodec = PyUnicode_FromString(out.codec);
-    rmeta = slpy_meta_to_dict(&out.meta);
-  }
-  out.data = NULL;
-  if (holder == NULL || rcodec == NULL || rmeta == NULL) goto cleanup;
+  if (slpy_msg_to_python(self->st, &out, &rleaves, &rnodes) < 0) goto cleanup;
   initial = slpy_metadata_tuple(st.initial, st.n_initial);
-  shape = slpy_shape_tuple(&out.desc);
-  if (initial == NULL || shape == NULL) goto cleanup;
-  result = Py_BuildValue("(ONNiOOOOsnn)", holder,
-                         out_extra.has_compute_time_ms
-                             ? PyFloat_FromDouble(out_extra.compute_time_ms)
-                             : Py_NewRef(Py_None),
-                         out_extra.has_request_id ? PyLong_FromLong(out_extra.request_id)
-                                                  : Py_NewRef(Py_None),
-                         st.attempts, initial, rcodec, rmeta, shape,
-                         sl_dtype_name(out.desc.dtype), (Py_ssize_t)st.bytes_sent,
-                         (Py_ssize_t)st.bytes_received);
+  if (initial == NULL) goto cleanup;
+  result = PyStructSequence_New(self->st->reply_type);
+  if (result == NULL) goto cleanup;
+  {
+    PyObject *v[10];
+    v[0] = PyLong_FromLong(out.form);
+    v[1] = Py_NewRef(rleaves);
+    v[2] = Py_NewRef(rnodes);
+    v[3] = PyLong_FromSize_t(out.n_kv);
+    v[4] = out_extra.has_compute_time_ms ? PyFloat_FromDouble(out_extra.compute_time_ms)
+                                         : Py_NewRef(Py_None);
+    v[5] = out_extra.has_request_id ? PyLong_FromLong(out_extra.request_id) : Py_NewRef(Py_None);
+    v[6] = PyLong_FromLong(st.attempts);
+    v[7] = Py_NewRef(initial);
+    v[8] = PyLong_FromSize_t(st.bytes_sent);
+    v[9] = PyLong_FromSize_t(st.bytes_received);
+    for (int i = 0; i < 10; i++) {
+      if (v[i] == NULL) {
+        for (int j = i; j < 10; j++) Py_XDECREF(v[j]);
+        Py_CLEAR(result);
+        break;
+      }
+      PyStructSequence_SetItem(result, i, v[i]);
+    }
+  }
 cleanup:
-  Py_XDECREF(shape);
-  Py_XDECREF(rmeta);
-  Py_XDECREF(rcodec);
   Py_XDECREF(initial);
-  Py_XDECREF(holder);
+  Py_XDECREF(rleaves);
+  Py_XDECREF(rnodes);
   sl_tensor_msg_clear(&out);
   sl_call_status_clear(&st);
   return result;
@@ -447,9 +432,7 @@ static void client_dealloc(client_obj *self) {
 
 static PyMethodDef client_methods[] = {
     {"compute", (PyCFunction)(void (*)(void))client_compute, METH_VARARGS | METH_KEYWORDS,
-     "compute(tensor, timeout=0, metadata=None, wait_for_ready=False, retry=None, "
-     "request_id=None, codec=None, encoded=False) -> (result, compute_time_ms, request_id, "
-     "attempts, initial_metadata, codec, codec_metadata, shape, dtype)"},
+     "compute(leaves, form=0, nodes=None, timeout=0, metadata=None, ...) -> Reply"},
     {"health", (PyCFunction)(void (*)(void))client_health, METH_VARARGS | METH_KEYWORDS,
      "HealthCheck -> dict"},
     {"service_info", (PyCFunction)(void (*)(void))client_service_info,

@@ -467,6 +467,9 @@ static int module_exec(PyObject *m) {
   if (PyModule_AddObjectRef(m, "Server", (PyObject *)st->server_type) < 0) return -1;
   if (PyModule_AddObjectRef(m, "Client", (PyObject *)st->client_type) < 0) return -1;
   if (PyModule_AddObjectRef(m, "CallError", st->call_error) < 0) return -1;
+  if (slpy_tensor_types_init(st, m) < 0) return -1;
+  if (PyModule_AddIntConstant(m, "DEFAULT_MAX_TENSORS", SL_DEFAULT_MAX_TENSORS) < 0) return -1;
+  if (PyModule_AddIntConstant(m, "DEFAULT_MAX_DEPTH", SL_DEFAULT_MAX_DEPTH) < 0) return -1;
   if (PyModule_AddIntConstant(m, "MAX_MESSAGE_BYTES", (long)SL_MAX_MESSAGE_BYTES) < 0) return -1;
   if (PyModule_AddIntConstant(m, "MAX_NDIM", SL_MAX_NDIM) < 0) return -1;
   return 0;
@@ -480,6 +483,10 @@ static int module_traverse(PyObject *m, visitproc visit, void *arg) {
   Py_VISIT(st->codec_type);
   Py_VISIT(st->callstate_type);
   Py_VISIT(st->breaker_type);
+  Py_VISIT(st->leaf_type);
+  Py_VISIT(st->out_type);
+  Py_VISIT(st->reply_type);
+  Py_VISIT(st->call_type);
   Py_VISIT(st->call_error);
   return 0;
 }
@@ -492,6 +499,10 @@ static int module_clear(PyObject *m) {
   Py_CLEAR(st->codec_type);
   Py_CLEAR(st->callstate_type);
   Py_CLEAR(st->breaker_type);
+  Py_CLEAR(st->leaf_type);
+  Py_CLEAR(st->out_type);
+  Py_CLEAR(st->reply_type);
+  Py_CLEAR(st->call_type);
   Py_CLEAR(st->call_error);
   return 0;
 }

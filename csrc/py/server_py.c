@@ -1,15 +1,12 @@
 /* server_py.c: _core.Server, the Python face of sl_server.
  *
  * Server(compute, info, host, port, max_workers, version, options, codec=None,
- *        python_codecs=())
- *   compute(tensor, codec, codec_metadata, shape, dtype, method, peer, metadata,
- *           request_metadata, deadline, request_id)
- *     -> (result, compute_time_ms): called on a C worker thread with the GIL.
- *     `tensor` is a DLPackTensor: the decoded tensor when `codec` is None, else the
- *     payload (bytes, via memoryview) of the Python codec named `codec`, with its
- *     metadata dict and the tensor's wire shape and dtype. `result` is anything with
- *     __dlpack__ (contiguous, CPU), or an encoded tuple (data, shape, dtype, codec,
- *     metadata) from a Python codec.
+ *        python_codecs=(), ..., max_decoded_bytes=0, max_tensors=0, max_depth=0)
+ *   compute(call: _core.Call) -> (leaves, compute_time_ms, trailing, form, nodes):
+ *     called on a C worker thread with the GIL. `call.leaves` are _core.Leaf
+ *     objects: each tensor a DLPackTensor, decoded when its `codec` is None, else
+ *     the payload of the Python codec named `codec` (see tensors_py.c). The
+ *     results are OutTensor objects, as Client.compute takes them.
  *     An exception becomes the call's status: INTERNAL with "Type: message", or the
  *     exception's `sl_code` / `sl_details` attributes when it has them.
  *   info() -> (service_name, device, {str: str})
@@ -192,16 +189,17 @@ static PyObject *fields_dict(const sl_call_fields *f) {
   return d;
 }
 
-/* Called without the GIL. */
+/* Called without the GIL. The Python callback gets one _core.Call and returns
+ * (leaves, compute_time_ms, trailing, form, nodes): leaves a sequence of
+ * OutTensor, form and nodes as in Client.compute. */
 static int hook_compute(void *user, const sl_call_info *call, sl_compute_args *args, sl_err *err) {
   server_obj *self = user;
   PyGILState_STATE g;
-  PyObject *tensor = NULL, *md = NULL, *reqmd = NULL, *deadline = NULL, *rid = NULL;
-  PyObject *ret = NULL, *codec = NULL, *cmeta = NULL, *shape = NULL, *cstate = NULL;
-  PyObject *fields = NULL;
-  slpy_export ex;
+  PyObject *leaves = NULL, *nodes = NULL, *md = NULL, *reqmd = NULL, *deadline = NULL;
+  PyObject *rid = NULL, *ret = NULL, *cstate = NULL, *fields = NULL, *pycall = NULL;
+  slpy_setbuf *buf = NULL;
   double ms = 0;
-  int status = SL_EUSER;
+  int status = SL_EUSER, form = 0;
 
   if (_Py_IsFinalizing()) {
     return sl_err_set(err, SL_ESTATE, SL_STATUS_UNAVAILABLE, "the server is shutting down");
@@ -211,30 +209,11 @@ static int hook_compute(void *user, const sl_call_info *call, sl_compute_args *a
     g = PyGILState_Ensure();
     args->queue_seconds = sl_now() - before;
   }
-  if (args->tensor->decoded) {
-    tensor = slpy_holder_new(self->st, args->tensor->data, &args->tensor->desc);
-  } else {
-    sl_tensor_desc pd;
-    pd.dtype = SL_DTYPE_UINT8;
-    pd.ndim = 1;
-    pd.shape[0] = (int64_t)args->tensor->nbytes;
-    tensor = slpy_holder_new(self->st, args->tensor->data, &pd);
-  }
-  args->tensor->data = NULL; /* owned by the holder now (freed even on failure) */
-  if (tensor == NULL) goto pyerror;
-  if (args->tensor->decoded) {
-    codec = Py_NewRef(Py_None);
-    cmeta = Py_NewRef(Py_None);
-  } else {
-    codec = PyUnicode_FromString(args->tensor->codec);
-    cmeta = slpy_meta_to_dict(&args->tensor->meta);
-  }
-  shape = slpy_shape_tuple(&args->tensor->desc);
+  /* the leaves take the tensors' storage (freed with them, even on failure) */
+  if (slpy_msg_to_python(self->st, args->tensor, &leaves, &nodes) < 0) goto pyerror;
   md = slpy_metadata_tuple(call->metadata, call->n_metadata);
   reqmd = PyDict_New();
-  if (codec == NULL || cmeta == NULL || shape == NULL || md == NULL || reqmd == NULL) {
-    goto pyerror;
-  }
+  if (md == NULL || reqmd == NULL) goto pyerror;
   for (size_t i = 0; i < args->n_req_metadata; i++) {
     PyObject *v = PyUnicode_FromString(args->req_metadata[i].value);
     if (v == NULL || PyDict_SetItemString(reqmd, args->req_metadata[i].key, v) < 0) {
@@ -243,37 +222,56 @@ static int hook_compute(void *user, const sl_call_info *call, sl_compute_args *a
     }
     Py_DECREF(v);
   }
-  if (call->deadline > 0) {
-    deadline = PyFloat_FromDouble(call->deadline);
-  } else {
-    deadline = Py_NewRef(Py_None);
-  }
+  deadline = call->deadline > 0 ? PyFloat_FromDouble(call->deadline) : Py_NewRef(Py_None);
   rid = args->has_request_id ? PyLong_FromLong(args->request_id) : Py_NewRef(Py_None);
   cstate = callstate_new(self->st, call->state);
   fields = fields_dict(&args->fields);
-  if (deadline == NULL || rid == NULL || cstate == NULL || fields == NULL) goto pyerror;
-  ret = PyObject_CallFunction(self->compute, "OOOOsssOOOOOO", tensor, codec, cmeta, shape,
-                              sl_dtype_name(args->tensor->desc.dtype), call->method, call->peer,
-                              md, reqmd, deadline, rid, cstate, fields);
-  if (ret == NULL) goto pyerror;
-  if (!PyTuple_Check(ret) || PyTuple_GET_SIZE(ret) < 2 || PyTuple_GET_SIZE(ret) > 3) {
-    PyErr_SetString(PyExc_TypeError, "internal: compute dispatcher must return (tensor, ms[, trailing])");
+  pycall = PyStructSequence_New(self->st->call_type);
+  if (deadline == NULL || rid == NULL || cstate == NULL || fields == NULL || pycall == NULL) {
     goto pyerror;
   }
-  if (PyTuple_GET_SIZE(ret) == 3) add_trailing(call->state, PyTuple_GET_ITEM(ret, 2));
+  {
+    PyObject *v[14];
+    v[0] = PyLong_FromLong(args->tensor->form);
+    v[1] = Py_NewRef(leaves);
+    v[2] = Py_NewRef(nodes);
+    v[3] = PyLong_FromSize_t(args->tensor->n_kv);
+    v[4] = PyBool_FromLong(args->backward);
+    v[5] = PyUnicode_FromString(call->method);
+    v[6] = PyUnicode_FromString(call->peer);
+    v[7] = Py_NewRef(md);
+    v[8] = Py_NewRef(reqmd);
+    v[9] = Py_NewRef(deadline);
+    v[10] = Py_NewRef(rid);
+    v[11] = Py_NewRef(cstate);
+    v[12] = Py_NewRef(fields);
+    v[13] = args->fields.use_cache < 0 ? Py_NewRef(Py_None) : PyBool_FromLong(args->fields.use_cache);
+    for (int i = 0; i < 14; i++) {
+      if (v[i] == NULL) {
+        for (int j = i; j < 14; j++) Py_XDECREF(v[j]);
+        goto pyerror;
+      }
+      PyStructSequence_SetItem(pycall, i, v[i]);
+    }
+  }
+  ret = PyObject_CallOneArg(self->compute, pycall);
+  if (ret == NULL) goto pyerror;
+  if (!PyTuple_Check(ret) || PyTuple_GET_SIZE(ret) != 5) {
+    PyErr_SetString(PyExc_TypeError,
+                    "internal: the compute callback must return (leaves, ms, trailing, form, nodes)");
+    goto pyerror;
+  }
+  add_trailing(call->state, PyTuple_GET_ITEM(ret, 2));
   ms = PyFloat_AsDouble(PyTuple_GET_ITEM(ret, 1));
   if (ms == -1.0 && PyErr_Occurred()) goto pyerror;
-  if (PyTuple_Check(PyTuple_GET_ITEM(ret, 0))) {
-    if (slpy_encoded_from_tuple(PyTuple_GET_ITEM(ret, 0), &args->out) < 0) goto pyerror;
-  } else {
-    if (slpy_export_tensor(PyTuple_GET_ITEM(ret, 0), &ex) < 0) goto pyerror;
-    memset(&args->out, 0, sizeof(args->out));
-    args->out.desc = ex.desc;
-    args->out.data = ex.data;
-    args->out.nbytes = ex.nbytes;
-    args->out.release = slpy_export_release;
-    args->out.owner = ex.dlm;
+  form = (int)PyLong_AsLong(PyTuple_GET_ITEM(ret, 3));
+  if (form == -1 && PyErr_Occurred()) goto pyerror;
+  if (slpy_set_from_python(self->st, PyTuple_GET_ITEM(ret, 0), form, PyTuple_GET_ITEM(ret, 4),
+                           &args->out, &buf) < 0) {
+    goto pyerror;
   }
+  args->out_free = slpy_setbuf_free;
+  args->out_owner = buf;
   args->compute_time_ms = (float)ms;
   status = SL_OK;
   goto cleanup;
@@ -281,6 +279,7 @@ pyerror:
   error_from_exception(err, call->state);
 cleanup:
   callstate_end(cstate);
+  Py_XDECREF(pycall);
   Py_XDECREF(cstate);
   Py_XDECREF(fields);
   Py_XDECREF(ret);
@@ -288,10 +287,8 @@ cleanup:
   Py_XDECREF(deadline);
   Py_XDECREF(reqmd);
   Py_XDECREF(md);
-  Py_XDECREF(shape);
-  Py_XDECREF(cmeta);
-  Py_XDECREF(codec);
-  Py_XDECREF(tensor);
+  Py_XDECREF(nodes);
+  Py_XDECREF(leaves);
   PyGILState_Release(g);
   return status;
 }
@@ -423,13 +420,14 @@ static int parse_tokens(PyObject *tokens, PyObject **seq, const char ***out, siz
 static int server_init(server_obj *self, PyObject *args, PyObject *kwargs) {
   static char *kwlist[] = {"compute", "info", "host", "port", "max_workers", "version", "options",
                            "codec", "python_codecs", "auth_tokens", "tls", "intercept",
-                           "max_decoded_bytes", NULL};
+                           "max_decoded_bytes", "max_tensors", "max_depth", NULL};
   PyObject *compute, *info, *options = Py_None, *codec = Py_None, *pycodecs = Py_None;
   PyObject *tokens = Py_None, *tls = Py_None, *intercept = Py_None, *token_seq = NULL;
   const char **token_ptrs = NULL;
   size_t n_tokens = 0;
   sl_tls_server tls_cfg;
-  Py_ssize_t max_decoded = 0;
+  Py_ssize_t max_decoded = 0, max_tensors = 0;
+  int max_depth = 0;
   PyObject *names = NULL;
   const char **name_ptrs = NULL;
   const sl_codec *ccodec;
@@ -447,9 +445,10 @@ static int server_init(server_obj *self, PyObject *args, PyObject *kwargs) {
     PyErr_SetString(PyExc_RuntimeError, "Server.__init__ called twice");
     return -1;
   }
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOsiis|OOOOOOn", kwlist, &compute, &info,
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOsiis|OOOOOOnni", kwlist, &compute, &info,
                                    &host, &port, &max_workers, &version, &options, &codec,
-                                   &pycodecs, &tokens, &tls, &intercept, &max_decoded)) {
+                                   &pycodecs, &tokens, &tls, &intercept, &max_decoded,
+                                   &max_tensors, &max_depth)) {
     return -1;
   }
   memset(&tls_cfg, 0, sizeof(tls_cfg));
@@ -501,6 +500,8 @@ static int server_init(server_obj *self, PyObject *args, PyObject *kwargs) {
   cfg.n_auth_tokens = n_tokens;
   cfg.tls = tls != Py_None ? &tls_cfg : NULL;
   cfg.max_decoded_bytes = max_decoded > 0 ? (size_t)max_decoded : 0;
+  cfg.max_tensors = max_tensors > 0 ? (size_t)max_tensors : 0;
+  cfg.max_depth = max_depth > 0 ? max_depth : 0;
   cfg.codec = ccodec;
   cfg.python_codecs = name_ptrs;
   cfg.n_python_codecs = names ? (size_t)PySequence_Fast_GET_SIZE(names) : 0;

@@ -26,6 +26,10 @@ typedef struct slpy_state {
   PyTypeObject *codec_type;
   PyTypeObject *callstate_type;
   PyTypeObject *breaker_type;
+  PyTypeObject *leaf_type;   /* _core.Leaf: a received tensor (struct sequence) */
+  PyTypeObject *out_type;    /* _core.OutTensor: a tensor to send */
+  PyTypeObject *reply_type;  /* _core.Reply: what Client.compute returns */
+  PyTypeObject *call_type;   /* _core.Call: what the compute callback receives */
   PyObject *call_error;      /* _core.CallError */
   unsigned long main_thread;
 } slpy_state;
@@ -103,6 +107,32 @@ void slpy_encoded_release(void *owner);
 
 /* Shape tuple of a descriptor. */
 PyObject *slpy_shape_tuple(const sl_tensor_desc *d);
+
+/* ---- tensors across the binding (tensors_py.c) ---- */
+
+/* Make the struct sequence types (Leaf, OutTensor, Reply, Call) and add them to
+ * the module. */
+int slpy_tensor_types_init(slpy_state *st, PyObject *module);
+
+/* The received tensors of `m` as a new list of Leaf (their data is taken: each
+ * item's data is NULL afterwards) and the structure as a new list of node tuples
+ * (None unless the structure form). On failure both are NULL, an exception is
+ * set, and what was taken is freed. */
+int slpy_msg_to_python(slpy_state *st, sl_tensor_msg *m, PyObject **leaves, PyObject **nodes);
+
+/* Arrays and strings of an outgoing sl_tensor_set. */
+typedef struct slpy_setbuf slpy_setbuf;
+
+/* Fill `set` from a sequence of OutTensor and (structure form) the node tuples.
+ * On success each item's release is owed to the core (sl_client_compute or the
+ * server consumes them) and *buf must be freed with slpy_setbuf_free() once the
+ * set was packed. On failure nothing is owed: what was exported is released,
+ * and an exception is set. */
+int slpy_set_from_python(slpy_state *st, PyObject *leaves, int form, PyObject *nodes,
+                         sl_tensor_set *set, slpy_setbuf **buf);
+
+/* Free a setbuf; called without the GIL too (plain memory). */
+void slpy_setbuf_free(void *buf);
 
 /* ---- shared helpers (module.c) ---- */
 

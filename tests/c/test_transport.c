@@ -35,17 +35,22 @@ static int double_hook(void *user, const sl_call_info *call, sl_compute_args *a,
       }
     }
   }
-  if (a->tensor->desc.dtype == SL_DTYPE_FLOAT32) {
-    float *f = a->tensor->data;
-    for (size_t i = 0; i < a->tensor->nbytes / 4; i++) f[i] *= 2.0f;
+  if (a->tensor->items[0].desc.dtype == SL_DTYPE_FLOAT32) {
+    float *f = a->tensor->items[0].data;
+    for (size_t i = 0; i < a->tensor->items[0].nbytes / 4; i++) f[i] *= 2.0f;
   }
   memset(&a->out, 0, sizeof(a->out));
-  a->out.desc = a->tensor->desc;
-  a->out.data = a->tensor->data;
-  a->out.nbytes = a->tensor->nbytes;
-  a->out.release = free_storage;
-  a->out.owner = a->tensor->data;
-  a->tensor->data = NULL; /* taken */
+  a->out.items = calloc(1, sizeof(*a->out.items));
+  if (a->out.items == NULL) return SL_ENOMEM;
+  a->out.n = 1;
+  a->out_free = free;
+  a->out_owner = a->out.items;
+  a->out.items[0].desc = a->tensor->items[0].desc;
+  a->out.items[0].data = a->tensor->items[0].data;
+  a->out.items[0].nbytes = a->tensor->items[0].nbytes;
+  a->out.items[0].release = free_storage;
+  a->out.items[0].owner = a->tensor->items[0].data;
+  a->tensor->items[0].data = NULL; /* taken */
   a->compute_time_ms = 1.5f;
   return SL_OK;
 }
@@ -114,15 +119,18 @@ static int roundtrip_with(sl_client *c, const sl_codec *codec, size_t n, const s
   fields.training_mode = -1;
   fields.has_request_id = 1;
   fields.request_id = 5;
-  rc = sl_client_compute(c, &o, 0, &t, &fields, &out, &eout, st, &err);
+  {
+    sl_tensor_set set = {&t, 1, SL_FORM_SINGLE, NULL, 0, 0};
+    rc = sl_client_compute(c, &o, 0, &set, &fields, &out, &eout, st, &err);
+  }
   *result = NULL;
   if (rc == SL_OK) {
-    CHECK_EQ_INT(out.nbytes, n * sizeof(float));
+    CHECK_EQ_INT(out.items[0].nbytes, n * sizeof(float));
     CHECK_EQ_INT(eout.has_request_id, 1);
     CHECK_EQ_INT(eout.request_id, 5);
     CHECK(eout.has_compute_time_ms && eout.compute_time_ms == 1.5f);
-    *result = malloc(out.nbytes + 1);
-    memcpy(*result, out.data, out.nbytes);
+    *result = malloc(out.items[0].nbytes + 1);
+    memcpy(*result, out.items[0].data, out.items[0].nbytes);
     sl_tensor_msg_clear(&out);
   }
   free(in);

@@ -61,15 +61,15 @@ static void check_request(const sl_span *spans, size_t nspans, const uint8_t *da
     fprintf(stderr, "  error: %s\n", err.msg);
     return;
   }
-  CHECK_EQ_INT(m.nbytes, ndata);
-  CHECK(memcmp(m.data, data, ndata) == 0);
-  CHECK_EQ_INT((uintptr_t)m.data % SL_STORAGE_ALIGN, 0);
+  CHECK_EQ_INT(m.items[0].nbytes, ndata);
+  CHECK(memcmp(m.items[0].data, data, ndata) == 0);
+  CHECK_EQ_INT((uintptr_t)m.items[0].data % SL_STORAGE_ALIGN, 0);
   req = (Splitlearn__Comm__ComputeRequest *)m.header;
   CHECK_EQ_INT(req->request_id, 77);
   CHECK_EQ_INT(req->n_metadata, 1);
   CHECK(strcmp(req->model_id, "m1") == 0);
   CHECK_EQ_INT(req->data.len, 0); /* the tensor bytes never went through protobuf-c */
-  CHECK_EQ_INT(m.desc.ndim, 2);
+  CHECK_EQ_INT(m.items[0].desc.ndim, 2);
   sl_tensor_msg_clear(&m);
 }
 
@@ -115,7 +115,7 @@ static void test_data_field_last_wins(void) {
   span.ptr = two;
   span.len = len + 6;
   CHECK_EQ_INT(sl_tensor_msg_read(SL_MSG_COMPUTE_REQUEST, &span, 1, &m, &err), SL_OK);
-  CHECK(m.data != NULL && memcmp(m.data, second, 4) == 0);
+  CHECK(m.items[0].data != NULL && memcmp(m.items[0].data, second, 4) == 0);
   sl_tensor_msg_clear(&m);
   free(two);
   free(buf);
@@ -142,7 +142,7 @@ static void test_every_truncation_fails_cleanly(void) {
       /* a prefix that ends between two fields after the tensor is itself a whole,
        * valid message (the later fields are simply absent) */
       valid_prefixes++;
-      CHECK_EQ_INT(m.nbytes, sizeof(data));
+      CHECK_EQ_INT(m.items[0].nbytes, sizeof(data));
       sl_tensor_msg_clear(&m);
     } else {
       CHECK_EQ_INT(rc, SL_EINVAL);
@@ -228,9 +228,9 @@ static void test_old_peer_message_is_float32(void) {
   span.ptr = buf;
   span.len = len;
   CHECK_EQ_INT(sl_tensor_msg_read(SL_MSG_COMPUTE_REQUEST, &span, 1, &m, &err), SL_OK);
-  CHECK_EQ_INT(m.desc.dtype, SL_DTYPE_FLOAT32);
-  CHECK(strcmp(m.codec, SL_CODEC_RAW) == 0);
-  CHECK(m.data != NULL && memcmp(m.data, values, sizeof(values)) == 0);
+  CHECK_EQ_INT(m.items[0].desc.dtype, SL_DTYPE_FLOAT32);
+  CHECK(strcmp(m.items[0].codec, SL_CODEC_RAW) == 0);
+  CHECK(m.items[0].data != NULL && memcmp(m.items[0].data, values, sizeof(values)) == 0);
   sl_tensor_msg_clear(&m);
 }
 
@@ -269,8 +269,8 @@ static void test_pack_then_read(void) {
   spans[1].ptr = d;
   spans[1].len = dlen;
   CHECK_EQ_INT(sl_tensor_msg_read(SL_MSG_COMPUTE_RESPONSE, spans, 2, &m, &err), SL_OK);
-  CHECK(m.data != NULL && memcmp(m.data, values, sizeof(values)) == 0);
-  CHECK_EQ_INT(m.desc.dtype, SL_DTYPE_INT64);
+  CHECK(m.items[0].data != NULL && memcmp(m.items[0].data, values, sizeof(values)) == 0);
+  CHECK_EQ_INT(m.items[0].desc.dtype, SL_DTYPE_INT64);
   sl_tensor_msg_clear(&m);
   /* and protobuf-c agrees with our framing */
   whole = malloc(hlen + dlen);

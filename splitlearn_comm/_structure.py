@@ -1,0 +1,191 @@
+"""Structures of tensors on the wire (internal).
+
+A call carries one tensor (the single form of the original contract) or a
+structure: dicts (str keys), tuples and lists nested in any way, whose leaves are
+tensors, ``None``, Python ``bool``/``int``/``float``/``str``. :func:`flatten`
+turns a structure into its tensors, each named by its path ("past.0.1"), and a
+pre-order list of nodes; :func:`unflatten` rebuilds it. The C core checks every
+received structure (docs/protocol.md) before this module sees it.
+
+Codec choice per tensor (:func:`codec_for`): ``codec=`` is one codec, applied to
+the tensors it accepts (built-in codecs say which dtypes they take; a Python
+codec's :meth:`TensorCodec.accepts` defaults to floating point), or a mapping
+from name or path prefix to codec; the others go raw.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import _tensor
+
+# sl_node_kind (csrc/core/message.h) = StructureNode.Kind (proto/)
+TENSOR, NONE, TUPLE, LIST, DICT, INT, FLOAT, BOOL, STRING = range(1, 10)
+
+# sl_msg_form
+SINGLE, MAP, STRUCTURE = 0, 1, 2
+
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+Node = Tuple[int, int, Optional[str], Any]
+
+
+def is_tensor(obj: Any) -> bool:
+    """True for what travels as a tensor: torch.Tensor, numpy arrays and scalars,
+    anything with ``__dlpack__``."""
+    return (_tensor.is_torch_tensor(obj) or isinstance(obj, (np.ndarray, np.generic))
+            or (hasattr(obj, "__dlpack__") and not isinstance(obj, type)))
+
+
+def flatten(obj: Any) -> Tuple[int, List[Tuple[str, Any]], Optional[List[Node]]]:
+    """``(form, [(name, tensor), ...], nodes)`` for ``obj``: a bare tensor is the
+    single form (nodes None); anything else the structure form."""
+    if is_tensor(obj):
+        return SINGLE, [("", obj)], None
+    leaves: List[Tuple[str, Any]] = []
+    nodes: List[Node] = []
+    names: Dict[str, str] = {}
+
+    def walk(o: Any, path: str, key: Optional[str]) -> None:
+        if is_tensor(o):
+            name = path or "0"
+            if name in names:
+                raise ValueError(f"two tensors of the structure have the same name {name!r}; "
+                                 "dict keys containing '.' can collide with nested paths")
+            names[name] = name
+            leaves.append((name, o))
+            nodes.append((TENSOR, 0, key, None))
+        elif o is None:
+            nodes.append((NONE, 0, key, None))
+        elif isinstance(o, bool):
+            nodes.append((BOOL, 0, key, int(o)))
+        elif isinstance(o, int):
+            if not _INT64[0] <= o <= _INT64[1]:
+                raise ValueError(f"the int at {path or 'the root'!r} does not fit 64 bits")
+            nodes.append((INT, 0, key, o))
+        elif isinstance(o, float):
+            nodes.append((FLOAT, 0, key, o))
+        elif isinstance(o, str):
+            nodes.append((STRING, 0, key, o))
+        elif isinstance(o, (tuple, list)):
+            nodes.append((TUPLE if isinstance(o, tuple) else LIST, len(o), key, None))
+            for i, child in enumerate(o):
+                walk(child, f"{path}.{i}" if path else str(i), None)
+        elif isinstance(o, Mapping):
+            nodes.append((DICT, len(o), key, None))
+            for k, child in o.items():
+                if not isinstance(k, str):
+                    raise TypeError(f"dict keys must be str, got {type(k).__name__} ({k!r}) at "
+                                    f"{path or 'the root'!r}")
+                walk(child, f"{path}.{k}" if path else k, k)
+        else:
+            raise TypeError(f"cannot send a {type(o).__name__} at {path or 'the root'!r}: a "
+                            "structure holds tensors, dict/tuple/list, None, bool, int, float "
+                            "and str")
+
+    walk(obj, "", None)
+    return STRUCTURE, leaves, nodes
+
+
+def unflatten(form: int, tensors: Sequence[Any], names: Sequence[str],
+              nodes: Optional[Sequence[Node]]) -> Any:
+    """The object :func:`flatten` described (the map form gives a dict by name)."""
+    if form == SINGLE:
+        return tensors[0]
+    if form == MAP:
+        return dict(zip(names, tensors))
+    assert nodes is not None
+    it = iter(tensors)
+    pos = 0
+
+    def build() -> Any:
+        nonlocal pos
+        kind, size, _key, value = nodes[pos]
+        pos += 1
+        if kind == TENSOR:
+            return next(it)
+        if kind == NONE:
+            return None
+        if kind == BOOL:
+            return bool(value)
+        if kind in (INT, FLOAT, STRING):
+            return value
+        if kind == DICT:
+            out = {}
+            for _ in range(size):
+                child_key = nodes[pos][2]
+                out[child_key] = build()
+            return out
+        children = [build() for _ in range(size)]
+        return tuple(children) if kind == TUPLE else children
+
+    return build()
+
+
+CodecSpec = Union[None, Any, Mapping[str, Any]]
+
+
+def check_codec_spec(codec: CodecSpec, what: str = "codec") -> None:
+    """TypeError unless ``codec`` is None, a TensorCodec or a mapping of str to
+    TensorCodec."""
+    from .core import TensorCodec
+
+    if codec is None or isinstance(codec, TensorCodec):
+        return
+    if isinstance(codec, Mapping):
+        for k, v in codec.items():
+            if not isinstance(k, str) or not isinstance(v, TensorCodec):
+                raise TypeError(f"a {what} mapping maps tensor names or path prefixes (str) to "
+                                f"TensorCodec objects; got {k!r}: {type(v).__name__}")
+        return
+    raise TypeError(f"{what} must be a TensorCodec, a mapping of name to TensorCodec, or None; "
+                    f"got {type(codec).__name__}")
+
+
+def codec_for(spec: CodecSpec, name: str) -> Any:
+    """The codec ``spec`` gives the tensor named ``name`` (before the dtype check):
+    a mapping matches the exact name, else the longest key that is a path prefix
+    ("past" matches "past.0.1")."""
+    if spec is None or not isinstance(spec, Mapping):
+        return spec
+    if name in spec:
+        return spec[name]
+    best, best_len = None, -1
+    for key, codec in spec.items():
+        if name.startswith(key + ".") and len(key) > best_len:
+            best, best_len = codec, len(key)
+    return best
+
+
+def accepts(codec: Any, dtype: str) -> bool:
+    """Whether ``codec`` takes tensors of ``dtype`` (a wire name)."""
+    try:
+        return bool(codec.accepts(dtype))
+    except Exception:  # a user codec whose accepts() fails takes nothing
+        return False
+
+
+def dtype_of(obj: Any) -> str:
+    return _tensor.dtype_name(getattr(obj, "dtype", "float32"))
+
+
+def restore_kind(obj: Any) -> _tensor.Restore:
+    """How results go back to a caller who sent ``obj``: as torch tensors (on the
+    device of its first torch tensor) unless every tensor it sent was NumPy."""
+    found_numpy = False
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if _tensor.is_torch_tensor(o):
+            return ("torch", o.device)
+        if isinstance(o, (np.ndarray, np.generic)):
+            found_numpy = True
+        elif isinstance(o, (tuple, list)):
+            stack.extend(reversed(o))
+        elif isinstance(o, Mapping):
+            stack.extend(reversed(list(o.values())))
+    if found_numpy or "torch" not in sys.modules:
+        return ("numpy", None) if found_numpy else ("torch", None)
+    return ("torch", None)
