@@ -45,9 +45,10 @@ def prepare(obj: Any) -> Tuple[Any, Restore]:
     if isinstance(obj, np.ndarray):
         if obj.dtype.byteorder == ">" or (obj.dtype.byteorder == "=" and sys.byteorder == "big"):
             obj = obj.astype(obj.dtype.newbyteorder("<"))
-        return np.ascontiguousarray(obj), ("numpy", None)
+        # (np.ascontiguousarray would make a 0-d array 1-d)
+        return (obj if obj.flags.c_contiguous else obj.copy(order="C")), ("numpy", None)
     if isinstance(obj, np.generic):
-        return np.ascontiguousarray(np.asarray(obj)), ("numpy", None)
+        return np.asarray(obj), ("numpy", None)
     if hasattr(obj, "__dlpack__"):
         return obj, ("torch", None)
     raise TypeError("expected a torch.Tensor, a numpy.ndarray or an object with __dlpack__, "

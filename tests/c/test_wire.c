@@ -320,6 +320,292 @@ static void test_prefix_and_varint(void) {
   CHECK_EQ_INT(sl_wire_put_varint(UINT64_MAX, out), 10);
 }
 
+/* Gather a payload's pieces as spans, each cut into pieces of at most `cut` bytes
+ * (the fragmentation gRPC gives). *buf keeps the span array; caller frees. */
+static size_t payload_spans(const sl_payload *p, size_t cut, sl_span **out) {
+  size_t n = 0, cap = 16;
+  sl_span *v = malloc(cap * sizeof(*v));
+  for (size_t i = 0; i < sl_payload_npieces(p); i++) {
+    size_t len;
+    const uint8_t *d = sl_payload_piece(p, i, &len);
+    for (size_t off = 0; off < len; off += cut) {
+      if (n == cap) {
+        cap *= 2;
+        v = realloc(v, cap * sizeof(*v));
+      }
+      v[n].ptr = d + off;
+      v[n].len = len - off < cut ? len - off : cut;
+      n++;
+    }
+  }
+  *out = v;
+  return n;
+}
+
+static uint8_t *payload_flat(const sl_payload *p, size_t *len) {
+  uint8_t *whole = malloc(sl_payload_size(p) + 1);
+  size_t off = 0;
+  for (size_t i = 0; i < sl_payload_npieces(p); i++) {
+    size_t l;
+    const void *d = sl_payload_piece(p, i, &l);
+    memcpy(whole + off, d, l);
+    off += l;
+  }
+  *len = off;
+  return whole;
+}
+
+static void test_structure_roundtrip(void) {
+  Splitlearn__Comm__ComputeRequest req = SPLITLEARN__COMM__COMPUTE_REQUEST__INIT;
+  float h[6] = {1, 2, 3, 4, 5, 6};
+  int64_t ids[4] = {7, 8, 9, 10};
+  uint8_t flag = 1;
+  sl_tensor_out items[3];
+  sl_node nodes[7] = {
+      {SL_NODE_DICT, 4, NULL, 0, 0, NULL},  {SL_NODE_TENSOR, 0, "a", 0, 0, NULL},
+      {SL_NODE_TUPLE, 2, "b", 0, 0, NULL},  {SL_NODE_TENSOR, 0, NULL, 0, 0, NULL},
+      {SL_NODE_INT, 0, NULL, -5, 0, NULL},  {SL_NODE_TENSOR, 0, "c", 0, 0, NULL},
+      {SL_NODE_NONE, 0, "d", 0, 0, NULL}};
+  sl_tensor_set set;
+  sl_payload *p = NULL;
+  sl_err err;
+  sl_span *spans;
+  size_t nspans;
+  sl_tensor_msg m;
+  memset(items, 0, sizeof(items));
+  items[0].desc = (sl_tensor_desc){SL_DTYPE_FLOAT32, 2, {2, 3}};
+  items[0].data = h;
+  items[0].nbytes = sizeof(h);
+  items[0].name = "a";
+  items[1].desc = (sl_tensor_desc){SL_DTYPE_INT64, 1, {4}};
+  items[1].data = ids;
+  items[1].nbytes = sizeof(ids);
+  items[1].name = "b.0";
+  items[2].desc = (sl_tensor_desc){SL_DTYPE_BOOL, 0, {0}};
+  items[2].data = &flag;
+  items[2].nbytes = 1;
+  items[2].name = "c";
+  for (int i = 0; i < 3; i++) items[i].release = count_release;
+  set = (sl_tensor_set){items, 3, SL_FORM_STRUCTURE, nodes, 7, 0};
+  released = 0;
+  CHECK_EQ_INT(sl_tensor_set_pack(SL_MSG_COMPUTE_REQUEST, &req.base, &set, &p, &err), SL_OK);
+  CHECK(req.tensors == NULL && req.n_tensors == 0); /* no pointer into freed memory */
+  {
+    size_t len;
+    CHECK(sl_payload_piece(p, 1, &len) == (const void *)h); /* referenced, not copied */
+    CHECK(sl_payload_piece(p, 3, &len) == (const void *)ids);
+  }
+  for (size_t cut = 1; cut <= 64; cut *= 4) {
+    nspans = payload_spans(p, cut, &spans);
+    CHECK_EQ_INT(sl_tensor_msg_read(SL_MSG_COMPUTE_REQUEST, spans, nspans, &m, &err), SL_OK);
+    CHECK_EQ_INT(m.form, SL_FORM_STRUCTURE);
+    CHECK_EQ_INT(m.n_items, 3);
+    CHECK_EQ_INT(m.n_nodes, 7);
+    if (m.n_items == 3 && m.n_nodes == 7) {
+      CHECK(strcmp(m.items[1].name, "b.0") == 0);
+      CHECK(memcmp(m.items[0].data, h, sizeof(h)) == 0);
+      CHECK(memcmp(m.items[1].data, ids, sizeof(ids)) == 0);
+      CHECK_EQ_INT(m.items[2].desc.ndim, 0);
+      CHECK_EQ_INT(m.items[2].desc.dtype, SL_DTYPE_BOOL);
+      CHECK_EQ_INT(m.nodes[4].kind, SL_NODE_INT);
+      CHECK_EQ_INT(m.nodes[4].i, -5);
+      CHECK(strcmp(m.nodes[6].key, "d") == 0);
+    }
+    sl_tensor_msg_clear(&m);
+    free(spans);
+  }
+  {
+    /* protobuf-c agrees with our framing */
+    size_t len;
+    uint8_t *whole = payload_flat(p, &len);
+    Splitlearn__Comm__ComputeRequest *r = splitlearn__comm__compute_request__unpack(NULL, len, whole);
+    CHECK(r != NULL);
+    if (r != NULL) {
+      CHECK_EQ_INT(r->n_tensors, 3);
+      CHECK_EQ_INT(r->n_tensor_data, 3);
+      CHECK_EQ_INT(r->n_structure, 7);
+      CHECK_EQ_INT(r->n_shape, 0);
+      CHECK_EQ_INT(r->tensor_data[1].len, sizeof(ids));
+      splitlearn__comm__compute_request__free_unpacked(r, NULL);
+    }
+    free(whole);
+  }
+  CHECK_EQ_INT(released, 0);
+  sl_payload_unref(p);
+  CHECK_EQ_INT(released, 3); /* each exactly once */
+}
+
+static void test_kv_cache_fields(void) {
+  Splitlearn__Comm__ComputeResponse resp = SPLITLEARN__COMM__COMPUTE_RESPONSE__INIT;
+  float x[4] = {1, 2, 3, 4}, k0[6] = {1, 1, 1, 2, 2, 2}, v0[6] = {3, 3, 3, 4, 4, 4};
+  float k1[2] = {5, 6}, v1[2] = {7, 8};
+  sl_tensor_out items[5];
+  sl_tensor_set set;
+  sl_payload *p = NULL;
+  sl_err err;
+  sl_span *spans;
+  size_t nspans, len;
+  sl_tensor_msg m;
+  uint8_t *whole;
+  memset(items, 0, sizeof(items));
+  items[0].desc = (sl_tensor_desc){SL_DTYPE_FLOAT32, 1, {4}};
+  items[0].data = x;
+  items[1].desc = (sl_tensor_desc){SL_DTYPE_FLOAT32, 4, {1, 1, 2, 3}};
+  items[1].data = k0;
+  items[2].desc = items[1].desc;
+  items[2].data = v0;
+  items[3].desc = (sl_tensor_desc){SL_DTYPE_FLOAT32, 4, {1, 1, 1, 2}};
+  items[3].data = k1;
+  items[4].desc = items[3].desc;
+  items[4].data = v1;
+  items[0].nbytes = sizeof(x);
+  items[1].nbytes = items[2].nbytes = sizeof(k0);
+  items[3].nbytes = items[4].nbytes = sizeof(k1);
+  for (int i = 0; i < 5; i++) items[i].release = count_release;
+  set = (sl_tensor_set){items, 5, SL_FORM_SINGLE, NULL, 0, 2};
+  released = 0;
+  CHECK_EQ_INT(sl_tensor_set_pack(SL_MSG_COMPUTE_RESPONSE, &resp.base, &set, &p, &err), SL_OK);
+  whole = payload_flat(p, &len);
+  {
+    /* what a stock protobuf reader (the original's grpcio client) sees */
+    Splitlearn__Comm__ComputeResponse *r = splitlearn__comm__compute_response__unpack(NULL, len, whole);
+    CHECK(r != NULL);
+    if (r != NULL) {
+      CHECK_EQ_INT(r->data.len, sizeof(x));
+      CHECK_EQ_INT(r->n_present_key_values, 2);
+      if (r->n_present_key_values == 2) {
+        CHECK_EQ_INT(r->present_key_values[0]->n_key_shape, 4);
+        CHECK_EQ_INT(r->present_key_values[0]->key_shape[3], 3);
+        CHECK(memcmp(r->present_key_values[1]->value_data.data, v1, sizeof(v1)) == 0);
+      }
+      splitlearn__comm__compute_response__free_unpacked(r, NULL);
+    }
+  }
+  free(whole);
+  nspans = payload_spans(p, 3, &spans);
+  CHECK_EQ_INT(sl_tensor_msg_read(SL_MSG_COMPUTE_RESPONSE, spans, nspans, &m, &err), SL_OK);
+  CHECK_EQ_INT(m.form, SL_FORM_SINGLE);
+  CHECK_EQ_INT(m.n_kv, 2);
+  if (m.n_items == 5) {
+    CHECK(memcmp(m.items[2].data, v0, sizeof(v0)) == 0);
+    CHECK(memcmp(m.items[3].data, k1, sizeof(k1)) == 0);
+    CHECK_EQ_INT(m.items[1].desc.shape[3], 3);
+  }
+  sl_tensor_msg_clear(&m);
+  free(spans);
+  sl_payload_unref(p);
+  CHECK_EQ_INT(released, 5);
+  /* a KV cache entry that is not float32 is refused, and everything released */
+  items[2].desc.dtype = SL_DTYPE_INT32;
+  released = 0;
+  CHECK_EQ_INT(sl_tensor_set_pack(SL_MSG_COMPUTE_RESPONSE, &resp.base, &set, &p, &err), SL_EINVAL);
+  CHECK_CONTAINS(err.msg, "raw float32");
+  CHECK_EQ_INT(released, 5);
+}
+
+/* A ComputeRequest with named tensors built by protobuf-c alone (as a foreign
+ * sender would), then read; returns the read status. */
+static int read_named(size_t n_desc, const char *const *names, size_t n_data,
+                      const sl_node *nodes, size_t n_nodes, int with_single,
+                      const sl_msg_limits *lim, sl_err *err) {
+  Splitlearn__Comm__ComputeRequest req = SPLITLEARN__COMM__COMPUTE_REQUEST__INIT;
+  Splitlearn__Comm__NamedTensor nt[8], *ntp[8];
+  Splitlearn__Comm__StructureNode sn[64], *snp[64];
+  ProtobufCBinaryData data[8];
+  float one = 1.0f;
+  int64_t shape1[1] = {1};
+  int32_t shape32[1] = {1};
+  uint8_t *buf;
+  size_t len;
+  sl_span span;
+  sl_tensor_msg m;
+  int rc;
+  for (size_t i = 0; i < n_desc; i++) {
+    splitlearn__comm__named_tensor__init(&nt[i]);
+    nt[i].name = (char *)names[i];
+    nt[i].dtype = "float32";
+    nt[i].n_shape = 1;
+    nt[i].shape = shape1;
+    ntp[i] = &nt[i];
+  }
+  for (size_t i = 0; i < n_data; i++) {
+    data[i].data = (uint8_t *)&one;
+    data[i].len = 4;
+  }
+  for (size_t i = 0; i < n_nodes; i++) {
+    splitlearn__comm__structure_node__init(&sn[i]);
+    sn[i].kind = (Splitlearn__Comm__StructureNode__Kind)nodes[i].kind;
+    sn[i].size = nodes[i].size;
+    sn[i].key = (char *)(nodes[i].key ? nodes[i].key : "");
+    snp[i] = &sn[i];
+  }
+  req.n_tensors = n_desc;
+  req.tensors = ntp;
+  req.n_tensor_data = n_data;
+  req.tensor_data = data;
+  req.n_structure = n_nodes;
+  req.structure = snp;
+  if (with_single) {
+    req.data.data = (uint8_t *)&one;
+    req.data.len = 4;
+    req.n_shape = 1;
+    req.shape = shape32;
+  }
+  len = splitlearn__comm__compute_request__get_packed_size(&req);
+  buf = malloc(len + 1);
+  splitlearn__comm__compute_request__pack(&req, buf);
+  span.ptr = buf;
+  span.len = len;
+  rc = sl_tensor_msg_read_limited(SL_MSG_COMPUTE_REQUEST, &span, 1, lim, &m, err);
+  if (rc == SL_OK) sl_tensor_msg_clear(&m);
+  free(buf);
+  return rc;
+}
+
+static void test_named_malformed(void) {
+  const char *ab[] = {"a", "b", "c"};
+  const char *aa[] = {"a", "a"};
+  const char *empty[] = {""};
+  sl_node tup2[] = {{SL_NODE_TUPLE, 2, NULL, 0, 0, NULL}, {SL_NODE_TENSOR, 0, NULL, 0, 0, NULL},
+                    {SL_NODE_TENSOR, 0, NULL, 0, 0, NULL}};
+  sl_node dupkey[] = {{SL_NODE_DICT, 2, NULL, 0, 0, NULL}, {SL_NODE_TENSOR, 0, "k", 0, 0, NULL},
+                      {SL_NODE_TENSOR, 0, "k", 0, 0, NULL}};
+  sl_node bad_kind[] = {{SL_NODE_TUPLE, 1, NULL, 0, 0, NULL}, {42, 0, NULL, 0, 0, NULL}};
+  sl_node short_tuple[] = {{SL_NODE_TUPLE, 5, NULL, 0, 0, NULL}, {SL_NODE_TENSOR, 0, NULL, 0, 0, NULL}};
+  sl_node deep[40];
+  sl_msg_limits two = {2, 0}, shallow = {0, 4};
+  sl_err err;
+  CHECK_EQ_INT(read_named(2, ab, 2, tup2, 3, 0, NULL, &err), SL_OK);
+  CHECK_EQ_INT(read_named(2, ab, 2, NULL, 0, 0, NULL, &err), SL_OK); /* a map by name */
+  CHECK_EQ_INT(read_named(2, aa, 2, NULL, 0, 0, NULL, &err), SL_EINVAL);
+  CHECK_CONTAINS(err.msg, "duplicate tensor name 'a'");
+  CHECK_EQ_INT(err.code, SL_STATUS_INVALID_ARGUMENT);
+  CHECK_EQ_INT(read_named(1, empty, 1, NULL, 0, 0, NULL, &err), SL_EINVAL);
+  CHECK_CONTAINS(err.msg, "has no name");
+  CHECK_EQ_INT(read_named(2, ab, 1, NULL, 0, 0, NULL, &err), SL_EINVAL);
+  CHECK_CONTAINS(err.msg, "2 tensor descriptors (field 19) but 1 tensor_data");
+  CHECK_EQ_INT(read_named(3, ab, 3, NULL, 0, 0, &two, &err), SL_ETOOBIG);
+  CHECK_CONTAINS(err.msg, "carries 3 tensors; the limit is 2");
+  CHECK_EQ_INT(err.code, SL_STATUS_INVALID_ARGUMENT);
+  CHECK_EQ_INT(read_named(1, ab, 1, tup2, 3, 0, NULL, &err), SL_EINVAL);
+  CHECK_CONTAINS(err.msg, "2 tensor leaves but the message carries 1");
+  CHECK_EQ_INT(read_named(2, ab, 2, dupkey, 3, 0, NULL, &err), SL_EINVAL);
+  CHECK_CONTAINS(err.msg, "duplicate key 'k'");
+  CHECK_EQ_INT(read_named(0, ab, 0, bad_kind, 2, 0, NULL, &err), SL_EINVAL);
+  CHECK_CONTAINS(err.msg, "unknown kind 42");
+  CHECK_EQ_INT(read_named(1, ab, 1, short_tuple, 2, 0, NULL, &err), SL_EINVAL);
+  CHECK_CONTAINS(err.msg, "declares 5 children");
+  CHECK_EQ_INT(read_named(2, ab, 2, tup2, 3, 1, NULL, &err), SL_EINVAL);
+  CHECK_CONTAINS(err.msg, "both the single-tensor fields");
+  for (int i = 0; i < 39; i++) deep[i] = (sl_node){SL_NODE_LIST, 1, NULL, 0, 0, NULL};
+  deep[39] = (sl_node){SL_NODE_TENSOR, 0, NULL, 0, 0, NULL};
+  CHECK_EQ_INT(read_named(1, ab, 1, deep, 40, 0, NULL, &err), SL_EINVAL);
+  CHECK_CONTAINS(err.msg, "deeper than 32 levels");
+  CHECK_EQ_INT(read_named(1, ab, 1, deep + 34, 6, 0, NULL, &err), SL_OK);
+  CHECK_EQ_INT(read_named(1, ab, 1, deep + 34, 6, 0, &shallow, &err), SL_EINVAL);
+  CHECK_CONTAINS(err.msg, "deeper than 4 levels");
+}
+
 int main(void) {
   RUN(test_read_every_cut);
   RUN(test_read_with_empty_spans);
@@ -331,5 +617,8 @@ int main(void) {
   RUN(test_pack_then_read);
   RUN(test_pack_refuses_over_limit);
   RUN(test_prefix_and_varint);
+  RUN(test_structure_roundtrip);
+  RUN(test_kv_cache_fields);
+  RUN(test_named_malformed);
   return sl_test_done("test_wire");
 }
