@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import inspect
 import logging
 import threading
 import time
@@ -409,16 +410,28 @@ def _make_intercept(interceptors: Sequence[grpc.ServerInterceptor]):
     return intercept
 
 
-def _backward_args(fields: Dict[str, Any]) -> Dict[str, Any]:
-    return {"forward_id": fields.get("forward_id"),
+def _takes_backward_seq(backward: Any) -> bool:
+    """Whether a backward() accepts ``backward_seq`` (TrainableComputeFunction's
+    does; one a user wrote before it existed may not)."""
+    try:
+        params = inspect.signature(backward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "backward_seq" or p.kind is inspect.Parameter.VAR_KEYWORD
+               for p in params)
+
+
+def _backward_args(fields: Dict[str, Any], with_seq: bool) -> Dict[str, Any]:
+    args = {"forward_id": fields.get("forward_id"),
             "learning_rate": fields.get("learning_rate"),
             "accumulation_step": fields.get("accumulation_step")}
+    if with_seq:
+        args["backward_seq"] = fields.get("backward_seq", 1)
+    return args
 
 
 def _takes(fn: Any, *names: str) -> bool:
     """Whether ``fn`` accepts every keyword in ``names`` (or **kwargs)."""
-    import inspect
-
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -503,6 +516,7 @@ def _make_dispatch(compute_fn: ComputeFunction, registry: CodecRegistry,
     backward = getattr(compute_fn, "backward", None)
     takes_cache = _takes(compute, "past_key_values", "use_cache")
     name = type(compute_fn).__name__
+    backward_seq = callable(backward) and _takes_backward_seq(backward)
 
     def dispatch(c: Any) -> Tuple[List[Any], float, Tuple, int, Any]:
         call = context.CallContext(c.method, c.peer, c.metadata, c.request_metadata, c.deadline,
@@ -528,7 +542,7 @@ def _make_dispatch(compute_fn: ComputeFunction, registry: CodecRegistry,
                                          c.nodes)
             t0 = time.perf_counter()
             if c.backward:
-                out = backward(x, **_backward_args(fields))
+                out = backward(x, **_backward_args(fields, backward_seq))
             elif kv_call:
                 if not takes_cache:
                     raise Abort(grpc.StatusCode.INVALID_ARGUMENT,

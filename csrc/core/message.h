@@ -147,6 +147,7 @@ typedef struct sl_call_fields {
   float learning_rate;
   int has_accumulation_step;
   int32_t accumulation_step;
+  int32_t backward_seq;      /* 0: unset (means 1); BackwardRequest only */
   int has_request_id;
   int32_t request_id;
   int use_cache;             /* ComputeRequest.use_cache: -1 unset; 0 or 1 */

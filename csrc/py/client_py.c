@@ -139,12 +139,12 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
   static char *kwlist[] = {"leaves", "form", "nodes", "timeout", "metadata", "wait_for_ready",
                            "retry", "request_id", "breaker", "backward", "forward_id",
                            "training_mode", "model_id", "learning_rate", "accumulation_step",
-                           "use_cache", NULL};
+                           "use_cache", "backward_seq", NULL};
   PyObject *leaves, *nodes = Py_None, *metadata = Py_None, *retry = Py_None;
   PyObject *request_id = Py_None, *breaker = Py_None, *training = Py_None, *lr = Py_None;
   PyObject *acc = Py_None, *use_cache = Py_None;
   const char *forward_id = NULL, *model_id = NULL;
-  int backward = 0, form = 0;
+  int backward = 0, form = 0, backward_seq = 0;
   sl_call_fields fields;
   double timeout = 0;
   int wait_for_ready = 0, rc;
@@ -157,16 +157,17 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
   sl_err err;
   PyObject *rleaves = NULL, *rnodes = NULL, *initial = NULL, *result = NULL;
 
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|iOdOpOOOpzOzOOO", kwlist, &leaves, &form,
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|iOdOpOOOpzOzOOOi", kwlist, &leaves, &form,
                                    &nodes, &timeout, &metadata, &wait_for_ready, &retry,
                                    &request_id, &breaker, &backward, &forward_id, &training,
-                                   &model_id, &lr, &acc, &use_cache)) {
+                                   &model_id, &lr, &acc, &use_cache, &backward_seq)) {
     return NULL;
   }
   memset(&fields, 0, sizeof(fields));
   memset(&out, 0, sizeof(out));
   fields.forward_id = forward_id;
   fields.model_id = model_id;
+  fields.backward_seq = backward_seq > 0 ? (int32_t)backward_seq : 0;
   fields.training_mode = training == Py_None ? -1 : PyObject_IsTrue(training);
   fields.use_cache = use_cache == Py_None ? -1 : PyObject_IsTrue(use_cache);
   if (lr != Py_None) {
