@@ -189,3 +189,40 @@ def restore_kind(obj: Any) -> _tensor.Restore:
     if found_numpy or "torch" not in sys.modules:
         return ("numpy", None) if found_numpy else ("torch", None)
     return ("torch", None)
+
+
+def tensor_leaves(obj: Any) -> List[Any]:
+    """The tensors of a structure, in the order :func:`flatten` names them."""
+    out: List[Any] = []
+
+    def walk(o: Any) -> None:
+        if is_tensor(o):
+            out.append(o)
+        elif isinstance(o, (tuple, list)):
+            for child in o:
+                walk(child)
+        elif isinstance(o, Mapping):
+            for child in o.values():
+                walk(child)
+
+    walk(obj)
+    return out
+
+
+def replace_tensors(obj: Any, tensors: Sequence[Any]) -> Any:
+    """``obj`` with its tensors (in :func:`tensor_leaves` order) replaced by
+    ``tensors``; containers are rebuilt with the same types, other leaves kept."""
+    it = iter(tensors)
+
+    def walk(o: Any) -> Any:
+        if is_tensor(o):
+            return next(it)
+        if isinstance(o, tuple):
+            return tuple(walk(c) for c in o)
+        if isinstance(o, list):
+            return [walk(c) for c in o]
+        if isinstance(o, Mapping):
+            return {k: walk(c) for k, c in o.items()}
+        return o
+
+    return walk(obj)

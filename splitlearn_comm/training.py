@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import grpc
 
-from . import context
+from . import _structure, context
 from .core import ComputeFunction
 from .errors import Abort
 
@@ -120,7 +120,51 @@ def _check_id(forward_id: Optional[str], what: str) -> str:
 
 
 def _nbytes(t: Any) -> int:
+    """Bytes of a tensor, or of every tensor of a structure."""
+    if not _structure.is_tensor(t):
+        return sum(_nbytes(leaf) for leaf in _structure.tensor_leaves(t))
     return int(t.numel()) * int(t.element_size())
+
+
+def _on_device(obj: Any, device: str) -> Any:
+    if _structure.is_tensor(obj):
+        return obj.to(device)
+    return _structure.replace_tensors(obj, [t.to(device) for t in _structure.tensor_leaves(obj)])
+
+
+def _differentiable(t: Any) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
+def _detached(obj: Any) -> Any:
+    """``obj`` (a tensor or a structure) with every tensor detached."""
+    if _structure.is_tensor(obj):
+        return obj.detach()
+    return _structure.replace_tensors(obj, [t.detach() for t in _structure.tensor_leaves(obj)])
+
+
+def _leaf_inputs(obj: Any, device: str, requires_grad: Optional[list] = None) -> Any:
+    """The input of a training forward: every tensor on ``device``, detached, as an
+    autograd leaf that requires grad when it is floating point (or, with
+    ``requires_grad``, as recorded)."""
+    leaves = _structure.tensor_leaves(obj) if not _structure.is_tensor(obj) else [obj]
+    out = []
+    for i, t in enumerate(leaves):
+        t = t.to(device).detach()
+        wanted = _differentiable(t) if requires_grad is None else requires_grad[i]
+        if wanted:
+            t.requires_grad_(True)
+        out.append(t)
+    return out[0] if _structure.is_tensor(obj) else _structure.replace_tensors(obj, out)
+
+
+def _out_meta(out: Any) -> Any:
+    """(shape, dtype, device) of each differentiable output tensor, or of the one
+    output tensor."""
+    if _structure.is_tensor(out):
+        return (tuple(out.shape), out.dtype, out.device)
+    return [(tuple(t.shape), t.dtype, t.device) for t in _structure.tensor_leaves(out)
+            if _differentiable(t)]
 
 
 class TrainableComputeFunction(ComputeFunction):
@@ -206,8 +250,9 @@ class TrainableComputeFunction(ComputeFunction):
     # -- hooks a subclass may override -------------------------------------------
 
     def forward_model(self, x: Any) -> Any:
-        """Run the slice on ``x`` (already on ``device``). The caller has set autograd
-        and train/eval mode. Must return one tensor."""
+        """Run the slice on ``x`` (already on ``device``; a tensor or a structure of
+        them, as the client sent it). The caller has set autograd and train/eval mode.
+        Returns a tensor or a structure of them."""
         return self.model(x)
 
     def optimizer_step(self, learning_rate: Optional[float] = None) -> None:
@@ -229,7 +274,7 @@ class TrainableComputeFunction(ComputeFunction):
             if self.model.training:
                 self.model.eval()
             with torch.no_grad():
-                out = self.forward_model(input_tensor.to(self.device))
+                out = self.forward_model(_on_device(input_tensor, self.device))
         self._count("inference_calls")
         return out
 
@@ -253,19 +298,18 @@ class TrainableComputeFunction(ComputeFunction):
                 self.model.train()
             version = self._version
             rng = self._rng_state()
-            x = input_tensor.to(self.device).detach()
-            if x.is_floating_point() or x.is_complex():
-                x.requires_grad_(True)
+            x = _leaf_inputs(input_tensor, self.device)
             with torch.enable_grad():
                 out, saved = self._forward_measured(x)
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"forward_model() must return a tensor, got {type(out).__name__}")
+        if not isinstance(out, torch.Tensor) and not _structure.tensor_leaves(out):
+            raise TypeError(f"forward_model() must return a tensor or a structure of tensors, "
+                            f"got {type(out).__name__}")
         entry = _Entry(fid, x, out, version, rng, saved, 0.0)
         with self._lock:
             self._sweep()
             existing = self._waiting.get(fid)
             if existing is not None:  # a duplicate raced us; the first one stays
-                return existing.out.detach()
+                return _detached(existing.out)
             if fid in self._answered or fid in self._gone:
                 raise self._reused(fid)
             if entry.nbytes > self.max_bytes:
@@ -278,7 +322,7 @@ class TrainableComputeFunction(ComputeFunction):
             self._waiting[fid] = entry
             self._bytes += entry.nbytes
             self._counts["training_forwards"] += 1
-        return out.detach()
+        return _detached(out)
 
     def backward(self, grad_output: Any, forward_id: Optional[str] = None,
                  learning_rate: Optional[float] = None,
@@ -320,7 +364,7 @@ class TrainableComputeFunction(ComputeFunction):
             # the graph is spent; the input and RNG state stay for a later backward
             # through the same output, which recomputes the forward from them
             if entry.out is not None:
-                entry.out_meta = (tuple(entry.out.shape), entry.out.dtype, entry.out.device)
+                entry.out_meta = _out_meta(entry.out)
             entry.out = None
             entry.grad_input = grad_input
             entry.answered = seq
@@ -460,15 +504,17 @@ class TrainableComputeFunction(ComputeFunction):
             if fid in self._answered or fid in self._gone:
                 raise self._reused(fid)
             return None
-        kept = entry.x.detach()
-        same = (kept.shape == x.shape and kept.dtype == x.dtype and
-                torch.equal(kept, x.to(kept.device)))
+        kept = [entry.x] if _structure.is_tensor(entry.x) else _structure.tensor_leaves(entry.x)
+        new = [x] if _structure.is_tensor(x) else _structure.tensor_leaves(x)
+        same = len(kept) == len(new) and all(
+            k.shape == n.shape and k.dtype == n.dtype and torch.equal(k.detach(), n.to(k.device))
+            for k, n in zip(kept, new))
         if not same:
             raise Abort(grpc.StatusCode.ALREADY_EXISTS,
                         f"forward_id {fid!r} is already stored for a different input; every "
                         "training forward needs a new forward_id")
         self._counts["replayed_forwards"] += 1
-        return entry.out.detach()
+        return _detached(entry.out)
 
     def _claim(self, fid: str, seq: int) -> Tuple[Optional[_Entry], Any]:
         """(entry, None) to run backward number ``seq`` of ``fid``, or (None,
@@ -573,38 +619,55 @@ class TrainableComputeFunction(ComputeFunction):
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = self.forward_model(x)
-        count(x)
-        if isinstance(out, torch.Tensor):
-            count(out)
+        for t in [x] if isinstance(x, torch.Tensor) else _structure.tensor_leaves(x):
+            count(t)
+        for t in [out] if isinstance(out, torch.Tensor) else _structure.tensor_leaves(out):
+            count(t)
         return out, total
 
     def _run_backward(self, entry: _Entry, grad_output: Any, learning_rate: Optional[float],
                       accumulation_step: Optional[int]) -> Any:
+        """The backward of one forward. With one output tensor, ``grad_output`` is its
+        gradient; with a structure of outputs, a tuple with the gradient of each
+        floating-point output tensor in order. The answer is the input gradient: a
+        tensor for a tensor input, else a tuple with the gradient of each
+        floating-point input tensor in order (zeros where the output does not depend
+        on it)."""
         torch = _torch()
         fid = entry.forward_id
         out = entry.out
-        out_shape, out_dtype, out_device = entry.out_meta if out is None else \
-            (tuple(out.shape), out.dtype, out.device)
-        if tuple(grad_output.shape) != out_shape:
+        meta = entry.out_meta if out is None else _out_meta(out)
+        single_out = isinstance(meta, tuple)
+        grads = [grad_output] if single_out else list(_structure.tensor_leaves(grad_output)) \
+            if not _structure.is_tensor(grad_output) else [grad_output]
+        metas = [meta] if single_out else meta
+        if len(grads) != len(metas):
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                        f"the gradient for forward_id {fid!r} has shape "
-                        f"{tuple(grad_output.shape)}, but the forward's output had shape "
-                        f"{out_shape}")
-        if not (grad_output.is_floating_point() or grad_output.is_complex()):
-            raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                        f"the gradient for forward_id {fid!r} has dtype {grad_output.dtype}; "
-                        "gradients are floating point")
-        g = grad_output.to(device=out_device, dtype=out_dtype)
+                        f"the backward for forward_id {fid!r} carries {len(grads)} gradient(s), "
+                        f"but the forward had {len(metas)} floating-point output tensor(s)")
+        for i, (g, (shape, _dt, _dev)) in enumerate(zip(grads, metas)):
+            what = "gradient" if single_out else f"gradient {i}"
+            if tuple(g.shape) != shape:
+                raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"the {what} for forward_id {fid!r} has shape {tuple(g.shape)}, but "
+                            f"the forward's output had shape {shape}")
+            if not _differentiable(g):
+                raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"the {what} for forward_id {fid!r} has dtype {g.dtype}; "
+                            "gradients are floating point")
+        grads = [g.to(device=dev, dtype=dt) for g, (_s, dt, dev) in zip(grads, metas)]
         x = entry.x
         if entry.version != self._version and self.on_stale == "error":
             raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
                         f"forward_id {fid!r} is stale: the optimizer stepped "
                         f"{self._version - entry.version} time(s) after its forward "
                         "(on_stale='error')")
+        xs = [x] if _structure.is_tensor(x) else _structure.tensor_leaves(x)
         if entry.version != self._version or out is None:
             # stale, or a later backward whose graph the earlier one spent: run the
             # forward again from the kept input, under the forward's RNG state
-            x = entry.x.detach().requires_grad_(entry.x.requires_grad)
+            x = _leaf_inputs(x, self.device, [t.requires_grad for t in xs])
+            xs = [x] if _structure.is_tensor(x) else _structure.tensor_leaves(x)
             devices = [torch.device(self.device)] if entry.rng[1] is not None else []
             with torch.random.fork_rng(devices=devices), torch.enable_grad():
                 torch.set_rng_state(entry.rng[0])
@@ -615,25 +678,39 @@ class TrainableComputeFunction(ComputeFunction):
                 out = self.forward_model(x)
             with self._lock:
                 self._counts["recomputed"] += 1
-        grad_input = None
+        outs = [out] if single_out else [t for t in _structure.tensor_leaves(out)
+                                         if _differentiable(t)]
+        pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
+        wanted = [t for t in xs if t.requires_grad]
+        found: Dict[int, Any] = {}
         try:
-            if out.requires_grad:
+            if pairs:
                 if self.optimizer is None:
-                    if x.requires_grad:
-                        grad_input, = torch.autograd.grad(out, [x], g, allow_unused=True)
+                    if wanted:
+                        got = torch.autograd.grad([o for o, _ in pairs], wanted,
+                                                  [g for _, g in pairs], allow_unused=True)
+                        found = {id(t): gi for t, gi in zip(wanted, got)}
                 else:
                     params = [p for group in self.optimizer.param_groups for p in group["params"]
                               if p.requires_grad]
-                    inputs = ([x] if x.requires_grad else []) + params
+                    inputs = wanted + params
                     if inputs:
-                        torch.autograd.backward(out, g, inputs=inputs)
-                    grad_input = x.grad if x.requires_grad else None
+                        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs],
+                                                inputs=inputs)
+                    found = {id(t): t.grad for t in wanted}
         except BaseException:
             self._discard_accumulated()
             raise
-        if grad_input is None:
-            grad_input = torch.zeros_like(x) if x.requires_grad else torch.empty(0)
-        grad_input = grad_input.detach()
+        grad_inputs = []
+        for t in xs:
+            if not _differentiable(t):
+                continue
+            gi = found.get(id(t))
+            grad_inputs.append((gi if gi is not None else torch.zeros_like(t)).detach())
+        if _structure.is_tensor(x):
+            grad_input = grad_inputs[0] if grad_inputs else torch.empty(0)
+        else:
+            grad_input = tuple(grad_inputs)
         if self.optimizer is not None:
             n = int(accumulation_step) if accumulation_step else self.accumulation_steps
             self._micro += 1
@@ -658,7 +735,8 @@ class _Call:
     """What the backward of one remote training call needs."""
 
     __slots__ = ("client", "forward_id", "learning_rate", "accumulation_step", "metadata",
-                 "timeout", "shape", "dtype", "device", "backwards", "lock")
+                 "timeout", "backwards", "lock", "in_struct", "in_meta", "out_struct",
+                 "out_diff", "out_meta", "single_in", "single_out")
 
     def __init__(self, client: Any, learning_rate: Optional[float],
                  accumulation_step: Optional[int], metadata: Any,
@@ -671,6 +749,13 @@ class _Call:
         self.timeout = timeout
         self.backwards = 0  # backwards sent through this call's output so far
         self.lock = threading.Lock()
+        self.in_struct: Any = None   # the input structure (its tensors are apply's inputs)
+        self.in_meta: list = []      # (shape, dtype, device, differentiable) of each input
+        self.out_struct: Any = None  # the output as the server sent it (until rebuilt)
+        self.out_diff: list = []     # which output tensors carry gradients
+        self.out_meta: list = []     # (shape, dtype, device) of each output tensor
+        self.single_in = True
+        self.single_out = True
 
     def next_backward(self) -> int:
         """The number of the backward about to be sent: 1, then 2 for a second
@@ -693,30 +778,77 @@ def _remote_function() -> Any:
     from torch.autograd.function import once_differentiable
 
     class RemoteCall(torch.autograd.Function):
+        """apply(call, anchor, *inputs) -> output tensors: the tensors of the input
+        structure go in, the tensors of the output structure come out (the call
+        rebuilds both structures)."""
+
         @staticmethod
-        def forward(ctx: Any, x: Any, anchor: Any, call: _Call) -> Any:
-            call.shape, call.dtype, call.device = x.shape, x.dtype, x.device
+        def forward(ctx: Any, call: _Call, anchor: Any, *inputs: Any) -> Any:
+            x = inputs[0] if call.single_in else _structure.replace_tensors(call.in_struct, inputs)
+            call.in_meta = [(tuple(t.shape), t.dtype, t.device, _differentiable(t))
+                            for t in inputs]
             y = call.client._tensor_call(x, metadata=call.metadata, timeout=call.timeout,
                                          forward_id=call.forward_id, training_mode=True)
+            call.single_out = isinstance(y, torch.Tensor)
+            outs = [y] if call.single_out else _structure.tensor_leaves(y)
+            if not all(isinstance(t, torch.Tensor) for t in outs):
+                raise TypeError("remote() returns torch tensors; send torch tensors to it")
+            call.out_struct = y
+            call.out_diff = [_differentiable(t) for t in outs]
+            call.out_meta = [(tuple(t.shape), t.dtype, t.device) for t in outs]
             ctx.call = call
-            return y
+            fixed = [t for t, d in zip(outs, call.out_diff) if not d]
+            if fixed:
+                ctx.mark_non_differentiable(*fixed)  # masks, ids: they pass through
+            return tuple(outs)
 
         @staticmethod
         @once_differentiable
-        def backward(ctx: Any, grad_y: Any) -> Any:
+        def backward(ctx: Any, *grad_outputs: Any) -> Any:
             call = ctx.call
-            g = call.client._tensor_call(grad_y, metadata=call.metadata, timeout=call.timeout,
+            grads = []
+            for g, diff, (shape, dtype, device) in zip(grad_outputs, call.out_diff,
+                                                      call.out_meta):
+                if diff:
+                    grads.append(g if g is not None else
+                                 torch.zeros(shape, dtype=dtype, device=device))
+            # every output's gradient in one ComputeBackward call
+            send = grads[0] if call.single_out else tuple(grads)
+            g = call.client._tensor_call(send, metadata=call.metadata, timeout=call.timeout,
                                          backward=True, forward_id=call.forward_id,
                                          learning_rate=call.learning_rate,
                                          accumulation_step=call.accumulation_step,
                                          backward_seq=call.next_backward())
-            if not ctx.needs_input_grad[0]:
-                return None, None, None
-            if tuple(g.shape) != tuple(call.shape):
+            if call.single_in:
+                got = [g]
+            elif isinstance(g, (tuple, list)):
+                got = list(g)
+            else:
                 raise RuntimeError(f"the server answered the backward of forward_id "
-                                   f"{call.forward_id!r} with a gradient of shape "
-                                   f"{tuple(g.shape)} for an input of shape {tuple(call.shape)}")
-            return g.to(device=call.device, dtype=call.dtype), None, None
+                                   f"{call.forward_id!r} with a {type(g).__name__}, not a tuple "
+                                   "of input gradients")
+            wanted = sum(1 for m in call.in_meta if m[3])
+            if not call.single_in and len(got) != wanted:
+                raise RuntimeError(f"the server answered the backward of forward_id "
+                                   f"{call.forward_id!r} with {len(got)} input gradients for "
+                                   f"{wanted} floating-point inputs")
+            result = []
+            k = 0
+            for (shape, dtype, device, diff), need in zip(call.in_meta, ctx.needs_input_grad[2:]):
+                if not diff:
+                    result.append(None)
+                    continue
+                gi = got[k]
+                k += 1
+                if not need:
+                    result.append(None)
+                    continue
+                if tuple(gi.shape) != shape:
+                    raise RuntimeError(f"the server answered the backward of forward_id "
+                                       f"{call.forward_id!r} with a gradient of shape "
+                                       f"{tuple(gi.shape)} for an input of shape {shape}")
+                result.append(gi.to(device=device, dtype=dtype))
+            return (None, None, *result)
 
     _function_class = RemoteCall
     return RemoteCall
@@ -727,18 +859,25 @@ def remote(client: Any, tensor: Any, *, training: Optional[bool] = None,
            metadata: Any = None, timeout: Optional[float] = None) -> Any:
     """Run the server's slice on ``tensor`` as a step of the client's autograd graph.
 
-    ``training`` (default: ``torch.is_grad_enabled()``) sends a training forward
-    under a fresh forward_id; the result requires grad, and ``backward()`` through
-    it sends its gradient with ComputeBackward (with ``learning_rate`` and
-    ``accumulation_step``) and continues with the input gradient the server
-    returns. With ``training`` false (e.g. under ``torch.no_grad()``) it is a plain
-    inference Compute call and the server keeps nothing. ``metadata`` and
-    ``timeout`` apply to both calls, which go through the client's retry strategy
-    and codec.
+    ``tensor`` is a torch.Tensor or a structure of them (dicts, tuples, lists, with
+    scalar and None leaves), and the result is whatever structure the server
+    returns. ``training`` (default: ``torch.is_grad_enabled()``) sends a training
+    forward under a fresh forward_id; the floating-point result tensors require
+    grad (integer and bool ones, masks and ids, pass through), and ``backward()``
+    through them sends all their gradients in one ComputeBackward call (with
+    ``learning_rate`` and ``accumulation_step``) and continues with the input
+    gradients the server returns, one for every floating-point input tensor. With
+    ``training`` false (e.g. under ``torch.no_grad()``) it is a plain inference
+    Compute call and the server keeps nothing. ``metadata`` and ``timeout`` apply
+    to both calls, which go through the client's retry strategy and codec.
     """
     torch = _torch()
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"remote() takes a torch.Tensor, got {type(tensor).__name__}")
+    single = isinstance(tensor, torch.Tensor)
+    inputs = [tensor] if single else _structure.tensor_leaves(tensor)
+    bad = next((t for t in inputs if not isinstance(t, torch.Tensor)), None)
+    if bad is not None or (single is False and _structure.is_tensor(tensor)):
+        what = type(bad if bad is not None else tensor).__name__
+        raise TypeError(f"remote() takes a torch.Tensor or a structure of them, got {what}")
     if training is None:
         training = torch.is_grad_enabled()
     if not training:
@@ -747,10 +886,15 @@ def remote(client: Any, tensor: Any, *, training: Optional[bool] = None,
         raise ValueError("remote(training=True) needs autograd enabled (it is disabled here, "
                          "e.g. by torch.no_grad()): its backward could never be sent")
     call = _Call(client, learning_rate, accumulation_step, metadata, timeout)
-    # an anchor that requires grad puts the call in the graph even when the input
-    # does not (the server's layers still need their backward)
-    anchor = None if tensor.requires_grad else torch.empty(0, requires_grad=True)
-    return _remote_function().apply(tensor, anchor, call)
+    call.single_in = single
+    call.in_struct = None if single else tensor
+    # an anchor that requires grad puts the call in the graph even when no input
+    # does (the server's layers still need their backward)
+    needs = any(t.requires_grad for t in inputs)
+    anchor = None if needs else torch.empty(0, requires_grad=True)
+    outs = _remote_function().apply(call, anchor, *inputs)
+    y, call.out_struct, call.in_struct = call.out_struct, None, None
+    return outs[0] if call.single_out else _structure.replace_tensors(y, outs)
 
 
 _module_class: Any = None
@@ -784,7 +928,10 @@ def _remote_module() -> Any:
             self.metadata = metadata
             self.timeout = timeout
 
-        def forward(self, x: Any) -> Any:
+        def forward(self, *inputs: Any) -> Any:
+            """``module(x)`` sends ``x`` (a tensor or a structure); ``module(a, b)``
+            sends the tuple ``(a, b)``."""
+            x = inputs[0] if len(inputs) == 1 else tuple(inputs)
             return remote(self.client, x, training=self.training and torch.is_grad_enabled(),
                           learning_rate=self.learning_rate,
                           accumulation_step=self.accumulation_step, metadata=self.metadata,

@@ -500,3 +500,79 @@ def test_stock_client_map_form_is_a_dict_by_name(serve, stubs: Stubs) -> None:
     # a dict comes back as a structure (a DICT node, then its two tensors)
     assert [t.name for t in resp.tensors] == ["x", "ids"]
     assert resp.structure[0].kind == pb.StructureNode.DICT and resp.structure[0].size == 2
+
+
+# ---------------------------------------------------------------------------
+# remote() with structures: gradients to every floating input
+# ---------------------------------------------------------------------------
+
+class TwoInTwoOut(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = torch.nn.Linear(5, 5)
+        self.l2 = torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        y1 = self.l1(x["a"] * x["mask"]) * x["scale"] + x["b"]
+        y2 = self.l2(x["b"]).tanh()
+        return {"y1": y1, "pair": (y2, y1.argmax(dim=-1)), "note": "ok"}
+
+
+def test_remote_two_inputs_two_outputs_equal_local_autograd(serve, connect) -> None:
+    import copy
+
+    torch.manual_seed(0)
+    server_model = TwoInTwoOut()
+    local_model = copy.deepcopy(server_model)
+    bottom = torch.nn.Linear(4, 5)
+    local_bottom = copy.deepcopy(bottom)
+    fn = slc.TrainableComputeFunction(server_model, lambda p: torch.optim.SGD(p, lr=0.1))
+    client = connect(serve(fn))
+    x = torch.randn(3, 4)
+    b0 = torch.randn(3, 5)
+    mask = torch.rand(3, 5) > 0.5
+
+    b = b0.clone().requires_grad_(True)
+    out = client.remote({"a": bottom(x), "b": b, "mask": mask, "scale": 2.0})
+    assert out["note"] == "ok" and out["pair"][1].dtype == torch.int64
+    assert not out["pair"][1].requires_grad and out["y1"].requires_grad
+    loss = out["y1"].pow(2).sum() + out["pair"][0].sum() * 3
+    loss.backward()
+
+    lb = b0.clone().requires_grad_(True)
+    lout = local_model({"a": local_bottom(x), "b": lb, "mask": mask, "scale": 2.0})
+    lloss = lout["y1"].pow(2).sum() + lout["pair"][0].sum() * 3
+    lloss.backward()
+    torch.optim.SGD(local_model.parameters(), lr=0.1).step()
+
+    assert torch.allclose(out["y1"], lout["y1"], atol=1e-6)
+    assert torch.equal(out["pair"][1], lout["pair"][1])
+    assert torch.allclose(bottom.weight.grad, local_bottom.weight.grad, atol=1e-6)
+    assert torch.allclose(bottom.bias.grad, local_bottom.bias.grad, atol=1e-6)
+    assert torch.allclose(b.grad, lb.grad, atol=1e-6)
+    for p, q in zip(server_model.parameters(), local_model.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)          # the server stepped as local SGD did
+    stats = fn.stats()
+    assert stats["backward_calls"] == 1                 # both outputs' gradients in one call
+
+
+def test_remote_module_with_several_inputs_and_an_unused_output(serve, connect) -> None:
+    class Pair(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(2.0))
+
+        def forward(self, x):
+            a, b, ids = x
+            return a * self.w, b + 1, ids * 2
+
+    fn = slc.TrainableComputeFunction(Pair())
+    module = slc.RemoteModule(connect(serve(fn)))
+    a = torch.randn(4, requires_grad=True)
+    b = torch.randn(2, requires_grad=True)
+    ids = torch.arange(3)
+    ya, yb, yids = module(a, b, ids)
+    assert torch.equal(yids, ids * 2) and not yids.requires_grad
+    ya.sum().backward()                                  # yb unused: its gradient is zero
+    assert torch.allclose(a.grad, torch.full((4,), 2.0))
+    assert b.grad is not None and torch.equal(b.grad, torch.zeros(2))
