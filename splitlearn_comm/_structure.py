@@ -32,11 +32,20 @@ _INT64 = (-(1 << 63), (1 << 63) - 1)
 Node = Tuple[int, int, Optional[str], Any]
 
 
+_SCALAR_KINDS = {bool: BOOL, int: INT, float: FLOAT, str: STRING}
+
+
+def _torch_tensor_type() -> Any:
+    torch = sys.modules.get("torch")
+    return torch.Tensor if torch is not None else ()
+
+
 def is_tensor(obj: Any) -> bool:
     """True for what travels as a tensor: torch.Tensor, numpy arrays and scalars,
     anything with ``__dlpack__``."""
-    return (_tensor.is_torch_tensor(obj) or isinstance(obj, (np.ndarray, np.generic))
-            or (hasattr(obj, "__dlpack__") and not isinstance(obj, type)))
+    return (isinstance(obj, (np.ndarray, np.generic)) or _tensor.is_torch_tensor(obj)
+            or (not isinstance(obj, (tuple, list, dict, str, int, float, type(None), type))
+                and hasattr(obj, "__dlpack__")))
 
 
 def flatten(obj: Any) -> Tuple[int, List[Tuple[str, Any]], Optional[List[Node]]]:
@@ -46,42 +55,46 @@ def flatten(obj: Any) -> Tuple[int, List[Tuple[str, Any]], Optional[List[Node]]]
         return SINGLE, [("", obj)], None
     leaves: List[Tuple[str, Any]] = []
     nodes: List[Node] = []
-    names: Dict[str, str] = {}
+    names: set = set()
+    tensor_type = _torch_tensor_type()
 
     def walk(o: Any, path: str, key: Optional[str]) -> None:
-        if is_tensor(o):
+        tp = type(o)
+        kind = _SCALAR_KINDS.get(tp)
+        if tp is tensor_type or (kind is None and tp not in (tuple, list, dict)
+                                 and o is not None and is_tensor(o)):
             name = path or "0"
             if name in names:
                 raise ValueError(f"two tensors of the structure have the same name {name!r}; "
                                  "dict keys containing '.' can collide with nested paths")
-            names[name] = name
+            names.add(name)
             leaves.append((name, o))
             nodes.append((TENSOR, 0, key, None))
         elif o is None:
             nodes.append((NONE, 0, key, None))
-        elif isinstance(o, bool):
-            nodes.append((BOOL, 0, key, int(o)))
-        elif isinstance(o, int):
-            if not _INT64[0] <= o <= _INT64[1]:
+        elif kind is not None or isinstance(o, (bool, int, float, str)):
+            if kind is None:  # a subclass (an IntEnum, ...): its base kind
+                kind = BOOL if isinstance(o, bool) else INT if isinstance(o, int) else \
+                    FLOAT if isinstance(o, float) else STRING
+            if kind == INT and not _INT64[0] <= o <= _INT64[1]:
                 raise ValueError(f"the int at {path or 'the root'!r} does not fit 64 bits")
-            nodes.append((INT, 0, key, o))
-        elif isinstance(o, float):
-            nodes.append((FLOAT, 0, key, o))
-        elif isinstance(o, str):
-            nodes.append((STRING, 0, key, o))
-        elif isinstance(o, (tuple, list)):
-            nodes.append((TUPLE if isinstance(o, tuple) else LIST, len(o), key, None))
+            nodes.append((kind, 0, key, int(o) if kind in (BOOL, INT) else
+                          float(o) if kind == FLOAT else str(o)))
+        elif tp is tuple or tp is list or isinstance(o, (tuple, list)):
+            nodes.append((LIST if isinstance(o, list) else TUPLE, len(o), key, None))
+            prefix = path + "." if path else ""
             for i, child in enumerate(o):
-                walk(child, f"{path}.{i}" if path else str(i), None)
-        elif isinstance(o, Mapping):
+                walk(child, prefix + str(i), None)
+        elif tp is dict or isinstance(o, Mapping):
             nodes.append((DICT, len(o), key, None))
+            prefix = path + "." if path else ""
             for k, child in o.items():
-                if not isinstance(k, str):
+                if type(k) is not str:
                     raise TypeError(f"dict keys must be str, got {type(k).__name__} ({k!r}) at "
                                     f"{path or 'the root'!r}")
-                walk(child, f"{path}.{k}" if path else k, k)
+                walk(child, prefix + k, k)
         else:
-            raise TypeError(f"cannot send a {type(o).__name__} at {path or 'the root'!r}: a "
+            raise TypeError(f"cannot send a {tp.__name__} at {path or 'the root'!r}: a "
                             "structure holds tensors, dict/tuple/list, None, bool, int, float "
                             "and str")
 

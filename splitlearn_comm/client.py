@@ -299,9 +299,10 @@ def _out_leaves(form: int, items: Sequence[Tuple[str, Any]], spec: Any) -> List[
     """The OutTensor objects of a call: each tensor made sendable, with its codec
     (a built-in's C codec, or already encoded by a Python codec, or None: raw)."""
     out = []
+    raw = spec is None or (type(spec) is TensorCodec and spec.dtype is None)
     for i, (name, obj) in enumerate(items):
         t, _how = _tensor.prepare(obj)
-        if form == _structure.SINGLE and i > 0:
+        if raw or (form == _structure.SINGLE and i > 0):
             out.append(_core.OutTensor((name, t, None)))  # KV cache entries: raw
             continue
         if form == _structure.SINGLE and isinstance(spec, TensorCodec):

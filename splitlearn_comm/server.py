@@ -483,9 +483,13 @@ def _reply_leaves(out: Any, kv_call: bool, spec: CodecSpec, python_in: Optional[
     else:
         form, items, nodes = _structure.flatten(out)
     leaves = []
+    plain = spec is None and python_in is None  # the choice is C's, per tensor
     for i, (name, obj) in enumerate(items):
         t = _tensor.prepare_result(obj)
         codec: Optional[TensorCodec] = None
+        if plain:
+            leaves.append(_core.OutTensor((name, t, None)))
+            continue
         if form == _structure.SINGLE and i > 0:
             codec = None  # KV cache entries: raw float32
         elif isinstance(spec, Mapping) or (spec is not None and spec.is_python()):

@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Many tensors per call vs the same bytes as one tensor: the cost of each extra tensor.
+
+A transformer stage's traffic: hidden states (1x128x768 float16) plus a 12-layer KV
+cache (24 tensors of 1x12x128x64 float16), sent to an echo server and back in one
+call, as a structure ``{"hidden": h, "past": ((k, v), ...)}`` (25 named tensors each
+way), against one float16 tensor holding the same bytes. The difference, divided by
+the 24 extra tensors, is what one more tensor in a call costs.
+
+Per call it reports:
+
+- client: the client's wall time minus the server's whole handling of the call
+  (the server's ``total`` stage, from the request's arrival to its reply being sent);
+  what is left is the client's work (flattening the structure, exporting each tensor
+  through DLPack, framing, reading the reply, rebuilding the structure) plus the
+  loopback transfer, which is the same bytes in both cases;
+- server: its ``decode`` + ``compute`` + ``encode`` stages (reading and copying each
+  tensor once, the Python hand-off that rebuilds the structure and calls the echo
+  ``compute()``, flattening and framing the reply).
+
+The server runs in this process with one worker; the client's waits release the GIL,
+so the two do not contend. Cases run in interleaved rounds so that drifts of a noisy
+machine hit both alike.
+
+    python3 benchmarks/bench_tensormap.py           # full run (~20 s); writes the "Tensor
+                                                    # maps" section of benchmarks/results.md
+    python3 benchmarks/bench_tensormap.py --quick   # smoke run: prints only
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Dict, List
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import torch  # noqa: E402
+
+from _report import cpu_model, write_section  # noqa: E402
+
+import splitlearn_comm as slc  # noqa: E402
+
+BEGIN = "<!-- bench_tensormap.py: begin (generated; rerunning the script replaces this part) -->"
+END = "<!-- bench_tensormap.py: end -->"
+
+LAYERS = 12
+KV_SHAPE = (1, 12, 128, 64)
+HIDDEN_SHAPE = (1, 128, 768)
+
+
+class Echo(slc.ComputeFunction):
+    def compute(self, x: Any) -> Any:
+        return x
+
+
+def stage_sums(server: slc.GRPCComputeServer) -> Dict[str, float]:
+    lat = server.metrics()["latency_seconds"]
+    return {k: v["sum"] for k, v in lat.items()} | {"count": lat["total"]["count"]}
+
+
+def run_case(client: slc.GRPCComputeClient, server: slc.GRPCComputeServer, payload: Any,
+             n: int) -> Dict[str, List[float]]:
+    walls: List[float] = []
+    before = stage_sums(server)
+    for _ in range(n):
+        t0 = time.perf_counter()
+        client.compute(payload)
+        walls.append(time.perf_counter() - t0)
+    after = stage_sums(server)
+    calls = after["count"] - before["count"]
+    per = {k: (after[k] - before[k]) / calls for k in ("decode", "compute", "encode", "total")}
+    return {"wall": walls, "server": [per["decode"] + per["compute"] + per["encode"]],
+            "server_total": [per["total"]]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a few calls; print only")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--calls", type=int, default=40, help="calls per case per round")
+    args = ap.parse_args()
+    rounds, calls = (2, 5) if args.quick else (args.rounds, args.calls)
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(HIDDEN_SHAPE, generator=g).half()
+    past = tuple((torch.randn(KV_SHAPE, generator=g).half(), torch.randn(KV_SHAPE, generator=g).half())
+                 for _ in range(LAYERS))
+    structure = {"hidden": hidden, "past": past}
+    n_bytes = hidden.numel() * 2 + 2 * LAYERS * past[0][0].numel() * 2
+    one = torch.randn(n_bytes // 2, generator=g).half()
+    cases = {"one tensor": one, "25 tensors": structure}
+    results: Dict[str, Dict[str, List[float]]] = {k: {"wall": [], "server": [], "client": []}
+                                                  for k in cases}
+    with slc.GRPCComputeServer(Echo(), host="127.0.0.1", port=0, max_workers=1) as server:
+        with slc.GRPCComputeClient(f"127.0.0.1:{server.port}", retry_strategy=None) as client:
+            for payload in cases.values():  # warm-up
+                for _ in range(3):
+                    client.compute(payload)
+            for _ in range(rounds):
+                for name, payload in cases.items():
+                    r = run_case(client, server, payload, calls)
+                    wall = statistics.median(r["wall"])
+                    results[name]["wall"].append(wall)
+                    results[name]["server"].append(r["server"][0])
+                    results[name]["client"].append(statistics.mean(r["wall"]) - r["server_total"][0])
+    # the least disturbed round of each statistic: this machine is shared and noisy
+    med = {name: {k: min(v) * 1e3 for k, v in r.items()} for name, r in results.items()}
+    extra = 2 * LAYERS  # tensors beyond the first
+    per_client_us = (med["25 tensors"]["client"] - med["one tensor"]["client"]) * 1e3 / extra
+    per_server_us = (med["25 tensors"]["server"] - med["one tensor"]["server"]) * 1e3 / extra
+    lines = [
+        BEGIN,
+        "## Tensor maps: 25 tensors in one call vs the same bytes as one tensor",
+        "",
+        f"`benchmarks/bench_tensormap.py`, {datetime.date.today().isoformat()}, "
+        f"{cpu_model()}, Python {platform.python_version()}, torch {torch.__version__}; "
+        f"server and client in one process on 127.0.0.1, {rounds} rounds of {calls} calls.",
+        "",
+        f"Payload each way: hidden states {tuple(HIDDEN_SHAPE)} + a {LAYERS}-layer KV cache "
+        f"({2 * LAYERS} tensors of {tuple(KV_SHAPE)}), float16, {n_bytes / 2**20:.2f} MiB; "
+        "echoed back.",
+        "",
+        "| case | wall p50 (ms) | client (ms) | server decode+compute+encode (ms) |",
+        "|---|---|---|---|",
+    ]
+    for name in cases:
+        m = med[name]
+        lines.append(f"| {name} | {m['wall']:.3f} | {m['client']:.3f} | {m['server']:.3f} |")
+    lines += [
+        "",
+        f"Cost per extra tensor (24 of them, both directions of the echo included): "
+        f"client {per_client_us:.1f} us, server {per_server_us:.1f} us "
+        "(goal: under 5 us per tensor on each side). Per round the median call; then the "
+        "least disturbed round (minimum over rounds) of each column; the client "
+        "column is wall time minus the server's total stage, so it carries loopback "
+        "noise that the per-tensor difference mostly cancels.",
+        END,
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.quick:
+        write_section(os.path.join(HERE, "results.md"), text, BEGIN, END)
+
+
+if __name__ == "__main__":
+    main()
