@@ -5,7 +5,7 @@
 * ``simple_server.py --port 0`` must print "listening on HOST:PORT", serve
   ``simple_client.py`` against that port, and exit 0 promptly on SIGINT (Ctrl-C)
   and on SIGTERM;
-* ``custom_codec.py``, ``auth_server.py``, ``tls_server.py``,
+* ``custom_codec.py``, ``auth_server.py``, ``tls_server.py``, ``transformer_kv_cache.py``,
   ``prometheus_monitoring.py`` and ``multi_port_server.py`` run their servers and
   clients in one process: each must exit 0 in time and print the lines that show
   what it demonstrates.
@@ -287,3 +287,17 @@ def test_multi_port_server_example() -> None:
         "all servers stopped",
     ]:
         assert expected in lines, f"missing {expected!r}\n" + _report(proc)
+
+
+@pytest.mark.timeout(SELF_CONTAINED_TIMEOUT_S + 20)
+def test_transformer_kv_cache_example() -> None:
+    """Hidden states, a padding mask and a 2-layer KV cache in one structure per call;
+    the remote run matches the local one."""
+    proc = _run([str(EXAMPLES / "transformer_kv_cache.py"), "--steps", "4"],
+                SELF_CONTAINED_TIMEOUT_S)
+    assert proc.returncode == 0, _report(proc)
+    steps = re.findall(r"^step (\d+): sent (\d+) position\(s\), cache now (\d+) long", proc.stdout,
+                       re.M)
+    assert [(int(a), int(b), int(c)) for a, b, c in steps] == \
+        [(0, 8, 8), (1, 1, 9), (2, 1, 10), (3, 1, 11)], _report(proc)
+    assert "matches the local run within the codecs' rounding" in proc.stdout, _report(proc)
