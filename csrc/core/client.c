@@ -413,11 +413,8 @@ static int small_call(sl_client *c, const sl_call_opts *opts, const char *method
   *out = NULL;
   if (buf == NULL) return sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
   protobuf_c_message_pack(req, buf);
-  status = sl_payload_new(buf, len, NULL, 0, NULL, NULL, &p);
-  if (status != SL_OK) {
-    free(buf);
-    return sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
-  }
+  status = sl_payload_new(buf, len, NULL, 0, NULL, NULL, &p); /* takes buf, failing or not */
+  if (status != SL_OK) return sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
   status = unary(c, method, p, opts, &resp, st, err);
   if (status != SL_OK) goto cleanup;
   status = sl__bb_readall(resp, &rbuf, &rlen);

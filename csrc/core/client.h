@@ -6,6 +6,10 @@
  * interrupt hook is asked whether to give up (this is how Ctrl-C reaches a
  * blocking call). No function here touches Python; callers release their own
  * locks (the GIL) around them.
+ *
+ * Failing functions follow the ownership rule of sl_common.h: what a function
+ * is given is its own on every path, and a failed call has already freed or
+ * released it.
  */
 #ifndef SL_CLIENT_H
 #define SL_CLIENT_H

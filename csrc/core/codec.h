@@ -18,6 +18,10 @@
  * Ownership: payloads and decoded tensors are storage from sl_storage_alloc()
  * (tensor.h), owned by the caller and freed with sl_storage_free(). Metadata
  * (sl_meta) is owned by the caller and freed with sl_meta_clear().
+ *
+ * Failing functions follow the ownership rule of sl_common.h: what a function
+ * is given is its own on every path, and a failed call has already freed or
+ * released it.
  */
 #ifndef SL_CODEC_H
 #define SL_CODEC_H

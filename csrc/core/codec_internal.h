@@ -17,6 +17,10 @@
  *  - decode: writes exactly `nbytes` bytes of tensor to `out` (caller-allocated,
  *    owned by the caller), reading no more than `payload_len` bytes of `payload`.
  *    Every check fails with SL_EINVAL / INVALID_ARGUMENT naming the codec.
+ *
+ * Failing functions follow the ownership rule of sl_common.h: what a function
+ * is given is its own on every path, and a failed call has already freed or
+ * released it.
  */
 #ifndef SL_CODEC_INTERNAL_H
 #define SL_CODEC_INTERNAL_H

@@ -1018,10 +1018,11 @@ int sl_tensor_set_pack(sl_msg_kind kind, ProtobufCMessage *header, const sl_tens
     segs[i].release = pr[i].release;
     segs[i].owner = pr[i].owner;
   }
+  /* the block and the releases are the payload's now, failing or not */
   status = sl_payload_new_segments(block, blen, cuts, segs, nsegs, out);
-  if (status != SL_OK) goto oom;
   block = NULL;
-  for (size_t i = 0; i < n_prepared; i++) pr[i].release = NULL; /* the payload owns them */
+  for (size_t i = 0; i < n_prepared; i++) pr[i].release = NULL;
+  if (status != SL_OK) goto oom;
   status = SL_OK;
   goto cleanup;
 oom:
@@ -1085,7 +1086,7 @@ int sl_tensor_out_pack(sl_msg_kind kind, ProtobufCMessage *header, const sl_tens
     goto cleanup;
   }
   status = sl_tensor_msg_pack(kind, header, p.data, p.nbytes, p.release, p.owner, out, err);
-  if (status == SL_OK) p.release = NULL; /* the payload owns it now */
+  p.release = NULL; /* taken by sl_tensor_msg_pack, failing or not */
 cleanup:
   /* the header must not keep pointers into memory freed here */
   if (f.shape != NULL) {
@@ -1137,9 +1138,11 @@ int sl_tensor_msg_pack(sl_msg_kind kind, const ProtobufCMessage *header, const v
     goto cleanup;
   }
   memcpy(buf + hlen, prefix, plen);
+  /* sl_payload_new takes the buffer and the release, failing or not */
   status = sl_payload_new(buf, hlen + plen, data, data_len, release, owner, out);
-  if (status != SL_OK) goto oom;
   buf = NULL;
+  release = NULL;
+  if (status != SL_OK) goto oom;
   status = SL_OK;
   goto cleanup;
 oom:
@@ -1147,6 +1150,7 @@ oom:
                       kind_name(kind));
 cleanup:
   free(buf);
+  if (release != NULL) release(owner); /* the rule of sl_common.h */
   return status;
 }
 

@@ -1,5 +1,9 @@
 /* message.h: the tensor-carrying messages of the wire contract (proto/).
  *
+ * Ownership follows sl_common.h: every function here that is given tensors (with
+ * their release callbacks) owns them from the call on, and on failure has
+ * released them before it returns.
+ *
  * Reading: a received message (as spans) becomes an sl_tensor_msg: the unpacked
  * protobuf-c header (every field but the tensor bytes), the tensor descriptor, and
  * the tensor bytes copied exactly once into fresh 64-byte aligned storage.
@@ -232,8 +236,9 @@ int sl_shape_to_wire(const sl_tensor_desc *desc, int32_t *shape32, sl_err *err);
 /* Pack `header` (a message of `kind` whose tensor field is empty) and append the
  * tensor field prefix for `data_len` bytes, then wrap it with the tensor bytes in
  * a payload (one reference, the caller's). Refuses with RESOURCE_EXHAUSTED a
- * message over SL_MAX_MESSAGE_BYTES, naming the limit. On failure release is not
- * called and the caller keeps `data`. */
+ * message over SL_MAX_MESSAGE_BYTES, naming the limit. Takes the release (the
+ * rule of sl_common.h): release(owner) runs exactly once, at the payload's last
+ * unref, or before returning on failure. */
 int sl_tensor_msg_pack(sl_msg_kind kind, const ProtobufCMessage *header, const void *data,
                        size_t data_len, sl_release_fn release, void *owner, sl_payload **out,
                        sl_err *err);

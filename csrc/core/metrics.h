@@ -4,6 +4,10 @@
  *
  * Ownership: an sl_metrics is owned by its server; snapshots and records are plain
  * values copied out to the caller.
+ *
+ * Failing functions follow the ownership rule of sl_common.h: what a function
+ * is given is its own on every path, and a failed call has already freed or
+ * released it.
  */
 #ifndef SL_METRICS_H
 #define SL_METRICS_H

@@ -22,7 +22,7 @@ int sl_payload_new_segments(uint8_t *block, size_t block_len, const size_t *cuts
                             const sl_segment *segs, size_t nsegs, sl_payload **out) {
   sl_payload *p = calloc(1, sizeof(*p));
   *out = NULL;
-  if (p == NULL) return SL_ENOMEM;
+  if (p == NULL) goto fail;
   if (nsegs <= 1) {
     p->cuts = &p->cut1;
     p->segs = &p->seg1;
@@ -33,7 +33,7 @@ int sl_payload_new_segments(uint8_t *block, size_t block_len, const size_t *cuts
       free(p->cuts);
       free(p->segs);
       free(p);
-      return SL_ENOMEM;
+      goto fail;
     }
   }
   atomic_init(&p->refs, 1);
@@ -48,6 +48,13 @@ int sl_payload_new_segments(uint8_t *block, size_t block_len, const size_t *cuts
   }
   *out = p;
   return SL_OK;
+fail:
+  /* the rule of sl_common.h: what was given is released on failure too */
+  for (size_t i = 0; i < nsegs; i++) {
+    if (segs[i].release != NULL) segs[i].release(segs[i].owner);
+  }
+  free(block);
+  return SL_ENOMEM;
 }
 
 int sl_payload_new(uint8_t *header, size_t header_len, const void *data, size_t data_len,

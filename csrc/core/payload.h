@@ -10,8 +10,9 @@
  * dropped it (the creator's, or a gRPC thread that holds no Python lock): it is
  * how a tensor's owner learns that its memory is free again.
  *
- * Failing functions here leave ownership with the caller (the project's rule,
- * sl_common.h): a failed sl_payload_new* takes nothing and calls no release.
+ * Ownership (the rule of sl_common.h): sl_payload_new* own the block and the
+ * segments from the call on; when they fail (SL_ENOMEM) they have freed the block
+ * and run every segment's release before returning.
  */
 #ifndef SL_PAYLOAD_H
 #define SL_PAYLOAD_H
@@ -38,14 +39,15 @@ typedef struct sl_segment {
 } sl_segment;
 
 /* Create a payload of one block and one segment, with one reference held by the
- * caller. Takes ownership of `header` (malloc'd, freed with free()) on success
- * only; `data` stays owned by `owner` until `release(owner)` runs (release may be
- * NULL). Returns SL_OK or SL_ENOMEM. */
+ * caller. Takes ownership of `header` (malloc'd, freed with free()) and of the
+ * release; `data` stays owned by `owner` until `release(owner)` runs (release may
+ * be NULL), which is at the last unref, or before returning on failure. Returns
+ * SL_OK or SL_ENOMEM. */
 int sl_payload_new(uint8_t *header, size_t header_len, const void *data, size_t data_len,
                    sl_release_fn release, void *owner, sl_payload **out);
 
-/* The general form: `block` (malloc'd, taken on success) cut by `cuts` (nsegs
- * increasing offsets into it) around `nsegs` segments (copied). */
+/* The general form: `block` (malloc'd, taken) cut by `cuts` (nsegs increasing
+ * offsets into it) around `nsegs` segments (copied; their releases taken). */
 int sl_payload_new_segments(uint8_t *block, size_t block_len, const size_t *cuts,
                             const sl_segment *segs, size_t nsegs, sl_payload **out);
 

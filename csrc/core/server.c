@@ -175,11 +175,8 @@ static int small_payload(const ProtobufCMessage *msg, sl_payload **out, sl_err *
   int rc;
   if (buf == NULL) return sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
   protobuf_c_message_pack(msg, buf);
-  rc = sl_payload_new(buf, len, NULL, 0, NULL, NULL, out);
-  if (rc != SL_OK) {
-    free(buf);
-    return sl_err_set(err, rc, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
-  }
+  rc = sl_payload_new(buf, len, NULL, 0, NULL, NULL, out); /* takes buf, failing or not */
+  if (rc != SL_OK) return sl_err_set(err, rc, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
   return SL_OK;
 }
 

@@ -9,6 +9,10 @@
  * User code is reached only through the hooks (sl_server_hooks), each called on a
  * worker thread with `user`. The core never takes any lock of the caller's
  * (such as Python's GIL); hooks take what they need.
+ *
+ * Failing functions follow the ownership rule of sl_common.h: what a function
+ * is given is its own on every path, and a failed call has already freed or
+ * released it.
  */
 #ifndef SL_SERVER_H
 #define SL_SERVER_H

@@ -5,6 +5,15 @@
  * SL_OK (0) or a negative SL_E* code; when it also takes an `sl_err *`, the record
  * holds the gRPC status code to report and a human-readable message naming what
  * went wrong. Out-parameters come last.
+ *
+ * Ownership rule, the same for every function of the core and the bindings:
+ * a function that is given ownership of something (a buffer, a tensor with its
+ * release callback, storage) owns it from the moment it is called, on every
+ * path. When it fails, it has already freed or released what it was given; the
+ * caller never cleans up after a failed call. A release callback therefore runs
+ * exactly once whatever the outcome. Functions that only borrow say "borrowed";
+ * out-parameters are owned by the caller only on success. Each header restates
+ * the rule for its functions.
  */
 #ifndef SL_COMMON_H
 #define SL_COMMON_H

@@ -4,6 +4,10 @@
  * pointers. Storage returned by sl_storage_alloc() is 64-byte aligned and owned by
  * the caller until handed on; it is freed with sl_storage_free() from any thread
  * (no GIL, no lock held by the caller is needed).
+ *
+ * Failing functions follow the ownership rule of sl_common.h: what a function
+ * is given is its own on every path, and a failed call has already freed or
+ * released it.
  */
 #ifndef SL_TENSOR_H
 #define SL_TENSOR_H

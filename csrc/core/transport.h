@@ -2,6 +2,10 @@
  *
  * Glue between the gRPC C core and the rest of the core: received byte buffers as
  * spans, payloads as byte buffers, metadata and channel arguments.
+ *
+ * Failing functions follow the ownership rule of sl_common.h: what a function
+ * is given is its own on every path, and a failed call has already freed or
+ * released it.
  */
 #ifndef SL_TRANSPORT_H
 #define SL_TRANSPORT_H

@@ -12,6 +12,10 @@
  * (sl_wire_data_prefix), then the tensor bytes referenced, not copied.
  *
  * Nothing here knows gRPC or Python: input is plain (pointer, length) spans.
+ *
+ * Failing functions follow the ownership rule of sl_common.h: what a function
+ * is given is its own on every path, and a failed call has already freed or
+ * released it.
  */
 #ifndef SL_WIRE_H
 #define SL_WIRE_H

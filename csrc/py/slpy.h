@@ -4,6 +4,10 @@
  * unless its comment says "called without the GIL". Those are the hooks the C
  * core calls from its own threads; each takes the GIL itself on its first line
  * with PyGILState_Ensure() and gives it back on its one exit.
+ *
+ * Failing functions follow the ownership rule of sl_common.h: what a function
+ * is given is its own on every path, and a failed call has already freed or
+ * released it.
  */
 #ifndef SLPY_H
 #define SLPY_H
