@@ -576,3 +576,25 @@ def test_remote_module_with_several_inputs_and_an_unused_output(serve, connect) 
     ya.sum().backward()                                  # yb unused: its gradient is zero
     assert torch.allclose(a.grad, torch.full((4,), 2.0))
     assert b.grad is not None and torch.equal(b.grad, torch.zeros(2))
+
+
+def test_server_and_its_compute_function_in_a_cycle_are_collected() -> None:
+    """_core.Server supports the cycle GC: a compute function that refers back to its
+    server (a common pattern: it reads server.metrics()) does not keep both alive."""
+    import gc
+    import weakref
+
+    class SelfAware(slc.ComputeFunction):
+        def compute(self, x):
+            return x
+
+    fn = SelfAware()
+    server = slc.GRPCComputeServer(fn, host="127.0.0.1", port=0).start()
+    fn.server = server                              # the cycle: server -> core -> fn -> server
+    with slc.GRPCComputeClient(f"127.0.0.1:{server.port}", retry_strategy=None) as client:
+        assert client.compute({"a": torch.ones(2)})["a"].sum() == 2
+    server.stop(grace=0)
+    alive = weakref.ref(fn)
+    del fn, server
+    gc.collect()
+    assert alive() is None

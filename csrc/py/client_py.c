@@ -423,8 +423,20 @@ static int client_init(client_obj *self, PyObject *args, PyObject *kwargs) {
   return 0;
 }
 
+static int client_traverse(client_obj *self, visitproc visit, void *arg) {
+  Py_VISIT(Py_TYPE(self));
+  Py_VISIT(self->target);
+  return 0;
+}
+
+static int client_clear(client_obj *self) {
+  Py_CLEAR(self->target);
+  return 0;
+}
+
 static void client_dealloc(client_obj *self) {
   PyTypeObject *tp = Py_TYPE(self);
+  PyObject_GC_UnTrack(self);
   client_close(self, NULL);
   Py_CLEAR(self->target);
   tp->tp_free((PyObject *)self);
@@ -448,6 +460,8 @@ static PyType_Slot client_slots[] = {
     {Py_tp_init, client_init},
     {Py_tp_new, PyType_GenericNew},
     {Py_tp_dealloc, client_dealloc},
+    {Py_tp_traverse, client_traverse},
+    {Py_tp_clear, client_clear},
     {Py_tp_methods, client_methods},
     {Py_tp_doc, "The C client (internal; use splitlearn_comm.GRPCComputeClient)."},
     {0, NULL}};
@@ -455,6 +469,6 @@ static PyType_Slot client_slots[] = {
 PyType_Spec slpy_client_spec = {
     .name = "splitlearn_comm._core.Client",
     .basicsize = sizeof(client_obj),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_HAVE_GC,
     .slots = client_slots,
 };

@@ -141,9 +141,22 @@ cleanup:
   return result;
 }
 
+static int codec_traverse(codec_obj *self, visitproc visit, void *arg) {
+  Py_VISIT(Py_TYPE(self));
+  Py_VISIT(self->inner);
+  return 0;
+}
+
+static int codec_clear(codec_obj *self) {
+  Py_CLEAR(self->inner);
+  return 0;
+}
+
 static void codec_dealloc(codec_obj *self) {
   PyTypeObject *tp = Py_TYPE(self);
+  PyObject_GC_UnTrack(self);
   sl_codec_destroy(self->codec);
+  self->codec = NULL;
   Py_CLEAR(self->inner);
   tp->tp_free((PyObject *)self);
   Py_DECREF(tp);
@@ -163,6 +176,8 @@ static PyType_Slot codec_slots[] = {
     {Py_tp_init, codec_init},
     {Py_tp_new, PyType_GenericNew},
     {Py_tp_dealloc, codec_dealloc},
+    {Py_tp_traverse, codec_traverse},
+    {Py_tp_clear, codec_clear},
     {Py_tp_methods, codec_methods},
     {Py_tp_getset, codec_getset},
     {Py_tp_doc, "A built-in C codec (internal; use the classes in splitlearn_comm.codecs)."},
@@ -171,7 +186,7 @@ static PyType_Slot codec_slots[] = {
 PyType_Spec slpy_codec_spec = {
     .name = "splitlearn_comm._core.Codec",
     .basicsize = sizeof(codec_obj),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .slots = codec_slots,
 };
 

@@ -606,21 +606,44 @@ static PyObject *server_get_total(server_obj *self, void *closure) {
   return PyLong_FromLongLong(self->server ? sl_server_total_requests(self->server) : 0);
 }
 
-static void server_dealloc(server_obj *self) {
-  PyTypeObject *tp = Py_TYPE(self);
+/* Stop and free the C server: its workers call the objects cleared next. */
+static void server_release_core(server_obj *self) {
   if (self->server != NULL) {
     sl_server *s = self->server;
+    self->server = NULL;
     /* workers may be waiting for the GIL inside a hook: release it while they end */
     Py_BEGIN_ALLOW_THREADS
     sl_server_destroy(s);
     Py_END_ALLOW_THREADS
-    self->server = NULL;
   }
+}
+
+static int server_traverse(server_obj *self, visitproc visit, void *arg) {
+  Py_VISIT(Py_TYPE(self));
+  Py_VISIT(self->compute);
+  Py_VISIT(self->info);
+  Py_VISIT(self->codec);
+  Py_VISIT(self->intercept);
+  Py_VISIT(self->holder_type);
+  return 0;
+}
+
+/* Break cycles (the compute callable may refer back to the server's owner). The
+ * C server goes first: no worker may call what is cleared here. */
+static int server_clear(server_obj *self) {
+  server_release_core(self);
   Py_CLEAR(self->compute);
   Py_CLEAR(self->info);
   Py_CLEAR(self->codec);
   Py_CLEAR(self->intercept);
   Py_CLEAR(self->holder_type);
+  return 0;
+}
+
+static void server_dealloc(server_obj *self) {
+  PyTypeObject *tp = Py_TYPE(self);
+  PyObject_GC_UnTrack(self);
+  server_clear(self);
   tp->tp_free((PyObject *)self);
   Py_DECREF(tp);
 }
@@ -799,6 +822,8 @@ static PyType_Slot server_slots[] = {
     {Py_tp_init, server_init},
     {Py_tp_new, PyType_GenericNew},
     {Py_tp_dealloc, server_dealloc},
+    {Py_tp_traverse, server_traverse},
+    {Py_tp_clear, server_clear},
     {Py_tp_methods, server_methods},
     {Py_tp_getset, server_getset},
     {Py_tp_doc, "The C server (internal; use splitlearn_comm.GRPCComputeServer)."},
@@ -807,6 +832,6 @@ static PyType_Slot server_slots[] = {
 PyType_Spec slpy_server_spec = {
     .name = "splitlearn_comm._core.Server",
     .basicsize = sizeof(server_obj),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_HAVE_GC,
     .slots = server_slots,
 };
