@@ -25,10 +25,12 @@ logger = logging.getLogger("splitlearn_comm.client")
 MetadataLike = Union[None, Mapping[str, Union[str, bytes]], Sequence[Tuple[str, Union[str, bytes]]]]
 OptionsLike = Optional[Sequence[Tuple[str, Union[int, bool, str]]]]
 
-_COMPUTE = "/splitlearn.comm.ComputeService/Compute"
-_BACKWARD = "/splitlearn.comm.ComputeService/ComputeBackward"
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-              grpc.StatusCode.RESOURCE_EXHAUSTED)
+# policies that live in the C core, used here, not copied
+_COMPUTE = _core.METHOD_COMPUTE
+_BACKWARD = _core.METHOD_BACKWARD
+_HEALTH = _core.METHOD_HEALTH
+_INFO = _core.METHOD_INFO
+_RETRYABLE = tuple(c for c in grpc.StatusCode if c.value[0] in _core.RETRYABLE_CODES)
 _KEY = re.compile(r"^[0-9a-z_.\-]+$")
 
 
@@ -65,10 +67,9 @@ class _BuiltinRetry(RetryStrategy):
         return None
 
     def delay(self, retry: int) -> float:
-        """The delay before retry number ``retry`` (0-based), jitter applied."""
-        d = self._initial * (self._multiplier ** retry if self._multiplier > 1 else 1.0)
-        d = min(d, self._max) if self._max > 0 else d
-        return max(0.0, d * (1.0 + self._jitter * (2.0 * random.random() - 1.0)))
+        """The delay before retry number ``retry`` (0-based), jitter applied (the
+        rule of the C retry loop, sl_retry_delay)."""
+        return float(_core.retry_delay(self._policy(), int(retry), random.random()))
 
     def execute(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """The same policy in Python, for use outside the client."""
@@ -181,8 +182,7 @@ class CircuitBreaker(_BuiltinRetry):
         allowed, wait, failures = self._c.allow()
         if not allowed:
             raise RpcError(grpc.StatusCode.UNAVAILABLE,
-                           f"circuit breaker is open for another {wait:.1f} s after {failures} "
-                           "failed calls in a row; calls fail at once until then", attempts=0)
+                           _core.breaker_open_message(float(wait), int(failures)), attempts=0)
         try:
             if self.strategy is None:
                 result = func(*args, **kwargs)
@@ -637,7 +637,7 @@ class GRPCComputeClient:
                 metadata=self.metadata)
         except _core.CallError as e:
             raise from_call_error(e, target=self.server_address,
-                                  method="/splitlearn.comm.ComputeService/GetServiceInfo") from None
+                                  method=_INFO) from None
 
     def get_statistics(self) -> Dict[str, Any]:
         """Counters and times (ms) of this client's ``compute()`` calls.
@@ -719,7 +719,7 @@ class ComputeServiceStub:
             r = self._client._live().health(timeout=self._timeout(timeout), metadata=self._md(metadata))
         except _core.CallError as e:
             raise from_call_error(e, target=self._client.server_address,
-                                  method="/splitlearn.comm.ComputeService/HealthCheck") from None
+                                  method=_HEALTH) from None
         return protocol.HealthResponse(**r)
 
     def GetServiceInfo(self, request: Any = None, metadata: MetadataLike = None,
@@ -729,5 +729,5 @@ class ComputeServiceStub:
                                                   metadata=self._md(metadata))
         except _core.CallError as e:
             raise from_call_error(e, target=self._client.server_address,
-                                  method="/splitlearn.comm.ComputeService/GetServiceInfo") from None
+                                  method=_INFO) from None
         return protocol.ServiceInfoResponse(**r)

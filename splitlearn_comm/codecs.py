@@ -163,8 +163,9 @@ class CodecRegistry:
         try:
             return self._codecs[name]
         except KeyError:
-            known = ", ".join(["raw", "cast", "float16", "bfloat16", "int8", "zstd", "zlib",
-                               "sparse_coo", *self._codecs])
+            from . import _core
+
+            known = ", ".join([_core.BUILTIN_CODECS, *self._codecs])
             raise CodecError(f"unknown codec {name!r}; known codecs: {known}") from None
 
     def names(self) -> list:

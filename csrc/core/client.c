@@ -16,6 +16,7 @@
 #include <time.h>
 
 #include "health.pb-c.h"
+#include "methods.h"
 #include "transport.h"
 
 #define SLICE_S 0.2
@@ -316,15 +317,12 @@ static int unary(sl_client *c, const char *method, sl_payload *p, const sl_call_
     double now = sl_now(), retry_at = 0;
     int failures = 0;
     if (!sl_breaker_allow(o->breaker, now, &retry_at, &failures)) {
-      char buf[160];
-      int n = snprintf(buf, sizeof(buf),
-                       "circuit breaker is open for another %.1f s after %d failed calls in a "
-                       "row; calls fail at once until then",
-                       retry_at - now, failures);
+      char buf[SL_BREAKER_MESSAGE_MAX];
+      sl_breaker_open_message(retry_at - now, failures, buf, sizeof(buf));
       sl_call_status_clear(st);
       st->attempts = 0;
       st->code = SL_STATUS_UNAVAILABLE;
-      st->details = sl_strndup(buf, n > 0 && (size_t)n < sizeof(buf) ? (size_t)n : strlen(buf));
+      st->details = sl_strndup(buf, strlen(buf));
       return SL_ESTATUS;
     }
   }
@@ -344,8 +342,7 @@ int sl_client_compute(sl_client *c, const sl_call_opts *opts, int backward,
   sl_msg_kind req_kind = backward ? SL_MSG_BACKWARD_REQUEST : SL_MSG_COMPUTE_REQUEST;
   sl_msg_kind resp_kind = backward ? SL_MSG_BACKWARD_RESPONSE : SL_MSG_COMPUTE_RESPONSE;
   ProtobufCMessage *header = backward ? &breq.base : &req.base;
-  const char *method = backward ? "/splitlearn.comm.ComputeService/ComputeBackward"
-                                : "/splitlearn.comm.ComputeService/Compute";
+  const char *method = backward ? SL_METHOD_PATH_BACKWARD : SL_METHOD_PATH_COMPUTE;
   sl_payload *p = NULL;
   grpc_byte_buffer *resp = NULL;
   sl__bbspans spans = {0};
@@ -446,7 +443,7 @@ int sl_client_health(sl_client *c, const sl_call_opts *opts, sl_health *out, sl_
                      sl_err *err) {
   Splitlearn__Comm__HealthRequest req = SPLITLEARN__COMM__HEALTH_REQUEST__INIT;
   Splitlearn__Comm__HealthResponse *r = NULL;
-  int status = small_call(c, opts, "/splitlearn.comm.ComputeService/HealthCheck", &req.base,
+  int status = small_call(c, opts, SL_METHOD_PATH_HEALTH, &req.base,
                           &splitlearn__comm__health_response__descriptor,
                           (ProtobufCMessage **)&r, st, err);
   memset(out, 0, sizeof(*out));
@@ -477,7 +474,7 @@ int sl_client_service_info(sl_client *c, const sl_call_opts *opts, sl_info_resul
                            sl_call_status *st, sl_err *err) {
   Splitlearn__Comm__ServiceInfoRequest req = SPLITLEARN__COMM__SERVICE_INFO_REQUEST__INIT;
   Splitlearn__Comm__ServiceInfoResponse *r = NULL;
-  int status = small_call(c, opts, "/splitlearn.comm.ComputeService/GetServiceInfo", &req.base,
+  int status = small_call(c, opts, SL_METHOD_PATH_INFO, &req.base,
                           &splitlearn__comm__service_info_response__descriptor,
                           (ProtobufCMessage **)&r, st, err);
   int oom = 0;
@@ -516,7 +513,7 @@ int sl_client_std_health(sl_client *c, const sl_call_opts *opts, const char *ser
   Grpc__Health__V1__HealthCheckResponse *r = NULL;
   int status;
   req.service = (char *)service;
-  status = small_call(c, opts, "/grpc.health.v1.Health/Check", &req.base,
+  status = small_call(c, opts, SL_METHOD_PATH_STD_HEALTH, &req.base,
                       &grpc__health__v1__health_check_response__descriptor,
                       (ProtobufCMessage **)&r, st, err);
   *status_out = 0;

@@ -30,6 +30,8 @@
 
 #include "codec_internal.h"
 
+#include <pthread.h>
+
 /* ---- typed metadata ---- */
 
 static int meta_append(sl_meta *m, const char *key, sl_meta_value *v) {
@@ -252,6 +254,23 @@ const sl__codec_entry *sl__codec_lookup(const char *name) {
 }
 
 int sl_codec_name_is_builtin(const char *name) { return sl__codec_lookup(name) != NULL; }
+
+static char codec_names[256];
+static pthread_once_t codec_names_once = PTHREAD_ONCE_INIT;
+
+static void make_codec_names(void) {
+  size_t used = 0;
+  for (size_t i = 0; i < CODEC_TABLE_N; i++) {
+    used += (size_t)snprintf(codec_names + used, sizeof(codec_names) - used, "%s%s",
+                             i ? ", " : "", codec_table[i].name);
+    if (used >= sizeof(codec_names)) break;
+  }
+}
+
+const char *sl_codec_builtin_names(void) {
+  pthread_once(&codec_names_once, make_codec_names);
+  return codec_names;
+}
 
 int sl__codec_kind_accepts(sl_codec_kind kind, sl_dtype dtype) {
   if (dtype <= SL_DTYPE_INVALID || dtype >= SL_DTYPE_COUNT) return 0;
@@ -488,9 +507,8 @@ int sl_codec_decode(const char *name, const sl_tensor_desc *desc, const void *pa
   e = sl__codec_lookup(name);
   if (e == NULL) {
     status = sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
-                        "unknown codec '%.64s'; the built-in codecs are raw, cast, float16, "
-                        "bfloat16, int8, zstd, zlib, sparse_coo",
-                        name == NULL ? "(null)" : name);
+                        "unknown codec '%.64s'; the built-in codecs are %s",
+                        name == NULL ? "(null)" : name, sl_codec_builtin_names());
     goto cleanup;
   }
   status = check_desc(e->name, desc, &nbytes, err);

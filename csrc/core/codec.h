@@ -124,6 +124,10 @@ int sl_codec_encode(const sl_codec *c, const sl_tensor_desc *desc, const void *d
                     size_t nbytes, void **payload, size_t *payload_len, sl_meta *meta,
                     sl_err *err);
 
+/* The built-in codecs' wire names, "raw, cast, ..., sparse_coo" (a static string
+ * made from the codec table: the one list, for messages and for Python). */
+const char *sl_codec_builtin_names(void);
+
 /* 1 when `name` is a built-in codec's wire name. */
 int sl_codec_name_is_builtin(const char *name);
 

@@ -1,6 +1,8 @@
 /* dtype.c: see dtype.h. */
 #include "dtype.h"
 
+#include <pthread.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "sl_common.h"
@@ -37,6 +39,23 @@ static const dtype_row table[SL_DTYPE_COUNT] = {
 static int valid(sl_dtype dt) { return dt > SL_DTYPE_INVALID && dt < SL_DTYPE_COUNT; }
 
 const char *sl_dtype_name(sl_dtype dt) { return valid(dt) ? table[dt].name : ""; }
+
+static char names[256];
+static pthread_once_t names_once = PTHREAD_ONCE_INIT;
+
+static void make_names(void) {
+  size_t used = 0;
+  for (int dt = SL_DTYPE_INVALID + 1; dt < SL_DTYPE_COUNT; dt++) {
+    used += (size_t)snprintf(names + used, sizeof(names) - used, "%s%s",
+                             dt > SL_DTYPE_INVALID + 1 ? ", " : "", table[dt].name);
+    if (used >= sizeof(names)) break;
+  }
+}
+
+const char *sl_dtype_names(void) {
+  pthread_once(&names_once, make_names);
+  return names;
+}
 
 size_t sl_dtype_itemsize(sl_dtype dt) { return valid(dt) ? table[dt].bits / 8u : 0u; }
 

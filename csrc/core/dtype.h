@@ -37,6 +37,10 @@ typedef enum sl_dtype {
 /* The wire name ("float32", ...), a static string; "" for an invalid dtype. */
 const char *sl_dtype_name(sl_dtype dt);
 
+/* Every dtype's wire name, "float16, bfloat16, ..., bool" (a static string made
+ * from the dtype table: the one list, for messages and for Python). */
+const char *sl_dtype_names(void);
+
 /* Bytes per element; 0 for an invalid dtype. */
 size_t sl_dtype_itemsize(sl_dtype dt);
 

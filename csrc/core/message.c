@@ -260,10 +260,7 @@ static uint32_t kv_field_of(sl_msg_kind kind) {
   return 0;
 }
 
-static const char *known_dtypes(void) {
-  return "float16, bfloat16, float32, float64, complex64, complex128, int8, int16, int32, "
-         "int64, uint8, uint16, uint32, uint64, bool";
-}
+static const char *known_dtypes(void) { return sl_dtype_names(); }
 
 /* Allocate an item's storage and copy its bytes there: the one copy of the
  * receive path, slices straight into the final storage. */

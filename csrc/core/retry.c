@@ -1,6 +1,8 @@
 /* retry.c: see retry.h. */
 #include "retry.h"
 
+#include <stdio.h>
+
 #include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -23,6 +25,14 @@ double sl_retry_delay(const sl_retry_policy *p, int retry, double u) {
   if (factor < 0) factor = 0;
   d *= factor;
   return d < 0 ? 0 : d;
+}
+
+void sl_breaker_open_message(double wait, int failures, char *buf, size_t buflen) {
+  if (buflen == 0) return;
+  snprintf(buf, buflen,
+           "circuit breaker is open for another %.1f s after %d failed calls in a row; calls "
+           "fail at once until then",
+           wait, failures);
 }
 
 double sl_retry_uniform(uint64_t *state) {

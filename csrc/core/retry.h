@@ -4,6 +4,7 @@
 #ifndef SL_RETRY_H
 #define SL_RETRY_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #ifdef __cplusplus
@@ -57,6 +58,13 @@ void sl_breaker_record(sl_breaker *b, int code, double now);
 
 /* The state (SL_BREAKER_*) and the current run of failures. */
 int sl_breaker_state(sl_breaker *b, int *failures);
+
+/* The message of a call refused by an open breaker (the one wording, used by the
+ * C client and, through the binding, by Python strategies): `wait` seconds until
+ * it lets calls through, after `failures` failures in a row. Always
+ * NUL-terminated. */
+#define SL_BREAKER_MESSAGE_MAX 160
+void sl_breaker_open_message(double wait, int failures, char *buf, size_t buflen);
 
 /* A small thread-safe PRNG step (xorshift64*); returns a uniform value in [0, 1). */
 double sl_retry_uniform(uint64_t *state);

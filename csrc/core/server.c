@@ -23,12 +23,13 @@
 #include "health.pb-c.h"
 #include "transport.h"
 
-#define SERVICE "/splitlearn.comm.ComputeService/"
-#define METHOD_COMPUTE SERVICE "Compute"
-#define METHOD_BACKWARD SERVICE "ComputeBackward"
-#define METHOD_HEALTH SERVICE "HealthCheck"
-#define METHOD_INFO SERVICE "GetServiceInfo"
-#define METHOD_STD_HEALTH "/grpc.health.v1.Health/Check"
+#include "methods.h"
+
+#define METHOD_COMPUTE SL_METHOD_PATH_COMPUTE
+#define METHOD_BACKWARD SL_METHOD_PATH_BACKWARD
+#define METHOD_HEALTH SL_METHOD_PATH_HEALTH
+#define METHOD_INFO SL_METHOD_PATH_INFO
+#define METHOD_STD_HEALTH SL_METHOD_PATH_STD_HEALTH
 
 enum { ST_CREATED, ST_RUNNING, ST_STOPPING, ST_STOPPED };
 
@@ -693,7 +694,7 @@ static void *worker_main(void *arg) {
 
 /* Keep the Python codec names and the list of every known codec for messages. */
 static int copy_codec_names(sl_server *s, const sl_server_config *cfg, sl_err *err) {
-  static const char *const builtin = "raw, cast, float16, bfloat16, int8, zstd, zlib, sparse_coo";
+  const char *builtin = sl_codec_builtin_names();
   size_t len = strlen(builtin) + 1;
   if (cfg->n_python_codecs > 0) {
     s->python_codecs = calloc(cfg->n_python_codecs, sizeof(char *));

@@ -54,10 +54,8 @@ int slpy_export_tensor(PyObject *obj, slpy_export *ex) {
   if (sl_dtype_from_dlpack(t->dtype.code, t->dtype.bits, t->dtype.lanes, &ex->desc.dtype) !=
       SL_OK) {
     PyErr_Format(PyExc_TypeError,
-                 "unsupported tensor dtype (DLPack code %d, %d bits, %d lanes); supported: "
-                 "float16, bfloat16, float32, float64, complex64, complex128, int8, int16, "
-                 "int32, int64, uint8, uint16, uint32, uint64, bool",
-                 (int)t->dtype.code, (int)t->dtype.bits, (int)t->dtype.lanes);
+                 "unsupported tensor dtype (DLPack code %d, %d bits, %d lanes); supported: %s",
+                 (int)t->dtype.code, (int)t->dtype.bits, (int)t->dtype.lanes, sl_dtype_names());
     dlm = NULL;
     goto cleanup;
   }

@@ -8,6 +8,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "methods.h"
+#include "retry.h"
 #include "slpy.h"
 
 slpy_state *slpy_state_of_module(PyObject *module) { return PyModule_GetState(module); }
@@ -422,7 +424,37 @@ static PyObject *py_status_name(PyObject *m, PyObject *arg) {
   return PyUnicode_FromString(sl_status_name((int)code));
 }
 
+/* retry_delay(policy, retry, u) -> seconds: the built-in strategies' delay
+ * (sl_retry_delay), for Python to use outside the C retry loop. */
+static PyObject *py_retry_delay(PyObject *m, PyObject *args) {
+  sl_retry_policy p;
+  int retry;
+  double u;
+  (void)m;
+  memset(&p, 0, sizeof(p));
+  if (!PyArg_ParseTuple(args, "(iddddd)id", &p.max_retries, &p.initial_delay, &p.max_delay,
+                        &p.multiplier, &p.jitter, &p.attempt_timeout, &retry, &u)) {
+    return NULL;
+  }
+  return PyFloat_FromDouble(sl_retry_delay(&p, retry, u));
+}
+
+/* breaker_open_message(wait, failures) -> str: the one wording of a refused call. */
+static PyObject *py_breaker_open_message(PyObject *m, PyObject *args) {
+  double wait;
+  int failures;
+  char buf[SL_BREAKER_MESSAGE_MAX];
+  (void)m;
+  if (!PyArg_ParseTuple(args, "di", &wait, &failures)) return NULL;
+  sl_breaker_open_message(wait, failures, buf, sizeof(buf));
+  return PyUnicode_FromString(buf);
+}
+
 static PyMethodDef module_methods[] = {
+    {"retry_delay", py_retry_delay, METH_VARARGS,
+     "retry_delay(policy, retry, u) -> delay in seconds (the built-in strategies' rule)."},
+    {"breaker_open_message", py_breaker_open_message, METH_VARARGS,
+     "breaker_open_message(wait, failures) -> the message of a call an open breaker refused."},
     {"status_name", py_status_name, METH_O, "Name of a gRPC status code."},
     {"grpc_log", py_grpc_log, METH_NOARGS, "The gRPC core's latest log lines (list of str)."},
     {"decode", slpy_codec_decode, METH_VARARGS,
@@ -469,6 +501,29 @@ static int module_exec(PyObject *m) {
   if (PyModule_AddObjectRef(m, "CallError", st->call_error) < 0) return -1;
   if (slpy_tensor_types_init(st, m) < 0) return -1;
   if (PyModule_AddIntConstant(m, "DEFAULT_MAX_TENSORS", SL_DEFAULT_MAX_TENSORS) < 0) return -1;
+  /* the policies that live in the core, for the Python layer to use, not copy */
+  if (PyModule_AddStringConstant(m, "METHOD_COMPUTE", SL_METHOD_PATH_COMPUTE) < 0 ||
+      PyModule_AddStringConstant(m, "METHOD_BACKWARD", SL_METHOD_PATH_BACKWARD) < 0 ||
+      PyModule_AddStringConstant(m, "METHOD_HEALTH", SL_METHOD_PATH_HEALTH) < 0 ||
+      PyModule_AddStringConstant(m, "METHOD_INFO", SL_METHOD_PATH_INFO) < 0 ||
+      PyModule_AddStringConstant(m, "BUILTIN_CODECS", sl_codec_builtin_names()) < 0 ||
+      PyModule_AddStringConstant(m, "DTYPES", sl_dtype_names()) < 0) {
+    return -1;
+  }
+  {
+    PyObject *codes = PyList_New(0);
+    int rc = codes != NULL ? 0 : -1;
+    for (int c = 1; rc == 0 && c <= 16; c++) {
+      if (sl_retry_code_is_retryable(c)) {
+        PyObject *v = PyLong_FromLong(c);
+        rc = v != NULL ? PyList_Append(codes, v) : -1;
+        Py_XDECREF(v);
+      }
+    }
+    if (rc == 0) rc = PyModule_AddObjectRef(m, "RETRYABLE_CODES", codes);
+    Py_XDECREF(codes);
+    if (rc < 0) return -1;
+  }
   if (PyModule_AddIntConstant(m, "DEFAULT_MAX_DEPTH", SL_DEFAULT_MAX_DEPTH) < 0) return -1;
   if (PyModule_AddIntConstant(m, "MAX_MESSAGE_BYTES", (long)SL_MAX_MESSAGE_BYTES) < 0) return -1;
   if (PyModule_AddIntConstant(m, "MAX_NDIM", SL_MAX_NDIM) < 0) return -1;
