@@ -15,7 +15,8 @@ from .core import ComputeFunction, ModelComputeFunction, TensorCodec
 from .errors import RpcError
 from .server import GRPCComputeServer
 from .tls import ClientTLS, ServerTLS
-from .training import TrainableComputeFunction, remote
+from .training_client import remote
+from .training import TrainableComputeFunction
 
 __version__ = "0.1.0"
 
@@ -49,7 +50,7 @@ __all__ = [
 
 def __getattr__(name: str):
     if name == "RemoteModule":  # a torch.nn.Module: made on first use, torch is imported lazily
-        from . import training
+        from . import training_client as _remote
 
-        return training.RemoteModule
+        return _remote.RemoteModule
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

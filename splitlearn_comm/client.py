@@ -14,6 +14,8 @@ import grpc
 import numpy as np
 
 from . import _core, _structure, _tensor, protocol
+from ._metadata import MetadataLike
+from ._metadata import normalize as _normalize_metadata
 from ._structure import CodecSpec
 from .codecs import CodecError, CodecRegistry, decode_python, encode_python
 from .core import TensorCodec
@@ -22,7 +24,6 @@ from .tls import ClientTLS
 
 logger = logging.getLogger("splitlearn_comm.client")
 
-MetadataLike = Union[None, Mapping[str, Union[str, bytes]], Sequence[Tuple[str, Union[str, bytes]]]]
 OptionsLike = Optional[Sequence[Tuple[str, Union[int, bool, str]]]]
 
 # policies that live in the C core, used here, not copied
@@ -31,7 +32,6 @@ _BACKWARD = _core.METHOD_BACKWARD
 _HEALTH = _core.METHOD_HEALTH
 _INFO = _core.METHOD_INFO
 _RETRYABLE = tuple(c for c in grpc.StatusCode if c.value[0] in _core.RETRYABLE_CODES)
-_KEY = re.compile(r"^[0-9a-z_.\-]+$")
 
 
 class RetryStrategy(abc.ABC):
@@ -225,28 +225,6 @@ def _check_target(target: str) -> None:
 def _seconds(timeout: Optional[float], forever: float = 0.0) -> float:
     """A timeout for the C core: None means no deadline (0 there, or `forever`)."""
     return forever if timeout is None else float(timeout)
-
-
-def _normalize_metadata(md: MetadataLike) -> List[Tuple[str, Union[str, bytes]]]:
-    if md is None:
-        return []
-    items = list(md.items()) if isinstance(md, Mapping) else list(md)
-    out = []
-    for item in items:
-        if not isinstance(item, tuple) or len(item) != 2:
-            raise TypeError(f"metadata items must be (key, value) tuples, got {item!r}")
-        key, value = item
-        if not isinstance(key, str) or not _KEY.match(key):
-            raise ValueError(f"invalid metadata key {key!r}: keys are lowercase ASCII letters, "
-                             "digits, '-', '_' and '.'")
-        if key.endswith("-bin"):
-            if not isinstance(value, (bytes, str)):
-                raise TypeError(f"metadata value for {key!r} must be bytes")
-        elif not isinstance(value, str) or not value.isascii() or not value.isprintable():
-            raise ValueError(f"metadata value for {key!r} must be printable ASCII text "
-                             "(use a key ending in '-bin' for binary values)")
-        out.append((key, value))
-    return out
 
 
 class _Stats:
@@ -495,7 +473,7 @@ class GRPCComputeClient:
         inference call. The server hosts a ``TrainableComputeFunction`` (or another
         compute function with ``backward()``); see docs/training.md.
         """
-        from .training import remote
+        from .training_client import remote
 
         return remote(self, tensor, training=training, learning_rate=learning_rate,
                       accumulation_step=accumulation_step, metadata=metadata, timeout=timeout)

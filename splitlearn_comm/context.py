@@ -5,6 +5,8 @@ import threading
 import time
 from typing import Any, Dict, Optional, Tuple
 
+from ._metadata import normalize as normalize_metadata
+
 _local = threading.local()
 
 
@@ -56,9 +58,7 @@ class CallContext:
     def set_trailing_metadata(self, trailing_metadata: Any) -> None:
         """Metadata sent with the call's status, whether it ends OK or not (keys are
         lowercase ASCII; values str, or bytes for keys ending in ``-bin``)."""
-        from .client import _normalize_metadata
-
-        self._trailing = tuple(_normalize_metadata(trailing_metadata))
+        self._trailing = tuple(normalize_metadata(trailing_metadata))
 
     def abort(self, code: Any, details: str) -> None:
         """End the call with gRPC status ``code`` (a ``grpc.StatusCode``) and
