@@ -58,20 +58,40 @@ def flatten(obj: Any) -> Tuple[int, List[Tuple[str, Any]], Optional[List[Node]]]
     names: set = set()
     tensor_type = _torch_tensor_type()
 
+    def add_tensor(o: Any, path: str, key: Optional[str]) -> None:
+        name = path or "0"
+        if name in names:
+            raise ValueError(f"two tensors of the structure have the same name {name!r}; "
+                             "dict keys containing '.' can collide with nested paths")
+        names.add(name)
+        leaves.append((name, o))
+        nodes.append((TENSOR, 0, key, None))
+
     def walk(o: Any, path: str, key: Optional[str]) -> None:
         tp = type(o)
+        if tp is tensor_type:
+            add_tensor(o, path, key)
+            return
+        if tp is tuple or tp is list:
+            nodes.append((TUPLE if tp is tuple else LIST, len(o), key, None))
+            prefix = path + "." if path else ""
+            for i, child in enumerate(o):
+                walk(child, prefix + str(i), None)
+            return
+        if tp is dict:
+            nodes.append((DICT, len(o), key, None))
+            prefix = path + "." if path else ""
+            for k, child in o.items():
+                if type(k) is not str:
+                    raise TypeError(f"dict keys must be str, got {type(k).__name__} ({k!r}) at "
+                                    f"{path or 'the root'!r}")
+                walk(child, prefix + k, k)
+            return
         kind = _SCALAR_KINDS.get(tp)
-        if tp is tensor_type or (kind is None and tp not in (tuple, list, dict)
-                                 and o is not None and is_tensor(o)):
-            name = path or "0"
-            if name in names:
-                raise ValueError(f"two tensors of the structure have the same name {name!r}; "
-                                 "dict keys containing '.' can collide with nested paths")
-            names.add(name)
-            leaves.append((name, o))
-            nodes.append((TENSOR, 0, key, None))
-        elif o is None:
+        if o is None:
             nodes.append((NONE, 0, key, None))
+        elif kind is None and is_tensor(o):
+            add_tensor(o, path, key)
         elif kind is not None or isinstance(o, (bool, int, float, str)):
             if kind is None:  # a subclass (an IntEnum, ...): its base kind
                 kind = BOOL if isinstance(o, bool) else INT if isinstance(o, int) else \
@@ -80,19 +100,10 @@ def flatten(obj: Any) -> Tuple[int, List[Tuple[str, Any]], Optional[List[Node]]]
                 raise ValueError(f"the int at {path or 'the root'!r} does not fit 64 bits")
             nodes.append((kind, 0, key, int(o) if kind in (BOOL, INT) else
                           float(o) if kind == FLOAT else str(o)))
-        elif tp is tuple or tp is list or isinstance(o, (tuple, list)):
-            nodes.append((LIST if isinstance(o, list) else TUPLE, len(o), key, None))
-            prefix = path + "." if path else ""
-            for i, child in enumerate(o):
-                walk(child, prefix + str(i), None)
-        elif tp is dict or isinstance(o, Mapping):
-            nodes.append((DICT, len(o), key, None))
-            prefix = path + "." if path else ""
-            for k, child in o.items():
-                if type(k) is not str:
-                    raise TypeError(f"dict keys must be str, got {type(k).__name__} ({k!r}) at "
-                                    f"{path or 'the root'!r}")
-                walk(child, prefix + k, k)
+        elif isinstance(o, (tuple, list)):
+            walk(tuple(o) if isinstance(o, tuple) else list(o), path, key)
+        elif isinstance(o, Mapping):
+            walk(dict(o), path, key)
         else:
             raise TypeError(f"cannot send a {tp.__name__} at {path or 'the root'!r}: a "
                             "structure holds tensors, dict/tuple/list, None, bool, int, float "
@@ -119,20 +130,19 @@ def unflatten(form: int, tensors: Sequence[Any], names: Sequence[str],
         pos += 1
         if kind == TENSOR:
             return next(it)
-        if kind == NONE:
-            return None
-        if kind == BOOL:
-            return bool(value)
-        if kind in (INT, FLOAT, STRING):
-            return value
+        if kind == TUPLE:
+            return tuple([build() for _ in range(size)])
+        if kind == LIST:
+            return [build() for _ in range(size)]
         if kind == DICT:
             out = {}
             for _ in range(size):
-                child_key = nodes[pos][2]
-                out[child_key] = build()
+                key = nodes[pos][2]  # (read before build() moves pos on)
+                out[key] = build()
             return out
-        children = [build() for _ in range(size)]
-        return tuple(children) if kind == TUPLE else children
+        if kind == BOOL:
+            return bool(value)
+        return value  # NONE (None), INT, FLOAT, STRING
 
     return build()
 
@@ -207,9 +217,21 @@ def restore_kind(obj: Any) -> _tensor.Restore:
 def tensor_leaves(obj: Any) -> List[Any]:
     """The tensors of a structure, in the order :func:`flatten` names them."""
     out: List[Any] = []
+    tensor_type = _torch_tensor_type()
 
     def walk(o: Any) -> None:
-        if is_tensor(o):
+        tp = type(o)
+        if tp is tensor_type:
+            out.append(o)
+        elif tp is tuple or tp is list:
+            for child in o:
+                walk(child)
+        elif tp is dict:
+            for child in o.values():
+                walk(child)
+        elif tp in _SCALAR_KINDS or o is None:
+            pass
+        elif is_tensor(o):
             out.append(o)
         elif isinstance(o, (tuple, list)):
             for child in o:
@@ -226,8 +248,20 @@ def replace_tensors(obj: Any, tensors: Sequence[Any]) -> Any:
     """``obj`` with its tensors (in :func:`tensor_leaves` order) replaced by
     ``tensors``; containers are rebuilt with the same types, other leaves kept."""
     it = iter(tensors)
+    tensor_type = _torch_tensor_type()
 
     def walk(o: Any) -> Any:
+        tp = type(o)
+        if tp is tensor_type:
+            return next(it)
+        if tp is tuple:
+            return tuple([walk(c) for c in o])
+        if tp is list:
+            return [walk(c) for c in o]
+        if tp is dict:
+            return {k: walk(c) for k, c in o.items()}
+        if tp in _SCALAR_KINDS or o is None:
+            return o
         if is_tensor(o):
             return next(it)
         if isinstance(o, tuple):

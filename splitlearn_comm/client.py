@@ -554,6 +554,9 @@ class GRPCComputeClient:
         """One call to the C core: a single attempt, or a built-in strategy's loop in C."""
         fields = fields or {}
         leaves, form, nodes = sendable
+        # DLPack capsules are used once: made for this attempt
+        leaves = [_core.OutTensor((leaf[0], _tensor.exportable(leaf[1]), leaf[2]))
+                  for leaf in leaves]
         try:
             return self._live().compute(
                 leaves, form=form, nodes=nodes, timeout=timeout or 0.0, metadata=md,

@@ -488,7 +488,7 @@ def _reply_leaves(out: Any, kv_call: bool, spec: CodecSpec, python_in: Optional[
         t = _tensor.prepare_result(obj)
         codec: Optional[TensorCodec] = None
         if plain:
-            leaves.append(_core.OutTensor((name, t, None)))
+            leaves.append(_core.OutTensor((name, _tensor.exportable(t), None)))
             continue
         if form == _structure.SINGLE and i > 0:
             codec = None  # KV cache entries: raw float32
@@ -507,9 +507,10 @@ def _reply_leaves(out: Any, kv_call: bool, spec: CodecSpec, python_in: Optional[
                 raise Abort(grpc.StatusCode.INTERNAL, f"{e} ({what})") from e
         elif codec is not None:
             c = codec._c_codec()
-            leaves.append(_core.OutTensor((name, t, None if c.name == "raw" else c)))
+            leaves.append(_core.OutTensor((name, _tensor.exportable(t),
+                                           None if c.name == "raw" else c)))
         else:
-            leaves.append(_core.OutTensor((name, t, None)))
+            leaves.append(_core.OutTensor((name, _tensor.exportable(t), None)))
     return leaves, form, nodes
 
 

@@ -51,8 +51,8 @@ typedef struct slpy_export {
   void *dlm; /* DLManagedTensor*, owned: give it to slpy_export_release() */
 } slpy_export;
 
-/* Export `obj` (anything with __dlpack__: torch.Tensor, numpy.ndarray) as a
- * contiguous CPU tensor. Raises TypeError / ValueError naming what is wrong. On
+/* Export `obj` (anything with __dlpack__: torch.Tensor, numpy.ndarray; or an
+ * unused "dltensor" capsule, which is consumed) as a contiguous CPU tensor. Raises TypeError / ValueError naming what is wrong. On
  * success the caller must eventually pass ex->dlm to slpy_export_release. */
 int slpy_export_tensor(PyObject *obj, slpy_export *ex);
 
