@@ -170,12 +170,20 @@ class SessionStore:
             self._sweep_locked()
             self._ensure_sweeper()
             s = self._sessions.get(sid)
+            while s is None and step > 1 and sid not in self._gone:
+                # threads sharing a new session: step 1 may still be on its way
+                now = time.monotonic()
+                if now >= gap_until:
+                    break
+                self._cond.wait(min(gap_until - now, 1.0))
+                s = self._sessions.get(sid)
             if s is None:
                 self._raise_gone(sid, step)
                 self._make_room_for_one(sid)
                 s = _Session(sid, self._clock())
                 self._sessions[sid] = s
                 self._counts["opened"] += 1
+                self._cond.notify_all()
                 logger.debug("session %s opened", sid)
             while True:
                 if self._sessions.get(sid) is not s:
