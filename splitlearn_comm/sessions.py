@@ -223,9 +223,7 @@ class SessionStore:
         """End the running step of ``s`` with its result (or its error), count the
         session's bytes and make room. Raises Abort (FAILED_PRECONDITION) when the
         session alone is over ``max_bytes``: it is evicted."""
-        nbytes = state_nbytes(s.state) if error is None else None
-        if nbytes is not None:
-            nbytes += state_nbytes(result)
+        nbytes = state_nbytes([s.state, result]) if error is None else None
         with self._cond:
             try:
                 s.last_step = s.running
