@@ -36,7 +36,7 @@ __all__ = ["Session", "SessionState", "SessionStore", "KVCacheComputeFunction", 
 #: same step's first attempt still running) when its call has no deadline.
 _WAIT_WITHOUT_DEADLINE_S = 300.0
 #: How long a step waits for a missing earlier step before it is out of order.
-_GAP_WAIT_S = 2.0
+_GAP_WAIT_S = 5.0
 #: Trailing metadata key naming why a session is gone (closed, evicted-bytes,
 #: evicted-count, idle, unknown).
 GONE_KEY = "sl-session-gone"
@@ -64,11 +64,15 @@ def state_nbytes(obj: Any) -> int:
         elif isinstance(o, (list, tuple)):
             stack.extend(o)
         elif hasattr(o, "untyped_storage"):  # torch.Tensor
-            s = o.untyped_storage()
-            key = ("t", s.data_ptr(), o.device.type, o.device.index)
+            try:
+                s = o.untyped_storage()
+                key: Tuple = ("t", s.data_ptr(), o.device.type, o.device.index)
+                size = int(s.nbytes())
+            except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
+                key, size = ("i", id(o)), int(o.numel()) * int(o.element_size())
             if key not in seen:
                 seen.add(key)
-                total += int(s.nbytes())
+                total += size
         elif hasattr(o, "nbytes") and hasattr(o, "__array_interface__"):  # numpy.ndarray
             base = o
             while getattr(base, "base", None) is not None and hasattr(base.base, "nbytes"):
@@ -449,7 +453,7 @@ class Session:
     :meth:`close`): ``with client.session() as s: y = s.compute(x)``. Calls are
     numbered (steps 1, 2, ...); a retry repeats its number and the server answers
     it from its record, so no step runs twice. Calls of one session run one after
-    another on the server, in the order of their numbers.
+    another (threads sharing a session take turns), in the order of their numbers.
 
     A call on a session the server no longer has raises
     :class:`splitlearn_comm.RpcError` with ``FAILED_PRECONDITION`` (closed, evicted
@@ -468,6 +472,9 @@ class Session:
         self.timeout = timeout
         self._step = 0
         self._lock = threading.Lock()
+        # one call of the session at a time from this client: steps leave in order
+        # (the server runs them one at a time anyway)
+        self._in_order = threading.Lock()
         self._closed = False
         #: why the server no longer has this session (``"closed"``, ``"evicted-bytes"``,
         #: ``"evicted-count"``, ``"idle"``, ``"unknown"``), or None.
@@ -505,9 +512,10 @@ class Session:
         """``client.compute(tensor)`` as the next step of this session."""
         md = metadata if metadata is not None else self.metadata
         t = timeout if timeout is not None else self.timeout
-        fields = self._fields()
-        return self._call(lambda: self.client._tensor_call(tensor, metadata=md, timeout=t,
-                                                           **fields))
+        with self._in_order:
+            fields = self._fields()
+            return self._call(lambda: self.client._tensor_call(tensor, metadata=md, timeout=t,
+                                                               **fields))
 
     def remote(self, tensor: Any, *, training: Optional[bool] = None,
                learning_rate: Optional[float] = None, accumulation_step: Optional[int] = None,
@@ -518,11 +526,12 @@ class Session:
 
         md = metadata if metadata is not None else self.metadata
         t = timeout if timeout is not None else self.timeout
-        fields = self._fields()
-        return self._call(lambda: remote(self.client, tensor, training=training,
-                                         learning_rate=learning_rate,
-                                         accumulation_step=accumulation_step, metadata=md,
-                                         timeout=t, _session_fields=fields))
+        with self._in_order:
+            fields = self._fields()
+            return self._call(lambda: remote(self.client, tensor, training=training,
+                                             learning_rate=learning_rate,
+                                             accumulation_step=accumulation_step, metadata=md,
+                                             timeout=t, _session_fields=fields))
 
     def close(self, timeout: Optional[float] = 5.0) -> None:
         """End the session: the server frees its state. Closing again does nothing.

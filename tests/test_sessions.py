@@ -146,7 +146,7 @@ def test_retried_step_is_answered_from_the_record(serve, connect) -> None:
     assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION
     assert "answered long ago" in e.value.details()
     with pytest.raises(grpc.RpcError) as e:  # a gap: step 3 never came
-        client._tensor_call(torch.ones(2), session_id=sid, session_step=4, timeout=30)
+        client._tensor_call(torch.ones(2), session_id=sid, session_step=4, timeout=20)
     assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION
     assert "out of order" in e.value.details()
     assert client._tensor_call(torch.ones(2), session_id=sid, session_step=3).tolist() == [3, 3]
@@ -401,3 +401,26 @@ def test_failed_step_is_replayed_as_the_same_error(serve, connect) -> None:
         assert _code(e) == grpc.StatusCode.INTERNAL and "first step fails" in e.value.details()
     assert FailsOnce.runs == 1
     assert client._tensor_call(torch.ones(1), session_id="f", session_step=2).tolist() == [1]
+
+
+def test_steps_arriving_out_of_order_run_in_order(serve, connect) -> None:
+    """Step 2 of a new session arriving before step 1 (two threads of a peer) waits
+    for it: both run, in order."""
+    fn = Accumulate()
+    server = serve(fn, max_workers=4)
+    client = connect(server)
+    result = {}
+
+    def second() -> None:
+        try:
+            result["2"] = client._tensor_call(torch.ones(1), session_id="r", session_step=2)
+        except BaseException as e:  # reported below
+            result["error"] = e
+
+    t = threading.Thread(target=second)
+    t.start()
+    result["1"] = client._tensor_call(torch.ones(1), session_id="r", session_step=1)
+    t.join(60)
+    assert "error" not in result, result
+    assert result["1"].tolist() == [1] and result["2"].tolist() == [2]
+    assert fn.runs == 2
