@@ -236,6 +236,7 @@ class SessionStore:
                 s.used = self._clock()
                 if self._sessions.get(s.id) is not s:
                     return  # closed or dropped while it ran: nothing to keep
+                self._sessions.move_to_end(s.id)  # LRU order follows `used`
                 if nbytes is None:
                     nbytes = s.nbytes  # a failed step: count again at the next one
                 self._bytes += nbytes - s.nbytes
