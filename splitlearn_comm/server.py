@@ -147,6 +147,11 @@ class GRPCComputeServer:
         max_tensors: tensors one request may carry (default 4096).
         max_depth: how deeply one request's structure may nest containers (default
             32). Requests over a limit fail with INVALID_ARGUMENT naming it.
+        max_sessions, max_session_bytes, session_idle_timeout: bounds of the
+            server-side sessions (``client.session()``; docs/inference.md): at most
+            this many sessions holding at most this many bytes of tensors together,
+            each dropped after this many idle seconds; room is made by evicting the
+            least recently used session.
 
     ``start()`` returns at once; ``stop(grace)`` drains; ``wait_for_termination()``
     blocks until stopped (Ctrl-C interrupts it). Usable as a context manager.
@@ -163,7 +168,9 @@ class GRPCComputeServer:
                  access_log: Union[bool, logging.Logger] = False,
                  metrics_port: Optional[int] = None,
                  max_decoded_bytes: Optional[int] = None,
-                 max_tensors: Optional[int] = None, max_depth: Optional[int] = None) -> None:
+                 max_tensors: Optional[int] = None, max_depth: Optional[int] = None,
+                 max_sessions: int = 256, max_session_bytes: int = 1 << 30,
+                 session_idle_timeout: float = 600.0) -> None:
         if not callable(getattr(compute_fn, "compute", None)):
             raise TypeError("compute_fn must be a ComputeFunction (an object with compute())")
         if max_workers < 1:
@@ -203,6 +210,9 @@ class GRPCComputeServer:
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._torn_down = False
+        from .sessions import SessionStore
+
+        self.sessions = SessionStore(max_sessions, max_session_bytes, session_idle_timeout)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -231,8 +241,8 @@ class GRPCComputeServer:
             if isinstance(self.codec, TensorCodec) and not self.codec.is_python():
                 c_codec = self.codec._c_codec()
             server = _core.Server(
-                _make_dispatch(self.compute_fn, self._registry, self.codec),
-                _make_info(self.compute_fn), self.host, int(self._port), int(self.max_workers),
+                _make_dispatch(self.compute_fn, self._registry, self.codec, self.sessions),
+                _make_info(self.compute_fn, self.sessions), self.host, int(self._port), int(self.max_workers),
                 str(self.version), self.options, c_codec, self._registry.names(),
                 self.auth_tokens, self.tls._args() if self.tls else None,
                 _make_intercept(self.interceptors) if self.interceptors else None,
@@ -294,11 +304,16 @@ class GRPCComputeServer:
         """The server's own metrics, kept in C: ``requests`` by (method, status name),
         ``in_flight``, ``latency_seconds`` histograms by stage (cumulative
         ``buckets`` of (upper bound, count), ``count``, ``sum``), ``request_bytes``,
-        ``response_bytes`` and ``access_log_dropped``."""
+        ``response_bytes`` and ``access_log_dropped``; ``sessions``: the open
+        sessions and the bytes they hold (see :meth:`SessionStore.stats
+        <splitlearn_comm.sessions.SessionStore.stats>`)."""
         if self._core is None:
-            return {"requests": {}, "in_flight": 0, "latency_seconds": {},
-                    "request_bytes": 0, "response_bytes": 0, "access_log_dropped": 0}
-        return self._core.metrics()
+            m = {"requests": {}, "in_flight": 0, "latency_seconds": {},
+                 "request_bytes": 0, "response_bytes": 0, "access_log_dropped": 0}
+        else:
+            m = self._core.metrics()
+        m["sessions"] = self.sessions.stats()
+        return m
 
     @property
     def serving(self) -> bool:
@@ -327,6 +342,7 @@ class GRPCComputeServer:
                 return
             self._torn_down = True
         _live.discard(self)
+        self.sessions.clear()
         try:
             teardown = getattr(self.compute_fn, "teardown", None)
             if callable(teardown):
@@ -357,11 +373,17 @@ class GRPCComputeServer:
         return f"GRPCComputeServer({type(self.compute_fn).__name__}, {self.host}:{self.port})"
 
 
-def _make_info(compute_fn: ComputeFunction):
+def _make_info(compute_fn: ComputeFunction, sessions: Any = None):
     def info() -> Tuple[str, str, Dict[str, str]]:
         get_info = getattr(compute_fn, "get_info", None)
         raw = get_info() if callable(get_info) else {"name": type(compute_fn).__name__}
         custom = {str(k): str(v) for k, v in dict(raw or {}).items()}
+        if sessions is not None:  # once a session was opened (keeps older answers as they were)
+            st = sessions.stats()
+            if st["opened"]:
+                for key in ("active", "bytes", "max_sessions", "max_bytes", "opened",
+                            "evicted_bytes", "evicted_count", "evicted_idle"):
+                    custom.setdefault(f"sessions.{key}", str(st[key]))
         device = str(getattr(compute_fn, "device", custom.get("device", "cpu")))
         return SERVICE_NAME, device, custom
 
@@ -515,7 +537,7 @@ def _reply_leaves(out: Any, kv_call: bool, spec: CodecSpec, python_in: Optional[
 
 
 def _make_dispatch(compute_fn: ComputeFunction, registry: CodecRegistry,
-                   server_codec: CodecSpec):
+                   server_codec: CodecSpec, sessions: Any = None):
     """The Python side of a Compute call, run on a C worker thread holding the GIL."""
     compute = compute_fn.compute
     backward = getattr(compute_fn, "backward", None)
@@ -546,21 +568,35 @@ def _make_dispatch(compute_fn: ComputeFunction, registry: CodecRegistry,
                 x = _structure.unflatten(c.form, values, [leaf.name for leaf in c.leaves],
                                          c.nodes)
             t0 = time.perf_counter()
-            if c.backward:
-                out = backward(x, **_backward_args(fields, backward_seq))
-            elif kv_call:
-                if not takes_cache:
-                    raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"the request carries a KV cache (past_key_values) but "
-                                f"{name}.compute() takes no past_key_values/use_cache keywords")
-                pkv = tuple((values[1 + 2 * i], values[2 + 2 * i]) for i in range(c.n_kv))
-                out = compute(x, past_key_values=pkv or None, use_cache=bool(c.use_cache))
-            elif (fields.get("forward_id") is not None or fields.get("training_mode") is not None) \
-                    and getattr(compute_fn, "supports_training", False):
-                out = compute_fn.compute_training(x, forward_id=fields.get("forward_id"),
-                                                  training=bool(fields.get("training_mode")))
+
+            def run() -> Any:
+                if c.backward:
+                    return backward(x, **_backward_args(fields, backward_seq))
+                if kv_call:
+                    if not takes_cache:
+                        raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"the request carries a KV cache (past_key_values) but "
+                                    f"{name}.compute() takes no past_key_values/use_cache "
+                                    "keywords")
+                    pkv = tuple((values[1 + 2 * i], values[2 + 2 * i]) for i in range(c.n_kv))
+                    return compute(x, past_key_values=pkv or None, use_cache=bool(c.use_cache))
+                if (fields.get("forward_id") is not None
+                        or fields.get("training_mode") is not None) and \
+                        getattr(compute_fn, "supports_training", False):
+                    return compute_fn.compute_training(
+                        x, forward_id=fields.get("forward_id"),
+                        training=bool(fields.get("training_mode")))
+                return compute(x)
+
+            if sessions is not None and fields.get("session_id") is not None:
+                from .sessions import run_step
+
+                out = run_step(sessions, fields, call, run)
+                if fields.get("session_close"):
+                    # a close answers an empty tensor
+                    out = x[:0] if _structure.is_tensor(x) else None
             else:
-                out = compute(x)
+                out = run()
             ms = (time.perf_counter() - t0) * 1e3
             leaves, form, nodes = _reply_leaves(out, kv_call, server_codec, python_in)
             return leaves, ms, call._trailing, form, nodes

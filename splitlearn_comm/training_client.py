@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from . import _structure
 
@@ -35,7 +35,7 @@ class _Call:
 
     __slots__ = ("client", "forward_id", "learning_rate", "accumulation_step", "metadata",
                  "timeout", "backwards", "lock", "in_struct", "in_meta", "out_struct",
-                 "out_diff", "out_meta", "single_in", "single_out")
+                 "out_diff", "out_meta", "single_in", "single_out", "session")
 
     def __init__(self, client: Any, learning_rate: Optional[float],
                  accumulation_step: Optional[int], metadata: Any,
@@ -55,6 +55,7 @@ class _Call:
         self.out_meta: list = []     # (shape, dtype, device) of each output tensor
         self.single_in = True
         self.single_out = True
+        self.session: Dict[str, Any] = {}  # session_id and session_step in a session
 
     def next_backward(self) -> int:
         """The number of the backward about to be sent: 1, then 2 for a second
@@ -87,7 +88,8 @@ def _remote_function() -> Any:
             call.in_meta = [(tuple(t.shape), t.dtype, t.device, _differentiable(t))
                             for t in inputs]
             y = call.client._tensor_call(x, metadata=call.metadata, timeout=call.timeout,
-                                         forward_id=call.forward_id, training_mode=True)
+                                         forward_id=call.forward_id, training_mode=True,
+                                         **call.session)
             call.single_out = isinstance(y, torch.Tensor)
             outs = [y] if call.single_out else _structure.tensor_leaves(y)
             if not all(isinstance(t, torch.Tensor) for t in outs):
@@ -117,7 +119,9 @@ def _remote_function() -> Any:
                                          backward=True, forward_id=call.forward_id,
                                          learning_rate=call.learning_rate,
                                          accumulation_step=call.accumulation_step,
-                                         backward_seq=call.next_backward())
+                                         backward_seq=call.next_backward(),
+                                         **{k: v for k, v in call.session.items()
+                                            if k == "session_id"})
             if call.single_in:
                 got = [g]
             elif isinstance(g, (tuple, list)):
@@ -155,7 +159,8 @@ def _remote_function() -> Any:
 
 def remote(client: Any, tensor: Any, *, training: Optional[bool] = None,
            learning_rate: Optional[float] = None, accumulation_step: Optional[int] = None,
-           metadata: Any = None, timeout: Optional[float] = None) -> Any:
+           metadata: Any = None, timeout: Optional[float] = None,
+           _session_fields: Optional[Dict[str, Any]] = None) -> Any:
     """Run the server's slice on ``tensor`` as a step of the client's autograd graph.
 
     ``tensor`` is a torch.Tensor or a structure of them (dicts, tuples, lists, with
@@ -180,11 +185,13 @@ def remote(client: Any, tensor: Any, *, training: Optional[bool] = None,
     if training is None:
         training = torch.is_grad_enabled()
     if not training:
-        return client._tensor_call(tensor, metadata=metadata, timeout=timeout)
+        return client._tensor_call(tensor, metadata=metadata, timeout=timeout,
+                                   **(_session_fields or {}))
     if not torch.is_grad_enabled():
         raise ValueError("remote(training=True) needs autograd enabled (it is disabled here, "
                          "e.g. by torch.no_grad()): its backward could never be sent")
     call = _Call(client, learning_rate, accumulation_step, metadata, timeout)
+    call.session = dict(_session_fields or {})
     call.single_in = single
     call.in_struct = None if single else tensor
     # an anchor that requires grad puts the call in the graph even when no input

@@ -598,3 +598,24 @@ def test_server_and_its_compute_function_in_a_cycle_are_collected() -> None:
     del fn, server
     gc.collect()
     assert alive() is None
+
+
+def test_a_session_carries_structures(serve, connect) -> None:
+    """Server-side sessions and structures together: each step sends a dict, the
+    session keeps a KV-cache-like tuple on the server, the reply is a structure."""
+
+    class Grow(slc.ComputeFunction):
+        def compute(self, x):
+            state = slc.current_call().session
+            past = state.get("past", ())
+            state["past"] = past + ((x["k"], x["v"]),)
+            return {"layers": len(state["past"]), "last": (x["k"] * 2, x["mask"])}
+
+    client = connect(serve(Grow()))
+    with client.session() as s:
+        for step in range(3):
+            y = s.compute({"k": torch.full((2,), float(step)), "v": torch.zeros(2),
+                           "mask": torch.tensor([True, False])})
+            assert y["layers"] == step + 1
+            assert torch.equal(y["last"][0], torch.full((2,), 2.0 * step))
+            assert y["last"][1].dtype == torch.bool

@@ -152,9 +152,13 @@ typedef struct sl_call_fields {
   int has_accumulation_step;
   int32_t accumulation_step;
   int32_t backward_seq;      /* 0: unset (means 1); BackwardRequest only */
+  const char *session_id;    /* NULL: unset (not in a session) */
+  int64_t session_step;      /* 0: unset; ComputeRequest only */
+  int session_close;         /* 1: end the session; ComputeRequest only */
   int has_request_id;
   int32_t request_id;
-  int use_cache;             /* ComputeRequest.use_cache: -1 unset; 0 or 1 */
+  int has_use_cache;         /* ComputeRequest.use_cache is set (0: absent) */
+  int use_cache;             /* its value, 0 or 1 */
 } sl_call_fields;
 
 /* Read the fields of an unpacked request (ComputeRequest or BackwardRequest);

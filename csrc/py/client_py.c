@@ -130,7 +130,8 @@ static int call_args_init(client_obj *self, call_args *a, double timeout, PyObje
 /* compute(leaves, form=0, nodes=None, timeout=0, metadata=None, wait_for_ready=False,
  *         retry=None, request_id=None, breaker=None, backward=False, forward_id=None,
  *         training_mode=None, model_id=None, learning_rate=None, accumulation_step=None,
- *         use_cache=None) -> Reply
+ *         use_cache=None, backward_seq=0, session_id=None, session_step=0,
+ *         session_close=False) -> Reply
  * `leaves` is a sequence of OutTensor (name, tensor, codec): a tensor (encoded in
  * C by `codec`, a _core.Codec, when given) or a Python codec's (data, shape, dtype,
  * codec, metadata). `form` 0 sends leaves[0] in the single-tensor fields (and
@@ -139,12 +140,14 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
   static char *kwlist[] = {"leaves", "form", "nodes", "timeout", "metadata", "wait_for_ready",
                            "retry", "request_id", "breaker", "backward", "forward_id",
                            "training_mode", "model_id", "learning_rate", "accumulation_step",
-                           "use_cache", "backward_seq", NULL};
+                           "use_cache", "backward_seq", "session_id", "session_step",
+                           "session_close", NULL};
   PyObject *leaves, *nodes = Py_None, *metadata = Py_None, *retry = Py_None;
   PyObject *request_id = Py_None, *breaker = Py_None, *training = Py_None, *lr = Py_None;
   PyObject *acc = Py_None, *use_cache = Py_None;
-  const char *forward_id = NULL, *model_id = NULL;
-  int backward = 0, form = 0, backward_seq = 0;
+  const char *forward_id = NULL, *model_id = NULL, *session_id = NULL;
+  int backward = 0, form = 0, backward_seq = 0, session_close = 0;
+  long long session_step = 0;
   sl_call_fields fields;
   double timeout = 0;
   int wait_for_ready = 0, rc;
@@ -157,10 +160,11 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
   sl_err err;
   PyObject *rleaves = NULL, *rnodes = NULL, *initial = NULL, *result = NULL;
 
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|iOdOpOOOpzOzOOOi", kwlist, &leaves, &form,
-                                   &nodes, &timeout, &metadata, &wait_for_ready, &retry,
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|iOdOpOOOpzOzOOOizLp", kwlist, &leaves,
+                                   &form, &nodes, &timeout, &metadata, &wait_for_ready, &retry,
                                    &request_id, &breaker, &backward, &forward_id, &training,
-                                   &model_id, &lr, &acc, &use_cache, &backward_seq)) {
+                                   &model_id, &lr, &acc, &use_cache, &backward_seq, &session_id,
+                                   &session_step, &session_close)) {
     return NULL;
   }
   memset(&fields, 0, sizeof(fields));
@@ -168,8 +172,15 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
   fields.forward_id = forward_id;
   fields.model_id = model_id;
   fields.backward_seq = backward_seq > 0 ? (int32_t)backward_seq : 0;
+  fields.session_id = session_id;
+  fields.session_step = session_step > 0 ? (int64_t)session_step : 0;
+  fields.session_close = session_close;
   fields.training_mode = training == Py_None ? -1 : PyObject_IsTrue(training);
-  fields.use_cache = use_cache == Py_None ? -1 : PyObject_IsTrue(use_cache);
+  if (use_cache != Py_None) {
+    fields.has_use_cache = 1;
+    fields.use_cache = PyObject_IsTrue(use_cache);
+    if (fields.use_cache < 0) return NULL;
+  }
   if (lr != Py_None) {
     fields.has_learning_rate = 1;
     fields.learning_rate = (float)PyFloat_AsDouble(lr);

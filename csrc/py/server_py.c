@@ -187,6 +187,17 @@ static PyObject *fields_dict(const sl_call_fields *f) {
   Py_XDECREF(tm);
   Py_XDECREF(lr);
   Py_XDECREF(acc);
+  if (d != NULL && f->session_id != NULL) { /* session keys only in a session's calls */
+    PyObject *sid = PyUnicode_FromString(f->session_id);
+    PyObject *step = PyLong_FromLongLong((long long)f->session_step);
+    if (sid == NULL || step == NULL || PyDict_SetItemString(d, "session_id", sid) < 0 ||
+        PyDict_SetItemString(d, "session_step", step) < 0 ||
+        PyDict_SetItemString(d, "session_close", f->session_close ? Py_True : Py_False) < 0) {
+      Py_CLEAR(d);
+    }
+    Py_XDECREF(sid);
+    Py_XDECREF(step);
+  }
   return d;
 }
 
@@ -246,7 +257,8 @@ static int hook_compute(void *user, const sl_call_info *call, sl_compute_args *a
     v[10] = Py_NewRef(rid);
     v[11] = Py_NewRef(cstate);
     v[12] = Py_NewRef(fields);
-    v[13] = args->fields.use_cache < 0 ? Py_NewRef(Py_None) : PyBool_FromLong(args->fields.use_cache);
+    v[13] = args->fields.has_use_cache ? PyBool_FromLong(args->fields.use_cache)
+                                       : Py_NewRef(Py_None);
     for (int i = 0; i < 14; i++) {
       if (v[i] == NULL) {
         for (int j = i; j < 14; j++) Py_XDECREF(v[j]);
