@@ -209,13 +209,16 @@ def test_watch_streams_the_status_and_ends_when_the_server_stops():
         assert next(named) == SERVING
         unknown = _watch(ch, b"no.such.Service")
         assert next(unknown) == SERVICE_UNKNOWN
-        assert server._core.health_watchers == 3
+        live = _watch(ch, b"liveness")
+        assert next(live) == SERVING
+        assert server._core.health_watchers == 4
         server.set_health(False)
         assert server.health == "NOT_SERVING"
         assert next(stream) == NOT_SERVING and next(named) == NOT_SERVING
-        # Check agrees, and calls that still come are served
+        # Check agrees, and calls that still come are served; "liveness" stays SERVING
         check = ch.unary_unary("/grpc.health.v1.Health/Check")
         assert check(b"", timeout=10) == NOT_SERVING
+        assert check(b"\x0a\x08liveness", timeout=10) == SERVING
         with GRPCComputeClient(f"127.0.0.1:{server.port}") as c:
             assert c.compute(torch.ones(2)).tolist() == [1.0, 1.0]
             assert not c.health_check()

@@ -36,6 +36,10 @@
 #define METHOD_STD_HEALTH "/grpc.health.v1.Health/Check"
 #define METHOD_STD_WATCH "/grpc.health.v1.Health/Watch"
 #define SERVICE_NAME "splitlearn.comm.ComputeService"
+/* the health "service" that reports only that the process is up and serving
+ * gRPC (SERVING until the server is shut down), whatever set_health and draining
+ * say: for liveness probes, which must not restart a draining replica */
+#define SERVICE_LIVENESS "liveness"
 /* how often the watch thread looks for a changed status (it cannot be woken) */
 #define WATCH_POLL_S 0.05
 
@@ -210,8 +214,21 @@ static int health_status(const sl_server *s) {
              : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
 }
 
-static int known_service(const char *name) {
-  return name[0] == '\0' || strcmp(name, SERVICE_NAME) == 0;
+enum { SVC_UNKNOWN, SVC_READY, SVC_LIVENESS };
+
+static int service_kind(const char *name) {
+  if (name[0] == '\0' || strcmp(name, SERVICE_NAME) == 0) return SVC_READY;
+  if (strcmp(name, SERVICE_LIVENESS) == 0) return SVC_LIVENESS;
+  return SVC_UNKNOWN;
+}
+
+/* The status of one health service (see service_kind). */
+static int service_status(const sl_server *s, int kind) {
+  if (kind == SVC_UNKNOWN)
+    return GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVICE_UNKNOWN;
+  if (kind == SVC_LIVENESS)
+    return GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING;
+  return health_status(s);
 }
 
 static void serve_health(sl_server *s, reply *r) {
@@ -248,11 +265,13 @@ static void serve_std_health(sl_server *s, const sl__bbspans *in, reply *r) {
     sl_err_set(&r->err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT, "malformed HealthCheckRequest");
     return;
   }
-  if (!known_service(req->service)) {
-    sl_err_set(&r->err, SL_ENOTFOUND, SL_STATUS_NOT_FOUND, "unknown service '%.128s'",
+  if (service_kind(req->service) == SVC_UNKNOWN) {
+    sl_err_set(&r->err, SL_ENOTFOUND, SL_STATUS_NOT_FOUND,
+               "unknown service '%.128s' (this server answers '', '" SERVICE_NAME
+               "' and '" SERVICE_LIVENESS "')",
                req->service);
   } else {
-    resp.status = health_status(s);
+    resp.status = service_status(s, service_kind(req->service));
     small_payload(&resp.base, &r->payload, &r->err);
   }
   grpc__health__v1__health_check_request__free_unpacked(req, NULL);
@@ -683,7 +702,7 @@ typedef struct watcher {
   grpc_call *call;      /* owned: unref'd when the watcher is freed */
   grpc_byte_buffer *out; /* the message being sent, destroyed when the send completes */
   int sent;             /* the status last sent; -1: none yet */
-  int unknown;          /* it watches a service this server does not have */
+  int kind;             /* the service watched: SVC_READY, SVC_LIVENESS or SVC_UNKNOWN */
   int sending;          /* a send batch is pending */
   int ended;            /* the final status went out (or the call broke): send nothing more */
   int closed;           /* RECV_CLOSE_ON_SERVER completed: the call is over */
@@ -799,9 +818,10 @@ static watcher *watch_accept(sl_server *s, watch_request *rq) {
     grpc_call_cancel(w->call, NULL);
   } else if (req == NULL) {
     watch_finish(w, GRPC_STATUS_INVALID_ARGUMENT, "malformed HealthCheckRequest");
-  } else if (!known_service(req->service)) {
-    w->unknown = 1; /* as the protocol says: SERVICE_UNKNOWN, and the stream stays open */
-    watch_send(w, GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVICE_UNKNOWN);
+  } else {
+    /* an unknown service gets SERVICE_UNKNOWN and the stream stays open, as the
+     * protocol says; the first status goes out from the watch loop */
+    w->kind = service_kind(req->service);
   }
   if (req != NULL) grpc__health__v1__health_check_request__free_unpacked(req, NULL);
   atomic_fetch_add(&s->watchers, 1);
@@ -857,7 +877,6 @@ static void *watch_main(void *arg) {
         }
       }
     }
-    status = health_status(s);
     ending = atomic_load(&s->watch_ending);
     for (watcher **pp = &list; *pp != NULL;) {
       watcher *w = *pp;
@@ -871,7 +890,10 @@ static void *watch_main(void *arg) {
         continue;
       }
       /* a stopping server is NOT_SERVING: that goes out first, then the end */
-      if (!w->ended && !w->unknown && w->sent != status) {
+      status = service_status(s, w->kind);
+      if (ending && w->kind == SVC_READY)
+        status = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
+      if (!w->ended && w->sent != status) {
         watch_send(w, status);
       } else if (!w->ended && ending) {
         watch_finish(w, GRPC_STATUS_UNAVAILABLE, "the server is stopping");
