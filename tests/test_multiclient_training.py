@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 
+import pytest
 import torch
 
 import _train_client as tc
@@ -72,6 +73,7 @@ def replay(log):
     return top.model
 
 
+@pytest.mark.timeout(600)
 def test_four_clients_train_one_server_half_like_a_local_replay():
     torch.set_num_threads(1)
     fn = Logged(tc.top_model(), lambda p: torch.optim.SGD(p, lr=tc.LR_TOP))

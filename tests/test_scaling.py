@@ -271,6 +271,7 @@ def test_malformed_watch_request_is_invalid_argument():
 # -- three replica processes -----------------------------------------------------------
 
 
+@pytest.mark.timeout(300)
 def test_calls_spread_over_three_replicas(replicas):
     with GRPCComputeClient([r.address for r in replicas], timeout=30) as client:
         seen = [which(client) for _ in range(300)]
@@ -279,6 +280,7 @@ def test_calls_spread_over_three_replicas(replicas):
     assert min(counts) > 0 and max(counts) <= 2 * min(counts), counts
 
 
+@pytest.mark.timeout(300)
 def test_a_not_serving_replica_gets_no_new_calls(replicas):
     with GRPCComputeClient([r.address for r in replicas], timeout=30) as client:
         assert {which(client) for _ in range(30)} == {0, 1, 2}
@@ -298,6 +300,7 @@ def test_a_not_serving_replica_gets_no_new_calls(replicas):
             assert time.monotonic() < deadline, "replica 1 got no calls once SERVING again"
 
 
+@pytest.mark.timeout(300)
 def test_sigkill_of_a_replica_under_load_fails_no_call(replicas):
     timeout = 20.0
     client = GRPCComputeClient([r.address for r in replicas], timeout=timeout,

@@ -42,6 +42,13 @@
 #define SERVICE_LIVENESS "liveness"
 /* how often the watch thread looks for a changed status (it cannot be woken) */
 #define WATCH_POLL_S 0.05
+/* Stopping: after the drain, wait (within the grace, at most SETTLE_MAX_S) until no
+ * call has come for SETTLE_QUIET_S. Shutting gRPC down kills the calls still queued
+ * for a worker, and their clients see CANCELLED, which no retry policy retries;
+ * clients that watch the health status stop sending within a round trip of
+ * hearing NOT_SERVING, so the queue is empty by then. */
+#define SETTLE_QUIET_S 0.1
+#define SETTLE_MAX_S 1.0
 
 enum { ST_CREATED, ST_RUNNING, ST_STOPPING, ST_STOPPED };
 
@@ -94,6 +101,7 @@ struct sl_server {
   int watch_started;
   atomic_int watch_ending; /* end every stream: the server is shutting down */
   atomic_int watchers;     /* open Watch streams */
+  atomic_llong last_call_us; /* sl_now() in microseconds when a worker last took a call */
 };
 
 /* ---- helpers -------------------------------------------------------------- */
@@ -684,6 +692,7 @@ static void *worker_main(void *arg) {
       break;
     }
     ok = wait_tag(w->cq, &tag);
+    if (ok) atomic_store(&s->last_call_us, (long long)(sl_now() * 1e6));
     if (ok) serve_call(w, call, &details, &md);
     if (call != NULL) grpc_call_unref(call);
     grpc_call_details_destroy(&details);
@@ -994,6 +1003,7 @@ int sl_server_create(const sl_server_config *cfg, const sl_server_hooks *hooks, 
   atomic_init(&s->health, 1);
   atomic_init(&s->watch_ending, 0);
   atomic_init(&s->watchers, 0);
+  atomic_init(&s->last_call_us, 0);
   atomic_init(&s->in_flight, 0);
   atomic_init(&s->total_requests, 0);
   status = sl__channel_args_build(cfg->args, cfg->nargs, 1, &s->chargs, err);
@@ -1199,6 +1209,14 @@ void sl_server_stop(sl_server *s, double grace) {
       double left = end - sl_now();
       if (left > 0.05) left = 0.05;
       sl_deadline_timespec(left, &ts);
+      pthread_cond_timedwait(&s->cv, &s->mu, &ts);
+    }
+    /* settle (see SETTLE_QUIET_S) */
+    double settle_end = sl_now() + SETTLE_MAX_S < end ? sl_now() + SETTLE_MAX_S : end;
+    while (sl_now() < settle_end &&
+           sl_now() - (double)atomic_load(&s->last_call_us) * 1e-6 < SETTLE_QUIET_S) {
+      struct timespec ts;
+      sl_deadline_timespec(0.01, &ts);
       pthread_cond_timedwait(&s->cv, &s->mu, &ts);
     }
     grace = end - sl_now();

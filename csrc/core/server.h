@@ -143,7 +143,9 @@ int sl_server_port(const sl_server *s);
 
 /* Stop gracefully. First the server drains: health checks answer NOT_SERVING
  * ("unhealthy"), new Compute calls get UNAVAILABLE, and the calls in flight get
- * up to `grace` seconds to finish. Then gRPC is shut down, whatever is still
+ * up to `grace` seconds to finish; then, still within `grace` and for at most 1 s,
+ * it waits until no call has come for 100 ms (clients watching the health status
+ * have moved away), so that no call is left queued. Then gRPC is shut down, whatever is still
  * running is cancelled, and this returns once every worker has exited. Safe to
  * call from several threads and more than once. Must not be called from a hook. */
 void sl_server_stop(sl_server *s, double grace);
