@@ -172,10 +172,9 @@ def report(rows: List[Dict[str, float]], seconds: float) -> str:
               "in a replica) with one replica: one core carries about "
               f"{1e6 / one['cpu_us']:,.0f} calls/s end to end. Given a core of its own, a "
               f"replica would serve up to about {1e6 / max(one['server_cpu_us'], 1):,.0f} "
-              "calls/s, and the clients need about "
-              f"{1e6 / max(one['client_cpu_us'], 1):,.0f} calls/s worth of core each; so "
-              "with a core per replica (and enough client cores) the rate grows with the "
-              "replicas.",
+              "calls/s, and one client core drives about "
+              f"{1e6 / max(one['client_cpu_us'], 1):,.0f} calls/s; so with a core per "
+              "replica (and enough client cores) the rate grows with the replicas.",
               f"- CPU per call goes from {one['cpu_us']:.0f} us with one replica to "
               f"{rows[-1]['cpu_us']:.0f} us with {rows[-1]['replicas']}: on a saturated "
               "machine every extra process adds context switches, and each replica sees "
