@@ -369,3 +369,16 @@ def test_training_through_a_balancing_client_is_pinned_to_one_replica():
     finally:
         for s in servers:
             s.stop(1.0)
+
+
+def test_a_dns_target_balances_and_pins():
+    server = GRPCComputeServer(Echo(), host="127.0.0.1", port=0).start()
+    try:
+        with GRPCComputeClient(f"dns:///localhost:{server.port}", timeout=30) as client:
+            assert client.load_balancing == "round_robin"
+            assert client.compute(torch.ones(2)).tolist() == [1.0, 1.0]
+            assert f"127.0.0.1:{server.port}" in client.replicas()
+            pin = client.pinned("k")
+            assert pin is not client and pin.compute(torch.ones(2)).tolist() == [1.0, 1.0]
+    finally:
+        server.stop(1.0)
