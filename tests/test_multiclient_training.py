@@ -80,8 +80,9 @@ def test_four_clients_train_one_server_half_like_a_local_replay():
     server = GRPCComputeServer(fn, host="127.0.0.1", port=0, max_workers=8).start()
     procs = []
     try:
+        # the package the test runs against first (the sanitizer build under make asan)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [os.path.dirname(HERE)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+            [p for p in [os.environ.get("PYTHONPATH")] if p] + [os.path.dirname(HERE)]))
         for c in range(CLIENTS):
             procs.append(subprocess.Popen(
                 [sys.executable, os.path.join(HERE, "_train_client.py"),
