@@ -18,6 +18,8 @@ import threading
 import time
 from typing import List, Optional, Sequence, Tuple, Union
 
+IP = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
 logger = logging.getLogger("splitlearn_comm.client")
 
 #: The gRPC load-balancing policies a client may name.
@@ -42,22 +44,22 @@ def _split(address: str) -> Tuple[str, int]:
     return host, int(port)
 
 
-def _ip(host: str) -> Optional[ipaddress._BaseAddress]:
+def _ip(host: str) -> Optional[IP]:
     try:
         return ipaddress.ip_address(host)
     except ValueError:
         return None
 
 
-def _resolve_host(host: str, port: int) -> List[ipaddress._BaseAddress]:
+def _resolve_host(host: str, port: int) -> List[IP]:
     """The addresses of a host name, IPv4 first (a name's IPv6 addresses are used
     only when it has no IPv4 one)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise ValueError(f"replica host {host!r} does not resolve: {e}") from None
-    ips = []
-    for family, _t, _p, _c, sockaddr in infos:
+    ips: List[IP] = []
+    for _family, _t, _p, _c, sockaddr in infos:
         ip = ipaddress.ip_address(sockaddr[0].split("%")[0])
         if ip not in ips:
             ips.append(ip)
@@ -74,7 +76,7 @@ def multi_target(addresses: Sequence[str]) -> Tuple[str, List[str], bool]:
     if isinstance(addresses, (str, bytes)) or not addresses:
         raise ValueError("server_address must be 'host:port', a gRPC target, or a non-empty "
                          "list of 'host:port' replica addresses")
-    endpoints: List[Tuple[ipaddress._BaseAddress, int]] = []
+    endpoints: List[Tuple[IP, int]] = []
     named = False
     for entry in addresses:
         if not isinstance(entry, str):
