@@ -306,6 +306,23 @@ class GRPCComputeServer:
         """True while the server accepts calls (False while draining and after)."""
         return bool(self._core is not None and self._core.serving)
 
+    def set_health(self, serving: bool) -> None:
+        """Set what the standard health check (grpc.health.v1 Check and Watch, and
+        HealthCheck) reports while the server runs: ``False`` makes it NOT_SERVING,
+        so that clients balancing over replicas (``round_robin`` with client-side
+        health checking) send it no new calls, and Kubernetes' readiness probe fails;
+        the calls that still come are served. ``True`` makes it SERVING again.
+        Watching clients see the change within about 50 ms. ``stop()`` reports
+        NOT_SERVING whatever was set (docs/scaling.md)."""
+        if self._core is None:
+            raise RuntimeError("the server is not running")
+        self._core.set_health(bool(serving))
+
+    @property
+    def health(self) -> str:
+        """``"SERVING"`` or ``"NOT_SERVING"``: what grpc.health.v1 reports now."""
+        return "SERVING" if self._core is not None and self._core.health else "NOT_SERVING"
+
     def stop(self, grace: Optional[float] = 5.0) -> None:
         """Stop gracefully: health checks answer NOT_SERVING, new calls get
         UNAVAILABLE, calls in flight get ``grace`` seconds to finish and the rest are
