@@ -133,15 +133,19 @@ def codec_bytes_vs_error(d: Dict[str, Any], out: str) -> str:
             ax.scatter(r["wire_over_raw"], y, s=42 if r["c"] else 26,
                        marker="o" if r["c"] else "x", color=color[r["codec"]],
                        label=r["codec"] if r["c"] else None, zorder=3)
-            if r["c"]:
-                ax.annotate(r["codec"], (r["wire_over_raw"], y), fontsize=6.5,
-                            xytext=(4, 3), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ticks = [0.25, 0.5, 1, 2, 4, 8]
+        ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        ax.set_xlim(0.18, 10)
         ax.axhline(floor, color="#999", lw=0.6, ls=":")
+        ax.set_yticks([floor, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1],
+                      ["lossless", "1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "0.1"])
+        ax.yaxis.set_minor_formatter(plt.NullFormatter())
         ax.set_title(tensor)
-        ax.set_xlabel("bytes on the wire / raw float32 (log)")
-    axes[0][0].set_ylabel("relative RMS error (log; lossless on the dotted line)")
+        ax.set_xlabel("bytes on the wire / raw float32")
+    axes[0][0].set_ylabel("relative RMS error (log)")
     handles, labels = axes[0][0].get_legend_handles_labels()
     seen: Dict[str, Any] = {}
     for h, lab in zip(handles, labels):

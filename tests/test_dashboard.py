@@ -570,3 +570,16 @@ def test_dashboard_in_headless_chromium(serve, connect, tmp_path: Path):
         os.makedirs(artifacts, exist_ok=True)
         for name in ("dashboard.png", "dashboard-phone.png"):
             (Path(artifacts) / name).write_bytes((tmp_path / name).read_bytes())
+
+
+def test_pictures_the_docs_link_exist():
+    """The dashboard screenshot (make dashboard-screenshot) and the benchmark figures
+    (make bench-figures) are in the repository where the Markdown links them."""
+    for md in (Path(ROOT) / "docs" / "monitoring.md", Path(ROOT) / "benchmarks" / "results.md"):
+        links = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", md.read_text())
+        assert links, f"{md} links no picture"
+        for link in links:
+            path = md.parent / link
+            assert path.is_file(), f"{md.name} links {link}, which is missing"
+            w, h = _png_size(path)
+            assert w >= 300 and h >= 200, (link, w, h)
