@@ -263,6 +263,15 @@ def _round(v: Any) -> Any:
     return v
 
 
+def _numbers(d: Any) -> Optional[Dict[str, float]]:
+    """The numeric top-level fields of a dict (what a chart can draw), or None."""
+    if not isinstance(d, dict):
+        return None
+    out = {str(k): v for k, v in d.items()
+           if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return out or None
+
+
 def make_sample(cur: Metrics, prev: Optional[Metrics], dt: float, seq: int,
                 t: float) -> Dict[str, Any]:
     """One dashboard sample from the snapshot ``cur`` and the one ``dt`` seconds earlier
@@ -276,7 +285,7 @@ def make_sample(cur: Metrics, prev: Optional[Metrics], dt: float, seq: int,
         "seq": seq, "t": round(t, 3), "dt": round(dt, 4), "totals": totals,
         "calls": None, "errors": None, "in_flight": int(cur.get("in_flight", 0)),
         "latency": None, "stages": None, "bytes_in": None, "bytes_out": None,
-        "store": cur.get("store") or None, "sessions": cur.get("sessions") or None,
+        "store": cur.get("store") or None, "sessions": _numbers(cur.get("sessions")),
         "models": {}}
     if "models" in cur and isinstance(cur["models"], dict):
         # a server keeping metrics per model: {model id: {"requests": ..., ...}}
@@ -353,8 +362,14 @@ class MetricsSampler:
         try:
             cur = self.read()
         except Exception as e:  # an unreachable remote server: shown on the page
+            if isinstance(e, urllib.error.HTTPError):
+                why = f"HTTP {e.code} {e.reason}"
+            elif isinstance(e, urllib.error.URLError):
+                why = str(e.reason)
+            else:
+                why = f"{type(e).__name__}: {e}"
             with self._lock:
-                self._error = f"{type(e).__name__}: {e}"
+                self._error = why
                 self._prev = None
             logger.debug("sampling %s failed: %s", self.name, self._error)
             return None

@@ -222,6 +222,12 @@ def test_make_sample_rates_quantiles_and_resets():
     assert r["calls"] is None and r["latency"] is None and r["totals"]["calls"] == 10
     # the first sample has no rates
     assert dashboard.make_sample(cur, None, 0.0, 1, 1.0)["calls"] is None
+    # sessions, when the metrics have them: their numbers, ready to chart
+    with_sessions = dict(cur, sessions={"active": 3, "bytes": 1024, "by_model": {"a": 1},
+                                        "enabled": True})
+    s = dashboard.make_sample(with_sessions, prev, 1.0, 9, 1002.0)
+    assert s["sessions"] == {"active": 3, "bytes": 1024}
+    assert dashboard.make_sample(dict(cur, sessions={}), prev, 1.0, 9, 1002.0)["sessions"] is None
 
 
 def test_make_sample_per_model_ids():
@@ -583,3 +589,77 @@ def test_pictures_the_docs_link_exist():
             assert path.is_file(), f"{md.name} links {link}, which is missing"
             w, h = _png_size(path)
             assert w >= 300 and h >= 200, (link, w, h)
+
+
+@pytest.mark.timeout(240)
+def test_side_by_side_and_optional_panels_in_headless_chromium(serve, connect):
+    """Two servers in one page: a real one read over its Prometheus endpoint, and one
+    whose metrics have sessions and per-model series (as servers with sessions and
+    model_id routing keep them). Side by side on a wide screen, stacked on a phone; the
+    sessions and per-model panels appear only where there is such data."""
+    pytest.importorskip("prometheus_client")
+    exe = headless_chromium.find_chromium()
+    if exe is None:
+        pytest.skip("no Chromium: scripts/install-system-deps.sh installs Debian's chromium "
+                    "package where it can (it could not here)")
+    real = serve(Echo(), metrics_port=0)
+    client = connect(real)
+    n = {"v": 0}
+
+    def with_models() -> Dict[str, Any]:
+        n["v"] += 1
+        v = n["v"]
+        h = {"buckets": [(0.001, 3 * v), (0.01, 4 * v), (float("inf"), 4 * v)], "count": 4 * v,
+             "sum": 0.01 * v}
+        return {"requests": {("Compute", "OK"): 4 * v},
+                "in_flight": 1, "latency_seconds": {"total": h}, "request_bytes": 100 * v,
+                "response_bytes": 100 * v, "store": None,
+                "sessions": {"active": 2 + v % 3, "bytes": 1000 * v},
+                "models": {"encoder": {"requests": {("Compute", "OK"): 3 * v},
+                                       "latency_seconds": {"total": h}},
+                           "decoder": {"requests": {("Compute", "OK"): v},
+                                       "latency_seconds": {"total": h}}}}
+
+    samplers = [dashboard.MetricsSampler(dashboard.prometheus_source(
+                    dashboard.metrics_url(f"127.0.0.1:{real.metrics_port}")),
+                    name="real", interval=0.5),
+                dashboard.MetricsSampler(with_models, name="synthetic", interval=0.5)]
+    http = dashboard.DashboardHTTPServer(samplers).start()
+    try:
+        url = f"http://127.0.0.1:{http.server_port}/"
+        with headless_chromium.Browser(exe, timeout=60) as browser:
+            page = browser.open(url, width=1280, height=900)
+            for _ in range(5):
+                client.compute(torch.ones(4))
+            page.wait_for("window.dashboard && window.dashboard.servers.length === 2 && "
+                          "Array.from(document.querySelectorAll('section.server canvas"
+                          "[data-panel=calls]')).every(c => +c.dataset.points >= 2) && "
+                          "+document.querySelector('section[data-index=\"1\"] canvas"
+                          "[data-panel=models]').dataset.points >= 2", timeout=90)
+
+            def shown(index: int, panel: str) -> bool:
+                return not page.evaluate(
+                    f"document.querySelector('section[data-index=\"{index}\"] "
+                    f".panel[data-panel={panel}]').classList.contains('hidden')")
+
+            for panel in ("sessions", "models", "models_p99"):
+                assert not shown(0, panel) and shown(1, panel), panel
+            assert not shown(0, "store") and not shown(1, "store")
+            legend = page.evaluate("document.querySelector('section[data-index=\"1\"] "
+                                   ".panel[data-panel=models] .legend').textContent")
+            assert "encoder" in legend and "decoder" in legend
+            boxes = page.evaluate("Array.from(document.querySelectorAll('section.server'), "
+                                  "e => {const r = e.getBoundingClientRect(); "
+                                  "return [r.left, r.top, r.width];})")
+            assert boxes[0][1] == boxes[1][1] and boxes[1][0] > boxes[0][0] + boxes[0][2] - 1
+            assert page.evaluate("document.title") == "real, synthetic · splitlearn-comm"
+
+            phone = browser.open(url, width=390, height=844, scale=2, mobile=True)
+            phone.wait_for("window.dashboard && window.dashboard.servers.length === 2", 60)
+            boxes = phone.evaluate("Array.from(document.querySelectorAll('section.server'), "
+                                   "e => {const r = e.getBoundingClientRect(); "
+                                   "return [r.left, r.top, r.width, r.height];})")
+            assert boxes[1][1] >= boxes[0][1] + boxes[0][3]  # stacked
+            assert phone.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    finally:
+        http.close()
