@@ -68,9 +68,12 @@ class Browser:
         # (bash: dash accepts only one-digit descriptors in redirections)
         script = f'exec "$0" "$@" 3<&{cmd_r} 4>&{resp_w} {cmd_r}<&- {resp_w}>&-'
         self._log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([shutil.which("bash") or "bash", "-c", script, *args], pass_fds=(cmd_r, resp_w),
-                                     stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
+        # not the sanitizer runtime a test run may preload into Python (make asan)
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS")}
+        self.proc = subprocess.Popen([shutil.which("bash") or "bash", "-c", script, *args],
+                                     pass_fds=(cmd_r, resp_w), stdin=subprocess.DEVNULL,
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=env)
         os.close(cmd_r)
         os.close(resp_w)
         self._buf = b""
