@@ -5,7 +5,7 @@
 # Chromium (headless, for the dashboard's browser test and `make dashboard-screenshot`)
 # is installed too when missing, but is optional: when it cannot be installed (no
 # package, no network, not root) this script says so and goes on, and the browser
-# test skips with that reason.
+# test skips with that reason. SPLITLEARN_NO_CHROMIUM=1 leaves it out.
 set -eu
 PKGS="libgrpc-dev libprotobuf-c-dev protobuf-c-compiler libdlpack-dev zlib1g-dev libzstd-dev pkg-config openssl"
 OPTIONAL="chromium fonts-dejavu-core"
