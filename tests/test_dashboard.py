@@ -528,6 +528,18 @@ def test_dashboard_in_headless_chromium(serve, connect, tmp_path: Path):
             assert any(m.startswith("Compute ") for m in methods), methods
             assert any(m.startswith("ComputeBackward ") for m in methods), methods
 
+            # hovering a chart shows the values at that time in every chart's legend
+            x, y = page.evaluate("(() => {const r = document.querySelector("
+                                 "'canvas[data-panel=latency]').getBoundingClientRect(); "
+                                 "return [r.left + r.width * 0.8, r.top + r.height / 2];})()")
+            page.call("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": x, "y": y})
+            page.wait_for("document.querySelectorAll('.legend .when').length >= 5", timeout=10)
+            when = page.evaluate("document.querySelector('.panel[data-panel=calls] .legend "
+                                 ".when').textContent")
+            assert re.fullmatch(r"\d\d:\d\d:\d\d", when), when
+            page.call("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": 2, "y": 2})
+            page.wait_for("document.querySelectorAll('.legend .when').length === 0", timeout=10)
+
             # under load: a count shown after time A lies between the server's counts at A
             # and now (the page shows the server's own counter, one refresh behind)
             before, at = total_calls(server), time.time()
