@@ -2,7 +2,8 @@
 
 Starts a server hosting a TrainableComputeFunction with its dashboard on a free port,
 puts a varying load on it for ``--seconds`` (training steps, i.e. Compute and
-ComputeBackward calls, inference calls of changing sizes, and a few rejected calls),
+ComputeBackward calls, inference calls of changing sizes, a few rejected calls, and
+sessions of a few steps each),
 then opens the dashboard in headless Chromium and saves a desktop and a phone
 screenshot.
 
@@ -86,7 +87,20 @@ def main() -> int:
                     pass
                 time.sleep(0.004 + 0.01 * (1 - phase()))
 
-    threads = [threading.Thread(target=f, daemon=True) for f in (trainer, inference, inference)]
+    def sessions() -> None:  # a few sessions open at a time, each a few steps long
+        with slc.GRPCComputeClient(f"127.0.0.1:{server.port}") as client:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                with client.session() as s:
+                    for _ in range(5 + n % 20):
+                        if stop.is_set():
+                            break
+                        s.compute(torch.randn(4, 256))
+                        time.sleep(0.05)
+
+    threads = [threading.Thread(target=f, daemon=True)
+               for f in (trainer, inference, inference, sessions, sessions)]
     for t in threads:
         t.start()
     try:

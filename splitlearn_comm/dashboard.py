@@ -34,7 +34,8 @@ The JSON (``version`` 1)::
               "bytes_in": per second, "bytes_out": per second,
               "store": {"waiting", "answered", "entries", "bytes", "max_entries",
                         "max_bytes"} or null (no activation store),
-              "sessions": {NAME: number} or null (no sessions),
+              "sessions": {"active", "bytes", "max_sessions", "max_bytes", "opened",
+                           "closed", "evicted", "steps"} or null (no session yet),
               "models": {MODEL ID: {"calls": per second, "errors": per second,
                                     "latency": {...} or null}}}
 
@@ -152,8 +153,8 @@ def parse_prometheus(text: str) -> Metrics:
             elif name.startswith("splitlearn_activation_store_"):
                 k = name[len("splitlearn_activation_store_"):]
                 store[k] = store.get(k, 0) + int(value)
-            elif name.startswith("splitlearn_sessions_"):
-                k = name[len("splitlearn_sessions_"):]
+            elif name in _SESSION_METRICS:
+                k = _SESSION_METRICS[name]
                 sessions[k] = sessions.get(k, 0) + value
     for stage, h in hist.items():
         m["latency_seconds"][stage] = {"buckets": sorted(h["b"].items()), "count": h["count"],
@@ -164,6 +165,16 @@ def parse_prometheus(text: str) -> Metrics:
     if sessions:
         m["sessions"] = sessions
     return m
+
+
+#: Prometheus session metrics (GRPCComputeServer sessions) and their keys in
+#: ``server.metrics()["sessions"]``; evictions are summed over their reasons.
+_SESSION_METRICS = {"splitlearn_sessions": "active", "splitlearn_session_bytes": "bytes",
+                    "splitlearn_sessions_opened_total": "opened",
+                    "splitlearn_sessions_closed_total": "closed",
+                    "splitlearn_sessions_evicted_total": "evicted",
+                    "splitlearn_session_steps_total": "steps",
+                    "splitlearn_session_replayed_steps_total": "replayed_steps"}
 
 
 def prometheus_source(url: str, timeout: float = 5.0) -> Callable[[], Metrics]:
@@ -263,13 +274,30 @@ def _round(v: Any) -> Any:
     return v
 
 
-def _numbers(d: Any) -> Optional[Dict[str, float]]:
-    """The numeric top-level fields of a dict (what a chart can draw), or None."""
+def _sessions(d: Any) -> Optional[Dict[str, Any]]:
+    """Session occupancy from ``metrics()["sessions"]`` (or the Prometheus session
+    metrics): ``active``, ``bytes``, the limits ``max_sessions`` and ``max_bytes``
+    (null when unknown, as over Prometheus), ``opened``, ``closed``, ``evicted`` (all
+    reasons) and ``steps``; None while the server has had no session."""
     if not isinstance(d, dict):
         return None
-    out = {str(k): v for k, v in d.items()
-           if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return out or None
+
+    def num(key: str) -> Optional[float]:
+        v = d.get(key)
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    evicted = num("evicted")
+    if evicted is None:
+        parts = [num(k) for k in ("evicted_bytes", "evicted_count", "evicted_idle")]
+        evicted = sum(p for p in parts if p is not None) if any(
+            p is not None for p in parts) else None
+    out = {"active": num("active") or 0, "bytes": num("bytes") or 0,
+           "max_sessions": num("max_sessions"), "max_bytes": num("max_bytes"),
+           "opened": num("opened"), "closed": num("closed"), "evicted": evicted,
+           "steps": num("steps")}
+    if not out["active"] and not out["opened"] and not out["steps"]:
+        return None  # sessions unused: no panel
+    return out
 
 
 def make_sample(cur: Metrics, prev: Optional[Metrics], dt: float, seq: int,
@@ -285,7 +313,7 @@ def make_sample(cur: Metrics, prev: Optional[Metrics], dt: float, seq: int,
         "seq": seq, "t": round(t, 3), "dt": round(dt, 4), "totals": totals,
         "calls": None, "errors": None, "in_flight": int(cur.get("in_flight", 0)),
         "latency": None, "stages": None, "bytes_in": None, "bytes_out": None,
-        "store": cur.get("store") or None, "sessions": _numbers(cur.get("sessions")),
+        "store": cur.get("store") or None, "sessions": _sessions(cur.get("sessions")),
         "models": {}}
     if "models" in cur and isinstance(cur["models"], dict):
         # a server keeping metrics per model: {model id: {"requests": ..., ...}}

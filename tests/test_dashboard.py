@@ -185,6 +185,37 @@ def test_activation_store_occupancy_in_json_and_prometheus(serve, connect):
     assert parsed["store"]["waiting"] == 2 and parsed["store"]["max_bytes"] == 1 << 20
 
 
+def test_session_occupancy_in_json_and_prometheus(serve, connect):
+    pytest.importorskip("prometheus_client")
+
+    class RunningSum(slc.ComputeFunction):
+        def compute(self, x):
+            session = slc.current_call().session
+            if session is None:
+                return x
+            session["sum"] = session.get("sum", 0) + x
+            return session["sum"]
+
+    server = serve(RunningSum(), metrics_port=0, max_sessions=4)
+    client = connect(server)
+    assert wait_sample(server.dashboard_url, lambda s: s["seq"] >= 1)["sessions"] is None
+    with client.session() as a, client.session() as b:
+        for _ in range(3):
+            a.compute(torch.ones(256))
+        b.compute(torch.ones(4))
+        sample = wait_sample(server.dashboard_url, lambda s: s["sessions"] is not None
+                             and s["sessions"]["active"] == 2 and s["sessions"]["steps"] == 4)
+        assert sample["sessions"]["max_sessions"] == 4 and sample["sessions"]["opened"] == 2
+        assert sample["sessions"]["bytes"] >= 256 * 4
+        parsed = dashboard.parse_prometheus(get(server.dashboard_url + "metrics").decode())
+        assert parsed["sessions"]["active"] == 2 and parsed["sessions"]["steps"] == 4
+        remote = dashboard.make_sample(parsed, None, 0.0, 1, 1.0)["sessions"]
+        assert remote["active"] == 2 and remote["max_sessions"] is None  # not exported
+    sample = wait_sample(server.dashboard_url, lambda s: s["sessions"] is not None
+                         and s["sessions"]["active"] == 0)
+    assert sample["sessions"]["closed"] == 2
+
+
 # -- samples from snapshots ------------------------------------------------------------------
 
 
@@ -222,12 +253,18 @@ def test_make_sample_rates_quantiles_and_resets():
     assert r["calls"] is None and r["latency"] is None and r["totals"]["calls"] == 10
     # the first sample has no rates
     assert dashboard.make_sample(cur, None, 0.0, 1, 1.0)["calls"] is None
-    # sessions, when the metrics have them: their numbers, ready to chart
-    with_sessions = dict(cur, sessions={"active": 3, "bytes": 1024, "by_model": {"a": 1},
-                                        "enabled": True})
-    s = dashboard.make_sample(with_sessions, prev, 1.0, 9, 1002.0)
-    assert s["sessions"] == {"active": 3, "bytes": 1024}
-    assert dashboard.make_sample(dict(cur, sessions={}), prev, 1.0, 9, 1002.0)["sessions"] is None
+    # sessions (server.metrics()["sessions"]): occupancy, limits, counters
+    stats = {"active": 3, "bytes": 1024, "max_sessions": 8, "max_bytes": 4096,
+             "idle_timeout": 60.0, "opened": 5, "closed": 1, "evicted_bytes": 1,
+             "evicted_count": 0, "evicted_idle": 1, "steps": 9, "replayed_steps": 0,
+             "sizes": {"a": 1000, "b": 24}}
+    s = dashboard.make_sample(dict(cur, sessions=stats), prev, 1.0, 9, 1002.0)
+    assert s["sessions"] == {"active": 3, "bytes": 1024, "max_sessions": 8, "max_bytes": 4096,
+                             "opened": 5, "closed": 1, "evicted": 2, "steps": 9}
+    unused = dict(stats, active=0, bytes=0, opened=0, closed=0, evicted_bytes=0,
+                  evicted_idle=0, steps=0, sizes={})
+    assert dashboard.make_sample(dict(cur, sessions=unused), prev, 1.0, 9, 1002.0)[
+        "sessions"] is None  # no session yet: no panel
 
 
 def test_make_sample_per_model_ids():
@@ -471,7 +508,8 @@ def test_grafana_dashboard_uses_only_exported_metrics(serve, connect):
     for e in exprs:
         for label in re.findall(r"by \(([^)]*)\)", e):
             for name in (x.strip() for x in label.split(",")):
-                assert name in {"method", "code", "stage", "le", "state", "instance", "job"}, e
+                assert name in {"method", "code", "stage", "le", "state", "reason", "instance",
+                                "job"}, e
 
 
 # -- the page in a real browser --------------------------------------------------------------
