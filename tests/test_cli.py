@@ -415,6 +415,9 @@ def test_metrics_port(serve_cli, compute_module: Path) -> None:
     ["bench", "127.0.0.1:1", "--shape", "4", "-n", "0"],
     ["bench", "127.0.0.1:1", "--shape", "4", "--dtype", "complex64"],
     ["frobnicate"],
+    ["dashboard"],
+    ["dashboard", "127.0.0.1:9100", "--interval", "0"],
+    ["dashboard", "127.0.0.1:9100", "--port", "70000"],
 ])
 def test_bad_usage_exits_2(args: List[str]) -> None:
     r = run_cli(*args)
@@ -427,7 +430,7 @@ def test_bad_usage_exits_2(args: List[str]) -> None:
 def test_help_and_version() -> None:
     r = run_cli("--help")
     assert r.returncode == 0
-    for command in ("serve", "health", "info", "bench"):
+    for command in ("serve", "health", "info", "bench", "dashboard"):
         assert command in r.stdout
     r = run_cli("--version")
     assert r.returncode == 0 and r.stdout.startswith("splitlearn-comm ")
