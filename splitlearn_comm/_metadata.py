@@ -7,6 +7,10 @@ from typing import List, Mapping, Sequence, Tuple, Union
 
 MetadataLike = Union[None, Mapping[str, Union[str, bytes]], Sequence[Tuple[str, Union[str, bytes]]]]
 
+#: The metadata key a client's training calls carry its client id under (the
+#: server's activation store keys forwards by it; splitlearn_comm.training).
+CLIENT_ID_KEY = "sl-client-id"
+
 _KEY = re.compile(r"^[0-9a-z_.\-]+$")
 
 

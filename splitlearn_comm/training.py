@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 import grpc
 
 from . import _structure, context
+from ._metadata import CLIENT_ID_KEY as _CLIENT_ID_KEY
 from .core import ComputeFunction
 from .errors import Abort
 
@@ -107,6 +108,35 @@ class _Entry:
         self.grad_input: Any = None
         self.answered = 0       # backwards answered (the latest one's grad_input is kept)
         self.out_meta: Any = None  # (shape, dtype, device) of out, once out is dropped
+
+
+#: The metadata key a client's training calls carry its client id under.
+CLIENT_ID_KEY = _CLIENT_ID_KEY
+
+
+class _Key(str):
+    """An activation store key: ``"<client id>/<forward_id>"`` (the forward_id alone
+    for a client that sends no id). Shows as its forward_id in messages."""
+
+    def __new__(cls, client: str, forward_id: str) -> "_Key":
+        key = super().__new__(cls, f"{client}/{forward_id}" if client else forward_id)
+        key.forward_id = forward_id
+        return key
+
+    def __repr__(self) -> str:
+        return repr(self.forward_id)
+
+
+def _store_key(forward_id: str) -> str:
+    """The store key of ``forward_id`` for the client of the call being served: two
+    clients never see (or collide with) each other's forwards."""
+    call = context.current_call()
+    client = ""
+    if call is not None:
+        for k, v in call.metadata:
+            if k == CLIENT_ID_KEY and isinstance(v, str):
+                client = v[:64]
+    return _Key(client, forward_id)
 
 
 def _check_id(forward_id: Optional[str], what: str) -> str:
@@ -196,6 +226,12 @@ class TrainableComputeFunction(ComputeFunction):
     once (no lost updates, no torn parameters); inference calls share the lock
     with each other and never see a step half done. See docs/training.md.
 
+    Many clients may train against one instance at once: the activation store keys
+    each forward by the client's id (the ``sl-client-id`` metadata that
+    ``GRPCComputeClient.remote`` sends) and its forward_id, so clients never see or
+    collide with each other's forwards, and the steps apply in the order the calls
+    take the lock (docs/scaling.md).
+
     To change how the slice runs or steps, override :meth:`forward_model`
     (called for training and inference calls) or :meth:`optimizer_step`.
     """
@@ -284,7 +320,7 @@ class TrainableComputeFunction(ComputeFunction):
         if not training:
             return self.compute(input_tensor)
         torch = _torch()
-        fid = _check_id(forward_id, "a training forward")
+        fid = _store_key(_check_id(forward_id, "a training forward"))
         with self._lock:
             self._sweep()
             replay = self._repeat_forward(fid, input_tensor)
@@ -337,7 +373,7 @@ class TrainableComputeFunction(ComputeFunction):
         with the input gradient already sent. A later backward recomputes the
         forward from its kept input (with the forward's RNG state), so its
         gradients are those of local autograd."""
-        fid = _check_id(forward_id, "ComputeBackward")
+        fid = _store_key(_check_id(forward_id, "ComputeBackward"))
         if learning_rate is not None and not (0.0 <= learning_rate < float("inf")):
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
                         f"learning_rate must be a finite number >= 0, not {learning_rate}")

@@ -16,6 +16,8 @@ import uuid
 from typing import Any, Dict, Optional
 
 from . import _structure
+from ._metadata import CLIENT_ID_KEY
+from ._metadata import normalize as normalize_metadata
 
 __all__ = ["remote", "RemoteModule"]
 
@@ -190,7 +192,14 @@ def remote(client: Any, tensor: Any, *, training: Optional[bool] = None,
     if not torch.is_grad_enabled():
         raise ValueError("remote(training=True) needs autograd enabled (it is disabled here, "
                          "e.g. by torch.no_grad()): its backward could never be sent")
-    call = _Call(client, learning_rate, accumulation_step, metadata, timeout)
+    # a client balancing over replicas pins its training steps to one of them (the
+    # backward must reach the replica that kept the forward); the client id keys
+    # the server's activation store by client
+    step_client = client._training_client() if hasattr(client, "_training_client") else client
+    client_id = getattr(step_client, "client_id", None)
+    if client_id:
+        metadata = normalize_metadata(metadata) + [(CLIENT_ID_KEY, client_id)]
+    call = _Call(step_client, learning_rate, accumulation_step, metadata, timeout)
     call.session = dict(_session_fields or {})
     call.single_in = single
     call.in_struct = None if single else tensor

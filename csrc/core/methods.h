@@ -9,5 +9,7 @@
 #define SL_METHOD_PATH_HEALTH SL_SERVICE_PATH "HealthCheck"
 #define SL_METHOD_PATH_INFO SL_SERVICE_PATH "GetServiceInfo"
 #define SL_METHOD_PATH_STD_HEALTH "/grpc.health.v1.Health/Check"
+#define SL_METHOD_PATH_STD_WATCH "/grpc.health.v1.Health/Watch"
+#define SL_SERVICE_NAME "splitlearn.comm.ComputeService"
 
 #endif /* SL_METHODS_H */
