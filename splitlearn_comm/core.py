@@ -155,6 +155,11 @@ class TensorCodec:
         holder = _core.decode(self.name, data, tuple(shape), dtype, metadata)
         return _tensor.as_tensor(holder)
 
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_c", None)  # the cached C codec: made again on first use
+        return state
+
     def __repr__(self) -> str:
         dtype = getattr(self, "dtype", None)
         return f"{type(self).__name__}()" if dtype is None else f"{type(self).__name__}(dtype={dtype})"
@@ -165,3 +170,14 @@ def _check_codec(codec: Optional[TensorCodec]) -> None:
         return
     if not isinstance(codec, TensorCodec):
         raise TypeError(f"codec must be a TensorCodec, got {type(codec).__name__}")
+
+
+def __getattr__(name: str) -> Any:
+    # The earlier splitlearn-comm exported its codecs from here too; the built-in
+    # codecs live in splitlearn_comm.codecs (imported lazily: it imports this module).
+    if name in ("CompressedTensorCodec", "Float16Codec", "BFloat16Codec", "Int8Codec",
+                "SparseCOOCodec"):
+        from . import codecs
+
+        return getattr(codecs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -92,6 +92,20 @@ class ServerMetricsCollector:
             buckets = [("+Inf" if b == float("inf") else repr(b), n) for b, n in hist["buckets"]]
             h.add_metric([stage, *values], buckets, hist["sum"])
         yield h
+        models = m.get("models")
+        if models:  # a server hosting several compute functions (model_id)
+            calls = counter("splitlearn_model_requests_total",
+                            "Compute and ComputeBackward calls, by model_id and status code.",
+                            labels=["model", "code", *extra])
+            seconds = counter("splitlearn_model_compute_seconds_total",
+                              "Seconds spent in each model's compute() and backward().",
+                              labels=["model", *extra])
+            for model, per in models.items():
+                for code, n in per["requests"].items():
+                    calls.add_metric([model, code, *values], n)
+                seconds.add_metric([model, *values], per["compute_seconds"])
+            yield calls
+            yield seconds
 
 
 def start_metrics_server(server: Any, port: int, addr: str = "0.0.0.0") -> Any:
@@ -102,7 +116,9 @@ def start_metrics_server(server: Any, port: int, addr: str = "0.0.0.0") -> Any:
     registry = CollectorRegistry()
     registry.register(ServerMetricsCollector(server))
     result = start_http_server(port, addr=addr, registry=registry)
-    logger.info("metrics on http://%s:%d/metrics", addr, port)
+    http = result[0] if isinstance(result, tuple) else None
+    bound = http.server_port if http is not None else port  # the OS's choice for port 0
+    logger.info("metrics on http://%s:%d/metrics", addr, bound)
     return result
 
 
