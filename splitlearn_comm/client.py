@@ -104,31 +104,36 @@ class _BuiltinRetry(RetryStrategy):
 class ExponentialBackoff(_BuiltinRetry):
     """Retry UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED with growing delays.
 
-    The n-th retry waits ``min(max_delay, initial_delay * 2**n)``, scaled by a random
-    factor in ``[1 - jitter, 1 + jitter]``. Other codes (INVALID_ARGUMENT, INTERNAL
+    The n-th retry waits ``min(max_delay, initial_delay * multiplier**n)``, scaled by a
+    random factor in ``[1 - jitter, 1 + jitter]``. Other codes (INVALID_ARGUMENT, INTERNAL
     from a failing ``compute()``, ...) are never retried. The client's timeout
     bounds all attempts and sleeps together; ``attempt_timeout`` bounds each
     attempt (one that runs out is retried as DEADLINE_EXCEEDED).
     """
 
     def __init__(self, max_retries: int = 3, initial_delay: float = 1.0, max_delay: float = 30.0,
-                 jitter: float = 0.25, attempt_timeout: Optional[float] = None) -> None:
+                 jitter: float = 0.25, attempt_timeout: Optional[float] = None,
+                 multiplier: float = 2.0) -> None:
         if max_retries < 0 or initial_delay < 0 or max_delay < 0 or not 0 <= jitter <= 1:
             raise ValueError("max_retries, initial_delay and max_delay must be >= 0 and "
                              "jitter within [0, 1]")
+        if not multiplier >= 1:
+            raise ValueError(f"multiplier must be >= 1, not {multiplier}")
         self.max_retries = max_retries
         _check_timeout(attempt_timeout, "attempt_timeout")
         self.initial_delay = initial_delay
         self.max_delay = max_delay
         self.jitter = jitter
         self.attempt_timeout = attempt_timeout
+        self.multiplier = float(multiplier)
         self._initial, self._max, self._multiplier, self._jitter = (
-            initial_delay, max_delay, 2.0, jitter)
+            initial_delay, max_delay, float(multiplier), jitter)
 
     def __repr__(self) -> str:
+        extra = f", multiplier={self.multiplier}" if self.multiplier != 2.0 else ""
         return (f"ExponentialBackoff(max_retries={self.max_retries}, "
                 f"initial_delay={self.initial_delay}, max_delay={self.max_delay}, "
-                f"jitter={self.jitter})")
+                f"jitter={self.jitter}{extra})")
 
 
 class FixedDelay(_BuiltinRetry):
@@ -440,6 +445,15 @@ class GRPCComputeClient:
         if self._core is None:
             raise ValueError("the client is closed")
         return self._core
+
+    def __getattr__(self, name: str) -> Any:
+        # only for names not found otherwise: the earlier package's methods say what
+        # replaced them
+        from ._moved import CLIENT
+
+        if name in CLIENT:
+            raise AttributeError(f"{CLIENT[name]} (docs/migrating.md)")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __reduce__(self) -> Tuple[Any, Tuple[Dict[str, Any]]]:
         """Pickle (and deep-copy) as the client's settings: the copy opens its own

@@ -169,7 +169,11 @@ def _check_codec(codec: Optional[TensorCodec]) -> None:
     if codec is None:
         return
     if not isinstance(codec, TensorCodec):
-        raise TypeError(f"codec must be a TensorCodec, got {type(codec).__name__}")
+        hint = ""
+        if isinstance(codec, int) and not isinstance(codec, bool):
+            hint = (" (the earlier splitlearn-comm took max_message_length in this place: "
+                    "pass it by name, max_message_length=...)")
+        raise TypeError(f"codec must be a TensorCodec, got {type(codec).__name__}{hint}")
 
 
 def __getattr__(name: str) -> Any:
@@ -180,4 +184,6 @@ def __getattr__(name: str) -> Any:
         from . import codecs
 
         return getattr(codecs, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from ._moved import CORE, missing
+
+    missing(__name__, name, CORE)

@@ -222,3 +222,50 @@ def test_training_per_model(serve, connect):
     assert not all(torch.equal(p, q) for p, q in zip(b.parameters(), b0))
     assert server.metrics()["models"]["b"]["requests"] == {"OK": 2}  # forward + backward
     assert server.metrics()["models"]["a"]["requests"] == {}
+
+
+# -- what is gone says what replaced it ------------------------------------------------------
+
+
+def test_names_that_are_gone_say_what_replaced_them():
+    with pytest.raises(ImportError, match=r"not in this version.*docs/migrating\.md"):
+        from splitlearn_comm import AsyncGRPCComputeServer  # noqa: F401
+    with pytest.raises(ImportError, match=r"GRPCComputeServer\(compute_fn, port=port"):
+        from splitlearn_comm import serve  # noqa: F401
+    with pytest.raises(ImportError, match="KVCacheCodec"):
+        from splitlearn_comm.core import KVCacheCodec  # noqa: F401
+    assert not hasattr(slc, "ComputeServicer")  # feature tests still work
+    with pytest.raises(AttributeError, match="no grpcio servicer"):
+        slc.ComputeServicer  # noqa: B018
+    with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
+        slc.Nope  # noqa: B018
+    client = slc.GRPCComputeClient("127.0.0.1:1")
+    with pytest.raises(AttributeError, match=r"metrics_port=.*docs/migrating\.md"):
+        client.get_server_monitoring_data()
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        client.nope  # noqa: B018
+    client.close()
+
+
+def test_positional_arguments_of_the_earlier_signatures_are_refused_clearly():
+    with pytest.raises(TypeError, match="max_message_length=..."):
+        slc.GRPCComputeServer(Echo(), "127.0.0.1", 0, 10, 100 * 1024 * 1024)
+
+
+def test_exponential_backoff_multiplier():
+    policy = slc.ExponentialBackoff(initial_delay=0.5, max_delay=100.0, jitter=0.0, multiplier=3.0)
+    assert [policy.delay(n) for n in range(3)] == [0.5, 1.5, 4.5]
+    assert slc.ExponentialBackoff(jitter=0.0).delay(2) == 4.0
+    with pytest.raises(ValueError, match="multiplier"):
+        slc.ExponentialBackoff(multiplier=0.5)
+
+
+def test_the_c_retry_loop_uses_the_multiplier(caplog):
+    client = slc.GRPCComputeClient("127.0.0.1:1", timeout=30, retry_strategy=slc.ExponentialBackoff(
+        max_retries=2, initial_delay=0.01, jitter=0.0, multiplier=5.0))
+    with client, caplog.at_level(logging.WARNING, logger="splitlearn_comm"):
+        with pytest.raises(grpc.RpcError):
+            client.compute(torch.ones(1))
+    delays = [r.getMessage().split(" in ")[1].split(" s:")[0] for r in caplog.records
+              if r.getMessage().startswith("retrying")]
+    assert delays == ["0.01", "0.05"]
