@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import inspect
 import logging
 import sys
 import threading
@@ -408,6 +409,8 @@ class _Models:
             _check_compute_fn(compute_fn)
             self.single = compute_fn
         self._lock = threading.Lock()
+        self._seq = {id(fn): callable(getattr(fn, "backward", None))
+                     and _takes_backward_seq(fn.backward) for fn in self.functions()}
         self._counts: Dict[str, Dict[str, Any]] = {
             model_id: {"requests": {}, "compute_seconds": 0.0} for model_id in self.by_id}
 
@@ -418,6 +421,10 @@ class _Models:
         if self.single is not None:
             return type(self.single).__name__
         return "{" + ", ".join(f"{k!r}: {type(v).__name__}" for k, v in self.by_id.items()) + "}"
+
+    def takes_backward_seq(self, fn: Any) -> bool:
+        """Whether ``fn.backward()`` accepts ``backward_seq`` (worked out once)."""
+        return self._seq.get(id(fn), False)
 
     def known(self) -> str:
         return ", ".join(repr(k) for k in sorted(self.by_id))
@@ -573,10 +580,24 @@ def _make_intercept(interceptors: Sequence[grpc.ServerInterceptor]):
     return intercept
 
 
-def _backward_args(fields: Dict[str, Any]) -> Dict[str, Any]:
-    return {"forward_id": fields.get("forward_id"),
+def _takes_backward_seq(backward: Any) -> bool:
+    """Whether a backward() accepts ``backward_seq`` (TrainableComputeFunction's
+    does; one a user wrote before it existed may not)."""
+    try:
+        params = inspect.signature(backward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "backward_seq" or p.kind is inspect.Parameter.VAR_KEYWORD
+               for p in params)
+
+
+def _backward_args(fields: Dict[str, Any], with_seq: bool) -> Dict[str, Any]:
+    args = {"forward_id": fields.get("forward_id"),
             "learning_rate": fields.get("learning_rate"),
             "accumulation_step": fields.get("accumulation_step")}
+    if with_seq:
+        args["backward_seq"] = fields.get("backward_seq", 1)
+    return args
 
 
 def _make_dispatch(models: _Models, registry: CodecRegistry,
@@ -607,7 +628,8 @@ def _make_dispatch(models: _Models, registry: CodecRegistry,
                 x = _decode_request(registry, codec, holder, shape, codec_meta or {})
             t0 = time.perf_counter()
             if is_backward:
-                out = backward(x, **_backward_args(fields or {}))
+                out = backward(x, **_backward_args(fields or {},
+                                                   models.takes_backward_seq(compute_fn)))
             elif fields and (fields.get("forward_id") is not None
                              or fields.get("training_mode") is not None) and \
                     getattr(compute_fn, "supports_training", False):
