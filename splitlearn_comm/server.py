@@ -147,6 +147,11 @@ class GRPCComputeServer:
         max_message_length: the largest message, in bytes, received or sent (sets
             ``grpc.max_receive_message_length`` and ``grpc.max_send_message_length``
             unless ``options`` sets them); ``None``: unlimited (up to gRPC's 2 GiB).
+        max_sessions, max_session_bytes, session_idle_timeout: bounds of the
+            server-side sessions (``client.session()``; docs/inference.md): at most
+            this many sessions holding at most this many bytes of tensors together,
+            each dropped after this many idle seconds; room is made by evicting the
+            least recently used session.
 
     ``start()`` returns at once; ``stop(grace)`` drains; ``wait_for_termination()``
     blocks until stopped (Ctrl-C interrupts it). Usable as a context manager.
@@ -164,7 +169,9 @@ class GRPCComputeServer:
                  access_log: Union[bool, logging.Logger] = False,
                  metrics_port: Optional[int] = None,
                  max_decoded_bytes: Optional[int] = None,
-                 max_message_length: Optional[int] = None) -> None:
+                 max_message_length: Optional[int] = None,
+                 max_sessions: int = 256, max_session_bytes: int = 1 << 30,
+                 session_idle_timeout: float = 600.0) -> None:
         self._models = _Models(compute_fn)
         if max_workers < 1:
             raise ValueError(f"max_workers must be at least 1, not {max_workers}")
@@ -197,6 +204,9 @@ class GRPCComputeServer:
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._torn_down = False
+        from .sessions import SessionStore
+
+        self.sessions = SessionStore(max_sessions, max_session_bytes, session_idle_timeout)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -223,8 +233,8 @@ class GRPCComputeServer:
             if self.codec is not None and not self.codec.is_python():
                 c_codec = self.codec._c_codec()
             server = _core.Server(
-                _make_dispatch(self._models, self._registry, self.codec),
-                _make_info(self._models), self.host, int(self._port), int(self.max_workers),
+                _make_dispatch(self._models, self._registry, self.codec, self.sessions),
+                _make_info(self._models, self.sessions), self.host, int(self._port), int(self.max_workers),
                 str(self.version), self.options, c_codec, self._registry.names(),
                 self.auth_tokens, self.tls._args() if self.tls else None,
                 _make_intercept(self.interceptors) if self.interceptors else None,
@@ -295,12 +305,17 @@ class GRPCComputeServer:
         """The server's own metrics, kept in C: ``requests`` by (method, status name),
         ``in_flight``, ``latency_seconds`` histograms by stage (cumulative
         ``buckets`` of (upper bound, count), ``count``, ``sum``), ``request_bytes``,
-        ``response_bytes`` and ``access_log_dropped``."""
+        ``response_bytes`` and ``access_log_dropped``; ``sessions``: the open
+        sessions and the bytes they hold (see :meth:`SessionStore.stats
+        <splitlearn_comm.sessions.SessionStore.stats>`); ``models``, for a server
+        hosting several compute functions: each one's calls by status name and the
+        seconds spent in it."""
         if self._core is None:
             m = {"requests": {}, "in_flight": 0, "latency_seconds": {},
                  "request_bytes": 0, "response_bytes": 0, "access_log_dropped": 0}
         else:
             m = self._core.metrics()
+        m["sessions"] = self.sessions.stats()
         if self._models.single is None:
             m["models"] = self._models.metrics()
         return m
@@ -332,6 +347,7 @@ class GRPCComputeServer:
                 return
             self._torn_down = True
         _live.discard(self)
+        self.sessions.clear()
         try:
             self._models.teardown()
         finally:
@@ -491,15 +507,24 @@ class _Models:
             raise error
 
 
-def _make_info(models: _Models):
+def _make_info(models: _Models, sessions: Any = None):
     def one(fn: Any) -> Dict[str, str]:
         get_info = getattr(fn, "get_info", None)
         raw = get_info() if callable(get_info) else {"name": type(fn).__name__}
         return {str(k): str(v) for k, v in dict(raw or {}).items()}
 
+    def add_sessions(custom: Dict[str, str]) -> None:
+        if sessions is not None:  # once a session was opened (keeps older answers as they were)
+            st = sessions.stats()
+            if st["opened"]:
+                for key in ("active", "bytes", "max_sessions", "max_bytes", "opened",
+                            "evicted_bytes", "evicted_count", "evicted_idle"):
+                    custom.setdefault(f"sessions.{key}", str(st[key]))
+
     def info() -> Tuple[str, str, Dict[str, str]]:
         if models.single is not None:
             custom = one(models.single)
+            add_sessions(custom)
             device = str(getattr(models.single, "device", custom.get("device", "cpu")))
             return SERVICE_NAME, device, custom
         custom = {"models": ",".join(models.by_id)}
@@ -508,6 +533,7 @@ def _make_info(models: _Models):
             for k, v in one(fn).items():
                 custom[f"{model_id}.{k}"] = v
             devices.append(str(getattr(fn, "device", "cpu")))
+        add_sessions(custom)
         return SERVICE_NAME, ",".join(dict.fromkeys(devices)), custom
 
     return info
@@ -601,7 +627,7 @@ def _backward_args(fields: Dict[str, Any], with_seq: bool) -> Dict[str, Any]:
 
 
 def _make_dispatch(models: _Models, registry: CodecRegistry,
-                   server_codec: Optional[TensorCodec]):
+                   server_codec: Optional[TensorCodec], sessions: Any = None):
     """The Python side of a Compute call, run on a C worker thread holding the GIL."""
     python_out = server_codec if server_codec is not None and server_codec.is_python() else None
 
@@ -627,16 +653,27 @@ def _make_dispatch(models: _Models, registry: CodecRegistry,
             else:
                 x = _decode_request(registry, codec, holder, shape, codec_meta or {})
             t0 = time.perf_counter()
-            if is_backward:
-                out = backward(x, **_backward_args(fields or {},
-                                                   models.takes_backward_seq(compute_fn)))
-            elif fields and (fields.get("forward_id") is not None
-                             or fields.get("training_mode") is not None) and \
-                    getattr(compute_fn, "supports_training", False):
-                out = compute_fn.compute_training(x, forward_id=fields.get("forward_id"),
-                                                  training=bool(fields.get("training_mode")))
+
+            def run() -> Any:
+                if is_backward:
+                    return backward(x, **_backward_args(fields or {},
+                                                        models.takes_backward_seq(compute_fn)))
+                if fields and (fields.get("forward_id") is not None
+                               or fields.get("training_mode") is not None) and \
+                        getattr(compute_fn, "supports_training", False):
+                    return compute_fn.compute_training(
+                        x, forward_id=fields.get("forward_id"),
+                        training=bool(fields.get("training_mode")))
+                return compute_fn.compute(x)
+
+            if sessions is not None and fields and fields.get("session_id") is not None:
+                from .sessions import run_step
+
+                out = run_step(sessions, fields, call, run)
+                if fields.get("session_close"):
+                    out = x[:0]  # a close answers an empty tensor
             else:
-                out = compute_fn.compute(x)
+                out = run()
             ms = (time.perf_counter() - t0) * 1e3
             out_codec = python_out
             if out_codec is None and codec is not None and server_codec is None:
