@@ -251,7 +251,8 @@ _HOST_PORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:/\[\]]+)):(
 
 
 #: gRPC target schemes (passed through without the HOST:PORT check).
-_GRPC_SCHEMES = ("unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:", "vsock:", "xds:")
+_GRPC_SCHEMES = ("unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:", "vsock:", "xds:",
+                 "passthrough:")
 
 
 def bad_address_message(address: str) -> str:

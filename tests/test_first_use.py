@@ -269,6 +269,7 @@ def test_an_address_with_a_url_scheme_is_refused(address):
 
 
 @pytest.mark.parametrize("address", ["dns:///127.0.0.1:50051", "ipv4:127.0.0.1:50051",
+                                     "passthrough:///127.0.0.1:50051",
                                      "unix:/tmp/sl.sock", "localhost:50051", "[::1]:50051"])
 def test_grpc_targets_still_pass(address):
     slc.GRPCComputeClient(address).close()
