@@ -139,8 +139,11 @@ class GRPCComputeServer:
         access_log: ``True`` (logger ``splitlearn_comm.access``) or a
             ``logging.Logger``: one JSON line per call, made in C without the GIL and
             written by one background thread.
-        metrics_port: serve Prometheus metrics on this port (needs prometheus_client);
-            :meth:`metrics` works without it.
+        metrics_port: serve, on this port (0: one the OS picks, read back from
+            :attr:`metrics_port` once started), the live dashboard at ``/`` (see
+            :attr:`dashboard_url`), its JSON at ``/api/dashboard`` and Prometheus
+            metrics at ``/metrics`` (that one needs prometheus_client); :meth:`metrics`
+            works without any of it.
         max_decoded_bytes: how large a tensor built-in codec payloads may decode to,
             per call and for all calls at once (default 4 GiB): a sparse or compressed
             payload of a few bytes may declare any shape.
@@ -256,10 +259,15 @@ class GRPCComputeServer:
                 from .monitoring import start_metrics_server
 
                 bind = self.host if self.host not in ("", "0.0.0.0", "::") else "0.0.0.0"
-                self._metrics_http = start_metrics_server(self, int(self.metrics_port), bind)
-                http = self._metrics_http[0] if isinstance(self._metrics_http, tuple) else None
-                if http is not None:
-                    self.metrics_port = http.server_port  # the bound port, also for 0
+                try:
+                    self._metrics_http = start_metrics_server(self, int(self.metrics_port), bind)
+                except BaseException as e:
+                    self._abort_start()
+                    if isinstance(e, OSError):
+                        raise OSError(f"could not serve metrics and the dashboard on "
+                                      f"{bind}:{self.metrics_port}: {e}") from None
+                    raise
+                self.metrics_port = self._metrics_http.server_port  # the bound port, also for 0
             if self.handle_signals:
                 self._install_signal_handlers()
         logger.info("serving %s on %s:%d (%d workers)%s", self._models.describe(),
@@ -267,16 +275,23 @@ class GRPCComputeServer:
                     f", metrics on {self.metrics_url}" if self.metrics_url else "")
         return self
 
+    def _abort_start(self) -> None:
+        """Undo a start() that failed after the core started (called with the lock held)."""
+        core, self._core = self._core, None
+        _live.discard(self)
+        if self._access_writer is not None:
+            self._access_writer.close()
+            self._access_writer = None
+        if core is not None:
+            core.stop(0.0)
+        self._models.teardown()
+
     @property
     def metrics_url(self) -> Optional[str]:
-        """``http://host:port/metrics`` while Prometheus metrics are served, else None."""
-        http = self._metrics_http[0] if isinstance(self._metrics_http, tuple) else None
-        if http is None:
-            return None
-        host = str(http.server_address[0])
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{http.server_port}/metrics"
+        """``http://host:port/metrics`` (Prometheus text) while ``metrics_port`` serves,
+        with the bound port (also for ``metrics_port=0``); None otherwise."""
+        url = self.dashboard_url
+        return None if url is None else url + "metrics"
 
     def _install_signal_handlers(self) -> None:
         import signal
@@ -321,9 +336,35 @@ class GRPCComputeServer:
         return m
 
     @property
+    def dashboard_url(self) -> Optional[str]:
+        """``http://HOST:PORT/``, the live dashboard, once started with ``metrics_port``
+        (None otherwise)."""
+        if self._metrics_http is None:
+            return None
+        host = self.host if self.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        return f"http://{'[' + host + ']' if ':' in host else host}:{self.metrics_port}/"
+
+    @property
     def serving(self) -> bool:
         """True while the server accepts calls (False while draining and after)."""
         return bool(self._core is not None and self._core.serving)
+
+    def set_health(self, serving: bool) -> None:
+        """Set what the standard health check (grpc.health.v1 Check and Watch, and
+        HealthCheck) reports while the server runs: ``False`` makes it NOT_SERVING,
+        so that clients balancing over replicas (``round_robin`` with client-side
+        health checking) send it no new calls, and Kubernetes' readiness probe fails;
+        the calls that still come are served. ``True`` makes it SERVING again.
+        Watching clients see the change within about 50 ms. ``stop()`` reports
+        NOT_SERVING whatever was set (docs/scaling.md)."""
+        if self._core is None:
+            raise RuntimeError("the server is not running")
+        self._core.set_health(bool(serving))
+
+    @property
+    def health(self) -> str:
+        """``"SERVING"`` or ``"NOT_SERVING"``: what grpc.health.v1 reports now."""
+        return "SERVING" if self._core is not None and self._core.health else "NOT_SERVING"
 
     def stop(self, grace: Optional[float] = 5.0) -> None:
         """Stop gracefully: health checks answer NOT_SERVING, new calls get
@@ -337,10 +378,7 @@ class GRPCComputeServer:
         if self._access_writer is not None:
             self._access_writer.close()
         if self._metrics_http is not None:
-            http = self._metrics_http[0] if isinstance(self._metrics_http, tuple) else None
-            if http is not None:
-                http.shutdown()
-                http.server_close()
+            self._metrics_http.close()
             self._metrics_http = None
         with self._lock:
             if self._torn_down:
@@ -461,12 +499,15 @@ class _Models:
                         f"unknown model_id {model_id!r}; this server hosts {self.known()}")
         return model_id, fn
 
-    def count(self, model_id: Optional[str], code: str, seconds: float) -> None:
+    def count(self, model_id: Optional[str], method: str, code: str, seconds: float) -> None:
+        """One call of ``model_id``: requests are keyed (method, status name), as the
+        server's own ``requests`` are (method "Compute" or "ComputeBackward")."""
         if model_id is None:
             return
+        key = (method.rsplit("/", 1)[-1], code)
         with self._lock:
             per = self._counts[model_id]
-            per["requests"][code] = per["requests"].get(code, 0) + 1
+            per["requests"][key] = per["requests"].get(key, 0) + 1
             per["compute_seconds"] += seconds
 
     def metrics(self) -> Dict[str, Dict[str, Any]]:
@@ -686,14 +727,15 @@ def _make_dispatch(models: _Models, registry: CodecRegistry,
                     raise Abort(grpc.StatusCode.INTERNAL, f"{e} (the result)", call._trailing) from e
             else:
                 result = _tensor.prepare_result(out), ms, call._trailing
-            models.count(model_id, "OK", ms / 1e3)
+            models.count(model_id, method, "OK", ms / 1e3)
             return result
         except Abort as e:
-            models.count(model_id, _code_name(e.sl_code), time.perf_counter() - t0 if t0 else 0.0)
+            models.count(model_id, method, _code_name(e.sl_code),
+                         time.perf_counter() - t0 if t0 else 0.0)
             raise
         except Exception as e:
             _log_exception("compute()", call, e)
-            models.count(model_id, "INTERNAL", time.perf_counter() - t0 if t0 else 0.0)
+            models.count(model_id, method, "INTERNAL", time.perf_counter() - t0 if t0 else 0.0)
             if call._trailing:
                 e.sl_trailing = call._trailing  # type: ignore[attr-defined]
             raise

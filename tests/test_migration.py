@@ -191,8 +191,8 @@ def test_metrics_per_model(serve, connect):
     finally:
         logging.getLogger("splitlearn_comm.server").disabled = False
     models = server.metrics()["models"]
-    assert models["ok"]["requests"] == {"OK": 3}
-    assert models["bad"]["requests"] == {"INTERNAL": 1}
+    assert models["ok"]["requests"] == {("Compute", "OK"): 3}
+    assert models["bad"]["requests"] == {("Compute", "INTERNAL"): 1}
     assert models["ok"]["compute_seconds"] >= 0.0
     prometheus = pytest.importorskip("prometheus_client")
     from splitlearn_comm.monitoring import ServerMetricsCollector
@@ -200,9 +200,10 @@ def test_metrics_per_model(serve, connect):
     registry = prometheus.CollectorRegistry()
     registry.register(ServerMetricsCollector(server))
     assert registry.get_sample_value("splitlearn_model_requests_total",
-                                     {"model": "ok", "code": "OK"}) == 3
+                                     {"model": "ok", "method": "Compute", "code": "OK"}) == 3
     assert registry.get_sample_value("splitlearn_model_requests_total",
-                                     {"model": "bad", "code": "INTERNAL"}) == 1
+                                     {"model": "bad", "method": "Compute",
+                                      "code": "INTERNAL"}) == 1
 
 
 def test_training_per_model(serve, connect):
@@ -220,7 +221,8 @@ def test_training_per_model(serve, connect):
     # only b stepped
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), a0))
     assert not all(torch.equal(p, q) for p, q in zip(b.parameters(), b0))
-    assert server.metrics()["models"]["b"]["requests"] == {"OK": 2}  # forward + backward
+    assert server.metrics()["models"]["b"]["requests"] == {("Compute", "OK"): 1,
+                                                           ("ComputeBackward", "OK"): 1}
     assert server.metrics()["models"]["a"]["requests"] == {}
 
 
