@@ -163,8 +163,12 @@ def check_codec_spec(codec: CodecSpec, what: str = "codec") -> None:
                 raise TypeError(f"a {what} mapping maps tensor names or path prefixes (str) to "
                                 f"TensorCodec objects; got {k!r}: {type(v).__name__}")
         return
+    hint = ""
+    if isinstance(codec, int) and not isinstance(codec, bool):
+        hint = (" (the earlier splitlearn-comm took max_message_length in this place: pass it "
+                "by name, max_message_length=...)")
     raise TypeError(f"{what} must be a TensorCodec, a mapping of name to TensorCodec, or None; "
-                    f"got {type(codec).__name__}")
+                    f"got {type(codec).__name__}{hint}")
 
 
 def codec_for(spec: CodecSpec, name: str) -> Any:

@@ -35,8 +35,8 @@ def prepare(obj: Any) -> Tuple[Any, Restore]:
     """Make `obj` sendable (contiguous, CPU, plain) and say how to give a result back."""
     torch = sys.modules.get("torch")
     if torch is not None and type(obj) is torch.Tensor and obj.is_cpu and \
-            not obj.requires_grad and obj.is_contiguous() and obj.layout is torch.strided \
-            and not obj.is_conj() and not obj.is_neg():
+            not obj.requires_grad and obj.layout is torch.strided and not obj.is_nested \
+            and obj.is_contiguous() and not obj.is_conj() and not obj.is_neg():
         return obj, ("torch", obj.device)   # the common case, already sendable as it is
     if is_torch_tensor(obj):
         device = obj.device

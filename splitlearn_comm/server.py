@@ -716,8 +716,8 @@ def _reply_leaves(out: Any, kv_call: bool, spec: CodecSpec, python_in: Optional[
             items += [("", k.detach().float() if _tensor.is_torch_tensor(k) else k),
                       ("", v.detach().float() if _tensor.is_torch_tensor(v) else v)]
         form, nodes = _structure.SINGLE, None
-    elif _structure.is_tensor(out) or isinstance(out, (int, float, complex)) and \
-            not isinstance(out, bool):
+    elif _structure.is_tensor(out) or isinstance(out, (int, float, complex)):
+        # a bare number is a 0-d tensor, as before structures (old clients read it)
         form, items, nodes = _structure.SINGLE, [("", out)], None
     else:
         form, items, nodes = _structure.flatten(out)
