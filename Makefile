@@ -4,6 +4,11 @@
 #   make test    set everything up, then run the C tests and the whole pytest suite
 #   make asan    the same tests against an ASan+UBSan build of the extension
 #   make bench   round-trip benchmarks (writes benchmarks/results.md)
+#   make wheel   the sdist, and from it self-contained manylinux wheels for CPython
+#                3.10-3.13 (auditwheel repair), in dist/
+#   make check-wheel   each wheel in a fresh venv, a round trip with Debian's gRPC hidden
+#   make test-pythons  the test suite against each wheel in a fresh venv of its Python
+#   make typecheck     mypy --strict on the package
 #
 # Set-up is idempotent: Debian packages are installed only when missing, the
 # virtual environment (.venv) is made once.
@@ -21,7 +26,10 @@ CORE_SRC := $(wildcard csrc/core/*.c)
 CTESTS   := $(patsubst tests/c/%.c,$(CBIN)/%,$(wildcard tests/c/test_*.c))
 SAN      := -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
-.PHONY: all deps venv install build ctest pytest test demo asan asan-ctest asan-pytest bench clean
+PY_VERSIONS ?= 3.10 3.11 3.12 3.13
+
+.PHONY: all deps venv install build ctest pytest test demo asan asan-ctest asan-pytest bench clean \
+        wheel check-wheel test-pythons typecheck
 
 all: install
 
@@ -84,5 +92,35 @@ bench: install
 	$(PY) benchmarks/bench_codecs.py
 	$(PY) benchmarks/bench_training.py
 
+# The sdist from this tree, then one wheel per Python built from that sdist (so the
+# sdist is proven complete), then auditwheel repair: the gRPC C core and the
+# libraries under it are copied into splitlearn_comm.libs/ under hashed names.
+wheel: install
+	rm -rf dist build/wheel-raw
+	$(PY) -m build --sdist -o dist .
+	set -e; for v in $(PY_VERSIONS); do \
+	  py=$$(sh scripts/python-for.sh $$v); echo "building the wheel for $$py"; \
+	  mkdir -p build/wheel-raw; \
+	  $$py -m pip wheel -q --disable-pip-version-check --no-deps -w build/wheel-raw dist/*.tar.gz \
+	    > build/wheel-raw/$$v.log 2>&1 || { cat build/wheel-raw/$$v.log; exit 1; }; done
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/auditwheel repair -w dist build/wheel-raw/*.whl
+	ls -l dist
+
+check-wheel: wheel
+	set -e; for v in $(PY_VERSIONS); do \
+	  sh scripts/check-wheel.sh $$(sh scripts/python-for.sh $$v) \
+	    $$(ls dist/*-cp$$(echo $$v | tr -d .)-*manylinux*.whl); done
+
+# torch-free on every Python but TORCH_PYTHONS (3.11): see scripts/test-python.sh
+test-pythons: wheel
+	@failed=""; for v in $(PY_VERSIONS); do \
+	  sh scripts/test-python.sh $$v > build/pytests-$$v.log 2>&1 || failed="$$failed $$v"; \
+	  cat build/pytests-$$v.log; done; \
+	for v in $(PY_VERSIONS); do echo "CPython $$v: $$(tail -n 1 build/pytests-$$v.log)"; done; \
+	if [ -n "$$failed" ]; then echo "failed on:$$failed"; exit 1; fi
+
+typecheck: install
+	$(PY) -m mypy
+
 clean:
-	rm -rf build splitlearn_comm/*.so *.egg-info
+	rm -rf build dist splitlearn_comm/*.so *.egg-info
