@@ -14,7 +14,7 @@ import numpy as np
 Restore = Tuple[str, Any]
 
 
-def _torch():
+def _torch() -> Any:
     import torch  # imported lazily: NumPy-only users never pay for it
 
     return torch
@@ -61,7 +61,7 @@ def dtype_name(dtype: Any) -> str:
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(dtype, torch.dtype):
         return str(dtype).replace("torch.", "")
-    return np.dtype(dtype).name
+    return str(np.dtype(dtype).name)
 
 
 def restore(holder: Any, how: Restore) -> Any:

@@ -32,7 +32,7 @@ __all__ = ["AccessLogWriter", "ServerMetricsCollector", "start_metrics_server"]
 logger = logging.getLogger("splitlearn_comm.monitoring")
 
 
-def _prometheus():
+def _prometheus() -> tuple[Any, Any, Any]:
     try:
         import prometheus_client  # noqa: F401
         from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
@@ -52,7 +52,7 @@ class ServerMetricsCollector:
     (e.g. ``{"server": "tail"}``) when one process runs several.
     """
 
-    def __init__(self, server: Any, labels: Optional[dict] = None) -> None:
+    def __init__(self, server: Any, labels: Optional[dict[str, str]] = None) -> None:
         self.server = server
         self.labels = dict(labels or {})
 
@@ -65,7 +65,7 @@ class ServerMetricsCollector:
                            labels=["method", "code", *extra])
         errors = counter("splitlearn_errors_total", "Calls that did not end OK, by method.",
                          labels=["method", *extra])
-        failed: dict = {}
+        failed: dict[str, Any] = {}
         for (method, code), n in m["requests"].items():
             requests.add_metric([method, code, *values], n)
             if code != "OK":
