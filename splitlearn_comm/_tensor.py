@@ -45,13 +45,18 @@ def prepare(obj: Any) -> Tuple[Any, Restore]:
     if isinstance(obj, np.ndarray):
         if obj.dtype.byteorder == ">" or (obj.dtype.byteorder == "=" and sys.byteorder == "big"):
             obj = obj.astype(obj.dtype.newbyteorder("<"))
-        return np.ascontiguousarray(obj), ("numpy", None)
+        return _c_contiguous(obj), ("numpy", None)
     if isinstance(obj, np.generic):
-        return np.ascontiguousarray(np.asarray(obj)), ("numpy", None)
+        return np.asarray(obj), ("numpy", None)
     if hasattr(obj, "__dlpack__"):
         return obj, ("torch", None)
     raise TypeError("expected a torch.Tensor, a numpy.ndarray or an object with __dlpack__, "
                     f"got {type(obj).__name__}")
+
+
+def _c_contiguous(a: np.ndarray) -> np.ndarray:
+    """`a` in C order, keeping its shape: np.ascontiguousarray makes 0-d arrays 1-d."""
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
 def dtype_name(dtype: Any) -> str:

@@ -63,13 +63,26 @@ def test_roundtrip_every_numpy_dtype(echo_client: slc.GRPCComputeClient, dtype: 
 @pytest.mark.parametrize("shape", [(), (0,), (0, 4), (1,), (2, 3, 4, 5)], ids=str)
 def test_roundtrip_shapes(echo_client: slc.GRPCComputeClient, shape: tuple) -> None:
     x = sample("float32", shape)
-    np.testing.assert_array_equal(echo_client.compute(x), x)
+    y = echo_client.compute(x)
+    assert y.shape == x.shape and y.tobytes() == x.tobytes()
+
+
+@pytest.mark.parametrize("result", [np.float32(2.5), 7, 1.5, True], ids=repr)
+def test_scalar_results_are_0d(serve, connect, result) -> None:
+    class Scalar(slc.ComputeFunction):
+        def compute(self, input_tensor):
+            return result
+
+    y = connect(serve(Scalar())).compute(np.zeros(3, np.float32))
+    assert isinstance(y, np.ndarray) and y.shape == () and y.item() == result
 
 
 def test_roundtrip_non_contiguous(echo_client: slc.GRPCComputeClient) -> None:
     base = np.arange(48, dtype=np.float64).reshape(6, 8)
     for x in (base.T, base[:, ::2], base[1:5, 2:7]):
-        np.testing.assert_array_equal(echo_client.compute(x), x)
+        y = echo_client.compute(x)
+        assert y.shape == x.shape and y.flags.c_contiguous
+        np.testing.assert_array_equal(y, x)
 
 
 def test_roundtrip_large(echo_client: slc.GRPCComputeClient) -> None:
