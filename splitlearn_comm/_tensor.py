@@ -9,6 +9,7 @@ import sys
 from typing import Any, Tuple
 
 import numpy as np
+from numpy.typing import NDArray
 
 # How a result is given back: ("torch", device) or ("numpy", None).
 Restore = Tuple[str, Any]
@@ -54,7 +55,7 @@ def prepare(obj: Any) -> Tuple[Any, Restore]:
                     f"got {type(obj).__name__}")
 
 
-def _c_contiguous(a: np.ndarray) -> np.ndarray:
+def _c_contiguous(a: NDArray[Any]) -> NDArray[Any]:
     """`a` in C order, keeping its shape: np.ascontiguousarray makes 0-d arrays 1-d."""
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
