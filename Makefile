@@ -91,6 +91,7 @@ bench: install
 	$(PY) benchmarks/bench_roundtrip.py
 	$(PY) benchmarks/bench_codecs.py
 	$(PY) benchmarks/bench_training.py
+	$(PY) benchmarks/bench_replicas.py
 
 # The sdist from this tree, then one wheel per Python built from that sdist (so the
 # sdist is proven complete), then auditwheel repair: the gRPC C core and the

@@ -349,17 +349,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                grace=args.grace, **kwargs)
 
     stop_requested = threading.Event()
+    stop_now = threading.Event()
+
+    def drain_then_stop() -> None:
+        # NOT_SERVING first: balancing clients move away while the calls that still
+        # come are served; then the graceful stop
+        if args.drain_delay > 0:
+            try:
+                server.set_health(False)
+            except RuntimeError:  # not started yet, or already stopping
+                pass
+            stop_now.wait(args.drain_delay)
+        server.stop(0 if stop_now.is_set() else args.grace)
 
     def on_signal(signum: int, frame: Any) -> None:
         if stop_requested.is_set():
             logger.warning("second signal %d: stopping now", signum)
+            stop_now.set()
             threading.Thread(target=server.stop, args=(0,), daemon=True,
                              name="splitlearn-cli-stop-now").start()
             return
         stop_requested.set()
-        print(f"stopping (grace {args.grace:g} s)", file=sys.stderr, flush=True)
-        threading.Thread(target=server.stop, args=(args.grace,), daemon=True,
-                         name="splitlearn-cli-stop").start()
+        print(f"stopping (drain {args.drain_delay:g} s, grace {args.grace:g} s)",
+              file=sys.stderr, flush=True)
+        threading.Thread(target=drain_then_stop, daemon=True, name="splitlearn-cli-stop").start()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -374,7 +387,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            details=_user_traceback(e)) from None
         print(f"serving {name} on {_format_host_port(args.host, server.port)}", flush=True)
         if stop_requested.is_set():  # a signal came while starting
-            server.stop(args.grace)
+            drain_then_stop()
         while not server.wait_for_termination(timeout=0.5):
             pass
     finally:
@@ -771,6 +784,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "metrics)")
     p.add_argument("--grace", type=_non_negative_float, default=5.0, metavar="SECONDS",
                    help="seconds calls in flight get to finish on shutdown (default %(default)s)")
+    p.add_argument("--drain-delay", type=_non_negative_float, default=0.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, report NOT_SERVING and keep serving this long "
+                        "before the graceful stop, so that balancing clients and Kubernetes "
+                        "move away first (default %(default)s)")
     p.add_argument("--version", dest="version", default="1.0.0", metavar="V",
                    help="version reported by HealthCheck and GetServiceInfo "
                         "(default %(default)s)")

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import textwrap
+import time
 import threading
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -222,6 +223,33 @@ def test_serve_health_info_bench_and_sigterm(serve_cli, compute_module: Path) ->
     down = run_cli("health", address, "--timeout", "5")
     assert down.returncode == 1
     assert address in down.stderr and "Traceback" not in down.stderr
+
+
+@pytest.mark.timeout(120)
+def test_serve_drain_delay_reports_not_serving_and_keeps_serving(serve_cli,
+                                                                  compute_module: Path) -> None:
+    import grpc
+    import torch
+
+    from splitlearn_comm import GRPCComputeClient
+
+    server = serve_cli("my_compute.py:Doubler", "--port", "0", "--drain-delay", "60",
+                       cwd=compute_module.parent)
+    address = serving_address(server.first_line())
+    with grpc.insecure_channel(address) as ch, \
+            GRPCComputeClient(address, retry_strategy=None, timeout=10) as client:
+        check = ch.unary_unary("/grpc.health.v1.Health/Check")
+        assert check(b"", timeout=10) == b"\x08\x01"           # SERVING
+        server.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while check(b"", timeout=10) != b"\x08\x02":            # NOT_SERVING
+            assert time.monotonic() < deadline, "no NOT_SERVING after SIGTERM"
+            time.sleep(0.02)
+        # draining: still serving every call that comes
+        assert client.compute(torch.ones(3)).tolist() == [2.0, 2.0, 2.0]
+        assert server.proc.poll() is None
+    assert server.stop(signal.SIGTERM) == 0, server.stderr()  # a second signal: stop now
+    assert "drain 60 s" in server.stderr()
 
 
 @pytest.mark.timeout(120)

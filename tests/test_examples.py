@@ -6,7 +6,7 @@
   ``simple_client.py`` against that port, and exit 0 promptly on SIGINT (Ctrl-C)
   and on SIGTERM;
 * ``custom_codec.py``, ``auth_server.py``, ``tls_server.py``,
-  ``prometheus_monitoring.py`` and ``multi_port_server.py`` run their servers and
+  ``prometheus_monitoring.py``, ``multi_port_server.py`` and ``replicas.py`` run their servers and
   clients in one process: each must exit 0 in time and print the lines that show
   what it demonstrates.
 
@@ -269,6 +269,25 @@ def test_prometheus_monitoring_example() -> None:
     ]:
         assert expected in lines, f"missing {expected!r}\n" + _report(proc)
     assert all(not line.startswith("splitlearn_") or "_bucket{" not in line for line in lines)
+
+
+@pytest.mark.timeout(SELF_CONTAINED_TIMEOUT_S + 20)
+def test_replicas_example() -> None:
+    proc = _run([str(EXAMPLES / "replicas.py")], SELF_CONTAINED_TIMEOUT_S)
+    assert proc.returncode == 0, _report(proc)
+    lines = proc.stdout.splitlines()
+    spread = re.search(r"^300 calls per replica: \[(\d+), (\d+), (\d+)\]$", proc.stdout, re.M)
+    assert spread is not None, _report(proc)
+    counts = [int(n) for n in spread.groups()]
+    assert sum(counts) == 300 and min(counts) > 0 and max(counts) <= 2 * min(counts)
+    for expected in [
+        "policy: round_robin",
+        "replica 1 NOT_SERVING, its share of 300 calls: 0",
+        "replica 2 drained and stopped under load: 0 failed calls of 800",
+        "pinned session used 1 replica",
+        "all replicas stopped",
+    ]:
+        assert expected in lines, f"missing {expected!r}\n" + _report(proc)
 
 
 @pytest.mark.timeout(SELF_CONTAINED_TIMEOUT_S + 20)
