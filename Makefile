@@ -82,7 +82,7 @@ asan: ctest asan-pytest
 asan-pytest: install
 	rm -rf build/asan && mkdir -p build/asan
 	SPLITLEARN_SANITIZE=1 $(PY) setup.py -q build_ext --build-lib build/asan --build-temp build/asan-tmp --force
-	cp splitlearn_comm/*.py splitlearn_comm/py.typed build/asan/splitlearn_comm/
+	cp splitlearn_comm/*.py splitlearn_comm/*.pyi splitlearn_comm/py.typed build/asan/splitlearn_comm/
 	LD_PRELOAD="$(ASAN_LIB) $(UBSAN_LIB)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 SPLITLEARN_TEST_SANITIZED=1 \
 	  PYTHONPATH=$(CURDIR)/build/asan $(PY) -P -m pytest -q -p no:cacheprovider tests

@@ -26,12 +26,15 @@ esac
 "$env/bin/python" -m pip install -q --disable-pip-version-check "$wheel" -r "$env/requirements.txt" 2>&1 \
   | grep -v "^WARNING: Location" || true
 echo "== CPython $("$env/bin/python" -c 'import sys; print(sys.version.split()[0])') with $(basename "$wheel")"
-# The tests run from a copy of the tree without the package's source (tests/,
-# docs/, examples/, proto/, ...), so that neither the working directory nor the
+# The tests run from a copy of the tree without the package's source (all but
+# splitlearn_comm/, csrc/ and setup.py), so that neither the working directory nor the
 # PYTHONPATH the tests give their child processes can shadow the installed wheel.
 mkdir -p "$env/tree"
-for f in tests docs examples proto benchmarks README.md pyproject.toml; do
-  if [ -e "$f" ]; then cp -r "$f" "$env/tree/"; fi
+for f in $(ls -A); do
+  case "$f" in
+    splitlearn_comm|csrc|setup.py|build|dist|.venv|.git|*.egg-info) ;;
+    *) cp -r "$f" "$env/tree/" ;;
+  esac
 done
 find "$env/tree" -name __pycache__ -prune -exec rm -rf {} +
 # the user's guide that tests/test_guide.py checks lives in shared/, in or beside the checkout

@@ -106,7 +106,8 @@ class ServerMetricsCollector:
             yield from _session_metrics(sessions, counter, gauge, extra, values)
 
 
-def _session_metrics(s: dict, counter: Any, gauge: Any, extra: list, values: list) -> Iterator[Any]:
+def _session_metrics(s: dict[str, Any], counter: Any, gauge: Any, extra: list[Any],
+                     values: list[Any]) -> Iterator[Any]:
     for name, value, doc in (
             ("splitlearn_sessions", s["active"], "Open sessions."),
             ("splitlearn_session_bytes", s["bytes"], "Bytes of tensors the sessions hold."),
