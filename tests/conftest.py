@@ -18,7 +18,11 @@ if os.environ.get("SPLITLEARN_TEST_SANITIZED") == "1":
     assert "/build/asan/" in _core.__file__, f"testing {_core.__file__}, not the ASan build"
 
 
-if os.environ.get("SPLITLEARN_TEST_INSTALLED") == "1":
+#: True when the suite runs against an installed wheel (scripts/test-python.sh), from a
+#: copy of the tree without the package's source.
+INSTALLED = os.environ.get("SPLITLEARN_TEST_INSTALLED") == "1"
+
+if INSTALLED:
     # scripts/test-python.sh: the suite must test the wheel installed in its venv
     assert os.path.realpath(slc.__file__).startswith(os.path.realpath(sys.prefix)), (
         f"testing {slc.__file__}, not the wheel installed in {sys.prefix}")
