@@ -5,6 +5,11 @@
 #   make asan    the same tests against an ASan+UBSan build of the extension
 #   make bench   the benchmarks (write benchmarks/results.md, its data and its figures)
 #   make dashboard-screenshot   regenerate docs/images/dashboard*.png (headless Chromium)
+#   make wheel   the sdist, and from it self-contained manylinux wheels for CPython
+#                3.10-3.13 (auditwheel repair), in dist/
+#   make check-wheel   each wheel in a fresh venv, a round trip with Debian's gRPC hidden
+#   make test-pythons  the test suite against each wheel in a fresh venv of its Python
+#   make typecheck     mypy --strict on the package
 #
 # Set-up is idempotent: Debian packages are installed only when missing, the
 # virtual environment (.venv) is made once.
@@ -22,8 +27,10 @@ CORE_SRC := $(wildcard csrc/core/*.c)
 CTESTS   := $(patsubst tests/c/%.c,$(CBIN)/%,$(wildcard tests/c/test_*.c))
 SAN      := -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
+PY_VERSIONS ?= 3.10 3.11 3.12 3.13
+
 .PHONY: all deps venv install build ctest pytest test demo asan asan-ctest asan-pytest bench \
-        bench-figures dashboard-screenshot clean
+        bench-figures dashboard-screenshot clean wheel check-wheel test-pythons typecheck
 
 all: install
 
@@ -76,7 +83,7 @@ asan: ctest asan-pytest
 asan-pytest: install
 	rm -rf build/asan && mkdir -p build/asan
 	SPLITLEARN_SANITIZE=1 $(PY) setup.py -q build_ext --build-lib build/asan --build-temp build/asan-tmp --force
-	cp splitlearn_comm/*.py splitlearn_comm/*.html splitlearn_comm/py.typed build/asan/splitlearn_comm/
+	cp splitlearn_comm/*.py splitlearn_comm/*.pyi splitlearn_comm/*.html splitlearn_comm/py.typed build/asan/splitlearn_comm/
 	LD_PRELOAD="$(ASAN_LIB) $(UBSAN_LIB)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 SPLITLEARN_TEST_SANITIZED=1 \
 	  PYTHONPATH=$(CURDIR)/build/asan $(PY) -P -m pytest -q -p no:cacheprovider tests
@@ -100,5 +107,35 @@ bench-figures: install
 dashboard-screenshot: install
 	$(PY) scripts/dashboard_screenshot.py --out docs/images
 
+# The sdist from this tree, then one wheel per Python built from that sdist (so the
+# sdist is proven complete), then auditwheel repair: the gRPC C core and the
+# libraries under it are copied into splitlearn_comm.libs/ under hashed names.
+wheel: install
+	rm -rf dist build/wheel-raw
+	$(PY) -m build --sdist -o dist .
+	set -e; for v in $(PY_VERSIONS); do \
+	  py=$$(sh scripts/python-for.sh $$v); echo "building the wheel for $$py"; \
+	  mkdir -p build/wheel-raw; \
+	  $$py -m pip wheel -q --disable-pip-version-check --no-deps -w build/wheel-raw dist/*.tar.gz \
+	    > build/wheel-raw/$$v.log 2>&1 || { cat build/wheel-raw/$$v.log; exit 1; }; done
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/auditwheel repair -w dist build/wheel-raw/*.whl
+	ls -l dist
+
+check-wheel: wheel
+	set -e; for v in $(PY_VERSIONS); do \
+	  sh scripts/check-wheel.sh $$(sh scripts/python-for.sh $$v) \
+	    $$(ls dist/*-cp$$(echo $$v | tr -d .)-*manylinux*.whl); done
+
+# torch-free on every Python but TORCH_PYTHONS (3.11): see scripts/test-python.sh
+test-pythons: wheel
+	@failed=""; for v in $(PY_VERSIONS); do \
+	  sh scripts/test-python.sh $$v > build/pytests-$$v.log 2>&1 || failed="$$failed $$v"; \
+	  cat build/pytests-$$v.log; done; \
+	for v in $(PY_VERSIONS); do echo "CPython $$v: $$(tail -n 1 build/pytests-$$v.log)"; done; \
+	if [ -n "$$failed" ]; then echo "failed on:$$failed"; exit 1; fi
+
+typecheck: install
+	$(PY) -m mypy
+
 clean:
-	rm -rf build splitlearn_comm/*.so *.egg-info
+	rm -rf build dist splitlearn_comm/*.so *.egg-info

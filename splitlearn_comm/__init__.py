@@ -6,6 +6,8 @@ core; this package is the Python face of it.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from .codecs import (BFloat16Codec, CodecError, CompressedTensorCodec, Float16Codec, Int8Codec,
                      SparseCOOCodec)
 from .client import (CircuitBreaker, ExponentialBackoff, FixedDelay, GRPCComputeClient,
@@ -51,7 +53,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name == "RemoteModule":  # a torch.nn.Module: made on first use, torch is imported lazily
         from . import training
 

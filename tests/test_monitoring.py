@@ -9,10 +9,11 @@ import urllib.request
 
 import grpc
 import pytest
-import torch
 
 import splitlearn_comm as slc
-from conftest import Echo
+from conftest import Echo, NEEDS_TORCH
+
+torch = pytest.importorskip("torch", reason=NEEDS_TORCH)
 
 
 def settled(server: slc.GRPCComputeServer, calls: int, timeout: float = 5.0) -> dict:

@@ -12,7 +12,10 @@ import time
 
 import grpc
 import pytest
-import torch
+
+from conftest import NEEDS_TORCH
+
+torch = pytest.importorskip("torch", reason=NEEDS_TORCH)
 
 from splitlearn_comm import (ComputeFunction, ExponentialBackoff, GRPCComputeClient,
                              GRPCComputeServer, TrainableComputeFunction, current_call)

@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import NEEDS_TORCH
+
+pytest.importorskip("torch", reason=f"the examples use torch; {NEEDS_TORCH}")
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "split_training.py"
 TIMEOUT_S = 120

@@ -84,7 +84,7 @@ static void callstate_end(PyObject *o) {
  * swaps the GIL instead of creating and destroying a thread state. */
 static void hook_worker_start(void *user) {
   (void)user;
-  if (_Py_IsFinalizing()) return;
+  if (slpy_is_finalizing()) return;
   PyGILState_Ensure();
   PyEval_SaveThread();
 }
@@ -92,7 +92,7 @@ static void hook_worker_start(void *user) {
 static void hook_worker_stop(void *user) {
   PyThreadState *ts;
   (void)user;
-  if (_Py_IsFinalizing()) return; /* leak the thread state rather than touch a dying runtime */
+  if (slpy_is_finalizing()) return; /* leak the thread state rather than touch a dying runtime */
   ts = PyGILState_GetThisThreadState();
   if (ts == NULL) return;
   PyEval_RestoreThread(ts);
@@ -215,7 +215,7 @@ static int hook_compute(void *user, const sl_call_info *call, sl_compute_args *a
   double ms = 0;
   int status = SL_EUSER;
 
-  if (_Py_IsFinalizing()) {
+  if (slpy_is_finalizing()) {
     return sl_err_set(err, SL_ESTATE, SL_STATUS_UNAVAILABLE, "the server is shutting down");
   }
   {
@@ -328,7 +328,7 @@ static int hook_info(void *user, sl_service_info *out, sl_err *err) {
   PyObject *ret = NULL, *items = NULL;
   int status = SL_EUSER;
 
-  if (_Py_IsFinalizing()) {
+  if (slpy_is_finalizing()) {
     return sl_err_set(err, SL_ESTATE, SL_STATUS_UNAVAILABLE, "the server is shutting down");
   }
   g = PyGILState_Ensure();
@@ -379,7 +379,7 @@ static int hook_intercept(void *user, const sl_call_info *call, sl_err *err) {
   PyObject *md = NULL, *deadline = NULL, *ret = NULL, *cstate = NULL;
   int status = SL_EUSER;
 
-  if (_Py_IsFinalizing()) {
+  if (slpy_is_finalizing()) {
     return sl_err_set(err, SL_ESTATE, SL_STATUS_UNAVAILABLE, "the server is shutting down");
   }
   g = PyGILState_Ensure();
