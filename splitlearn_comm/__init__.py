@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .codecs import (BFloat16Codec, CodecError, CompressedTensorCodec, Float16Codec, Int8Codec,
                      SparseCOOCodec)
+from ._async import AsyncGRPCComputeClient, CallFuture
 from .client import (CircuitBreaker, ExponentialBackoff, FixedDelay, GRPCComputeClient,
                      RetryStrategy)
 from .context import CallContext, current_call
@@ -15,11 +16,16 @@ from .core import ComputeFunction, ModelComputeFunction, TensorCodec
 from .errors import RpcError
 from .server import GRPCComputeServer
 from .tls import ClientTLS, ServerTLS
+from .pipeline import Pipeline, pipeline
 from .training import TrainableComputeFunction, remote
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncGRPCComputeClient",
+    "CallFuture",
+    "Pipeline",
+    "pipeline",
     "BFloat16Codec",
     "CallContext",
     "CircuitBreaker",
