@@ -9,6 +9,8 @@ from __future__ import annotations
 from .codecs import (BFloat16Codec, CodecError, CompressedTensorCodec, Float16Codec, Int8Codec,
                      SparseCOOCodec)
 from ._async import AsyncGRPCComputeClient, CallFuture
+from .aio import (AsyncChainComputeFunction, AsyncComputeFunction, AsyncGRPCComputeServer,
+                  AsyncLambdaComputeFunction, AsyncModelComputeFunction, serve_async)
 from .client import (CircuitBreaker, ExponentialBackoff, FixedDelay, GRPCComputeClient,
                      RetryStrategy)
 from .context import CallContext, current_call
@@ -22,6 +24,12 @@ from .training import TrainableComputeFunction, remote
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncChainComputeFunction",
+    "AsyncComputeFunction",
+    "AsyncGRPCComputeServer",
+    "AsyncLambdaComputeFunction",
+    "AsyncModelComputeFunction",
+    "serve_async",
     "AsyncGRPCComputeClient",
     "CallFuture",
     "Pipeline",

@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import grpc
 
-from . import _core, _tensor, context
+from . import _core, _tensor, aio, context
 from .codecs import CodecError, CodecRegistry, decode_python, encode_python
 from .core import ComputeFunction, TensorCodec, _check_codec
 from .errors import Abort
@@ -190,6 +190,7 @@ class GRPCComputeServer:
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._torn_down = False
+        self._loop = aio.ServerLoop(f"splitlearn-async-{id(self):x}")
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -213,12 +214,12 @@ class GRPCComputeServer:
                 pass
             setup = getattr(self.compute_fn, "setup", None)
             if callable(setup):
-                setup()
+                self._run_maybe_async(setup)
             c_codec = None
             if self.codec is not None and not self.codec.is_python():
                 c_codec = self.codec._c_codec()
             server = _core.Server(
-                _make_dispatch(self.compute_fn, self._registry, self.codec),
+                _make_dispatch(self.compute_fn, self._registry, self.codec, self._loop),
                 _make_info(self.compute_fn), self.host, int(self._port), int(self.max_workers),
                 str(self.version), self.options, c_codec, self._registry.names(),
                 self.auth_tokens, self.tls._args() if self.tls else None,
@@ -229,7 +230,8 @@ class GRPCComputeServer:
             except BaseException as e:
                 teardown = getattr(self.compute_fn, "teardown", None)
                 if callable(teardown):
-                    teardown()  # setup() ran: undo it
+                    self._run_maybe_async(teardown)  # setup() ran: undo it
+                self._loop.stop()
                 if isinstance(e, OSError):
                     raise OSError(f"could not start the server on {self.host}:{self._port}: {e}") from None
                 raise
@@ -252,6 +254,12 @@ class GRPCComputeServer:
         logger.info("serving %s on %s:%d (%d workers)", type(self.compute_fn).__name__,
                     self.host, self.port, self.max_workers)
         return self
+
+    def _run_maybe_async(self, fn: Any) -> None:
+        """Call setup()/teardown(); a coroutine one runs on the server's event loop."""
+        out = fn()
+        if inspect.isawaitable(out):
+            self._loop.run(out)
 
     def _install_signal_handlers(self) -> None:
         import signal
@@ -316,8 +324,9 @@ class GRPCComputeServer:
         try:
             teardown = getattr(self.compute_fn, "teardown", None)
             if callable(teardown):
-                teardown()
+                self._run_maybe_async(teardown)
         finally:
+            self._loop.stop()
             self._stopped.set()
             logger.info("stopped server on %s:%d", self.host, self.port)
 
@@ -429,8 +438,10 @@ def _backward_args(fields: Dict[str, Any], with_seq: bool) -> Dict[str, Any]:
 
 
 def _make_dispatch(compute_fn: ComputeFunction, registry: CodecRegistry,
-                   server_codec: Optional[TensorCodec]):
-    """The Python side of a Compute call, run on a C worker thread holding the GIL."""
+                   server_codec: Optional[TensorCodec], loop: "aio.ServerLoop"):
+    """The Python side of a Compute call, run on a C worker thread holding the GIL.
+    A compute (or backward) that returns an awaitable is deferred: it runs on the
+    server's event loop ``loop`` and the worker returns at once."""
     compute = compute_fn.compute
     backward = getattr(compute_fn, "backward", None)
     backward_seq = callable(backward) and _takes_backward_seq(backward)
@@ -463,16 +474,26 @@ def _make_dispatch(compute_fn: ComputeFunction, registry: CodecRegistry,
                                                   training=bool(fields.get("training_mode")))
             else:
                 out = compute(x)
+
+            def encode(out: Any) -> Any:
+                out_codec = python_out
+                if out_codec is None and codec is not None and server_codec is None:
+                    out_codec = registry.get(codec)  # answer in the request's codec
+                if out_codec is not None:
+                    try:
+                        return encode_python(out_codec, out)
+                    except CodecError as e:
+                        raise Abort(grpc.StatusCode.INTERNAL, f"{e} (the result)",
+                                    call._trailing) from e
+                return _tensor.prepare_result(out)
+
+            if inspect.isawaitable(out):  # an async def compute(): runs on the server's loop
+                if state is not None and hasattr(state, "defer"):
+                    aio.defer(out, loop, call, state, encode, t0)
+                    return None  # type: ignore[return-value]
+                out = loop.run(out)
             ms = (time.perf_counter() - t0) * 1e3
-            out_codec = python_out
-            if out_codec is None and codec is not None and server_codec is None:
-                out_codec = registry.get(codec)  # answer in the request's codec
-            if out_codec is not None:
-                try:
-                    return encode_python(out_codec, out), ms, call._trailing
-                except CodecError as e:
-                    raise Abort(grpc.StatusCode.INTERNAL, f"{e} (the result)", call._trailing) from e
-            return _tensor.prepare_result(out), ms, call._trailing
+            return encode(out), ms, call._trailing
         except Abort:
             raise
         except Exception as e:
