@@ -83,6 +83,7 @@ bench: install
 	$(PY) benchmarks/bench_roundtrip.py
 	$(PY) benchmarks/bench_codecs.py
 	$(PY) benchmarks/bench_training.py
+	$(PY) benchmarks/bench_async.py
 
 clean:
 	rm -rf build splitlearn_comm/*.so *.egg-info
