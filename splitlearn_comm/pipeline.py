@@ -59,14 +59,16 @@ class Pipeline:
 
     def step(self, x: Any, target: Any, bottom: Optional[Callable[[Any], Any]],
              loss_fn: Callable[[Any, Any], Any],
-             head: Optional[Callable[[Any], Any]] = None) -> float:
+             head: Optional[Callable[[Any], Any]] = None,
+             return_outputs: bool = False) -> Any:
         """One training step on the batch ``x`` with labels ``target``.
 
         ``bottom`` runs on the client before the server's slice (None: the batch
         goes to the server as it is; its parameters
         get their gradients here; ``None`` gradients are accumulated, not reset),
         ``head`` after it (optional), ``loss_fn(output, target)`` gives the loss.
-        Returns the batch's loss as a float. Gradients of ``bottom`` and ``head``
+        Returns the batch's loss as a float (with ``return_outputs=True``: the loss
+        and the batch's outputs, detached, in batch order). Gradients of ``bottom`` and ``head``
         are accumulated into ``.grad`` (call ``zero_grad()`` before and your
         optimizer's ``step()`` after); the server steps once, after the last
         micro-batch's backward.
@@ -88,6 +90,7 @@ class Pipeline:
         forwards: List[CallFuture] = []
         backwards: "collections.deque[tuple]" = collections.deque()
         loss_value = 0.0
+        outputs: List[Any] = [None] * n
         try:
             # every forward in flight: the bottom of micro-batch i+1 runs while i travels
             for i in range(n):
@@ -98,6 +101,8 @@ class Pipeline:
             for i in reversed(range(n)):
                 y = forwards[i].result().detach().requires_grad_(True)
                 out = head(y) if head is not None else y
+                if return_outputs:
+                    outputs[i] = out.detach()
                 loss = loss_fn(out, ts[i])
                 if self.loss_reduction == "mean":
                     loss = loss * (xs[i].shape[0] / total)
@@ -117,6 +122,8 @@ class Pipeline:
             for _, f in backwards:
                 f.cancel()
             raise
+        if return_outputs:
+            return loss_value, torch.cat(outputs, dim=0)
         return loss_value
 
     def _call(self, tensor: Any, **fields: Any) -> CallFuture:
