@@ -39,6 +39,7 @@ typedef struct callstate_obj {
   sl_pending *pending;  /* the call, while its hook may defer it or it is deferred */
   slpy_state *st;
   int deferred;         /* defer() was called: the result comes with complete()/fail() */
+  PyObject *server;     /* strong while deferred: the server outlives its deferred calls */
 } callstate_obj;
 
 static PyObject *callstate_is_active(callstate_obj *self, PyObject *unused) {
@@ -102,6 +103,7 @@ static PyObject *callstate_fail(callstate_obj *self, PyObject *exc) {
   self->pending = NULL;
   self->state = NULL;
   sl_pending_complete(p, SL_EUSER, &err, NULL, 0);
+  Py_CLEAR(self->server);
   Py_RETURN_NONE;
 }
 
@@ -122,12 +124,14 @@ static PyObject *callstate_complete(callstate_obj *self, PyObject *args) {
     self->pending = NULL;
     self->state = NULL;
     sl_pending_complete(p, SL_EUSER, &err, NULL, 0);
+    Py_CLEAR(self->server);
     Py_RETURN_NONE;
   }
   p = self->pending;
   self->pending = NULL;
   self->state = NULL;
   sl_pending_complete(p, SL_OK, NULL, &out, (float)ms);
+  Py_CLEAR(self->server);
   Py_RETURN_NONE;
 }
 
@@ -140,6 +144,7 @@ static void callstate_dealloc(callstate_obj *self) {
                "the asynchronous compute ended without a result");
     sl_pending_complete(self->pending, SL_EUSER, &err, NULL, 0);
   }
+  Py_CLEAR(self->server);
   tp->tp_free((PyObject *)self);
   Py_DECREF(tp);
 }
@@ -175,6 +180,7 @@ static PyObject *callstate_new(slpy_state *st, void *state) {
     o->pending = NULL;
     o->st = st;
     o->deferred = 0;
+    o->server = NULL;
   }
   return (PyObject *)o;
 }
@@ -371,6 +377,9 @@ static int hook_compute(void *user, const sl_call_info *call, sl_compute_args *a
                               md, reqmd, deadline, rid, cstate, fields);
   if (((callstate_obj *)cstate)->deferred) {
     /* an asynchronous compute: its result comes with CallState.complete/fail */
+    if (((callstate_obj *)cstate)->pending != NULL) {
+      ((callstate_obj *)cstate)->server = Py_NewRef((PyObject *)self);
+    }
     if (ret == NULL) PyErr_WriteUnraisable(self->compute);
     status = SL_EAGAIN;
     goto cleanup;
