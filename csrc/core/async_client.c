@@ -69,6 +69,8 @@ struct sl_async {
   size_t n_live;
   int closing;
   int self_destroy;
+  sl_async_thread_fn thread_start, thread_stop;
+  void *thread_user;
 };
 
 static void call_free(sl_async_call *k) {
@@ -324,6 +326,9 @@ static void run_timers(sl_async *a) {
 
 static void *completion_main(void *arg) {
   sl_async *a = arg;
+  sl_async_thread_fn stop = a->thread_stop;
+  void *stop_user = a->thread_user;
+  if (a->thread_start != NULL) a->thread_start(a->thread_user);
   for (;;) {
     double wait = SLICE_S;
     grpc_event ev;
@@ -354,16 +359,21 @@ static void *completion_main(void *arg) {
       pthread_detach(a->thread);
       free(a);
       grpc_shutdown();
-      return NULL;
+      break;
     }
   }
+  if (stop != NULL) stop(stop_user);
   return NULL;
 }
 
-int sl_async_create(sl_client *c, sl_async **out, sl_err *err) {
+int sl_async_create(sl_client *c, sl_async_thread_fn thread_start, sl_async_thread_fn thread_stop,
+                    void *user, sl_async **out, sl_err *err) {
   sl_async *a = calloc(1, sizeof(*a));
   *out = NULL;
   if (a == NULL) return sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+  a->thread_start = thread_start;
+  a->thread_stop = thread_stop;
+  a->thread_user = user;
   grpc_init();
   a->channel = sl__client_channel(c);
   a->cq = grpc_completion_queue_create_for_next(NULL);

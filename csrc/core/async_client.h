@@ -44,9 +44,15 @@ typedef struct sl_async_result {
  * once per started call, with no lock of the engine held. */
 typedef void (*sl_async_done_fn)(void *user, sl_async_result *res);
 
+/* Called on the completion thread as it starts and as it ends (either may be
+ * NULL), with `user`: the binding keeps one Python thread state for the thread's
+ * whole life instead of one per callback. */
+typedef void (*sl_async_thread_fn)(void *user);
+
 /* Create the engine of client `c` (borrowed: it must outlive the engine) and start
  * its completion thread. SL_OK, SL_ENOMEM or SL_EGRPC. */
-int sl_async_create(sl_client *c, sl_async **out, sl_err *err);
+int sl_async_create(sl_client *c, sl_async_thread_fn thread_start, sl_async_thread_fn thread_stop,
+                    void *user, sl_async **out, sl_err *err);
 
 /* Start a Compute (backward = 0) or ComputeBackward (backward = 1) call; returns
  * at once. The arguments mean what they mean for sl_client_compute(), except that

@@ -503,6 +503,25 @@ static void async_done(void *user, sl_async_result *res) {
   PyGILState_Release(g);
 }
 
+/* Called without the GIL: the completion thread keeps one Python thread state for
+ * its whole life (each callback then only takes the GIL). */
+static void async_thread_start(void *user) {
+  (void)user;
+  if (_Py_IsFinalizing()) return;
+  PyGILState_Ensure();
+  PyEval_SaveThread();
+}
+
+static void async_thread_stop(void *user) {
+  PyThreadState *ts;
+  (void)user;
+  if (_Py_IsFinalizing()) return; /* leak the thread state rather than touch a dying runtime */
+  ts = PyGILState_GetThisThreadState();
+  if (ts == NULL) return;
+  PyEval_RestoreThread(ts);
+  PyGILState_Release(PyGILState_UNLOCKED);
+}
+
 static void async_capsule_free(PyObject *cap) {
   sl_async_call_unref(PyCapsule_GetPointer(cap, ASYNC_CAPSULE));
 }
@@ -571,7 +590,8 @@ static PyObject *client_compute_async(client_obj *self, PyObject *args, PyObject
   }
   if (self->async == NULL) {
     sl_err_clear(&err);
-    if (sl_async_create(self->client, &self->async, &err) != SL_OK) {
+    if (sl_async_create(self->client, async_thread_start, async_thread_stop, NULL,
+                        &self->async, &err) != SL_OK) {
       PyErr_SetString(PyExc_RuntimeError, err.msg);
       return NULL;
     }

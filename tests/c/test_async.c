@@ -199,7 +199,7 @@ static void test_many_deferred_calls_one_worker(void) {
   sl_async_call *h[64];
   sl_err err;
   reset();
-  CHECK_EQ_INT(sl_async_create(c, &a, &err), SL_OK);
+  CHECK_EQ_INT(sl_async_create(c, NULL, NULL, NULL, &a, &err), SL_OK);
   for (int i = 0; i < 64; i++) h[i] = start(a, (float)i, "defer", 30, NULL, &outcomes[i]);
   CHECK(wait_queued(64)); /* the one worker deferred every call */
   CHECK_EQ_INT(ndone, 0);
@@ -226,7 +226,7 @@ static void test_cancel_deadline_retry(void) {
   sl_retry_policy retry = {3, 0, 0.01, 0.01, 1.0, 0.0};
   sl_err err;
   reset();
-  CHECK_EQ_INT(sl_async_create(c, &a, &err), SL_OK);
+  CHECK_EQ_INT(sl_async_create(c, NULL, NULL, NULL, &a, &err), SL_OK);
   h = start(a, 1, "defer", 30, NULL, &outcomes[0]);
   CHECK(wait_queued(1));
   sl_async_call_cancel(h);
@@ -266,7 +266,7 @@ static void test_close_and_stop_with_calls_pending(void) {
   sl_async_call *h[4];
   sl_err err;
   reset();
-  CHECK_EQ_INT(sl_async_create(c, &a, &err), SL_OK);
+  CHECK_EQ_INT(sl_async_create(c, NULL, NULL, NULL, &a, &err), SL_OK);
   for (int i = 0; i < 2; i++) h[i] = start(a, 1, "defer", 30, NULL, &outcomes[i]);
   CHECK(wait_queued(2));
   sl_async_destroy(a);
@@ -278,7 +278,7 @@ static void test_close_and_stop_with_calls_pending(void) {
     complete_doubled(&queue[i]);
   }
 
-  CHECK_EQ_INT(sl_async_create(c, &a, &err), SL_OK);
+  CHECK_EQ_INT(sl_async_create(c, NULL, NULL, NULL, &a, &err), SL_OK);
   for (int i = 2; i < 4; i++) h[i] = start(a, 1, "defer", 30, NULL, &outcomes[i]);
   CHECK(wait_queued(4));
   sl_server_stop(s, 0.05);
