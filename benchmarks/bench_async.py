@@ -112,8 +112,20 @@ class Child:
 # -- part 1: pipelining ---------------------------------------------------------------------
 
 
+def cpu_seconds(pid: int = 0) -> float:
+    """CPU time (user + system, all threads) of this process, or of process `pid`."""
+    if not pid:
+        import resource
+
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Trainer:
-    def __init__(self, address: str, chunks: int) -> None:
+    def __init__(self, address: str, chunks: int, server_pid: int = 0) -> None:
         self.bottom, _, self.head = build()
         self.client = slc.GRPCComputeClient(address, retry_strategy=None)
         self.client.connect(30)
@@ -126,6 +138,8 @@ class Trainer:
         self.wall = 0.0
         self.steps = 0
         self.call_ms = self.server_ms = 0.0
+        self.server_pid = server_pid
+        self.client_cpu = self.server_cpu = 0.0
 
     def step(self) -> None:
         x, y = self.data[self.i % len(self.data)]
@@ -140,10 +154,14 @@ class Trainer:
 
     def timed(self, n: int) -> None:
         s0 = self.client.get_statistics()
+        c0, p0 = cpu_seconds(), cpu_seconds(self.server_pid) if self.server_pid else 0.0
         t0 = time.perf_counter()
         for _ in range(n):
             self.step()
         self.wall += time.perf_counter() - t0
+        self.client_cpu += cpu_seconds() - c0
+        if self.server_pid:
+            self.server_cpu += cpu_seconds(self.server_pid) - p0
         self.steps += n
         s1 = self.client.get_statistics()
 
@@ -156,31 +174,38 @@ class Trainer:
 
 def run_pipeline(rounds: int, per_round: int) -> List[Dict[str, float]]:
     modes = [0, 2, 4, 8]
-    children = {k: Child("train") for k in modes}  # each mode trains its own server copy
+    child = Child("train")  # one server: the modes take turns (timing, not accuracy, counts)
     try:
-        runners = {k: Trainer(children[k].address, k) for k in modes}
+        runners = {k: Trainer(child.address, k, child.proc.pid) for k in modes}
         for r in runners.values():
             for _ in range(2):
                 r.step()
+        rates: Dict[int, List[float]] = {k: [] for k in modes}
         for _ in range(rounds):
-            for r in runners.values():
+            for k, r in runners.items():
+                wall = r.wall
                 r.timed(per_round)
-        base = runners[0].steps / runners[0].wall
+                rates[k].append(per_round / (r.wall - wall))
         rows = []
         for k, r in runners.items():
-            ms = r.wall * 1e3 / r.steps
-            row = {"chunks": k, "steps": r.steps, "sps": r.steps / r.wall, "ms": ms,
-                   "speedup": (r.steps / r.wall) / base}
+            # the median over rounds of the rate, and of the ratio to the sequential
+            # rate of the same round: a loaded machine's drift hits both alike
+            sps = statistics.median(rates[k])
+            row = {"chunks": k, "steps": r.steps, "sps": sps, "ms": 1e3 / sps,
+                   "speedup": statistics.median(a / b for a, b in zip(rates[k], rates[0])),
+                   "client_cpu": r.client_cpu * 1e3 / r.steps,
+                   "server_cpu": r.server_cpu * 1e3 / r.steps}
             if k == 0:
+                ms = r.wall * 1e3 / r.steps
                 server = r.server_ms / r.steps
                 transport = (r.call_ms - r.server_ms) / r.steps
-                row.update(server=server, transport=transport, client=ms - server - transport)
+                row.update(server=server, transport=transport, client=ms - server - transport,
+                           mean_ms=ms)
             rows.append(row)
             r.client.close()
         return rows
     finally:
-        for c in children.values():
-            c.close()
+        child.close()
 
 
 # -- part 2: futures from one thread vs threads ---------------------------------------------
@@ -261,7 +286,8 @@ def run_concurrency(seconds: float, rounds: int) -> List[Dict[str, object]]:
 # -- report -------------------------------------------------------------------------------
 
 
-def report(pipe: List[Dict[str, float]], conc: List[Dict[str, object]], quick: bool) -> str:
+def report(pipe: List[Dict[str, float]], conc: List[Dict[str, object]], quick: bool,
+           load: Tuple[float, float, float]) -> str:
     seq = pipe[0]
     lines = [BEGIN, "", "## Asynchronous calls", "",
              f"`benchmarks/bench_async.py`{' --quick' if quick else ''}, "
@@ -271,12 +297,24 @@ def report(pipe: List[Dict[str, float]], conc: List[Dict[str, object]], quick: b
              "compare only rows of one run.", "",
              f"### Pipelined split training (batch {BATCH}, {D_IN} -> {WIDTH} activations, "
              f"4 MiB each way)", "",
-             f"Sequential step split: client {seq['client']:.1f} ms, server {seq['server']:.1f} "
-             f"ms, transport {seq['transport']:.1f} ms ({seq['ms']:.1f} ms in all).", "",
-             "| mode | steps/s | ms/step | vs sequential |", "|---|---|---|---|"]
+             f"Sequential step split (means): client {seq['client']:.1f} ms, server "
+             f"{seq['server']:.1f} ms, transport {seq['transport']:.1f} ms ({seq['mean_ms']:.1f} "
+             "ms in all). Steps/s: the median over rounds; vs sequential: the median of the "
+             "ratio to the sequential rate of the same round.", "",
+             "| mode | steps/s | ms/step | vs sequential | client CPU ms/step | server CPU ms/step |",
+             "|---|---|---|---|---|---|"]
     for r in pipe:
         name = "sequential `remote()`" if r["chunks"] == 0 else f"`pipeline(chunks={r['chunks']})`"
-        lines.append(f"| {name} | {r['sps']:.2f} | {r['ms']:.1f} | {r['speedup']:.2f}x |")
+        lines.append(f"| {name} | {r['sps']:.2f} | {r['ms']:.1f} | {r['speedup']:.2f}x | "
+                     f"{r['client_cpu']:.1f} | {r['server_cpu']:.1f} |")
+    cpu = seq["client_cpu"] + seq["server_cpu"]
+    bound = seq["ms"] / max(cpu / 2, seq["client_cpu"], seq["server_cpu"])
+    lines += ["", f"CPU bound: a sequential step costs {cpu:.1f} ms of CPU time (client and "
+              f"server processes, every thread, transfer included). With two idle CPUs a "
+              f"perfect pipeline would take max({cpu:.1f} / 2, client, server) ms, "
+              f"{bound:.2f}x the sequential rate measured here. Load average during the run "
+              f"(other processes on the machine): {load[0]:.1f} at the start, "
+              f"{os.getloadavg()[0]:.1f} at the end."]
     lines += ["", "### Calls in flight: futures from one thread vs threads calling compute()", "",
               "| size | how | in flight | calls/s |", "|---|---|---|---|"]
     for r in conc:
@@ -293,10 +331,11 @@ def main() -> int:
     torch.set_num_threads(1)
     if args.serve:
         return serve(args.serve)
-    rounds, per_round, seconds = (1, 3, 0.3) if args.quick else (3, 6, 1.0)
+    rounds, per_round, seconds = (2, 2, 0.3) if args.quick else (10, 3, 1.0)
+    load = os.getloadavg()
     pipe = run_pipeline(rounds, per_round)
     conc = run_concurrency(seconds, 1 if args.quick else 2)
-    text = report(pipe, conc, args.quick)
+    text = report(pipe, conc, args.quick, load)
     print(text)
     if not args.quick:
         write_section(os.path.join(HERE, "results.md"), text, BEGIN, END)
