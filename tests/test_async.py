@@ -435,3 +435,64 @@ def test_pipeline_arguments():
     with pytest.raises(ValueError):
         slc.pipeline(None, chunks=2, loss_reduction="max")
     assert slc.pipeline(None, chunks=3).chunks == 3
+
+
+# -- the rest of what blocking calls do ----------------------------------------------------
+
+
+class Negate(slc.TensorCodec):
+    """A Python codec: negated float32 bytes."""
+
+    codec_name = "negate-test"
+
+    def encode(self, tensor):
+        t = (-tensor).contiguous().numpy()
+        return t.tobytes(), tuple(t.shape), {"sign": -1}
+
+    def decode(self, data, shape, metadata):
+        assert metadata == {"sign": -1}
+        return -torch.from_numpy(np.frombuffer(bytearray(data), dtype=np.float32).reshape(shape))
+
+
+def test_interceptors_and_python_codecs_apply_to_async_calls(serve, connect):
+    seen = []
+
+    class Gate(grpc.ServerInterceptor):
+        def intercept_service(self, continuation, details):
+            seen.append(details.method)
+            if dict(details.invocation_metadata).get("x-deny") == "1":
+                def deny(request, context):
+                    context.abort(grpc.StatusCode.PERMISSION_DENIED, "denied")
+                return grpc.unary_unary_rpc_method_handler(deny)
+            return continuation(details)
+
+    class Plus(slc.AsyncComputeFunction):
+        async def compute(self, x):
+            return x + 1
+
+    server = serve(Plus(), interceptors=[Gate()], codecs=[Negate()])
+    client = connect(server, codec=Negate())
+    y = client.compute_async(torch.tensor([1.0, 2.0])).result(WAIT)
+    assert torch.equal(y, torch.tensor([2.0, 3.0]))
+    err = client.compute_async(torch.ones(1), metadata=[("x-deny", "1")]).exception(WAIT)
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED and err.details() == "denied"
+    assert seen == ["/splitlearn.comm.ComputeService/Compute"] * 2
+
+
+def test_acompute_from_a_loop_in_another_thread(echo_client):
+    out = []
+
+    def run():
+        async def main():
+            out.append(await echo_client.acompute(torch.arange(4.0)))
+
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(asyncio.wait_for(main(), WAIT))
+        finally:
+            loop.close()
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(WAIT)
+    assert torch.equal(out[0], torch.arange(4.0))
