@@ -55,8 +55,8 @@ def test_256_futures_in_flight_complete_with_the_right_results(serve, connect):
     fn.gate.set()
     for i, f in enumerate(futures):
         assert torch.equal(f.result(WAIT), torch.full((3,), 2.0 * i))
-    # one completion thread, not one per call
-    assert during - before <= 4, (before, during)
+    # one completion thread (plus whatever gRPC may start), not one per call
+    assert during - before < 16, (before, during)
     stats = client.get_statistics()
     assert stats["successful_requests"] == 257 and stats["failed_requests"] == 0
 
