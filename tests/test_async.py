@@ -496,3 +496,32 @@ def test_acompute_from_a_loop_in_another_thread(echo_client):
     t.start()
     t.join(WAIT)
     assert torch.equal(out[0], torch.arange(4.0))
+
+
+def test_close_while_other_threads_start_calls(serve):
+    server = serve(slc.ModelComputeFunction(torch.nn.Identity()), max_workers=2)
+    client = slc.GRPCComputeClient(f"127.0.0.1:{server.port}", retry_strategy=None)
+    futures = []
+    started = threading.Barrier(5)
+
+    def submit():
+        started.wait(WAIT)
+        for _ in range(2000):
+            f = client.compute_async(torch.ones(8))
+            futures.append(f)
+            if isinstance(f.exception(WAIT) if f.done() else None, ValueError):
+                return
+
+    threads = [threading.Thread(target=submit) for _ in range(4)]
+    for t in threads:
+        t.start()
+    started.wait(WAIT)
+    while len(futures) < 50:
+        threading.Event().wait(0.001)
+    client.close()
+    for t in threads:
+        t.join(WAIT)
+    for f in futures:  # every future ends: a result, CANCELLED, or "closed"
+        err = f.exception(WAIT)
+        assert err is None or isinstance(err, ValueError) or \
+            err.code() == grpc.StatusCode.CANCELLED, err

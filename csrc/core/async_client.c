@@ -59,6 +59,7 @@ struct sl_async_call {
 };
 
 struct sl_async {
+  atomic_int refs;          /* the creator's, and sl_async_retain's */
   grpc_channel *channel;    /* borrowed from the client */
   grpc_completion_queue *cq;
   pthread_t thread;
@@ -354,16 +355,25 @@ static void *completion_main(void *arg) {
              GRPC_QUEUE_SHUTDOWN) {
       }
       grpc_completion_queue_destroy(a->cq);
-      pthread_mutex_destroy(&a->mu);
-      pthread_cond_destroy(&a->cv);
+      a->cq = NULL;
       pthread_detach(a->thread);
-      free(a);
-      grpc_shutdown();
-      break;
+      if (stop != NULL) stop(stop_user);
+      sl_async_release(a);
+      return NULL;
     }
   }
   if (stop != NULL) stop(stop_user);
   return NULL;
+}
+
+void sl_async_retain(sl_async *a) { atomic_fetch_add(&a->refs, 1); }
+
+void sl_async_release(sl_async *a) {
+  if (a == NULL || atomic_fetch_sub(&a->refs, 1) != 1) return;
+  pthread_mutex_destroy(&a->mu);
+  pthread_cond_destroy(&a->cv);
+  free(a);
+  grpc_shutdown();
 }
 
 int sl_async_create(sl_client *c, sl_async_thread_fn thread_start, sl_async_thread_fn thread_stop,
@@ -374,6 +384,7 @@ int sl_async_create(sl_client *c, sl_async_thread_fn thread_start, sl_async_thre
   a->thread_start = thread_start;
   a->thread_stop = thread_stop;
   a->thread_user = user;
+  atomic_init(&a->refs, 1);
   grpc_init();
   a->channel = sl__client_channel(c);
   a->cq = grpc_completion_queue_create_for_next(NULL);
@@ -544,8 +555,6 @@ void sl_async_destroy(sl_async *a) {
   grpc_completion_queue_shutdown(a->cq);
   if (a->thread_started) pthread_join(a->thread, NULL);
   grpc_completion_queue_destroy(a->cq);
-  pthread_mutex_destroy(&a->mu);
-  pthread_cond_destroy(&a->cv);
-  free(a);
-  grpc_shutdown();
+  a->cq = NULL;
+  sl_async_release(a);
 }

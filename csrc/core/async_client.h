@@ -54,6 +54,13 @@ typedef void (*sl_async_thread_fn)(void *user);
 int sl_async_create(sl_client *c, sl_async_thread_fn thread_start, sl_async_thread_fn thread_stop,
                     void *user, sl_async **out, sl_err *err);
 
+/* Keep the engine's memory alive across a call made while another thread may run
+ * sl_async_destroy() (the binding retains it before letting go of the GIL around
+ * sl_async_compute_start). A destroyed engine refuses new calls with SL_ESTATE;
+ * its memory goes with the last release. */
+void sl_async_retain(sl_async *a);
+void sl_async_release(sl_async *a);
+
 /* Start a Compute (backward = 0) or ComputeBackward (backward = 1) call; returns
  * at once. The arguments mean what they mean for sl_client_compute(), except that
  * opts->interrupt is not used (cancel with sl_async_call_cancel()) and opts'
@@ -88,7 +95,8 @@ size_t sl_async_in_flight(sl_async *a);
  * `done` to have run, stop the completion thread and free everything. When called
  * from inside a `done` callback (on the completion thread), it returns at once and
  * the completion thread finishes the work and frees the engine itself. The client
- * must outlive this call; sl_async_call handles stay valid until unref'd. */
+ * must outlive this call; sl_async_call handles stay valid until unref'd. This
+ * drops the creator's reference (see sl_async_retain). */
 void sl_async_destroy(sl_async *a);
 
 #ifdef __cplusplus

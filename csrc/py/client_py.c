@@ -551,6 +551,7 @@ static PyObject *client_compute_async(client_obj *self, PyObject *args, PyObject
   sl_err err;
   const sl_codec *ccodec;
   sl_async_call *handle = NULL;
+  sl_async *eng;
   async_ctx *x = NULL;
   PyObject *cap;
 
@@ -596,9 +597,17 @@ static PyObject *client_compute_async(client_obj *self, PyObject *args, PyObject
       return NULL;
     }
   }
+  /* Python code runs below (the tensor's __dlpack__) and close() may run meanwhile
+     on another thread: hold the engine's memory until this call has started */
+  eng = self->async;
+  sl_async_retain(eng);
   x = PyMem_RawCalloc(1, sizeof(*x));
-  if (x == NULL) return PyErr_NoMemory();
+  if (x == NULL) {
+    sl_async_release(eng);
+    return PyErr_NoMemory();
+  }
   if (call_args_init(self, &ca, timeout, metadata, wait_for_ready, retry, breaker) < 0) {
+    sl_async_release(eng);
     PyMem_RawFree(x);
     return NULL;
   }
@@ -619,11 +628,13 @@ static PyObject *client_compute_async(client_obj *self, PyObject *args, PyObject
   x->breaker = breaker == Py_None ? NULL : Py_NewRef(breaker);
   memset(&st, 0, sizeof(st));
   sl_err_clear(&err);
-  /* packing (and a built-in codec's encoding) runs without the GIL */
+  /* packing (and a built-in codec's encoding) runs without the GIL; close() may
+     run meanwhile on another thread: the engine's memory stays until released */
   Py_BEGIN_ALLOW_THREADS
-  rc = sl_async_compute_start(self->async, &ca.opts, backward, &in, &fields, async_done, x,
-                              &handle, &st, &err);
+  rc = sl_async_compute_start(eng, &ca.opts, backward, &in, &fields, async_done, x, &handle, &st,
+                              &err);
   Py_END_ALLOW_THREADS
+  sl_async_release(eng);
   PyMem_Free(ca.md);
   if (rc != SL_OK) {
     if (rc == SL_ESTATE) {
@@ -645,6 +656,7 @@ static PyObject *client_compute_async(client_obj *self, PyObject *args, PyObject
   }
   return cap;
 fail_args:
+  sl_async_release(eng);
   PyMem_Free(ca.md);
   PyMem_RawFree(x);
   return NULL;
