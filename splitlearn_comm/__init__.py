@@ -17,6 +17,7 @@ from .context import CallContext, current_call
 from .core import ComputeFunction, ModelComputeFunction, TensorCodec
 from .errors import RpcError
 from .server import GRPCComputeServer
+from .sessions import KVCacheComputeFunction, Session, SessionState
 from .tls import ClientTLS, ServerTLS
 from .pipeline import Pipeline, pipeline
 from .training import TrainableComputeFunction, remote
@@ -58,6 +59,9 @@ __all__ = [
     "TrainableComputeFunction",
     "RemoteModule",
     "remote",
+    "KVCacheComputeFunction",
+    "Session",
+    "SessionState",
 ]
 
 

@@ -87,6 +87,17 @@ class ServerLoop:
             loop.close()
 
 
+def wait(out: Any, loop: ServerLoop, call: Optional[context.CallContext] = None) -> Any:
+    """``out``, or what it resolves to when it is awaitable (run on ``loop``, with
+    ``current_call()`` = ``call``; the calling thread waits)."""
+    if not inspect.isawaitable(out):
+        return out
+    ctx = contextvars.copy_context()
+    if call is not None:
+        ctx.run(context._task_call.set, call)
+    return ctx.run(loop.run, out)
+
+
 def defer(awaitable: Awaitable[Any], loop: ServerLoop, call: context.CallContext, state: Any,
           encode: Callable[[Any], Any], t0: float) -> None:
     """Serve the call whose compute returned ``awaitable``: run it on the server's

@@ -525,3 +525,17 @@ def test_close_while_other_threads_start_calls(serve):
         err = f.exception(WAIT)
         assert err is None or isinstance(err, ValueError) or \
             err.code() == grpc.StatusCode.CANCELLED, err
+
+
+def test_async_compute_in_a_session(serve, connect):
+    class Count(slc.AsyncComputeFunction):
+        async def compute(self, x):
+            await asyncio.sleep(0)
+            state = current_call().session
+            state["n"] = state.get("n", 0) + 1
+            return x + state["n"]
+
+    client = connect(serve(Count()))
+    with client.session() as s:  # a session's steps run in order: each one is awaited
+        assert torch.equal(s.compute(torch.zeros(1)), torch.ones(1))
+        assert torch.equal(s.compute(torch.zeros(1)), torch.full((1,), 2.0))
