@@ -3,7 +3,8 @@
 #   make demo    set everything up, then run a server hosting a torch model and a client
 #   make test    set everything up, then run the C tests and the whole pytest suite
 #   make asan    the same tests against an ASan+UBSan build of the extension
-#   make bench   round-trip benchmarks (writes benchmarks/results.md)
+#   make bench   the benchmarks (write benchmarks/results.md, its data and its figures)
+#   make dashboard-screenshot   regenerate docs/images/dashboard*.png (headless Chromium)
 #
 # Set-up is idempotent: Debian packages are installed only when missing, the
 # virtual environment (.venv) is made once.
@@ -21,7 +22,8 @@ CORE_SRC := $(wildcard csrc/core/*.c)
 CTESTS   := $(patsubst tests/c/%.c,$(CBIN)/%,$(wildcard tests/c/test_*.c))
 SAN      := -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
-.PHONY: all deps venv install build ctest pytest test demo asan asan-ctest asan-pytest bench clean
+.PHONY: all deps venv install build ctest pytest test demo asan asan-ctest asan-pytest bench \
+        bench-figures dashboard-screenshot clean
 
 all: install
 
@@ -74,7 +76,7 @@ asan: ctest asan-pytest
 asan-pytest: install
 	rm -rf build/asan && mkdir -p build/asan
 	SPLITLEARN_SANITIZE=1 $(PY) setup.py -q build_ext --build-lib build/asan --build-temp build/asan-tmp --force
-	cp splitlearn_comm/*.py splitlearn_comm/py.typed build/asan/splitlearn_comm/
+	cp splitlearn_comm/*.py splitlearn_comm/*.html splitlearn_comm/py.typed build/asan/splitlearn_comm/
 	LD_PRELOAD="$(ASAN_LIB) $(UBSAN_LIB)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 SPLITLEARN_TEST_SANITIZED=1 \
 	  PYTHONPATH=$(CURDIR)/build/asan $(PY) -P -m pytest -q -p no:cacheprovider tests
@@ -84,6 +86,20 @@ bench: install
 	$(PY) benchmarks/bench_codecs.py
 	$(PY) benchmarks/bench_training.py
 	$(PY) benchmarks/bench_async.py
+	$(PY) benchmarks/bench_sessions.py
+	$(PY) benchmarks/bench_replicas.py
+	$(MAKE) bench-figures
+
+# The PNG figures beside results.md, from the data the benchmarks wrote
+# (benchmarks/data/*.json); matplotlib is installed here, not for the tests.
+bench-figures: install
+	$(PIP) install -q --disable-pip-version-check matplotlib
+	$(PY) benchmarks/plot_results.py
+
+# docs/images/dashboard.png and dashboard-phone.png: a server under load, its
+# dashboard opened in headless Chromium (installed by `make deps` where it can be).
+dashboard-screenshot: install
+	$(PY) scripts/dashboard_screenshot.py --out docs/images
 
 clean:
 	rm -rf build splitlearn_comm/*.so *.egg-info
