@@ -92,6 +92,7 @@ bench: install
 	$(PY) benchmarks/bench_roundtrip.py
 	$(PY) benchmarks/bench_codecs.py
 	$(PY) benchmarks/bench_training.py
+	$(PY) benchmarks/bench_async.py
 	$(PY) benchmarks/bench_sessions.py
 	$(PY) benchmarks/bench_replicas.py
 	$(MAKE) bench-figures

@@ -10,6 +10,9 @@ from typing import Any
 
 from .codecs import (BFloat16Codec, CodecError, CompressedTensorCodec, Float16Codec, Int8Codec,
                      SparseCOOCodec)
+from ._async import AsyncGRPCComputeClient, CallFuture
+from .aio import (AsyncChainComputeFunction, AsyncComputeFunction, AsyncGRPCComputeServer,
+                  AsyncLambdaComputeFunction, AsyncModelComputeFunction, serve_async)
 from .client import (CircuitBreaker, ExponentialBackoff, FixedDelay, GRPCComputeClient,
                      RetryStrategy)
 from .context import CallContext, current_call
@@ -18,11 +21,22 @@ from .errors import RpcError
 from .server import GRPCComputeServer
 from .sessions import KVCacheComputeFunction, Session, SessionState
 from .tls import ClientTLS, ServerTLS
+from .pipeline import Pipeline, pipeline
 from .training import TrainableComputeFunction, remote
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncChainComputeFunction",
+    "AsyncComputeFunction",
+    "AsyncGRPCComputeServer",
+    "AsyncLambdaComputeFunction",
+    "AsyncModelComputeFunction",
+    "serve_async",
+    "AsyncGRPCComputeClient",
+    "CallFuture",
+    "Pipeline",
+    "pipeline",
     "BFloat16Codec",
     "CallContext",
     "CircuitBreaker",

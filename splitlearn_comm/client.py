@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import abc
 import collections
+import concurrent.futures
 import logging
 import numbers
 import random
@@ -638,6 +639,40 @@ class GRPCComputeClient:
                                  forward_id=forward_id, model_id=model_id,
                                  learning_rate=learning_rate,
                                  accumulation_step=accumulation_step)
+
+    def compute_async(self, tensor: Any, metadata: MetadataLike = None,
+                      timeout: Optional[float] = None) -> "concurrent.futures.Future[Any]":
+        """Start ``compute(tensor)`` and return at once with its future.
+
+        The result (or the :class:`RpcError`) arrives in a
+        ``concurrent.futures.Future``: ``result(timeout)``, ``exception()``,
+        ``add_done_callback()``; ``cancel()`` cancels the gRPC call (the server sees
+        ``current_call().is_active()`` turn false). Any number of calls may be in
+        flight from one thread: they wait in the C core's completion queue, served by
+        one completion thread per client (done callbacks run there: keep them short
+        and never wait there for another call). Retries, deadlines, metadata, codecs
+        and statistics are those of :meth:`compute`. Closing the client fails the
+        calls in flight with CANCELLED. See docs/async.md.
+        """
+        from ._async import compute_async
+
+        return compute_async(self, tensor, metadata=metadata, timeout=timeout)
+
+    async def acompute(self, tensor: Any, metadata: MetadataLike = None,
+                       timeout: Optional[float] = None) -> Any:
+        """``await client.acompute(x)``: :meth:`compute` for asyncio, from any running
+        loop, without blocking it or parking a thread; ``task.cancel()`` cancels the
+        gRPC call."""
+        from ._async import acall
+
+        return await acall(self, tensor, metadata=metadata, timeout=timeout)
+
+    def pipeline(self, chunks: int = 4, **kwargs: Any) -> "Any":
+        """A :class:`splitlearn_comm.Pipeline` of ``chunks`` micro-batches over this
+        client (GPipe-style split training; see docs/async.md)."""
+        from .pipeline import Pipeline
+
+        return Pipeline(self, chunks=chunks, **kwargs)
 
     def remote(self, tensor: Any, *, training: Optional[bool] = None,
                learning_rate: Optional[float] = None, accumulation_step: Optional[int] = None,

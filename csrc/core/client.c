@@ -15,6 +15,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "client_internal.h"
 #include "health.pb-c.h"
 #include "transport.h"
 
@@ -537,3 +538,5 @@ int sl_client_std_health(sl_client *c, const sl_call_opts *opts, const char *ser
   grpc__health__v1__health_check_response__free_unpacked(r, NULL);
   return SL_OK;
 }
+
+grpc_channel *sl__client_channel(sl_client *c) { return c->channel; }
