@@ -213,6 +213,8 @@ static int attempt(sl_client *c, const char *method, sl_payload *p, double deadl
   if (*resp != NULL) st->bytes_received += grpc_byte_buffer_length(*resp);
   st->code = (int)code;
   st->details = sl__slice_strdup(details);
+  /* the peer's bytes: whatever they are, what goes on is UTF-8 */
+  if (st->details != NULL) sl_utf8_sanitize(st->details);
   if (error_string != NULL) st->debug = sl_strndup(error_string, strlen(error_string));
   if (sl__kv_from_metadata(&trailing, &st->trailing, &st->n_trailing) != SL_OK ||
       sl__kv_from_metadata(&initial, &st->initial, &st->n_initial) != SL_OK ||
@@ -440,7 +442,12 @@ void sl_health_clear(sl_health *h) {
   memset(h, 0, sizeof(*h));
 }
 
-static char *dup_str(const char *s) { return sl_strndup(s, strlen(s)); }
+/* A string the server sent, made well-formed UTF-8 (protobuf-c does not check). */
+static char *dup_str(const char *s) {
+  char *d = sl_strndup(s, strlen(s));
+  if (d != NULL) sl_utf8_sanitize(d);
+  return d;
+}
 
 int sl_client_health(sl_client *c, const sl_call_opts *opts, sl_health *out, sl_call_status *st,
                      sl_err *err) {
@@ -497,9 +504,9 @@ int sl_client_service_info(sl_client *c, const sl_call_opts *opts, sl_info_resul
     for (size_t i = 0; !oom && i < r->n_custom_info; i++) {
       out->custom[i].key = dup_str(r->custom_info[i]->key);
       out->custom[i].value = dup_str(r->custom_info[i]->value);
-      out->custom[i].value_len = strlen(r->custom_info[i]->value);
       out->n_custom = i + 1;
       oom = out->custom[i].key == NULL || out->custom[i].value == NULL;
+      if (!oom) out->custom[i].value_len = strlen(out->custom[i].value);
     }
   }
   splitlearn__comm__service_info_response__free_unpacked(r, NULL);

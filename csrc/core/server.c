@@ -443,17 +443,22 @@ static int method_of(grpc_slice m) {
 }
 
 /* Constant-time comparison of the "authorization" metadata with every token:
- * the time taken does not depend on where a guess first differs. */
+ * the time taken does not depend on where a guess first differs. A call with
+ * more than one authorization header is refused whatever they hold (-1): with
+ * "last one wins", "wrong, right" would be let in by us and read as "wrong" by a
+ * proxy or interceptor that takes the first. */
 static int authorized(const sl_server *s, const sl_kv *kv, size_t nkv) {
   const char *value = NULL;
-  size_t vlen = 0;
+  size_t vlen = 0, count = 0;
   int ok = 0;
   for (size_t i = 0; i < nkv; i++) {
     if (strcmp(kv[i].key, "authorization") == 0) {
       value = kv[i].value;
       vlen = kv[i].value_len;
+      count++;
     }
   }
+  if (count > 1) return -1;
   if (value == NULL) return 0;
   for (size_t t = 0; t < s->n_tokens; t++) {
     const unsigned char *a = (const unsigned char *)s->tokens[t];
@@ -485,7 +490,7 @@ static void serve_call(worker *w, grpc_call *call, grpc_call_details *details,
   call_state cs;
 
   double t_start = sl_now(), t_send = 0;
-  int counted = 0;
+  int counted = 0, no_message = 0;
 
   memset(&r, 0, sizeof(r));
   memset(&ci, 0, sizeof(ci));
@@ -524,17 +529,23 @@ static void serve_call(worker *w, grpc_call *call, grpc_call_details *details,
   ci.state = &cs;
   cs.deadline = ci.deadline;
 
-  if (s->n_tokens > 0 && !streq_slice(details->method, METHOD_STD_HEALTH) &&
-      !authorized(s, kv, nkv)) {
-    sl_err_set(&r.err, SL_EINVAL, SL_STATUS_UNAUTHENTICATED,
-               "missing or invalid authorization token");
-    goto respond;
+  if (s->n_tokens > 0 && !streq_slice(details->method, METHOD_STD_HEALTH)) {
+    int auth = authorized(s, kv, nkv);
+    if (auth != 1) {
+      sl_err_set(&r.err, SL_EINVAL, SL_STATUS_UNAUTHENTICATED, "%s",
+                 auth < 0 ? "more than one authorization header; send exactly one"
+                          : "missing or invalid authorization token");
+      goto respond;
+    }
   }
   if (s->hooks.intercept != NULL && s->hooks.intercept(s->user, &ci, &r.err) != SL_OK) {
     if (r.err.code == SL_STATUS_OK) r.err.code = SL_STATUS_UNKNOWN;
     goto respond;
   }
   if (in_bb == NULL) {
+    /* the client half-closed without a message, or went away during its upload:
+     * which one shows when the close watch completes (counted below) */
+    no_message = 1;
     sl_err_set(&r.err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT, "the call carried no request message");
     goto respond;
   }
@@ -600,7 +611,11 @@ cleanup:
     double now = sl_now();
     r.rec.stage[SL_STAGE_SEND] = now - t_send;
     r.rec.stage[SL_STAGE_TOTAL] = now - t_start;
-    if (cs.cancelled && r.rec.code == SL_STATUS_OK) r.rec.code = SL_STATUS_CANCELLED;
+    /* cancelled: the client never saw our status; one that left during its
+     * upload is a cancelled call, not a malformed one */
+    if (cs.cancelled && (r.rec.code == SL_STATUS_OK || no_message)) {
+      r.rec.code = SL_STATUS_CANCELLED;
+    }
     clock_gettime(CLOCK_REALTIME, &wall);
     r.rec.wall_time = (double)wall.tv_sec + (double)wall.tv_nsec * 1e-9;
     sl_metrics_call_finished(s->metrics, &r.rec);
