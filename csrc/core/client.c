@@ -245,19 +245,44 @@ cleanup:
   return status;
 }
 
-/* Sleep `seconds` in slices, asking the interrupt hook between them. */
-static int sleep_sliced(double seconds, const sl_call_opts *o) {
+/* Sleep `seconds` before a retry, in slices, asking the interrupt hook between
+ * them, and drive the channel meanwhile: ask it to connect and poll a queue that
+ * watches its state. With Debian's gRPC (iomgr) a connection attempt advances
+ * only while some thread polls; without this, a channel whose server went away
+ * reconnects only when gRPC's backup poller runs (every 5 s), long after the
+ * server is back. The sleep ends early when a channel that was not connected
+ * becomes ready (the server is back: the rest of the backoff would only delay the
+ * call); a channel that stays ready (an overloaded server) sleeps it out. Each
+ * watch ends by the end of its slice, so none is pending when the queue goes. */
+static int sleep_sliced(sl_client *c, double seconds, const sl_call_opts *o) {
+  int status = SL_OK, tag, was_down = -1;
   double end = sl_now() + seconds;
+  grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
   for (;;) {
     double left = end - sl_now();
-    struct timespec ts;
-    if (left <= 0) return SL_OK;
+    grpc_connectivity_state state;
+    if (left <= 0) break;
     if (left > SLICE_S) left = SLICE_S;
-    ts.tv_sec = (time_t)left;
-    ts.tv_nsec = (long)((left - (double)ts.tv_sec) * 1e9);
-    nanosleep(&ts, NULL);
-    if (o->interrupt != NULL && o->interrupt(o->interrupt_user)) return SL_EINTR;
+    state = grpc_channel_check_connectivity_state(c->channel, 1);
+    if (was_down < 0) was_down = state != GRPC_CHANNEL_READY;
+    if (was_down && state == GRPC_CHANNEL_READY) break;
+    if (cq != NULL && state != GRPC_CHANNEL_SHUTDOWN) {
+      /* completes when the state changes or at the end of the slice */
+      grpc_channel_watch_connectivity_state(c->channel, state, sl__deadline_in(left), cq, &tag);
+      grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    } else {
+      struct timespec ts;
+      ts.tv_sec = (time_t)left;
+      ts.tv_nsec = (long)((left - (double)ts.tv_sec) * 1e9);
+      nanosleep(&ts, NULL);
+    }
+    if (o->interrupt != NULL && o->interrupt(o->interrupt_user)) {
+      status = SL_EINTR;
+      break;
+    }
   }
+  if (cq != NULL) destroy_queue(cq);
+  return status;
 }
 
 /* The attempts of a unary call under the options' retry policy. Returns SL_OK
@@ -301,7 +326,7 @@ static int attempts(sl_client *c, const char *method, sl_payload *p, const sl_ca
     {
       double delay = sl_retry_delay(o->retry, retry, sl_retry_uniform(&rng));
       if (deadline > 0 && sl_now() + delay >= deadline) return SL_ESTATUS;
-      if (sleep_sliced(delay, o) == SL_EINTR) {
+      if (sleep_sliced(c, delay, o) == SL_EINTR) {
         st->code = SL_STATUS_CANCELLED;
         return SL_EINTR;
       }
