@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import inspect
 import logging
 import threading
 import time
@@ -407,10 +408,24 @@ def _make_intercept(interceptors: Sequence[grpc.ServerInterceptor]):
     return intercept
 
 
-def _backward_args(fields: Dict[str, Any]) -> Dict[str, Any]:
-    return {"forward_id": fields.get("forward_id"),
+def _takes_backward_seq(backward: Any) -> bool:
+    """Whether a backward() accepts ``backward_seq`` (TrainableComputeFunction's
+    does; one a user wrote before it existed may not)."""
+    try:
+        params = inspect.signature(backward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "backward_seq" or p.kind is inspect.Parameter.VAR_KEYWORD
+               for p in params)
+
+
+def _backward_args(fields: Dict[str, Any], with_seq: bool) -> Dict[str, Any]:
+    args = {"forward_id": fields.get("forward_id"),
             "learning_rate": fields.get("learning_rate"),
             "accumulation_step": fields.get("accumulation_step")}
+    if with_seq:
+        args["backward_seq"] = fields.get("backward_seq", 1)
+    return args
 
 
 def _make_dispatch(compute_fn: ComputeFunction, registry: CodecRegistry,
@@ -418,6 +433,7 @@ def _make_dispatch(compute_fn: ComputeFunction, registry: CodecRegistry,
     """The Python side of a Compute call, run on a C worker thread holding the GIL."""
     compute = compute_fn.compute
     backward = getattr(compute_fn, "backward", None)
+    backward_seq = callable(backward) and _takes_backward_seq(backward)
     python_out = server_codec if server_codec is not None and server_codec.is_python() else None
 
     def dispatch(holder: Any, codec: Optional[str], codec_meta: Optional[Dict], shape: tuple,
@@ -439,7 +455,7 @@ def _make_dispatch(compute_fn: ComputeFunction, registry: CodecRegistry,
                 x = _decode_request(registry, codec, holder, shape, codec_meta or {})
             t0 = time.perf_counter()
             if is_backward:
-                out = backward(x, **_backward_args(fields or {}))
+                out = backward(x, **_backward_args(fields or {}, backward_seq))
             elif fields and (fields.get("forward_id") is not None
                              or fields.get("training_mode") is not None) and \
                     getattr(compute_fn, "supports_training", False):

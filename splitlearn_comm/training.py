@@ -93,7 +93,7 @@ class _Entry:
     """One forward_id in the activation store."""
 
     __slots__ = ("forward_id", "state", "x", "out", "version", "rng", "nbytes", "created",
-                 "finished", "event", "grad_input")
+                 "finished", "event", "grad_input", "answered", "out_meta")
 
     def __init__(self, forward_id: str, x: Any, out: Any, version: int, rng: Any, nbytes: int,
                  created: float) -> None:
@@ -108,6 +108,8 @@ class _Entry:
         self.finished = 0.0
         self.event: Optional[threading.Event] = None
         self.grad_input: Any = None
+        self.answered = 0       # backwards answered (the latest one's grad_input is kept)
+        self.out_meta: Any = None  # (shape, dtype, device) of out, once out is dropped
 
 
 def _check_id(forward_id: Optional[str], what: str) -> str:
@@ -280,17 +282,29 @@ class TrainableComputeFunction(ComputeFunction):
 
     def backward(self, grad_output: Any, forward_id: Optional[str] = None,
                  learning_rate: Optional[float] = None,
-                 accumulation_step: Optional[int] = None) -> Any:
+                 accumulation_step: Optional[int] = None, backward_seq: int = 1) -> Any:
         """A ComputeBackward call: the input gradient of the forward kept under
         ``forward_id``; the parameter gradients are accumulated and, every
         ``accumulation_step`` (default ``accumulation_steps``) backward calls, the
         optimizer steps. A retried backward gets the same input gradient again,
-        without another step."""
+        without another step.
+
+        ``backward_seq`` numbers the backwards of one forward: 1 for the first, 2
+        for a second backward through the same output (``loss1.backward(
+        retain_graph=True)`` then ``loss2.backward()`` on the client), and so on.
+        Each number runs once; the same number again is a retry and is answered
+        with the input gradient already sent. A later backward recomputes the
+        forward from its kept input (with the forward's RNG state), so its
+        gradients are those of local autograd."""
         fid = _check_id(forward_id, "ComputeBackward")
         if learning_rate is not None and not (0.0 <= learning_rate < float("inf")):
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
                         f"learning_rate must be a finite number >= 0, not {learning_rate}")
-        entry, replay = self._claim(fid)
+        seq = 1 if backward_seq is None else int(backward_seq)
+        if seq < 1:
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"backward_seq must be >= 1, not {seq}")
+        entry, replay = self._claim(fid, seq)
         if entry is None:
             return replay
         try:
@@ -303,9 +317,14 @@ class TrainableComputeFunction(ComputeFunction):
         with self._lock:
             if self._waiting.pop(fid, None) is not None:  # (teardown() may have cleared it)
                 self._bytes -= entry.nbytes
-            entry.x = entry.out = entry.rng = None
+            # the graph is spent; the input and RNG state stay for a later backward
+            # through the same output, which recomputes the forward from them
+            if entry.out is not None:
+                entry.out_meta = (tuple(entry.out.shape), entry.out.dtype, entry.out.device)
+            entry.out = None
             entry.grad_input = grad_input
-            entry.nbytes = _nbytes(grad_input)
+            entry.answered = seq
+            entry.nbytes = _nbytes(grad_input) + _nbytes(entry.x)
             entry.state = _DONE
             entry.finished = self._clock()
             if self._make_room(entry.nbytes, answered_only=True):
@@ -451,9 +470,10 @@ class TrainableComputeFunction(ComputeFunction):
         self._counts["replayed_forwards"] += 1
         return entry.out.detach()
 
-    def _claim(self, fid: str) -> Tuple[Optional[_Entry], Any]:
-        """(entry, None) to run the backward of ``fid``, or (None, grad_input) to
-        answer a retried one; waits while the same backward runs on another thread."""
+    def _claim(self, fid: str, seq: int) -> Tuple[Optional[_Entry], Any]:
+        """(entry, None) to run backward number ``seq`` of ``fid``, or (None,
+        grad_input) to answer a retried one; waits while the same backward runs on
+        another thread."""
         call = context.current_call()
         deadline = call.deadline if call is not None and call.deadline is not None else \
             time.monotonic() + _WAIT_WITHOUT_DEADLINE_S
@@ -462,10 +482,8 @@ class TrainableComputeFunction(ComputeFunction):
                 self._sweep()
                 entry = self._waiting.get(fid)
                 if entry is None:
-                    done = self._answered.get(fid)
-                    if done is not None:
-                        self._counts["replayed_backward_calls"] += 1
-                        return None, done.grad_input
+                    entry = self._answered.get(fid)
+                if entry is None:
                     reason = self._gone.get(fid)
                     if reason is not None:
                         raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -473,7 +491,22 @@ class TrainableComputeFunction(ComputeFunction):
                     raise Abort(grpc.StatusCode.NOT_FOUND,
                                 f"unknown forward_id {fid!r}: no training forward was stored "
                                 "under it on this server (or it was forgotten long ago)")
-                if entry.state == _PENDING:
+                if seq == entry.answered and entry.grad_input is not None:
+                    self._counts["replayed_backward_calls"] += 1
+                    return None, entry.grad_input
+                if seq != entry.answered + 1:
+                    raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"backward {seq} of forward_id {fid!r} is out of order: "
+                                f"{entry.answered} backward(s) of it were answered, so the "
+                                f"next is backward {entry.answered + 1} (only the latest "
+                                "answer is kept for a retry)")
+                if entry.state != _RUNNING:
+                    if entry.x is None:
+                        raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"forward_id {fid!r}: backward {seq} cannot run, the "
+                                    "forward's input is no longer kept")
+                    if self._answered.pop(fid, None) is not None:
+                        self._waiting[fid] = entry  # running again: not evictable
                     entry.state = _RUNNING
                     entry.event = threading.Event()
                     return entry, None
@@ -550,23 +583,27 @@ class TrainableComputeFunction(ComputeFunction):
         torch = _torch()
         fid = entry.forward_id
         out = entry.out
-        if tuple(grad_output.shape) != tuple(out.shape):
+        out_shape, out_dtype, out_device = entry.out_meta if out is None else \
+            (tuple(out.shape), out.dtype, out.device)
+        if tuple(grad_output.shape) != out_shape:
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
                         f"the gradient for forward_id {fid!r} has shape "
                         f"{tuple(grad_output.shape)}, but the forward's output had shape "
-                        f"{tuple(out.shape)}")
+                        f"{out_shape}")
         if not (grad_output.is_floating_point() or grad_output.is_complex()):
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
                         f"the gradient for forward_id {fid!r} has dtype {grad_output.dtype}; "
                         "gradients are floating point")
-        g = grad_output.to(device=out.device, dtype=out.dtype)
+        g = grad_output.to(device=out_device, dtype=out_dtype)
         x = entry.x
-        if entry.version != self._version:
-            if self.on_stale == "error":
-                raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                            f"forward_id {fid!r} is stale: the optimizer stepped "
-                            f"{self._version - entry.version} time(s) after its forward "
-                            "(on_stale='error')")
+        if entry.version != self._version and self.on_stale == "error":
+            raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                        f"forward_id {fid!r} is stale: the optimizer stepped "
+                        f"{self._version - entry.version} time(s) after its forward "
+                        "(on_stale='error')")
+        if entry.version != self._version or out is None:
+            # stale, or a later backward whose graph the earlier one spent: run the
+            # forward again from the kept input, under the forward's RNG state
             x = entry.x.detach().requires_grad_(entry.x.requires_grad)
             devices = [torch.device(self.device)] if entry.rng[1] is not None else []
             with torch.random.fork_rng(devices=devices), torch.enable_grad():
@@ -621,7 +658,7 @@ class _Call:
     """What the backward of one remote training call needs."""
 
     __slots__ = ("client", "forward_id", "learning_rate", "accumulation_step", "metadata",
-                 "timeout", "shape", "dtype", "device")
+                 "timeout", "shape", "dtype", "device", "backwards", "lock")
 
     def __init__(self, client: Any, learning_rate: Optional[float],
                  accumulation_step: Optional[int], metadata: Any,
@@ -632,6 +669,16 @@ class _Call:
         self.accumulation_step = accumulation_step
         self.metadata = metadata
         self.timeout = timeout
+        self.backwards = 0  # backwards sent through this call's output so far
+        self.lock = threading.Lock()
+
+    def next_backward(self) -> int:
+        """The number of the backward about to be sent: 1, then 2 for a second
+        backward through the same output (retain_graph=True), and so on. Retries
+        of one backward reuse its number, so the server runs each number once."""
+        with self.lock:
+            self.backwards += 1
+            return self.backwards
 
 
 _function_class: Any = None
@@ -661,7 +708,8 @@ def _remote_function() -> Any:
             g = call.client._tensor_call(grad_y, metadata=call.metadata, timeout=call.timeout,
                                          backward=True, forward_id=call.forward_id,
                                          learning_rate=call.learning_rate,
-                                         accumulation_step=call.accumulation_step)
+                                         accumulation_step=call.accumulation_step,
+                                         backward_seq=call.next_backward())
             if not ctx.needs_input_grad[0]:
                 return None, None, None
             if tuple(g.shape) != tuple(call.shape):

@@ -341,6 +341,13 @@ BAD_REQUESTS: List[Any] = [
     pytest.param(dict(data=b"", shape=[-2, 3]), ["negative", "-2"], id="negative-dim"),
     pytest.param(dict(data=F32x4, shape=[4], codec="no-such-codec"), ["no-such-codec"],
                  id="unknown-codec"),
+    # an empty tensor whose other dimensions make strides no consumer can hold:
+    # once a 29-byte request that crashed the server (D1)
+    pytest.param(dict(data=b"", shape=[0, 2**31 - 1, 2**31 - 1, 2**31 - 1]),
+                 ["[0, 2147483647, 2147483647, 2147483647]", "strides"],
+                 id="empty-with-huge-dims"),
+    pytest.param(dict(data=b"", shape=[0, 65536, 65536, 65536, 65536]),
+                 ["[0, 65536, 65536, 65536, 65536]", "strides"], id="empty-with-large-dims"),
 ]
 
 
@@ -399,6 +406,8 @@ def make_legacy_servicer(stubs: Stubs) -> Any:
         def Compute(self, request: Any, context: grpc.ServicerContext) -> Any:
             if dict(context.invocation_metadata()).get(MODE_KEY) == "deny":
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, "nope")
+            if dict(context.invocation_metadata()).get(MODE_KEY) == "huge-empty":
+                return pb.ComputeResponse(data=b"", shape=[0, 2**31 - 1, 2**31 - 1, 2**31 - 1])
             x = decode_float32(request.data, request.shape)
             y = (x * 2 + 1).astype("<f4")
             resp = pb.ComputeResponse(data=y.tobytes(), shape=list(y.shape))
@@ -493,4 +502,15 @@ def test_our_client_sees_grpcio_abort(client: splitlearn_comm.GRPCComputeClient)
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
     assert err.details() == "nope"
     # the client keeps working after a failed call
+    assert torch.equal(client.compute(x, timeout=CALL_TIMEOUT), x * 2 + 1)
+
+
+def test_our_client_refuses_reply_with_unrepresentable_shape(
+        client: splitlearn_comm.GRPCComputeClient) -> None:
+    """A peer replying with an empty tensor whose strides overflow gets an RpcError
+    naming the shape, not a crash of the client (D1, client side)."""
+    x = float32_input("torch", (2,))
+    with pytest.raises(splitlearn_comm.RpcError) as info:
+        client.compute(x, metadata={MODE_KEY: "huge-empty"}, timeout=CALL_TIMEOUT)
+    assert "strides" in info.value.details(), info.value.details()
     assert torch.equal(client.compute(x, timeout=CALL_TIMEOUT), x * 2 + 1)

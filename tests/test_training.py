@@ -284,6 +284,78 @@ def test_retried_backward_returns_the_same_gradient_without_stepping_again(serve
     _assert_close([first], [g @ w0])
 
 
+@pytest.mark.parametrize("dropout", [False, True], ids=["plain", "dropout"])
+def test_two_backwards_through_one_output_equal_local_autograd(serve, connect,
+                                                                dropout: bool) -> None:
+    """loss1.backward(retain_graph=True) then loss2.backward() through one remote()
+    output (multi-loss training): each backward is its own step on the server, so the
+    input gradient is 3*g1 for losses y.sum() and 2*y.sum() (it was 2*g1: the second
+    backward was taken for a retry of the first and its answer replayed), and the
+    parameters after the server's one optimizer step equal local autograd's."""
+    bottom, middle, _ = _mlp()
+    if dropout:  # the recomputed forward must replay the forward's dropout mask
+        middle = torch.nn.Sequential(middle, torch.nn.Dropout(0.5))
+    local_middle, local_bottom = copy.deepcopy(middle), copy.deepcopy(bottom)
+    fn = TrainableComputeFunction(middle, lambda p: torch.optim.SGD(p, lr=0.1),
+                                  accumulation_steps=2)
+    client = connect(serve(fn))
+    lopt = torch.optim.SGD(local_middle.parameters(), lr=0.1)
+    x, _ = _batches(1)[0]
+
+    xr, xl = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(7)
+    y = client.remote(bottom(xr))
+    y.sum().backward(retain_graph=True)
+    g1 = xr.grad.clone()
+    (2 * y.sum()).backward()
+
+    torch.manual_seed(7)
+    yl = local_middle(local_bottom(xl))
+    yl.sum().backward(retain_graph=True)
+    g1l = xl.grad.clone()
+    (2 * yl.sum()).backward()
+    lopt.step()
+
+    _assert_close([xr.grad], [3 * g1], tol=1e-5)
+    if dropout:  # the server's mask came from its own RNG: local cannot match it, but
+        # 3*g1 above shows the second backward saw the first one's mask
+        assert fn.stats()["recomputed"] == 1
+        assert fn.stats()["steps"] == 1 and fn.stats()["backward_calls"] == 2
+        return
+    _assert_close([g1], [g1l])
+    _assert_close([xr.grad], [xl.grad])
+    _assert_close([p.grad for p in bottom.parameters()], [p.grad for p in local_bottom.parameters()])
+    _assert_close(_params(middle), _params(local_middle))
+    s = fn.stats()
+    assert s["steps"] == 1 and s["backward_calls"] == 2 and s["replayed_backward_calls"] == 0
+
+
+def test_backward_numbers_make_retries_idempotent_and_order_checked(serve, connect) -> None:
+    """The same backward_seq again is a retry (the answer replayed, no second step); the
+    next number runs; a number out of order is FAILED_PRECONDITION saying which one is
+    expected."""
+    fn = _linear_fn(accumulation_steps=1)
+    client = connect(serve(fn))
+    fid = _fid()
+    x = torch.randn(5, 4)
+    _forward(client, x, fid)
+    g = torch.randn(5, 3)
+    first = _backward(client, g, fid, backward_seq=1)
+    assert _backward(client, g, fid, backward_seq=1).equal(first)
+    assert fn.stats()["steps"] == 1 and fn.stats()["replayed_backward_calls"] == 1
+    with pytest.raises(grpc.RpcError) as e:
+        _backward(client, g, fid, backward_seq=3)
+    assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION
+    assert "out of order" in e.value.details() and "backward 2" in e.value.details()
+    second = _backward(client, g, fid, backward_seq=2)  # stale: recomputed after the step
+    assert fn.stats()["steps"] == 2 and fn.stats()["recomputed"] == 1
+    assert _backward(client, g, fid, backward_seq=2).equal(second)
+    assert fn.stats()["steps"] == 2
+    with pytest.raises(grpc.RpcError) as e:
+        _backward(client, g, fid, backward_seq=1)  # only the latest answer is kept
+    assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION
+
+
 class _Gate(torch.autograd.Function):
     """Identity whose backward waits (bounded) until the test opens the gate."""
 

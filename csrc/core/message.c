@@ -496,6 +496,9 @@ void sl_call_fields_from_request(sl_msg_kind kind, const ProtobufCMessage *msg, 
     f->has_accumulation_step = m->_accumulation_step_case ==
                                SPLITLEARN__COMM__BACKWARD_REQUEST___ACCUMULATION_STEP_ACCUMULATION_STEP;
     f->accumulation_step = m->accumulation_step;
+    if (m->_backward_seq_case == SPLITLEARN__COMM__BACKWARD_REQUEST___BACKWARD_SEQ_BACKWARD_SEQ) {
+      f->backward_seq = m->backward_seq;
+    }
   }
 }
 
@@ -530,6 +533,10 @@ void sl_call_fields_to_request(sl_msg_kind kind, ProtobufCMessage *msg, const sl
       m->_accumulation_step_case =
           SPLITLEARN__COMM__BACKWARD_REQUEST___ACCUMULATION_STEP_ACCUMULATION_STEP;
       m->accumulation_step = f->accumulation_step;
+    }
+    if (f->backward_seq > 0) {
+      m->_backward_seq_case = SPLITLEARN__COMM__BACKWARD_REQUEST___BACKWARD_SEQ_BACKWARD_SEQ;
+      m->backward_seq = f->backward_seq;
     }
   }
 }

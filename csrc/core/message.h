@@ -75,6 +75,7 @@ typedef struct sl_call_fields {
   float learning_rate;
   int has_accumulation_step;
   int32_t accumulation_step;
+  int32_t backward_seq;      /* 0: unset (means 1); BackwardRequest only */
   int has_request_id;
   int32_t request_id;
 } sl_call_fields;

@@ -6,32 +6,30 @@
 #include <string.h>
 
 int sl_desc_nbytes(const sl_tensor_desc *desc, size_t *nbytes) {
-  size_t total = sl_dtype_itemsize(desc->dtype);
+  /* The extent is the byte stride of a dimension of size 1 placed in front of
+   * the shape: itemsize times every dimension, zero dimensions counted as 1, as
+   * PyTorch and NumPy compute contiguous strides. Every stride of the tensor
+   * divides it, so one check keeps all of them within int64 even when a zero
+   * dimension makes the tensor empty ([0, 2^31-1, 2^31-1, 2^31-1] has no bytes
+   * but strides no consumer can represent). */
+  uint64_t extent = sl_dtype_itemsize(desc->dtype);
+  int empty = 0;
   int i;
-  if (total == 0 || desc->ndim < 0 || desc->ndim > SL_MAX_NDIM) return SL_EINVAL;
+  if (extent == 0 || desc->ndim < 0 || desc->ndim > SL_MAX_NDIM) return SL_EINVAL;
   for (i = 0; i < desc->ndim; i++) {
-    int64_t d = desc->shape[i];
-    if (d < 0) return SL_EINVAL;
+    if (desc->shape[i] < 0) return SL_EINVAL;
+  }
+  for (i = 0; i < desc->ndim; i++) {
+    uint64_t d = (uint64_t)desc->shape[i];
     if (d == 0) {
-      total = 0;
+      empty = 1;
       continue;
     }
-    if (total != 0 && (uint64_t)d > SIZE_MAX / total) {
-      /* keep scanning: a later zero dimension makes the tensor empty, and a
-       * later negative one must still be reported as such */
-      int j;
-      for (j = i + 1; j < desc->ndim; j++) {
-        if (desc->shape[j] < 0) return SL_EINVAL;
-        if (desc->shape[j] == 0) {
-          *nbytes = 0;
-          return SL_OK;
-        }
-      }
-      return SL_EOVERFLOW;
-    }
-    total *= (size_t)d;
+    if (d > (uint64_t)INT64_MAX / extent) return SL_EOVERFLOW;
+    extent *= d;
   }
-  *nbytes = total;
+  if (extent > (uint64_t)SIZE_MAX) return SL_EOVERFLOW;
+  *nbytes = empty ? 0 : (size_t)extent;
   return SL_OK;
 }
 
@@ -70,7 +68,8 @@ int sl_desc_from_wire(sl_dtype dtype, const int32_t *shape, size_t ndim, sl_tens
   if (rc == SL_EOVERFLOW) {
     sl_desc_format_shape(desc, shp, sizeof(shp));
     return sl_err_set(err, rc, SL_STATUS_INVALID_ARGUMENT,
-                      "shape %s of %s overflows the addressable size", shp, sl_dtype_name(dtype));
+                      "shape %s of %s overflows: its byte strides do not fit in 64 bits",
+                      shp, sl_dtype_name(dtype));
   }
   if (rc != SL_OK) {
     return sl_err_set(err, rc, SL_STATUS_INVALID_ARGUMENT, "invalid dtype or shape");

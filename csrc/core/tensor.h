@@ -42,7 +42,10 @@ int sl_desc_from_wire(sl_dtype dtype, const int32_t *shape, size_t ndim, sl_tens
                       size_t *nbytes, sl_err *err);
 
 /* Byte count of a descriptor (elements times itemsize), with overflow and sign
- * checks. Returns SL_OK, SL_EINVAL (negative dimension or bad dtype) or
+ * checks. A shape is valid only if every byte stride of its contiguous layout
+ * fits in int64, zero dimensions counted as 1 (what PyTorch and NumPy require
+ * before they accept a tensor): an empty tensor with huge other dimensions is
+ * refused too. Returns SL_OK, SL_EINVAL (negative dimension or bad dtype) or
  * SL_EOVERFLOW. */
 int sl_desc_nbytes(const sl_tensor_desc *desc, size_t *nbytes);
 

@@ -144,12 +144,12 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
   static char *kwlist[] = {"tensor", "timeout", "metadata", "wait_for_ready", "retry",
                            "request_id", "codec", "encoded", "breaker", "backward",
                            "forward_id", "training_mode", "model_id", "learning_rate",
-                           "accumulation_step", NULL};
+                           "accumulation_step", "backward_seq", NULL};
   PyObject *tensor, *metadata = Py_None, *retry = Py_None, *request_id = Py_None;
   PyObject *codec = Py_None, *breaker = Py_None, *training = Py_None, *lr = Py_None;
   PyObject *acc = Py_None;
   const char *forward_id = NULL, *model_id = NULL;
-  int backward = 0;
+  int backward = 0, backward_seq = 0;
   sl_call_fields fields;
   double timeout = 0;
   int wait_for_ready = 0, encoded = 0, rc, cerr = 0;
@@ -164,15 +164,16 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
   PyObject *holder = NULL, *result = NULL, *initial = NULL, *rcodec = NULL, *rmeta = NULL;
   PyObject *shape = NULL;
 
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|dOpOOOpOpzOzOO", kwlist, &tensor, &timeout,
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|dOpOOOpOpzOzOOi", kwlist, &tensor, &timeout,
                                    &metadata, &wait_for_ready, &retry, &request_id, &codec,
                                    &encoded, &breaker, &backward, &forward_id, &training,
-                                   &model_id, &lr, &acc)) {
+                                   &model_id, &lr, &acc, &backward_seq)) {
     return NULL;
   }
   memset(&fields, 0, sizeof(fields));
   fields.forward_id = forward_id;
   fields.model_id = model_id;
+  fields.backward_seq = backward_seq > 0 ? (int32_t)backward_seq : 0;
   fields.training_mode = training == Py_None ? -1 : PyObject_IsTrue(training);
   if (lr != Py_None) {
     fields.has_learning_rate = 1;

@@ -125,22 +125,48 @@ typedef struct sl_dlmtensor_versioned {
   DLTensor dl_tensor;
 } sl_dlmtensor_versioned;
 
+/* One received tensor and the two DLPack views of it. Ownership follows two
+ * references: the producer side's (the holder, then the capsule it hands out) and
+ * the consumer's (taken by a consumer that renames the capsule, released through
+ * the deleter). The storage is freed by the first deleter call only, the struct
+ * when both references are gone. A consumer that fails after it already called
+ * the deleter but before it renamed the capsule (torch.from_dlpack does this when
+ * it cannot compute strides) then costs nothing: the capsule's destructor calls
+ * the deleter again, which finds the storage already freed. Both counters are
+ * atomics: deleters run on any thread, with or without the GIL. */
 typedef struct owned_tensor {
   DLManagedTensor dlm;              /* handed out as a legacy capsule, or */
   sl_dlmtensor_versioned versioned; /* as a versioned one; both describe the same bytes */
   int64_t shape[SL_MAX_NDIM];
+  int refs;                         /* 2 until the capsule or the deleter lets go */
+  int freed;                        /* the storage was freed (first deleter call) */
 } owned_tensor;
 
-/* The deleters of tensors we hand out: any thread, no GIL needed. */
-static void owned_free(owned_tensor *o) {
-  sl_storage_free(o->dlm.dl_tensor.data);
-  PyMem_RawFree(o);
+static void owned_unref(owned_tensor *o) {
+  if (__atomic_sub_fetch(&o->refs, 1, __ATOMIC_ACQ_REL) == 0) PyMem_RawFree(o);
 }
 
-static void owned_deleter(DLManagedTensor *self) { owned_free((owned_tensor *)self->manager_ctx); }
+/* The consumer's release: frees the storage once, whatever number of calls. */
+static void owned_release_data(owned_tensor *o) {
+  if (__atomic_exchange_n(&o->freed, 1, __ATOMIC_ACQ_REL)) return;
+  sl_storage_free(o->dlm.dl_tensor.data);
+  owned_unref(o);
+}
+
+/* Producer side gone without the consumer ever taking the tensor (a holder never
+ * exported, a capsule never consumed): free the storage and the struct. */
+static void owned_free(owned_tensor *o) {
+  owned_release_data(o);
+  owned_unref(o);
+}
+
+/* The deleters of tensors we hand out: any thread, no GIL needed. */
+static void owned_deleter(DLManagedTensor *self) {
+  owned_release_data((owned_tensor *)self->manager_ctx);
+}
 
 static void owned_versioned_deleter(sl_dlmtensor_versioned *self) {
-  owned_free((owned_tensor *)self->manager_ctx);
+  owned_release_data((owned_tensor *)self->manager_ctx);
 }
 
 typedef struct holder {
@@ -175,6 +201,8 @@ PyObject *slpy_holder_new(slpy_state *st, void *storage, const sl_tensor_desc *d
   o->versioned.deleter = owned_versioned_deleter;
   o->versioned.flags = 0;
   o->versioned.dl_tensor = o->dlm.dl_tensor;
+  o->refs = 2;
+  o->freed = 0;
   h = PyObject_New(holder, st->holder_type);
   if (h == NULL) {
     owned_free(o);
@@ -186,19 +214,17 @@ PyObject *slpy_holder_new(slpy_state *st, void *storage, const sl_tensor_desc *d
   return (PyObject *)h;
 }
 
+/* A capsule still under its first name was never consumed and owns the data
+ * too; a renamed one was taken by a consumer, which calls the deleter itself.
+ * Either way the capsule's own reference goes. */
 static void capsule_destructor(PyObject *capsule) {
-  /* A capsule never consumed still owns its tensor. */
-  if (PyCapsule_IsValid(capsule, "dltensor")) {
-    DLManagedTensor *dlm = PyCapsule_GetPointer(capsule, "dltensor");
-    if (dlm != NULL && dlm->deleter != NULL) dlm->deleter(dlm);
+  const char *name = PyCapsule_GetName(capsule);
+  owned_tensor *o = PyCapsule_GetContext(capsule);
+  if (o == NULL) return; /* never handed out (see holder_dlpack) */
+  if (name != NULL && (strcmp(name, "dltensor") == 0 || strcmp(name, "dltensor_versioned") == 0)) {
+    owned_release_data(o);
   }
-}
-
-static void versioned_capsule_destructor(PyObject *capsule) {
-  if (PyCapsule_IsValid(capsule, "dltensor_versioned")) {
-    sl_dlmtensor_versioned *v = PyCapsule_GetPointer(capsule, "dltensor_versioned");
-    if (v != NULL && v->deleter != NULL) v->deleter(v);
-  }
+  owned_unref(o);
 }
 
 /* __dlpack__(*, stream=None, max_version=None, dl_device=None, copy=None): a
@@ -225,9 +251,14 @@ static PyObject *holder_dlpack(holder *self, PyObject *args, PyObject *kwargs) {
     return NULL;
   }
   capsule = versioned ? PyCapsule_New(&self->tensor->versioned, "dltensor_versioned",
-                                      versioned_capsule_destructor)
+                                      capsule_destructor)
                       : PyCapsule_New(&self->tensor->dlm, "dltensor", capsule_destructor);
   if (capsule == NULL) return NULL;
+  if (PyCapsule_SetContext(capsule, self->tensor) < 0) {
+    /* no context: the destructor leaves the tensor alone, so it stays ours */
+    Py_DECREF(capsule);
+    return NULL;
+  }
   self->tensor = NULL;
   return capsule;
 }

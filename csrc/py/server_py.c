@@ -181,8 +181,9 @@ static PyObject *fields_dict(const sl_call_fields *f) {
       f->has_accumulation_step ? PyLong_FromLong(f->accumulation_step) : Py_NewRef(Py_None);
   PyObject *d = NULL;
   if (fid && mid && tm && lr && acc) {
-    d = Py_BuildValue("{s:O,s:O,s:O,s:O,s:O}", "forward_id", fid, "model_id", mid,
-                      "training_mode", tm, "learning_rate", lr, "accumulation_step", acc);
+    d = Py_BuildValue("{s:O,s:O,s:O,s:O,s:O,s:i}", "forward_id", fid, "model_id", mid,
+                      "training_mode", tm, "learning_rate", lr, "accumulation_step", acc,
+                      "backward_seq", f->backward_seq > 0 ? (int)f->backward_seq : 1);
   }
   Py_XDECREF(fid);
   Py_XDECREF(mid);

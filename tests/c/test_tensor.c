@@ -64,15 +64,33 @@ static void test_nbytes(void) {
 }
 
 static void test_nbytes_empty_and_overflow(void) {
-  sl_tensor_desc d = {SL_DTYPE_FLOAT64, 3, {INT64_MAX / 2, INT64_MAX / 2, 0}};
+  sl_tensor_desc d = {SL_DTYPE_FLOAT64, 3, {0, 3, 4}};
   size_t n = 1;
-  /* a zero dimension anywhere makes the tensor empty, even after huge ones */
+  /* a zero dimension makes the tensor empty */
   CHECK_EQ_INT(sl_desc_nbytes(&d, &n), SL_OK);
   CHECK_EQ_INT(n, 0);
+  /* but not valid whatever the other dimensions: the strides of
+   * [0, huge, huge] do not fit in int64, and PyTorch refuses it after taking it */
+  d.shape[1] = INT64_MAX / 2;
+  d.shape[2] = INT64_MAX / 2;
+  CHECK_EQ_INT(sl_desc_nbytes(&d, &n), SL_EOVERFLOW);
+  d.shape[2] = 0;
+  CHECK_EQ_INT(sl_desc_nbytes(&d, &n), SL_EOVERFLOW);
   d.shape[2] = 2;
   CHECK_EQ_INT(sl_desc_nbytes(&d, &n), SL_EOVERFLOW);
   d.shape[2] = -1;
   CHECK_EQ_INT(sl_desc_nbytes(&d, &n), SL_EINVAL);
+  /* [0, 2^31-1, 2^31-1, 2^31-1] and [0, 65536 x4], the shapes that crashed D1 */
+  sl_tensor_desc a = {SL_DTYPE_FLOAT32, 4, {0, INT32_MAX, INT32_MAX, INT32_MAX}};
+  CHECK_EQ_INT(sl_desc_nbytes(&a, &n), SL_EOVERFLOW);
+  sl_tensor_desc b = {SL_DTYPE_FLOAT32, 5, {0, 65536, 65536, 65536, 65536}};
+  CHECK_EQ_INT(sl_desc_nbytes(&b, &n), SL_EOVERFLOW);
+  /* the largest extent that fits: itemsize * dims == 2^62 */
+  sl_tensor_desc c = {SL_DTYPE_FLOAT32, 3, {0, (int64_t)1 << 30, (int64_t)1 << 30}};
+  CHECK_EQ_INT(sl_desc_nbytes(&c, &n), SL_OK);
+  CHECK_EQ_INT(n, 0);
+  c.shape[0] = 2; /* 2^63 bytes: one past INT64_MAX */
+  CHECK_EQ_INT(sl_desc_nbytes(&c, &n), SL_EOVERFLOW);
 }
 
 static void test_from_wire_negative(void) {
