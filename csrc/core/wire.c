@@ -193,7 +193,7 @@ void sl_wire_copy_data(const sl_span *spans, size_t nspans, const sl_wire_split_
   while (left > 0 && idx < nspans) {
     size_t avail = spans[idx].len - off;
     size_t k = left < avail ? left : avail;
-    memcpy(out, spans[idx].ptr + off, k);
+    if (k > 0) memcpy(out, spans[idx].ptr + off, k); /* an empty span may have no pointer */
     out += k;
     left -= k;
     idx++;

@@ -16,7 +16,7 @@ import os
 import socket
 import subprocess
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 import torch  # noqa: F401  (imported before "ready": a restart must not wait for it)
 
@@ -41,11 +41,12 @@ def rss_kb() -> int:
 class ServerProcess:
     """This script in a child process (for the parent: tests and the soak)."""
 
-    def __init__(self, port: int, workers: int = 16, env: Optional[dict] = None) -> None:
+    def __init__(self, port: int, workers: int = 16, env: Optional[dict] = None,
+                 stderr: Any = None) -> None:
         self.port = port
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(port),
                                       str(workers)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env)
+                                     stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
         self._expect("ready")
 
     def _expect(self, word: str) -> str:
