@@ -122,7 +122,11 @@ def main() -> int:
             value = os.environ.get("FUZZ_SERVER_" + key)
             if value is not None:
                 env[key] = value
-        server = ServerProcess(port, workers=8, env=env, stderr=log)
+        # a few bytes of sparse or compressed payload may declare a tensor of the
+        # server's max_decoded_bytes (4 GiB by default), slow to fill under ASan: keep
+        # the limit small so that the run spends its time on many requests
+        server = ServerProcess(port, workers=8, env=env, stderr=log,
+                               max_decoded_bytes=64 << 20)
         server.go()
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         calls = {m: channel.unary_unary(m) for m in METHODS}
@@ -161,7 +165,14 @@ def main() -> int:
                     ok = False
         channel.close()
         alive = server.proc.poll() is None
-        in_flight = server.metrics()["in_flight"] if alive else -1
+        in_flight = -1
+        wait_until = time.monotonic() + 60  # calls whose clients gave up may still run
+        while alive and time.monotonic() < wait_until:
+            in_flight = server.metrics()["in_flight"]
+            if in_flight == 0:
+                break
+            time.sleep(0.1)
+            alive = server.proc.poll() is None
         server.stop()
     report = log_path.read_text(errors="replace")
     sanitizer = [line for line in report.splitlines()

@@ -1,7 +1,7 @@
 """A server process for fault tests (tests/test_robustness.py) and the soak
 (tests/soak/soak.py), driven over stdin so that its restart gap is exact:
 
-    python tests/soak/server.py PORT [MAX_WORKERS]
+    python tests/soak/server.py PORT [MAX_WORKERS [MAX_DECODED_BYTES]]
 
 It imports everything, prints ``ready``, and binds PORT only when it reads ``go``
 (so that a replacement can wait, warmed up, for the one it replaces to be killed).
@@ -42,10 +42,11 @@ class ServerProcess:
     """This script in a child process (for the parent: tests and the soak)."""
 
     def __init__(self, port: int, workers: int = 16, env: Optional[dict] = None,
-                 stderr: Any = None) -> None:
+                 stderr: Any = None, max_decoded_bytes: int = 0) -> None:
         self.port = port
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(port),
-                                      str(workers)], stdin=subprocess.PIPE,
+                                      str(workers), str(max_decoded_bytes)],
+                                     stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
         self._expect("ready")
 
@@ -94,10 +95,12 @@ def free_port() -> int:
 def main() -> None:
     port = int(sys.argv[1])
     workers = int(sys.argv[2]) if len(sys.argv) > 2 else 16
+    max_decoded = int(sys.argv[3]) if len(sys.argv) > 3 else 0
     print("ready", flush=True)
     if sys.stdin.readline().strip() != "go":
         return
-    server = slc.GRPCComputeServer(Echo(), host="127.0.0.1", port=port, max_workers=workers)
+    server = slc.GRPCComputeServer(Echo(), host="127.0.0.1", port=port, max_workers=workers,
+                                   max_decoded_bytes=max_decoded or None)
     server.start()
     print(f"serving {server.port}", flush=True)
     for line in sys.stdin:
