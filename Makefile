@@ -121,10 +121,10 @@ fuzz-server-ci:
 
 # ---- soak: 64 client threads + 16 client processes, kill -9 of server and clients ----
 soak: install
-	$(PY) tests/soak/soak.py --threads 64 --procs 16 --calls 12000 --rounds 6
+	$(PY) tests/soak/soak.py --threads 64 --procs 16 --calls 60000 --rounds 8
 
 soak-ci: install
-	$(PY) tests/soak/soak.py --threads 16 --procs 4 --calls 2000 --rounds 4
+	$(PY) tests/soak/soak.py --threads 16 --procs 4 --calls 4000 --rounds 4
 
 # What CI runs after `make test` (.ci/run): each fuzz target for FUZZ_CI_SECONDS,
 # the Python suite against the ASan build, the ASan server under mutated requests,

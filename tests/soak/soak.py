@@ -1,6 +1,6 @@
 """Soak and fault run (`make soak`; a short version in `make test`).
 
-    python tests/soak/soak.py [--threads 64] [--procs 16] [--calls 12000] [--rounds 6]
+    python tests/soak/soak.py [--threads 64] [--procs 16] [--calls 60000] [--rounds 8]
 
 A server process (tests/soak/server.py) hosting an echo, and clients with the default
 retry strategy (ExponentialBackoff()): `--threads` threads sharing one client in this
@@ -100,8 +100,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=64)
     ap.add_argument("--procs", type=int, default=16)
-    ap.add_argument("--calls", type=int, default=12000, help="calls in all rounds together")
-    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--calls", type=int, default=60000, help="calls in all rounds together")
+    ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
