@@ -336,3 +336,28 @@ def test_retry_wait_ends_when_the_server_is_back(restartable):
     took = time.monotonic() - start
     client.close()
     assert took < 15, f"the call took {took:.1f} s: it slept out the backoff"
+
+
+# -- the client's side: what a peer sends it -------------------------------------------------
+
+def test_response_text_field_not_utf8_is_an_rpc_error():
+    """A (non-conforming) server answers with a forward_id that is not UTF-8: the
+    client raises the RpcError naming the field, not a UnicodeDecodeError."""
+    from concurrent import futures
+
+    reply = ld(1, bytes(4)) + ld(2, varint(1)) + ld(6, b"fwd-\xff")
+    handler = grpc.method_handlers_generic_handler("splitlearn.comm.ComputeService", {
+        "Compute": grpc.unary_unary_rpc_method_handler(lambda request, context: reply)})
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with slc.GRPCComputeClient(f"127.0.0.1:{port}", retry_strategy=None) as client:
+            with pytest.raises(slc.RpcError) as info:
+                client.compute(torch.ones(1))
+        assert info.value.code() == grpc.StatusCode.INTERNAL
+        assert info.value.details().startswith("bad response from the server: field 'forward_id' "
+                                               "of ComputeResponse is not valid UTF-8")
+    finally:
+        server.stop(0)
