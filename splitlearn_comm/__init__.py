@@ -14,6 +14,7 @@ from .context import CallContext, current_call
 from .core import ComputeFunction, ModelComputeFunction, TensorCodec
 from .errors import RpcError
 from .server import GRPCComputeServer
+from .sessions import KVCacheComputeFunction, Session, SessionState
 from .tls import ClientTLS, ServerTLS
 from .training import TrainableComputeFunction, remote
 
@@ -44,6 +45,9 @@ __all__ = [
     "TrainableComputeFunction",
     "RemoteModule",
     "remote",
+    "KVCacheComputeFunction",
+    "Session",
+    "SessionState",
 ]
 
 

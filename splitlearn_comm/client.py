@@ -8,7 +8,8 @@ import random
 import re
 import threading
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple,
+                    Union)
 
 import grpc
 
@@ -17,6 +18,9 @@ from .codecs import CodecError, CodecRegistry, decode_python, encode_python
 from .core import TensorCodec, _check_codec
 from .errors import RpcError, from_call_error
 from .tls import ClientTLS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .sessions import Session
 
 logger = logging.getLogger("splitlearn_comm.client")
 
@@ -333,6 +337,7 @@ class GRPCComputeClient:
         self._stats = _Stats()
         self._ids = 0
         self._ids_lock = threading.Lock()
+        self._sessions: Dict[int, Any] = {}  # open sessions, closed with the client
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -342,7 +347,12 @@ class GRPCComputeClient:
                                                   forever=1e9)))
 
     def close(self) -> None:
-        """Close the channel. Calls after this raise ValueError."""
+        """Close the channel (after closing the client's open sessions on the
+        server). Calls after this raise ValueError."""
+        with self._ids_lock:
+            sessions = list(getattr(self, "_sessions", {}).values())
+        for s in sessions:
+            s.close(timeout=min(5.0, self.timeout or 5.0))
         core, self._core = self._core, None
         if core is not None:
             core.close()
@@ -392,6 +402,30 @@ class GRPCComputeClient:
 
         return remote(self, tensor, training=training, learning_rate=learning_rate,
                       accumulation_step=accumulation_step, metadata=metadata, timeout=timeout)
+
+    def session(self, session_id: Optional[str] = None, metadata: MetadataLike = None,
+                timeout: Optional[float] = None) -> "Session":
+        """A session: every call of it reaches the same state on the server
+        (``current_call().session`` in its ``compute()``), e.g. a transformer's KV
+        cache. Use it as a context manager; closing it (or the client) frees the
+        state on the server. ``session_id`` defaults to a fresh random id.
+        See docs/inference.md::
+
+            with client.session() as s:
+                y1 = s.compute(x1)
+                y2 = s.compute(x2)   # sees what the call for x1 left in the session
+        """
+        from .sessions import Session
+
+        s = Session(self, session_id, metadata=metadata, timeout=timeout)
+        self._live()
+        with self._ids_lock:
+            self._sessions[id(s)] = s
+        return s
+
+    def _forget_session(self, session: Any) -> None:
+        with self._ids_lock:
+            self._sessions.pop(id(session), None)
 
     def _tensor_call(self, tensor: Any, *, metadata: MetadataLike = None,
                      timeout: Optional[float] = None, **fields: Any) -> Any:

@@ -18,10 +18,13 @@ class CallContext:
         request_metadata: the request message's own ``metadata`` map.
         deadline: the call's deadline on the ``time.monotonic()`` clock, or None.
         request_id: the request's ``request_id`` field, or None.
+        session: the call's session state (a dict-like
+            :class:`splitlearn_comm.sessions.SessionState` kept on the server
+            between the calls of one client session), or None outside a session.
     """
 
     __slots__ = ("method", "peer", "metadata", "request_metadata", "deadline", "request_id",
-                 "_state", "_trailing")
+                 "_state", "_trailing", "session")
 
     def __init__(self, method: str, peer: str, metadata: Tuple[Tuple[str, Any], ...],
                  request_metadata: Dict[str, str], deadline: Optional[float],
@@ -34,6 +37,7 @@ class CallContext:
         self.request_metadata = request_metadata
         self.deadline = deadline
         self.request_id = request_id
+        self.session: Any = None
 
     def time_remaining(self) -> Optional[float]:
         """Seconds until the deadline (None when the call has none)."""

@@ -18,6 +18,15 @@ Metric names (Prometheus conventions: base units, ``_total`` counters):
                                                        receive, decode, queue (waiting for
                                                        the GIL), compute, encode, send, total
 ``splitlearn_access_log_dropped_total``    counter     access log records dropped (full ring)
+``splitlearn_sessions``                    gauge       open sessions (``client.session()``)
+``splitlearn_session_bytes``               gauge       bytes of tensors the sessions hold
+``splitlearn_session_max_bytes``           gauge       bytes of tensors of the largest session
+``splitlearn_sessions_opened_total``       counter     sessions opened
+``splitlearn_sessions_closed_total``       counter     sessions closed by their clients
+``splitlearn_sessions_evicted_total``      counter     sessions dropped, by ``reason``: bytes,
+                                                       count, idle
+``splitlearn_session_steps_total``         counter     session steps run
+``splitlearn_session_replayed_steps_total`` counter    retried steps answered from the record
 =========================================  ==========  ==================================
 """
 from __future__ import annotations
@@ -92,6 +101,34 @@ class ServerMetricsCollector:
             buckets = [("+Inf" if b == float("inf") else repr(b), n) for b, n in hist["buckets"]]
             h.add_metric([stage, *values], buckets, hist["sum"])
         yield h
+        sessions = m.get("sessions")
+        if sessions is not None:
+            yield from _session_metrics(sessions, counter, gauge, extra, values)
+
+
+def _session_metrics(s: dict, counter: Any, gauge: Any, extra: list, values: list) -> Iterator[Any]:
+    for name, value, doc in (
+            ("splitlearn_sessions", s["active"], "Open sessions."),
+            ("splitlearn_session_bytes", s["bytes"], "Bytes of tensors the sessions hold."),
+            ("splitlearn_session_max_bytes", max(s["sizes"].values(), default=0),
+             "Bytes of tensors held by the largest session.")):
+        g = gauge(name, doc, labels=extra)
+        g.add_metric(values, value)
+        yield g
+    for name, key, doc in (("splitlearn_sessions_opened_total", "opened", "Sessions opened."),
+                           ("splitlearn_sessions_closed_total", "closed",
+                            "Sessions closed by their clients."),
+                           ("splitlearn_session_steps_total", "steps", "Session steps run."),
+                           ("splitlearn_session_replayed_steps_total", "replayed_steps",
+                            "Retried session steps answered from the record.")):
+        c = counter(name, doc, labels=extra)
+        c.add_metric(values, s[key])
+        yield c
+    ev = counter("splitlearn_sessions_evicted_total", "Sessions dropped by the server, by reason.",
+                 labels=["reason", *extra])
+    for reason in ("bytes", "count", "idle"):
+        ev.add_metric([reason, *values], s["evicted_" + reason])
+    yield ev
 
 
 def start_metrics_server(server: Any, port: int, addr: str = "0.0.0.0") -> Any:

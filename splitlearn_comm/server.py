@@ -141,6 +141,11 @@ class GRPCComputeServer:
         max_decoded_bytes: how large a tensor built-in codec payloads may decode to,
             per call and for all calls at once (default 4 GiB): a sparse or compressed
             payload of a few bytes may declare any shape.
+        max_sessions, max_session_bytes, session_idle_timeout: bounds of the
+            server-side sessions (``client.session()``; docs/inference.md): at most
+            this many sessions holding at most this many bytes of tensors together,
+            each dropped after this many idle seconds; room is made by evicting the
+            least recently used session.
 
     ``start()`` returns at once; ``stop(grace)`` drains; ``wait_for_termination()``
     blocks until stopped (Ctrl-C interrupts it). Usable as a context manager.
@@ -156,7 +161,9 @@ class GRPCComputeServer:
                  handle_signals: bool = False, grace: float = 5.0,
                  access_log: Union[bool, logging.Logger] = False,
                  metrics_port: Optional[int] = None,
-                 max_decoded_bytes: Optional[int] = None) -> None:
+                 max_decoded_bytes: Optional[int] = None,
+                 max_sessions: int = 256, max_session_bytes: int = 1 << 30,
+                 session_idle_timeout: float = 600.0) -> None:
         if not callable(getattr(compute_fn, "compute", None)):
             raise TypeError("compute_fn must be a ComputeFunction (an object with compute())")
         if max_workers < 1:
@@ -190,6 +197,9 @@ class GRPCComputeServer:
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._torn_down = False
+        from .sessions import SessionStore
+
+        self.sessions = SessionStore(max_sessions, max_session_bytes, session_idle_timeout)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -218,8 +228,8 @@ class GRPCComputeServer:
             if self.codec is not None and not self.codec.is_python():
                 c_codec = self.codec._c_codec()
             server = _core.Server(
-                _make_dispatch(self.compute_fn, self._registry, self.codec),
-                _make_info(self.compute_fn), self.host, int(self._port), int(self.max_workers),
+                _make_dispatch(self.compute_fn, self._registry, self.codec, self.sessions),
+                _make_info(self.compute_fn, self.sessions), self.host, int(self._port), int(self.max_workers),
                 str(self.version), self.options, c_codec, self._registry.names(),
                 self.auth_tokens, self.tls._args() if self.tls else None,
                 _make_intercept(self.interceptors) if self.interceptors else None,
@@ -280,11 +290,16 @@ class GRPCComputeServer:
         """The server's own metrics, kept in C: ``requests`` by (method, status name),
         ``in_flight``, ``latency_seconds`` histograms by stage (cumulative
         ``buckets`` of (upper bound, count), ``count``, ``sum``), ``request_bytes``,
-        ``response_bytes`` and ``access_log_dropped``."""
+        ``response_bytes`` and ``access_log_dropped``; ``sessions``: the open
+        sessions and the bytes they hold (see :meth:`SessionStore.stats
+        <splitlearn_comm.sessions.SessionStore.stats>`)."""
         if self._core is None:
-            return {"requests": {}, "in_flight": 0, "latency_seconds": {},
-                    "request_bytes": 0, "response_bytes": 0, "access_log_dropped": 0}
-        return self._core.metrics()
+            m = {"requests": {}, "in_flight": 0, "latency_seconds": {},
+                 "request_bytes": 0, "response_bytes": 0, "access_log_dropped": 0}
+        else:
+            m = self._core.metrics()
+        m["sessions"] = self.sessions.stats()
+        return m
 
     @property
     def serving(self) -> bool:
@@ -313,6 +328,7 @@ class GRPCComputeServer:
                 return
             self._torn_down = True
         _live.discard(self)
+        self.sessions.clear()
         try:
             teardown = getattr(self.compute_fn, "teardown", None)
             if callable(teardown):
@@ -343,11 +359,17 @@ class GRPCComputeServer:
         return f"GRPCComputeServer({type(self.compute_fn).__name__}, {self.host}:{self.port})"
 
 
-def _make_info(compute_fn: ComputeFunction):
+def _make_info(compute_fn: ComputeFunction, sessions: Any = None):
     def info() -> Tuple[str, str, Dict[str, str]]:
         get_info = getattr(compute_fn, "get_info", None)
         raw = get_info() if callable(get_info) else {"name": type(compute_fn).__name__}
         custom = {str(k): str(v) for k, v in dict(raw or {}).items()}
+        if sessions is not None:  # once a session was opened (keeps older answers as they were)
+            st = sessions.stats()
+            if st["opened"]:
+                for key in ("active", "bytes", "max_sessions", "max_bytes", "opened",
+                            "evicted_bytes", "evicted_count", "evicted_idle"):
+                    custom.setdefault(f"sessions.{key}", str(st[key]))
         device = str(getattr(compute_fn, "device", custom.get("device", "cpu")))
         return SERVICE_NAME, device, custom
 
@@ -429,7 +451,7 @@ def _backward_args(fields: Dict[str, Any], with_seq: bool) -> Dict[str, Any]:
 
 
 def _make_dispatch(compute_fn: ComputeFunction, registry: CodecRegistry,
-                   server_codec: Optional[TensorCodec]):
+                   server_codec: Optional[TensorCodec], sessions: Any = None):
     """The Python side of a Compute call, run on a C worker thread holding the GIL."""
     compute = compute_fn.compute
     backward = getattr(compute_fn, "backward", None)
@@ -454,15 +476,26 @@ def _make_dispatch(compute_fn: ComputeFunction, registry: CodecRegistry,
             else:
                 x = _decode_request(registry, codec, holder, shape, codec_meta or {})
             t0 = time.perf_counter()
-            if is_backward:
-                out = backward(x, **_backward_args(fields or {}, backward_seq))
-            elif fields and (fields.get("forward_id") is not None
-                             or fields.get("training_mode") is not None) and \
-                    getattr(compute_fn, "supports_training", False):
-                out = compute_fn.compute_training(x, forward_id=fields.get("forward_id"),
-                                                  training=bool(fields.get("training_mode")))
+
+            def run() -> Any:
+                if is_backward:
+                    return backward(x, **_backward_args(fields or {}, backward_seq))
+                if fields and (fields.get("forward_id") is not None
+                               or fields.get("training_mode") is not None) and \
+                        getattr(compute_fn, "supports_training", False):
+                    return compute_fn.compute_training(
+                        x, forward_id=fields.get("forward_id"),
+                        training=bool(fields.get("training_mode")))
+                return compute(x)
+
+            if sessions is not None and fields and fields.get("session_id") is not None:
+                from .sessions import run_step
+
+                out = run_step(sessions, fields, call, run)
+                if fields.get("session_close"):
+                    out = x[:0]  # a close answers an empty tensor
             else:
-                out = compute(x)
+                out = run()
             ms = (time.perf_counter() - t0) * 1e3
             out_codec = python_out
             if out_codec is None and codec is not None and server_codec is None:

@@ -658,7 +658,7 @@ class _Call:
     """What the backward of one remote training call needs."""
 
     __slots__ = ("client", "forward_id", "learning_rate", "accumulation_step", "metadata",
-                 "timeout", "shape", "dtype", "device", "backwards", "lock")
+                 "timeout", "shape", "dtype", "device", "backwards", "lock", "session")
 
     def __init__(self, client: Any, learning_rate: Optional[float],
                  accumulation_step: Optional[int], metadata: Any,
@@ -671,6 +671,7 @@ class _Call:
         self.timeout = timeout
         self.backwards = 0  # backwards sent through this call's output so far
         self.lock = threading.Lock()
+        self.session: Dict[str, Any] = {}  # session_id and session_step in a session
 
     def next_backward(self) -> int:
         """The number of the backward about to be sent: 1, then 2 for a second
@@ -697,7 +698,8 @@ def _remote_function() -> Any:
         def forward(ctx: Any, x: Any, anchor: Any, call: _Call) -> Any:
             call.shape, call.dtype, call.device = x.shape, x.dtype, x.device
             y = call.client._tensor_call(x, metadata=call.metadata, timeout=call.timeout,
-                                         forward_id=call.forward_id, training_mode=True)
+                                         forward_id=call.forward_id, training_mode=True,
+                                         **call.session)
             ctx.call = call
             return y
 
@@ -709,7 +711,9 @@ def _remote_function() -> Any:
                                          backward=True, forward_id=call.forward_id,
                                          learning_rate=call.learning_rate,
                                          accumulation_step=call.accumulation_step,
-                                         backward_seq=call.next_backward())
+                                         backward_seq=call.next_backward(),
+                                         **{k: v for k, v in call.session.items()
+                                            if k == "session_id"})
             if not ctx.needs_input_grad[0]:
                 return None, None, None
             if tuple(g.shape) != tuple(call.shape):
@@ -724,7 +728,8 @@ def _remote_function() -> Any:
 
 def remote(client: Any, tensor: Any, *, training: Optional[bool] = None,
            learning_rate: Optional[float] = None, accumulation_step: Optional[int] = None,
-           metadata: Any = None, timeout: Optional[float] = None) -> Any:
+           metadata: Any = None, timeout: Optional[float] = None,
+           _session_fields: Optional[Dict[str, Any]] = None) -> Any:
     """Run the server's slice on ``tensor`` as a step of the client's autograd graph.
 
     ``training`` (default: ``torch.is_grad_enabled()``) sends a training forward
@@ -742,11 +747,13 @@ def remote(client: Any, tensor: Any, *, training: Optional[bool] = None,
     if training is None:
         training = torch.is_grad_enabled()
     if not training:
-        return client._tensor_call(tensor, metadata=metadata, timeout=timeout)
+        return client._tensor_call(tensor, metadata=metadata, timeout=timeout,
+                                   **(_session_fields or {}))
     if not torch.is_grad_enabled():
         raise ValueError("remote(training=True) needs autograd enabled (it is disabled here, "
                          "e.g. by torch.no_grad()): its backward could never be sent")
     call = _Call(client, learning_rate, accumulation_step, metadata, timeout)
+    call.session = dict(_session_fields or {})
     # an anchor that requires grad puts the call in the graph even when the input
     # does not (the server's layers still need their backward)
     anchor = None if tensor.requires_grad else torch.empty(0, requires_grad=True)

@@ -514,3 +514,51 @@ def test_our_client_refuses_reply_with_unrepresentable_shape(
         client.compute(x, metadata={MODE_KEY: "huge-empty"}, timeout=CALL_TIMEOUT)
     assert "strides" in info.value.details(), info.value.details()
     assert torch.equal(client.compute(x, timeout=CALL_TIMEOUT), x * 2 + 1)
+
+
+# ---------------------------------------------------------------------------
+# sessions from a stock grpcio client (fields 40-42, docs/protocol.md)
+# ---------------------------------------------------------------------------
+
+class _SessionSum(splitlearn_comm.ComputeFunction):
+    """The running sum of the session's inputs; counts its runs."""
+
+    runs = 0
+
+    def compute(self, x):
+        _SessionSum.runs += 1
+        s = splitlearn_comm.current_call().session
+        s["sum"] = s.get("sum", 0) + x
+        return s["sum"]
+
+
+def test_stock_client_session_steps_and_close(stubs: Stubs) -> None:
+    """A grpcio peer drives a session with fields 40-42: each step runs once (a
+    repeated step is answered from the record), closing ends it, and a later step is
+    FAILED_PRECONDITION with the reason in the trailing metadata."""
+    server = splitlearn_comm.GRPCComputeServer(_SessionSum(), host="127.0.0.1", port=0)
+    server.start()
+    try:
+        with stock_channel(server.port) as ch:
+            stub = stubs.rpc.ComputeServiceStub(ch)
+            one = np.ones(2, dtype="<f4").tobytes()
+
+            def step(n: int, **extra: Any) -> Any:
+                return stub.Compute(stubs.pb.ComputeRequest(data=one, shape=[2], session_id="s",
+                                                            session_step=n, **extra),
+                                    timeout=CALL_TIMEOUT)
+
+            assert decode_float32(step(1).data, [2]).tolist() == [1, 1]
+            assert decode_float32(step(1).data, [2]).tolist() == [1, 1]  # a retry
+            assert decode_float32(step(2).data, [2]).tolist() == [2, 2]
+            assert _SessionSum.runs == 2
+            closed = stub.Compute(stubs.pb.ComputeRequest(data=b"", shape=[0], session_id="s",
+                                                          session_close=True),
+                                  timeout=CALL_TIMEOUT)
+            assert list(closed.shape) == [0] and _SessionSum.runs == 2
+            err = expect_rpc_error(lambda: step(3))
+            assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "was closed" in err.details()
+            assert ("sl-session-gone", "closed") in tuple(err.trailing_metadata())
+    finally:
+        server.stop(grace=0)

@@ -484,6 +484,15 @@ void sl_call_fields_from_request(sl_msg_kind kind, const ProtobufCMessage *msg, 
     f->model_id = m->model_id;
     f->has_request_id = m->_request_id_case == SPLITLEARN__COMM__COMPUTE_REQUEST___REQUEST_ID_REQUEST_ID;
     f->request_id = m->request_id;
+    if (m->_session_id_case == SPLITLEARN__COMM__COMPUTE_REQUEST___SESSION_ID_SESSION_ID) {
+      f->session_id = m->session_id;
+    }
+    if (m->_session_step_case == SPLITLEARN__COMM__COMPUTE_REQUEST___SESSION_STEP_SESSION_STEP) {
+      f->session_step = m->session_step;
+    }
+    if (m->_session_close_case == SPLITLEARN__COMM__COMPUTE_REQUEST___SESSION_CLOSE_SESSION_CLOSE) {
+      f->session_close = m->session_close ? 1 : 0;
+    }
   } else if (kind == SL_MSG_BACKWARD_REQUEST) {
     const Splitlearn__Comm__BackwardRequest *m = (const Splitlearn__Comm__BackwardRequest *)msg;
     f->forward_id = m->forward_id;
@@ -498,6 +507,9 @@ void sl_call_fields_from_request(sl_msg_kind kind, const ProtobufCMessage *msg, 
     f->accumulation_step = m->accumulation_step;
     if (m->_backward_seq_case == SPLITLEARN__COMM__BACKWARD_REQUEST___BACKWARD_SEQ_BACKWARD_SEQ) {
       f->backward_seq = m->backward_seq;
+    }
+    if (m->_session_id_case == SPLITLEARN__COMM__BACKWARD_REQUEST___SESSION_ID_SESSION_ID) {
+      f->session_id = m->session_id;
     }
   }
 }
@@ -518,6 +530,18 @@ void sl_call_fields_to_request(sl_msg_kind kind, ProtobufCMessage *msg, const sl
       m->_request_id_case = SPLITLEARN__COMM__COMPUTE_REQUEST___REQUEST_ID_REQUEST_ID;
       m->request_id = f->request_id;
     }
+    if (f->session_id != NULL) {
+      m->_session_id_case = SPLITLEARN__COMM__COMPUTE_REQUEST___SESSION_ID_SESSION_ID;
+      m->session_id = (char *)f->session_id;
+    }
+    if (f->session_step > 0) {
+      m->_session_step_case = SPLITLEARN__COMM__COMPUTE_REQUEST___SESSION_STEP_SESSION_STEP;
+      m->session_step = f->session_step;
+    }
+    if (f->session_close) {
+      m->_session_close_case = SPLITLEARN__COMM__COMPUTE_REQUEST___SESSION_CLOSE_SESSION_CLOSE;
+      m->session_close = 1;
+    }
   } else if (kind == SL_MSG_BACKWARD_REQUEST) {
     Splitlearn__Comm__BackwardRequest *m = (Splitlearn__Comm__BackwardRequest *)msg;
     if (f->forward_id != NULL) m->forward_id = (char *)f->forward_id;
@@ -537,6 +561,10 @@ void sl_call_fields_to_request(sl_msg_kind kind, ProtobufCMessage *msg, const sl
     if (f->backward_seq > 0) {
       m->_backward_seq_case = SPLITLEARN__COMM__BACKWARD_REQUEST___BACKWARD_SEQ_BACKWARD_SEQ;
       m->backward_seq = f->backward_seq;
+    }
+    if (f->session_id != NULL) {
+      m->_session_id_case = SPLITLEARN__COMM__BACKWARD_REQUEST___SESSION_ID_SESSION_ID;
+      m->session_id = (char *)f->session_id;
     }
   }
 }

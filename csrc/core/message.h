@@ -76,6 +76,9 @@ typedef struct sl_call_fields {
   int has_accumulation_step;
   int32_t accumulation_step;
   int32_t backward_seq;      /* 0: unset (means 1); BackwardRequest only */
+  const char *session_id;    /* NULL: unset (not in a session) */
+  int64_t session_step;      /* 0: unset; ComputeRequest only */
+  int session_close;         /* 1: end the session; ComputeRequest only */
   int has_request_id;
   int32_t request_id;
 } sl_call_fields;

@@ -144,12 +144,14 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
   static char *kwlist[] = {"tensor", "timeout", "metadata", "wait_for_ready", "retry",
                            "request_id", "codec", "encoded", "breaker", "backward",
                            "forward_id", "training_mode", "model_id", "learning_rate",
-                           "accumulation_step", "backward_seq", NULL};
+                           "accumulation_step", "backward_seq", "session_id", "session_step",
+                           "session_close", NULL};
   PyObject *tensor, *metadata = Py_None, *retry = Py_None, *request_id = Py_None;
   PyObject *codec = Py_None, *breaker = Py_None, *training = Py_None, *lr = Py_None;
   PyObject *acc = Py_None;
-  const char *forward_id = NULL, *model_id = NULL;
-  int backward = 0, backward_seq = 0;
+  const char *forward_id = NULL, *model_id = NULL, *session_id = NULL;
+  int backward = 0, backward_seq = 0, session_close = 0;
+  long long session_step = 0;
   sl_call_fields fields;
   double timeout = 0;
   int wait_for_ready = 0, encoded = 0, rc, cerr = 0;
@@ -164,16 +166,20 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
   PyObject *holder = NULL, *result = NULL, *initial = NULL, *rcodec = NULL, *rmeta = NULL;
   PyObject *shape = NULL;
 
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|dOpOOOpOpzOzOOi", kwlist, &tensor, &timeout,
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|dOpOOOpOpzOzOOizLp", kwlist, &tensor, &timeout,
                                    &metadata, &wait_for_ready, &retry, &request_id, &codec,
                                    &encoded, &breaker, &backward, &forward_id, &training,
-                                   &model_id, &lr, &acc, &backward_seq)) {
+                                   &model_id, &lr, &acc, &backward_seq, &session_id,
+                                   &session_step, &session_close)) {
     return NULL;
   }
   memset(&fields, 0, sizeof(fields));
   fields.forward_id = forward_id;
   fields.model_id = model_id;
   fields.backward_seq = backward_seq > 0 ? (int32_t)backward_seq : 0;
+  fields.session_id = session_id;
+  fields.session_step = session_step > 0 ? (int64_t)session_step : 0;
+  fields.session_close = session_close;
   fields.training_mode = training == Py_None ? -1 : PyObject_IsTrue(training);
   if (lr != Py_None) {
     fields.has_learning_rate = 1;

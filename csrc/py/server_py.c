@@ -190,6 +190,17 @@ static PyObject *fields_dict(const sl_call_fields *f) {
   Py_XDECREF(tm);
   Py_XDECREF(lr);
   Py_XDECREF(acc);
+  if (d != NULL && f->session_id != NULL) { /* session keys only in a session's calls */
+    PyObject *sid = PyUnicode_FromString(f->session_id);
+    PyObject *step = PyLong_FromLongLong((long long)f->session_step);
+    if (sid == NULL || step == NULL || PyDict_SetItemString(d, "session_id", sid) < 0 ||
+        PyDict_SetItemString(d, "session_step", step) < 0 ||
+        PyDict_SetItemString(d, "session_close", f->session_close ? Py_True : Py_False) < 0) {
+      Py_CLEAR(d);
+    }
+    Py_XDECREF(sid);
+    Py_XDECREF(step);
+  }
   return d;
 }
 

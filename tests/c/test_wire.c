@@ -2,6 +2,7 @@
  * over messages cut into spans at every kind of boundary. */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "message.h"
 #include "sl_test.h"
@@ -406,6 +407,67 @@ static void test_prefix_and_varint(void) {
   CHECK_EQ_INT(sl_wire_put_varint(UINT64_MAX, out), 10);
 }
 
+/* The session fields (ComputeRequest 40-42, BackwardRequest 40) survive
+ * sl_call_fields_to_request -> pack -> unpack -> sl_call_fields_from_request;
+ * unset ones stay absent on the wire. */
+static void test_session_fields_roundtrip(void) {
+  sl_call_fields in, out;
+  uint8_t buf[256];
+  size_t len;
+  Splitlearn__Comm__ComputeRequest req = SPLITLEARN__COMM__COMPUTE_REQUEST__INIT;
+  Splitlearn__Comm__ComputeRequest *back;
+  Splitlearn__Comm__BackwardRequest breq = SPLITLEARN__COMM__BACKWARD_REQUEST__INIT;
+  Splitlearn__Comm__BackwardRequest *bback;
+
+  memset(&in, 0, sizeof(in));
+  in.training_mode = -1;
+  in.session_id = "0123abcd";
+  in.session_step = (int64_t)1 << 40;
+  in.session_close = 1;
+  sl_call_fields_to_request(SL_MSG_COMPUTE_REQUEST, &req.base, &in);
+  len = splitlearn__comm__compute_request__pack(&req, buf);
+  back = splitlearn__comm__compute_request__unpack(NULL, len, buf);
+  CHECK(back != NULL);
+  if (back != NULL) {
+    sl_call_fields_from_request(SL_MSG_COMPUTE_REQUEST, &back->base, &out);
+    CHECK(out.session_id != NULL && strcmp(out.session_id, "0123abcd") == 0);
+    CHECK_EQ_INT(out.session_step, (int64_t)1 << 40);
+    CHECK_EQ_INT(out.session_close, 1);
+    splitlearn__comm__compute_request__free_unpacked(back, NULL);
+  }
+
+  /* outside a session: nothing on the wire, nothing read back */
+  memset(&in, 0, sizeof(in));
+  in.training_mode = -1;
+  req = (Splitlearn__Comm__ComputeRequest)SPLITLEARN__COMM__COMPUTE_REQUEST__INIT;
+  sl_call_fields_to_request(SL_MSG_COMPUTE_REQUEST, &req.base, &in);
+  len = splitlearn__comm__compute_request__pack(&req, buf);
+  CHECK_EQ_INT(len, 0);
+  back = splitlearn__comm__compute_request__unpack(NULL, len, buf);
+  CHECK(back != NULL);
+  if (back != NULL) {
+    sl_call_fields_from_request(SL_MSG_COMPUTE_REQUEST, &back->base, &out);
+    CHECK(out.session_id == NULL);
+    CHECK_EQ_INT(out.session_step, 0);
+    CHECK_EQ_INT(out.session_close, 0);
+    splitlearn__comm__compute_request__free_unpacked(back, NULL);
+  }
+
+  memset(&in, 0, sizeof(in));
+  in.training_mode = -1;
+  in.forward_id = "f";
+  in.session_id = "s";
+  sl_call_fields_to_request(SL_MSG_BACKWARD_REQUEST, &breq.base, &in);
+  len = splitlearn__comm__backward_request__pack(&breq, buf);
+  bback = splitlearn__comm__backward_request__unpack(NULL, len, buf);
+  CHECK(bback != NULL);
+  if (bback != NULL) {
+    sl_call_fields_from_request(SL_MSG_BACKWARD_REQUEST, &bback->base, &out);
+    CHECK(out.session_id != NULL && strcmp(out.session_id, "s") == 0);
+    splitlearn__comm__backward_request__free_unpacked(bback, NULL);
+  }
+}
+
 int main(void) {
   RUN(test_read_every_cut);
   RUN(test_read_with_empty_spans);
@@ -418,5 +480,6 @@ int main(void) {
   RUN(test_pack_then_read);
   RUN(test_pack_refuses_over_limit);
   RUN(test_prefix_and_varint);
+  RUN(test_session_fields_roundtrip);
   return sl_test_done("test_wire");
 }
