@@ -77,6 +77,7 @@ def still_serving(server: slc.GRPCComputeServer) -> None:
     ([map_entry(4, b"tr\xc3", b"ok")], "metadata (a key)"),
     ([ld(5, b"model-\xe9")], "model_id"),
     ([ld(6, b"\xed\xa0\x80")], "forward_id"),
+    ([ld(40, b"sess-\xff")], "session_id"),
     # two such fields: once gave SystemError (a Python API called with an exception set)
     ([ld(5, b"\xff"), ld(6, b"\xfe")], "model_id"),
     ([map_entry(4, b"a", b"\xff"), map_entry(4, b"b", b"\xfe"), ld(6, b"\xfd")], "metadata"),

@@ -32,10 +32,10 @@ static const char *kind_name(sl_msg_kind kind) {
       {{18, 2, 3}, "codec_metadata (a string value)"}
 static const sl_wire_text_field text_compute_request[] = {
     {{4, 1}, "metadata (a key)"}, {{4, 2}, "metadata (a value)"}, {{5}, "model_id"},
-    {{6}, "forward_id"}, TEXT_COMMON};
+    {{6}, "forward_id"}, {{40}, "session_id"}, TEXT_COMMON};
 static const sl_wire_text_field text_compute_response[] = {{{6}, "forward_id"}, TEXT_COMMON};
 static const sl_wire_text_field text_backward_request[] = {
-    {{3}, "forward_id"}, {{4}, "model_id"}, TEXT_COMMON};
+    {{3}, "forward_id"}, {{4}, "model_id"}, {{40}, "session_id"}, TEXT_COMMON};
 static const sl_wire_text_field text_backward_response[] = {{{3}, "forward_id"}, TEXT_COMMON};
 
 static int check_text_fields(sl_msg_kind kind, const uint8_t *header, size_t len, const char *what,

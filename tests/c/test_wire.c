@@ -258,6 +258,8 @@ static void test_text_fields_checked(void) {
       {SL_MSG_COMPUTE_RESPONSE, 6, "\xff", 1, "field 'forward_id' of ComputeResponse"},
       {SL_MSG_BACKWARD_REQUEST, 3, "\xff", 1, "field 'forward_id' of BackwardRequest"},
       {SL_MSG_BACKWARD_REQUEST, 4, "a\0", 2, "field 'model_id' of BackwardRequest holds a NUL"},
+      {SL_MSG_COMPUTE_REQUEST, 40, "s\xff", 2, "field 'session_id' of ComputeRequest"},
+      {SL_MSG_BACKWARD_REQUEST, 40, "s\0", 2, "field 'session_id' of BackwardRequest holds a NUL"},
       {SL_MSG_BACKWARD_RESPONSE, 17, "\x80", 1, "field 'codec' of BackwardResponse"},
   };
   for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
