@@ -124,6 +124,12 @@ static void message_seed(sl_msg_kind kind, unsigned cut, const sl_tensor_out *t,
       req.forward_id = "fwd-42";
       req._request_id_case = SPLITLEARN__COMM__COMPUTE_REQUEST___REQUEST_ID_REQUEST_ID;
       req.request_id = 7;
+      if (cut & 1) { /* half of them in a session */
+        req._session_id_case = SPLITLEARN__COMM__COMPUTE_REQUEST___SESSION_ID_SESSION_ID;
+        req.session_id = "sess-1";
+        req._session_step_case = SPLITLEARN__COMM__COMPUTE_REQUEST___SESSION_STEP_SESSION_STEP;
+        req.session_step = 3;
+      }
       h = &req.base;
       break;
     case SL_MSG_COMPUTE_RESPONSE:
@@ -133,6 +139,10 @@ static void message_seed(sl_msg_kind kind, unsigned cut, const sl_tensor_out *t,
       break;
     case SL_MSG_BACKWARD_REQUEST:
       breq.forward_id = "fwd-42";
+      if (cut & 1) {
+        breq._session_id_case = SPLITLEARN__COMM__BACKWARD_REQUEST___SESSION_ID_SESSION_ID;
+        breq.session_id = "sess-1";
+      }
       breq._learning_rate_case = SPLITLEARN__COMM__BACKWARD_REQUEST___LEARNING_RATE_LEARNING_RATE;
       breq.learning_rate = 0.01f;
       h = &breq.base;
