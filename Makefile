@@ -3,7 +3,8 @@
 #   make demo    set everything up, then run a server hosting a torch model and a client
 #   make test    set everything up, then run the C tests and the whole pytest suite
 #   make asan    the same tests against an ASan+UBSan build of the extension
-#   make bench   round-trip benchmarks (writes benchmarks/results.md)
+#   make bench   the benchmarks (write benchmarks/results.md, its data and its figures)
+#   make dashboard-screenshot   regenerate docs/images/dashboard*.png (headless Chromium)
 #   make fuzz    libFuzzer targets (wire reader, codecs, shapes), FUZZ_SECONDS each
 #   make fuzz-server  mutated requests from a raw grpcio client against an ASan server
 #   make soak    64 threads + 16 processes of clients, a server killed and restarted
@@ -26,7 +27,8 @@ CORE_SRC := $(wildcard csrc/core/*.c)
 CTESTS   := $(patsubst tests/c/%.c,$(CBIN)/%,$(wildcard tests/c/test_*.c))
 SAN      := -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
-.PHONY: all deps venv install build ctest pytest test demo asan asan-ctest asan-pytest bench clean \
+.PHONY: all deps venv install build ctest pytest test demo asan asan-ctest asan-pytest bench \
+        bench-figures dashboard-screenshot clean \
         fuzz fuzz-deps fuzz-build fuzz-corpus fuzz-ci fuzz-server fuzz-server-run fuzz-server-ci \
         asan-build soak soak-ci robust-ci
 
@@ -92,7 +94,7 @@ asan: ctest asan-pytest
 asan-build: install
 	rm -rf build/asan && mkdir -p build/asan
 	SPLITLEARN_SANITIZE=1 $(PY) setup.py -q build_ext --build-lib build/asan --build-temp build/asan-tmp --force
-	cp splitlearn_comm/*.py splitlearn_comm/py.typed build/asan/splitlearn_comm/
+	cp splitlearn_comm/*.py splitlearn_comm/*.html splitlearn_comm/py.typed build/asan/splitlearn_comm/
 
 asan-pytest: asan-build
 	LD_PRELOAD="$(ASAN_LIB) $(UBSAN_LIB)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
@@ -103,6 +105,20 @@ bench: install
 	$(PY) benchmarks/bench_roundtrip.py
 	$(PY) benchmarks/bench_codecs.py
 	$(PY) benchmarks/bench_training.py
+	$(PY) benchmarks/bench_sessions.py
+	$(PY) benchmarks/bench_replicas.py
+	$(MAKE) bench-figures
+
+# The PNG figures beside results.md, from the data the benchmarks wrote
+# (benchmarks/data/*.json); matplotlib is installed here, not for the tests.
+bench-figures: install
+	$(PIP) install -q --disable-pip-version-check matplotlib
+	$(PY) benchmarks/plot_results.py
+
+# docs/images/dashboard.png and dashboard-phone.png: a server under load, its
+# dashboard opened in headless Chromium (installed by `make deps` where it can be).
+dashboard-screenshot: install
+	$(PY) scripts/dashboard_screenshot.py --out docs/images
 
 # ---- the server under mutated requests (a raw grpcio client, an ASan server) ----
 FUZZ_SERVER_SECONDS ?= 60

@@ -1,7 +1,10 @@
 """Helpers the benchmark scripts share for their reports in results.md."""
 from __future__ import annotations
 
+import json
+import os
 import platform
+from typing import Any
 
 
 def cpu_model() -> str:
@@ -31,3 +34,15 @@ def write_section(path: str, section: str, begin: str, end: str) -> None:
         new = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section
     with open(path, "w") as f:
         f.write(new)
+
+
+def write_data(results_md: str, name: str, payload: Any) -> str:
+    """Write ``payload`` as ``data/<name>.json`` beside ``results_md`` (what
+    ``plot_results.py`` draws the figures from); return the path."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(results_md)), "data")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1, sort_keys=True)
+        f.write("\n")
+    return path

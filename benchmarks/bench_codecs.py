@@ -76,7 +76,7 @@ except ImportError:  # pragma: no cover - depends on how the script is run
 import numpy as np
 import torch
 
-from _report import cpu_model, write_section  # noqa: E402
+from _report import cpu_model, write_data, write_section  # noqa: E402
 
 from splitlearn_comm import _core
 from splitlearn_comm.codecs import (BFloat16Codec, CompressedTensorCodec, Float16Codec,
@@ -1017,6 +1017,29 @@ def render(impls: List[Impl], samples: List[Sample], info: Dict[str, str],
 # Driver
 # --------------------------------------------------------------------------------------
 
+def data(impls: List[Impl], samples: List[Sample], info: Dict[str, str],
+         args: argparse.Namespace) -> Dict[str, Any]:
+    """Bytes, errors and (when timed) GB/s of every row, as plain data
+    (benchmarks/data/codecs.json)."""
+    rows = []
+    for s in samples:
+        raw = s.x.numel() * 4
+        for impl in impls:
+            if impl.threads is None or s.key not in impl.wire or impl.group == "copy":
+                continue
+            n, mx, rel, flushed = impl.wire[s.key]
+            enc, dec = impl.enc_s.get(s.key), impl.dec_s.get(s.key)
+            rows.append({"tensor": s.label, "codec": GROUP_TITLES[impl.group],
+                         "implementation": impl.label, "c": impl.is_c, "raw_bytes": raw,
+                         "wire_bytes": n, "wire_over_raw": n / raw, "max_abs_error": mx,
+                         "relative_rms_error": rel, "nonzeros_flushed": flushed,
+                         "encode_gb_s": raw / enc / 1e9 if enc else None,
+                         "decode_gb_s": raw / dec / 1e9 if dec else None})
+    return {"script": "bench_codecs.py", "quick": bool(args.quick),
+            "wire_only": bool(args.wire_only), "info": info, "shape": list(SHAPE),
+            "rows": rows}
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1034,6 +1057,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--output", default=None, metavar="PATH",
                    help="the markdown file whose Codecs section to write (default "
                         "benchmarks/results.md; none for --quick)")
+    p.add_argument("--wire-only", action="store_true",
+                   help="only bytes on the wire and errors (no timing, seconds): write "
+                        "data/codecs.json beside the output for plot_results.py, leave the "
+                        "markdown alone")
     args = p.parse_args(argv)
     args.argv = list(argv)
     if args.reps < 1:
@@ -1070,6 +1097,8 @@ def main(argv: Sequence[str]) -> int:
     for s in samples:
         print(f"{s.label}: checking", flush=True)
         check(impls, s, problems, notes)
+        if args.wire_only:
+            continue
         for g, members in groups.items():
             n = time_group(members, s, min_reps, max_reps, args.budget)
             reps.setdefault(g, []).append(n)
@@ -1080,6 +1109,12 @@ def main(argv: Sequence[str]) -> int:
                       f"dec {_gbs(nb, impl.dec_s[s.key]):>6} GB/s  (n={n})", flush=True)
     for p in problems:
         print("PROBLEM:", p, flush=True)
+
+    if args.wire_only:
+        path = write_data(output or os.path.join(HERE, "results.md"), "codecs",
+                          data(impls, samples, info, args))
+        print(f"wrote {os.path.relpath(path)}")
+        return 1 if problems else 0
 
     kernels, kernel_note = None, ""
     if not args.quick and not args.no_kernels:
@@ -1099,6 +1134,7 @@ def main(argv: Sequence[str]) -> int:
                     time.perf_counter() - begun)
     if output:
         write_section(output, report, BEGIN, END)
+        write_data(output, "codecs", data(impls, samples, info, args))
         shown = os.path.relpath(output)
         print(f"wrote the Codecs section of {output if shown.startswith('..') else shown}")
     else:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
 import select
@@ -59,7 +60,7 @@ import grpc
 import numpy as np
 import torch
 
-from _report import cpu_model  # noqa: E402
+from _report import cpu_model, write_data  # noqa: E402
 
 from splitlearn_comm import ComputeFunction, GRPCComputeClient, GRPCComputeServer
 
@@ -80,6 +81,10 @@ SIZES: List[Tuple[str, Tuple[int, ...], int, int]] = [
 # C-core floor of any gRPC design (unary echo, no copies, p50), measured on this
 # machine and recorded in /work/shared/GRPC-CORE-NOTES.md, "Figures on this machine".
 CORE_FLOOR_P50 = {"3 KiB": "150 us", "1 MiB": "0.77 ms", "32 MiB": "21.5 ms"}
+# The same in ms, and a plain grpcio echo of bytes (no NumPy, no torch), from the same
+# table: the figures plot_results.py draws beside this run's.
+CORE_FLOOR_P50_MS = {"3 KiB": 0.150, "1 MiB": 0.77, "32 MiB": 21.5}
+GRPCIO_BYTES_P50_MS = {"3 KiB": 0.346, "1 MiB": 1.51, "32 MiB": 150.0}
 
 _UNLIMITED = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 
@@ -553,6 +558,24 @@ def render(results: List[Result], overlap: List[Result], info: Dict[str, str],
     return "\n".join(out)
 
 
+def data(results: List[Result], overlap: List[Result], info: Dict[str, str],
+         args: argparse.Namespace) -> Dict[str, Any]:
+    """The figures of this run as plain data (benchmarks/data/roundtrip.json)."""
+    def rows(rs: List[Result]) -> List[Dict[str, Any]]:
+        return [{"size": r.size, "bytes": r.nbytes, "impl": r.impl, "threads": r.concurrency,
+                 "n": r.n, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "round_trips_s": r.rts,
+                 "mb_s": r.mbs, "client_cpu_ms": r.cpu_ms} for r in rs]
+
+    sizes = {label: math.prod(shape) * 4 for label, shape, *_ in SIZES}
+    return {"script": "bench_roundtrip.py", "quick": bool(args.quick), "info": info,
+            "results": rows(results), "overlap": rows(overlap),
+            "reference_p50_ms": {
+                "source": "GRPC-CORE-NOTES.md, Figures on this machine (an earlier session)",
+                "sizes_bytes": sizes,
+                "gRPC C-core echo, no copies (floor)": CORE_FLOOR_P50_MS,
+                "plain grpcio echo of bytes": GRPCIO_BYTES_P50_MS}}
+
+
 # --------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------
@@ -702,6 +725,7 @@ def main(argv: Sequence[str]) -> int:
             kept = old[at:] if at >= 0 else ""
         with open(output, "w") as f:
             f.write(report.rstrip("\n") + "\n\n" + kept if kept else report)
+        write_data(output, "roundtrip", data(results, overlap, info, args))
         shown = os.path.relpath(output)
         print(f"wrote {output if shown.startswith('..') else shown}")
     else:

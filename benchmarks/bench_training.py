@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
 
-from _report import cpu_model, write_section  # noqa: E402
+from _report import cpu_model, write_data, write_section  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import splitlearn_comm as slc  # noqa: E402
@@ -318,6 +318,8 @@ def main(argv: Sequence[str]) -> int:
     print(text)
     if output:
         write_section(output, text, BEGIN, END)
+        write_data(output, "training", {"script": "bench_training.py", "quick": args.quick,
+                                        "info": info, "threads": args.threads, "rows": rows})
         print(f"wrote the Training section of {output}")
     return 0
 

@@ -1,4 +1,4 @@
-"""The ``splitlearn-comm`` command line: serve, health, info, bench.
+"""The ``splitlearn-comm`` command line: serve, health, info, bench, dashboard.
 
 Run ``splitlearn-comm --help`` (or ``python -m splitlearn_comm --help``). Exit codes:
 
@@ -334,6 +334,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import GRPCComputeServer
 
     kwargs: Dict[str, Any] = {}
+    if args.dashboard and args.metrics_port is None:
+        args.metrics_port = 0  # a free port: the dashboard lives on the metrics port
     if args.metrics_port is not None:
         if "metrics_port" not in inspect.signature(GRPCComputeServer).parameters:
             raise CLIError("--metrics-port: metrics are not available in this build "
@@ -349,17 +351,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                grace=args.grace, **kwargs)
 
     stop_requested = threading.Event()
+    stop_now = threading.Event()
+
+    def drain_then_stop() -> None:
+        # NOT_SERVING first: balancing clients move away while the calls that still
+        # come are served; then the graceful stop
+        if args.drain_delay > 0:
+            try:
+                server.set_health(False)
+            except RuntimeError:  # not started yet, or already stopping
+                pass
+            stop_now.wait(args.drain_delay)
+        server.stop(0 if stop_now.is_set() else args.grace)
 
     def on_signal(signum: int, frame: Any) -> None:
         if stop_requested.is_set():
             logger.warning("second signal %d: stopping now", signum)
+            stop_now.set()
             threading.Thread(target=server.stop, args=(0,), daemon=True,
                              name="splitlearn-cli-stop-now").start()
             return
         stop_requested.set()
-        print(f"stopping (grace {args.grace:g} s)", file=sys.stderr, flush=True)
-        threading.Thread(target=server.stop, args=(args.grace,), daemon=True,
-                         name="splitlearn-cli-stop").start()
+        print(f"stopping (drain {args.drain_delay:g} s, grace {args.grace:g} s)",
+              file=sys.stderr, flush=True)
+        threading.Thread(target=drain_then_stop, daemon=True, name="splitlearn-cli-stop").start()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -373,8 +388,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise CLIError(f"starting the server failed: {type(e).__name__}: {e}",
                            details=_user_traceback(e)) from None
         print(f"serving {name} on {_format_host_port(args.host, server.port)}", flush=True)
+        url = getattr(server, "dashboard_url", None)
+        if url:
+            print(f"dashboard on {url} (Prometheus metrics on {url}metrics)", flush=True)
         if stop_requested.is_set():  # a signal came while starting
-            server.stop(args.grace)
+            drain_then_stop()
         while not server.wait_for_termination(timeout=0.5):
             pass
     finally:
@@ -733,6 +751,47 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK if summary["failed"] == 0 else EXIT_FAILURE
 
 
+# -- dashboard ----------------------------------------------------------------------------
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from . import dashboard
+
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        raise CLIError("the dashboard reads the servers' Prometheus metrics and needs "
+                       "prometheus_client: pip install prometheus_client") from None
+    urls = []
+    for address in args.addresses:
+        try:
+            urls.append(dashboard.metrics_url(address))
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+    try:
+        http = dashboard.remote_dashboard(urls, host=args.host, port=args.port,
+                                          interval=args.interval, timeout=args.timeout)
+    except OSError as e:
+        raise CLIError(f"could not serve the dashboard on "
+                       f"{_format_host_port(args.host, args.port)}: {e}") from None
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        host = "127.0.0.1" if args.host in ("", "0.0.0.0") else args.host
+        print(f"dashboard on http://{_format_host_port(host, http.server_port)}/ for "
+              f"{len(urls)} server{'s' if len(urls) != 1 else ''}: {', '.join(urls)}",
+              flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        http.close()
+    print("stopped", file=sys.stderr, flush=True)
+    return EXIT_OK
+
+
 # -- the parser ---------------------------------------------------------------------------
 
 
@@ -767,10 +826,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"codec for responses: {', '.join(CODEC_NAMES)} (default: the codec "
                         "each request came in)")
     p.add_argument("--metrics-port", type=_int_in(0, 65535, "a port"), default=None,
-                   metavar="N", help="serve Prometheus metrics on this port (if this build has "
-                                     "metrics)")
+                   metavar="N", help="serve the live dashboard (/) and Prometheus metrics "
+                                     "(/metrics) on this port; 0 picks a free one")
+    p.add_argument("--dashboard", action="store_true",
+                   help="serve the live dashboard (on --metrics-port, or a free port when "
+                        "that is not given) and print its address")
     p.add_argument("--grace", type=_non_negative_float, default=5.0, metavar="SECONDS",
                    help="seconds calls in flight get to finish on shutdown (default %(default)s)")
+    p.add_argument("--drain-delay", type=_non_negative_float, default=0.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, report NOT_SERVING and keep serving this long "
+                        "before the graceful stop, so that balancing clients and Kubernetes "
+                        "move away first (default %(default)s)")
     p.add_argument("--version", dest="version", default="1.0.0", metavar="V",
                    help="version reported by HealthCheck and GetServiceInfo "
                         "(default %(default)s)")
@@ -814,6 +880,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no progress bar (it is shown only when stderr is a terminal)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("dashboard", help="a live dashboard of several servers side by side",
+                       description="Poll the Prometheus metrics endpoints of one or more "
+                                   "servers (their --metrics-port) and serve a live dashboard "
+                                   "of them, side by side, until SIGINT or SIGTERM.")
+    p.add_argument("addresses", metavar="ADDRESS", nargs="+",
+                   help="a server's metrics endpoint: HOST:PORT (its metrics port) or "
+                        "http://HOST:PORT/metrics")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address the dashboard listens on (default %(default)s)")
+    p.add_argument("--port", type=_int_in(0, 65535, "a port"), default=8050,
+                   help="port the dashboard listens on; 0 picks a free one "
+                        "(default %(default)s)")
+    p.add_argument("--interval", type=_positive_float, default=1.0, metavar="SECONDS",
+                   help="seconds between two polls of each server (default %(default)s)")
+    p.add_argument("--timeout", type=_positive_float, default=5.0, metavar="SECONDS",
+                   help="deadline of one poll (default %(default)s)")
+    p.set_defaults(func=cmd_dashboard)
     return parser
 
 

@@ -8,12 +8,14 @@ import random
 import re
 import threading
 import time
+import uuid
+import zlib
 from typing import (TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple,
                     Union)
 
 import grpc
 
-from . import _core, _tensor, protocol
+from . import _core, _tensor, balancing, protocol
 from .codecs import CodecError, CodecRegistry, decode_python, encode_python
 from .core import TensorCodec, _check_codec
 from .errors import RpcError, from_call_error
@@ -287,7 +289,16 @@ class GRPCComputeClient:
     """Send tensors to a :class:`GRPCComputeServer` and get the results back.
 
     Args:
-        server_address: ``"host:port"`` (any gRPC target).
+        server_address: ``"host:port"`` (any gRPC target, e.g.
+            ``"dns:///splitlearn.default.svc:50051"``), or a list of replica
+            addresses ``["host1:50051", "host2:50051", ...]``: calls are spread over
+            the replicas by gRPC's load balancing (docs/scaling.md).
+        load_balancing: the gRPC load-balancing policy, ``"round_robin"`` or
+            ``"pick_first"``. Default: ``round_robin`` for a list of several
+            addresses and for ``dns:`` targets, ``pick_first`` for one address. With
+            ``round_robin`` the client also checks each replica's
+            grpc.health.v1 status (client-side health checking): a replica that
+            reports NOT_SERVING (draining, or set so) gets no new calls.
         timeout: seconds allowed for each ``compute()`` (all retries included).
         retry_strategy: a :class:`RetryStrategy`; ``ExponentialBackoff()`` by
             default; ``None`` makes a single attempt.
@@ -304,21 +315,28 @@ class GRPCComputeClient:
             instead of failing at once with UNAVAILABLE.
 
     One client may be shared by many threads; their calls multiplex over one HTTP/2
-    connection, and each waits on the network without holding the GIL.
+    connection (one per replica when balancing), and each waits on the network
+    without holding the GIL.
+
+    Stateful calls need affinity: :meth:`pinned` gives a client bound to one
+    replica, and :meth:`remote` in training mode pins this client's training steps
+    to one replica by itself.
     """
 
-    def __init__(self, server_address: str, timeout: float = 30.0,
+    def __init__(self, server_address: Union[str, Sequence[str]], timeout: float = 30.0,
                  retry_strategy: Any = _DEFAULT, codec: Optional[TensorCodec] = None,
                  options: OptionsLike = None, metadata: MetadataLike = None,
                  wait_for_ready: bool = False,
                  codecs: Optional[Sequence[TensorCodec]] = None,
-                 tls: Optional[ClientTLS] = None) -> None:
+                 tls: Optional[ClientTLS] = None,
+                 load_balancing: Optional[str] = None) -> None:
         _check_codec(codec)
         if retry_strategy is _DEFAULT:
             retry_strategy = ExponentialBackoff()
         if retry_strategy is not None and not isinstance(retry_strategy, RetryStrategy):
             raise TypeError("retry_strategy must be a RetryStrategy or None")
-        self.server_address = server_address
+        self.server_address: Union[str, List[str]] = (
+            server_address if isinstance(server_address, str) else list(server_address))
         self.timeout = timeout
         self.retry_strategy = retry_strategy
         self.codec = codec or TensorCodec()
@@ -326,13 +344,43 @@ class GRPCComputeClient:
         c = None if self.codec.is_python() else self.codec._c_codec()
         self._c_codec = None if c is None or c.name == "raw" else c
         self.options = list(options or [])
+        self._codecs = list(codecs or [])
         self.metadata = _normalize_metadata(metadata)
         self.wait_for_ready = wait_for_ready
         if tls is not None and not isinstance(tls, ClientTLS):
             raise TypeError("tls must be a splitlearn_comm.ClientTLS")
-        _check_target(server_address)
         self.tls = tls
-        self._core: Optional[Any] = _core.Client(server_address, self.options,
+        fixed: Optional[List[str]] = None
+        self._extra_options: List[Tuple[str, Any]] = []
+        if isinstance(server_address, str):
+            _check_target(server_address)
+            self._target = server_address
+        else:
+            self._target, fixed, named = balancing.multi_target(server_address)
+            keys = {k for k, _ in self.options}
+            if named and not keys & {"grpc.default_authority", "grpc.ssl_target_name_override"}:
+                # the name TLS checks the certificate against (and the :authority)
+                self._extra_options.append(("grpc.default_authority",
+                                            self.server_address[0].strip()))
+        policy = (balancing.default_policy(self.server_address) if load_balancing is None
+                  else load_balancing)
+        if policy not in balancing.POLICIES:
+            raise ValueError(f"load_balancing must be one of {', '.join(balancing.POLICIES)}, "
+                             f"not {policy!r}")
+        if any(k == "grpc.service_config" for k, _ in self.options):
+            if load_balancing is not None:
+                raise ValueError("pass either load_balancing= or a 'grpc.service_config' "
+                                 "option, not both")
+        elif load_balancing is not None or policy != "pick_first":
+            self._extra_options.append(("grpc.service_config", balancing.service_config(policy)))
+        self.load_balancing = policy
+        self._replicas = balancing.Replicas(self._target, fixed)
+        #: sent with training calls, so that the server's activation store keys by client
+        self.client_id = uuid.uuid4().hex
+        self._pins: Dict[str, "GRPCComputeClient"] = {}
+        self._pins_lock = threading.Lock()
+        self._rotation = 0
+        self._core: Optional[Any] = _core.Client(self._target, self.options + self._extra_options,
                                                  tls._args() if tls else None)
         self._stats = _Stats()
         self._ids = 0
@@ -347,8 +395,8 @@ class GRPCComputeClient:
                                                   forever=1e9)))
 
     def close(self) -> None:
-        """Close the channel (after closing the client's open sessions on the
-        server). Calls after this raise ValueError."""
+        """Close the channel (and those of :meth:`pinned` clients), after closing the
+        client's open sessions on the server. Calls after this raise ValueError."""
         with self._ids_lock:
             sessions = list(getattr(self, "_sessions", {}).values())
         for s in sessions:
@@ -356,6 +404,71 @@ class GRPCComputeClient:
         core, self._core = self._core, None
         if core is not None:
             core.close()
+        with self._pins_lock:
+            pins, self._pins = list(self._pins.values()), {}
+        for pin in pins:
+            pin.close()
+
+    # -- replicas and affinity --------------------------------------------------
+
+    def replicas(self) -> List[str]:
+        """The replica addresses behind this client (``"ip:port"``): the list it was
+        given (host names resolved), the addresses a ``dns:`` target resolves to now,
+        or the one address."""
+        return self._replicas.get()
+
+    def pinned(self, key: Any = None) -> "GRPCComputeClient":
+        """A client bound to one replica, for calls that need affinity.
+
+        Every call through it goes to the same replica: a training step (forward
+        and backward), a session, anything that keeps state on the server. ``key``
+        picks the replica (the same key, the same replica, while the replica set
+        is unchanged); ``None`` takes the next replica in turn. The pinned client
+        shares this client's settings (timeout, retry strategy, codec, metadata,
+        TLS, options other than the service config); its retries stay on its
+        replica. It belongs to this client: do not close it; ``close()`` here
+        closes it. A client with one address returns itself.
+        """
+        replicas = self.replicas()
+        if len(replicas) <= 1 and not self._target.startswith("dns:"):
+            return self
+        if not replicas:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, f"{self._target} has no replica to pin",
+                           target=self._target, method=_COMPUTE, attempts=0)
+        if key is None:
+            with self._pins_lock:
+                index = self._rotation % len(replicas)
+                self._rotation += 1
+        else:
+            index = zlib.crc32(repr(key).encode()) % len(replicas)
+        address = replicas[index]
+        with self._pins_lock:
+            self._live()
+            pin = self._pins.get(address)
+            if pin is None:
+                options = [o for o in self.options if o[0] != "grpc.service_config"]
+                options += [o for o in self._extra_options if o[0] != "grpc.service_config"]
+                pin = GRPCComputeClient(address, timeout=self.timeout,
+                                        retry_strategy=self.retry_strategy, codec=self.codec,
+                                        options=options, metadata=self.metadata,
+                                        wait_for_ready=self.wait_for_ready,
+                                        codecs=self._codecs, tls=self.tls,
+                                        load_balancing="pick_first")
+                pin.client_id = self.client_id
+                self._pins[address] = pin
+        return pin
+
+    def _affine(self, key: Any) -> "GRPCComputeClient":
+        """This client, or, when it balances over replicas, the one pinned to
+        ``key``: calls that keep state on the server must all reach one replica."""
+        if self.load_balancing == "pick_first" and not isinstance(self.server_address, list):
+            return self
+        return self.pinned(key)
+
+    def _training_client(self) -> "GRPCComputeClient":
+        """The client a training step goes through: this one, or the replica this
+        client's training is pinned to (keyed by its client_id) when it balances."""
+        return self._affine(self.client_id)
 
     def __enter__(self) -> "GRPCComputeClient":
         return self
@@ -417,10 +530,16 @@ class GRPCComputeClient:
         """
         from .sessions import Session
 
-        s = Session(self, session_id, metadata=metadata, timeout=timeout)
+        if session_id is not None and (not isinstance(session_id, str) or not session_id):
+            raise ValueError("session_id must be a non-empty string")
+        session_id = session_id or uuid.uuid4().hex
         self._live()
-        with self._ids_lock:
-            self._sessions[id(s)] = s
+        # a session's state lives on one replica: on a balancing client, its calls
+        # go through the client pinned to the session id (closed by this one)
+        owner = self._affine(session_id)
+        s = Session(owner, session_id, metadata=metadata, timeout=timeout)
+        with owner._ids_lock:
+            owner._sessions[id(s)] = s
         return s
 
     def _forget_session(self, session: Any) -> None:
@@ -483,7 +602,7 @@ class GRPCComputeClient:
                 codec=self._c_codec, encoded=isinstance(sendable, tuple), **fields)
         except _core.CallError as e:
             method = _BACKWARD if fields.get("backward") else _COMPUTE
-            err = from_call_error(e, target=self.server_address, method=method)
+            err = from_call_error(e, target=self._target, method=method)
             self._stats.count_error(err)
             raise err from None
 
@@ -496,7 +615,7 @@ class GRPCComputeClient:
         if left <= 0:
             raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED,
                            "the call's timeout ran out before this attempt",
-                           target=self.server_address,
+                           target=self._target,
                            method=_BACKWARD if (fields or {}).get("backward") else _COMPUTE,
                            attempts=0)
         return self._attempt(sendable, md, left, None, fields)
@@ -522,7 +641,7 @@ class GRPCComputeClient:
                 timeout=_seconds(self.timeout if timeout is None else timeout),
                 metadata=self.metadata)
         except _core.CallError as e:
-            logger.debug("health check of %s failed: %s", self.server_address, e.args[1])
+            logger.debug("health check of %s failed: %s", self._target, e.args[1])
             return False
         return reply["status"] == "ok"
 
@@ -534,7 +653,7 @@ class GRPCComputeClient:
                 timeout=_seconds(self.timeout if timeout is None else timeout),
                 metadata=self.metadata)
         except _core.CallError as e:
-            raise from_call_error(e, target=self.server_address,
+            raise from_call_error(e, target=self._target,
                                   method="/splitlearn.comm.ComputeService/GetServiceInfo") from None
 
     def get_statistics(self) -> Dict[str, Any]:
@@ -599,7 +718,7 @@ class ComputeServiceStub:
                 sendable, timeout=self._timeout(timeout), metadata=self._md(metadata),
                 request_id=request.request_id, encoded=True)
         except _core.CallError as e:
-            raise from_call_error(e, target=self._client.server_address, method=_COMPUTE) from None
+            raise from_call_error(e, target=self._client._target, method=_COMPUTE) from None
         holder, ms, rid, _attempts, _initial, codec, codec_meta, shape, dtype = reply[:9]
         return protocol.ComputeResponse(
             data=bytes(memoryview(holder)), shape=list(shape), dtype=dtype, codec=codec or "raw",
@@ -611,7 +730,7 @@ class ComputeServiceStub:
         try:
             r = self._client._live().health(timeout=self._timeout(timeout), metadata=self._md(metadata))
         except _core.CallError as e:
-            raise from_call_error(e, target=self._client.server_address,
+            raise from_call_error(e, target=self._client._target,
                                   method="/splitlearn.comm.ComputeService/HealthCheck") from None
         return protocol.HealthResponse(**r)
 
@@ -621,6 +740,6 @@ class ComputeServiceStub:
             r = self._client._live().service_info(timeout=self._timeout(timeout),
                                                   metadata=self._md(metadata))
         except _core.CallError as e:
-            raise from_call_error(e, target=self._client.server_address,
+            raise from_call_error(e, target=self._client._target,
                                   method="/splitlearn.comm.ComputeService/GetServiceInfo") from None
         return protocol.ServiceInfoResponse(**r)

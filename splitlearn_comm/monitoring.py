@@ -18,6 +18,12 @@ Metric names (Prometheus conventions: base units, ``_total`` counters):
                                                        receive, decode, queue (waiting for
                                                        the GIL), compute, encode, send, total
 ``splitlearn_access_log_dropped_total``    counter     access log records dropped (full ring)
+``splitlearn_activation_store_entries``    gauge       forwards kept by a TrainableComputeFunction,
+                                                       by ``state``: waiting (for their
+                                                       backward), answered (kept for retries)
+``splitlearn_activation_store_bytes``      gauge       bytes of tensors the store keeps
+``splitlearn_activation_store_max_entries`` gauge      its limits (``max_entries``,
+``splitlearn_activation_store_max_bytes``  gauge       ``max_bytes``)
 ``splitlearn_sessions``                    gauge       open sessions (``client.session()``)
 ``splitlearn_session_bytes``               gauge       bytes of tensors the sessions hold
 ``splitlearn_session_max_bytes``           gauge       bytes of tensors of the largest session
@@ -28,6 +34,12 @@ Metric names (Prometheus conventions: base units, ``_total`` counters):
 ``splitlearn_session_steps_total``         counter     session steps run
 ``splitlearn_session_replayed_steps_total`` counter    retried steps answered from the record
 =========================================  ==========  ==================================
+
+The activation-store gauges are there only when the server hosts a
+:class:`~splitlearn_comm.TrainableComputeFunction`.
+
+The metrics port serves, besides ``/metrics``, the live dashboard at ``/`` and its JSON
+at ``/api/dashboard`` (:mod:`splitlearn_comm.dashboard`).
 """
 from __future__ import annotations
 
@@ -95,6 +107,20 @@ class ServerMetricsCollector:
             c = counter(name, doc, labels=extra)
             c.add_metric(values, m[key])
             yield c
+        store = _store(self.server)
+        if store is not None:
+            entries = gauge("splitlearn_activation_store_entries",
+                            "Forwards kept by the activation store, by state.",
+                            labels=["state", *extra])
+            for state in ("waiting", "answered"):
+                entries.add_metric([state, *values], store[state])
+            yield entries
+            for key, doc in (("bytes", "Bytes of tensors the activation store keeps."),
+                             ("max_entries", "The activation store's max_entries."),
+                             ("max_bytes", "The activation store's max_bytes.")):
+                g = gauge(f"splitlearn_activation_store_{key}", doc, labels=extra)
+                g.add_metric(values, store[key])
+                yield g
         h = histogram("splitlearn_call_duration_seconds",
                       "Compute and ComputeBackward calls, by stage.", labels=["stage", *extra])
         for stage, hist in m["latency_seconds"].items():
@@ -131,16 +157,39 @@ def _session_metrics(s: dict, counter: Any, gauge: Any, extra: list, values: lis
     yield ev
 
 
-def start_metrics_server(server: Any, port: int, addr: str = "0.0.0.0") -> Any:
-    """Serve ``server``'s metrics on ``http://addr:port/metrics`` (its own registry)."""
-    _prometheus()
-    from prometheus_client import CollectorRegistry, start_http_server
+def _store(server: Any) -> Optional[dict]:
+    from .dashboard import _store_stats
 
-    registry = CollectorRegistry()
-    registry.register(ServerMetricsCollector(server))
-    result = start_http_server(port, addr=addr, registry=registry)
-    logger.info("metrics on http://%s:%d/metrics", addr, port)
-    return result
+    return _store_stats(getattr(server, "compute_fn", None))
+
+
+def start_metrics_server(server: Any, port: int, addr: str = "0.0.0.0",
+                         interval: float = 1.0) -> Any:
+    """Serve ``server``'s metrics on ``http://addr:port/``: the live dashboard at ``/``,
+    its JSON at ``/api/dashboard`` and Prometheus text at ``/metrics`` (its own
+    registry; without ``prometheus_client`` that page says how to install it and the
+    dashboard still works). Returns the started
+    :class:`~splitlearn_comm.dashboard.DashboardHTTPServer` (``server_port``,
+    ``close()``)."""
+    from .dashboard import DashboardHTTPServer, MetricsSampler, local_source
+
+    registry: Any
+    try:
+        _prometheus()
+        from prometheus_client import CollectorRegistry
+
+        registry = CollectorRegistry()
+        registry.register(ServerMetricsCollector(server))
+    except ImportError:
+        logger.warning("prometheus_client is not installed: /metrics on port %d will say so; "
+                       "the dashboard works without it", port)
+        registry = "missing"
+    sampler = MetricsSampler(local_source(server), name=f"{server.host}:{server.port}",
+                             interval=interval)
+    http = DashboardHTTPServer([sampler], addr, port, registry=registry).start()
+    logger.info("dashboard on http://%s:%d/, metrics on http://%s:%d/metrics", addr,
+                http.server_port, addr, http.server_port)
+    return http
 
 
 class AccessLogWriter:

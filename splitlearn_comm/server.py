@@ -136,8 +136,11 @@ class GRPCComputeServer:
         access_log: ``True`` (logger ``splitlearn_comm.access``) or a
             ``logging.Logger``: one JSON line per call, made in C without the GIL and
             written by one background thread.
-        metrics_port: serve Prometheus metrics on this port (needs prometheus_client);
-            :meth:`metrics` works without it.
+        metrics_port: serve, on this port (0: one the OS picks, read back from
+            :attr:`metrics_port` once started), the live dashboard at ``/`` (see
+            :attr:`dashboard_url`), its JSON at ``/api/dashboard`` and Prometheus
+            metrics at ``/metrics`` (that one needs prometheus_client); :meth:`metrics`
+            works without any of it.
         max_decoded_bytes: how large a tensor built-in codec payloads may decode to,
             per call and for all calls at once (default 4 GiB): a sparse or compressed
             payload of a few bytes may declare any shape.
@@ -253,15 +256,33 @@ class GRPCComputeServer:
                 from .monitoring import start_metrics_server
 
                 bind = self.host if self.host not in ("", "0.0.0.0", "::") else "0.0.0.0"
-                self._metrics_http = start_metrics_server(self, int(self.metrics_port), bind)
-                http = self._metrics_http[0] if isinstance(self._metrics_http, tuple) else None
-                if http is not None:
-                    self.metrics_port = http.server_port  # the bound port, also for 0
+                try:
+                    self._metrics_http = start_metrics_server(self, int(self.metrics_port), bind)
+                except BaseException as e:
+                    self._abort_start()
+                    if isinstance(e, OSError):
+                        raise OSError(f"could not serve metrics and the dashboard on "
+                                      f"{bind}:{self.metrics_port}: {e}") from None
+                    raise
+                self.metrics_port = self._metrics_http.server_port  # the bound port, also for 0
             if self.handle_signals:
                 self._install_signal_handlers()
         logger.info("serving %s on %s:%d (%d workers)", type(self.compute_fn).__name__,
                     self.host, self.port, self.max_workers)
         return self
+
+    def _abort_start(self) -> None:
+        """Undo a start() that failed after the core started (called with the lock held)."""
+        core, self._core = self._core, None
+        _live.discard(self)
+        if self._access_writer is not None:
+            self._access_writer.close()
+            self._access_writer = None
+        if core is not None:
+            core.stop(0.0)
+        teardown = getattr(self.compute_fn, "teardown", None)
+        if callable(teardown):
+            teardown()
 
     def _install_signal_handlers(self) -> None:
         import signal
@@ -302,9 +323,35 @@ class GRPCComputeServer:
         return m
 
     @property
+    def dashboard_url(self) -> Optional[str]:
+        """``http://HOST:PORT/``, the live dashboard, once started with ``metrics_port``
+        (None otherwise)."""
+        if self._metrics_http is None:
+            return None
+        host = self.host if self.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        return f"http://{'[' + host + ']' if ':' in host else host}:{self.metrics_port}/"
+
+    @property
     def serving(self) -> bool:
         """True while the server accepts calls (False while draining and after)."""
         return bool(self._core is not None and self._core.serving)
+
+    def set_health(self, serving: bool) -> None:
+        """Set what the standard health check (grpc.health.v1 Check and Watch, and
+        HealthCheck) reports while the server runs: ``False`` makes it NOT_SERVING,
+        so that clients balancing over replicas (``round_robin`` with client-side
+        health checking) send it no new calls, and Kubernetes' readiness probe fails;
+        the calls that still come are served. ``True`` makes it SERVING again.
+        Watching clients see the change within about 50 ms. ``stop()`` reports
+        NOT_SERVING whatever was set (docs/scaling.md)."""
+        if self._core is None:
+            raise RuntimeError("the server is not running")
+        self._core.set_health(bool(serving))
+
+    @property
+    def health(self) -> str:
+        """``"SERVING"`` or ``"NOT_SERVING"``: what grpc.health.v1 reports now."""
+        return "SERVING" if self._core is not None and self._core.health else "NOT_SERVING"
 
     def stop(self, grace: Optional[float] = 5.0) -> None:
         """Stop gracefully: health checks answer NOT_SERVING, new calls get
@@ -318,10 +365,7 @@ class GRPCComputeServer:
         if self._access_writer is not None:
             self._access_writer.close()
         if self._metrics_http is not None:
-            http = self._metrics_http[0] if isinstance(self._metrics_http, tuple) else None
-            if http is not None:
-                http.shutdown()
-                http.server_close()
+            self._metrics_http.close()
             self._metrics_http = None
         with self._lock:
             if self._torn_down:

@@ -112,6 +112,35 @@ class _Entry:
         self.out_meta: Any = None  # (shape, dtype, device) of out, once out is dropped
 
 
+#: The metadata key a client's training calls carry its client id under.
+CLIENT_ID_KEY = "sl-client-id"
+
+
+class _Key(str):
+    """An activation store key: ``"<client id>/<forward_id>"`` (the forward_id alone
+    for a client that sends no id). Shows as its forward_id in messages."""
+
+    def __new__(cls, client: str, forward_id: str) -> "_Key":
+        key = super().__new__(cls, f"{client}/{forward_id}" if client else forward_id)
+        key.forward_id = forward_id
+        return key
+
+    def __repr__(self) -> str:
+        return repr(self.forward_id)
+
+
+def _store_key(forward_id: str) -> str:
+    """The store key of ``forward_id`` for the client of the call being served: two
+    clients never see (or collide with) each other's forwards."""
+    call = context.current_call()
+    client = ""
+    if call is not None:
+        for k, v in call.metadata:
+            if k == CLIENT_ID_KEY and isinstance(v, str):
+                client = v[:64]
+    return _Key(client, forward_id)
+
+
 def _check_id(forward_id: Optional[str], what: str) -> str:
     if not forward_id:
         raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -154,6 +183,12 @@ class TrainableComputeFunction(ComputeFunction):
     so they run one at a time, each seeing whole parameters and each step applied
     once (no lost updates, no torn parameters); inference calls share the lock
     with each other and never see a step half done. See docs/training.md.
+
+    Many clients may train against one instance at once: the activation store keys
+    each forward by the client's id (the ``sl-client-id`` metadata that
+    ``GRPCComputeClient.remote`` sends) and its forward_id, so clients never see or
+    collide with each other's forwards, and the steps apply in the order the calls
+    take the lock (docs/scaling.md).
 
     To change how the slice runs or steps, override :meth:`forward_model`
     (called for training and inference calls) or :meth:`optimizer_step`.
@@ -242,7 +277,7 @@ class TrainableComputeFunction(ComputeFunction):
         if not training:
             return self.compute(input_tensor)
         torch = _torch()
-        fid = _check_id(forward_id, "a training forward")
+        fid = _store_key(_check_id(forward_id, "a training forward"))
         with self._lock:
             self._sweep()
             replay = self._repeat_forward(fid, input_tensor)
@@ -296,7 +331,7 @@ class TrainableComputeFunction(ComputeFunction):
         with the input gradient already sent. A later backward recomputes the
         forward from its kept input (with the forward's RNG state), so its
         gradients are those of local autograd."""
-        fid = _check_id(forward_id, "ComputeBackward")
+        fid = _store_key(_check_id(forward_id, "ComputeBackward"))
         if learning_rate is not None and not (0.0 <= learning_rate < float("inf")):
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
                         f"learning_rate must be a finite number >= 0, not {learning_rate}")
@@ -752,7 +787,16 @@ def remote(client: Any, tensor: Any, *, training: Optional[bool] = None,
     if not torch.is_grad_enabled():
         raise ValueError("remote(training=True) needs autograd enabled (it is disabled here, "
                          "e.g. by torch.no_grad()): its backward could never be sent")
-    call = _Call(client, learning_rate, accumulation_step, metadata, timeout)
+    # a client balancing over replicas pins its training steps to one of them (the
+    # backward must reach the replica that kept the forward); the client id keys
+    # the server's activation store by client
+    step_client = client._training_client() if hasattr(client, "_training_client") else client
+    client_id = getattr(step_client, "client_id", None)
+    if client_id:
+        from .client import _normalize_metadata
+
+        metadata = _normalize_metadata(metadata) + [(CLIENT_ID_KEY, client_id)]
+    call = _Call(step_client, learning_rate, accumulation_step, metadata, timeout)
     call.session = dict(_session_fields or {})
     # an anchor that requires grad puts the call in the graph even when the input
     # does not (the server's layers still need their backward)

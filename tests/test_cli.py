@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import textwrap
+import time
 import threading
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -225,6 +226,33 @@ def test_serve_health_info_bench_and_sigterm(serve_cli, compute_module: Path) ->
 
 
 @pytest.mark.timeout(120)
+def test_serve_drain_delay_reports_not_serving_and_keeps_serving(serve_cli,
+                                                                  compute_module: Path) -> None:
+    import grpc
+    import torch
+
+    from splitlearn_comm import GRPCComputeClient
+
+    server = serve_cli("my_compute.py:Doubler", "--port", "0", "--drain-delay", "60",
+                       cwd=compute_module.parent)
+    address = serving_address(server.first_line())
+    with grpc.insecure_channel(address) as ch, \
+            GRPCComputeClient(address, retry_strategy=None, timeout=10) as client:
+        check = ch.unary_unary("/grpc.health.v1.Health/Check")
+        assert check(b"", timeout=10) == b"\x08\x01"           # SERVING
+        server.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while check(b"", timeout=10) != b"\x08\x02":            # NOT_SERVING
+            assert time.monotonic() < deadline, "no NOT_SERVING after SIGTERM"
+            time.sleep(0.02)
+        # draining: still serving every call that comes
+        assert client.compute(torch.ones(3)).tolist() == [2.0, 2.0, 2.0]
+        assert server.proc.poll() is None
+    assert server.stop(signal.SIGTERM) == 0, server.stderr()  # a second signal: stop now
+    assert "drain 60 s" in server.stderr()
+
+
+@pytest.mark.timeout(120)
 def test_serve_instance_and_factory_stop_on_sigint(serve_cli, compute_module: Path) -> None:
     for target in (f"{compute_module}:doubler", f"{compute_module}:make_doubler"):
         server = serve_cli(target, "--port", "0", "--codec", "float16", "--grace", "1",
@@ -387,6 +415,9 @@ def test_metrics_port(serve_cli, compute_module: Path) -> None:
     ["bench", "127.0.0.1:1", "--shape", "4", "-n", "0"],
     ["bench", "127.0.0.1:1", "--shape", "4", "--dtype", "complex64"],
     ["frobnicate"],
+    ["dashboard"],
+    ["dashboard", "127.0.0.1:9100", "--interval", "0"],
+    ["dashboard", "127.0.0.1:9100", "--port", "70000"],
 ])
 def test_bad_usage_exits_2(args: List[str]) -> None:
     r = run_cli(*args)
@@ -399,7 +430,7 @@ def test_bad_usage_exits_2(args: List[str]) -> None:
 def test_help_and_version() -> None:
     r = run_cli("--help")
     assert r.returncode == 0
-    for command in ("serve", "health", "info", "bench"):
+    for command in ("serve", "health", "info", "bench", "dashboard"):
         assert command in r.stdout
     r = run_cli("--version")
     assert r.returncode == 0 and r.stdout.startswith("splitlearn-comm ")

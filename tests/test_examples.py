@@ -5,8 +5,8 @@
 * ``simple_server.py --port 0`` must print "listening on HOST:PORT", serve
   ``simple_client.py`` against that port, and exit 0 promptly on SIGINT (Ctrl-C)
   and on SIGTERM;
-* ``custom_codec.py``, ``auth_server.py``, ``tls_server.py``,
-  ``prometheus_monitoring.py`` and ``multi_port_server.py`` run their servers and
+* ``custom_codec.py``, ``auth_server.py``, ``tls_server.py``, ``dashboard.py``,
+  ``prometheus_monitoring.py``, ``multi_port_server.py`` and ``replicas.py`` run their servers and
   clients in one process: each must exit 0 in time and print the lines that show
   what it demonstrates.
 
@@ -268,6 +268,25 @@ def test_prometheus_monitoring_example() -> None:
 
 
 @pytest.mark.timeout(SELF_CONTAINED_TIMEOUT_S + 20)
+def test_replicas_example() -> None:
+    proc = _run([str(EXAMPLES / "replicas.py")], SELF_CONTAINED_TIMEOUT_S)
+    assert proc.returncode == 0, _report(proc)
+    lines = proc.stdout.splitlines()
+    spread = re.search(r"^300 calls per replica: \[(\d+), (\d+), (\d+)\]$", proc.stdout, re.M)
+    assert spread is not None, _report(proc)
+    counts = [int(n) for n in spread.groups()]
+    assert sum(counts) == 300 and min(counts) > 0 and max(counts) <= 2 * min(counts)
+    for expected in [
+        "policy: round_robin",
+        "replica 1 NOT_SERVING, its share of 300 calls: 0",
+        "replica 2 drained and stopped under load: 0 failed calls of 800",
+        "pinned session used 1 replica",
+        "all replicas stopped",
+    ]:
+        assert expected in lines, f"missing {expected!r}\n" + _report(proc)
+
+
+@pytest.mark.timeout(SELF_CONTAINED_TIMEOUT_S + 20)
 def test_multi_port_server_example() -> None:
     proc = _run([str(EXAMPLES / "multi_port_server.py"), "--batch", "5"], SELF_CONTAINED_TIMEOUT_S)
     assert proc.returncode == 0, _report(proc)
@@ -287,3 +306,18 @@ def test_multi_port_server_example() -> None:
         "all servers stopped",
     ]:
         assert expected in lines, f"missing {expected!r}\n" + _report(proc)
+
+
+@pytest.mark.timeout(SELF_CONTAINED_TIMEOUT_S + 20)
+def test_dashboard_example() -> None:
+    proc = _run([str(EXAMPLES / "dashboard.py"), "--seconds", "3"], SELF_CONTAINED_TIMEOUT_S)
+    assert proc.returncode == 0, _report(proc)
+    m = re.search(r"^serving on 127\.0\.0\.1:\d+; dashboard on (http://127\.0\.0\.1:\d+/)$",
+                  proc.stdout, re.M)
+    assert m is not None, _report(proc)
+    last = re.search(r"^dashboard samples: (\d+); calls (\d+), errors (\d+); activation store "
+                     r"(\d+) waiting, (\d+) answered$", proc.stdout, re.M)
+    assert last is not None, _report(proc)
+    samples, calls, errors, waiting, answered = map(int, last.groups())
+    assert samples >= 2 and calls > 0 and answered > 0 and waiting == 0, _report(proc)
+    assert proc.stdout.splitlines()[-1] == "stopped", _report(proc)

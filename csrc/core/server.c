@@ -7,6 +7,11 @@
  * the batch it just started. Stopping: grpc_server_shutdown_and_notify makes every
  * pending request fail (ok=0), which ends the workers; in-flight calls finish or
  * are cancelled after the grace period.
+ *
+ * grpc.health.v1.Health/Watch streams live for as long as a client watches, so
+ * they do not take workers: the method is registered on its own, and one watch
+ * thread serves every stream from its own completion queue (see "Health/Watch"
+ * below).
  */
 #include "server.h"
 
@@ -29,6 +34,21 @@
 #define METHOD_HEALTH SERVICE "HealthCheck"
 #define METHOD_INFO SERVICE "GetServiceInfo"
 #define METHOD_STD_HEALTH "/grpc.health.v1.Health/Check"
+#define METHOD_STD_WATCH "/grpc.health.v1.Health/Watch"
+#define SERVICE_NAME "splitlearn.comm.ComputeService"
+/* the health "service" that reports only that the process is up and serving
+ * gRPC (SERVING until the server is shut down), whatever set_health and draining
+ * say: for liveness probes, which must not restart a draining replica */
+#define SERVICE_LIVENESS "liveness"
+/* how often the watch thread looks for a changed status (it cannot be woken) */
+#define WATCH_POLL_S 0.05
+/* Stopping: after the drain, wait (within the grace, at most SETTLE_MAX_S) until no
+ * call has come for SETTLE_QUIET_S. Shutting gRPC down kills the calls still queued
+ * for a worker, and their clients see CANCELLED, which no retry policy retries;
+ * clients that watch the health status stop sending within a round trip of
+ * hearing NOT_SERVING, so the queue is empty by then. */
+#define SETTLE_QUIET_S 0.1
+#define SETTLE_MAX_S 1.0
 
 enum { ST_CREATED, ST_RUNNING, ST_STOPPING, ST_STOPPED };
 
@@ -62,6 +82,7 @@ struct sl_server {
   pthread_cond_t cv;
   int state;
   atomic_int serving;
+  atomic_int health;        /* sl_server_set_health: 1 SERVING (default), 0 NOT_SERVING */
   atomic_int in_flight;
   atomic_llong total_requests;
   char **tokens;
@@ -72,6 +93,15 @@ struct sl_server {
   size_t max_decoded;
   atomic_llong decoded_in_use;
   double started_at;
+
+  /* Health/Watch: the registered method, the watch thread and its queue */
+  void *watch_method;
+  grpc_completion_queue *watch_cq;
+  pthread_t watch_thread;
+  int watch_started;
+  atomic_int watch_ending; /* end every stream: the server is shutting down */
+  atomic_int watchers;     /* open Watch streams */
+  atomic_llong last_call_us; /* sl_now() in microseconds when a worker last took a call */
 };
 
 /* ---- helpers -------------------------------------------------------------- */
@@ -184,11 +214,37 @@ static int small_payload(const ProtobufCMessage *msg, sl_payload **out, sl_err *
 
 /* ---- the methods ------------------------------------------------------------ */
 
+/* The grpc.health.v1 status: SERVING while running, not draining, and not set to
+ * NOT_SERVING by sl_server_set_health. */
+static int health_status(const sl_server *s) {
+  return atomic_load(&s->serving) && atomic_load(&s->health)
+             ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
+             : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
+}
+
+enum { SVC_UNKNOWN, SVC_READY, SVC_LIVENESS };
+
+static int service_kind(const char *name) {
+  if (name[0] == '\0' || strcmp(name, SERVICE_NAME) == 0) return SVC_READY;
+  if (strcmp(name, SERVICE_LIVENESS) == 0) return SVC_LIVENESS;
+  return SVC_UNKNOWN;
+}
+
+/* The status of one health service (see service_kind). */
+static int service_status(const sl_server *s, int kind) {
+  if (kind == SVC_UNKNOWN)
+    return GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVICE_UNKNOWN;
+  if (kind == SVC_LIVENESS)
+    return GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING;
+  return health_status(s);
+}
+
 static void serve_health(sl_server *s, reply *r) {
   Splitlearn__Comm__HealthResponse resp = SPLITLEARN__COMM__HEALTH_RESPONSE__INIT;
   int serving = atomic_load(&s->serving);
-  resp.status = serving ? "ok" : "unhealthy";
-  resp.message = serving ? "serving" : "stopping";
+  int healthy = serving && atomic_load(&s->health);
+  resp.status = healthy ? "ok" : "unhealthy";
+  resp.message = healthy ? "serving" : serving ? "not serving (set to NOT_SERVING)" : "stopping";
   resp.version = s->version;
   resp._uptime_seconds_case = SPLITLEARN__COMM__HEALTH_RESPONSE___UPTIME_SECONDS_UPTIME_SECONDS;
   resp.uptime_seconds = (float)(sl_now() - s->started_at);
@@ -217,13 +273,13 @@ static void serve_std_health(sl_server *s, const sl__bbspans *in, reply *r) {
     sl_err_set(&r->err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT, "malformed HealthCheckRequest");
     return;
   }
-  if (req->service[0] != '\0' && strcmp(req->service, "splitlearn.comm.ComputeService") != 0) {
-    sl_err_set(&r->err, SL_ENOTFOUND, SL_STATUS_NOT_FOUND, "unknown service '%.128s'",
+  if (service_kind(req->service) == SVC_UNKNOWN) {
+    sl_err_set(&r->err, SL_ENOTFOUND, SL_STATUS_NOT_FOUND,
+               "unknown service '%.128s' (this server answers '', '" SERVICE_NAME
+               "' and '" SERVICE_LIVENESS "')",
                req->service);
   } else {
-    resp.status = atomic_load(&s->serving)
-                      ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
-                      : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
+    resp.status = service_status(s, service_kind(req->service));
     small_payload(&resp.base, &r->payload, &r->err);
   }
   grpc__health__v1__health_check_request__free_unpacked(req, NULL);
@@ -651,6 +707,7 @@ static void *worker_main(void *arg) {
       break;
     }
     ok = wait_tag(w->cq, &tag);
+    if (ok) atomic_store(&s->last_call_us, (long long)(sl_now() * 1e6));
     if (ok) serve_call(w, call, &details, &md);
     if (call != NULL) grpc_call_unref(call);
     grpc_call_details_destroy(&details);
@@ -660,6 +717,230 @@ static void *worker_main(void *arg) {
   if (s->hooks.worker_stop != NULL) s->hooks.worker_stop(s->user);
   return NULL;
 }
+
+/* ---- Health/Watch ----------------------------------------------------------- */
+
+/* One Watch stream. Its two tags are the addresses of send_tag and close_tag. */
+typedef struct watcher {
+  struct watcher *next;
+  grpc_call *call;      /* owned: unref'd when the watcher is freed */
+  grpc_byte_buffer *out; /* the message being sent, destroyed when the send completes */
+  int sent;             /* the status last sent; -1: none yet */
+  int kind;             /* the service watched: SVC_READY, SVC_LIVENESS or SVC_UNKNOWN */
+  int sending;          /* a send batch is pending */
+  int ended;            /* the final status went out (or the call broke): send nothing more */
+  int closed;           /* RECV_CLOSE_ON_SERVER completed: the call is over */
+  int cancelled;        /* set by gRPC */
+  char send_tag, close_tag;
+} watcher;
+
+/* The pending request for the next Watch call. */
+typedef struct watch_request {
+  grpc_call *call;
+  gpr_timespec deadline;
+  grpc_metadata_array md;
+  grpc_byte_buffer *payload;
+} watch_request;
+
+/* Ask gRPC for the next Watch call; 1 when the request is pending. */
+static int watch_request_next(sl_server *s, watch_request *rq) {
+  memset(rq, 0, sizeof(*rq));
+  grpc_metadata_array_init(&rq->md);
+  if (grpc_server_request_registered_call(s->server, s->watch_method, &rq->call, &rq->deadline,
+                                          &rq->md, &rq->payload, s->watch_cq, s->watch_cq,
+                                          rq) == GRPC_CALL_OK) {
+    return 1;
+  }
+  grpc_metadata_array_destroy(&rq->md);
+  return 0;
+}
+
+/* Start a batch sending `status` (a ServingStatus) as the stream's next message,
+ * with the initial metadata when it is the first. */
+static void watch_send(watcher *w, int status) {
+  Grpc__Health__V1__HealthCheckResponse resp = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
+  uint8_t buf[16];
+  grpc_slice slice;
+  grpc_op ops[2];
+  size_t nops = 0, len;
+
+  resp.status = status;
+  len = grpc__health__v1__health_check_response__pack(&resp, buf); /* at most 2 bytes */
+  slice = grpc_slice_from_copied_buffer((const char *)buf, len);
+  w->out = grpc_raw_byte_buffer_create(&slice, 1);
+  grpc_slice_unref(slice);
+  memset(ops, 0, sizeof(ops));
+  if (w->sent < 0) ops[nops++].op = GRPC_OP_SEND_INITIAL_METADATA;
+  ops[nops].op = GRPC_OP_SEND_MESSAGE;
+  ops[nops].data.send_message.send_message = w->out;
+  nops++;
+  if (w->out != NULL && grpc_call_start_batch(w->call, ops, nops, &w->send_tag, NULL) ==
+                            GRPC_CALL_OK) {
+    w->sending = 1;
+    w->sent = status;
+    return;
+  }
+  if (w->out != NULL) grpc_byte_buffer_destroy(w->out);
+  w->out = NULL;
+  w->ended = 1;
+  grpc_call_cancel(w->call, NULL);
+}
+
+/* End the stream with `code` and `message`. */
+static void watch_finish(watcher *w, grpc_status_code code, const char *message) {
+  grpc_slice details = grpc_slice_from_copied_string(message);
+  grpc_op ops[2];
+  size_t nops = 0;
+  memset(ops, 0, sizeof(ops));
+  if (w->sent < 0) ops[nops++].op = GRPC_OP_SEND_INITIAL_METADATA;
+  ops[nops].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+  ops[nops].data.send_status_from_server.status = code;
+  ops[nops].data.send_status_from_server.status_details = &details;
+  nops++;
+  w->ended = 1;
+  if (grpc_call_start_batch(w->call, ops, nops, &w->send_tag, NULL) == GRPC_CALL_OK) {
+    w->sending = 1;
+    if (w->sent < 0) w->sent = 0;
+  } else {
+    grpc_call_cancel(w->call, NULL);
+  }
+  grpc_slice_unref(details);
+}
+
+/* A Watch call came in: read its request and make its watcher (NULL when out of
+ * memory; the call is then cancelled). Takes the call and the payload. */
+static watcher *watch_accept(sl_server *s, watch_request *rq) {
+  Grpc__Health__V1__HealthCheckRequest *req = NULL;
+  grpc_byte_buffer_reader reader;
+  grpc_slice all = grpc_empty_slice();
+  grpc_op op;
+  watcher *w = calloc(1, sizeof(*w));
+
+  if (rq->payload != NULL && grpc_byte_buffer_reader_init(&reader, rq->payload)) {
+    all = grpc_byte_buffer_reader_readall(&reader);
+    grpc_byte_buffer_reader_destroy(&reader);
+    req = grpc__health__v1__health_check_request__unpack(NULL, GRPC_SLICE_LENGTH(all),
+                                                         GRPC_SLICE_START_PTR(all));
+  }
+  grpc_slice_unref(all);
+  if (rq->payload != NULL) grpc_byte_buffer_destroy(rq->payload);
+  grpc_metadata_array_destroy(&rq->md);
+  if (w == NULL) {
+    grpc_call_cancel(rq->call, NULL);
+    grpc_call_unref(rq->call);
+    if (req != NULL) grpc__health__v1__health_check_request__free_unpacked(req, NULL);
+    return NULL;
+  }
+  w->call = rq->call;
+  w->sent = -1;
+  memset(&op, 0, sizeof(op));
+  op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+  op.data.recv_close_on_server.cancelled = &w->cancelled;
+  if (grpc_call_start_batch(w->call, &op, 1, &w->close_tag, NULL) != GRPC_CALL_OK) {
+    w->closed = 1; /* no close event will come */
+    w->ended = 1;
+    grpc_call_cancel(w->call, NULL);
+  } else if (req == NULL) {
+    watch_finish(w, GRPC_STATUS_INVALID_ARGUMENT, "malformed HealthCheckRequest");
+  } else {
+    /* an unknown service gets SERVICE_UNKNOWN and the stream stays open, as the
+     * protocol says; the first status goes out from the watch loop */
+    w->kind = service_kind(req->service);
+  }
+  if (req != NULL) grpc__health__v1__health_check_request__free_unpacked(req, NULL);
+  atomic_fetch_add(&s->watchers, 1);
+  return w;
+}
+
+static void watcher_free(sl_server *s, watcher *w) {
+  if (w->out != NULL) grpc_byte_buffer_destroy(w->out);
+  grpc_call_unref(w->call);
+  free(w);
+  atomic_fetch_sub(&s->watchers, 1);
+}
+
+/* The watch thread: accepts Watch calls, sends each stream the status whenever it
+ * changes (looked at every WATCH_POLL_S), ends every stream once the server stops,
+ * and exits when the server has shut down and no stream is left. */
+static void *watch_main(void *arg) {
+  sl_server *s = arg;
+  watcher *list = NULL;
+  watch_request rq;
+  int requesting = watch_request_next(s, &rq);
+
+  while (requesting || list != NULL) {
+    grpc_event ev = grpc_completion_queue_next(s->watch_cq, sl__deadline_in(WATCH_POLL_S), NULL);
+    int status, ending;
+    if (ev.type == GRPC_QUEUE_SHUTDOWN) break;
+    if (ev.type == GRPC_OP_COMPLETE && ev.tag == (void *)&rq) {
+      requesting = 0;
+      if (ev.success) {
+        watcher *w = watch_accept(s, &rq);
+        if (w != NULL) {
+          w->next = list;
+          list = w;
+        }
+        requesting = watch_request_next(s, &rq);
+      } else { /* the server is shutting down */
+        if (rq.payload != NULL) grpc_byte_buffer_destroy(rq.payload);
+        grpc_metadata_array_destroy(&rq.md);
+        if (rq.call != NULL) grpc_call_unref(rq.call);
+      }
+    } else if (ev.type == GRPC_OP_COMPLETE) {
+      for (watcher *w = list; w != NULL; w = w->next) {
+        if (ev.tag == (void *)&w->send_tag) {
+          w->sending = 0;
+          if (w->out != NULL) grpc_byte_buffer_destroy(w->out);
+          w->out = NULL;
+          if (!ev.success) w->ended = 1; /* the call broke */
+          break;
+        }
+        if (ev.tag == (void *)&w->close_tag) {
+          w->closed = 1;
+          break;
+        }
+      }
+    }
+    ending = atomic_load(&s->watch_ending);
+    for (watcher **pp = &list; *pp != NULL;) {
+      watcher *w = *pp;
+      if (w->sending) {
+        pp = &w->next;
+        continue;
+      }
+      if (w->closed) {
+        *pp = w->next;
+        watcher_free(s, w);
+        continue;
+      }
+      /* a stopping server is NOT_SERVING: that goes out first, then the end */
+      status = service_status(s, w->kind);
+      if (ending && w->kind == SVC_READY)
+        status = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
+      if (!w->ended && w->sent != status) {
+        watch_send(w, status);
+      } else if (!w->ended && ending) {
+        watch_finish(w, GRPC_STATUS_UNAVAILABLE, "the server is stopping");
+      }
+      pp = &w->next;
+    }
+  }
+  return NULL;
+}
+
+int sl_server_set_health(sl_server *s, int serving) {
+  pthread_mutex_lock(&s->mu);
+  int running = s->state == ST_RUNNING;
+  if (running) atomic_store(&s->health, serving ? 1 : 0);
+  pthread_mutex_unlock(&s->mu);
+  return running ? SL_OK : SL_ESTATE;
+}
+
+int sl_server_health(const sl_server *s) {
+  return health_status(s) == GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING;
+}
+
+int sl_server_health_watchers(const sl_server *s) { return atomic_load(&s->watchers); }
 
 /* ---- lifecycle ------------------------------------------------------------- */
 
@@ -734,6 +1015,10 @@ int sl_server_create(const sl_server_config *cfg, const sl_server_hooks *hooks, 
   s->hooks = *hooks;
   s->user = user;
   atomic_init(&s->serving, 0);
+  atomic_init(&s->health, 1);
+  atomic_init(&s->watch_ending, 0);
+  atomic_init(&s->watchers, 0);
+  atomic_init(&s->last_call_us, 0);
   atomic_init(&s->in_flight, 0);
   atomic_init(&s->total_requests, 0);
   status = sl__channel_args_build(cfg->args, cfg->nargs, 1, &s->chargs, err);
@@ -796,7 +1081,10 @@ static void teardown_grpc(sl_server *s) {
   }
   destroy_queue(s->shutdown_cq);
   s->shutdown_cq = NULL;
+  destroy_queue(s->watch_cq);
+  s->watch_cq = NULL;
 }
+
 
 /* Shut the gRPC server down, give calls `grace` seconds, then cancel them. */
 static void shutdown_server(sl_server *s, double grace) {
@@ -809,6 +1097,19 @@ static void shutdown_server(sl_server *s, double grace) {
     grpc_server_cancel_all_calls(s->server);
     wait_tag(s->shutdown_cq, &tag);
   }
+}
+
+/* End the Watch streams, shut gRPC down (calls get `grace` seconds), and join
+ * every thread. */
+static void shutdown_and_join(sl_server *s, double grace) {
+  atomic_store(&s->watch_ending, 1);
+  shutdown_server(s, grace);
+  for (int i = 0; i < s->max_workers; i++) {
+    if (s->workers[i].started) pthread_join(s->workers[i].thread, NULL);
+    s->workers[i].started = 0;
+  }
+  if (s->watch_started) pthread_join(s->watch_thread, NULL);
+  s->watch_started = 0;
 }
 
 int sl_server_start(sl_server *s, sl_err *err) {
@@ -838,6 +1139,14 @@ int sl_server_start(sl_server *s, sl_err *err) {
     goto cleanup;
   }
   grpc_server_register_completion_queue(s->server, s->shutdown_cq, NULL);
+  s->watch_method = grpc_server_register_method(s->server, METHOD_STD_WATCH, NULL,
+                                                GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
+  s->watch_cq = grpc_completion_queue_create_for_next(NULL);
+  if (s->watch_method == NULL || s->watch_cq == NULL) {
+    status = sl_err_set(err, SL_EGRPC, SL_STATUS_INTERNAL, "could not set up Health/Watch");
+    goto cleanup;
+  }
+  grpc_server_register_completion_queue(s->server, s->watch_cq, NULL);
   for (int i = 0; i < s->max_workers; i++) {
     s->workers[i].srv = s;
     s->workers[i].cq = grpc_completion_queue_create_for_next(NULL);
@@ -860,6 +1169,12 @@ int sl_server_start(sl_server *s, sl_err *err) {
   started = 1;
   s->started_at = sl_now();
   atomic_store(&s->serving, 1);
+  if (pthread_create(&s->watch_thread, NULL, watch_main, s) != 0) {
+    status = sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED,
+                        "could not start the health watch thread");
+    goto cleanup;
+  }
+  s->watch_started = 1;
   for (int i = 0; i < s->max_workers; i++) {
     if (pthread_create(&s->workers[i].thread, NULL, worker_main, &s->workers[i]) != 0) {
       status = sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED,
@@ -873,11 +1188,7 @@ cleanup:
   if (creds != NULL) grpc_server_credentials_release(creds);
   if (status != SL_OK) {
     atomic_store(&s->serving, 0);
-    if (started) shutdown_server(s, 0);
-    for (int i = 0; i < s->max_workers; i++) {
-      if (s->workers[i].started) pthread_join(s->workers[i].thread, NULL);
-      s->workers[i].started = 0;
-    }
+    if (started) shutdown_and_join(s, 0);
     if (!started && s->server != NULL) {
       /* a server never started is destroyed without shutdown */
     }
@@ -915,15 +1226,19 @@ void sl_server_stop(sl_server *s, double grace) {
       sl_deadline_timespec(left, &ts);
       pthread_cond_timedwait(&s->cv, &s->mu, &ts);
     }
+    /* settle (see SETTLE_QUIET_S) */
+    double settle_end = sl_now() + SETTLE_MAX_S < end ? sl_now() + SETTLE_MAX_S : end;
+    while (sl_now() < settle_end &&
+           sl_now() - (double)atomic_load(&s->last_call_us) * 1e-6 < SETTLE_QUIET_S) {
+      struct timespec ts;
+      sl_deadline_timespec(0.01, &ts);
+      pthread_cond_timedwait(&s->cv, &s->mu, &ts);
+    }
     grace = end - sl_now();
   }
   pthread_mutex_unlock(&s->mu);
 
-  shutdown_server(s, grace);
-  for (int i = 0; i < s->max_workers; i++) {
-    if (s->workers[i].started) pthread_join(s->workers[i].thread, NULL);
-    s->workers[i].started = 0;
-  }
+  shutdown_and_join(s, grace);
   teardown_grpc(s);
 
   pthread_mutex_lock(&s->mu);

@@ -4,7 +4,7 @@
  * call at a time from request to status, so at most max_workers calls run user
  * code at once and the rest wait inside gRPC. The server answers
  * splitlearn.comm.ComputeService (Compute and ComputeBackward through the
- * compute hook, HealthCheck, GetServiceInfo) and grpc.health.v1.Health/Check.
+ * compute hook, HealthCheck, GetServiceInfo) and grpc.health.v1.Health/Check and Watch.
  *
  * User code is reached only through the hooks (sl_server_hooks), each called on a
  * worker thread with `user`. The core never takes any lock of the caller's
@@ -143,7 +143,9 @@ int sl_server_port(const sl_server *s);
 
 /* Stop gracefully. First the server drains: health checks answer NOT_SERVING
  * ("unhealthy"), new Compute calls get UNAVAILABLE, and the calls in flight get
- * up to `grace` seconds to finish. Then gRPC is shut down, whatever is still
+ * up to `grace` seconds to finish; then, still within `grace` and for at most 1 s,
+ * it waits until no call has come for 100 ms (clients watching the health status
+ * have moved away), so that no call is left queued. Then gRPC is shut down, whatever is still
  * running is cancelled, and this returns once every worker has exited. Safe to
  * call from several threads and more than once. Must not be called from a hook. */
 void sl_server_stop(sl_server *s, double grace);
@@ -154,6 +156,20 @@ int sl_server_wait(sl_server *s, double timeout);
 
 /* 1 while running and serving. */
 int sl_server_is_serving(const sl_server *s);
+
+/* Set what grpc.health.v1 (Check and Watch) and HealthCheck report while the
+ * server runs: serving = 0 makes it NOT_SERVING, so that clients balancing with
+ * client-side health checking send it no new calls (calls that still come are
+ * served); 1 makes it SERVING again. Watch streams see the change within about
+ * 50 ms. A stopping server is NOT_SERVING whatever was set. Returns SL_ESTATE
+ * when the server is not running. */
+int sl_server_set_health(sl_server *s, int serving);
+
+/* 1 when grpc.health.v1 reports SERVING. */
+int sl_server_health(const sl_server *s);
+
+/* grpc.health.v1.Health/Watch streams open right now. */
+int sl_server_health_watchers(const sl_server *s);
 
 /* Compute calls being served right now. */
 int sl_server_in_flight(const sl_server *s);

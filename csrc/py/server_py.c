@@ -606,6 +606,27 @@ static PyObject *server_get_serving(server_obj *self, void *closure) {
   return PyBool_FromLong(self->server ? sl_server_is_serving(self->server) : 0);
 }
 
+/* set_health(serving: bool): what grpc.health.v1 reports while running. */
+static PyObject *server_set_health(server_obj *self, PyObject *arg) {
+  int serving = PyObject_IsTrue(arg);
+  if (serving < 0) return NULL;
+  if (self->server == NULL || sl_server_set_health(self->server, serving) != SL_OK) {
+    PyErr_SetString(PyExc_RuntimeError, "the server is not running");
+    return NULL;
+  }
+  Py_RETURN_NONE;
+}
+
+static PyObject *server_get_health(server_obj *self, void *closure) {
+  (void)closure;
+  return PyBool_FromLong(self->server ? sl_server_health(self->server) : 0);
+}
+
+static PyObject *server_get_health_watchers(server_obj *self, void *closure) {
+  (void)closure;
+  return PyLong_FromLong(self->server ? sl_server_health_watchers(self->server) : 0);
+}
+
 static PyObject *server_get_in_flight(server_obj *self, void *closure) {
   (void)closure;
   return PyLong_FromLong(self->server ? sl_server_in_flight(self->server) : 0);
@@ -796,6 +817,8 @@ static PyMethodDef server_methods[] = {
     {"start", (PyCFunction)server_start, METH_NOARGS, "Bind and start serving; returns the port."},
     {"stop", (PyCFunction)server_stop, METH_O, "stop(grace): refuse new calls, drain, cancel."},
     {"wait", (PyCFunction)server_wait, METH_O, "wait(timeout or None) -> True once stopped."},
+    {"set_health", (PyCFunction)server_set_health, METH_O,
+     "set_health(serving): SERVING or NOT_SERVING in grpc.health.v1 while running."},
     {NULL, NULL, 0, NULL}};
 
 static PyGetSetDef server_getset[] = {
@@ -803,6 +826,9 @@ static PyGetSetDef server_getset[] = {
     {"serving", (getter)server_get_serving, NULL, "True while serving.", NULL},
     {"total_requests", (getter)server_get_total, NULL, "Compute calls served.", NULL},
     {"in_flight", (getter)server_get_in_flight, NULL, "Compute calls being served.", NULL},
+    {"health", (getter)server_get_health, NULL, "True when grpc.health.v1 says SERVING.", NULL},
+    {"health_watchers", (getter)server_get_health_watchers, NULL,
+     "grpc.health.v1.Health/Watch streams open.", NULL},
     {NULL, NULL, NULL, NULL, NULL}};
 
 static PyType_Slot server_slots[] = {

@@ -1,6 +1,10 @@
 /* End-to-end tests of the C core alone: an sl_server with a C compute hook and
  * an sl_client, over real sockets on 127.0.0.1 (port 0). */
 #include <grpc/grpc.h>
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/grpc_security.h>
+#include <grpc/support/alloc.h>
+#include <grpc/support/time.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -306,6 +310,164 @@ static void test_stop_twice_and_wait(void) {
   sl_server_destroy(s);
 }
 
+/* ---- grpc.health.v1.Health/Watch, over a raw gRPC call ----------------------- */
+
+typedef struct watch_call {
+  grpc_completion_queue *cq;
+  grpc_call *call;
+  grpc_metadata_array initial, trailing;
+  grpc_status_code code;
+  grpc_slice details;
+} watch_call;
+
+static int watch_wait(watch_call *w, void *tag) {
+  grpc_event ev = grpc_completion_queue_next(w->cq, gpr_time_add(gpr_now(GPR_CLOCK_REALTIME),
+                                                                gpr_time_from_seconds(10, GPR_TIMESPAN)),
+                                             NULL);
+  return ev.type == GRPC_OP_COMPLETE && ev.tag == tag && ev.success;
+}
+
+/* Open a Watch stream for `service` (request bytes: field 1 = service). */
+static void watch_open(grpc_channel *ch, const char *service, watch_call *w) {
+  grpc_op ops[4];
+  char req[64];
+  size_t n = strlen(service), len = 0;
+  grpc_slice s;
+  grpc_byte_buffer *bb;
+  int tag;
+  memset(w, 0, sizeof(*w));
+  w->cq = grpc_completion_queue_create_for_next(NULL);
+  w->call = grpc_channel_create_call(ch, NULL, GRPC_PROPAGATE_DEFAULTS, w->cq,
+                                     grpc_slice_from_static_string("/grpc.health.v1.Health/Watch"),
+                                     NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+  if (n > 0) {
+    req[0] = 0x0a;
+    req[1] = (char)n;
+    memcpy(req + 2, service, n);
+    len = n + 2;
+  }
+  s = grpc_slice_from_copied_buffer(req, len);
+  bb = grpc_raw_byte_buffer_create(&s, 1);
+  grpc_slice_unref(s);
+  grpc_metadata_array_init(&w->initial);
+  grpc_metadata_array_init(&w->trailing);
+  memset(ops, 0, sizeof(ops));
+  ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+  ops[1].op = GRPC_OP_SEND_MESSAGE;
+  ops[1].data.send_message.send_message = bb;
+  ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+  ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
+  ops[3].data.recv_initial_metadata.recv_initial_metadata = &w->initial;
+  CHECK_EQ_INT(grpc_call_start_batch(w->call, ops, 4, &tag, NULL), GRPC_CALL_OK);
+  CHECK(watch_wait(w, &tag));
+  grpc_byte_buffer_destroy(bb);
+}
+
+/* The next status on the stream (1 SERVING, 2 NOT_SERVING, 3 SERVICE_UNKNOWN), or
+ * -1 when the stream ended. */
+static int watch_next(watch_call *w) {
+  grpc_byte_buffer *bb = NULL;
+  grpc_byte_buffer_reader r;
+  grpc_slice all;
+  grpc_op op;
+  int tag, status = -1;
+  memset(&op, 0, sizeof(op));
+  op.op = GRPC_OP_RECV_MESSAGE;
+  op.data.recv_message.recv_message = &bb;
+  CHECK_EQ_INT(grpc_call_start_batch(w->call, &op, 1, &tag, NULL), GRPC_CALL_OK);
+  CHECK(watch_wait(w, &tag));
+  if (bb == NULL) return -1;
+  CHECK(grpc_byte_buffer_reader_init(&r, bb));
+  all = grpc_byte_buffer_reader_readall(&r);
+  if (GRPC_SLICE_LENGTH(all) == 2 && GRPC_SLICE_START_PTR(all)[0] == 0x08) {
+    status = GRPC_SLICE_START_PTR(all)[1];
+  }
+  grpc_slice_unref(all);
+  grpc_byte_buffer_reader_destroy(&r);
+  grpc_byte_buffer_destroy(bb);
+  return status;
+}
+
+/* End the call: read its status (cancelling it first when `cancel`). */
+static grpc_status_code watch_close(watch_call *w, int cancel) {
+  grpc_op op;
+  int tag;
+  const char *error_string = NULL;
+  if (cancel) grpc_call_cancel(w->call, NULL);
+  memset(&op, 0, sizeof(op));
+  op.op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+  op.data.recv_status_on_client.trailing_metadata = &w->trailing;
+  op.data.recv_status_on_client.status = &w->code;
+  op.data.recv_status_on_client.status_details = &w->details;
+  op.data.recv_status_on_client.error_string = &error_string;
+  CHECK_EQ_INT(grpc_call_start_batch(w->call, &op, 1, &tag, NULL), GRPC_CALL_OK);
+  CHECK(watch_wait(w, &tag));
+  if (error_string != NULL) gpr_free((void *)error_string);
+  grpc_slice_unref(w->details);
+  grpc_metadata_array_destroy(&w->initial);
+  grpc_metadata_array_destroy(&w->trailing);
+  grpc_call_unref(w->call);
+  grpc_completion_queue_shutdown(w->cq);
+  while (grpc_completion_queue_next(w->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type !=
+         GRPC_QUEUE_SHUTDOWN) {
+  }
+  grpc_completion_queue_destroy(w->cq);
+  return w->code;
+}
+
+static void test_health_watch(void) {
+  sl_server *s = start_server(1);
+  sl_client *c = connect_to(s);
+  sl_call_opts o = {5.0, NULL, 0, 0, NULL, NULL, NULL};
+  sl_call_status st = {0};
+  sl_err err;
+  char target[64];
+  grpc_channel_credentials *creds = grpc_insecure_credentials_create();
+  grpc_channel *ch;
+  watch_call whole, live, unknown, gone;
+  int serving = 0;
+
+  snprintf(target, sizeof(target), "127.0.0.1:%d", sl_server_port(s));
+  ch = grpc_channel_create(target, creds, NULL);
+  grpc_channel_credentials_release(creds);
+  watch_open(ch, "", &whole);
+  watch_open(ch, "liveness", &live);
+  watch_open(ch, "no.such.Service", &unknown);
+  watch_open(ch, "", &gone);
+  CHECK_EQ_INT(watch_next(&whole), 1);
+  CHECK_EQ_INT(watch_next(&live), 1);
+  CHECK_EQ_INT(watch_next(&unknown), 3);
+  CHECK_EQ_INT(watch_next(&gone), 1);
+  CHECK_EQ_INT(sl_server_health_watchers(s), 4);
+  CHECK_EQ_INT(watch_close(&gone, 1), GRPC_STATUS_CANCELLED); /* the server frees it */
+
+  CHECK_EQ_INT(sl_server_set_health(s, 0), SL_OK);
+  CHECK_EQ_INT(sl_server_health(s), 0);
+  CHECK_EQ_INT(watch_next(&whole), 2);
+  CHECK_EQ_INT(sl_client_std_health(c, &o, "", &serving, &st, &err), SL_OK);
+  CHECK_EQ_INT(serving, 2);
+  sl_call_status_clear(&st);
+  CHECK_EQ_INT(sl_client_std_health(c, &o, "liveness", &serving, &st, &err), SL_OK);
+  CHECK_EQ_INT(serving, 1);
+  sl_call_status_clear(&st);
+  CHECK_EQ_INT(sl_server_set_health(s, 1), SL_OK);
+  CHECK_EQ_INT(watch_next(&whole), 1);
+
+  sl_server_stop(s, 5.0);
+  CHECK_EQ_INT(watch_next(&whole), 2);   /* NOT_SERVING, then the end */
+  CHECK_EQ_INT(watch_next(&whole), -1);
+  CHECK_EQ_INT(watch_close(&whole, 0), GRPC_STATUS_UNAVAILABLE);
+  CHECK_EQ_INT(watch_next(&live), -1);
+  CHECK_EQ_INT(watch_close(&live, 0), GRPC_STATUS_UNAVAILABLE);
+  CHECK_EQ_INT(watch_next(&unknown), -1);
+  CHECK_EQ_INT(watch_close(&unknown, 0), GRPC_STATUS_UNAVAILABLE);
+  CHECK_EQ_INT(sl_server_health_watchers(s), 0);
+  CHECK_EQ_INT(sl_server_set_health(s, 1), SL_ESTATE);
+  grpc_channel_destroy(ch);
+  sl_client_destroy(c);
+  sl_server_destroy(s);
+}
+
 int main(void) {
   grpc_init();
   RUN(test_roundtrip_sizes);
@@ -316,6 +478,7 @@ int main(void) {
   RUN(test_unavailable_fails_fast);
   RUN(test_busy_port_is_an_error);
   RUN(test_stop_twice_and_wait);
+  RUN(test_health_watch);
   grpc_shutdown_blocking();
   return sl_test_done("test_transport");
 }
