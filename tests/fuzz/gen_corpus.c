@@ -128,7 +128,7 @@ static void message_seed(sl_msg_kind kind, unsigned cut, const sl_tensor_out *t,
         req._session_id_case = SPLITLEARN__COMM__COMPUTE_REQUEST___SESSION_ID_SESSION_ID;
         req.session_id = "sess-1";
         req._session_step_case = SPLITLEARN__COMM__COMPUTE_REQUEST___SESSION_STEP_SESSION_STEP;
-        req.session_step = 3;
+        req.session_step = 1;
       }
       h = &req.base;
       break;
