@@ -148,8 +148,9 @@ def run_client(port: int) -> None:
 
         print("\nservice info:")
         info = client.get_service_info()
-        for key in ("service_name", "version", "device", "uptime_seconds", "total_requests"):
+        for key in ("service_name", "version", "device", "total_requests"):
             print(f"  {key}: {info[key]}")
+        print(f"  uptime_seconds: {info['uptime_seconds']:.1f}")
         for key, value in sorted(info["custom_info"].items()):
             print(f"  custom_info.{key}: {value}")
 

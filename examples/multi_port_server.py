@@ -1,7 +1,6 @@
 """Several compute functions in one process, each on its own port.
 
-The user's guide's ``MultiPortServer`` (with a ``host`` argument, as in
-docs/extending.md) hosts a three-stage pipeline: preprocessing (normalize, clamp,
+The ``MultiPortServer`` of docs/extending.md (with a ``host`` argument) hosts a three-stage pipeline: preprocessing (normalize, clamp,
 scale), a model, and postprocessing (softmax). One client program chains the stages:
 the output of each is the input of the next.
 
@@ -58,7 +57,7 @@ class MultiPortServer:
 
 
 class PreprocessingPipeline(ComputeFunction):
-    """A multi-stage preprocessing pipeline (the user's guide's)."""
+    """A multi-stage preprocessing pipeline (as in docs/extending.md)."""
 
     def __init__(self, stages):
         self.stages = stages

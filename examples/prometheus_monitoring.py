@@ -4,8 +4,8 @@ The server measures itself in C (calls by method and status, in-flight calls,
 latency histograms by stage, bytes), with no code and no GIL on the call path;
 ``GRPCComputeServer(..., metrics_port=PORT)`` serves those metrics as
 ``splitlearn_*`` on ``http://0.0.0.0:PORT/metrics``. Next to them, the compute
-function keeps counters of its own with ``prometheus_client``: the user's guide's
-``MonitoredComputeFunction``, in the corrected form of docs/extending.md (its
+function keeps counters of its own with ``prometheus_client``: the
+``MonitoredComputeFunction`` of docs/extending.md (its
 metrics live in a registry of its own, so that two instances do not collide).
 
 The script starts the server on 127.0.0.1 (a free port) with the metrics endpoint on
@@ -36,8 +36,8 @@ from splitlearn_comm import ComputeFunction, GRPCComputeClient, GRPCComputeServe
 
 
 class MonitoredComputeFunction(ComputeFunction):
-    """A compute function with Prometheus metrics of its own (the user's guide's,
-    corrected: a registry per instance; no HTTP server of its own here, since the
+    """A compute function with Prometheus metrics of its own (as in docs/extending.md:
+    a registry per instance; no HTTP server of its own here, since the
     script reads the counters from the registry)."""
 
     def __init__(self, model, registry=None):
@@ -62,6 +62,17 @@ class MonitoredComputeFunction(ComputeFunction):
             except Exception:
                 self.error_counter.inc()
                 raise
+
+
+def _rounded(sample: str) -> str:
+    """A sample line with a fractional value shown to 6 significant digits
+    (sums of seconds print as 0.013285591000000001 otherwise)."""
+    name, _, value = sample.rpartition(" ")
+    try:
+        number = float(value)
+    except ValueError:
+        return sample
+    return sample if number.is_integer() else f"{name} {number:.6g}"
 
 
 def free_port() -> int:
@@ -113,7 +124,7 @@ def main() -> int:
         print(f"scraped {url}: {len(samples)} splitlearn_* samples")
         for line in samples:
             if args.buckets or line not in buckets:
-                print(line)
+                print(_rounded(line))
         if buckets and not args.buckets:
             print(f"({len(buckets)} histogram _bucket samples not shown; --buckets shows them)")
 

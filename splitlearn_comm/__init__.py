@@ -56,4 +56,6 @@ def __getattr__(name: str):
         from . import training
 
         return training.RemoteModule
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from ._moved import TOP_LEVEL, missing
+
+    missing(__name__, name, TOP_LEVEL)  # the earlier package's names say what replaced them

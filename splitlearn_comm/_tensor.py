@@ -29,6 +29,10 @@ def prepare(obj: Any) -> Tuple[Any, Restore]:
     """Make `obj` sendable (contiguous, CPU, plain) and say how to give a result back."""
     if is_torch_tensor(obj):
         device = obj.device
+        if getattr(obj, "is_nested", False):
+            raise TypeError("nested tensors (torch.nested) cannot be sent: send their components "
+                            "(t.unbind()) one by one, or a padded tensor "
+                            "(torch.nested.to_padded_tensor(t, 0.0))")
         t = obj.detach()
         if t.layout != _torch().strided:
             raise TypeError(f"sparse and other non-strided tensors ({t.layout}) cannot be sent; "
@@ -42,16 +46,28 @@ def prepare(obj: Any) -> Tuple[Any, Restore]:
         if not t.is_contiguous():
             t = t.contiguous()
         return t, ("torch", device)
+    if isinstance(obj, np.generic):
+        obj = np.asarray(obj)  # a 0-d array: the shape () is kept
     if isinstance(obj, np.ndarray):
+        _check_numpy_dtype(obj.dtype)
         if obj.dtype.byteorder == ">" or (obj.dtype.byteorder == "=" and sys.byteorder == "big"):
             obj = obj.astype(obj.dtype.newbyteorder("<"))
-        return np.ascontiguousarray(obj), ("numpy", None)
-    if isinstance(obj, np.generic):
-        return np.ascontiguousarray(np.asarray(obj)), ("numpy", None)
+        if not obj.flags.c_contiguous:
+            # not np.ascontiguousarray: it turns a 0-d array into shape (1,)
+            obj = np.array(obj, order="C", copy=True)
+        return obj, ("numpy", None)
     if hasattr(obj, "__dlpack__"):
         return obj, ("torch", None)
     raise TypeError("expected a torch.Tensor, a numpy.ndarray or an object with __dlpack__, "
                     f"got {type(obj).__name__}")
+
+
+def _check_numpy_dtype(dtype: np.dtype) -> None:
+    """Refuse NumPy dtypes that are not tensors of numbers (object, str, bytes, void, ...)."""
+    if dtype.kind not in "biufc" or dtype.fields is not None:
+        raise TypeError(f"NumPy arrays of dtype {dtype} cannot be sent: only bool, integer, "
+                        "floating-point and complex dtypes can (convert strings or objects to "
+                        "numbers first)")
 
 
 def dtype_name(dtype: Any) -> str:
@@ -98,8 +114,9 @@ def as_tensor(holder: Any) -> Any:
 
 def prepare_result(obj: Any) -> Any:
     """Make a compute() result sendable: a contiguous CPU tensor without autograd."""
-    if is_torch_tensor(obj) or isinstance(obj, np.ndarray) or hasattr(obj, "__dlpack__"):
+    if (is_torch_tensor(obj) or isinstance(obj, (np.ndarray, np.generic))
+            or hasattr(obj, "__dlpack__")):
         return prepare(obj)[0]
-    if isinstance(obj, (int, float, complex, bool, np.generic)):
-        return prepare(np.asarray(obj))[0]
+    if isinstance(obj, (int, float, complex, bool)):
+        return prepare(np.asarray(obj))[0]  # a 0-d array: the shape () is kept
     raise TypeError(f"compute() must return a tensor, got {type(obj).__name__}")

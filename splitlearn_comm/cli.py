@@ -118,8 +118,9 @@ def check_address(address: str) -> str:
         return address
     m = _HOST_PORT.match(address)
     if m is None:
-        raise CLIError(f"bad address {address!r}: expected HOST:PORT, e.g. 127.0.0.1:50051 "
-                       "(or [::1]:50051, unix:/path/to.sock)")
+        from .client import bad_address_message
+
+        raise CLIError(bad_address_message(address))
     port = int(m.group("port"))
     if not 1 <= port <= 65535:
         raise CLIError(f"bad address {address!r}: port {port} is not in 1-65535")
@@ -387,7 +388,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except BaseException as e:
             raise CLIError(f"starting the server failed: {type(e).__name__}: {e}",
                            details=_user_traceback(e)) from None
-        print(f"serving {name} on {_format_host_port(args.host, server.port)}", flush=True)
+        metrics = getattr(server, "metrics_url", None)
+        print(f"serving {name} on {_format_host_port(args.host, server.port)}"
+              + (f", metrics on {metrics}" if metrics else ""), flush=True)
         url = getattr(server, "dashboard_url", None)
         if url:
             print(f"dashboard on {url} (Prometheus metrics on {url}metrics)", flush=True)

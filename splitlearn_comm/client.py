@@ -4,6 +4,7 @@ from __future__ import annotations
 import abc
 import collections
 import logging
+import numbers
 import random
 import re
 import threading
@@ -18,7 +19,7 @@ import grpc
 from . import _core, _tensor, balancing, protocol
 from .codecs import CodecError, CodecRegistry, decode_python, encode_python
 from .core import TensorCodec, _check_codec
-from .errors import RpcError, from_call_error
+from .errors import RpcError, from_call_error, status_code
 from .tls import ClientTLS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -34,6 +35,19 @@ _BACKWARD = "/splitlearn.comm.ComputeService/ComputeBackward"
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
               grpc.StatusCode.RESOURCE_EXHAUSTED)
 _KEY = re.compile(r"^[0-9a-z_.\-]+$")
+
+
+def _log_retry(target: str, method: str, code: Union[int, grpc.StatusCode], details: str,
+               attempt: int, delay: float) -> None:
+    """Log one retry at WARNING (the C retry loop calls this before each delay)."""
+    name = code.name if isinstance(code, grpc.StatusCode) else status_code(code).name
+    logger.warning("retrying %s on %s in %.2f s: attempt %d failed with %s: %s",
+                   method or "the call", target or "the server", delay, attempt, name, details)
+
+
+def _is_dns_failure(code: Any, details: str) -> bool:
+    """A name that does not resolve fails the same way on every attempt: not retried."""
+    return code == grpc.StatusCode.UNAVAILABLE and details.startswith("DNS resolution failed")
 
 
 class RetryStrategy(abc.ABC):
@@ -82,39 +96,50 @@ class _BuiltinRetry(RetryStrategy):
                 return func(*args, **kwargs)
             except grpc.RpcError as e:
                 code = e.code() if callable(getattr(e, "code", None)) else None
-                if code not in _RETRYABLE or retry >= self.max_retries:
+                details = e.details() if callable(getattr(e, "details", None)) else ""
+                if (code not in _RETRYABLE or retry >= self.max_retries
+                        or _is_dns_failure(code, details or "")):
                     raise
-                time.sleep(self.delay(retry))
+                delay = self.delay(retry)
+                _log_retry(getattr(e, "target", ""), getattr(e, "method", ""), code,
+                           details or "", retry + 1, delay)
+                time.sleep(delay)
                 retry += 1
 
 
 class ExponentialBackoff(_BuiltinRetry):
     """Retry UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED with growing delays.
 
-    The n-th retry waits ``min(max_delay, initial_delay * 2**n)``, scaled by a random
-    factor in ``[1 - jitter, 1 + jitter]``. Other codes (INVALID_ARGUMENT, INTERNAL
+    The n-th retry waits ``min(max_delay, initial_delay * multiplier**n)``, scaled by a
+    random factor in ``[1 - jitter, 1 + jitter]``. Other codes (INVALID_ARGUMENT, INTERNAL
     from a failing ``compute()``, ...) are never retried. The client's timeout
     bounds all attempts and sleeps together; ``attempt_timeout`` bounds each
     attempt (one that runs out is retried as DEADLINE_EXCEEDED).
     """
 
     def __init__(self, max_retries: int = 3, initial_delay: float = 1.0, max_delay: float = 30.0,
-                 jitter: float = 0.25, attempt_timeout: Optional[float] = None) -> None:
+                 jitter: float = 0.25, attempt_timeout: Optional[float] = None,
+                 multiplier: float = 2.0) -> None:
         if max_retries < 0 or initial_delay < 0 or max_delay < 0 or not 0 <= jitter <= 1:
             raise ValueError("max_retries, initial_delay and max_delay must be >= 0 and "
                              "jitter within [0, 1]")
+        if not multiplier >= 1:
+            raise ValueError(f"multiplier must be >= 1, not {multiplier}")
         self.max_retries = max_retries
+        _check_timeout(attempt_timeout, "attempt_timeout")
         self.initial_delay = initial_delay
         self.max_delay = max_delay
         self.jitter = jitter
         self.attempt_timeout = attempt_timeout
+        self.multiplier = float(multiplier)
         self._initial, self._max, self._multiplier, self._jitter = (
-            initial_delay, max_delay, 2.0, jitter)
+            initial_delay, max_delay, float(multiplier), jitter)
 
     def __repr__(self) -> str:
+        extra = f", multiplier={self.multiplier}" if self.multiplier != 2.0 else ""
         return (f"ExponentialBackoff(max_retries={self.max_retries}, "
                 f"initial_delay={self.initial_delay}, max_delay={self.max_delay}, "
-                f"jitter={self.jitter})")
+                f"jitter={self.jitter}{extra})")
 
 
 class FixedDelay(_BuiltinRetry):
@@ -125,7 +150,7 @@ class FixedDelay(_BuiltinRetry):
         if max_retries < 0 or delay < 0:
             raise ValueError("max_retries and delay must be >= 0")
         self.max_retries = max_retries
-        self.attempt_timeout = attempt_timeout
+        self.attempt_timeout = _check_timeout(attempt_timeout, "attempt_timeout")
         self.delay_seconds = delay
         self._initial, self._max, self._multiplier, self._jitter = delay, delay, 1.0, 0.0
 
@@ -174,6 +199,22 @@ class CircuitBreaker(_BuiltinRetry):
     def is_builtin(self) -> bool:
         return self.strategy is None or isinstance(self.strategy, _BuiltinRetry)
 
+    def delay(self, retry: int) -> float:
+        """The inner strategy's delay before retry number ``retry``; 0.0 without one
+        (a breaker alone makes one attempt per call and never sleeps)."""
+        inner = getattr(self.strategy, "delay", None)
+        return float(inner(retry)) if callable(inner) else 0.0
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_c", None)  # the C breaker: a copy starts closed
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._c = _core.Breaker(self.failure_threshold, float(self.reset_timeout),
+                                self.half_open_attempts)
+
     def _policy(self) -> Optional[tuple]:  # type: ignore[override]
         return self.strategy._policy() if isinstance(self.strategy, _BuiltinRetry) else None
 
@@ -211,24 +252,55 @@ _DEFAULT = object()
 _HOST_PORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:/\[\]]+)):(?P<port>\d+)$")
 
 
+#: gRPC target schemes (passed through without the HOST:PORT check).
+_GRPC_SCHEMES = ("unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:", "vsock:", "xds:",
+                 "passthrough:")
+
+
+def bad_address_message(address: str) -> str:
+    """What is wrong with an address that is neither HOST:PORT nor a gRPC target
+    (the command line says the same)."""
+    return (f"bad address {address!r}: expected HOST:PORT, e.g. 127.0.0.1:50051 "
+            "(or [::1]:50051, unix:/path/to.sock)")
+
+
 def _check_target(target: str) -> None:
-    """Refuse addresses gRPC would misread: empty, or host:port with a bad port.
-    Other gRPC target forms (dns:///..., unix:..., ipv4:...) pass through."""
+    """Refuse addresses gRPC would misread: empty, a URL with a scheme gRPC does not
+    know (``http://host:port``: gRPC would look the whole text up in DNS), or
+    host:port with a bad port. gRPC target forms (dns:///..., unix:..., ipv4:...)
+    pass through."""
     if not isinstance(target, str) or not target.strip():
         raise ValueError(f"server_address must be 'host:port', got {target!r}")
-    if "://" in target or target.startswith(("unix:", "ipv4:", "ipv6:", "dns:", "xds:")):
+    if target.startswith(_GRPC_SCHEMES):
         return
     m = _HOST_PORT.match(target)
     if m is None:
-        raise ValueError(f"server_address {target!r} is not 'host:port' (e.g. '127.0.0.1:50051', "
-                         "'[::1]:50051') or a gRPC target URI")
+        hint = ""
+        if "://" in target:
+            hint = (f"; {target.split('://', 1)[0]}:// is not a gRPC scheme: give the address "
+                    "without it")
+        raise ValueError(f"server_address: {bad_address_message(target)}{hint}")
     if not 1 <= int(m.group("port")) <= 65535:
-        raise ValueError(f"server_address {target!r}: port must be 1-65535")
+        raise ValueError(f"server_address: bad address {target!r}: port {int(m.group('port'))} "
+                         "is not in 1-65535")
+
+
+def _check_timeout(timeout: Optional[float], what: str = "timeout") -> Optional[float]:
+    """``timeout`` as given, after refusing what is not a number of seconds >= 0
+    (a negative timeout would otherwise silently mean no deadline at all)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"{what} must be a number of seconds or None, "
+                        f"not {type(timeout).__name__}")
+    if not timeout >= 0:  # also NaN
+        raise ValueError(f"{what} must be >= 0 seconds (or None for no deadline), not {timeout}")
+    return timeout
 
 
 def _seconds(timeout: Optional[float], forever: float = 0.0) -> float:
     """A timeout for the C core: None means no deadline (0 there, or `forever`)."""
-    return forever if timeout is None else float(timeout)
+    return forever if timeout is None else float(_check_timeout(timeout))
 
 
 def _normalize_metadata(md: MetadataLike) -> List[Tuple[str, Union[str, bytes]]]:
@@ -313,6 +385,15 @@ class GRPCComputeClient:
             ``[("authorization", token)]``.
         wait_for_ready: wait (within the timeout) for an unreachable server to come up
             instead of failing at once with UNAVAILABLE.
+        max_message_length: the largest message, in bytes, sent or received (sets
+            ``grpc.max_send_message_length`` and ``grpc.max_receive_message_length``
+            unless ``options`` sets them); ``None``: unlimited (up to gRPC's 2 GiB).
+        model_id: the ``model_id`` every call carries unless it names its own: which
+            of a server's compute functions serves it (a server hosting several).
+
+    A client can be pickled and deep-copied (e.g. inside a model holding a
+    ``RemoteModule`` that is checkpointed): the copy opens its own channel to the
+    same server with the same settings.
 
     One client may be shared by many threads; their calls multiplex over one HTTP/2
     connection (one per replica when balancing), and each waits on the network
@@ -329,22 +410,29 @@ class GRPCComputeClient:
                  wait_for_ready: bool = False,
                  codecs: Optional[Sequence[TensorCodec]] = None,
                  tls: Optional[ClientTLS] = None,
-                 load_balancing: Optional[str] = None) -> None:
+                 load_balancing: Optional[str] = None,
+                 max_message_length: Optional[int] = None,
+                 model_id: Optional[str] = None) -> None:
         _check_codec(codec)
+        if model_id is not None and not isinstance(model_id, str):
+            raise TypeError(f"model_id must be a str or None, not {type(model_id).__name__}")
         if retry_strategy is _DEFAULT:
             retry_strategy = ExponentialBackoff()
         if retry_strategy is not None and not isinstance(retry_strategy, RetryStrategy):
             raise TypeError("retry_strategy must be a RetryStrategy or None")
         self.server_address: Union[str, List[str]] = (
             server_address if isinstance(server_address, str) else list(server_address))
-        self.timeout = timeout
+        self.timeout = _check_timeout(timeout)
         self.retry_strategy = retry_strategy
         self.codec = codec or TensorCodec()
-        self._registry = CodecRegistry([self.codec, *(codecs or [])])
+        self.model_id = model_id or None
+        self._codecs = list(codecs or [])
+        self._registry = CodecRegistry([self.codec, *self._codecs])
         c = None if self.codec.is_python() else self.codec._c_codec()
         self._c_codec = None if c is None or c.name == "raw" else c
-        self.options = list(options or [])
-        self._codecs = list(codecs or [])
+        from .server import _with_message_length
+
+        self.options = _with_message_length(options, max_message_length)
         self.metadata = _normalize_metadata(metadata)
         self.wait_for_ready = wait_for_ready
         if tls is not None and not isinstance(tls, ClientTLS):
@@ -382,6 +470,7 @@ class GRPCComputeClient:
         self._rotation = 0
         self._core: Optional[Any] = _core.Client(self._target, self.options + self._extra_options,
                                                  tls._args() if tls else None)
+        self._core.set_retry_hook(_log_retry)
         self._stats = _Stats()
         self._ids = 0
         self._ids_lock = threading.Lock()
@@ -453,7 +542,7 @@ class GRPCComputeClient:
                                         options=options, metadata=self.metadata,
                                         wait_for_ready=self.wait_for_ready,
                                         codecs=self._codecs, tls=self.tls,
-                                        load_balancing="pick_first")
+                                        load_balancing="pick_first", model_id=self.model_id)
                 pin.client_id = self.client_id
                 self._pins[address] = pin
         return pin
@@ -481,22 +570,74 @@ class GRPCComputeClient:
             raise ValueError("the client is closed")
         return self._core
 
+    def __getattr__(self, name: str) -> Any:
+        # only for names not found otherwise: the earlier package's methods say what
+        # replaced them
+        from ._moved import CLIENT
+
+        if name in CLIENT:
+            raise AttributeError(f"{CLIENT[name]} (docs/migrating.md)")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __reduce__(self) -> Tuple[Any, Tuple[Dict[str, Any]]]:
+        """Pickle (and deep-copy) as the client's settings: the copy opens its own
+        channel, so a model holding a RemoteModule can be checkpointed and loaded."""
+        return (_rebuild_client, ({
+            "server_address": self.server_address, "timeout": self.timeout,
+            "retry_strategy": self.retry_strategy, "codec": self.codec,
+            "options": list(self.options), "metadata": list(self.metadata),
+            "wait_for_ready": self.wait_for_ready, "codecs": list(self._codecs),
+            "tls": self.tls, "model_id": self.model_id,
+            "load_balancing": None if any(k == "grpc.service_config" for k, _ in self.options)
+            else self.load_balancing},))
+
     # -- calls ----------------------------------------------------------------
 
     def compute(self, tensor: Any, metadata: MetadataLike = None,
-                timeout: Optional[float] = None) -> Any:
+                timeout: Optional[float] = None, *, model_id: Optional[str] = None) -> Any:
         """Send ``tensor`` to the server's ``compute()`` and return its result.
 
         A ``torch.Tensor`` comes back as a ``torch.Tensor`` on the device ``tensor``
         was on; a NumPy array comes back as a NumPy array. ``metadata`` is extra gRPC
-        metadata for this call; ``timeout`` overrides the client's.
+        metadata for this call; ``timeout`` overrides the client's; ``model_id``
+        (default: the client's) picks one of a server's compute functions.
 
         Raises:
             RpcError: the call failed (``e.code()`` is a ``grpc.StatusCode``).
             TypeError, ValueError: the tensor cannot be sent (unsupported dtype,
                 larger than gRPC's 2 GiB message limit, ...).
         """
-        return self._tensor_call(tensor, metadata=metadata, timeout=timeout)
+        _check_not_model_id(metadata)
+        return self._tensor_call(tensor, metadata=metadata, timeout=timeout, model_id=model_id)
+
+    def compute_with_timing(self, tensor: Any, model_id: Optional[str] = None, *,
+                            metadata: MetadataLike = None,
+                            timeout: Optional[float] = None) -> Tuple[Any, Dict[str, float]]:
+        """``compute()`` that also says where the time went (the earlier
+        splitlearn-comm's method): ``(result, timing)`` with ``timing`` the dict
+        ``{"network_total_ms", "server_compute_ms", "network_overhead_ms"}``: the
+        whole call as the client saw it (retries included), the server's
+        ``compute()`` as the server measured it, and the difference."""
+        timing: Dict[str, float] = {}
+        result = self._tensor_call(tensor, metadata=metadata, timeout=timeout,
+                                   model_id=model_id, _timing=timing)
+        return result, timing
+
+    def compute_backward(self, grad_output: Any, forward_id: str,
+                         model_id: Optional[str] = None, *,
+                         learning_rate: Optional[float] = None,
+                         accumulation_step: Optional[int] = None,
+                         metadata: MetadataLike = None, timeout: Optional[float] = None) -> Any:
+        """Send ``grad_output`` (the gradient of the output of the training forward
+        stored under ``forward_id``) with ComputeBackward and return the input
+        gradient (the earlier splitlearn-comm's method). :meth:`remote` does this
+        for you inside ``loss.backward()``; see docs/training.md."""
+        if not isinstance(forward_id, str) or not forward_id:
+            raise ValueError("compute_backward() needs the forward_id of a training forward")
+        return self._tensor_call(grad_output, metadata=metadata, timeout=timeout, backward=True,
+                                 forward_id=forward_id, model_id=model_id,
+                                 learning_rate=learning_rate,
+                                 accumulation_step=accumulation_step)
 
     def remote(self, tensor: Any, *, training: Optional[bool] = None,
                learning_rate: Optional[float] = None, accumulation_step: Optional[int] = None,
@@ -547,14 +688,20 @@ class GRPCComputeClient:
             self._sessions.pop(id(session), None)
 
     def _tensor_call(self, tensor: Any, *, metadata: MetadataLike = None,
-                     timeout: Optional[float] = None, **fields: Any) -> Any:
+                     timeout: Optional[float] = None, _timing: Optional[Dict[str, float]] = None,
+                     **fields: Any) -> Any:
         """compute() with the call's extra fields: backward=True (ComputeBackward),
-        forward_id, training_mode, model_id, learning_rate, accumulation_step."""
+        forward_id, training_mode, model_id, learning_rate, accumulation_step.
+        ``_timing``, a dict, is filled with the call's times (compute_with_timing)."""
+        if fields.get("model_id") is None:
+            fields.pop("model_id", None)
+            if self.model_id is not None:
+                fields["model_id"] = self.model_id
         sendable, how = _tensor.prepare(tensor)
         if self.codec.is_python():
             sendable = encode_python(self.codec, tensor)
         md = self.metadata + _normalize_metadata(metadata)
-        total = self.timeout if timeout is None else timeout
+        total = self.timeout if timeout is None else _check_timeout(timeout)
         start = time.perf_counter()
         try:
             strategy = self.retry_strategy
@@ -570,6 +717,11 @@ class GRPCComputeClient:
             raise
         self._record(True, start, reply[1])
         self._stats.count_ok(reply)
+        if _timing is not None:
+            total_ms = (time.perf_counter() - start) * 1e3
+            server_ms = float(reply[1] or 0.0)
+            _timing.update(network_total_ms=total_ms, server_compute_ms=server_ms,
+                           network_overhead_ms=max(0.0, total_ms - server_ms))
         return self._result(reply, how)
 
     def _result(self, reply: tuple, how: _tensor.Restore) -> Any:
@@ -603,8 +755,34 @@ class GRPCComputeClient:
         except _core.CallError as e:
             method = _BACKWARD if fields.get("backward") else _COMPUTE
             err = from_call_error(e, target=self._target, method=method)
+            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self.wait_for_ready:
+                reason = self._unreachable_reason()
+                if reason:
+                    err = RpcError(err.code(), f"{err.details()}: the server was not reachable "
+                                   f"(wait_for_ready); last connectivity error: {reason}",
+                                   target=err.target, method=err.method, attempts=err.attempts,
+                                   trailing_metadata=err.trailing_metadata(),
+                                   initial_metadata=err.initial_metadata(),
+                                   debug_error_string=err.debug_error_string())
             self._stats.count_error(err)
             raise err from None
+
+    def _unreachable_reason(self) -> Optional[str]:
+        """Why the channel is not connected (e.g. "Connection refused"), or None when
+        it is: asks once without wait_for_ready, with the side-effect-free HealthCheck,
+        so that gRPC reports its last connectivity error."""
+        core = self._live()
+        if core.connect(0.0):
+            return None
+        try:
+            core.health(timeout=1.0, metadata=self.metadata)
+        except _core.CallError as e:
+            code, details = e.args[0], e.args[1]
+            if status_code(code) == grpc.StatusCode.UNAVAILABLE:
+                return str(details)
+            if status_code(code) == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return "still connecting (no answer to the connection attempt)"
+        return None
 
     def _attempt_until(self, sendable: Any, md: list, deadline: Optional[float],
                        fields: Optional[Dict[str, Any]] = None) -> tuple:
@@ -691,6 +869,17 @@ class GRPCComputeClient:
 
     def __repr__(self) -> str:
         return f"GRPCComputeClient({self.server_address!r})"
+
+
+def _rebuild_client(settings: Dict[str, Any]) -> GRPCComputeClient:
+    return GRPCComputeClient(**settings)
+
+
+def _check_not_model_id(metadata: Any) -> None:
+    if isinstance(metadata, str):
+        raise TypeError("compute()'s second argument is gRPC metadata, not a model id: the "
+                        "earlier splitlearn-comm's compute(x, model_id) is "
+                        f"compute(x, model_id={metadata!r}) here")
 
 
 class ComputeServiceStub:

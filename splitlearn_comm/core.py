@@ -155,6 +155,11 @@ class TensorCodec:
         holder = _core.decode(self.name, data, tuple(shape), dtype, metadata)
         return _tensor.as_tensor(holder)
 
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_c", None)  # the cached C codec: made again on first use
+        return state
+
     def __repr__(self) -> str:
         dtype = getattr(self, "dtype", None)
         return f"{type(self).__name__}()" if dtype is None else f"{type(self).__name__}(dtype={dtype})"
@@ -164,4 +169,21 @@ def _check_codec(codec: Optional[TensorCodec]) -> None:
     if codec is None:
         return
     if not isinstance(codec, TensorCodec):
-        raise TypeError(f"codec must be a TensorCodec, got {type(codec).__name__}")
+        hint = ""
+        if isinstance(codec, int) and not isinstance(codec, bool):
+            hint = (" (the earlier splitlearn-comm took max_message_length in this place: "
+                    "pass it by name, max_message_length=...)")
+        raise TypeError(f"codec must be a TensorCodec, got {type(codec).__name__}{hint}")
+
+
+def __getattr__(name: str) -> Any:
+    # The earlier splitlearn-comm exported its codecs from here too; the built-in
+    # codecs live in splitlearn_comm.codecs (imported lazily: it imports this module).
+    if name in ("CompressedTensorCodec", "Float16Codec", "BFloat16Codec", "Int8Codec",
+                "SparseCOOCodec"):
+        from . import codecs
+
+        return getattr(codecs, name)
+    from ._moved import CORE, missing
+
+    missing(__name__, name, CORE)

@@ -127,6 +127,20 @@ class ServerMetricsCollector:
             buckets = [("+Inf" if b == float("inf") else repr(b), n) for b, n in hist["buckets"]]
             h.add_metric([stage, *values], buckets, hist["sum"])
         yield h
+        models = m.get("models")
+        if models:  # a server hosting several compute functions (model_id)
+            calls = counter("splitlearn_model_requests_total",
+                            "Compute and ComputeBackward calls, by model_id, method and "
+                            "status code.", labels=["model", "method", "code", *extra])
+            seconds = counter("splitlearn_model_compute_seconds_total",
+                              "Seconds spent in each model's compute() and backward().",
+                              labels=["model", *extra])
+            for model, per in models.items():
+                for (method, code), n in per["requests"].items():
+                    calls.add_metric([model, method, code, *values], n)
+                seconds.add_metric([model, *values], per["compute_seconds"])
+            yield calls
+            yield seconds
         sessions = m.get("sessions")
         if sessions is not None:
             yield from _session_metrics(sessions, counter, gauge, extra, values)

@@ -4,10 +4,11 @@ from __future__ import annotations
 import atexit
 import inspect
 import logging
+import sys
 import threading
 import time
 import weakref
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import grpc
 
@@ -112,7 +113,9 @@ class GRPCComputeServer:
     """Serve a :class:`ComputeFunction` over gRPC.
 
     Args:
-        compute_fn: the function to host.
+        compute_fn: the function to host; or a mapping ``{model_id: function}`` to host
+            several, each call going to the one its ``model_id`` names (an unknown id
+            gets NOT_FOUND listing the known ones).
         host: address to bind ("0.0.0.0" for every IPv4 interface, "127.0.0.1", "::").
         port: port to bind; 0 lets the OS pick one (read it from :attr:`port`).
         max_workers: C worker threads, hence calls served at once.
@@ -144,6 +147,9 @@ class GRPCComputeServer:
         max_decoded_bytes: how large a tensor built-in codec payloads may decode to,
             per call and for all calls at once (default 4 GiB): a sparse or compressed
             payload of a few bytes may declare any shape.
+        max_message_length: the largest message, in bytes, received or sent (sets
+            ``grpc.max_receive_message_length`` and ``grpc.max_send_message_length``
+            unless ``options`` sets them); ``None``: unlimited (up to gRPC's 2 GiB).
         max_sessions, max_session_bytes, session_idle_timeout: bounds of the
             server-side sessions (``client.session()``; docs/inference.md): at most
             this many sessions holding at most this many bytes of tensors together,
@@ -155,7 +161,8 @@ class GRPCComputeServer:
     Several servers can run in one process.
     """
 
-    def __init__(self, compute_fn: ComputeFunction, host: str = "0.0.0.0", port: int = 50051,
+    def __init__(self, compute_fn: Union[ComputeFunction, Mapping[str, ComputeFunction]],
+                 host: str = "0.0.0.0", port: int = 50051,
                  max_workers: int = 10, codec: Optional[TensorCodec] = None,
                  version: str = "1.0.0", options: Optional[Sequence[Tuple[str, Any]]] = None,
                  interceptors: Optional[Sequence[grpc.ServerInterceptor]] = None,
@@ -165,10 +172,10 @@ class GRPCComputeServer:
                  access_log: Union[bool, logging.Logger] = False,
                  metrics_port: Optional[int] = None,
                  max_decoded_bytes: Optional[int] = None,
+                 max_message_length: Optional[int] = None,
                  max_sessions: int = 256, max_session_bytes: int = 1 << 30,
                  session_idle_timeout: float = 600.0) -> None:
-        if not callable(getattr(compute_fn, "compute", None)):
-            raise TypeError("compute_fn must be a ComputeFunction (an object with compute())")
+        self._models = _Models(compute_fn)
         if max_workers < 1:
             raise ValueError(f"max_workers must be at least 1, not {max_workers}")
         _check_codec(codec)
@@ -179,7 +186,7 @@ class GRPCComputeServer:
         self.codec = codec
         self._registry = CodecRegistry([c for c in (codec, *(codecs or [])) if c is not None])
         self.version = version
-        self.options = list(options or [])
+        self.options = _with_message_length(options, max_message_length)
         self.interceptors = list(interceptors or [])
         for i in self.interceptors:
             if not callable(getattr(i, "intercept_service", None)):
@@ -224,15 +231,13 @@ class GRPCComputeServer:
                 import torch  # noqa: F401
             except ImportError:  # pragma: no cover - NumPy-only servers
                 pass
-            setup = getattr(self.compute_fn, "setup", None)
-            if callable(setup):
-                setup()
+            self._models.setup()
             c_codec = None
             if self.codec is not None and not self.codec.is_python():
                 c_codec = self.codec._c_codec()
             server = _core.Server(
-                _make_dispatch(self.compute_fn, self._registry, self.codec, self.sessions),
-                _make_info(self.compute_fn, self.sessions), self.host, int(self._port), int(self.max_workers),
+                _make_dispatch(self._models, self._registry, self.codec, self.sessions),
+                _make_info(self._models, self.sessions), self.host, int(self._port), int(self.max_workers),
                 str(self.version), self.options, c_codec, self._registry.names(),
                 self.auth_tokens, self.tls._args() if self.tls else None,
                 _make_intercept(self.interceptors) if self.interceptors else None,
@@ -240,9 +245,7 @@ class GRPCComputeServer:
             try:
                 server.start()
             except BaseException as e:
-                teardown = getattr(self.compute_fn, "teardown", None)
-                if callable(teardown):
-                    teardown()  # setup() ran: undo it
+                self._models.teardown()  # setup() ran: undo it
                 if isinstance(e, OSError):
                     raise OSError(f"could not start the server on {self.host}:{self._port}: {e}") from None
                 raise
@@ -267,8 +270,9 @@ class GRPCComputeServer:
                 self.metrics_port = self._metrics_http.server_port  # the bound port, also for 0
             if self.handle_signals:
                 self._install_signal_handlers()
-        logger.info("serving %s on %s:%d (%d workers)", type(self.compute_fn).__name__,
-                    self.host, self.port, self.max_workers)
+        logger.info("serving %s on %s:%d (%d workers)%s", self._models.describe(),
+                    self.host, self.port, self.max_workers,
+                    f", metrics on {self.metrics_url}" if self.metrics_url else "")
         return self
 
     def _abort_start(self) -> None:
@@ -280,9 +284,14 @@ class GRPCComputeServer:
             self._access_writer = None
         if core is not None:
             core.stop(0.0)
-        teardown = getattr(self.compute_fn, "teardown", None)
-        if callable(teardown):
-            teardown()
+        self._models.teardown()
+
+    @property
+    def metrics_url(self) -> Optional[str]:
+        """``http://host:port/metrics`` (Prometheus text) while ``metrics_port`` serves,
+        with the bound port (also for ``metrics_port=0``); None otherwise."""
+        url = self.dashboard_url
+        return None if url is None else url + "metrics"
 
     def _install_signal_handlers(self) -> None:
         import signal
@@ -313,13 +322,17 @@ class GRPCComputeServer:
         ``buckets`` of (upper bound, count), ``count``, ``sum``), ``request_bytes``,
         ``response_bytes`` and ``access_log_dropped``; ``sessions``: the open
         sessions and the bytes they hold (see :meth:`SessionStore.stats
-        <splitlearn_comm.sessions.SessionStore.stats>`)."""
+        <splitlearn_comm.sessions.SessionStore.stats>`); ``models``, for a server
+        hosting several compute functions: each one's calls by status name and the
+        seconds spent in it."""
         if self._core is None:
             m = {"requests": {}, "in_flight": 0, "latency_seconds": {},
                  "request_bytes": 0, "response_bytes": 0, "access_log_dropped": 0}
         else:
             m = self._core.metrics()
         m["sessions"] = self.sessions.stats()
+        if self._models.single is None:
+            m["models"] = self._models.metrics()
         return m
 
     @property
@@ -374,9 +387,7 @@ class GRPCComputeServer:
         _live.discard(self)
         self.sessions.clear()
         try:
-            teardown = getattr(self.compute_fn, "teardown", None)
-            if callable(teardown):
-                teardown()
+            self._models.teardown()
         finally:
             self._stopped.set()
             logger.info("stopped server on %s:%d", self.host, self.port)
@@ -400,24 +411,181 @@ class GRPCComputeServer:
         self.stop(grace=1.0)
 
     def __repr__(self) -> str:
-        return f"GRPCComputeServer({type(self.compute_fn).__name__}, {self.host}:{self.port})"
+        return f"GRPCComputeServer({self._models.describe()}, {self.host}:{self.port})"
 
 
-def _make_info(compute_fn: ComputeFunction, sessions: Any = None):
-    def info() -> Tuple[str, str, Dict[str, str]]:
-        get_info = getattr(compute_fn, "get_info", None)
-        raw = get_info() if callable(get_info) else {"name": type(compute_fn).__name__}
-        custom = {str(k): str(v) for k, v in dict(raw or {}).items()}
+def _with_message_length(options: Optional[Sequence[Tuple[str, Any]]],
+                         max_message_length: Optional[int]) -> List[Tuple[str, Any]]:
+    """``options`` plus the two gRPC message limits for ``max_message_length`` (the
+    earlier splitlearn-comm's argument), unless ``options`` sets them itself."""
+    out = list(options or [])
+    if max_message_length is None:
+        return out
+    if isinstance(max_message_length, bool) or not isinstance(max_message_length, int) or \
+            max_message_length < 1:
+        raise ValueError(f"max_message_length must be a positive number of bytes or None, "
+                         f"not {max_message_length!r}")
+    names = {name for name, _ in out}
+    for name in ("grpc.max_receive_message_length", "grpc.max_send_message_length"):
+        if name not in names:
+            out.append((name, int(max_message_length)))
+    return out
+
+
+def _check_compute_fn(fn: Any, what: str = "compute_fn") -> None:
+    if callable(getattr(fn, "compute", None)):
+        return
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(fn, torch.nn.Module):
+        raise TypeError(f"{what} is a torch.nn.Module ({type(fn).__name__}), not a "
+                        "ComputeFunction: wrap it, GRPCComputeServer(ModelComputeFunction(model)) "
+                        "(or TrainableComputeFunction(model, optimizer) to train it over the wire)")
+    raise TypeError(f"{what} must be a ComputeFunction (an object with compute()), "
+                    f"got {type(fn).__name__}")
+
+
+class _Models:
+    """The compute functions a server hosts: one (``single``: every call goes to it,
+    whatever its model_id) or several by model_id, with per-model call counters."""
+
+    def __init__(self, compute_fn: Any) -> None:
+        self.single: Optional[Any] = None
+        self.by_id: Dict[str, Any] = {}
+        if isinstance(compute_fn, Mapping):
+            if not compute_fn:
+                raise ValueError("compute_fn is an empty mapping: give {model_id: ComputeFunction}")
+            for model_id, fn in compute_fn.items():
+                if not isinstance(model_id, str) or not model_id:
+                    raise TypeError(f"model ids must be non-empty strings, got {model_id!r}")
+                _check_compute_fn(fn, f"compute_fn[{model_id!r}]")
+            self.by_id = dict(compute_fn)
+        else:
+            _check_compute_fn(compute_fn)
+            self.single = compute_fn
+        self._lock = threading.Lock()
+        self._seq = {id(fn): callable(getattr(fn, "backward", None))
+                     and _takes_backward_seq(fn.backward) for fn in self.functions()}
+        self._counts: Dict[str, Dict[str, Any]] = {
+            model_id: {"requests": {}, "compute_seconds": 0.0} for model_id in self.by_id}
+
+    def functions(self) -> List[Any]:
+        return [self.single] if self.single is not None else list(self.by_id.values())
+
+    def describe(self) -> str:
+        if self.single is not None:
+            return type(self.single).__name__
+        return "{" + ", ".join(f"{k!r}: {type(v).__name__}" for k, v in self.by_id.items()) + "}"
+
+    def takes_backward_seq(self, fn: Any) -> bool:
+        """Whether ``fn.backward()`` accepts ``backward_seq`` (worked out once)."""
+        return self._seq.get(id(fn), False)
+
+    def known(self) -> str:
+        return ", ".join(repr(k) for k in sorted(self.by_id))
+
+    def pick(self, model_id: Optional[str]) -> Tuple[Optional[str], Any]:
+        """(model_id, function) for a call's model_id; Abort for an unknown one."""
+        if self.single is not None:
+            return None, self.single
+        if not model_id:
+            if len(self.by_id) == 1:
+                return next(iter(self.by_id.items()))
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"this server hosts several compute functions; set model_id to one of "
+                        f"{self.known()}")
+        fn = self.by_id.get(model_id)
+        if fn is None:
+            raise Abort(grpc.StatusCode.NOT_FOUND,
+                        f"unknown model_id {model_id!r}; this server hosts {self.known()}")
+        return model_id, fn
+
+    def count(self, model_id: Optional[str], method: str, code: str, seconds: float) -> None:
+        """One call of ``model_id``: requests are keyed (method, status name), as the
+        server's own ``requests`` are (method "Compute" or "ComputeBackward")."""
+        if model_id is None:
+            return
+        key = (method.rsplit("/", 1)[-1], code)
+        with self._lock:
+            per = self._counts[model_id]
+            per["requests"][key] = per["requests"].get(key, 0) + 1
+            per["compute_seconds"] += seconds
+
+    def metrics(self) -> Dict[str, Dict[str, Any]]:
+        with self._lock:
+            return {k: {"requests": dict(v["requests"]), "compute_seconds": v["compute_seconds"]}
+                    for k, v in self._counts.items()}
+
+    def setup(self) -> None:
+        done = []
+        try:
+            for fn in self.functions():
+                setup = getattr(fn, "setup", None)
+                if callable(setup):
+                    setup()
+                done.append(fn)
+        except BaseException:
+            self._teardown(done)
+            raise
+
+    def teardown(self) -> None:
+        self._teardown(self.functions())
+
+    @staticmethod
+    def _teardown(functions: List[Any]) -> None:
+        error: Optional[BaseException] = None
+        for fn in reversed(functions):
+            teardown = getattr(fn, "teardown", None)
+            if not callable(teardown):
+                continue
+            try:
+                teardown()
+            except BaseException as e:  # the others still get theirs
+                if error is None:
+                    error = e
+                else:
+                    logger.error("teardown() of %s failed", type(fn).__name__, exc_info=True)
+        if error is not None:
+            raise error
+
+
+def _make_info(models: _Models, sessions: Any = None):
+    def one(fn: Any) -> Dict[str, str]:
+        get_info = getattr(fn, "get_info", None)
+        raw = get_info() if callable(get_info) else {"name": type(fn).__name__}
+        return {str(k): str(v) for k, v in dict(raw or {}).items()}
+
+    def add_sessions(custom: Dict[str, str]) -> None:
         if sessions is not None:  # once a session was opened (keeps older answers as they were)
             st = sessions.stats()
             if st["opened"]:
                 for key in ("active", "bytes", "max_sessions", "max_bytes", "opened",
                             "evicted_bytes", "evicted_count", "evicted_idle"):
                     custom.setdefault(f"sessions.{key}", str(st[key]))
-        device = str(getattr(compute_fn, "device", custom.get("device", "cpu")))
-        return SERVICE_NAME, device, custom
+
+    def info() -> Tuple[str, str, Dict[str, str]]:
+        if models.single is not None:
+            custom = one(models.single)
+            add_sessions(custom)
+            device = str(getattr(models.single, "device", custom.get("device", "cpu")))
+            return SERVICE_NAME, device, custom
+        custom = {"models": ",".join(models.by_id)}
+        devices = []
+        for model_id, fn in models.by_id.items():
+            for k, v in one(fn).items():
+                custom[f"{model_id}.{k}"] = v
+            devices.append(str(getattr(fn, "device", "cpu")))
+        add_sessions(custom)
+        return SERVICE_NAME, ",".join(dict.fromkeys(devices)), custom
 
     return info
+
+
+def _log_exception(what: str, call: context.CallContext, exc: BaseException) -> None:
+    """An exception from user code (compute(), an interceptor): logged once per call
+    with its traceback, as grpcio logs it; the client gets INTERNAL."""
+    logger.error("Exception calling application: %s raised %s: %s (%s from %s)", what,
+                 type(exc).__name__, exc, call.method, call.peer,
+                 exc_info=(type(exc), exc, exc.__traceback__))
 
 
 def _decode_request(registry: CodecRegistry, name: str, holder: Any, shape: tuple,
@@ -449,6 +617,11 @@ def _make_intercept(interceptors: Sequence[grpc.ServerInterceptor]):
         context._set(call)
         try:
             run_one(call)
+        except Abort:
+            raise
+        except Exception as e:
+            _log_exception("an interceptor", call, e)
+            raise
         finally:
             context._set(None)
 
@@ -494,12 +667,9 @@ def _backward_args(fields: Dict[str, Any], with_seq: bool) -> Dict[str, Any]:
     return args
 
 
-def _make_dispatch(compute_fn: ComputeFunction, registry: CodecRegistry,
+def _make_dispatch(models: _Models, registry: CodecRegistry,
                    server_codec: Optional[TensorCodec], sessions: Any = None):
     """The Python side of a Compute call, run on a C worker thread holding the GIL."""
-    compute = compute_fn.compute
-    backward = getattr(compute_fn, "backward", None)
-    backward_seq = callable(backward) and _takes_backward_seq(backward)
     python_out = server_codec if server_codec is not None and server_codec.is_python() else None
 
     def dispatch(holder: Any, codec: Optional[str], codec_meta: Optional[Dict], shape: tuple,
@@ -509,8 +679,12 @@ def _make_dispatch(compute_fn: ComputeFunction, registry: CodecRegistry,
         call = context.CallContext(method, peer, metadata, request_metadata, deadline, request_id,
                                    state)
         context._set(call)
+        model_id: Optional[str] = None
+        t0 = 0.0
         try:
+            model_id, compute_fn = models.pick((fields or {}).get("model_id"))
             is_backward = method.endswith("/ComputeBackward")
+            backward = getattr(compute_fn, "backward", None)
             if is_backward and not callable(backward):
                 raise Abort(grpc.StatusCode.UNIMPLEMENTED,
                             f"{type(compute_fn).__name__} does not support ComputeBackward "
@@ -523,14 +697,15 @@ def _make_dispatch(compute_fn: ComputeFunction, registry: CodecRegistry,
 
             def run() -> Any:
                 if is_backward:
-                    return backward(x, **_backward_args(fields or {}, backward_seq))
+                    return backward(x, **_backward_args(fields or {},
+                                                        models.takes_backward_seq(compute_fn)))
                 if fields and (fields.get("forward_id") is not None
                                or fields.get("training_mode") is not None) and \
                         getattr(compute_fn, "supports_training", False):
                     return compute_fn.compute_training(
                         x, forward_id=fields.get("forward_id"),
                         training=bool(fields.get("training_mode")))
-                return compute(x)
+                return compute_fn.compute(x)
 
             if sessions is not None and fields and fields.get("session_id") is not None:
                 from .sessions import run_step
@@ -546,13 +721,21 @@ def _make_dispatch(compute_fn: ComputeFunction, registry: CodecRegistry,
                 out_codec = registry.get(codec)  # answer in the request's codec
             if out_codec is not None:
                 try:
-                    return encode_python(out_codec, out), ms, call._trailing
+                    result = encode_python(out_codec, out), ms, call._trailing
                 except CodecError as e:
+                    _log_exception(f"codec {out_codec.name!r} encoding the result", call, e)
                     raise Abort(grpc.StatusCode.INTERNAL, f"{e} (the result)", call._trailing) from e
-            return _tensor.prepare_result(out), ms, call._trailing
-        except Abort:
+            else:
+                result = _tensor.prepare_result(out), ms, call._trailing
+            models.count(model_id, method, "OK", ms / 1e3)
+            return result
+        except Abort as e:
+            models.count(model_id, method, _code_name(e.sl_code),
+                         time.perf_counter() - t0 if t0 else 0.0)
             raise
         except Exception as e:
+            _log_exception("compute()", call, e)
+            models.count(model_id, method, "INTERNAL", time.perf_counter() - t0 if t0 else 0.0)
             if call._trailing:
                 e.sl_trailing = call._trailing  # type: ignore[attr-defined]
             raise
@@ -560,3 +743,10 @@ def _make_dispatch(compute_fn: ComputeFunction, registry: CodecRegistry,
             context._set(None)
 
     return dispatch
+
+
+def _code_name(code: int) -> str:
+    for c in grpc.StatusCode:
+        if c.value[0] == code:
+            return c.name
+    return "UNKNOWN"

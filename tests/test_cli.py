@@ -146,7 +146,7 @@ def compute_module(tmp_path: Path) -> Path:
 
 
 def serving_address(line: str) -> str:
-    m = re.fullmatch(r"serving (\S+) on (\S+):(\d+)", line)
+    m = re.fullmatch(r"serving (\S+) on (\S+):(\d+)(, metrics on http://\S+/metrics)?", line)
     assert m is not None, f"unexpected first line {line!r}"
     port = int(m.group(3))
     assert 0 < port < 65536
@@ -394,9 +394,17 @@ def test_metrics_port(serve_cli, compute_module: Path) -> None:
         assert "metrics are not available in this build" in r.stderr
         return
     pytest.importorskip("prometheus_client")
-    server = serve_cli("my_compute.py:doubler", "--port", "0", "--metrics-port",
-                       str(free_port()), cwd=compute_module.parent)
-    serving_address(server.first_line())
+    server = serve_cli("my_compute.py:doubler", "--port", "0", "--metrics-port", "0",
+                       cwd=compute_module.parent)
+    line = server.first_line()
+    serving_address(line)
+    # --metrics-port 0: the serving line shows the port the OS chose, and it answers
+    m = re.search(r", metrics on (http://[^:]+:(\d+)/metrics)$", line)
+    assert m is not None and int(m.group(2)) != 0, line
+    import urllib.request
+
+    with urllib.request.urlopen(m.group(1).replace("0.0.0.0", "127.0.0.1"), timeout=30) as r:
+        assert b"splitlearn_requests_total" in r.read()
     assert server.stop() == 0, server.stderr()
 
 

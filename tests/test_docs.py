@@ -163,3 +163,103 @@ def test_extract_blocks() -> None:
         Block(14, "b = a + 1\n", True),
         Block(17, "s = '''\n```\n'''\n", True),
     ]
+
+
+# -- what a reader follows: fences, links, anchors ---------------------------------------
+
+_LINK = re.compile(r"\]\((?P<target>[^)\s]+)\)")
+_CODE_MD = re.compile(r"`(?P<name>[\w./-]+\.md)`")
+
+
+def _markdown_files() -> List[Path]:
+    return doc_files() + [ROOT / "README.md"]
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lowercase, punctuation dropped, spaces to '-'."""
+    text = re.sub(r"[`*_]", lambda m: "_" if m.group(0) == "_" else "", heading.strip().lower())
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def _anchors(path: Path) -> set:
+    anchors = set()
+    in_fence = False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if _FENCE.match(line):
+            in_fence = not in_fence
+            continue
+        if not in_fence and line.startswith("#"):
+            anchors.add(_slug(line.lstrip("#")))
+    return anchors
+
+
+def _prose(text: str) -> str:
+    """``text`` without its fenced blocks."""
+    out, in_fence = [], False
+    for line in text.splitlines():
+        if _FENCE.match(line):
+            in_fence = not in_fence
+        elif not in_fence:
+            out.append(line)
+    return "\n".join(out)
+
+
+def _empty_fences(text: str) -> List[int]:
+    """Line numbers of fenced blocks with nothing in them."""
+    empty, lines, i = [], text.splitlines(), 0
+    while i < len(lines):
+        m = _FENCE.match(lines[i])
+        if m is None:
+            i += 1
+            continue
+        j = i + 1
+        while j < len(lines):
+            close = _FENCE.match(lines[j])
+            if close is not None and close.group("info") == "" and \
+                    close.group("fence")[0] == m.group("fence")[0]:
+                break
+            j += 1
+        if all(not line.strip() for line in lines[i + 1:j]):
+            empty.append(i + 1)
+        i = j + 1
+    return empty
+
+
+@pytest.mark.parametrize("path", _markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_empty_code_blocks(path: Path) -> None:
+    assert _empty_fences(path.read_text(encoding="utf-8")) == [], path
+
+
+@pytest.mark.parametrize("path", _markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_links_and_anchors_resolve(path: Path) -> None:
+    text = _prose(path.read_text(encoding="utf-8"))
+    broken = []
+    for m in _LINK.finditer(re.sub(r"`[^`]*`", "", text)):
+        target = m.group("target")
+        if re.match(r"^[a-z]+:", target):
+            continue  # http:, https:, mailto:
+        file, _, anchor = target.partition("#")
+        dest = (path.parent / file).resolve() if file else path
+        if not dest.exists():
+            broken.append(target)
+        elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+            broken.append(target)
+    # a Markdown file named in code (`name.md`) must exist too, somewhere in the project
+    names = {p.name for p in ROOT.rglob("*.md") if ".venv" not in p.parts}
+    broken += [m.group("name") for m in _CODE_MD.finditer(text)
+               if Path(m.group("name")).name not in names]
+    assert broken == [], f"{path.relative_to(ROOT)}: broken links {broken}"
+
+
+@pytest.mark.parametrize("name", ["extending.md", "zh/extending.md"])
+def test_the_guide_does_not_compare_itself_with_a_text_the_reader_has_not_seen(name: str) -> None:
+    text = (DOCS / name).read_text(encoding="utf-8")
+    for phrase in ("**Changed", "the guide's", "As in the guide", "原指南", "**更改"):
+        assert phrase not in text, (name, phrase)
+
+
+def test_slug() -> None:
+    assert _slug(" The interceptors of the guide") == "the-interceptors-of-the-guide"
+    assert _slug("Several compute functions (model_id)") == "several-compute-functions-model_id"
+    assert _slug("`SparseTensorCodec`, and its bug") == "sparsetensorcodec-and-its-bug"

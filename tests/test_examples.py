@@ -41,6 +41,13 @@ CLIENT_TIMEOUT_S = 120
 STOP_TIMEOUT_S = 10
 
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
+_FLOAT = re.compile(r"\d+\.\d+")
+
+
+def long_floats(text: str) -> List[str]:
+    """Floats printed with all their digits (2.477726459503174, 0.013285591000000001):
+    more than 8 significant digits."""
+    return [f for f in _FLOAT.findall(text) if len(f.replace(".", "").lstrip("0")) > 8]
 
 
 def _env() -> dict:
@@ -72,6 +79,8 @@ def test_demo_runs_and_prints_shapes() -> None:
     assert "successful_requests: 45" in out, _report(proc)  # 1 warm-up + 4 + 4 threads x 10
     assert "failed_requests: 0" in out, _report(proc)
     assert "custom_info.name: mlp-bottom" in out, _report(proc)
+    assert re.search(r"^  uptime_seconds: \d+\.\d$", out, re.M), _report(proc)
+    assert long_floats(out) == [], _report(proc)  # floats are printed rounded
     assert "server process exited with code 0" in out, _report(proc)
 
 
@@ -252,6 +261,7 @@ def test_prometheus_monitoring_example() -> None:
                     r"(http://127\.0\.0\.1:\d+/metrics)$", proc.stdout, re.M)
     assert url is not None, _report(proc)
     assert f"scraped {url.group(1)}: " in proc.stdout, _report(proc)   # one scrape, over HTTP
+    assert long_floats(proc.stdout) == [], _report(proc)  # floats are printed rounded
     for expected in [
         "bad call: INTERNAL",
         'splitlearn_requests_total{code="OK",method="Compute"} 4.0',

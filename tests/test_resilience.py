@@ -283,6 +283,7 @@ def test_circuit_breaker_is_thread_safe(serve, connect):
 def test_stalled_compute_gives_deadline_exceeded_and_the_server_notices(serve, connect):
     noticed = threading.Event()
     released = threading.Event()
+    client_gave_up = threading.Event()
 
     class Long(slc.ComputeFunction):
         def compute(self, x):
@@ -294,14 +295,20 @@ def test_stalled_compute_gives_deadline_exceeded_and_the_server_notices(serve, c
                     noticed.set()
                     break
                 time.sleep(0.01)
+            # answer only once the client has given up: on a loaded machine the client's
+            # deadline timer may fire after a prompt answer has already arrived
+            client_gave_up.wait(10)
             released.set()
             return x
 
     server = serve(Long(), max_workers=1)
     client = connect(server, timeout=0.3)
     t0 = time.monotonic()
-    with pytest.raises(slc.RpcError) as info:
-        client.compute(torch.ones(1))
+    try:
+        with pytest.raises(slc.RpcError) as info:
+            client.compute(torch.ones(1))
+    finally:
+        client_gave_up.set()
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - t0 < 2
     assert noticed.wait(5) and released.wait(5)

@@ -285,6 +285,14 @@ static int sleep_sliced(sl_client *c, double seconds, const sl_call_opts *o) {
   return status;
 }
 
+/* A name that does not resolve fails the same way on every attempt: retrying it
+ * only delays the error (gRPC words it "DNS resolution failed for ..."). */
+static int is_dns_failure(const sl_call_status *st) {
+  static const char prefix[] = "DNS resolution failed";
+  return st->code == SL_STATUS_UNAVAILABLE && st->details != NULL &&
+         strncmp(st->details, prefix, sizeof(prefix) - 1) == 0;
+}
+
 /* The attempts of a unary call under the options' retry policy. Returns SL_OK
  * (status OK, *resp set), SL_ESTATUS (non-OK status in st), SL_EINTR, or a local
  * failure. */
@@ -320,12 +328,16 @@ static int attempts(sl_client *c, const char *method, sl_payload *p, const sl_ca
       *resp = NULL;
     }
     if (o->retry == NULL || retry >= o->retry->max_retries ||
-        !sl_retry_code_is_retryable(st->code)) {
+        !sl_retry_code_is_retryable(st->code) || is_dns_failure(st)) {
       return SL_ESTATUS;
     }
     {
       double delay = sl_retry_delay(o->retry, retry, sl_retry_uniform(&rng));
       if (deadline > 0 && sl_now() + delay >= deadline) return SL_ESTATUS;
+      if (o->on_retry != NULL) {
+        o->on_retry(o->on_retry_user, method, st->code, st->details ? st->details : "",
+                    retry + 1, delay);
+      }
       if (sleep_sliced(c, delay, o) == SL_EINTR) {
         st->code = SL_STATUS_CANCELLED;
         return SL_EINTR;

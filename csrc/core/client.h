@@ -30,6 +30,14 @@ typedef struct sl_client sl_client;
  * and the call returns SL_EINTR). */
 typedef int (*sl_interrupt_fn)(void *user);
 
+/* Called in the calling thread, without any lock, when an attempt failed and the
+ * retry policy will retry it: `method` is the full method path, `code` and
+ * `details` the attempt's status (`details` valid only during the call),
+ * `attempt` the number of the failed attempt (1 for the first) and `delay` the
+ * seconds the client sleeps before the next one. */
+typedef void (*sl_retry_fn)(void *user, const char *method, int code, const char *details,
+                            int attempt, double delay);
+
 typedef struct sl_call_opts {
   double timeout;            /* overall seconds for all attempts and sleeps; <= 0: none */
   const sl_kv *metadata;     /* request metadata (copied per attempt) */
@@ -39,6 +47,8 @@ typedef struct sl_call_opts {
   sl_breaker *breaker;          /* NULL: none; else consulted before and told after the call */
   sl_interrupt_fn interrupt;
   void *interrupt_user;
+  sl_retry_fn on_retry;      /* NULL: none; else told of every retry before its delay */
+  void *on_retry_user;
 } sl_call_opts;
 
 /* How a call ended. Strings and arrays are malloc'd; sl_call_status_clear frees. */

@@ -14,11 +14,13 @@ typedef struct client_obj {
   sl_client *client;
   slpy_state *st;
   PyObject *target; /* str */
+  PyObject *retry_hook; /* strong, or NULL: set once by set_retry_hook() */
 } client_obj;
 
 typedef struct interrupt_ctx {
   PyThreadState *ts;
   int on_main;
+  client_obj *client; /* borrowed: the caller holds it for the whole call */
 } interrupt_ctx;
 
 /* Called without the GIL, in the thread that made the call, between wait
@@ -32,6 +34,22 @@ static int check_interrupt(void *user) {
   r = PyErr_CheckSignals();
   c->ts = PyEval_SaveThread();
   return r < 0;
+}
+
+/* Called without the GIL, in the thread that made the call, before a retry's
+ * delay: runs the retry hook (Python logging) with the GIL; never leaves an
+ * exception set (a failing hook is reported as unraisable). */
+static void report_retry(void *user, const char *method, int code, const char *details,
+                         int attempt, double delay) {
+  interrupt_ctx *c = user;
+  PyObject *r;
+  if (c->client == NULL || c->client->retry_hook == NULL) return;
+  PyEval_RestoreThread(c->ts);
+  r = PyObject_CallFunction(c->client->retry_hook, "OsisId", c->client->target, method, code,
+                            details, attempt, delay);
+  if (r == NULL) PyErr_WriteUnraisable(c->client->retry_hook);
+  Py_XDECREF(r);
+  c->ts = PyEval_SaveThread();
 }
 
 static int parse_retry(PyObject *retry, sl_retry_policy *p, const sl_retry_policy **out) {
@@ -129,7 +147,10 @@ static int call_args_init(client_obj *self, call_args *a, double timeout, PyObje
   a->opts.wait_for_ready = wait_for_ready;
   a->opts.interrupt = check_interrupt;
   a->opts.interrupt_user = &a->ictx;
+  a->opts.on_retry = report_retry;
+  a->opts.on_retry_user = &a->ictx;
   a->ictx.on_main = PyThread_get_thread_ident() == self->st->main_thread;
+  a->ictx.client = self;
   return 0;
 }
 
@@ -387,6 +408,7 @@ static PyObject *client_connect(client_obj *self, PyObject *arg) {
   if (timeout == -1.0 && PyErr_Occurred()) return NULL;
   if (ensure_open(self) < 0) return NULL;
   ictx.on_main = PyThread_get_thread_ident() == self->st->main_thread;
+  ictx.client = self;
   ictx.ts = PyEval_SaveThread();
   rc = sl_client_connect(self->client, timeout, check_interrupt, &ictx);
   PyEval_RestoreThread(ictx.ts);
@@ -406,6 +428,21 @@ static PyObject *client_close(client_obj *self, PyObject *unused) {
     sl_client_destroy(c);
     Py_END_ALLOW_THREADS
   }
+  Py_RETURN_NONE;
+}
+
+/* set_retry_hook(fn): fn(target, method, code, details, attempt, delay) runs before
+ * each retry's delay. Set once, before any call (calls read it without a lock). */
+static PyObject *client_set_retry_hook(client_obj *self, PyObject *fn) {
+  if (!PyCallable_Check(fn)) {
+    PyErr_SetString(PyExc_TypeError, "the retry hook must be callable");
+    return NULL;
+  }
+  if (self->retry_hook != NULL) {
+    PyErr_SetString(PyExc_RuntimeError, "the retry hook is set once");
+    return NULL;
+  }
+  self->retry_hook = Py_NewRef(fn);
   Py_RETURN_NONE;
 }
 
@@ -454,6 +491,7 @@ static void client_dealloc(client_obj *self) {
   PyTypeObject *tp = Py_TYPE(self);
   client_close(self, NULL);
   Py_CLEAR(self->target);
+  Py_CLEAR(self->retry_hook);
   tp->tp_free((PyObject *)self);
   Py_DECREF(tp);
 }
@@ -471,6 +509,8 @@ static PyMethodDef client_methods[] = {
      "grpc.health.v1.Health/Check -> ServingStatus number"},
     {"connect", (PyCFunction)client_connect, METH_O, "connect(timeout) -> bool (channel ready)"},
     {"close", (PyCFunction)client_close, METH_NOARGS, "Close the channel."},
+    {"set_retry_hook", (PyCFunction)client_set_retry_hook, METH_O,
+     "set_retry_hook(fn): fn(target, method, code, details, attempt, delay) before each retry"},
     {NULL, NULL, 0, NULL}};
 
 static PyType_Slot client_slots[] = {
