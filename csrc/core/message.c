@@ -25,6 +25,32 @@ static const char *kind_name(sl_msg_kind kind) {
   return "message";
 }
 
+/* The text fields of each tensor message (proto/splitlearn_comm.proto): well-formed
+ * UTF-8 without NUL bytes, or the message is refused naming the field. */
+#define TEXT_COMMON                                                      \
+  {{16}, "dtype"}, {{17}, "codec"}, {{18, 1}, "codec_metadata (a key)"}, \
+      {{18, 2, 3}, "codec_metadata (a string value)"}
+static const sl_wire_text_field text_compute_request[] = {
+    {{4, 1}, "metadata (a key)"}, {{4, 2}, "metadata (a value)"}, {{5}, "model_id"},
+    {{6}, "forward_id"}, {{40}, "session_id"}, TEXT_COMMON};
+static const sl_wire_text_field text_compute_response[] = {{{6}, "forward_id"}, TEXT_COMMON};
+static const sl_wire_text_field text_backward_request[] = {
+    {{3}, "forward_id"}, {{4}, "model_id"}, {{40}, "session_id"}, TEXT_COMMON};
+static const sl_wire_text_field text_backward_response[] = {{{3}, "forward_id"}, TEXT_COMMON};
+
+static int check_text_fields(sl_msg_kind kind, const uint8_t *header, size_t len, const char *what,
+                             sl_err *err) {
+#define CHECK_TEXT(t) sl_wire_check_text(header, len, t, sizeof(t) / sizeof(t[0]), what, err)
+  switch (kind) {
+    case SL_MSG_COMPUTE_REQUEST: return CHECK_TEXT(text_compute_request);
+    case SL_MSG_COMPUTE_RESPONSE: return CHECK_TEXT(text_compute_response);
+    case SL_MSG_BACKWARD_REQUEST: return CHECK_TEXT(text_backward_request);
+    case SL_MSG_BACKWARD_RESPONSE: return CHECK_TEXT(text_backward_response);
+  }
+#undef CHECK_TEXT
+  return SL_OK;
+}
+
 /* In every tensor message the tensor bytes are field 1 and the shape field 2. */
 #define TENSOR_FIELD 1u
 
@@ -232,6 +258,9 @@ int sl_tensor_msg_read(sl_msg_kind kind, const sl_span *spans, size_t nspans, sl
                         "malformed %s: its fields could not be parsed", kind_name(kind));
     goto cleanup;
   }
+  status = check_text_fields(kind, split.header, split.header_len, kind_name(kind), err);
+  if (status != SL_OK) goto cleanup;
+  status = SL_EINVAL;
   sl_tensor_msg_fields(kind, out->header, &f);
   if (sl_dtype_from_name(*f.dtype, strlen(*f.dtype), &dtype) != SL_OK) {
     status = sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,

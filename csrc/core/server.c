@@ -566,17 +566,22 @@ static int method_of(grpc_slice m) {
 }
 
 /* Constant-time comparison of the "authorization" metadata with every token:
- * the time taken does not depend on where a guess first differs. */
+ * the time taken does not depend on where a guess first differs. A call with
+ * more than one authorization header is refused whatever they hold (-1): with
+ * "last one wins", "wrong, right" would be let in by us and read as "wrong" by a
+ * proxy or interceptor that takes the first. */
 static int authorized(const sl_server *s, const sl_kv *kv, size_t nkv) {
   const char *value = NULL;
-  size_t vlen = 0;
+  size_t vlen = 0, count = 0;
   int ok = 0;
   for (size_t i = 0; i < nkv; i++) {
     if (strcmp(kv[i].key, "authorization") == 0) {
       value = kv[i].value;
       vlen = kv[i].value_len;
+      count++;
     }
   }
+  if (count > 1) return -1;
   if (value == NULL) return 0;
   for (size_t t = 0; t < s->n_tokens; t++) {
     const unsigned char *a = (const unsigned char *)s->tokens[t];
@@ -609,6 +614,7 @@ struct served {
   double t_start;
   int counted;       /* in the metrics */
   int responding;    /* got as far as sending a status */
+  int no_message;    /* the request had no message (malformed, or the client left) */
   tcall tc;
   /* deferral, guarded by srv->mu */
   int deferred;      /* the hook returned SL_EAGAIN */
@@ -685,7 +691,11 @@ cleanup:
     double now = sl_now();
     sv->r.rec.stage[SL_STAGE_SEND] = t_send > 0 ? now - t_send : 0;
     sv->r.rec.stage[SL_STAGE_TOTAL] = now - sv->t_start;
-    if (cs->cancelled && sv->r.rec.code == SL_STATUS_OK) sv->r.rec.code = SL_STATUS_CANCELLED;
+    /* cancelled: the client never saw our status; one that left during its
+     * upload is a cancelled call, not a malformed one */
+    if (cs->cancelled && (sv->r.rec.code == SL_STATUS_OK || sv->no_message)) {
+      sv->r.rec.code = SL_STATUS_CANCELLED;
+    }
     clock_gettime(CLOCK_REALTIME, &wall);
     sv->r.rec.wall_time = (double)wall.tv_sec + (double)wall.tv_nsec * 1e-9;
     sl_metrics_call_finished(s->metrics, &sv->r.rec);
@@ -757,17 +767,23 @@ static int serve_call(served *sv, grpc_call_details *details, grpc_metadata_arra
   ci.state = cs;
   cs->deadline = ci.deadline;
 
-  if (s->n_tokens > 0 && !streq_slice(details->method, METHOD_STD_HEALTH) &&
-      !authorized(s, sv->kv, sv->nkv)) {
-    sl_err_set(&sv->r.err, SL_EINVAL, SL_STATUS_UNAUTHENTICATED,
-               "missing or invalid authorization token");
-    goto finish;
+  if (s->n_tokens > 0 && !streq_slice(details->method, METHOD_STD_HEALTH)) {
+    int auth = authorized(s, sv->kv, sv->nkv);
+    if (auth != 1) {
+      sl_err_set(&sv->r.err, SL_EINVAL, SL_STATUS_UNAUTHENTICATED, "%s",
+                 auth < 0 ? "more than one authorization header; send exactly one"
+                          : "missing or invalid authorization token");
+      goto finish;
+    }
   }
   if (s->hooks.intercept != NULL && s->hooks.intercept(s->user, &ci, &sv->r.err) != SL_OK) {
     if (sv->r.err.code == SL_STATUS_OK) sv->r.err.code = SL_STATUS_UNKNOWN;
     goto finish;
   }
   if (sv->in_bb == NULL) {
+    /* the client half-closed without a message, or went away during its upload:
+     * which one shows when the close watch completes (counted in respond_and_finish) */
+    sv->no_message = 1;
     sl_err_set(&sv->r.err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
                "the call carried no request message");
     goto finish;

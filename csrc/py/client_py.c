@@ -81,13 +81,19 @@ static int ensure_open(client_obj *self) {
 static void raise_call_error(client_obj *self, const sl_call_status *st) {
   PyObject *trailing = slpy_metadata_tuple(st->trailing, st->n_trailing);
   PyObject *initial = slpy_metadata_tuple(st->initial, st->n_initial);
-  PyObject *args = NULL;
-  if (trailing != NULL && initial != NULL) {
-    args = Py_BuildValue("(isOOsi)", st->code, st->details ? st->details : "", trailing, initial,
-                         st->debug ? st->debug : "", st->attempts);
+  PyObject *args = NULL, *details = NULL, *debug = NULL;
+  /* the status message and debug string come from the peer: decode leniently, so
+   * that the caller always gets the RpcError, never a UnicodeDecodeError */
+  const char *d = st->details ? st->details : "", *g = st->debug ? st->debug : "";
+  details = PyUnicode_DecodeUTF8(d, (Py_ssize_t)strlen(d), "replace");
+  debug = PyUnicode_DecodeUTF8(g, (Py_ssize_t)strlen(g), "replace");
+  if (trailing != NULL && initial != NULL && details != NULL && debug != NULL) {
+    args = Py_BuildValue("(iOOOOi)", st->code, details, trailing, initial, debug, st->attempts);
   }
   if (args != NULL) PyErr_SetObject(self->st->call_error, args);
   Py_XDECREF(args);
+  Py_XDECREF(details);
+  Py_XDECREF(debug);
   Py_XDECREF(trailing);
   Py_XDECREF(initial);
 }
