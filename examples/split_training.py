@@ -16,6 +16,7 @@ Usage::
 
     python examples/split_training.py                  # server in a child process
     python examples/split_training.py --codec bf16     # bf16 activations and gradients
+    python examples/split_training.py --chunks 4       # pipelined: 4 micro-batches in flight
     python examples/split_training.py --serve --port 6000            # server only
     python examples/split_training.py --connect 127.0.0.1:6000       # client only
 
@@ -139,8 +140,10 @@ def train(args: argparse.Namespace, address: str) -> Tuple[float, float]:
     local = torch.nn.Sequential(bottom, middle, head)
     opt = make_optimizer(split.parameters(), args)
     lopt = make_optimizer(local.parameters(), args)
+    pipe = client.pipeline(chunks=args.chunks) if args.chunks > 1 else None
     print(f"digits: {len(ytr)} training and {len(yte)} test samples; split {args.split}, "
-          f"codec {args.codec}, server {address}", flush=True)
+          f"codec {args.codec}, server {address}"
+          + (f", pipelined in {args.chunks} micro-batches" if pipe else ""), flush=True)
     for epoch in range(1, args.epochs + 1):
         order = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(args.seed + epoch))
         sums = {"split": [0.0, 0], "local": [0.0, 0]}
@@ -148,7 +151,16 @@ def train(args: argparse.Namespace, address: str) -> Tuple[float, float]:
         for i in range(0, len(ytr), args.batch_size):
             idx = order[i:i + args.batch_size]
             x, y = xtr[idx], ytr[idx]
+            if pipe is not None:  # GPipe-style: micro-batches in flight, same updates
+                opt.zero_grad()
+                loss_value, logits = pipe.step(x, y, split.bottom, F.cross_entropy, split.head,
+                                               return_outputs=True)
+                opt.step()
+                sums["split"][0] += loss_value * len(y)
+                sums["split"][1] += (logits.argmax(1) == y).sum().item()
             for name, model, o in (("split", split, opt), ("local", local, lopt)):
+                if name == "split" and pipe is not None:
+                    continue
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
                 o.zero_grad()
@@ -187,6 +199,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         "returns logits (default: %(default)s)")
     p.add_argument("--codec", choices=sorted(CODECS), default="raw",
                    help="codec of activations and gradients (default: %(default)s)")
+    p.add_argument("--chunks", type=int, default=1,
+                   help="train the split model pipelined, in this many micro-batches per "
+                        "batch (client.pipeline); 1: the plain step (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.05)

@@ -6,8 +6,13 @@ core; this package is the Python face of it.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from .codecs import (BFloat16Codec, CodecError, CompressedTensorCodec, Float16Codec, Int8Codec,
                      SparseCOOCodec)
+from ._async import AsyncGRPCComputeClient, CallFuture
+from .aio import (AsyncChainComputeFunction, AsyncComputeFunction, AsyncGRPCComputeServer,
+                  AsyncLambdaComputeFunction, AsyncModelComputeFunction, serve_async)
 from .client import (CircuitBreaker, ExponentialBackoff, FixedDelay, GRPCComputeClient,
                      RetryStrategy)
 from .context import CallContext, current_call
@@ -16,12 +21,23 @@ from .errors import RpcError
 from .server import GRPCComputeServer
 from .sessions import KVCacheComputeFunction, Session, SessionState
 from .tls import ClientTLS, ServerTLS
-from .training_client import remote
+from .pipeline import Pipeline, pipeline
 from .training import TrainableComputeFunction
+from .training_client import remote
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncChainComputeFunction",
+    "AsyncComputeFunction",
+    "AsyncGRPCComputeServer",
+    "AsyncLambdaComputeFunction",
+    "AsyncModelComputeFunction",
+    "serve_async",
+    "AsyncGRPCComputeClient",
+    "CallFuture",
+    "Pipeline",
+    "pipeline",
     "BFloat16Codec",
     "CallContext",
     "CircuitBreaker",
@@ -52,7 +68,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name == "RemoteModule":  # a torch.nn.Module: made on first use, torch is imported lazily
         from . import training_client as _remote
 

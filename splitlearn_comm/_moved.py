@@ -7,42 +7,34 @@ import sys
 from typing import Dict, NoReturn
 
 _SEE = " (docs/migrating.md)"
-_ASYNC = ("is not in this version: compute() runs on the server's C worker threads, up to "
-          "max_workers calls at once, so a blocking ComputeFunction serves concurrent calls; "
-          "wrap an async function with asyncio.run() inside compute()")
-
 #: Top-level names of the earlier package, and what replaced them.
 TOP_LEVEL: Dict[str, str] = {
-    "AsyncComputeFunction": f"AsyncComputeFunction {_ASYNC}",
-    "AsyncModelComputeFunction": f"AsyncModelComputeFunction {_ASYNC}; use ModelComputeFunction",
-    "AsyncLambdaComputeFunction": f"AsyncLambdaComputeFunction {_ASYNC}",
-    "AsyncChainComputeFunction": f"AsyncChainComputeFunction {_ASYNC}",
-    "AsyncGRPCComputeServer": f"AsyncGRPCComputeServer {_ASYNC}; use GRPCComputeServer",
-    "AsyncComputeServicer": f"AsyncComputeServicer {_ASYNC}; use GRPCComputeServer",
-    "serve_async": f"serve_async {_ASYNC}; use GRPCComputeServer",
+    "AsyncComputeServicer": ("AsyncComputeServicer is gone: there is no grpcio servicer; "
+                             "AsyncGRPCComputeServer (or GRPCComputeServer, which runs async "
+                             "compute functions on its event loop) serves them"),
     "ComputeServicer": ("ComputeServicer is gone: there is no grpcio servicer, GRPCComputeServer "
                         "serves on the gRPC C core (grpc.ServerInterceptor objects go to its "
                         "interceptors= argument)"),
     "serve": ("serve(compute_fn, port) is GRPCComputeServer(compute_fn, port=port, "
               "handle_signals=True).start().wait_for_termination() here (or the command line: "
               "splitlearn-comm serve module:factory --port PORT)"),
-    "ClientUI": ("ClientUI (the Gradio UI) is not in this version: the server's metrics are served "
-                 "to Prometheus with GRPCComputeServer(metrics_port=...) (docs/monitoring.md)"),
-    "ServerMonitoringUI": ("ServerMonitoringUI (the Gradio UI) is not in this version: use "
-                           "GRPCComputeServer(metrics_port=...) and server.metrics() "
-                           "(docs/monitoring.md)"),
+    "ClientUI": ("ClientUI (the Gradio UI) is not in this version: the server serves a live "
+                 "dashboard with GRPCComputeServer(metrics_port=...), or see several servers "
+                 "with the command splitlearn-comm dashboard (docs/monitoring.md)"),
+    "ServerMonitoringUI": ("ServerMonitoringUI (the Gradio UI) is not in this version: "
+                           "GRPCComputeServer(metrics_port=...) serves a live dashboard at / "
+                           "and Prometheus metrics at /metrics (docs/monitoring.md)"),
 }
 
 #: Names of the earlier splitlearn_comm.core.
 CORE: Dict[str, str] = {
-    "KVCacheCodec": ("KVCacheCodec is not in this version: a KV cache travels as tensors of "
-                     "their own, each with the client's codec"),
+    "KVCacheCodec": ("KVCacheCodec is gone: client.compute_with_cache() sends the cache in the "
+                     "original's fields (raw float32), and compute() sends one as a structure "
+                     "of tensors, each with its codec (docs/api.md)"),
 }
 
 #: GRPCComputeClient methods of the earlier package.
 CLIENT: Dict[str, str] = {
-    "compute_with_cache": ("compute_with_cache() (past_key_values, use_cache) is not in this "
-                           "version: send one tensor per call with compute()"),
     "get_server_monitoring_data": ("get_server_monitoring_data() is gone: the server's metrics "
                                    "are server.metrics() there, or Prometheus with metrics_port="),
     "clear_server_monitoring_data": ("clear_server_monitoring_data() is gone: the server's "

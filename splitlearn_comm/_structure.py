@@ -15,7 +15,7 @@ from name or path prefix to codec; the others go raw.
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
@@ -55,7 +55,7 @@ def flatten(obj: Any) -> Tuple[int, List[Tuple[str, Any]], Optional[List[Node]]]
         return SINGLE, [("", obj)], None
     leaves: List[Tuple[str, Any]] = []
     nodes: List[Node] = []
-    names: set = set()
+    names: Set[str] = set()
     tensor_type = _torch_tensor_type()
 
     def add_tensor(o: Any, path: str, key: Optional[str]) -> None:

@@ -9,6 +9,7 @@ import sys
 from typing import Any, Tuple
 
 import numpy as np
+from numpy.typing import NDArray
 
 # How a result is given back: ("torch", device) or ("numpy", None).
 Restore = Tuple[str, Any]
@@ -17,7 +18,7 @@ Restore = Tuple[str, Any]
 _torch_module: Any = None
 
 
-def _torch():
+def _torch() -> Any:
     global _torch_module
     if _torch_module is None:
         import torch  # imported lazily: NumPy-only users never pay for it
@@ -63,10 +64,7 @@ def prepare(obj: Any) -> Tuple[Any, Restore]:
         _check_numpy_dtype(obj.dtype)
         if obj.dtype.byteorder == ">" or (obj.dtype.byteorder == "=" and sys.byteorder == "big"):
             obj = obj.astype(obj.dtype.newbyteorder("<"))
-        if not obj.flags.c_contiguous:
-            # not np.ascontiguousarray: it turns a 0-d array into shape (1,)
-            obj = np.array(obj, order="C", copy=True)
-        return obj, ("numpy", None)
+        return _c_contiguous(obj), ("numpy", None)
     if hasattr(obj, "__dlpack__"):
         return obj, ("torch", None)
     raise TypeError("expected a torch.Tensor, a numpy.ndarray or an object with __dlpack__, "
@@ -84,12 +82,17 @@ def exportable(obj: Any) -> Any:
     return obj
 
 
-def _check_numpy_dtype(dtype: np.dtype) -> None:
+def _check_numpy_dtype(dtype: np.dtype[Any]) -> None:
     """Refuse NumPy dtypes that are not tensors of numbers (object, str, bytes, void, ...)."""
     if dtype.kind not in "biufc" or dtype.fields is not None:
         raise TypeError(f"NumPy arrays of dtype {dtype} cannot be sent: only bool, integer, "
                         "floating-point and complex dtypes can (convert strings or objects to "
                         "numbers first)")
+
+
+def _c_contiguous(a: NDArray[Any]) -> NDArray[Any]:
+    """`a` in C order, keeping its shape: np.ascontiguousarray makes 0-d arrays 1-d."""
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
 def dtype_name(dtype: Any) -> str:
@@ -99,7 +102,7 @@ def dtype_name(dtype: Any) -> str:
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(dtype, torch.dtype):
         return str(dtype).replace("torch.", "")
-    return np.dtype(dtype).name
+    return str(np.dtype(dtype).name)
 
 
 def restore(holder: Any, how: Restore) -> Any:

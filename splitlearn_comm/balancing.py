@@ -16,7 +16,7 @@ import logging
 import socket
 import threading
 import time
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 IP = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
@@ -60,10 +60,10 @@ def _resolve_host(host: str, port: int) -> List[IP]:
         raise ValueError(f"replica host {host!r} does not resolve: {e}") from None
     ips: List[IP] = []
     for _family, _t, _p, _c, sockaddr in infos:
-        ip = ipaddress.ip_address(sockaddr[0].split("%")[0])
+        ip = ipaddress.ip_address(str(sockaddr[0]).split("%")[0])
         if ip not in ips:
             ips.append(ip)
-    v4 = [ip for ip in ips if ip.version == 4]
+    v4: List[IP] = [ip for ip in ips if ip.version == 4]
     return v4 or ips
 
 
@@ -102,7 +102,7 @@ def multi_target(addresses: Sequence[str]) -> Tuple[str, List[str], bool]:
 def service_config(policy: str, health_check: bool = True) -> str:
     """The channel's service config (JSON): the load-balancing policy and, with
     round_robin, client-side health checking of the whole server ("")."""
-    config: dict = {"loadBalancingConfig": [{policy: {}}]}
+    config: dict[str, Any] = {"loadBalancingConfig": [{policy: {}}]}
     if health_check and policy == "round_robin":
         config["healthCheckConfig"] = {"serviceName": ""}
     return json.dumps(config, separators=(",", ":"))

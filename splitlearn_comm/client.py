@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import abc
 import collections
+import concurrent.futures
 import logging
 import numbers
 import random
@@ -715,6 +716,40 @@ class GRPCComputeClient:
             out, present = out
         return out, present, _timing_of(start, reply)
 
+    def compute_async(self, tensor: Any, metadata: MetadataLike = None,
+                      timeout: Optional[float] = None) -> "concurrent.futures.Future[Any]":
+        """Start ``compute(tensor)`` and return at once with its future.
+
+        The result (or the :class:`RpcError`) arrives in a
+        ``concurrent.futures.Future``: ``result(timeout)``, ``exception()``,
+        ``add_done_callback()``; ``cancel()`` cancels the gRPC call (the server sees
+        ``current_call().is_active()`` turn false). Any number of calls may be in
+        flight from one thread: they wait in the C core's completion queue, served by
+        one completion thread per client (done callbacks run there: keep them short
+        and never wait there for another call). Retries, deadlines, metadata, codecs
+        and statistics are those of :meth:`compute`. Closing the client fails the
+        calls in flight with CANCELLED. See docs/async.md.
+        """
+        from ._async import compute_async
+
+        return compute_async(self, tensor, metadata=metadata, timeout=timeout)
+
+    async def acompute(self, tensor: Any, metadata: MetadataLike = None,
+                       timeout: Optional[float] = None) -> Any:
+        """``await client.acompute(x)``: :meth:`compute` for asyncio, from any running
+        loop, without blocking it or parking a thread; ``task.cancel()`` cancels the
+        gRPC call."""
+        from ._async import acall
+
+        return await acall(self, tensor, metadata=metadata, timeout=timeout)
+
+    def pipeline(self, chunks: int = 4, **kwargs: Any) -> "Any":
+        """A :class:`splitlearn_comm.Pipeline` of ``chunks`` micro-batches over this
+        client (GPipe-style split training; see docs/async.md)."""
+        from .pipeline import Pipeline
+
+        return Pipeline(self, chunks=chunks, **kwargs)
+
     def remote(self, tensor: Any, *, training: Optional[bool] = None,
                learning_rate: Optional[float] = None, accumulation_step: Optional[int] = None,
                metadata: MetadataLike = None, timeout: Optional[float] = None) -> Any:
@@ -771,25 +806,7 @@ class GRPCComputeClient:
         """compute() with the call's extra fields: backward=True (ComputeBackward),
         forward_id, training_mode, model_id, learning_rate, accumulation_step,
         use_cache."""
-        if fields.get("model_id") is None:
-            fields.pop("model_id", None)
-            if self.model_id is not None:
-                fields["model_id"] = self.model_id
-        spec = self.codec if codec is _DEFAULT else codec
-        if codec is not _DEFAULT:
-            _structure.check_codec_spec(spec)
-            if isinstance(spec, TensorCodec):
-                self._registry.register(spec)
-            elif isinstance(spec, Mapping):
-                for c in spec.values():
-                    self._registry.register(c)
-        if _kv_leaves is not None:
-            form, items, nodes = _structure.SINGLE, _kv_leaves, None
-        else:
-            form, items, nodes = _structure.flatten(tensor)
-        how = _structure.restore_kind(tensor)
-        leaves = _out_leaves(form, items, spec)
-        sendable = (leaves, form, nodes)
+        sendable, how = self._sendable(tensor, fields, codec, _kv_leaves)
         md = self.metadata + _normalize_metadata(metadata)
         total = self.timeout if timeout is None else _check_timeout(timeout)
         start = time.perf_counter()
@@ -812,6 +829,37 @@ class GRPCComputeClient:
         if _timing is not None:
             _timing.update(_timing_of(start, reply))
         return self._result(reply, how)
+
+    def _sendable(self, tensor: Any, fields: Dict[str, Any], codec: Any = _DEFAULT,
+                  kv_leaves: Optional[List[Tuple[str, Any]]] = None
+                  ) -> Tuple[Tuple[List[Any], int, Any], _tensor.Restore]:
+        """What a call sends, ``(leaves, form, nodes)``, and how its result is given
+        back; sets ``fields["model_id"]`` from the client's default. Shared by the
+        blocking and the asynchronous calls."""
+        if fields.get("model_id") is None:
+            fields.pop("model_id", None)
+            if self.model_id is not None:
+                fields["model_id"] = self.model_id
+        spec = self.codec if codec is _DEFAULT else codec
+        if codec is not _DEFAULT:
+            _structure.check_codec_spec(spec)
+            if isinstance(spec, TensorCodec):
+                self._registry.register(spec)
+            elif isinstance(spec, Mapping):
+                for c in spec.values():
+                    self._registry.register(c)
+        if kv_leaves is not None:
+            form, items, nodes = _structure.SINGLE, kv_leaves, None
+        else:
+            form, items, nodes = _structure.flatten(tensor)
+        how = _structure.restore_kind(tensor)
+        return (_out_leaves(form, items, spec), form, nodes), how
+
+    @staticmethod
+    def _exported(leaves: List[Any]) -> List[Any]:
+        """The OutTensors of one attempt (DLPack capsules are used once)."""
+        return [_core.OutTensor((leaf[0], _tensor.exportable(leaf[1]), leaf[2]))
+                for leaf in leaves]
 
     def _result(self, reply: Any, how: _tensor.Restore) -> Any:
         values = [self._leaf_value(leaf, how) for leaf in reply.leaves]
@@ -846,9 +894,7 @@ class GRPCComputeClient:
         """One call to the C core: a single attempt, or a built-in strategy's loop in C."""
         fields = fields or {}
         leaves, form, nodes = sendable
-        # DLPack capsules are used once: made for this attempt
-        leaves = [_core.OutTensor((leaf[0], _tensor.exportable(leaf[1]), leaf[2]))
-                  for leaf in leaves]
+        leaves = self._exported(leaves)  # DLPack capsules are used once: made for this attempt
         try:
             return self._live().compute(
                 leaves, form=form, nodes=nodes, timeout=timeout or 0.0, metadata=md,

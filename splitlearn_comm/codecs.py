@@ -42,7 +42,7 @@ class _Builtin(TensorCodec):
     _builtin = True
     _kind = _RAW
 
-    def _spec(self) -> tuple:
+    def _spec(self) -> tuple[Any, ...]:
         return (self._kind, "", False, 0, 0, 0)
 
 
@@ -92,7 +92,7 @@ class Int8Codec(_Builtin):
     def __init__(self, axis: Optional[int] = None) -> None:
         self.axis = axis
 
-    def _spec(self) -> tuple:
+    def _spec(self) -> tuple[Any, ...]:
         return (_INT8, "", self.axis is not None, int(self.axis or 0), 0, 0)
 
     def __repr__(self) -> str:
@@ -121,10 +121,10 @@ class CompressedTensorCodec(_Builtin):
         self.algorithm = algorithm
         self.inner = inner
 
-    def _spec(self) -> tuple:
+    def _spec(self) -> tuple[Any, ...]:
         return (_COMPRESSED, "", False, 0, _ALGORITHMS[self.algorithm], int(self.compression_level))
 
-    def _inner_spec(self) -> Optional[tuple]:
+    def _inner_spec(self) -> Optional[tuple[Any, ...]]:
         return None if self.inner is None else self.inner._spec()
 
     def __repr__(self) -> str:
@@ -168,11 +168,11 @@ class CodecRegistry:
             known = ", ".join([_core.BUILTIN_CODECS, *self._codecs])
             raise CodecError(f"unknown codec {name!r}; known codecs: {known}") from None
 
-    def names(self) -> list:
+    def names(self) -> list[str]:
         return list(self._codecs)
 
 
-def encode_python(codec: TensorCodec, tensor: Any) -> tuple:
+def encode_python(codec: TensorCodec, tensor: Any) -> tuple[Any, ...]:
     """Run a Python codec's encode: the (data, shape, dtype, name, metadata) the C core sends."""
     from . import _tensor
 
@@ -190,7 +190,7 @@ def encode_python(codec: TensorCodec, tensor: Any) -> tuple:
             codec.name, metadata)
 
 
-def decode_python(codec: TensorCodec, data: Any, shape: tuple, metadata: Dict[str, Any]) -> Any:
+def decode_python(codec: TensorCodec, data: Any, shape: tuple[int, ...], metadata: Dict[str, Any]) -> Any:
     """Run a Python codec's decode with the arity its encoder used."""
     metadata = dict(metadata)
     arity = metadata.pop("sl.arity", 3)

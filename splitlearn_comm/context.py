@@ -1,6 +1,7 @@
 """The call being served, visible inside ``compute()`` without changing its signature."""
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 from typing import Any, Dict, Optional, Tuple
@@ -8,6 +9,9 @@ from typing import Any, Dict, Optional, Tuple
 from ._metadata import normalize as normalize_metadata
 
 _local = threading.local()
+# the call of an asynchronous compute (a task on the server's event loop)
+_task_call: "contextvars.ContextVar[Optional[CallContext]]" = contextvars.ContextVar(
+    "splitlearn_comm_call", default=None)
 
 
 class CallContext:
@@ -51,7 +55,8 @@ class CallContext:
         """False once the call is over for the client: it was cancelled (the client
         gave up or went away), its deadline passed, or the server is stopping. A
         long ``compute()`` may check this and stop early; its result would reach no
-        one. Call it from the thread running ``compute()``."""
+        one. Call it from the thread running ``compute()`` (for an ``async def
+        compute()``, from its task)."""
         if self._state is not None:
             return bool(self._state.is_active())
         return self.deadline is None or time.monotonic() < self.deadline
@@ -79,7 +84,11 @@ class CallContext:
 
 
 def current_call() -> Optional[CallContext]:
-    """The call served by this thread, or None outside ``compute()``."""
+    """The call served by this thread (or, in an ``async def compute()``, by this
+    task), or None outside ``compute()``."""
+    call = _task_call.get()
+    if call is not None:
+        return call
     return getattr(_local, "call", None)
 
 

@@ -102,7 +102,7 @@ class TensorCodec:
         """The codec's wire name."""
         c = self._c_codec()
         if c is not None:
-            return c.name
+            return str(c.name)
         return type(self).codec_name or type(self).__qualname__
 
     def is_python(self) -> bool:
@@ -110,7 +110,7 @@ class TensorCodec:
         return getattr(type(self), "_builtin", False) is False and (
             type(self).encode is not TensorCodec.encode or type(self).decode is not TensorCodec.decode)
 
-    def _spec(self) -> Optional[tuple]:
+    def _spec(self) -> Optional[tuple[Any, ...]]:
         """The C codec's arguments (kind, wire_dtype, per_channel, axis, algorithm, level)."""
         if self.is_python():
             return None
@@ -127,10 +127,13 @@ class TensorCodec:
         if cached is not None or self.is_python():
             return cached
         spec = self._spec()
+        if spec is None:
+            return None
         from . import _core
 
         inner = getattr(self, "_inner_spec", lambda: None)()
-        c = _core.Codec(*spec, inner) if inner is not None else _core.Codec(*spec)
+        kind, wire_dtype, per_channel, axis, algorithm, level = spec
+        c = _core.Codec(kind, wire_dtype, per_channel, axis, algorithm, level, inner)
         self.__dict__["_c"] = c
         return c
 

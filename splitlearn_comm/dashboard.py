@@ -228,7 +228,7 @@ def _latency(hist: Optional[Dict[str, Any]]) -> Optional[Dict[str, float]]:
             "mean": hist["sum"] / hist["count"]}
 
 
-def _split_requests(requests: Dict[Tuple, int]) -> Tuple[Dict[Tuple[str, str], int],
+def _split_requests(requests: Dict[Tuple[Any, ...], int]) -> Tuple[Dict[Tuple[str, str], int],
                                                          Dict[str, Dict[Tuple[str, str], int]]]:
     """Requests by (method, code), and by model id when the keys carry one."""
     flat: Dict[Tuple[str, str], int] = {}
@@ -248,8 +248,8 @@ def _went_back(cur: Metrics, prev: Metrics) -> bool:
     flat_p, _ = _split_requests(prev.get("requests", {}))
     if any(flat_c.get(k, 0) < n for k, n in flat_p.items()):
         return True
-    return (cur.get("request_bytes", 0) < prev.get("request_bytes", 0)
-            or cur.get("response_bytes", 0) < prev.get("response_bytes", 0))
+    return bool(cur.get("request_bytes", 0) < prev.get("request_bytes", 0)
+                or cur.get("response_bytes", 0) < prev.get("response_bytes", 0))
 
 
 def _block(req: Dict[Tuple[str, str], int], req_prev: Optional[Dict[Tuple[str, str], int]],
@@ -262,6 +262,12 @@ def _block(req: Dict[Tuple[str, str], int], req_prev: Optional[Dict[Tuple[str, s
         if code != "OK":
             errors[code] = errors.get(code, 0.0) + d / dt
     return calls, errors
+
+
+def _round_dict(d: Dict[str, Any]) -> Dict[str, Any]:
+    """:func:`_round` of a sample."""
+    out: Dict[str, Any] = _round(d)
+    return out
 
 
 def _round(v: Any) -> Any:
@@ -323,7 +329,7 @@ def make_sample(cur: Metrics, prev: Optional[Metrics], dt: float, seq: int,
     if prev is None or dt <= 0 or _went_back(cur, prev):
         for mid in models:
             sample["models"][mid] = {"calls": None, "errors": None, "latency": None}
-        return _round(sample)
+        return _round_dict(sample)
     flat_p, models_p = _split_requests(prev.get("requests", {}))
     if "models" in prev and isinstance(prev["models"], dict):
         models_p = {str(mid): {(k[0], k[1]): n for k, n in mm.get("requests", {}).items()}
@@ -350,7 +356,7 @@ def make_sample(cur: Metrics, prev: Optional[Metrics], dt: float, seq: int,
                                            ((mp or {}).get("latency_seconds") or {}).get("total")))
         sample["models"][mid] = {"calls": sum(calls.values()), "errors": sum(errors.values()),
                                  "latency": latency}
-    return _round(sample)
+    return _round_dict(sample)
 
 
 class MetricsSampler:
@@ -467,8 +473,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                b"after must be a sample's seq, or one per server separated "
                                b"by commas (e.g. after=12,40)\n")
                     return
-                body = json.dumps(self.server.payload(after), separators=(",", ":"))
-                self._send(200, "application/json", body.encode())
+                payload = json.dumps(self.server.payload(after), separators=(",", ":"))
+                self._send(200, "application/json", payload.encode())
             elif path == "/metrics":
                 code, ctype, body = self.server.prometheus()
                 self._send(code, ctype, body)

@@ -51,7 +51,9 @@ class RpcError(grpc.RpcError, grpc.Call):
     def details(self) -> str:
         return self._details
 
-    def trailing_metadata(self) -> Metadata:
+    # grpcio's stubs narrow metadata values and time_remaining() to str/float;
+    # grpcio itself gives bytes values for -bin keys and None for no deadline.
+    def trailing_metadata(self) -> Metadata:  # type: ignore[override]
         return self._trailing
 
     def initial_metadata(self) -> Metadata:
@@ -63,7 +65,7 @@ class RpcError(grpc.RpcError, grpc.Call):
     def is_active(self) -> bool:
         return False
 
-    def time_remaining(self) -> Optional[float]:
+    def time_remaining(self) -> Optional[float]:  # type: ignore[override]
         return None
 
     def cancel(self) -> bool:
@@ -82,13 +84,13 @@ class RpcError(grpc.RpcError, grpc.Call):
     def __repr__(self) -> str:
         return f"RpcError({self._code!s}, {self._details!r})"
 
-    def __reduce__(self):  # picklable, e.g. across multiprocessing
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:  # picklable, e.g. across multiprocessing
         return (_rebuild, (self._code.value[0], self._details, self.target, self.method,
                            self.attempts, self._trailing, self._initial, self._debug))
 
 
 def _rebuild(code: int, details: str, target: str, method: str, attempts: int,
-             trailing: Sequence, initial: Sequence, debug: str) -> RpcError:
+             trailing: Sequence[Any], initial: Sequence[Any], debug: str) -> RpcError:
     return RpcError(status_code(code), details, target=target, method=method, attempts=attempts,
                     trailing_metadata=tuple(trailing), initial_metadata=tuple(initial),
                     debug_error_string=debug)
@@ -108,7 +110,7 @@ class Abort(Exception):
     The C core reads ``sl_code`` and ``sl_details`` off the exception.
     """
 
-    def __init__(self, code: grpc.StatusCode, details: str, trailing: Sequence = ()) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, trailing: Sequence[Any] = ()) -> None:
         super().__init__(details)
         self.sl_code = code.value[0]
         self.sl_details = details

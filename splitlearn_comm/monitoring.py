@@ -46,14 +46,14 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Dict, Iterator, Optional, Union
 
 __all__ = ["AccessLogWriter", "ServerMetricsCollector", "start_metrics_server"]
 
 logger = logging.getLogger("splitlearn_comm.monitoring")
 
 
-def _prometheus():
+def _prometheus() -> tuple[Any, Any, Any]:
     try:
         import prometheus_client  # noqa: F401
         from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
@@ -73,7 +73,7 @@ class ServerMetricsCollector:
     (e.g. ``{"server": "tail"}``) when one process runs several.
     """
 
-    def __init__(self, server: Any, labels: Optional[dict] = None) -> None:
+    def __init__(self, server: Any, labels: Optional[dict[str, str]] = None) -> None:
         self.server = server
         self.labels = dict(labels or {})
 
@@ -86,7 +86,7 @@ class ServerMetricsCollector:
                            labels=["method", "code", *extra])
         errors = counter("splitlearn_errors_total", "Calls that did not end OK, by method.",
                          labels=["method", *extra])
-        failed: dict = {}
+        failed: dict[str, Any] = {}
         for (method, code), n in m["requests"].items():
             requests.add_metric([method, code, *values], n)
             if code != "OK":
@@ -146,7 +146,8 @@ class ServerMetricsCollector:
             yield from _session_metrics(sessions, counter, gauge, extra, values)
 
 
-def _session_metrics(s: dict, counter: Any, gauge: Any, extra: list, values: list) -> Iterator[Any]:
+def _session_metrics(s: dict[str, Any], counter: Any, gauge: Any, extra: list[Any],
+                     values: list[Any]) -> Iterator[Any]:
     for name, value, doc in (
             ("splitlearn_sessions", s["active"], "Open sessions."),
             ("splitlearn_session_bytes", s["bytes"], "Bytes of tensors the sessions hold."),
@@ -171,7 +172,7 @@ def _session_metrics(s: dict, counter: Any, gauge: Any, extra: list, values: lis
     yield ev
 
 
-def _store(server: Any) -> Optional[dict]:
+def _store(server: Any) -> Optional[Dict[str, Any]]:
     from .dashboard import _store_stats
 
     return _store_stats(getattr(server, "compute_fn", None))

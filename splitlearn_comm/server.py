@@ -8,11 +8,11 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import grpc
 
-from . import _core, _structure, _tensor, context
+from . import _core, _structure, _tensor, aio, context
 from ._structure import CodecSpec
 from .codecs import CodecError, CodecRegistry, decode_python, encode_python
 from .core import ComputeFunction, TensorCodec
@@ -220,6 +220,7 @@ class GRPCComputeServer:
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._torn_down = False
+        self._loop = aio.ServerLoop(f"splitlearn-async-{id(self):x}")
         from .sessions import SessionStore
 
         self.sessions = SessionStore(max_sessions, max_session_bytes, session_idle_timeout)
@@ -244,13 +245,15 @@ class GRPCComputeServer:
                 import torch  # noqa: F401
             except ImportError:  # pragma: no cover - NumPy-only servers
                 pass
-            self._models.setup()
+            self._models.setup(self._run_maybe_async)
             c_codec = None
             if isinstance(self.codec, TensorCodec) and not self.codec.is_python():
                 c_codec = self.codec._c_codec()
             server = _core.Server(
-                _make_dispatch(self._models, self._registry, self.codec, self.sessions),
-                _make_info(self._models, self.sessions), self.host, int(self._port), int(self.max_workers),
+                _make_dispatch(self._models, self._registry, self.codec, self.sessions,
+                               self._loop),
+                _make_info(self._models, self.sessions), self.host, int(self._port),
+                int(self.max_workers),
                 str(self.version), self.options, c_codec, self._registry.names(),
                 self.auth_tokens, self.tls._args() if self.tls else None,
                 _make_intercept(self.interceptors) if self.interceptors else None,
@@ -259,7 +262,8 @@ class GRPCComputeServer:
             try:
                 server.start()
             except BaseException as e:
-                self._models.teardown()  # setup() ran: undo it
+                self._models.teardown(self._run_maybe_async)  # setup() ran: undo it
+                self._loop.stop()
                 if isinstance(e, OSError):
                     raise OSError(f"could not start the server on {self.host}:{self._port}: {e}") from None
                 raise
@@ -289,6 +293,12 @@ class GRPCComputeServer:
                     f", metrics on {self.metrics_url}" if self.metrics_url else "")
         return self
 
+    def _run_maybe_async(self, fn: Any) -> None:
+        """Call setup()/teardown(); a coroutine one runs on the server's event loop."""
+        out = fn()
+        if inspect.isawaitable(out):
+            self._loop.run(out)
+
     def _abort_start(self) -> None:
         """Undo a start() that failed after the core started (called with the lock held)."""
         core, self._core = self._core, None
@@ -298,7 +308,8 @@ class GRPCComputeServer:
             self._access_writer = None
         if core is not None:
             core.stop(0.0)
-        self._models.teardown()
+        self._models.teardown(self._run_maybe_async)
+        self._loop.stop()
 
     @property
     def metrics_url(self) -> Optional[str]:
@@ -401,8 +412,9 @@ class GRPCComputeServer:
         _live.discard(self)
         self.sessions.clear()
         try:
-            self._models.teardown()
+            self._models.teardown(self._run_maybe_async)
         finally:
+            self._loop.stop()
             self._stopped.set()
             logger.info("stopped server on %s:%d", self.host, self.port)
 
@@ -456,6 +468,10 @@ def _check_compute_fn(fn: Any, what: str = "compute_fn") -> None:
                         "(or TrainableComputeFunction(model, optimizer) to train it over the wire)")
     raise TypeError(f"{what} must be a ComputeFunction (an object with compute()), "
                     f"got {type(fn).__name__}")
+
+
+def _call(fn: Callable[[], Any]) -> None:
+    fn()
 
 
 class _Models:
@@ -529,30 +545,32 @@ class _Models:
             return {k: {"requests": dict(v["requests"]), "compute_seconds": v["compute_seconds"]}
                     for k, v in self._counts.items()}
 
-    def setup(self) -> None:
+    def setup(self, run: Callable[[Callable[[], Any]], None] = _call) -> None:
+        """Each function's setup(), through ``run`` (the server's, which awaits an
+        async one on its loop); on a failure, teardown() of those already set up."""
         done = []
         try:
             for fn in self.functions():
                 setup = getattr(fn, "setup", None)
                 if callable(setup):
-                    setup()
+                    run(setup)
                 done.append(fn)
         except BaseException:
-            self._teardown(done)
+            self._teardown(done, run)
             raise
 
-    def teardown(self) -> None:
-        self._teardown(self.functions())
+    def teardown(self, run: Callable[[Callable[[], Any]], None] = _call) -> None:
+        self._teardown(self.functions(), run)
 
     @staticmethod
-    def _teardown(functions: List[Any]) -> None:
+    def _teardown(functions: List[Any], run: Callable[[Callable[[], Any]], None] = _call) -> None:
         error: Optional[BaseException] = None
         for fn in reversed(functions):
             teardown = getattr(fn, "teardown", None)
             if not callable(teardown):
                 continue
             try:
-                teardown()
+                run(teardown)
             except BaseException as e:  # the others still get theirs
                 if error is None:
                     error = e
@@ -754,10 +772,15 @@ def _reply_leaves(out: Any, kv_call: bool, spec: CodecSpec, python_in: Optional[
 
 
 def _make_dispatch(models: "_Models", registry: CodecRegistry,
-                   server_codec: CodecSpec, sessions: Any = None):
-    """The Python side of a Compute call, run on a C worker thread holding the GIL."""
+                   server_codec: CodecSpec, sessions: Any = None,
+                   loop: Optional["aio.ServerLoop"] = None) -> Callable[[Any], Any]:
+    """The Python side of a Compute call, run on a C worker thread holding the GIL.
+    A compute (or backward) that returns an awaitable is deferred: it runs on the
+    server's event loop ``loop`` and the worker returns at once (in a session, whose
+    steps run in order, the worker waits for it)."""
+    loop = loop if loop is not None else aio.ServerLoop()
 
-    def dispatch(c: Any) -> Tuple[List[Any], float, Tuple, int, Any]:
+    def dispatch(c: Any) -> Any:
         call = context.CallContext(c.method, c.peer, c.metadata, c.request_metadata, c.deadline,
                                    c.request_id, c.state)
         context._set(call)
@@ -812,19 +835,30 @@ def _make_dispatch(models: "_Models", registry: CodecRegistry,
             if sessions is not None and fields.get("session_id") is not None:
                 from .sessions import run_step
 
-                out = run_step(sessions, fields, call, run)
+                # a session's steps run in order: an async step is awaited here
+                out = run_step(sessions, fields, call, lambda: aio.wait(run(), loop, call))
                 if fields.get("session_close"):
                     # a close answers an empty tensor
                     out = x[:0] if _structure.is_tensor(x) else None
             else:
                 out = run()
+
+            def encode(out: Any) -> Tuple[List[Any], int, Any]:
+                try:
+                    return _reply_leaves(out, kv_call, server_codec, python_in)
+                except Abort as e:
+                    if e.sl_code == grpc.StatusCode.INTERNAL.value[0]:
+                        _log_exception("a codec encoding the result", call, e)
+                    raise
+
+            if inspect.isawaitable(out):  # an async def compute(): runs on the server's loop
+                if c.state is not None and hasattr(c.state, "defer"):
+                    aio.defer(_counted(out, models, model_id, method, call, t0), loop, call,
+                              c.state, encode, t0)
+                    return None
+                out = aio.wait(out, loop, call)
             ms = (time.perf_counter() - t0) * 1e3
-            try:
-                leaves, form, nodes = _reply_leaves(out, kv_call, server_codec, python_in)
-            except Abort as e:
-                if e.sl_code == grpc.StatusCode.INTERNAL.value[0]:
-                    _log_exception("a codec encoding the result", call, e)
-                raise
+            leaves, form, nodes = encode(out)
             models.count(model_id, method, "OK", ms / 1e3)
             return leaves, ms, call._trailing, form, nodes
         except Abort as e:
@@ -843,6 +877,22 @@ def _make_dispatch(models: "_Models", registry: CodecRegistry,
             context._set(None)
 
     return dispatch
+
+
+async def _counted(awaitable: Any, models: "_Models", model_id: Optional[str], method: str,
+                   call: context.CallContext, t0: float) -> Any:
+    """A deferred (async) compute, logged and counted per model as a blocking one is."""
+    try:
+        out = await awaitable
+    except Abort as e:
+        models.count(model_id, method, _code_name(e.sl_code), time.perf_counter() - t0)
+        raise
+    except Exception as e:
+        _log_exception("compute()", call, e)
+        models.count(model_id, method, "INTERNAL", time.perf_counter() - t0)
+        raise
+    models.count(model_id, method, "OK", time.perf_counter() - t0)
+    return out
 
 
 def _code_name(code: int) -> str:

@@ -54,7 +54,7 @@ def state_nbytes(obj: Any) -> int:
     """Bytes held by the tensors in ``obj``: torch tensors and NumPy arrays, in
     dicts, lists and tuples at any depth, each storage counted once (a view counts
     the storage it keeps alive). Other objects count 0."""
-    seen: set = set()
+    seen: set[Tuple[Any, ...]] = set()
     total = 0
     stack = [obj]
     while stack:
@@ -66,7 +66,7 @@ def state_nbytes(obj: Any) -> int:
         elif hasattr(o, "untyped_storage"):  # torch.Tensor
             try:
                 s = o.untyped_storage()
-                key: Tuple = ("t", s.data_ptr(), o.device.type, o.device.index)
+                key: Tuple[Any, ...] = ("t", s.data_ptr(), o.device.type, o.device.index)
                 size = int(s.nbytes())
             except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
                 key, size = ("i", id(o)), int(o.numel()) * int(o.element_size())
@@ -84,7 +84,7 @@ def state_nbytes(obj: Any) -> int:
     return total
 
 
-class SessionState(dict):
+class SessionState(dict[str, Any]):
     """``current_call().session``: the state one session keeps on the server.
 
     A dict (keys and values are yours: tensors, lists of past key/values, counters,
@@ -284,7 +284,8 @@ class SessionStore:
         with self._cond:
             s = self._sessions.get(sid)
             if s is None:
-                self._raise_gone(sid, 2)
+                self._raise_gone(sid, 2)  # raises for every step but 1
+                raise RuntimeError(f"session {sid!r} is not open")  # not reached
             s.used = self._clock()
             self._sessions.move_to_end(sid)
             return s.state
@@ -607,7 +608,8 @@ class KVCacheComputeFunction(ComputeFunction):
 
     def run_layer(self, layer: Any, hidden: Any, past: Any) -> Tuple[Any, Any]:
         """Run one module: returns (hidden, present)."""
-        return layer(hidden, past)
+        out: Tuple[Any, Any] = layer(hidden, past)
+        return out
 
     def compute(self, input_tensor: Any) -> Any:
         import torch

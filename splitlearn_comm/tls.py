@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 PEM = Union[bytes, str, "os.PathLike[str]"]
 
@@ -46,7 +46,7 @@ class ServerTLS:
         if self.require_client_auth and self.root_certs is None:
             raise ValueError("require_client_auth=True needs root_certs to verify clients with")
 
-    def _args(self) -> tuple:
+    def _args(self) -> tuple[Any, ...]:
         return (self.cert_chain, self.private_key, self.root_certs, self.require_client_auth)
 
 
@@ -68,5 +68,5 @@ class ClientTLS:
         if (self.cert_chain is None) != (self.private_key is None):
             raise ValueError("a client certificate needs its private key, and the other way round")
 
-    def _args(self) -> tuple:
+    def _args(self) -> tuple[Any, ...]:
         return (self.root_certs, self.cert_chain, self.private_key)

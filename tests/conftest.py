@@ -18,6 +18,20 @@ if os.environ.get("SPLITLEARN_TEST_SANITIZED") == "1":
     assert "/build/asan/" in _core.__file__, f"testing {_core.__file__}, not the ASan build"
 
 
+#: True when the suite runs against an installed wheel (scripts/test-python.sh), from a
+#: copy of the tree without the package's source.
+INSTALLED = os.environ.get("SPLITLEARN_TEST_INSTALLED") == "1"
+
+if INSTALLED:
+    # scripts/test-python.sh: the suite must test the wheel installed in its venv
+    assert os.path.realpath(slc.__file__).startswith(os.path.realpath(sys.prefix)), (
+        f"testing {slc.__file__}, not the wheel installed in {sys.prefix}")
+
+#: Why a test that needs torch is skipped (torch is an optional extra; the
+#: pinned CPU build on the dev machines exists for CPython 3.11 only).
+NEEDS_TORCH = "needs torch, an optional extra (pip install splitlearn-comm[torch])"
+
+
 class Echo(slc.ComputeFunction):
     """Returns its input unchanged."""
 

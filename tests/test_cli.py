@@ -19,7 +19,7 @@ from typing import Iterator, List, Optional
 
 import pytest
 
-from conftest import PYTHON, ROOT, subprocess_env
+from conftest import NEEDS_TORCH, PYTHON, ROOT, subprocess_env
 from splitlearn_comm import cli
 from splitlearn_comm.server import GRPCComputeServer
 
@@ -229,10 +229,10 @@ def test_serve_health_info_bench_and_sigterm(serve_cli, compute_module: Path) ->
 def test_serve_drain_delay_reports_not_serving_and_keeps_serving(serve_cli,
                                                                   compute_module: Path) -> None:
     import grpc
-    import torch
 
     from splitlearn_comm import GRPCComputeClient
 
+    torch = pytest.importorskip("torch", reason=NEEDS_TORCH)
     server = serve_cli("my_compute.py:Doubler", "--port", "0", "--drain-delay", "60",
                        cwd=compute_module.parent)
     address = serving_address(server.first_line())

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 import splitlearn_comm as slc
 from splitlearn_comm.codecs import (BFloat16Codec, CodecError, CompressedTensorCodec, Float16Codec,
                                     Int8Codec, SparseCOOCodec)
 from splitlearn_comm.core import TensorCodec
 
-from conftest import Echo
+from conftest import Echo, NEEDS_TORCH
+
+torch = pytest.importorskip("torch", reason=NEEDS_TORCH)
 
 ALL_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64,
               torch.complex128, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8,

@@ -19,6 +19,7 @@ Runnable snippets therefore bind ``host="127.0.0.1", port=0`` and stop what they
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import List, NamedTuple
 
 import pytest
+
+from conftest import NEEDS_TORCH
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -115,6 +118,9 @@ def test_doc_python_blocks_run(path: Path) -> None:
     blocks = [b for b in extract_blocks(path.read_text(encoding="utf-8")) if b.run]
     if not blocks:
         pytest.skip(f"{path.relative_to(ROOT)} has no runnable python blocks")
+    if importlib.util.find_spec("torch") is None and any(
+            re.search(r"^\s*(import|from) torch\b", b.code, re.MULTILINE) for b in blocks):
+        pytest.skip(f"{path.relative_to(ROOT)}: {NEEDS_TORCH}")
     spec = {"file": str(path.relative_to(ROOT)), "blocks": [(b.line, b.code) for b in blocks]}
     try:
         proc = subprocess.run([*_python(), "-c", _DRIVER], input=json.dumps(spec), cwd=ROOT,

@@ -29,6 +29,10 @@ from typing import Iterator, List, Optional
 
 import pytest
 
+from conftest import NEEDS_TORCH
+
+pytest.importorskip("torch", reason=f"the examples use torch; {NEEDS_TORCH}")
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 

@@ -52,6 +52,9 @@ from typing import Dict, List, NamedTuple, Optional
 import pytest
 
 from test_docs import _python, extract_blocks
+from conftest import NEEDS_TORCH
+
+torch = pytest.importorskip("torch", reason=NEEDS_TORCH)
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS_EN = ROOT / "docs" / "extending.md"

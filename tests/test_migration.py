@@ -230,8 +230,9 @@ def test_training_per_model(serve, connect):
 
 
 def test_names_that_are_gone_say_what_replaced_them():
-    with pytest.raises(ImportError, match=r"not in this version.*docs/migrating\.md"):
-        from splitlearn_comm import AsyncGRPCComputeServer  # noqa: F401
+    with pytest.raises(ImportError, match=r"no grpcio servicer.*docs/migrating\.md"):
+        from splitlearn_comm import AsyncComputeServicer  # noqa: F401
+    from splitlearn_comm import AsyncGRPCComputeServer, serve_async  # noqa: F401  (back)
     with pytest.raises(ImportError, match=r"GRPCComputeServer\(compute_fn, port=port"):
         from splitlearn_comm import serve  # noqa: F401
     with pytest.raises(ImportError, match="KVCacheCodec"):

@@ -7,9 +7,12 @@ import sys
 import threading
 
 import pytest
-import torch
 
-import _train_client as tc
+from conftest import NEEDS_TORCH
+
+torch = pytest.importorskip("torch", reason=NEEDS_TORCH)
+
+import _train_client as tc  # noqa: E402  (imports torch)
 from splitlearn_comm import GRPCComputeServer, TrainableComputeFunction, context
 
 HERE = os.path.dirname(os.path.abspath(__file__))

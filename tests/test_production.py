@@ -13,12 +13,13 @@ from typing import Dict
 
 import grpc
 import pytest
-import torch
 
 import splitlearn_comm as slc
 from splitlearn_comm.protocol import ComputeRequest
 
-from conftest import PYTHON, Echo, subprocess_env
+from conftest import Echo, NEEDS_TORCH, PYTHON, subprocess_env
+
+torch = pytest.importorskip("torch", reason=NEEDS_TORCH)
 
 
 # -- interceptors: the user's guide's, unchanged ------------------------------------

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 import splitlearn_comm as slc
+from conftest import NEEDS_TORCH
+
+torch = pytest.importorskip("torch", reason=NEEDS_TORCH)
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64,
           torch.complex128, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8,

@@ -9,10 +9,11 @@ import time
 
 import grpc
 import pytest
-import torch
 
 import splitlearn_comm as slc
-from conftest import PYTHON, Echo, subprocess_env
+from conftest import Echo, NEEDS_TORCH, PYTHON, subprocess_env
+
+torch = pytest.importorskip("torch", reason=NEEDS_TORCH)
 
 
 class Raising(slc.ComputeFunction):

@@ -15,6 +15,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "client_internal.h"
 #include "health.pb-c.h"
 #include "methods.h"
 #include "transport.h"
@@ -214,6 +215,8 @@ static int attempt(sl_client *c, const char *method, sl_payload *p, double deadl
   if (*resp != NULL) st->bytes_received += grpc_byte_buffer_length(*resp);
   st->code = (int)code;
   st->details = sl__slice_strdup(details);
+  /* the peer's bytes: whatever they are, what goes on is UTF-8 */
+  if (st->details != NULL) sl_utf8_sanitize(st->details);
   if (error_string != NULL) st->debug = sl_strndup(error_string, strlen(error_string));
   if (sl__kv_from_metadata(&trailing, &st->trailing, &st->n_trailing) != SL_OK ||
       sl__kv_from_metadata(&initial, &st->initial, &st->n_initial) != SL_OK ||
@@ -244,19 +247,44 @@ cleanup:
   return status;
 }
 
-/* Sleep `seconds` in slices, asking the interrupt hook between them. */
-static int sleep_sliced(double seconds, const sl_call_opts *o) {
+/* Sleep `seconds` before a retry, in slices, asking the interrupt hook between
+ * them, and drive the channel meanwhile: ask it to connect and poll a queue that
+ * watches its state. With Debian's gRPC (iomgr) a connection attempt advances
+ * only while some thread polls; without this, a channel whose server went away
+ * reconnects only when gRPC's backup poller runs (every 5 s), long after the
+ * server is back. The sleep ends early when a channel that was not connected
+ * becomes ready (the server is back: the rest of the backoff would only delay the
+ * call); a channel that stays ready (an overloaded server) sleeps it out. Each
+ * watch ends by the end of its slice, so none is pending when the queue goes. */
+static int sleep_sliced(sl_client *c, double seconds, const sl_call_opts *o) {
+  int status = SL_OK, tag, was_down = -1;
   double end = sl_now() + seconds;
+  grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
   for (;;) {
     double left = end - sl_now();
-    struct timespec ts;
-    if (left <= 0) return SL_OK;
+    grpc_connectivity_state state;
+    if (left <= 0) break;
     if (left > SLICE_S) left = SLICE_S;
-    ts.tv_sec = (time_t)left;
-    ts.tv_nsec = (long)((left - (double)ts.tv_sec) * 1e9);
-    nanosleep(&ts, NULL);
-    if (o->interrupt != NULL && o->interrupt(o->interrupt_user)) return SL_EINTR;
+    state = grpc_channel_check_connectivity_state(c->channel, 1);
+    if (was_down < 0) was_down = state != GRPC_CHANNEL_READY;
+    if (was_down && state == GRPC_CHANNEL_READY) break;
+    if (cq != NULL && state != GRPC_CHANNEL_SHUTDOWN) {
+      /* completes when the state changes or at the end of the slice */
+      grpc_channel_watch_connectivity_state(c->channel, state, sl__deadline_in(left), cq, &tag);
+      grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    } else {
+      struct timespec ts;
+      ts.tv_sec = (time_t)left;
+      ts.tv_nsec = (long)((left - (double)ts.tv_sec) * 1e9);
+      nanosleep(&ts, NULL);
+    }
+    if (o->interrupt != NULL && o->interrupt(o->interrupt_user)) {
+      status = SL_EINTR;
+      break;
+    }
   }
+  if (cq != NULL) destroy_queue(cq);
+  return status;
 }
 
 /* A name that does not resolve fails the same way on every attempt: retrying it
@@ -312,7 +340,7 @@ static int attempts(sl_client *c, const char *method, sl_payload *p, const sl_ca
         o->on_retry(o->on_retry_user, method, st->code, st->details ? st->details : "",
                     retry + 1, delay);
       }
-      if (sleep_sliced(delay, o) == SL_EINTR) {
+      if (sleep_sliced(c, delay, o) == SL_EINTR) {
         st->code = SL_STATUS_CANCELLED;
         return SL_EINTR;
       }
@@ -449,7 +477,12 @@ void sl_health_clear(sl_health *h) {
   memset(h, 0, sizeof(*h));
 }
 
-static char *dup_str(const char *s) { return sl_strndup(s, strlen(s)); }
+/* A string the server sent, made well-formed UTF-8 (protobuf-c does not check). */
+static char *dup_str(const char *s) {
+  char *d = sl_strndup(s, strlen(s));
+  if (d != NULL) sl_utf8_sanitize(d);
+  return d;
+}
 
 int sl_client_health(sl_client *c, const sl_call_opts *opts, sl_health *out, sl_call_status *st,
                      sl_err *err) {
@@ -506,9 +539,9 @@ int sl_client_service_info(sl_client *c, const sl_call_opts *opts, sl_info_resul
     for (size_t i = 0; !oom && i < r->n_custom_info; i++) {
       out->custom[i].key = dup_str(r->custom_info[i]->key);
       out->custom[i].value = dup_str(r->custom_info[i]->value);
-      out->custom[i].value_len = strlen(r->custom_info[i]->value);
       out->n_custom = i + 1;
       oom = out->custom[i].key == NULL || out->custom[i].value == NULL;
+      if (!oom) out->custom[i].value_len = strlen(out->custom[i].value);
     }
   }
   splitlearn__comm__service_info_response__free_unpacked(r, NULL);
@@ -534,3 +567,5 @@ int sl_client_std_health(sl_client *c, const sl_call_opts *opts, const char *ser
   grpc__health__v1__health_check_response__free_unpacked(r, NULL);
   return SL_OK;
 }
+
+grpc_channel *sl__client_channel(sl_client *c) { return c->channel; }

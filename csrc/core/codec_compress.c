@@ -223,7 +223,10 @@ static int zlib_inflate(const void *src, size_t src_len, void *dst, size_t dst_l
     if (zr == Z_STREAM_END) break;
     if (zr == Z_OK) continue; /* progress was made */
     if (zr == Z_BUF_ERROR) {
-      if (zs.avail_out == 0 && out_left == 0) {
+      /* no progress: out of input (the stream is cut short, perhaps only in its
+       * checksum, after every byte of the data) or out of room while input
+       * remains (the stream goes on past the declared size) */
+      if (zs.avail_out == 0 && out_left == 0 && (zs.avail_in != 0 || in_left != 0)) {
         status = sl__codec_fail(err, SL_EINVAL, "zlib",
                                 "the stream decompresses past the %zu bytes declared", dst_len);
       } else {

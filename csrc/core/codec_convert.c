@@ -39,6 +39,7 @@
 #include "codec_internal.h"
 
 #if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define SL__HAVE_X86 1
 #else
@@ -157,8 +158,12 @@ void sl__bf16_to_f32_scalar(const uint16_t *in, float *out, size_t n) {
 
 int sl__cpu_has_avx2_f16c(void) {
   /* libgcc fills the CPU model in a constructor, before any of our code runs;
-   * the checks include the OS's support for the AVX register state. */
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+   * the avx2 check includes the OS's support for the AVX register state. F16C is
+   * read from CPUID leaf 1 (ECX bit 29): clang's __builtin_cpu_supports does not
+   * know "f16c", and the fuzz targets are built with clang. */
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || (c & bit_F16C) == 0) return 0;
+  return __builtin_cpu_supports("avx2");
 }
 
 __attribute__((target("avx2,f16c"))) void sl__f32_to_f16_avx2(const float *in, uint16_t *out,

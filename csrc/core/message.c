@@ -25,6 +25,36 @@ static const char *kind_name(sl_msg_kind kind) {
   return "message";
 }
 
+/* The text fields of each tensor message (proto/splitlearn_comm.proto): well-formed
+ * UTF-8 without NUL bytes, or the message is refused naming the field. */
+#define TEXT_COMMON                                                      \
+  {{16}, "dtype"}, {{17}, "codec"}, {{18, 1}, "codec_metadata (a key)"}, \
+      {{18, 2, 3}, "codec_metadata (a string value)"}, {{19, 1}, "tensors (a name)"},      \
+      {{19, 2}, "tensors (a dtype)"}, {{19, 4}, "tensors (a codec)"},                          \
+      {{19, 5, 1}, "tensors (a codec_metadata key)"},                                        \
+      {{19, 5, 2, 3}, "tensors (a codec_metadata string value)"},                            \
+      {{21, 3}, "structure (a key)"}, {{21, 6}, "structure (a string value)"}
+static const sl_wire_text_field text_compute_request[] = {
+    {{4, 1}, "metadata (a key)"}, {{4, 2}, "metadata (a value)"}, {{5}, "model_id"},
+    {{6}, "forward_id"}, {{40}, "session_id"}, TEXT_COMMON};
+static const sl_wire_text_field text_compute_response[] = {{{6}, "forward_id"}, TEXT_COMMON};
+static const sl_wire_text_field text_backward_request[] = {
+    {{3}, "forward_id"}, {{4}, "model_id"}, {{40}, "session_id"}, TEXT_COMMON};
+static const sl_wire_text_field text_backward_response[] = {{{3}, "forward_id"}, TEXT_COMMON};
+
+static int check_text_fields(sl_msg_kind kind, const uint8_t *header, size_t len, const char *what,
+                             sl_err *err) {
+#define CHECK_TEXT(t) sl_wire_check_text(header, len, t, sizeof(t) / sizeof(t[0]), what, err)
+  switch (kind) {
+    case SL_MSG_COMPUTE_REQUEST: return CHECK_TEXT(text_compute_request);
+    case SL_MSG_COMPUTE_RESPONSE: return CHECK_TEXT(text_compute_response);
+    case SL_MSG_BACKWARD_REQUEST: return CHECK_TEXT(text_backward_request);
+    case SL_MSG_BACKWARD_RESPONSE: return CHECK_TEXT(text_backward_response);
+  }
+#undef CHECK_TEXT
+  return SL_OK;
+}
+
 /* In every tensor message the tensor bytes are field 1 and the shape field 2. */
 #define TENSOR_FIELD 1u
 
@@ -623,6 +653,9 @@ int sl_tensor_msg_read_limited(sl_msg_kind kind, const sl_span *spans, size_t ns
                         "malformed %s: its fields could not be parsed", kind_name(kind));
     goto cleanup;
   }
+  status = check_text_fields(kind, split.header, split.header_len, kind_name(kind), err);
+  if (status != SL_OK) goto cleanup;
+  status = SL_EINVAL;
   sl_tensor_msg_fields(kind, out->header, &f);
   for (size_t i = 0; i < split.n_occ; i++) n_kv += bulk[1] != 0 && split.occ[i].field == bulk[1];
   if (*f.n_tensors > 0 || *f.n_structure > 0 || split.n_occ > n_kv) {

@@ -1,12 +1,16 @@
 /* server.c: see server.h.
  *
- * Threads: sl_server_start() spawns max_workers workers. Each worker owns a
- * completion queue registered with the server, asks gRPC for one call
- * (grpc_server_request_call bound to its own queue), serves it to the end, and
- * asks again. Only the worker ever polls its queue, so every event it sees is for
- * the batch it just started. Stopping: grpc_server_shutdown_and_notify makes every
- * pending request fail (ok=0), which ends the workers; in-flight calls finish or
- * are cancelled after the grace period.
+ * Threads: sl_server_start() spawns max_workers workers and one finisher. Each
+ * worker owns a completion queue registered with the server, on which it asks
+ * gRPC for one call at a time (grpc_server_request_call); the call itself is
+ * bound to a completion queue of its own, so that only one thread polls it at a
+ * time: the worker while it serves the call, then, when the compute hook deferred
+ * the call (sl_pending: an asynchronous compute function), the finisher, which
+ * sends its response once sl_pending_complete() has given the result. Meanwhile
+ * the worker serves other calls. Stopping: grpc_server_shutdown_and_notify makes
+ * every pending request fail (ok=0), which ends the workers; in-flight calls
+ * finish or are cancelled after the grace period, and deferred calls still
+ * without a result are then answered UNAVAILABLE.
  *
  * grpc.health.v1.Health/Watch streams live for as long as a client watches, so
  * they do not take workers: the method is registered on its own, and one watch
@@ -95,6 +99,14 @@ struct sl_server {
   atomic_llong decoded_in_use;
   sl_msg_limits limits;
   double started_at;
+  /* deferred calls (sl_pending): all of them in `deferred`, those ready to be
+   * answered in the finisher's queue; guarded by `mu` */
+  struct served *deferred;
+  atomic_int in_hook;    /* calls inside the compute hook right now */
+  struct served *ready_head, *ready_tail;
+  pthread_t finisher;
+  int finisher_started;
+  int finisher_stop;
 
   /* Health/Watch: the registered method, the watch thread and its queue */
   void *watch_method;
@@ -106,7 +118,18 @@ struct sl_server {
   atomic_llong last_call_us; /* sl_now() in microseconds when a worker last took a call */
 };
 
+typedef struct served served;
+
 /* ---- helpers -------------------------------------------------------------- */
+
+static void destroy_queue(grpc_completion_queue *cq) {
+  if (cq == NULL) return;
+  grpc_completion_queue_shutdown(cq);
+  while (grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type !=
+         GRPC_QUEUE_SHUTDOWN) {
+  }
+  grpc_completion_queue_destroy(cq);
+}
 
 /* Wait for `tag` on a queue only this thread polls. Returns the event's success. */
 static int wait_tag(grpc_completion_queue *cq, void *tag) {
@@ -120,7 +143,10 @@ static int wait_tag(grpc_completion_queue *cq, void *tag) {
 /* A call's close watch: RECV_CLOSE_ON_SERVER started as soon as the request is
  * in, so that a cancelled call is noticed while it is being computed. */
 typedef struct call_state {
-  grpc_completion_queue *cq;
+  grpc_completion_queue *cq;     /* the call's own queue */
+  pthread_mutex_t poll_mu;       /* one poller at a time (a deferred call's is_active
+                                    runs on the completer's thread) */
+  int finishing;                 /* the finisher owns the queue now: is_active says 0 */
   int started;   /* the RECV_CLOSE_ON_SERVER batch is pending or done */
   int closed;    /* it completed: the call is over (cancelled, during compute) */
   int cancelled; /* set by gRPC */
@@ -166,10 +192,17 @@ int sl_call_add_trailing(void *state, const char *key, const char *value, size_t
 
 int sl_call_is_active(void *state) {
   call_state *cs = state;
-  int success;
+  int success, closed;
   if (cs == NULL) return 0;
+  pthread_mutex_lock(&cs->poll_mu);
+  if (cs->finishing) {
+    pthread_mutex_unlock(&cs->poll_mu);
+    return 0;
+  }
   if (cs->started && !cs->closed) next_event(cs, gpr_time_0(GPR_CLOCK_REALTIME), &success);
-  if (cs->closed) return 0;
+  closed = cs->closed;
+  pthread_mutex_unlock(&cs->poll_mu);
+  if (closed) return 0;
   return cs->deadline <= 0 || sl_now() < cs->deadline;
 }
 
@@ -411,74 +444,43 @@ static const sl_codec *response_codec(sl_server *s, const sl_tensor_msg *req, sl
   return c;
 }
 
-/* Compute or ComputeBackward: read the tensors, decode them, run the hook, answer. */
-static void serve_tensor_call(sl_server *s, const sl_call_info *ci, const sl__bbspans *in,
-                              int backward, reply *r) {
-  Splitlearn__Comm__ComputeResponse resp = SPLITLEARN__COMM__COMPUTE_RESPONSE__INIT;
-  Splitlearn__Comm__BackwardResponse bresp = SPLITLEARN__COMM__BACKWARD_RESPONSE__INIT;
-  sl_msg_kind req_kind = backward ? SL_MSG_BACKWARD_REQUEST : SL_MSG_COMPUTE_REQUEST;
+/* A Compute or ComputeBackward call from its request to its response payload;
+ * kept on the heap with its call when the hook defers it. */
+typedef struct tcall {
+  int backward;
+  int active;          /* counted in in_flight */
   sl_tensor_msg msg;
   sl_compute_args args;
-  sl_kv *reqmd = NULL;
-  sl_codec *made = NULL;
-  size_t reserved = 0;
-  int have_out = 0;
-  int rc;
+  sl_kv *reqmd;
+  size_t reserved;
+  double t1;           /* the hook started */
+} tcall;
 
-  memset(&args, 0, sizeof(args));
-  memset(&msg, 0, sizeof(msg));
-  atomic_fetch_add(&s->in_flight, 1);
-  if (!atomic_load(&s->serving)) {
-    sl_err_set(&r->err, SL_ESTATE, SL_STATUS_UNAVAILABLE, "the server is stopping");
-    goto done;
+static void tcall_cleanup(sl_server *s, tcall *tc) {
+  free(tc->reqmd);
+  tc->reqmd = NULL;
+  sl_tensor_msg_clear(&tc->msg);
+  if (tc->reserved > 0) atomic_fetch_sub(&s->decoded_in_use, (long long)tc->reserved);
+  tc->reserved = 0;
+  if (tc->active && atomic_fetch_sub(&s->in_flight, 1) == 1 && !atomic_load(&s->serving)) {
+    pthread_mutex_lock(&s->mu);
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
   }
-  atomic_fetch_add(&s->total_requests, 1);
-  double t0 = sl_now(), t1, t2;
-  r->rec.tensor_call = 1;
-  rc = sl_tensor_msg_read_limited(req_kind, in->spans, in->n, &s->limits, &msg, &r->err);
-  if (rc != SL_OK) goto done;
-  if (msg.n_items > 0) {
-    snprintf(r->rec.codec, sizeof(r->rec.codec), "%s", msg.items[0].codec);
-    record_desc(&msg.items[0].desc, &r->rec.in_dtype, &r->rec.in_ndim, r->rec.in_shape);
-  }
-  if (decode_request(s, &msg, &reserved, &r->err) != SL_OK) goto cleanup;
-  sl_call_fields_from_request(req_kind, msg.header, &args.fields);
-  if (args.fields.forward_id != NULL) {
-    snprintf(r->rec.forward_id, sizeof(r->rec.forward_id), "%s", args.fields.forward_id);
-  }
-  if (!backward) {
-    Splitlearn__Comm__ComputeRequest *req = (Splitlearn__Comm__ComputeRequest *)msg.header;
-    if (req->n_metadata > 0) {
-      reqmd = calloc(req->n_metadata, sizeof(*reqmd));
-      if (reqmd == NULL) {
-        sl_err_set(&r->err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
-        goto cleanup;
-      }
-      for (size_t i = 0; i < req->n_metadata; i++) {
-        reqmd[i].key = req->metadata[i]->key;
-        reqmd[i].value = req->metadata[i]->value;
-        reqmd[i].value_len = strlen(req->metadata[i]->value);
-      }
-      args.n_req_metadata = req->n_metadata;
-    }
-  }
-  args.backward = backward;
-  args.tensor = &msg;
-  args.req_metadata = reqmd;
-  args.has_request_id = args.fields.has_request_id;
-  args.request_id = args.fields.request_id;
-  if (s->hooks.compute == NULL) {
-    sl_err_set(&r->err, SL_ESTATE, SL_STATUS_UNIMPLEMENTED, "no compute function");
-    goto cleanup;
-  }
-  r->rec.has_request_id = args.has_request_id;
-  r->rec.request_id = args.request_id;
-  t1 = sl_now();
-  r->rec.stage[SL_STAGE_DECODE] = t1 - t0;
-  rc = s->hooks.compute(s->user, ci, &args, &r->err);
-  t2 = sl_now();
-  r->rec.stage[SL_STAGE_QUEUE] = args.queue_seconds;
-  r->rec.stage[SL_STAGE_COMPUTE] = t2 - t1 - args.queue_seconds;
+  tc->active = 0;
+}
+
+/* After the hook: its status `rc` (result in tc->args.out on SL_OK) becomes the
+ * reply's payload or error. */
+static void tcall_end(sl_server *s, tcall *tc, int rc, reply *r) {
+  Splitlearn__Comm__ComputeResponse resp = SPLITLEARN__COMM__COMPUTE_RESPONSE__INIT;
+  Splitlearn__Comm__BackwardResponse bresp = SPLITLEARN__COMM__BACKWARD_RESPONSE__INIT;
+  sl_compute_args *args = &tc->args;
+  sl_codec *made = NULL;
+  int have_out = 0;
+  double t2 = sl_now();
+  r->rec.stage[SL_STAGE_QUEUE] = args->queue_seconds;
+  r->rec.stage[SL_STAGE_COMPUTE] = t2 - tc->t1 - args->queue_seconds;
   if (rc != SL_OK) {
     if (r->err.code == SL_STATUS_OK) {
       sl_err_set(&r->err, rc, SL_STATUS_INTERNAL, "compute failed: %s", sl_strerror(rc));
@@ -486,51 +488,122 @@ static void serve_tensor_call(sl_server *s, const sl_call_info *ci, const sl__bb
     goto cleanup;
   }
   have_out = 1;
-  if (args.out.n > 0) {
-    record_desc(&args.out.items[0].desc, &r->rec.out_dtype, &r->rec.out_ndim, r->rec.out_shape);
+  if (args->out.n > 0) {
+    record_desc(&args->out.items[0].desc, &r->rec.out_dtype, &r->rec.out_ndim, r->rec.out_shape);
   }
-  for (size_t i = 0; i < args.out.n; i++) {
-    sl_tensor_out *o = &args.out.items[i];
+  for (size_t i = 0; i < args->out.n; i++) {
+    sl_tensor_out *o = &args->out.items[i];
     if (o->encoded || o->codec != NULL) continue;
-    if (args.out.form == SL_FORM_SINGLE && i > 0) continue; /* KV entries go raw */
-    o->codec = response_codec(s, &msg, o->desc.dtype, &made);
+    if (args->out.form == SL_FORM_SINGLE && i > 0) continue; /* KV entries go raw */
+    o->codec = response_codec(s, &tc->msg, o->desc.dtype, &made);
     o->raw_if_unencodable = 1;
   }
   have_out = 0; /* sl_tensor_set_pack releases the results on every path */
-  if (backward) {
-    bresp.forward_id = (char *)(args.fields.forward_id ? args.fields.forward_id : "");
+  if (tc->backward) {
+    bresp.forward_id = (char *)(args->fields.forward_id ? args->fields.forward_id : "");
     bresp._backward_time_ms_case =
         SPLITLEARN__COMM__BACKWARD_RESPONSE___BACKWARD_TIME_MS_BACKWARD_TIME_MS;
-    bresp.backward_time_ms = args.compute_time_ms;
-    sl_tensor_set_pack(SL_MSG_BACKWARD_RESPONSE, &bresp.base, &args.out, &r->payload, &r->err);
+    bresp.backward_time_ms = args->compute_time_ms;
+    sl_tensor_set_pack(SL_MSG_BACKWARD_RESPONSE, &bresp.base, &args->out, &r->payload, &r->err);
   } else {
     resp._compute_time_ms_case =
         SPLITLEARN__COMM__COMPUTE_RESPONSE___COMPUTE_TIME_MS_COMPUTE_TIME_MS;
-    resp.compute_time_ms = args.compute_time_ms;
-    if (args.has_request_id) {
+    resp.compute_time_ms = args->compute_time_ms;
+    if (args->has_request_id) {
       resp._request_id_case = SPLITLEARN__COMM__COMPUTE_RESPONSE___REQUEST_ID_REQUEST_ID;
-      resp.request_id = args.request_id;
+      resp.request_id = args->request_id;
     }
-    if (args.fields.forward_id != NULL) {
+    if (args->fields.forward_id != NULL) {
       resp._forward_id_case = SPLITLEARN__COMM__COMPUTE_RESPONSE___FORWARD_ID_FORWARD_ID;
-      resp.forward_id = (char *)args.fields.forward_id;
+      resp.forward_id = (char *)args->fields.forward_id;
     }
-    sl_tensor_set_pack(SL_MSG_COMPUTE_RESPONSE, &resp.base, &args.out, &r->payload, &r->err);
+    sl_tensor_set_pack(SL_MSG_COMPUTE_RESPONSE, &resp.base, &args->out, &r->payload, &r->err);
   }
   r->rec.stage[SL_STAGE_ENCODE] = sl_now() - t2;
 cleanup:
-  if (have_out) sl_tensor_set_release(&args.out);
-  if (args.out_free != NULL) args.out_free(args.out_owner);
+  if (have_out) sl_tensor_set_release(&args->out);
+  memset(&args->out, 0, sizeof(args->out));
+  if (args->out_free != NULL) args->out_free(args->out_owner);
+  args->out_free = NULL;
+  args->out_owner = NULL;
   sl_codec_destroy(made);
-  free(reqmd);
-  sl_tensor_msg_clear(&msg);
-  if (reserved > 0) atomic_fetch_sub(&s->decoded_in_use, (long long)reserved);
-done:
-  if (atomic_fetch_sub(&s->in_flight, 1) == 1 && !atomic_load(&s->serving)) {
-    pthread_mutex_lock(&s->mu);
-    pthread_cond_broadcast(&s->cv);
-    pthread_mutex_unlock(&s->mu);
+  tcall_cleanup(s, tc);
+}
+
+/* Compute or ComputeBackward: read the tensor, decode it, run the hook. Returns
+ * SL_EAGAIN when the hook deferred the call through `pending` (the reply comes
+ * with sl_pending_complete); otherwise the reply is in `r` and tc is clean. */
+static int tcall_begin(sl_server *s, const sl_call_info *ci, const sl__bbspans *in, int backward,
+                       reply *r, tcall *tc, sl_pending *pending) {
+  sl_msg_kind req_kind = backward ? SL_MSG_BACKWARD_REQUEST : SL_MSG_COMPUTE_REQUEST;
+  sl_compute_args *args = &tc->args;
+  double t0;
+  int rc;
+
+  memset(tc, 0, sizeof(*tc));
+  tc->backward = backward;
+  tc->active = 1;
+  atomic_fetch_add(&s->in_flight, 1);
+  if (!atomic_load(&s->serving)) {
+    sl_err_set(&r->err, SL_ESTATE, SL_STATUS_UNAVAILABLE, "the server is stopping");
+    goto fail;
   }
+  atomic_fetch_add(&s->total_requests, 1);
+  t0 = sl_now();
+  r->rec.tensor_call = 1;
+  rc = sl_tensor_msg_read_limited(req_kind, in->spans, in->n, &s->limits, &tc->msg, &r->err);
+  if (rc != SL_OK) goto fail;
+  if (tc->msg.n_items > 0) {
+    snprintf(r->rec.codec, sizeof(r->rec.codec), "%s", tc->msg.items[0].codec);
+    record_desc(&tc->msg.items[0].desc, &r->rec.in_dtype, &r->rec.in_ndim, r->rec.in_shape);
+  }
+  if (decode_request(s, &tc->msg, &tc->reserved, &r->err) != SL_OK) goto fail;
+  sl_call_fields_from_request(req_kind, tc->msg.header, &args->fields);
+  if (args->fields.forward_id != NULL) {
+    snprintf(r->rec.forward_id, sizeof(r->rec.forward_id), "%s", args->fields.forward_id);
+  }
+  if (!backward) {
+    Splitlearn__Comm__ComputeRequest *req = (Splitlearn__Comm__ComputeRequest *)tc->msg.header;
+    if (req->n_metadata > 0) {
+      tc->reqmd = calloc(req->n_metadata, sizeof(*tc->reqmd));
+      if (tc->reqmd == NULL) {
+        sl_err_set(&r->err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+        goto fail;
+      }
+      for (size_t i = 0; i < req->n_metadata; i++) {
+        tc->reqmd[i].key = req->metadata[i]->key;
+        tc->reqmd[i].value = req->metadata[i]->value;
+        tc->reqmd[i].value_len = strlen(req->metadata[i]->value);
+      }
+      args->n_req_metadata = req->n_metadata;
+    }
+  }
+  args->backward = backward;
+  args->tensor = &tc->msg;
+  args->req_metadata = tc->reqmd;
+  args->has_request_id = args->fields.has_request_id;
+  args->request_id = args->fields.request_id;
+  args->pending = pending;
+  if (s->hooks.compute == NULL) {
+    sl_err_set(&r->err, SL_ESTATE, SL_STATUS_UNIMPLEMENTED, "no compute function");
+    goto fail;
+  }
+  r->rec.has_request_id = args->has_request_id;
+  r->rec.request_id = args->request_id;
+  tc->t1 = sl_now();
+  r->rec.stage[SL_STAGE_DECODE] = tc->t1 - t0;
+  atomic_fetch_add(&s->in_hook, 1);
+  rc = s->hooks.compute(s->user, ci, args, &r->err);
+  atomic_fetch_sub(&s->in_hook, 1);
+  if (rc == SL_EAGAIN && pending != NULL) return SL_EAGAIN;
+  if (rc == SL_EAGAIN) {
+    sl_err_set(&r->err, SL_ESTATE, SL_STATUS_INTERNAL, "the compute hook deferred a call it may not");
+  }
+  tcall_end(s, tc, rc, r);
+  return SL_OK;
+fail:
+  tcall_cleanup(s, tc);
+  return SL_OK;
 }
 
 static int method_of(grpc_slice m) {
@@ -543,17 +616,22 @@ static int method_of(grpc_slice m) {
 }
 
 /* Constant-time comparison of the "authorization" metadata with every token:
- * the time taken does not depend on where a guess first differs. */
+ * the time taken does not depend on where a guess first differs. A call with
+ * more than one authorization header is refused whatever they hold (-1): with
+ * "last one wins", "wrong, right" would be let in by us and read as "wrong" by a
+ * proxy or interceptor that takes the first. */
 static int authorized(const sl_server *s, const sl_kv *kv, size_t nkv) {
   const char *value = NULL;
-  size_t vlen = 0;
+  size_t vlen = 0, count = 0;
   int ok = 0;
   for (size_t i = 0; i < nkv; i++) {
     if (strcmp(kv[i].key, "authorization") == 0) {
       value = kv[i].value;
       vlen = kv[i].value_len;
+      count++;
     }
   }
+  if (count > 1) return -1;
   if (value == NULL) return 0;
   for (size_t t = 0; t < s->n_tokens; t++) {
     const unsigned char *a = (const unsigned char *)s->tokens[t];
@@ -568,154 +646,348 @@ static int authorized(const sl_server *s, const sl_kv *kv, size_t nkv) {
 
 /* ---- one call, start to end ------------------------------------------------ */
 
-static void serve_call(worker *w, grpc_call *call, grpc_call_details *details,
-                       grpc_metadata_array *md) {
-  sl_server *s = w->srv;
-  grpc_op ops[3];
-  grpc_byte_buffer *in_bb = NULL, *out_bb = NULL;
-  sl__bbspans in = {0};
-  reply r;
-  sl_call_info ci;
-  sl_kv *kv = NULL;
-  size_t nkv = 0;
-  char *method = NULL, *peer = NULL, *details_str = NULL;
-  grpc_slice details_slice;
-  int tag1, tag2;
-  double remaining;
+/* Everything one call holds from its request to its status. A worker serves it on
+ * its stack's behalf; a deferred call (sl_pending) lives on until the finisher
+ * thread has answered it. Each call is bound to its own completion queue, so a
+ * deferred call can be answered by another thread while the worker serves others. */
+struct served {
+  sl_server *srv;
+  grpc_call *call;
+  grpc_completion_queue *cq;
   call_state cs;
+  reply r;
+  grpc_byte_buffer *in_bb;
+  sl_kv *kv;
+  size_t nkv;
+  char *method;
+  char *peer;
+  double t_start;
+  int counted;       /* in the metrics */
+  int responding;    /* got as far as sending a status */
+  int no_message;    /* the request had no message (malformed, or the client left) */
+  tcall tc;
+  /* deferral, guarded by srv->mu */
+  int deferred;      /* the hook returned SL_EAGAIN */
+  int handed_off;    /* the worker has let go */
+  int completed;     /* sl_pending_complete ran (or the server abandoned the call) */
+  int abandoned;     /* the server answered it without waiting for the completer */
+  int refs;          /* the server's and the completer's, once deferred */
+  int rc;            /* the completer's status */
+  struct served *next_deferred, *prev_deferred, *next_ready;
+};
 
-  double t_start = sl_now(), t_send = 0;
-  int counted = 0;
+static void served_init(served *sv, sl_server *s, grpc_completion_queue *cq) {
+  memset(sv, 0, sizeof(*sv));
+  sv->srv = s;
+  sv->cq = cq;
+  sv->cs.cq = cq;
+  pthread_mutex_init(&sv->cs.poll_mu, NULL);
+}
 
-  memset(&r, 0, sizeof(r));
-  memset(&ci, 0, sizeof(ci));
-  memset(&cs, 0, sizeof(cs));
-  cs.cq = w->cq;
-  memset(ops, 0, sizeof(ops));
-  ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-  ops[1].op = GRPC_OP_RECV_MESSAGE;
-  ops[1].data.recv_message.recv_message = &in_bb;
-  if (grpc_call_start_batch(call, ops, 2, &tag1, NULL) != GRPC_CALL_OK) goto cleanup;
-  if (!wait_tag(w->cq, &tag1)) goto cleanup; /* the client went away */
-  sl_metrics_call_started(s->metrics);
-  counted = 1;
-  r.rec.stage[SL_STAGE_RECEIVE] = sl_now() - t_start;
-  r.rec.method = method_of(details->method);
-  if (in_bb != NULL) r.rec.bytes_in = grpc_byte_buffer_length(in_bb);
-  memset(ops, 0, sizeof(ops));
-  ops[0].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
-  ops[0].data.recv_close_on_server.cancelled = &cs.cancelled;
-  cs.started = grpc_call_start_batch(call, ops, 1, &cs, NULL) == GRPC_CALL_OK;
-
-  method = sl__slice_strdup(details->method);
-  peer = grpc_call_get_peer(call);
-  if (method == NULL || sl__kv_from_metadata(md, &kv, &nkv) != SL_OK) {
-    sl_err_set(&r.err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
-    goto respond;
-  }
-  ci.method = method;
-  ci.peer = peer ? peer : "";
-  snprintf(r.rec.method_name, sizeof(r.rec.method_name), "%s", method);
-  snprintf(r.rec.peer, sizeof(r.rec.peer), "%s", ci.peer);
-  remaining = sl__seconds_until(details->deadline);
-  ci.deadline = remaining > 1e15 ? 0.0 : sl_now() + remaining;
-  ci.metadata = kv;
-  ci.n_metadata = nkv;
-  ci.state = &cs;
-  cs.deadline = ci.deadline;
-
-  if (s->n_tokens > 0 && !streq_slice(details->method, METHOD_STD_HEALTH) &&
-      !authorized(s, kv, nkv)) {
-    sl_err_set(&r.err, SL_EINVAL, SL_STATUS_UNAUTHENTICATED,
-               "missing or invalid authorization token");
-    goto respond;
-  }
-  if (s->hooks.intercept != NULL && s->hooks.intercept(s->user, &ci, &r.err) != SL_OK) {
-    if (r.err.code == SL_STATUS_OK) r.err.code = SL_STATUS_UNKNOWN;
-    goto respond;
-  }
-  if (in_bb == NULL) {
-    sl_err_set(&r.err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT, "the call carried no request message");
-    goto respond;
-  }
-  if (sl__bbspans_init(in_bb, &in, &r.err) != SL_OK) goto respond;
-
-  if (streq_slice(details->method, METHOD_COMPUTE)) {
-    serve_tensor_call(s, &ci, &in, 0, &r);
-  } else if (streq_slice(details->method, METHOD_BACKWARD)) {
-    serve_tensor_call(s, &ci, &in, 1, &r);
-  } else if (streq_slice(details->method, METHOD_HEALTH)) {
-    serve_health(s, &r);
-  } else if (streq_slice(details->method, METHOD_INFO)) {
-    serve_info(s, &r);
-  } else if (streq_slice(details->method, METHOD_STD_HEALTH)) {
-    serve_std_health(s, &in, &r);
-  } else {
-    sl_err_set(&r.err, SL_ENOTFOUND, SL_STATUS_UNIMPLEMENTED, "unknown method %s", method);
-  }
-
-respond:
-  sl__bbspans_clear(&in);
-  if (r.err.status != SL_OK && r.err.code == SL_STATUS_OK) r.err.code = SL_STATUS_INTERNAL;
-  if (r.err.status != SL_OK && r.payload != NULL) {
-    sl_payload_unref(r.payload);
-    r.payload = NULL;
-  }
-  memset(ops, 0, sizeof(ops));
+/* Send the reply in sv->r (or the error), wait for the call to end, record it, and
+ * free what the call held (not sv itself, its call or its queue). */
+static void respond_and_finish(served *sv) {
+  sl_server *s = sv->srv;
+  call_state *cs = &sv->cs;
+  grpc_byte_buffer *out_bb = NULL;
+  grpc_slice details_slice;
+  const char *details_str;
+  grpc_op ops[3];
   size_t nops = 0;
-  if (r.payload != NULL) {
-    r.rec.bytes_out = sl_payload_size(r.payload);
-    out_bb = sl__payload_byte_buffer(r.payload);
+  int tag2;
+  double t_send = 0;
+
+  if (!sv->responding) goto cleanup;
+  if (sv->r.err.status != SL_OK && sv->r.err.code == SL_STATUS_OK) sv->r.err.code = SL_STATUS_INTERNAL;
+  if (sv->r.err.status != SL_OK && sv->r.payload != NULL) {
+    sl_payload_unref(sv->r.payload);
+    sv->r.payload = NULL;
+  }
+  memset(ops, 0, sizeof(ops));
+  if (sv->r.payload != NULL) {
+    sv->r.rec.bytes_out = sl_payload_size(sv->r.payload);
+    out_bb = sl__payload_byte_buffer(sv->r.payload);
     if (out_bb != NULL) {
       ops[nops].op = GRPC_OP_SEND_MESSAGE;
       ops[nops].data.send_message.send_message = out_bb;
       nops++;
     } else {
-      sl_err_set(&r.err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+      sl_err_set(&sv->r.err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
     }
   }
-  details_str = r.err.status != SL_OK ? r.err.msg : "";
+  details_str = sv->r.err.status != SL_OK ? sv->r.err.msg : "";
   details_slice = grpc_slice_from_copied_string(details_str);
   ops[nops].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
   ops[nops].data.send_status_from_server.status =
-      r.err.status != SL_OK ? (grpc_status_code)r.err.code : GRPC_STATUS_OK;
+      sv->r.err.status != SL_OK ? (grpc_status_code)sv->r.err.code : GRPC_STATUS_OK;
   ops[nops].data.send_status_from_server.status_details = &details_slice;
-  ops[nops].data.send_status_from_server.trailing_metadata_count = cs.n_trailing;
-  ops[nops].data.send_status_from_server.trailing_metadata = cs.trailing;
+  ops[nops].data.send_status_from_server.trailing_metadata_count = cs->n_trailing;
+  ops[nops].data.send_status_from_server.trailing_metadata = cs->trailing;
   nops++;
-  r.rec.code = r.err.status != SL_OK ? r.err.code : SL_STATUS_OK;
+  sv->r.rec.code = sv->r.err.status != SL_OK ? sv->r.err.code : SL_STATUS_OK;
   t_send = sl_now();
-  if (grpc_call_start_batch(call, ops, nops, &tag2, NULL) == GRPC_CALL_OK) {
-    wait_call_tag(&cs, &tag2);
+  if (grpc_call_start_batch(sv->call, ops, nops, &tag2, NULL) == GRPC_CALL_OK) {
+    wait_call_tag(cs, &tag2);
   } else {
-    grpc_call_cancel(call, NULL); /* no status will be sent: end the call */
+    grpc_call_cancel(sv->call, NULL); /* no status will be sent: end the call */
   }
   grpc_slice_unref(details_slice);
 
 cleanup:
   /* the close watch completes when the call ends; it must before the call goes */
-  if (cs.started && !cs.closed) wait_call_tag(&cs, &cs);
-  if (counted) {
+  if (cs->started && !cs->closed) wait_call_tag(cs, cs);
+  if (sv->counted) {
     struct timespec wall;
     double now = sl_now();
-    r.rec.stage[SL_STAGE_SEND] = now - t_send;
-    r.rec.stage[SL_STAGE_TOTAL] = now - t_start;
-    if (cs.cancelled && r.rec.code == SL_STATUS_OK) r.rec.code = SL_STATUS_CANCELLED;
+    sv->r.rec.stage[SL_STAGE_SEND] = t_send > 0 ? now - t_send : 0;
+    sv->r.rec.stage[SL_STAGE_TOTAL] = now - sv->t_start;
+    /* cancelled: the client never saw our status; one that left during its
+     * upload is a cancelled call, not a malformed one */
+    if (cs->cancelled && (sv->r.rec.code == SL_STATUS_OK || sv->no_message)) {
+      sv->r.rec.code = SL_STATUS_CANCELLED;
+    }
     clock_gettime(CLOCK_REALTIME, &wall);
-    r.rec.wall_time = (double)wall.tv_sec + (double)wall.tv_nsec * 1e-9;
-    sl_metrics_call_finished(s->metrics, &r.rec);
+    sv->r.rec.wall_time = (double)wall.tv_sec + (double)wall.tv_nsec * 1e-9;
+    sl_metrics_call_finished(s->metrics, &sv->r.rec);
   }
-  for (size_t i = 0; i < cs.n_trailing; i++) {
-    grpc_slice_unref(cs.trailing[i].key);
-    grpc_slice_unref(cs.trailing[i].value);
+  for (size_t i = 0; i < cs->n_trailing; i++) {
+    grpc_slice_unref(cs->trailing[i].key);
+    grpc_slice_unref(cs->trailing[i].value);
   }
-  free(cs.trailing);
+  free(cs->trailing);
+  cs->trailing = NULL;
+  cs->n_trailing = 0;
   if (out_bb != NULL) grpc_byte_buffer_destroy(out_bb);
-  if (r.payload != NULL) sl_payload_unref(r.payload);
-  if (in_bb != NULL) grpc_byte_buffer_destroy(in_bb);
-  sl__kv_free(kv, nkv);
-  free(method);
-  if (peer != NULL) gpr_free(peer);
+  if (sv->r.payload != NULL) sl_payload_unref(sv->r.payload);
+  sv->r.payload = NULL;
+  if (sv->in_bb != NULL) grpc_byte_buffer_destroy(sv->in_bb);
+  sv->in_bb = NULL;
+  sl__kv_free(sv->kv, sv->nkv);
+  sv->kv = NULL;
+  free(sv->method);
+  sv->method = NULL;
+  if (sv->peer != NULL) gpr_free(sv->peer);
+  sv->peer = NULL;
+}
+
+/* Serve one call bound to sv->cq. Returns 1 when the compute hook deferred it:
+ * then sv (on the heap) belongs to the pending machinery. */
+static int serve_call(served *sv, grpc_call_details *details, grpc_metadata_array *md) {
+  sl_server *s = sv->srv;
+  call_state *cs = &sv->cs;
+  grpc_op ops[3];
+  sl__bbspans in = {0};
+  sl_call_info ci;
+  int tag1;
+  double remaining;
+
+  sv->t_start = sl_now();
+  memset(&ci, 0, sizeof(ci));
+  memset(ops, 0, sizeof(ops));
+  ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+  ops[1].op = GRPC_OP_RECV_MESSAGE;
+  ops[1].data.recv_message.recv_message = &sv->in_bb;
+  if (grpc_call_start_batch(sv->call, ops, 2, &tag1, NULL) != GRPC_CALL_OK) goto finish;
+  if (!wait_tag(sv->cq, &tag1)) goto finish; /* the client went away */
+  sl_metrics_call_started(s->metrics);
+  sv->counted = 1;
+  sv->responding = 1;
+  sv->r.rec.stage[SL_STAGE_RECEIVE] = sl_now() - sv->t_start;
+  sv->r.rec.method = method_of(details->method);
+  if (sv->in_bb != NULL) sv->r.rec.bytes_in = grpc_byte_buffer_length(sv->in_bb);
+  memset(ops, 0, sizeof(ops));
+  ops[0].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+  ops[0].data.recv_close_on_server.cancelled = &cs->cancelled;
+  cs->started = grpc_call_start_batch(sv->call, ops, 1, cs, NULL) == GRPC_CALL_OK;
+
+  sv->method = sl__slice_strdup(details->method);
+  sv->peer = grpc_call_get_peer(sv->call);
+  if (sv->method == NULL || sl__kv_from_metadata(md, &sv->kv, &sv->nkv) != SL_OK) {
+    sl_err_set(&sv->r.err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+    goto finish;
+  }
+  ci.method = sv->method;
+  ci.peer = sv->peer ? sv->peer : "";
+  snprintf(sv->r.rec.method_name, sizeof(sv->r.rec.method_name), "%s", sv->method);
+  snprintf(sv->r.rec.peer, sizeof(sv->r.rec.peer), "%s", ci.peer);
+  remaining = sl__seconds_until(details->deadline);
+  ci.deadline = remaining > 1e15 ? 0.0 : sl_now() + remaining;
+  ci.metadata = sv->kv;
+  ci.n_metadata = sv->nkv;
+  ci.state = cs;
+  cs->deadline = ci.deadline;
+
+  if (s->n_tokens > 0 && !streq_slice(details->method, METHOD_STD_HEALTH)) {
+    int auth = authorized(s, sv->kv, sv->nkv);
+    if (auth != 1) {
+      sl_err_set(&sv->r.err, SL_EINVAL, SL_STATUS_UNAUTHENTICATED, "%s",
+                 auth < 0 ? "more than one authorization header; send exactly one"
+                          : "missing or invalid authorization token");
+      goto finish;
+    }
+  }
+  if (s->hooks.intercept != NULL && s->hooks.intercept(s->user, &ci, &sv->r.err) != SL_OK) {
+    if (sv->r.err.code == SL_STATUS_OK) sv->r.err.code = SL_STATUS_UNKNOWN;
+    goto finish;
+  }
+  if (sv->in_bb == NULL) {
+    /* the client half-closed without a message, or went away during its upload:
+     * which one shows when the close watch completes (counted in respond_and_finish) */
+    sv->no_message = 1;
+    sl_err_set(&sv->r.err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+               "the call carried no request message");
+    goto finish;
+  }
+  if (sl__bbspans_init(sv->in_bb, &in, &sv->r.err) != SL_OK) goto finish;
+
+  if (streq_slice(details->method, METHOD_COMPUTE) || streq_slice(details->method, METHOD_BACKWARD)) {
+    int backward = streq_slice(details->method, METHOD_BACKWARD);
+    if (tcall_begin(s, &ci, &in, backward, &sv->r, &sv->tc, (sl_pending *)sv) == SL_EAGAIN) {
+      sl__bbspans_clear(&in);
+      return 1;
+    }
+  } else if (streq_slice(details->method, METHOD_HEALTH)) {
+    serve_health(s, &sv->r);
+  } else if (streq_slice(details->method, METHOD_INFO)) {
+    serve_info(s, &sv->r);
+  } else if (streq_slice(details->method, METHOD_STD_HEALTH)) {
+    serve_std_health(s, &in, &sv->r);
+  } else {
+    sl_err_set(&sv->r.err, SL_ENOTFOUND, SL_STATUS_UNIMPLEMENTED, "unknown method %s", sv->method);
+  }
+
+finish:
+  sl__bbspans_clear(&in);
+  respond_and_finish(sv);
+  return 0;
+}
+
+/* ---- deferred calls ---------------------------------------------------------- */
+
+static void served_free(served *sv) {
+  if (sv->call != NULL) grpc_call_unref(sv->call);
+  destroy_queue(sv->cq);
+  pthread_mutex_destroy(&sv->cs.poll_mu);
+  free(sv);
+}
+
+/* With s->mu held: queue sv for the finisher. */
+static void ready_push(sl_server *s, served *sv) {
+  sv->next_ready = NULL;
+  if (s->ready_tail != NULL) s->ready_tail->next_ready = sv; else s->ready_head = sv;
+  s->ready_tail = sv;
+  pthread_cond_broadcast(&s->cv);
+}
+
+/* With s->mu held: drop a reference; returns 1 when sv is to be freed. */
+static int served_unref_locked(served *sv) { return --sv->refs == 0; }
+
+/* The worker lets go of a deferred call. */
+static void hand_off(sl_server *s, served *sv) {
+  pthread_mutex_lock(&s->mu);
+  sv->handed_off = 1;
+  sv->refs = sv->completed ? 1 : 2; /* the completer's is gone once it completed */
+  sv->next_deferred = s->deferred;
+  sv->prev_deferred = NULL;
+  if (s->deferred != NULL) s->deferred->prev_deferred = sv;
+  s->deferred = sv;
+  if (sv->completed) ready_push(s, sv);
+  pthread_mutex_unlock(&s->mu);
+}
+
+
+void sl_pending_complete(sl_pending *p, int status, const sl_err *err, const sl_tensor_set *out,
+                         void (*out_free)(void *out_owner), void *out_owner,
+                         float compute_time_ms) {
+  served *sv = (served *)p;
+  sl_server *s = sv->srv;
+  int free_it = 0;
+  pthread_mutex_lock(&s->mu);
+  if (sv->abandoned) {
+    /* the server answered already (it was stopping): just let go */
+    free_it = served_unref_locked(sv);
+    pthread_mutex_unlock(&s->mu);
+    if (status == SL_OK && out != NULL) sl_tensor_set_release(out);
+    if (out_free != NULL) out_free(out_owner);
+    if (free_it) served_free(sv);
+    return;
+  }
+  sv->completed = 1;
+  sv->rc = status;
+  sv->tc.args.out_free = out_free;
+  sv->tc.args.out_owner = out_owner;
+  if (status == SL_OK && out != NULL) {
+    sv->tc.args.out = *out;
+    sv->tc.args.compute_time_ms = compute_time_ms;
+  } else if (err != NULL) {
+    sv->r.err = *err;
+  }
+  if (status != SL_OK && sv->r.err.status == SL_OK) {
+    sl_err_set(&sv->r.err, status, SL_STATUS_INTERNAL, "compute failed: %s", sl_strerror(status));
+  }
+  if (sv->handed_off) {
+    sv->refs--; /* the completer's */
+    ready_push(s, sv);
+  }
+  pthread_mutex_unlock(&s->mu);
+}
+
+/* The finisher thread answers deferred calls once they are complete (or abandoned
+ * by a stopping server), one at a time, in order. */
+static void *finisher_main(void *arg) {
+  sl_server *s = arg;
+  for (;;) {
+    served *sv;
+    int free_it;
+    pthread_mutex_lock(&s->mu);
+    while (s->ready_head == NULL && !s->finisher_stop) pthread_cond_wait(&s->cv, &s->mu);
+    sv = s->ready_head;
+    if (sv == NULL) {
+      pthread_mutex_unlock(&s->mu);
+      break;
+    }
+    s->ready_head = sv->next_ready;
+    if (s->ready_head == NULL) s->ready_tail = NULL;
+    pthread_mutex_unlock(&s->mu);
+
+    pthread_mutex_lock(&sv->cs.poll_mu);
+    sv->cs.finishing = 1; /* the completer's is_active polls no more */
+    pthread_mutex_unlock(&sv->cs.poll_mu);
+    tcall_end(s, &sv->tc, sv->rc, &sv->r);
+    respond_and_finish(sv);
+
+    pthread_mutex_lock(&s->mu);
+    if (sv->prev_deferred != NULL) sv->prev_deferred->next_deferred = sv->next_deferred;
+    else s->deferred = sv->next_deferred;
+    if (sv->next_deferred != NULL) sv->next_deferred->prev_deferred = sv->prev_deferred;
+    free_it = served_unref_locked(sv);
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+    if (free_it) served_free(sv);
+  }
+  return NULL;
+}
+
+/* A stopping server (after its grace period) answers the deferred calls still
+ * waiting for their result with UNAVAILABLE; their completers' later results are
+ * dropped. Returns once no call is deferred or inside the compute hook. */
+static void abandon_deferred(sl_server *s) {
+  pthread_mutex_lock(&s->mu);
+  for (;;) {
+    struct timespec ts;
+    for (served *sv = s->deferred; sv != NULL; sv = sv->next_deferred) {
+      if (sv->completed || sv->abandoned) continue;
+      sv->abandoned = 1;
+      sv->rc = SL_ESTATE;
+      sl_err_set(&sv->r.err, SL_ESTATE, SL_STATUS_UNAVAILABLE,
+                 "the server stopped before the call finished");
+      ready_push(s, sv);
+    }
+    if (s->deferred == NULL && atomic_load(&s->in_hook) == 0) break;
+    sl_deadline_timespec(0.02, &ts);
+    pthread_cond_timedwait(&s->cv, &s->mu, &ts);
+  }
+  pthread_mutex_unlock(&s->mu);
 }
 
 static void *worker_main(void *arg) {
@@ -723,24 +995,36 @@ static void *worker_main(void *arg) {
   sl_server *s = w->srv;
   if (s->hooks.worker_start != NULL) s->hooks.worker_start(s->user);
   for (;;) {
-    grpc_call *call = NULL;
     grpc_call_details details;
     grpc_metadata_array md;
-    int tag, ok;
+    int tag, ok, deferred = 0;
+    served *sv = malloc(sizeof(*sv));
+    grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
+    if (sv == NULL || cq == NULL) {
+      free(sv);
+      if (cq != NULL) grpc_completion_queue_destroy(cq);
+      break;
+    }
+    served_init(sv, s, cq);
     grpc_call_details_init(&details);
     grpc_metadata_array_init(&md);
-    if (grpc_server_request_call(s->server, &call, &details, &md, w->cq, w->cq, &tag) !=
+    if (grpc_server_request_call(s->server, &sv->call, &details, &md, cq, w->cq, &tag) !=
         GRPC_CALL_OK) {
       grpc_call_details_destroy(&details);
       grpc_metadata_array_destroy(&md);
+      served_free(sv);
       break;
     }
     ok = wait_tag(w->cq, &tag);
     if (ok) atomic_store(&s->last_call_us, (long long)(sl_now() * 1e6));
-    if (ok) serve_call(w, call, &details, &md);
-    if (call != NULL) grpc_call_unref(call);
+    if (ok) deferred = serve_call(sv, &details, &md);
     grpc_call_details_destroy(&details);
     grpc_metadata_array_destroy(&md);
+    if (deferred) {
+      hand_off(s, sv);
+    } else {
+      served_free(sv);
+    }
     if (!ok) break; /* the server is shutting down */
   }
   if (s->hooks.worker_stop != NULL) s->hooks.worker_stop(s->user);
@@ -1091,15 +1375,6 @@ cleanup:
   return status;
 }
 
-static void destroy_queue(grpc_completion_queue *cq) {
-  if (cq == NULL) return;
-  grpc_completion_queue_shutdown(cq);
-  while (grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type !=
-         GRPC_QUEUE_SHUTDOWN) {
-  }
-  grpc_completion_queue_destroy(cq);
-}
-
 /* Tear down gRPC objects after the workers are gone (or were never started). */
 static void teardown_grpc(sl_server *s) {
   if (s->server != NULL) {
@@ -1126,8 +1401,19 @@ static void shutdown_server(sl_server *s, double grace) {
                                   NULL);
   if (ev.type != GRPC_OP_COMPLETE) {
     grpc_server_cancel_all_calls(s->server);
+    abandon_deferred(s); /* a deferred call keeps its connection, hence the shutdown, open */
     wait_tag(s->shutdown_cq, &tag);
   }
+}
+
+static void stop_finisher(sl_server *s) {
+  if (!s->finisher_started) return;
+  pthread_mutex_lock(&s->mu);
+  s->finisher_stop = 1;
+  pthread_cond_broadcast(&s->cv);
+  pthread_mutex_unlock(&s->mu);
+  pthread_join(s->finisher, NULL);
+  s->finisher_started = 0;
 }
 
 /* End the Watch streams, shut gRPC down (calls get `grace` seconds), and join
@@ -1214,12 +1500,19 @@ int sl_server_start(sl_server *s, sl_err *err) {
     }
     s->workers[i].started = 1;
   }
+  if (pthread_create(&s->finisher, NULL, finisher_main, s) != 0) {
+    status = sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED,
+                        "could not start the finisher thread");
+    goto cleanup;
+  }
+  s->finisher_started = 1;
   status = SL_OK;
 cleanup:
   if (creds != NULL) grpc_server_credentials_release(creds);
   if (status != SL_OK) {
     atomic_store(&s->serving, 0);
     if (started) shutdown_and_join(s, 0);
+    stop_finisher(s);
     if (!started && s->server != NULL) {
       /* a server never started is destroyed without shutdown */
     }
@@ -1270,6 +1563,8 @@ void sl_server_stop(sl_server *s, double grace) {
   pthread_mutex_unlock(&s->mu);
 
   shutdown_and_join(s, grace);
+  abandon_deferred(s);
+  stop_finisher(s);
   teardown_grpc(s);
 
   pthread_mutex_lock(&s->mu);

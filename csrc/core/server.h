@@ -33,6 +33,10 @@ extern "C" {
 
 typedef struct sl_server sl_server;
 
+/* A Compute or ComputeBackward call whose result comes later (see
+ * sl_compute_args.pending and sl_pending_complete). */
+typedef struct sl_pending sl_pending;
+
 /* What a hook may know about the call it serves. Every pointer is owned by the
  * server and valid only during the hook. */
 typedef struct sl_call_info {
@@ -83,7 +87,26 @@ typedef struct sl_compute_args {
   float compute_time_ms;
   double queue_seconds;          /* out, optional: time the hook waited before it could run
                                     user code (e.g. for the GIL); counted apart from compute */
+  sl_pending *pending;           /* in: the hook may defer the call: keep this, return
+                                    SL_EAGAIN, and call sl_pending_complete() exactly once
+                                    later, from any thread. The worker serves other calls
+                                    meanwhile. call->state stays valid (for
+                                    sl_call_is_active / sl_call_add_trailing, from one
+                                    thread at a time) until then; nothing else of `call`
+                                    or `args` does. */
 } sl_compute_args;
+
+/* Finish a deferred call: `status` SL_OK with `out` (the results, as the hook would
+ * have set args->out; each item's release runs exactly once, from any thread) and
+ * the compute time, or a negative status with `err` naming the gRPC code and
+ * message. `out_free(out_owner)`, when set, runs once after `out`'s arrays and
+ * strings are no longer needed (as args->out_free), on every path.
+ * Returns at once: one finisher thread of the server sends the response. When the
+ * server stopped meanwhile (it answered UNAVAILABLE after its grace period), the
+ * result is released and dropped. `p` is invalid afterwards. */
+void sl_pending_complete(sl_pending *p, int status, const sl_err *err, const sl_tensor_set *out,
+                         void (*out_free)(void *out_owner), void *out_owner,
+                         float compute_time_ms);
 
 /* Result of the service-info hook: strings are malloc'd by the hook and freed by
  * the server (sl_service_info_clear). */

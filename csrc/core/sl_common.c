@@ -22,8 +22,72 @@ int sl_err_set(sl_err *err, int status, int code, const char *fmt, ...) {
     va_start(ap, fmt);
     vsnprintf(err->msg, sizeof(err->msg), fmt, ap);
     va_end(ap);
+    /* the message travels as a status message (HTTP/2 text) and becomes a Python
+     * str: never cut inside a character, never pass on bytes that are not UTF-8
+     * (a peer's names quoted with %.64s can be either) */
+    sl_utf8_sanitize(err->msg);
   }
   return status;
+}
+
+size_t sl_utf8_seq_len(const uint8_t *s, size_t n) {
+  uint8_t c;
+  if (n == 0) return 0;
+  c = s[0];
+  if (c < 0x80) return 1;
+  if (c >= 0xC2 && c <= 0xDF) {
+    return n >= 2 && (s[1] & 0xC0) == 0x80 ? 2 : 0;
+  }
+  if (c >= 0xE0 && c <= 0xEF) {
+    /* E0: no overlong forms (second byte >= A0); ED: no surrogates (< A0) */
+    uint8_t lo = c == 0xE0 ? 0xA0 : 0x80, hi = c == 0xED ? 0x9F : 0xBF;
+    return n >= 3 && s[1] >= lo && s[1] <= hi && (s[2] & 0xC0) == 0x80 ? 3 : 0;
+  }
+  if (c >= 0xF0 && c <= 0xF4) {
+    /* F0: no overlong forms (>= 90); F4: nothing past U+10FFFF (< 90) */
+    uint8_t lo = c == 0xF0 ? 0x90 : 0x80, hi = c == 0xF4 ? 0x8F : 0xBF;
+    return n >= 4 && s[1] >= lo && s[1] <= hi && (s[2] & 0xC0) == 0x80 &&
+                   (s[3] & 0xC0) == 0x80
+               ? 4
+               : 0;
+  }
+  return 0;
+}
+
+int sl_utf8_valid(const char *s, size_t n, size_t *bad_at) {
+  const uint8_t *p = (const uint8_t *)s;
+  size_t i = 0;
+  while (i < n) {
+    size_t k = sl_utf8_seq_len(p + i, n - i);
+    if (k == 0) {
+      if (bad_at != NULL) *bad_at = i;
+      return 0;
+    }
+    i += k;
+  }
+  return 1;
+}
+
+void sl_utf8_sanitize(char *s) {
+  uint8_t *p = (uint8_t *)s;
+  size_t n = strlen(s), i = 0;
+  while (i < n) {
+    size_t k = sl_utf8_seq_len(p + i, n - i);
+    if (k > 0) {
+      i += k;
+      continue;
+    }
+    /* a lead byte whose sequence the end of the string cut off: drop the tail */
+    if (p[i] >= 0xC2 && p[i] <= 0xF4) {
+      size_t need = p[i] >= 0xF0 ? 4 : p[i] >= 0xE0 ? 3 : 2, j = i + 1;
+      while (j < n && (p[j] & 0xC0) == 0x80) j++;
+      if (j == n && n - i < need) {
+        p[i] = '\0';
+        return;
+      }
+    }
+    p[i++] = '?';
+  }
 }
 
 const char *sl_strerror(int status) {

@@ -89,6 +89,22 @@ const char *sl_status_name(int code);
  * when out of memory. The caller frees it with free(). */
 char *sl_strndup(const char *s, size_t n);
 
+/* Length of the well-formed UTF-8 sequence at s[0..n) (1 to 4), or 0 when the
+ * bytes there are not one (a stray continuation byte, an overlong form, a
+ * surrogate, a code point past U+10FFFF, or a sequence cut off by `n`). The same
+ * rules as Python's strict UTF-8 decoder. */
+size_t sl_utf8_seq_len(const uint8_t *s, size_t n);
+
+/* 1 when s[0..n) is well-formed UTF-8, else 0 with *bad_at (when not NULL) set to
+ * the offset of the first byte that is not. */
+int sl_utf8_valid(const char *s, size_t n, size_t *bad_at);
+
+/* Make the NUL-terminated string `s` well-formed UTF-8 in place: a sequence cut
+ * off at the end of the string is dropped, and every other byte that does not
+ * start a well-formed sequence becomes '?'. Used on messages before they leave
+ * (status details) and on text that came from a peer. */
+void sl_utf8_sanitize(char *s);
+
 /* A key/value pair of strings. Who owns the strings is said by each user. */
 typedef struct sl_kv {
   const char *key;

@@ -223,7 +223,7 @@ void sl_wire_copy_range(const sl_span *spans, size_t nspans, size_t span, size_t
   while (len > 0 && span < nspans) {
     size_t avail = spans[span].len - off;
     size_t k = len < avail ? len : avail;
-    memcpy(out, spans[span].ptr + off, k);
+    if (k > 0) memcpy(out, spans[span].ptr + off, k); /* an empty span may have no pointer */
     out += k;
     len -= k;
     span++;
@@ -284,4 +284,101 @@ size_t sl_wire_data_prefix(uint32_t field, uint64_t len, uint8_t out[SL_WIRE_PRE
   size_t n = sl_wire_put_varint(((uint64_t)field << 3) | 2u, out);
   n += sl_wire_put_varint(len, out + n);
   return n;
+}
+
+/* ---- text fields ------------------------------------------------------------ */
+
+/* Read a varint from buf[*pos..len). */
+static int flat_varint(const uint8_t *buf, size_t len, size_t *pos, uint64_t *v) {
+  uint64_t r = 0;
+  for (int i = 0; i < 10; i++) {
+    uint8_t b;
+    if (*pos >= len) return SL_EINVAL;
+    b = buf[(*pos)++];
+    r |= (uint64_t)(b & 0x7f) << (7 * i);
+    if ((b & 0x80) == 0) {
+      *v = r;
+      return SL_OK;
+    }
+  }
+  return SL_EINVAL;
+}
+
+/* Walk msg[0..len) at nesting `depth`; `prefix` holds the field numbers above. */
+static int check_text(const uint8_t *msg, size_t len, int depth,
+                      const uint32_t prefix[SL_WIRE_TEXT_DEPTH], const sl_wire_text_field *fields,
+                      size_t n, const char *what, sl_err *err) {
+  size_t pos = 0;
+  while (pos < len) {
+    uint64_t key, l;
+    uint32_t field;
+    int wt;
+    if (flat_varint(msg, len, &pos, &key) != SL_OK) goto malformed;
+    field = (uint32_t)(key >> 3);
+    wt = (int)(key & 7);
+    switch (wt) {
+      case 0:
+        if (flat_varint(msg, len, &pos, &l) != SL_OK) goto malformed;
+        continue;
+      case 1:
+        if (len - pos < 8) goto malformed;
+        pos += 8;
+        continue;
+      case 5:
+        if (len - pos < 4) goto malformed;
+        pos += 4;
+        continue;
+      case 2:
+        break;
+      default:
+        goto malformed;
+    }
+    if (flat_varint(msg, len, &pos, &l) != SL_OK || l > len - pos) goto malformed;
+    for (size_t i = 0; i < n; i++) {
+      const sl_wire_text_field *f = &fields[i];
+      int d, leaf;
+      for (d = 0; d < depth; d++)
+        if (f->path[d] != prefix[d]) break;
+      if (d < depth || f->path[depth] != field) continue;
+      leaf = depth + 1 == SL_WIRE_TEXT_DEPTH || f->path[depth + 1] == 0;
+      if (leaf) {
+        size_t bad = 0;
+        const void *nul = memchr(msg + pos, 0, (size_t)l);
+        if (nul != NULL) {
+          return sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                            "field '%s' of %s holds a NUL byte (at byte %zu of its %zu)",
+                            f->name, what, (size_t)((const uint8_t *)nul - (msg + pos)),
+                            (size_t)l);
+        }
+        if (!sl_utf8_valid((const char *)msg + pos, (size_t)l, &bad)) {
+          return sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                            "field '%s' of %s is not valid UTF-8 (byte %zu of its %zu)", f->name,
+                            what, bad, (size_t)l);
+        }
+      } else {
+        uint32_t sub[SL_WIRE_TEXT_DEPTH] = {0};
+        int rc;
+        for (d = 0; d < depth; d++) sub[d] = prefix[d];
+        sub[depth] = field;
+        /* the fields below this one, all of them in one walk */
+        rc = check_text(msg + pos, (size_t)l, depth + 1, sub, fields, n, what, err);
+        if (rc != SL_OK) return rc;
+        break;
+      }
+    }
+    pos += (size_t)l;
+  }
+  return SL_OK;
+malformed:
+  return sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                    "malformed %s: a field at depth %d could not be parsed", what, depth);
+}
+
+int sl_wire_check_text(const uint8_t *msg, size_t len, const sl_wire_text_field *fields,
+                       size_t n, const char *what, sl_err *err) {
+  uint32_t prefix[SL_WIRE_TEXT_DEPTH] = {0};
+  if (len > 0 && msg == NULL) {
+    return sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT, "malformed %s", what);
+  }
+  return check_text(msg, len, 0, prefix, fields, n, what, err);
 }

@@ -89,6 +89,25 @@ void sl_wire_copy_data(const sl_span *spans, size_t nspans, const sl_wire_split_
 /* Free result->header and clear the record. */
 void sl_wire_split_result_clear(sl_wire_split_result *result);
 
+/* A text (protobuf `string`) field that must hold well-formed UTF-8 and no NUL
+ * byte (the core hands strings on as C strings, and Python decodes them
+ * strictly). `path` lists field numbers from the top level, ended by 0 or by
+ * its size: {5} is top-level field 5; {4, 1} is field 1 inside every message
+ * of field 4 (a map's keys; {4, 2} its values); {18, 2, 3} one level deeper. */
+#define SL_WIRE_TEXT_DEPTH 4
+typedef struct sl_wire_text_field {
+  uint32_t path[SL_WIRE_TEXT_DEPTH];
+  const char *name; /* for the error message, e.g. "model_id", "metadata key" */
+} sl_wire_text_field;
+
+/* Check every occurrence of the `n` text fields in the contiguous message
+ * msg[0..len). SL_OK, or SL_EINVAL with an INVALID_ARGUMENT message naming the
+ * field ("field 'model_id' of ComputeRequest is not valid UTF-8 (byte 3)";
+ * `what` names the message). A message that does not parse is SL_EINVAL too.
+ * Reads only msg[0..len); allocates nothing. */
+int sl_wire_check_text(const uint8_t *msg, size_t len, const sl_wire_text_field *fields,
+                       size_t n, const char *what, sl_err *err);
+
 /* Most bytes sl_wire_data_prefix() writes. */
 #define SL_WIRE_PREFIX_MAX 16
 

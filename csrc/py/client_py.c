@@ -6,12 +6,14 @@
  * A non-OK status raises _core.CallError(code, details, trailing_metadata,
  * initial_metadata, debug_error_string, attempts).
  */
+#include "async_client.h"
 #include "client.h"
 #include "slpy.h"
 
 typedef struct client_obj {
   PyObject_HEAD
   sl_client *client;
+  sl_async *async; /* asynchronous calls; made by the first compute_async */
   slpy_state *st;
   PyObject *target; /* str */
   PyObject *retry_hook; /* strong, or NULL: set once by set_retry_hook() */
@@ -79,13 +81,19 @@ static int ensure_open(client_obj *self) {
 static void raise_call_error(client_obj *self, const sl_call_status *st) {
   PyObject *trailing = slpy_metadata_tuple(st->trailing, st->n_trailing);
   PyObject *initial = slpy_metadata_tuple(st->initial, st->n_initial);
-  PyObject *args = NULL;
-  if (trailing != NULL && initial != NULL) {
-    args = Py_BuildValue("(isOOsi)", st->code, st->details ? st->details : "", trailing, initial,
-                         st->debug ? st->debug : "", st->attempts);
+  PyObject *args = NULL, *details = NULL, *debug = NULL;
+  /* the status message and debug string come from the peer: decode leniently, so
+   * that the caller always gets the RpcError, never a UnicodeDecodeError */
+  const char *d = st->details ? st->details : "", *g = st->debug ? st->debug : "";
+  details = PyUnicode_DecodeUTF8(d, (Py_ssize_t)strlen(d), "replace");
+  debug = PyUnicode_DecodeUTF8(g, (Py_ssize_t)strlen(g), "replace");
+  if (trailing != NULL && initial != NULL && details != NULL && debug != NULL) {
+    args = Py_BuildValue("(iOOOOi)", st->code, details, trailing, initial, debug, st->attempts);
   }
   if (args != NULL) PyErr_SetObject(self->st->call_error, args);
   Py_XDECREF(args);
+  Py_XDECREF(details);
+  Py_XDECREF(debug);
   Py_XDECREF(trailing);
   Py_XDECREF(initial);
 }
@@ -148,6 +156,44 @@ static int call_args_init(client_obj *self, call_args *a, double timeout, PyObje
   return 0;
 }
 
+/* The Reply of a finished call: its leaves take the storage of out's tensors. */
+static PyObject *make_reply(client_obj *self, sl_tensor_msg *out, const sl_compute_extra *extra,
+                            const sl_call_status *st) {
+  PyObject *rleaves = NULL, *rnodes = NULL, *initial = NULL, *result = NULL;
+  if (slpy_msg_to_python(self->st, out, &rleaves, &rnodes) < 0) goto cleanup;
+  initial = slpy_metadata_tuple(st->initial, st->n_initial);
+  if (initial == NULL) goto cleanup;
+  result = PyStructSequence_New(self->st->reply_type);
+  if (result == NULL) goto cleanup;
+  {
+    PyObject *v[10];
+    v[0] = PyLong_FromLong(out->form);
+    v[1] = Py_NewRef(rleaves);
+    v[2] = Py_NewRef(rnodes);
+    v[3] = PyLong_FromSize_t(out->n_kv);
+    v[4] = extra->has_compute_time_ms ? PyFloat_FromDouble(extra->compute_time_ms)
+                                      : Py_NewRef(Py_None);
+    v[5] = extra->has_request_id ? PyLong_FromLong(extra->request_id) : Py_NewRef(Py_None);
+    v[6] = PyLong_FromLong(st->attempts);
+    v[7] = Py_NewRef(initial);
+    v[8] = PyLong_FromSize_t(st->bytes_sent);
+    v[9] = PyLong_FromSize_t(st->bytes_received);
+    for (int i = 0; i < 10; i++) {
+      if (v[i] == NULL) {
+        for (int j = i; j < 10; j++) Py_XDECREF(v[j]);
+        Py_CLEAR(result);
+        break;
+      }
+      PyStructSequence_SetItem(result, i, v[i]);
+    }
+  }
+cleanup:
+  Py_XDECREF(initial);
+  Py_XDECREF(rleaves);
+  Py_XDECREF(rnodes);
+  return result;
+}
+
 /* compute(leaves, form=0, nodes=None, timeout=0, metadata=None, wait_for_ready=False,
  *         retry=None, request_id=None, breaker=None, backward=False, forward_id=None,
  *         training_mode=None, model_id=None, learning_rate=None, accumulation_step=None,
@@ -179,7 +225,7 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
   sl_tensor_msg out;
   sl_call_status st;
   sl_err err;
-  PyObject *rleaves = NULL, *rnodes = NULL, *initial = NULL, *result = NULL;
+  PyObject *result = NULL;
 
   if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|iOdOpOOOpzOzOOOizLp", kwlist, &leaves,
                                    &form, &nodes, &timeout, &metadata, &wait_for_ready, &retry,
@@ -237,37 +283,8 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
     raise_for(self, rc, &st, &err);
     goto cleanup;
   }
-  if (slpy_msg_to_python(self->st, &out, &rleaves, &rnodes) < 0) goto cleanup;
-  initial = slpy_metadata_tuple(st.initial, st.n_initial);
-  if (initial == NULL) goto cleanup;
-  result = PyStructSequence_New(self->st->reply_type);
-  if (result == NULL) goto cleanup;
-  {
-    PyObject *v[10];
-    v[0] = PyLong_FromLong(out.form);
-    v[1] = Py_NewRef(rleaves);
-    v[2] = Py_NewRef(rnodes);
-    v[3] = PyLong_FromSize_t(out.n_kv);
-    v[4] = out_extra.has_compute_time_ms ? PyFloat_FromDouble(out_extra.compute_time_ms)
-                                         : Py_NewRef(Py_None);
-    v[5] = out_extra.has_request_id ? PyLong_FromLong(out_extra.request_id) : Py_NewRef(Py_None);
-    v[6] = PyLong_FromLong(st.attempts);
-    v[7] = Py_NewRef(initial);
-    v[8] = PyLong_FromSize_t(st.bytes_sent);
-    v[9] = PyLong_FromSize_t(st.bytes_received);
-    for (int i = 0; i < 10; i++) {
-      if (v[i] == NULL) {
-        for (int j = i; j < 10; j++) Py_XDECREF(v[j]);
-        Py_CLEAR(result);
-        break;
-      }
-      PyStructSequence_SetItem(result, i, v[i]);
-    }
-  }
+  result = make_reply(self, &out, &out_extra, &st);
 cleanup:
-  Py_XDECREF(initial);
-  Py_XDECREF(rleaves);
-  Py_XDECREF(rnodes);
   sl_tensor_msg_clear(&out);
   sl_call_status_clear(&st);
   return result;
@@ -405,8 +422,16 @@ static PyObject *client_connect(client_obj *self, PyObject *arg) {
 
 static PyObject *client_close(client_obj *self, PyObject *unused) {
   sl_client *c = self->client;
+  sl_async *a = self->async;
   (void)unused;
   self->client = NULL;
+  self->async = NULL;
+  if (a != NULL) {
+    /* the calls in flight end with CANCELLED; their callbacks take the GIL */
+    Py_BEGIN_ALLOW_THREADS
+    sl_async_destroy(a);
+    Py_END_ALLOW_THREADS
+  }
   if (c != NULL) {
     Py_BEGIN_ALLOW_THREADS
     sl_client_destroy(c);
@@ -428,6 +453,235 @@ static PyObject *client_set_retry_hook(client_obj *self, PyObject *fn) {
   }
   self->retry_hook = Py_NewRef(fn);
   Py_RETURN_NONE;
+}
+
+/* ---- asynchronous calls ---------------------------------------------------- */
+
+#define ASYNC_CAPSULE "splitlearn_comm._core.AsyncCall"
+
+/* What a call in flight holds: strong references, released by async_done. */
+typedef struct async_ctx {
+  client_obj *client;
+  PyObject *callback;
+  PyObject *breaker;
+} async_ctx;
+
+/* The pending exception as an object (with its traceback), cleared. */
+static PyObject *take_exception(void) {
+  PyObject *t, *v, *tb;
+  PyErr_Fetch(&t, &v, &tb);
+  PyErr_NormalizeException(&t, &v, &tb);
+  if (v != NULL && tb != NULL) PyException_SetTraceback(v, tb);
+  Py_XDECREF(t);
+  Py_XDECREF(tb);
+  return v;
+}
+
+/* Called without the GIL, on the completion thread, once per started call:
+ * callback(reply, None) on success, callback(None, exception) on failure. */
+static void async_done(void *user, sl_async_result *res) {
+  async_ctx *x = user;
+  PyGILState_STATE g;
+  PyObject *reply = NULL, *exc = NULL, *r;
+
+  if (slpy_is_finalizing()) { /* leak rather than touch a dying runtime */
+    sl_tensor_msg_clear(&res->out);
+    sl_call_status_clear(&res->st);
+    return;
+  }
+  g = PyGILState_Ensure();
+  if (res->rc == SL_OK) {
+    reply = make_reply(x->client, &res->out, &res->extra, &res->st);
+  } else {
+    raise_for(x->client, res->rc, &res->st, &res->err);
+  }
+  if (reply == NULL) exc = take_exception();
+  r = PyObject_CallFunctionObjArgs(x->callback, reply ? reply : Py_None, exc ? exc : Py_None,
+                                   NULL);
+  if (r == NULL) PyErr_WriteUnraisable(x->callback);
+  Py_XDECREF(r);
+  Py_XDECREF(reply);
+  Py_XDECREF(exc);
+  sl_tensor_msg_clear(&res->out);
+  sl_call_status_clear(&res->st);
+  Py_DECREF(x->callback);
+  Py_XDECREF(x->breaker);
+  Py_DECREF((PyObject *)x->client);
+  PyMem_RawFree(x);
+  PyGILState_Release(g);
+}
+
+/* Called without the GIL: the completion thread keeps one Python thread state for
+ * its whole life (each callback then only takes the GIL). */
+static void async_thread_start(void *user) {
+  (void)user;
+  if (slpy_is_finalizing()) return;
+  PyGILState_Ensure();
+  PyEval_SaveThread();
+}
+
+static void async_thread_stop(void *user) {
+  PyThreadState *ts;
+  (void)user;
+  if (slpy_is_finalizing()) return; /* leak the thread state rather than touch a dying runtime */
+  ts = PyGILState_GetThisThreadState();
+  if (ts == NULL) return;
+  PyEval_RestoreThread(ts);
+  PyGILState_Release(PyGILState_UNLOCKED);
+}
+
+static void async_capsule_free(PyObject *cap) {
+  sl_async_call_unref(PyCapsule_GetPointer(cap, ASYNC_CAPSULE));
+}
+
+/* compute_async(callback, leaves, <the arguments of compute() after leaves>) -> handle
+ * Starts the call and returns at once; callback(reply, None) or
+ * callback(None, exception) runs later on the completion thread, with the GIL.
+ * `reply` is the Reply compute() returns. A call refused before any attempt
+ * (closed client, bad argument, open circuit breaker) raises here instead. */
+static PyObject *client_compute_async(client_obj *self, PyObject *args, PyObject *kwargs) {
+  static char *kwlist[] = {"callback", "leaves", "form", "nodes", "timeout", "metadata",
+                           "wait_for_ready", "retry", "request_id", "breaker", "backward",
+                           "forward_id", "training_mode", "model_id", "learning_rate",
+                           "accumulation_step", "use_cache", "backward_seq", "session_id",
+                           "session_step", "session_close", NULL};
+  PyObject *callback, *leaves, *nodes = Py_None, *metadata = Py_None, *retry = Py_None;
+  PyObject *request_id = Py_None, *breaker = Py_None, *training = Py_None, *lr = Py_None;
+  PyObject *acc = Py_None, *use_cache = Py_None;
+  const char *forward_id = NULL, *model_id = NULL, *session_id = NULL;
+  int backward = 0, form = 0, backward_seq = 0, session_close = 0;
+  long long session_step = 0;
+  sl_call_fields fields;
+  double timeout = 0;
+  int wait_for_ready = 0, rc;
+  call_args ca;
+  sl_tensor_set in;
+  slpy_setbuf *buf = NULL;
+  sl_call_status st;
+  sl_err err;
+  sl_async_call *handle = NULL;
+  sl_async *eng;
+  async_ctx *x = NULL;
+  PyObject *cap;
+
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|iOdOpOOOpzOzOOOizLp", kwlist, &callback,
+                                   &leaves, &form, &nodes, &timeout, &metadata, &wait_for_ready,
+                                   &retry, &request_id, &breaker, &backward, &forward_id,
+                                   &training, &model_id, &lr, &acc, &use_cache, &backward_seq,
+                                   &session_id, &session_step, &session_close)) {
+    return NULL;
+  }
+  if (!PyCallable_Check(callback)) {
+    PyErr_SetString(PyExc_TypeError, "callback must be callable");
+    return NULL;
+  }
+  memset(&fields, 0, sizeof(fields));
+  fields.forward_id = forward_id;
+  fields.model_id = model_id;
+  fields.backward_seq = backward_seq > 0 ? (int32_t)backward_seq : 0;
+  fields.session_id = session_id;
+  fields.session_step = session_step > 0 ? (int64_t)session_step : 0;
+  fields.session_close = session_close;
+  fields.training_mode = training == Py_None ? -1 : PyObject_IsTrue(training);
+  if (use_cache != Py_None) {
+    fields.has_use_cache = 1;
+    fields.use_cache = PyObject_IsTrue(use_cache);
+    if (fields.use_cache < 0) return NULL;
+  }
+  if (lr != Py_None) {
+    fields.has_learning_rate = 1;
+    fields.learning_rate = (float)PyFloat_AsDouble(lr);
+    if (PyErr_Occurred()) return NULL;
+  }
+  if (acc != Py_None) {
+    fields.has_accumulation_step = 1;
+    fields.accumulation_step = (int32_t)PyLong_AsLong(acc);
+    if (PyErr_Occurred()) return NULL;
+  }
+  if (ensure_open(self) < 0) return NULL;
+  if (request_id != Py_None) {
+    long v = PyLong_AsLong(request_id);
+    if (v == -1 && PyErr_Occurred()) return NULL;
+    fields.has_request_id = 1;
+    fields.request_id = (int32_t)v;
+  }
+  if (self->async == NULL) {
+    sl_err_clear(&err);
+    if (sl_async_create(self->client, async_thread_start, async_thread_stop, NULL,
+                        &self->async, &err) != SL_OK) {
+      PyErr_SetString(PyExc_RuntimeError, err.msg);
+      return NULL;
+    }
+  }
+  /* Python code runs below (the tensors' __dlpack__) and close() may run meanwhile
+     on another thread: hold the engine's memory until this call has started */
+  eng = self->async;
+  sl_async_retain(eng);
+  x = PyMem_RawCalloc(1, sizeof(*x));
+  if (x == NULL) {
+    sl_async_release(eng);
+    return PyErr_NoMemory();
+  }
+  if (call_args_init(self, &ca, timeout, metadata, wait_for_ready, retry, breaker) < 0) {
+    sl_async_release(eng);
+    PyMem_RawFree(x);
+    return NULL;
+  }
+  if (slpy_set_from_python(self->st, leaves, form, nodes, &in, &buf) < 0) goto fail_args;
+  x->client = (client_obj *)Py_NewRef((PyObject *)self);
+  x->callback = Py_NewRef(callback);
+  x->breaker = breaker == Py_None ? NULL : Py_NewRef(breaker);
+  memset(&st, 0, sizeof(st));
+  sl_err_clear(&err);
+  /* packing (and the built-in codecs' encoding) runs without the GIL; close() may
+     run meanwhile on another thread: the engine's memory stays until released.
+     The tensors of `in` are consumed on every path. */
+  Py_BEGIN_ALLOW_THREADS
+  rc = sl_async_compute_start(eng, &ca.opts, backward, &in, &fields, async_done, x, &handle, &st,
+                              &err);
+  slpy_setbuf_free(buf);
+  Py_END_ALLOW_THREADS
+  sl_async_release(eng);
+  PyMem_Free(ca.md);
+  if (rc != SL_OK) {
+    if (rc == SL_ESTATE) {
+      PyErr_SetString(PyExc_ValueError, err.msg);
+    } else {
+      raise_for(self, rc, &st, &err);
+    }
+    sl_call_status_clear(&st);
+    Py_DECREF(x->callback);
+    Py_XDECREF(x->breaker);
+    Py_DECREF((PyObject *)x->client);
+    PyMem_RawFree(x);
+    return NULL;
+  }
+  cap = PyCapsule_New(handle, ASYNC_CAPSULE, async_capsule_free);
+  if (cap == NULL) {
+    sl_async_call_cancel(handle);
+    sl_async_call_unref(handle);
+  }
+  return cap;
+fail_args:
+  sl_async_release(eng);
+  PyMem_Free(ca.md);
+  PyMem_RawFree(x);
+  return NULL;
+}
+
+/* cancel_async(handle): cancel a call started by compute_async (no effect once
+ * its callback has run). */
+static PyObject *client_cancel_async(client_obj *self, PyObject *cap) {
+  sl_async_call *k = PyCapsule_GetPointer(cap, ASYNC_CAPSULE);
+  (void)self;
+  if (k == NULL) return NULL;
+  sl_async_call_cancel(k);
+  Py_RETURN_NONE;
+}
+
+static PyObject *client_async_in_flight(client_obj *self, PyObject *unused) {
+  (void)unused;
+  return PyLong_FromSize_t(self->async != NULL ? sl_async_in_flight(self->async) : 0);
 }
 
 static int client_init(client_obj *self, PyObject *args, PyObject *kwargs) {
@@ -502,7 +756,17 @@ static PyMethodDef client_methods[] = {
     {"std_health", (PyCFunction)(void (*)(void))client_std_health, METH_VARARGS | METH_KEYWORDS,
      "grpc.health.v1.Health/Check -> ServingStatus number"},
     {"connect", (PyCFunction)client_connect, METH_O, "connect(timeout) -> bool (channel ready)"},
-    {"close", (PyCFunction)client_close, METH_NOARGS, "Close the channel."},
+    {"compute_async", (PyCFunction)(void (*)(void))client_compute_async,
+     METH_VARARGS | METH_KEYWORDS,
+     "compute_async(callback, leaves, form=0, nodes=None, ...) -> handle; callback(reply, exc) "
+     "runs on the "
+     "completion thread"},
+    {"cancel_async", (PyCFunction)client_cancel_async, METH_O,
+     "cancel_async(handle): cancel a call started by compute_async"},
+    {"async_in_flight", (PyCFunction)client_async_in_flight, METH_NOARGS,
+     "asynchronous calls started and not yet done"},
+    {"close", (PyCFunction)client_close, METH_NOARGS,
+     "Close the channel; asynchronous calls in flight end with CANCELLED."},
     {"set_retry_hook", (PyCFunction)client_set_retry_hook, METH_O,
      "set_retry_hook(fn): fn(target, method, code, details, attempt, delay) before each retry"},
     {NULL, NULL, 0, NULL}};

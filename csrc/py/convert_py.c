@@ -3,11 +3,11 @@
  * Python codec already encoded). Called with the GIL unless a comment says
  * otherwise. Failing functions follow the ownership rule of sl_common.h.
  */
+#include "slpy.h" /* first: Python.h must come before any system header */
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-#include "slpy.h"
 
 int slpy_parse_options(PyObject *options, sl_chan_arg **out, size_t *n) {
   PyObject *seq = NULL;
@@ -157,10 +157,14 @@ void slpy_format_exception(PyObject *exc, char *buf, size_t buflen) {
     PyErr_Clear();
     msg = "<unprintable>";
   }
+  /* the type's short name: tp_name after its last dot, as type.__name__ gives */
+  const char *name = Py_TYPE(exc)->tp_name;
+  const char *dot = strrchr(name, '.');
+  if (dot != NULL) name = dot + 1;
   if (msg[0] != '\0') {
-    snprintf(buf, buflen, "%s: %s", _PyType_Name(Py_TYPE(exc)), msg);
+    snprintf(buf, buflen, "%s: %s", name, msg);
   } else {
-    snprintf(buf, buflen, "%s", _PyType_Name(Py_TYPE(exc)));
+    snprintf(buf, buflen, "%s", name);
   }
   Py_XDECREF(s);
 }
@@ -276,7 +280,7 @@ void slpy_encoded_release(void *owner) {
   slpy_encoded *e = owner;
   if (e == NULL) return;
   if (e->has_view) {
-    if (_Py_IsFinalizing()) return; /* leak rather than touch a dying runtime */
+    if (slpy_is_finalizing()) return; /* leak rather than touch a dying runtime */
     PyGILState_STATE g = PyGILState_Ensure();
     PyBuffer_Release(&e->view);
     PyGILState_Release(g);

@@ -6,13 +6,15 @@
  * All state lives in slpy_state (module state, with traverse/clear); the types are
  * heap types made from PyType_Spec. See slpy.h for the GIL contract.
  */
+#include "slpy.h" /* first: Python.h must come before any system header */
+
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "methods.h"
 #include "retry.h"
 #include "runtime.h"
-#include "slpy.h"
 
 slpy_state *slpy_state_of_module(PyObject *module) { return PyModule_GetState(module); }
 

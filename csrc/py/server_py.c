@@ -31,18 +31,107 @@ typedef struct server_obj {
 
 typedef struct callstate_obj {
   PyObject_HEAD
-  void *state; /* the core's call state; NULL once the hook returned */
+  void *state;          /* the core's call state; NULL once the hook returned (or, for a
+                           deferred call, once it was completed) */
+  sl_pending *pending;  /* the call, while its hook may defer it or it is deferred */
+  slpy_state *st;
+  int deferred;         /* defer() was called: the result comes with complete()/fail() */
+  PyObject *server;     /* strong while deferred: the server outlives its deferred calls */
 } callstate_obj;
 
 static PyObject *callstate_is_active(callstate_obj *self, PyObject *unused) {
   (void)unused;
-  /* polls the worker's own completion queue: only valid in the serving thread */
+  /* polls the call's own completion queue: one thread at a time (the serving
+     thread, or the server's event loop for a deferred call) */
   if (self->state == NULL) Py_RETURN_FALSE;
   return PyBool_FromLong(sl_call_is_active(self->state));
 }
 
+static void add_trailing(void *state, PyObject *pairs);
+static void error_from_exception(sl_err *err, void *state);
+
+static int callstate_check_deferred(callstate_obj *self) {
+  if (!self->deferred || self->pending == NULL) {
+    PyErr_SetString(PyExc_RuntimeError, "this call is not deferred, or was already completed");
+    return -1;
+  }
+  return 0;
+}
+
+/* defer(): the hook returns without a result; complete() or fail() gives it later
+ * (from any thread, e.g. the server's event loop). */
+static PyObject *callstate_defer(callstate_obj *self, PyObject *unused) {
+  (void)unused;
+  if (self->pending == NULL || self->deferred) {
+    PyErr_SetString(PyExc_RuntimeError, "this call cannot be deferred");
+    return NULL;
+  }
+  self->deferred = 1;
+  Py_RETURN_NONE;
+}
+
+/* fail(exception): end a deferred call with the status the exception maps to. */
+static PyObject *callstate_fail(callstate_obj *self, PyObject *exc) {
+  sl_err err;
+  sl_pending *p;
+  if (callstate_check_deferred(self) < 0) return NULL;
+  if (!PyExceptionInstance_Check(exc)) {
+    PyErr_SetString(PyExc_TypeError, "fail() takes an exception");
+    return NULL;
+  }
+  PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+  sl_err_clear(&err);
+  error_from_exception(&err, self->state);
+  p = self->pending;
+  self->pending = NULL;
+  self->state = NULL;
+  sl_pending_complete(p, SL_EUSER, &err, NULL, NULL, NULL, 0);
+  Py_CLEAR(self->server);
+  Py_RETURN_NONE;
+}
+
+/* complete(leaves, compute_time_ms, trailing, form, nodes): end a deferred call
+ * with its result, given as the compute callback would return it. */
+static PyObject *callstate_complete(callstate_obj *self, PyObject *args) {
+  PyObject *leaves, *trailing = Py_None, *nodes = Py_None;
+  double ms = 0;
+  int form = 0;
+  sl_tensor_set out;
+  slpy_setbuf *buf = NULL;
+  sl_pending *p;
+  if (!PyArg_ParseTuple(args, "Od|OiO", &leaves, &ms, &trailing, &form, &nodes)) return NULL;
+  if (callstate_check_deferred(self) < 0) return NULL;
+  add_trailing(self->state, trailing);
+  memset(&out, 0, sizeof(out));
+  if (slpy_set_from_python(self->st, leaves, form, nodes, &out, &buf) < 0) {
+    sl_err err;
+    sl_err_clear(&err);
+    error_from_exception(&err, self->state);
+    p = self->pending;
+    self->pending = NULL;
+    self->state = NULL;
+    sl_pending_complete(p, SL_EUSER, &err, NULL, NULL, NULL, 0);
+    Py_CLEAR(self->server);
+    Py_RETURN_NONE;
+  }
+  p = self->pending;
+  self->pending = NULL;
+  self->state = NULL;
+  sl_pending_complete(p, SL_OK, NULL, &out, slpy_setbuf_free, buf, (float)ms);
+  Py_CLEAR(self->server);
+  Py_RETURN_NONE;
+}
+
 static void callstate_dealloc(callstate_obj *self) {
   PyTypeObject *tp = Py_TYPE(self);
+  if (self->deferred && self->pending != NULL) {
+    /* dropped without a result: the client must not wait forever */
+    sl_err err;
+    sl_err_set(&err, SL_EUSER, SL_STATUS_INTERNAL,
+               "the asynchronous compute ended without a result");
+    sl_pending_complete(self->pending, SL_EUSER, &err, NULL, NULL, NULL, 0);
+  }
+  Py_CLEAR(self->server);
   tp->tp_free((PyObject *)self);
   Py_DECREF(tp);
 }
@@ -50,6 +139,13 @@ static void callstate_dealloc(callstate_obj *self) {
 static PyMethodDef callstate_methods[] = {
     {"is_active", (PyCFunction)callstate_is_active, METH_NOARGS,
      "False once the call was cancelled or its deadline passed."},
+    {"defer", (PyCFunction)callstate_defer, METH_NOARGS,
+     "Answer this call later with complete() or fail() (asynchronous compute)."},
+    {"complete", (PyCFunction)callstate_complete, METH_VARARGS,
+     "complete(leaves, compute_time_ms, trailing=None, form=0, nodes=None): answer a "
+     "deferred call with what the compute callback would have returned."},
+    {"fail", (PyCFunction)callstate_fail, METH_O,
+     "fail(exception): end a deferred call with the exception's status."},
     {NULL, NULL, 0, NULL}};
 
 static PyType_Slot callstate_slots[] = {
@@ -67,12 +163,25 @@ PyType_Spec slpy_callstate_spec = {
 
 static PyObject *callstate_new(slpy_state *st, void *state) {
   callstate_obj *o = PyObject_New(callstate_obj, st->callstate_type);
-  if (o != NULL) o->state = state;
+  if (o != NULL) {
+    o->state = state;
+    o->pending = NULL;
+    o->st = st;
+    o->deferred = 0;
+    o->server = NULL;
+  }
   return (PyObject *)o;
 }
 
-static void callstate_end(PyObject *o) {
-  if (o != NULL) ((callstate_obj *)o)->state = NULL;
+/* The hook returned: a call it did not defer can no longer be touched. Returns 1
+ * when the call was deferred (the object stays live until completed). */
+static int callstate_end(PyObject *o) {
+  callstate_obj *c = (callstate_obj *)o;
+  if (c == NULL) return 0;
+  if (c->deferred) return 1;
+  c->state = NULL;
+  c->pending = NULL;
+  return 0;
 }
 
 /* ---- hooks: called without the GIL, on the core's worker threads ---- */
@@ -81,7 +190,7 @@ static void callstate_end(PyObject *o) {
  * swaps the GIL instead of creating and destroying a thread state. */
 static void hook_worker_start(void *user) {
   (void)user;
-  if (_Py_IsFinalizing()) return;
+  if (slpy_is_finalizing()) return;
   PyGILState_Ensure();
   PyEval_SaveThread();
 }
@@ -89,7 +198,7 @@ static void hook_worker_start(void *user) {
 static void hook_worker_stop(void *user) {
   PyThreadState *ts;
   (void)user;
-  if (_Py_IsFinalizing()) return; /* leak the thread state rather than touch a dying runtime */
+  if (slpy_is_finalizing()) return; /* leak the thread state rather than touch a dying runtime */
   ts = PyGILState_GetThisThreadState();
   if (ts == NULL) return;
   PyEval_RestoreThread(ts);
@@ -213,7 +322,7 @@ static int hook_compute(void *user, const sl_call_info *call, sl_compute_args *a
   double ms = 0;
   int status = SL_EUSER, form = 0;
 
-  if (_Py_IsFinalizing()) {
+  if (slpy_is_finalizing()) {
     return sl_err_set(err, SL_ESTATE, SL_STATUS_UNAVAILABLE, "the server is shutting down");
   }
   {
@@ -267,7 +376,17 @@ static int hook_compute(void *user, const sl_call_info *call, sl_compute_args *a
       PyStructSequence_SetItem(pycall, i, v[i]);
     }
   }
+  ((callstate_obj *)cstate)->pending = args->pending;
   ret = PyObject_CallOneArg(self->compute, pycall);
+  if (((callstate_obj *)cstate)->deferred) {
+    /* an asynchronous compute: its result comes with CallState.complete/fail */
+    if (((callstate_obj *)cstate)->pending != NULL) {
+      ((callstate_obj *)cstate)->server = Py_NewRef((PyObject *)self);
+    }
+    if (ret == NULL) PyErr_WriteUnraisable(self->compute);
+    status = SL_EAGAIN;
+    goto cleanup;
+  }
   if (ret == NULL) goto pyerror;
   if (!PyTuple_Check(ret) || PyTuple_GET_SIZE(ret) != 5) {
     PyErr_SetString(PyExc_TypeError,
@@ -326,7 +445,7 @@ static int hook_info(void *user, sl_service_info *out, sl_err *err) {
   PyObject *ret = NULL, *items = NULL;
   int status = SL_EUSER;
 
-  if (_Py_IsFinalizing()) {
+  if (slpy_is_finalizing()) {
     return sl_err_set(err, SL_ESTATE, SL_STATUS_UNAVAILABLE, "the server is shutting down");
   }
   g = PyGILState_Ensure();
@@ -377,7 +496,7 @@ static int hook_intercept(void *user, const sl_call_info *call, sl_err *err) {
   PyObject *md = NULL, *deadline = NULL, *ret = NULL, *cstate = NULL;
   int status = SL_EUSER;
 
-  if (_Py_IsFinalizing()) {
+  if (slpy_is_finalizing()) {
     return sl_err_set(err, SL_ESTATE, SL_STATUS_UNAVAILABLE, "the server is shutting down");
   }
   g = PyGILState_Ensure();

@@ -22,6 +22,19 @@
 #include "sl_common.h"
 #include "tensor.h"
 
+#if PY_VERSION_HEX < 0x030A0000
+#error "splitlearn_comm needs CPython 3.10 or newer (Py_NewRef, PyModule_AddObjectRef)"
+#endif
+
+/* Whether the interpreter has begun finalizing; safe to call without the GIL.
+ * Py_IsFinalizing() is public API from CPython 3.13; before that the same
+ * function exists only under its private name, so it is used there alone. */
+#if PY_VERSION_HEX >= 0x030D0000
+#define slpy_is_finalizing() Py_IsFinalizing()
+#else
+#define slpy_is_finalizing() _Py_IsFinalizing()
+#endif
+
 /* Module state: one per module object (heap types, no static type objects). */
 typedef struct slpy_state {
   PyTypeObject *holder_type; /* DLPackTensor */

@@ -1670,6 +1670,15 @@ static void test_compressed_bombs(void) {
     CHECK_EQ_INT(compress2(z1, &l1, zeros, SMALL / 2, 1), Z_OK);
     CHECK_EQ_INT(decode_exact("zlib", &small, z1, l1, &m, 0, &err), SL_EINVAL);
     CHECK_CONTAINS(err.msg, "ends after");
+    /* every cut inside the trailing Adler-32 checksum: all the data is there,
+     * the stream is truncated (not "decompresses past") */
+    l1 = compressBound(SMALL);
+    CHECK_EQ_INT(compress2(z1, &l1, zeros, SMALL, 1), Z_OK);
+    for (size_t cut = 1; cut <= 4; cut++) {
+      CHECK_EQ_INT(decode_exact("zlib", &small, z1, l1 - cut, &m, 0, &err), SL_EINVAL);
+      CHECK_CONTAINS(err.msg, "truncated");
+      CHECK(strstr(err.msg, "past") == NULL);
+    }
     free(z1);
   }
   sl_meta_clear(&m);

@@ -211,6 +211,94 @@ static void test_bad_dtype_and_shape(void) {
   free(buf);
 }
 
+/* A float32 [3] ComputeRequest (or BackwardRequest) followed by field `field`
+ * (length-delimited) holding `v` (`vlen` bytes), built by hand: protobuf-c
+ * cannot pack a string with a NUL in it. */
+static size_t with_field(uint8_t *buf, uint32_t field, const char *v, size_t vlen) {
+  size_t n = 0;
+  static const uint8_t head[] = {0x12, 0x01, 0x03, 0x0a, 0x0c};
+  memcpy(buf, head, sizeof(head));
+  n = sizeof(head);
+  memset(buf + n, 0, 12);
+  n += 12;
+  n += sl_wire_put_varint(((uint64_t)field << 3) | 2, buf + n);
+  n += sl_wire_put_varint(vlen, buf + n);
+  memcpy(buf + n, v, vlen);
+  return n + vlen;
+}
+
+static int read_kind(sl_msg_kind kind, const uint8_t *buf, size_t len, sl_err *err) {
+  sl_span span = {buf, len};
+  sl_tensor_msg m;
+  int rc;
+  sl_err_clear(err);
+  rc = sl_tensor_msg_read(kind, &span, 1, &m, err);
+  if (rc == SL_OK) sl_tensor_msg_clear(&m);
+  return rc;
+}
+
+/* Names with a NUL in them, and text fields that are not UTF-8: refused,
+ * naming the field (issue 16 D3, D6). */
+static void test_text_fields_checked(void) {
+  uint8_t buf[256], entry[64];
+  size_t len, elen;
+  sl_err err;
+  static const struct {
+    sl_msg_kind kind;
+    uint32_t field;
+    const char *v;
+    size_t vlen;
+    const char *needle;
+  } cases[] = {
+      {SL_MSG_COMPUTE_REQUEST, 16, "float32\0junk", 12, "field 'dtype' of ComputeRequest holds a NUL"},
+      {SL_MSG_COMPUTE_REQUEST, 17, "raw\0x", 5, "field 'codec' of ComputeRequest holds a NUL"},
+      {SL_MSG_COMPUTE_REQUEST, 16, "float\xff", 6, "field 'dtype' of ComputeRequest is not valid UTF-8"},
+      {SL_MSG_COMPUTE_REQUEST, 5, "m\xc3", 2, "field 'model_id' of ComputeRequest is not valid UTF-8 (byte 1"},
+      {SL_MSG_COMPUTE_REQUEST, 6, "\xed\xa0\x80", 3, "field 'forward_id' of ComputeRequest"},
+      {SL_MSG_COMPUTE_RESPONSE, 6, "\xff", 1, "field 'forward_id' of ComputeResponse"},
+      {SL_MSG_BACKWARD_REQUEST, 3, "\xff", 1, "field 'forward_id' of BackwardRequest"},
+      {SL_MSG_BACKWARD_REQUEST, 4, "a\0", 2, "field 'model_id' of BackwardRequest holds a NUL"},
+      {SL_MSG_COMPUTE_REQUEST, 40, "s\xff", 2, "field 'session_id' of ComputeRequest"},
+      {SL_MSG_BACKWARD_REQUEST, 40, "s\0", 2, "field 'session_id' of BackwardRequest holds a NUL"},
+      {SL_MSG_BACKWARD_RESPONSE, 17, "\x80", 1, "field 'codec' of BackwardResponse"},
+  };
+  for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+    len = with_field(buf, cases[i].field, cases[i].v, cases[i].vlen);
+    CHECK_EQ_INT(read_kind(cases[i].kind, buf, len, &err), SL_EINVAL);
+    CHECK_EQ_INT(err.code, SL_STATUS_INVALID_ARGUMENT);
+    CHECK_CONTAINS(err.msg, cases[i].needle);
+  }
+  /* map entries: metadata {key: 1, value: 2}, codec_metadata {key, MetadataValue} */
+  elen = 0;
+  entry[elen++] = 0x0a, entry[elen++] = 1, entry[elen++] = 'k';
+  entry[elen++] = 0x12, entry[elen++] = 2, entry[elen++] = 'v', entry[elen++] = 0xc0;
+  len = with_field(buf, 4, (const char *)entry, elen);
+  CHECK_EQ_INT(read_kind(SL_MSG_COMPUTE_REQUEST, buf, len, &err), SL_EINVAL);
+  CHECK_CONTAINS(err.msg, "field 'metadata (a value)' of ComputeRequest is not valid UTF-8");
+  entry[1] = 1, entry[2] = 0xfe;
+  entry[6] = 'w';
+  len = with_field(buf, 4, (const char *)entry, elen);
+  CHECK_EQ_INT(read_kind(SL_MSG_COMPUTE_REQUEST, buf, len, &err), SL_EINVAL);
+  CHECK_CONTAINS(err.msg, "field 'metadata (a key)'");
+  /* codec_metadata: key "k", value MetadataValue{string_value (3): "\xff"} */
+  elen = 0;
+  entry[elen++] = 0x0a, entry[elen++] = 1, entry[elen++] = 'k';
+  entry[elen++] = 0x12, entry[elen++] = 3;
+  entry[elen++] = 0x1a, entry[elen++] = 1, entry[elen++] = 0xff;
+  len = with_field(buf, 18, (const char *)entry, elen);
+  CHECK_EQ_INT(read_kind(SL_MSG_COMPUTE_REQUEST, buf, len, &err), SL_EINVAL);
+  CHECK_CONTAINS(err.msg, "codec_metadata (a string value)");
+  /* bytes_value (4) of a MetadataValue may hold anything */
+  entry[5] = 0x22;
+  len = with_field(buf, 18, (const char *)entry, elen);
+  CHECK_EQ_INT(read_kind(SL_MSG_COMPUTE_REQUEST, buf, len, &err), SL_OK);
+  /* well-formed text of every width passes; so does the same bytes in a bytes field */
+  len = with_field(buf, 5, "m\xc3\xa9\xe4\xb8\xad\xf0\x9f\x98\x80", 10);
+  CHECK_EQ_INT(read_kind(SL_MSG_COMPUTE_REQUEST, buf, len, &err), SL_OK);
+  len = with_field(buf, 7, "\xff", 1); /* a field this server does not know: skipped */
+  CHECK_EQ_INT(read_kind(SL_MSG_BACKWARD_REQUEST, buf, len, &err), SL_OK);
+}
+
 static void test_old_peer_message_is_float32(void) {
   /* the earlier pure-Python peer sends only data and shape */
   Splitlearn__Comm__ComputeRequest req = SPLITLEARN__COMM__COMPUTE_REQUEST__INIT;
@@ -675,6 +763,7 @@ int main(void) {
   RUN(test_every_truncation_fails_cleanly);
   RUN(test_malformed_inputs);
   RUN(test_bad_dtype_and_shape);
+  RUN(test_text_fields_checked);
   RUN(test_old_peer_message_is_float32);
   RUN(test_pack_then_read);
   RUN(test_pack_refuses_over_limit);

@@ -1,0 +1,72 @@
+/* test_common.c: the error record and the UTF-8 helpers of sl_common. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "sl_common.h"
+#include "sl_test.h"
+
+/* A message cut at SL_ERR_MSG_MAX - 1 bytes never ends inside a character. */
+static void test_err_cut_on_character_boundary(void) {
+  char big[2 * SL_ERR_MSG_MAX];
+  sl_err err;
+  /* "x" then two-, three- and four-byte characters, so that every cut offset
+   * falls inside one for some prefix length */
+  const char *chars[] = {"\xc3\xa9", "\xe4\xb8\xad", "\xf0\x9f\x98\x80"};
+  for (size_t c = 0; c < 3; c++) {
+    for (size_t pad = 0; pad < 4; pad++) {
+      size_t n = 0;
+      memset(big, 'x', pad);
+      n = pad;
+      while (n + strlen(chars[c]) < sizeof(big) - 1) {
+        memcpy(big + n, chars[c], strlen(chars[c]));
+        n += strlen(chars[c]);
+      }
+      big[n] = '\0';
+      sl_err_set(&err, SL_EINVAL, SL_STATUS_INTERNAL, "%s", big);
+      CHECK(strlen(err.msg) < SL_ERR_MSG_MAX);
+      CHECK(strlen(err.msg) + 4 > SL_ERR_MSG_MAX - 1);
+      CHECK(sl_utf8_valid(err.msg, strlen(err.msg), NULL));
+    }
+  }
+}
+
+/* Bytes that are not UTF-8 (quoted from a peer with %.64s, say) become '?'. */
+static void test_err_replaces_bad_bytes(void) {
+  sl_err err;
+  sl_err_set(&err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT, "unknown codec '%.5s'",
+             "ab\xe4\xb8\xad");
+  CHECK(strcmp(err.msg, "unknown codec 'ab\xe4\xb8\xad'") == 0);
+  /* %.4s cuts the three-byte character in the middle of the message */
+  sl_err_set(&err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT, "unknown codec '%.4s'",
+             "ab\xe4\xb8\xad");
+  CHECK(strcmp(err.msg, "unknown codec 'ab?" "?'") == 0);
+  sl_err_set(&err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT, "%s", "a\xff" "b\xc0\xaf" "c");
+  CHECK(strcmp(err.msg, "a?b??c") == 0);
+  CHECK(sl_utf8_valid(err.msg, strlen(err.msg), NULL));
+}
+
+static void test_utf8_valid(void) {
+  size_t bad = 99;
+  CHECK(sl_utf8_valid("", 0, NULL));
+  CHECK(sl_utf8_valid("plain ascii", 11, NULL));
+  CHECK(sl_utf8_valid("\xc3\xa9\xe4\xb8\xad\xf0\x9f\x98\x80", 9, NULL));
+  CHECK(sl_utf8_valid("a\0b", 3, NULL)); /* NUL is UTF-8; callers refuse it where needed */
+  CHECK(!sl_utf8_valid("ab\xff", 3, &bad));
+  CHECK_EQ_INT(bad, 2);
+  CHECK(!sl_utf8_valid("\xc0\x80", 2, &bad));         /* overlong NUL */
+  CHECK(!sl_utf8_valid("\xe0\x80\xaf", 3, &bad));     /* overlong '/' */
+  CHECK(!sl_utf8_valid("\xed\xa0\x80", 3, &bad));     /* a surrogate */
+  CHECK(!sl_utf8_valid("\xf4\x90\x80\x80", 4, &bad)); /* past U+10FFFF */
+  CHECK(!sl_utf8_valid("x\xe4\xb8", 3, &bad));        /* cut off */
+  CHECK_EQ_INT(bad, 1);
+  CHECK(!sl_utf8_valid("\x80", 1, &bad));             /* stray continuation byte */
+  CHECK_EQ_INT(sl_utf8_seq_len((const uint8_t *)"\xf0\x9f\x98\x80", 4), 4);
+  CHECK_EQ_INT(sl_utf8_seq_len((const uint8_t *)"\xf0\x9f\x98\x80", 3), 0);
+}
+
+int main(void) {
+  RUN(test_err_cut_on_character_boundary);
+  RUN(test_err_replaces_bad_bytes);
+  RUN(test_utf8_valid);
+  return sl_test_done("test_common");
+}

@@ -1,0 +1,79 @@
+/* fuzz_message.c: libFuzzer target for the wire reader and the message parser
+ * (sl_wire_split, sl_tensor_msg_read: the protobuf header, text fields, dtype,
+ * shape, codec metadata) and, for a message that parses, the built-in codec's
+ * decode, exactly as the server and the client run them on what they receive.
+ *
+ * Input: one byte, then the message. The byte's low 2 bits pick the message
+ * kind (ComputeRequest, ComputeResponse, BackwardRequest, BackwardResponse); the
+ * rest pick how the message is cut into spans (gRPC hands a message over in
+ * slices at arbitrary boundaries), from one span to spans of 1 byte. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "message.h"
+#include "tensor.h"
+
+#define FUZZ_MAX_DECODED (1u << 20)
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+  static const size_t cuts[][3] = {{0, 0, 0}, {1, 1, 1}, {1, 2, 3}, {7, 1, 64},
+                                   {3, 0, 5}, {16, 16, 16}, {64, 1, 1}, {2, 9, 4}};
+  sl_msg_kind kind;
+  const size_t *cut;
+  sl_span *spans;
+  size_t nspans = 0, off = 0, k = 0, nbytes = 0;
+  uint8_t *msg;
+  sl_tensor_msg m;
+  sl_err err;
+  int rc;
+
+  if (size < 1) return 0;
+  kind = (sl_msg_kind)(data[0] & 3);
+  cut = cuts[(data[0] >> 2) % (sizeof(cuts) / sizeof(cuts[0]))];
+  data++;
+  size--;
+  /* each span in its own allocation, so that ASan sees a read past any of them */
+  spans = calloc(size + 4, sizeof(*spans));
+  msg = malloc(size ? size : 1);
+  if (spans == NULL || msg == NULL) abort();
+  memcpy(msg, data, size);
+  do {
+    size_t len = cut[0] == 0 ? size - off : cut[k++ % 3]; /* 0: an empty span */
+    if (len > size - off) len = size - off;
+    spans[nspans].ptr = len ? malloc(len) : NULL;
+    if (len) memcpy((uint8_t *)spans[nspans].ptr, msg + off, len);
+    spans[nspans].len = len;
+    nspans++;
+    off += len;
+  } while (off < size && nspans < size + 4);
+  sl_err_clear(&err);
+  rc = sl_tensor_msg_read(kind, spans, nspans, &m, &err);
+  if (rc == SL_OK) {
+    size_t total = 0;
+    for (size_t i = 0; i < m.n_items; i++) {
+      const sl_tensor_item *it = &m.items[i];
+      if (it->data == NULL && it->nbytes > 0) __builtin_trap();
+      if (sl_desc_nbytes(&it->desc, &nbytes) != SL_OK) __builtin_trap(); /* validated */
+      if (it->decoded && it->nbytes != nbytes) __builtin_trap();
+      total += nbytes;
+    }
+    if (total <= FUZZ_MAX_DECODED) {
+      rc = sl_tensor_msg_decode(&m, &err);
+      for (size_t i = 0; rc == SL_OK && i < m.n_items; i++) {
+        const sl_tensor_item *it = &m.items[i];
+        if (sl_desc_nbytes(&it->desc, &nbytes) != SL_OK) __builtin_trap();
+        if (it->decoded && it->nbytes != nbytes) __builtin_trap();
+      }
+    }
+    sl_tensor_msg_clear(&m);
+  }
+  if (rc != SL_OK) {
+    if (err.code == SL_STATUS_OK) __builtin_trap();
+    if (!sl_utf8_valid(err.msg, strlen(err.msg), NULL)) __builtin_trap();
+  }
+  for (size_t i = 0; i < nspans; i++) free((void *)spans[i].ptr);
+  free(spans);
+  free(msg);
+  return 0;
+}
