@@ -539,3 +539,70 @@ def test_async_compute_in_a_session(serve, connect):
     with client.session() as s:  # a session's steps run in order: each one is awaited
         assert torch.equal(s.compute(torch.zeros(1)), torch.ones(1))
         assert torch.equal(s.compute(torch.zeros(1)), torch.full((1,), 2.0))
+
+
+# -- structures (many named tensors per call) through the asynchronous paths -----------
+
+
+class Stage(slc.ComputeFunction):
+    """A stage taking and returning a structure: hidden states, a mask, a cache."""
+
+    def compute(self, x):
+        present = tuple((k + 1, v + 1) for k, v in x["past"])
+        return {"hidden": x["hidden"] * x["mask"].unsqueeze(-1), "present": present,
+                "layer": x["layer"], "note": None}
+
+
+def stage_input(i: int) -> dict:
+    return {"hidden": torch.full((2, 3, 4), float(i)), "mask": torch.ones(2, 3, dtype=torch.bool),
+            "past": tuple((torch.zeros(2, 1, 3, 2), torch.ones(2, 1, 3, 2)) for _ in range(2)),
+            "layer": i}
+
+
+def check_stage_output(y: dict, i: int) -> None:
+    assert sorted(y) == ["hidden", "layer", "note", "present"]
+    assert torch.equal(y["hidden"], torch.full((2, 3, 4), float(i)))
+    assert y["layer"] == i and y["note"] is None
+    assert isinstance(y["present"], tuple) and len(y["present"]) == 2
+    assert torch.equal(y["present"][1][0], torch.ones(2, 1, 3, 2))
+    assert torch.equal(y["present"][1][1], torch.full((2, 1, 3, 2), 2.0))
+
+
+def test_futures_and_acompute_carry_structures(serve, connect):
+    server = serve(Stage())
+    client = connect(server, codec={"hidden": slc.Float16Codec()})
+    futures = [client.compute_async(stage_input(i)) for i in range(16)]
+    for i, f in enumerate(futures):
+        check_stage_output(f.result(WAIT), i)
+    # the blocking and the asynchronous call give the same thing
+    check_stage_output(client.compute(stage_input(3)), 3)
+
+    async def main() -> None:
+        ys = await asyncio.gather(*(client.acompute(stage_input(i)) for i in range(8)))
+        for i, y in enumerate(ys):
+            check_stage_output(y, i)
+        async with slc.AsyncGRPCComputeClient(f"127.0.0.1:{server.port}") as aclient:
+            check_stage_output(await aclient.compute(stage_input(5)), 5)
+
+    asyncio.run(main())
+    assert client.get_statistics()["successful_requests"] == 16 + 1 + 8
+
+
+def test_async_compute_answers_structures_when_deferred(serve, connect):
+    class AsyncStage(slc.AsyncComputeFunction):
+        async def compute(self, x):
+            await asyncio.sleep(0)
+            return Stage().compute(x)
+
+    client = connect(serve(AsyncStage(), max_workers=1))
+    futures = [client.compute_async(stage_input(i)) for i in range(8)]
+    for i, f in enumerate(futures):
+        check_stage_output(f.result(WAIT), i)
+    check_stage_output(client.compute(stage_input(2)), 2)
+    # a bare tensor still comes back as one
+    class AsyncDouble(slc.AsyncComputeFunction):
+        async def compute(self, x):
+            return x * 2
+
+    client2 = connect(serve(AsyncDouble()))
+    assert torch.equal(client2.compute_async(torch.ones(3)).result(WAIT), torch.full((3,), 2.0))

@@ -297,6 +297,20 @@ static void test_text_fields_checked(void) {
   CHECK_EQ_INT(read_kind(SL_MSG_COMPUTE_REQUEST, buf, len, &err), SL_OK);
   len = with_field(buf, 7, "\xff", 1); /* a field this server does not know: skipped */
   CHECK_EQ_INT(read_kind(SL_MSG_BACKWARD_REQUEST, buf, len, &err), SL_OK);
+  /* the named tensors' names and codec metadata, the structure's keys and strings */
+  len = with_field(buf, 19, "\x0a\x02n\xff", 4); /* NamedTensor{name: "n\xff"} */
+  CHECK_EQ_INT(read_kind(SL_MSG_COMPUTE_REQUEST, buf, len, &err), SL_EINVAL);
+  CHECK_CONTAINS(err.msg, "field 'tensors (a name)' of ComputeRequest is not valid UTF-8");
+  /* NamedTensor{codec_metadata: {"k": MetadataValue{string_value: "\xff"}}} */
+  len = with_field(buf, 19, "\x2a\x08\x0a\x01k\x12\x03\x1a\x01\xff", 10);
+  CHECK_EQ_INT(read_kind(SL_MSG_COMPUTE_RESPONSE, buf, len, &err), SL_EINVAL);
+  CHECK_CONTAINS(err.msg, "tensors (a codec_metadata string value)");
+  len = with_field(buf, 21, "\x1a\x02k\x00", 4); /* StructureNode{key: "k\0"} */
+  CHECK_EQ_INT(read_kind(SL_MSG_BACKWARD_REQUEST, buf, len, &err), SL_EINVAL);
+  CHECK_CONTAINS(err.msg, "field 'structure (a key)' of BackwardRequest holds a NUL");
+  len = with_field(buf, 21, "\x32\x01\xc0", 3); /* StructureNode{string_value: "\xc0"} */
+  CHECK_EQ_INT(read_kind(SL_MSG_BACKWARD_RESPONSE, buf, len, &err), SL_EINVAL);
+  CHECK_CONTAINS(err.msg, "field 'structure (a string value)'");
 }
 
 static void test_old_peer_message_is_float32(void) {
