@@ -10,7 +10,8 @@ from typing import Any
 
 from .codecs import (BFloat16Codec, CodecError, CompressedTensorCodec, Float16Codec, Int8Codec,
                      SparseCOOCodec)
-from ._async import AsyncGRPCComputeClient, CallFuture
+from ._aclient import AsyncGRPCComputeClient
+from ._async import CallFuture
 from .aio import (AsyncChainComputeFunction, AsyncComputeFunction, AsyncGRPCComputeServer,
                   AsyncLambdaComputeFunction, AsyncModelComputeFunction, serve_async)
 from .client import (CircuitBreaker, ExponentialBackoff, FixedDelay, GRPCComputeClient,

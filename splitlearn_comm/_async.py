@@ -1,5 +1,8 @@
 """Calls in flight while the caller works: futures and asyncio on the client.
 
+This module does not import the client (client.py imports it): it uses what the
+client object it is given offers. AsyncGRPCComputeClient is in _aclient.py.
+
 A call started here is bound to the client's one completion queue in C, polled by
 one completion thread; no thread waits per call. When the call ends (after its
 retries), the completion thread takes the GIL once to hand the result over: to a
@@ -15,9 +18,10 @@ import logging
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Optional
 
 from . import _core
+from ._metadata import normalize as _normalize_metadata
 from .errors import RpcError, from_call_error
 
 logger = logging.getLogger("splitlearn_comm.client")
@@ -79,15 +83,9 @@ def start_call(client: Any, tensor: Any, on_done: OnDone, *, metadata: Any = Non
     """Start one call of ``client``; ``on_done(value, None)`` or ``on_done(None, exc)``
     runs once, later, on the completion thread (with the GIL). Errors found before
     anything is sent (closed client, bad tensor, open circuit breaker) raise here."""
-    from ._metadata import normalize as _normalize_metadata
-    from .client import CircuitBreaker, _BuiltinRetry, _check_timeout
-
     method = _BACKWARD if fields.get("backward") else _COMPUTE
     strategy = client.retry_strategy
-    builtin = strategy is None or (isinstance(strategy, _BuiltinRetry) and
-                                   (not isinstance(strategy, CircuitBreaker) or
-                                    strategy.is_builtin()))
-    if not builtin:
+    if not client._builtin_retry():
         def blocking() -> None:
             try:
                 value = client._tensor_call(tensor, metadata=metadata, timeout=timeout, **fields)
@@ -100,7 +98,7 @@ def start_call(client: Any, tensor: Any, on_done: OnDone, *, metadata: Any = Non
 
     (leaves, form, nodes), how = client._sendable(tensor, fields)
     md = client.metadata + _normalize_metadata(metadata)
-    total = client.timeout if timeout is None else _check_timeout(timeout)
+    total = client._total_timeout(timeout)
     start = time.perf_counter()
 
     def done(reply: Any, exc: Optional[BaseException]) -> None:
@@ -213,73 +211,4 @@ async def acall(client: Any, tensor: Any, *, metadata: Any = None,
         raise
 
 
-class AsyncGRPCComputeClient:
-    """The asyncio face of :class:`GRPCComputeClient` (same arguments).
-
-    ``await client.compute(x)`` never blocks the event loop and parks no thread:
-    the call waits in the C core's completion queue and its result is handed to the
-    loop that awaits it. Any number of tasks may share one client; ``task.cancel()``
-    cancels the gRPC call. Retries, deadlines, metadata, codecs and statistics are
-    those of the blocking client. Use it from any event loop::
-
-        async with AsyncGRPCComputeClient("127.0.0.1:50051") as client:
-            y = await client.compute(x)
-    """
-
-    def __init__(self, server_address: str, *args: Any, **kwargs: Any) -> None:
-        from .client import GRPCComputeClient
-
-        self.sync = GRPCComputeClient(server_address, *args, **kwargs)
-
-    @property
-    def server_address(self) -> Any:
-        """The address (or list of replica addresses) the client was made with."""
-        return self.sync.server_address
-
-    async def compute(self, tensor: Any, metadata: Any = None,
-                      timeout: Optional[float] = None) -> Any:
-        """Send ``tensor`` to the server's ``compute()`` and return its result."""
-        return await acall(self.sync, tensor, metadata=metadata, timeout=timeout)
-
-    async def compute_backward(self, grad_output: Any, forward_id: str, *,
-                               learning_rate: Optional[float] = None,
-                               accumulation_step: Optional[int] = None, backward_seq: int = 1,
-                               metadata: Any = None, timeout: Optional[float] = None) -> Any:
-        """ComputeBackward of the training forward ``forward_id``: the input gradient."""
-        return await acall(self.sync, grad_output, metadata=metadata, timeout=timeout,
-                           backward=True, forward_id=forward_id, learning_rate=learning_rate,
-                           accumulation_step=accumulation_step, backward_seq=backward_seq)
-
-    async def health_check(self, timeout: Optional[float] = None) -> bool:
-        """True when the server answers HealthCheck with "ok" (run off the loop)."""
-        return await asyncio.get_running_loop().run_in_executor(
-            None, self.sync.health_check, timeout)
-
-    async def get_service_info(self, timeout: Optional[float] = None) -> Dict[str, Any]:
-        """The server's GetServiceInfo answer (run off the loop)."""
-        return await asyncio.get_running_loop().run_in_executor(
-            None, self.sync.get_service_info, timeout)
-
-    async def connect(self, timeout: Optional[float] = None) -> bool:
-        """Wait until the server is reachable (run off the loop)."""
-        return await asyncio.get_running_loop().run_in_executor(None, self.sync.connect, timeout)
-
-    def get_statistics(self) -> Dict[str, Any]:
-        """The same counters as :meth:`GRPCComputeClient.get_statistics`."""
-        return self.sync.get_statistics()
-
-    def close(self) -> None:
-        """Close the channel; calls in flight fail with CANCELLED."""
-        self.sync.close()
-
-    async def __aenter__(self) -> "AsyncGRPCComputeClient":
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"AsyncGRPCComputeClient({self.server_address!r})"
-
-
-__all__ = ["AsyncGRPCComputeClient", "CallFuture", "RpcError"]
+__all__ = ["CallFuture", "RpcError", "acall", "compute_async", "start_call"]

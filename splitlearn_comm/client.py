@@ -830,6 +830,18 @@ class GRPCComputeClient:
             _timing.update(_timing_of(start, reply))
         return self._result(reply, how)
 
+    def _builtin_retry(self) -> bool:
+        """Whether the retry strategy runs in C (none, or a built-in one); a Python
+        RetryStrategy's execute() runs the blocking path instead."""
+        strategy = self.retry_strategy
+        return strategy is None or (isinstance(strategy, _BuiltinRetry) and
+                                    (not isinstance(strategy, CircuitBreaker) or
+                                     strategy.is_builtin()))
+
+    def _total_timeout(self, timeout: Optional[float]) -> Optional[float]:
+        """A call's deadline over all attempts: ``timeout``, else the client's."""
+        return self.timeout if timeout is None else _check_timeout(timeout)
+
     def _sendable(self, tensor: Any, fields: Dict[str, Any], codec: Any = _DEFAULT,
                   kv_leaves: Optional[List[Tuple[str, Any]]] = None
                   ) -> Tuple[Tuple[List[Any], int, Any], _tensor.Restore]:
