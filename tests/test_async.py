@@ -12,7 +12,8 @@ import threading
 import grpc
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch", reason="needs torch, an optional extra "
+                            "(pip install splitlearn-comm[torch])")
 
 import splitlearn_comm as slc
 from splitlearn_comm import current_call

@@ -18,7 +18,8 @@ from typing import Any, Dict, List
 
 import grpc
 import pytest
-import torch
+torch = pytest.importorskip("torch", reason="needs torch, an optional extra "
+                            "(pip install splitlearn-comm[torch])")
 
 import splitlearn_comm as slc
 from conftest import PYTHON, ROOT, Echo, subprocess_env

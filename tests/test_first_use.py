@@ -13,7 +13,8 @@ import socket
 import grpc
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch", reason="needs torch, an optional extra "
+                            "(pip install splitlearn-comm[torch])")
 
 import splitlearn_comm as slc
 from conftest import Echo

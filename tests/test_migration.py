@@ -7,7 +7,8 @@ import logging
 
 import grpc
 import pytest
-import torch
+torch = pytest.importorskip("torch", reason="needs torch, an optional extra "
+                            "(pip install splitlearn-comm[torch])")
 
 import splitlearn_comm as slc
 from conftest import Echo

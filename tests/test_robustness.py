@@ -10,7 +10,8 @@ from typing import Dict, List, Optional, Tuple
 
 import grpc
 import pytest
-import torch
+torch = pytest.importorskip("torch", reason="needs torch, an optional extra "
+                            "(pip install splitlearn-comm[torch])")
 
 import splitlearn_comm as slc
 from conftest import Echo
