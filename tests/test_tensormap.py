@@ -17,7 +17,8 @@ from typing import Any, Dict, Iterator, List, Tuple
 import grpc
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch", reason="needs torch, an optional extra "
+                            "(pip install splitlearn-comm[torch])")
 
 import splitlearn_comm as slc
 from splitlearn_comm.codecs import CompressedTensorCodec, Float16Codec, Int8Codec, SparseCOOCodec
