@@ -247,6 +247,11 @@ int sl_wire_subspans(const sl_span *spans, size_t nspans, const sl_wire_occ *occ
   while (left > 0 && idx < nspans) {
     size_t avail = spans[idx].len - off;
     size_t take = left < avail ? left : avail;
+    if (take == 0) { /* an empty span (its ptr may be NULL): nothing to point at */
+      idx++;
+      off = 0;
+      continue;
+    }
     v[k].ptr = spans[idx].ptr + off;
     v[k].len = take;
     k++;
