@@ -298,6 +298,10 @@ def test_wait_for_ready_timeout_on_a_slow_server_adds_nothing(serve, connect):
             call = slc.current_call()
             while call.is_active():
                 time.sleep(0.01)
+            # The server sees its deadline pass by its own clock; gRPC's deadline
+            # timer on the client may fire later on a loaded machine, so a reply
+            # sent at once could still arrive in time. Reply well after both.
+            time.sleep(1.0)
             return input_tensor
 
     client = connect(serve(Slow()), timeout=0.5, wait_for_ready=True)
