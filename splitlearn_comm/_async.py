@@ -26,8 +26,8 @@ from .errors import RpcError, from_call_error
 
 logger = logging.getLogger("splitlearn_comm.client")
 
-_COMPUTE = "/splitlearn.comm.ComputeService/Compute"
-_BACKWARD = "/splitlearn.comm.ComputeService/ComputeBackward"
+_COMPUTE = _core.METHOD_COMPUTE
+_BACKWARD = _core.METHOD_BACKWARD
 
 OnDone = Callable[[Any, Optional[BaseException]], None]
 
@@ -128,7 +128,8 @@ def start_call(client: Any, tensor: Any, on_done: OnDone, *, metadata: Any = Non
             metadata=md, wait_for_ready=client.wait_for_ready,
             retry=strategy._policy() if strategy is not None else None,
             breaker=strategy._breaker() if strategy is not None else None,
-            request_id=None if fields.get("backward") else client._next_id(), **fields)
+            request_id=None if fields.get("backward") else client._next_id(),
+            codecs=client._registry.table, **fields)
     except _core.CallError as e:
         err = from_call_error(e, target=client.server_address, method=method)
         client._stats.count_error(err)

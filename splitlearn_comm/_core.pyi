@@ -21,20 +21,16 @@ METHOD_INFO: Final[str]
 _Node = Tuple[int, int, Optional[str], Any]
 
 @final
-class Leaf(structseq[Any], Tuple[str, Any, Optional[str], Any, Tuple[int, ...], str]):
-    """A received tensor: its name, storage (a DLPackTensor; a codec's payload when
-    `codec` is a Python codec's name), codec, codec metadata, shape and dtype."""
+class Leaf(structseq[Any], Tuple[str, Any, Tuple[int, ...], str]):
+    """A received tensor, decoded by the core whatever its codec: its name, storage
+    (a DLPackTensor), shape and dtype."""
 
-    __match_args__: Final[Tuple[Literal["name"], Literal["tensor"], Literal["codec"], Literal["codec_metadata"], Literal["shape"], Literal["dtype"]]]
+    __match_args__: Final[Tuple[Literal["name"], Literal["tensor"], Literal["shape"], Literal["dtype"]]]
 
     @property
     def name(self) -> str: ...
     @property
     def tensor(self) -> Any: ...
-    @property
-    def codec(self) -> Optional[str]: ...
-    @property
-    def codec_metadata(self) -> Any: ...
     @property
     def shape(self) -> Tuple[int, ...]: ...
     @property
@@ -42,9 +38,9 @@ class Leaf(structseq[Any], Tuple[str, Any, Optional[str], Any, Tuple[int, ...], 
 
 @final
 class OutTensor(structseq[Any], Tuple[str, Any, Optional[Codec]]):
-    """A tensor to send: its name, the tensor (or a DLPack capsule, or a Python
-    codec's (data, shape, dtype, codec, metadata)) and the built-in codec to encode
-    it with in C (None: raw)."""
+    """A tensor to send: its name, the tensor (or a DLPack capsule, or for
+    ComputeServiceStub an encoded (data, shape, dtype, codec, metadata)) and the
+    codec the core encodes it with, built in or Python (None: raw)."""
 
     __match_args__: Final[Tuple[Literal["name"], Literal["tensor"], Literal["codec"]]]
 
@@ -124,6 +120,9 @@ class CallError(Exception):
     """A failed call: args are (code, details, trailing_metadata, initial_metadata,
     debug_error_string, attempts)."""
 
+class CodecError(ValueError):
+    """A codec failed, or a tensor arrived in a codec this side does not know."""
+
 @final
 class DLPackTensor:
     """A received tensor, handed to torch or NumPy through DLPack (once)."""
@@ -140,6 +139,12 @@ class Codec:
     def name(self) -> str: ...
     def accepts(self, dtype_name: str, /) -> bool: ...
     def encode(self, tensor: Any, /) -> Tuple[Any, Any]: ...
+
+@final
+class Codecs:
+    def __init__(self, codecs: Sequence[Codec]) -> None: ...
+    @property
+    def names(self) -> str: ...
 
 @final
 class Breaker:
@@ -164,7 +169,7 @@ class Client:
                 learning_rate: Optional[Any] = ..., accumulation_step: Optional[Any] = ...,
                 use_cache: Optional[Any] = ..., backward_seq: int = ...,
                 session_id: Optional[str] = ..., session_step: int = ...,
-                session_close: bool = ...) -> Reply: ...
+                session_close: bool = ..., codecs: Optional[Codecs] = ...) -> Reply: ...
     def health(self, timeout: float = ..., metadata: Optional[Any] = ...,
                wait_for_ready: bool = ..., retry: Optional[Any] = ...,
                breaker: Optional[Breaker] = ...) -> dict[str, Any]: ...
@@ -184,16 +189,18 @@ class Client:
                       model_id: Optional[str] = ..., learning_rate: Optional[Any] = ...,
                       accumulation_step: Optional[Any] = ..., use_cache: Optional[Any] = ...,
                       backward_seq: int = ..., session_id: Optional[str] = ...,
-                      session_step: int = ..., session_close: bool = ...) -> Any: ...
+                      session_step: int = ..., session_close: bool = ...,
+                      codecs: Optional[Codecs] = ...) -> Any: ...
     def cancel_async(self, handle: Any, /) -> None: ...
     def async_in_flight(self) -> int: ...
     def close(self) -> None: ...
 
 @final
 class Server:
-    def __init__(self, compute: Any, info: Any, host: str, port: int, max_workers: int,
-                 version: str, options: Optional[Any] = ..., codec: Optional[Any] = ...,
-                 python_codecs: Optional[Any] = ..., auth_tokens: Optional[Sequence[str]] = ...,
+    def __init__(self, *, compute: Any, info: Any, host: str, port: int,
+                 max_workers: int, version: str = ..., options: Optional[Any] = ...,
+                 codec: Optional[Codec] = ..., codecs: Optional[Codecs] = ...,
+                 auth_tokens: Optional[Sequence[str]] = ...,
                  tls: Optional[Tuple[str, str, Optional[str], bool]] = ...,
                  intercept: Optional[Any] = ..., max_decoded_bytes: int = ...,
                  max_tensors: int = ..., max_depth: int = ...) -> None: ...
@@ -219,6 +226,8 @@ class Server:
 
 def decode(name: str, payload: Any, shape: Any, dtype: str, metadata: Mapping[str, Any], /
            ) -> DLPackTensor: ...
+def python_codec(codec: Any, name: str, accepts: Sequence[str], wrap: Any, prepare: Any, /
+                 ) -> Codec: ...
 def status_name(code: int, /) -> str: ...
 def grpc_log() -> list[str]: ...
 def breaker_open_message(wait: float, failures: int, /) -> str: ...

@@ -147,3 +147,14 @@ def prepare_result(obj: Any) -> Any:
     if isinstance(obj, (int, float, complex, bool)):
         return prepare(np.asarray(obj))[0]  # a 0-d array: the shape () is kept
     raise TypeError(f"compute() must return a tensor, got {type(obj).__name__}")
+
+
+def decoded(obj: Any) -> Any:
+    """A Python codec's decode() result, made exportable for the C core (which
+    copies it into the received tensor's storage): a contiguous CPU tensor."""
+    if is_torch_tensor(obj) or isinstance(obj, (np.ndarray, np.generic)) or hasattr(obj, "__dlpack__"):
+        if is_torch_tensor(obj) and obj.layout != _torch().strided:
+            obj = obj.to_dense()
+        return prepare(obj)[0]
+    raise TypeError(f"decode() must return a tensor (torch.Tensor or numpy.ndarray), "
+                    f"got {type(obj).__name__}")

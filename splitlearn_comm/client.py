@@ -22,7 +22,7 @@ from . import _core, _structure, _tensor, balancing, protocol
 from ._metadata import MetadataLike
 from ._metadata import normalize as _normalize_metadata
 from ._structure import CodecSpec
-from .codecs import CodecError, CodecRegistry, decode_python, encode_python
+from .codecs import CodecError, CodecRegistry
 from .core import TensorCodec
 from .errors import RpcError, from_call_error, status_code
 from .tls import ClientTLS
@@ -352,9 +352,10 @@ def _timing_of(start: float, reply: Any) -> Dict[str, float]:
             "network_overhead_ms": max(0.0, total - server)}
 
 
-def _out_leaves(form: int, items: Sequence[Tuple[str, Any]], spec: Any) -> List[Any]:
-    """The OutTensor objects of a call: each tensor made sendable, with its codec
-    (a built-in's C codec, or already encoded by a Python codec, or None: raw)."""
+def _out_leaves(form: int, items: Sequence[Tuple[str, Any]], spec: Any,
+                registry: CodecRegistry) -> List[Any]:
+    """The OutTensor objects of a call: each tensor made sendable, with the
+    ``_core.Codec`` the C core encodes it with (built in or Python), or None: raw."""
     out = []
     raw = spec is None or (type(spec) is TensorCodec and spec.dtype is None)
     for i, (name, obj) in enumerate(items):
@@ -368,13 +369,8 @@ def _out_leaves(form: int, items: Sequence[Tuple[str, Any]], spec: Any) -> List[
             codec = _structure.codec_for(spec, name)
             if codec is not None and not _structure.accepts(codec, _structure.dtype_of(t)):
                 codec = None
-        if codec is None:
-            out.append(_core.OutTensor((name, t, None)))
-        elif codec.is_python():
-            out.append(_core.OutTensor((name, encode_python(codec, obj), None)))
-        else:
-            c = codec._c_codec()
-            out.append(_core.OutTensor((name, t, None if c.name == "raw" else c)))
+        c = None if codec is None else registry.c_codec(codec)
+        out.append(_core.OutTensor((name, t, None if c is None or c.name == "raw" else c)))
     return out
 
 
@@ -865,7 +861,7 @@ class GRPCComputeClient:
         else:
             form, items, nodes = _structure.flatten(tensor)
         how = _structure.restore_kind(tensor)
-        return (_out_leaves(form, items, spec), form, nodes), how
+        return (_out_leaves(form, items, spec, self._registry), form, nodes), how
 
     @staticmethod
     def _exported(leaves: List[Any]) -> List[Any]:
@@ -874,7 +870,7 @@ class GRPCComputeClient:
                 for leaf in leaves]
 
     def _result(self, reply: Any, how: _tensor.Restore) -> Any:
-        values = [self._leaf_value(leaf, how) for leaf in reply.leaves]
+        values = [_tensor.restore(leaf.tensor, how) for leaf in reply.leaves]
         if reply.form == _structure.SINGLE:
             if reply.n_kv:
                 pairs = tuple((values[1 + 2 * i], values[2 + 2 * i]) for i in range(reply.n_kv))
@@ -882,19 +878,6 @@ class GRPCComputeClient:
             return values[0]
         return _structure.unflatten(reply.form, values, [leaf.name for leaf in reply.leaves],
                                     reply.nodes)
-
-    def _leaf_value(self, leaf: Any, how: _tensor.Restore) -> Any:
-        if leaf.codec is None:
-            return _tensor.restore(leaf.tensor, how)
-        codec = self._registry.get(leaf.codec)
-        try:
-            result = decode_python(codec, memoryview(leaf.tensor), tuple(leaf.shape),
-                                   leaf.codec_metadata)
-        except Exception as e:
-            what = f" (tensor {leaf.name!r})" if leaf.name else ""
-            raise CodecError(f"codec {leaf.codec!r} failed to decode the response{what}: "
-                             f"{type(e).__name__}: {e}") from e
-        return _tensor.convert_like(result, how)
 
     def _next_id(self) -> int:
         with self._ids_lock:
@@ -913,7 +896,8 @@ class GRPCComputeClient:
                 wait_for_ready=self.wait_for_ready,
                 retry=strategy._policy() if strategy is not None else None,
                 breaker=strategy._breaker() if strategy is not None else None,
-                request_id=None if fields.get("backward") else self._next_id(), **fields)
+                request_id=None if fields.get("backward") else self._next_id(),
+                codecs=self._registry.table, **fields)
         except _core.CallError as e:
             method = _BACKWARD if fields.get("backward") else _COMPUTE
             err = from_call_error(e, target=self._target, method=method)
@@ -1067,7 +1051,8 @@ class ComputeServiceStub:
         try:
             reply = self._client._live().compute(
                 [_core.OutTensor(("", sendable, None))], timeout=self._timeout(timeout),
-                metadata=self._md(metadata), request_id=request.request_id)
+                metadata=self._md(metadata), request_id=request.request_id,
+                codecs=self._client._registry.table)
         except _core.CallError as e:
             raise from_call_error(e, target=self._client._target, method=_COMPUTE) from None
         if reply.form != _structure.SINGLE:
@@ -1076,9 +1061,7 @@ class ComputeServiceStub:
         leaf = reply.leaves[0]
         return protocol.ComputeResponse(
             data=bytes(memoryview(leaf.tensor)), shape=list(leaf.shape), dtype=leaf.dtype,
-            codec=leaf.codec or "raw",
-            codec_metadata={k: v for k, v in (leaf.codec_metadata or {}).items()
-                            if not k.startswith("sl.")},
+            codec="raw", codec_metadata={},
             compute_time_ms=reply.compute_time_ms, request_id=reply.request_id)
 
     def HealthCheck(self, request: Any = None, metadata: MetadataLike = None,

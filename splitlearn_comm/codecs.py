@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterable, Optional
 
+from . import _core
 from .core import TensorCodec
 
 __all__ = [
@@ -34,8 +35,10 @@ _RAW, _CAST, _FLOAT16, _BFLOAT16, _INT8, _COMPRESSED, _SPARSE = range(7)
 _ALGORITHMS = {"zstd": 0, "zlib": 1}
 
 
-class CodecError(ValueError):
-    """A codec failed, or a tensor arrived in a codec this side does not know."""
+#: A codec failed (a Python codec's ``encode``/``decode`` raised or returned
+#: something else than the protocol says), or a tensor arrived in a codec this side
+#: does not know. A ``ValueError``; raised by the C core (``_core.CodecError``).
+CodecError = _core.CodecError
 
 
 class _Builtin(TensorCodec):
@@ -146,54 +149,54 @@ class SparseCOOCodec(_Builtin):
 
 
 class CodecRegistry:
-    """The Python codecs one side knows, by wire name (built-ins are always known)."""
+    """The Python codecs one side knows, by wire name (built-ins are always known).
+
+    Each Python codec is entered into the C core's codec table
+    (``_core.python_codec``: trampolines that take the GIL and call its
+    ``encode``/``decode``); :attr:`table` is the ``_core.Codecs`` the core decodes
+    with. The core does every encoding and decoding; nothing here runs a codec.
+    """
 
     def __init__(self, codecs: Iterable[TensorCodec] = ()) -> None:
         self._codecs: Dict[str, TensorCodec] = {}
+        self._c: Dict[str, Any] = {}
+        self._table: Any = None
         for codec in codecs:
             self.register(codec)
 
     def register(self, codec: TensorCodec) -> None:
         if not isinstance(codec, TensorCodec):
             raise TypeError(f"codecs must be TensorCodec instances, got {type(codec).__name__}")
-        if codec.is_python():
-            self._codecs[codec.name] = codec
+        if not codec.is_python() or self._codecs.get(codec.name) is codec:
+            return
+        from . import _tensor
+
+        accepts = [d for d in _core.DTYPES.split(", ") if codec.accepts(d)]
+        c = _core.python_codec(codec, codec.name, accepts, _tensor.as_tensor, _tensor.decoded)
+        self._codecs[codec.name] = codec
+        self._c[codec.name] = c
+        self._table = None
 
     def get(self, name: str) -> TensorCodec:
         try:
             return self._codecs[name]
         except KeyError:
-            from . import _core
+            raise CodecError(f"unknown codec {name!r}; known codecs: {self.table.names}") from None
 
-            known = ", ".join([_core.BUILTIN_CODECS, *self._codecs])
-            raise CodecError(f"unknown codec {name!r}; known codecs: {known}") from None
+    def c_codec(self, codec: TensorCodec) -> Any:
+        """The ``_core.Codec`` the core encodes with (a Python codec is registered)."""
+        if not codec.is_python():
+            return codec._c_codec()
+        self.register(codec)
+        return self._c[codec.name]
+
+    @property
+    def table(self) -> Any:
+        """The ``_core.Codecs`` of the Python codecs registered (made again after a change)."""
+        table = self._table
+        if table is None:
+            table = self._table = _core.Codecs(list(self._c.values()))
+        return table
 
     def names(self) -> list[str]:
         return list(self._codecs)
-
-
-def encode_python(codec: TensorCodec, tensor: Any) -> tuple[Any, ...]:
-    """Run a Python codec's encode: the (data, shape, dtype, name, metadata) the C core sends."""
-    from . import _tensor
-
-    try:
-        result = codec.encode(tensor)
-    except Exception as e:
-        raise CodecError(f"codec {codec.name!r} failed to encode: {type(e).__name__}: {e}") from e
-    if not isinstance(result, tuple) or len(result) not in (2, 3):
-        raise CodecError(f"codec {codec.name!r}: encode() must return (data, shape) or "
-                         f"(data, shape, metadata), got {type(result).__name__}")
-    data, shape = result[0], result[1]
-    metadata: Dict[str, Any] = dict(result[2] or {}) if len(result) == 3 else {}
-    metadata["sl.arity"] = len(result)
-    return (data, tuple(int(d) for d in shape), _tensor.dtype_name(getattr(tensor, "dtype", "float32")),
-            codec.name, metadata)
-
-
-def decode_python(codec: TensorCodec, data: Any, shape: tuple[int, ...], metadata: Dict[str, Any]) -> Any:
-    """Run a Python codec's decode with the arity its encoder used."""
-    metadata = dict(metadata)
-    arity = metadata.pop("sl.arity", 3)
-    if arity == 2:
-        return codec.decode(data, shape)
-    return codec.decode(data, shape, metadata)

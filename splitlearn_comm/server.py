@@ -14,7 +14,7 @@ import grpc
 
 from . import _core, _structure, _tensor, aio, context
 from ._structure import CodecSpec
-from .codecs import CodecError, CodecRegistry, decode_python, encode_python
+from .codecs import CodecRegistry
 from .core import ComputeFunction, TensorCodec
 from .errors import Abort
 from .tls import ServerTLS
@@ -246,19 +246,20 @@ class GRPCComputeServer:
             except ImportError:  # pragma: no cover - NumPy-only servers
                 pass
             self._models.setup(self._run_maybe_async)
-            c_codec = None
-            if isinstance(self.codec, TensorCodec) and not self.codec.is_python():
-                c_codec = self.codec._c_codec()
+            c_codec = None  # a mapping is resolved per result tensor (_reply_leaves)
+            if isinstance(self.codec, TensorCodec):
+                c_codec = self._registry.c_codec(self.codec)
             server = _core.Server(
-                _make_dispatch(self._models, self._registry, self.codec, self.sessions,
-                               self._loop),
-                _make_info(self._models, self.sessions), self.host, int(self._port),
-                int(self.max_workers),
-                str(self.version), self.options, c_codec, self._registry.names(),
-                self.auth_tokens, self.tls._args() if self.tls else None,
-                _make_intercept(self.interceptors) if self.interceptors else None,
-                int(self.max_decoded_bytes or 0), int(self.max_tensors or 0),
-                int(self.max_depth or 0))
+                compute=_make_dispatch(self._models, self._registry, self.codec, self.sessions,
+                                       self._loop),
+                info=_make_info(self._models, self.sessions), host=self.host,
+                port=int(self._port), max_workers=int(self.max_workers),
+                version=str(self.version), options=self.options, codec=c_codec,
+                codecs=self._registry.table, auth_tokens=self.auth_tokens,
+                tls=self.tls._args() if self.tls else None,
+                intercept=_make_intercept(self.interceptors) if self.interceptors else None,
+                max_decoded_bytes=int(self.max_decoded_bytes or 0),
+                max_tensors=int(self.max_tensors or 0), max_depth=int(self.max_depth or 0))
             try:
                 server.start()
             except BaseException as e:
@@ -698,34 +699,17 @@ def _takes(fn: Any, *names: str) -> bool:
     return all(n in params for n in names)
 
 
-def _leaf_value(registry: CodecRegistry, leaf: Any) -> Any:
-    """A received leaf as a torch.Tensor (decoded by its Python codec if it has one)."""
-    if leaf.codec is None:
-        return _tensor.as_tensor(leaf.tensor)
-    try:
-        x = decode_python(registry.get(leaf.codec), memoryview(leaf.tensor), tuple(leaf.shape),
-                          leaf.codec_metadata or {})
-    except Exception as e:
-        what = f" (tensor {leaf.name!r})" if leaf.name else ""
-        raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                    f"codec {leaf.codec!r} failed to decode the request{what}: "
-                    f"{type(e).__name__}: {e}") from e
-    if not _tensor.is_torch_tensor(x):
-        x = _tensor._torch().as_tensor(x)
-    return x
-
-
 def _is_kv_pairs(obj: Any) -> bool:
     return obj is None or (isinstance(obj, (tuple, list)) and all(
         isinstance(p, (tuple, list)) and len(p) == 2 and all(_structure.is_tensor(t) for t in p)
         for p in obj))
 
 
-def _reply_leaves(out: Any, kv_call: bool, spec: CodecSpec, python_in: Optional[TensorCodec]
+def _reply_leaves(out: Any, kv_call: bool, spec: CodecSpec, registry: CodecRegistry
                   ) -> Tuple[List[Any], int, Any]:
-    """The OutTensor objects, form and nodes of a result. Codecs: a mapping (or a
-    Python codec) is applied here; a single built-in codec, and the choice when
-    there is none, are made in C for each tensor (sl_server: response_codec)."""
+    """The OutTensor objects, form and nodes of a result. A codec mapping names
+    each tensor's codec here; otherwise the C core chooses (sl_server:
+    response_codec: the server's codec, else the request's). The core encodes."""
     if kv_call and isinstance(out, tuple) and len(out) == 2 and _structure.is_tensor(out[0]) \
             and _is_kv_pairs(out[1]):
         # the original's (hidden_states, present_key_values): its wire fields
@@ -740,34 +724,15 @@ def _reply_leaves(out: Any, kv_call: bool, spec: CodecSpec, python_in: Optional[
     else:
         form, items, nodes = _structure.flatten(out)
     leaves = []
-    plain = spec is None and python_in is None  # the choice is C's, per tensor
+    mapped = isinstance(spec, Mapping)
     for i, (name, obj) in enumerate(items):
         t = _tensor.prepare_result(obj)
-        codec: Optional[TensorCodec] = None
-        if plain:
-            leaves.append(_core.OutTensor((name, _tensor.exportable(t), None)))
-            continue
-        if form == _structure.SINGLE and i > 0:
-            codec = None  # KV cache entries: raw float32
-        elif isinstance(spec, Mapping) or (spec is not None and spec.is_python()):
+        c = None
+        if mapped and not (form == _structure.SINGLE and i > 0):  # KV entries: raw float32
             codec = _structure.codec_for(spec, name)
-        elif spec is None and python_in is not None:
-            codec = python_in  # answer in the request's (Python) codec
-        if codec is not None and form != _structure.SINGLE and \
-                not _structure.accepts(codec, _structure.dtype_of(t)):
-            codec = None
-        if codec is not None and codec.is_python():
-            try:
-                leaves.append(_core.OutTensor((name, encode_python(codec, obj), None)))
-            except CodecError as e:
-                what = f"the result {name!r}" if name else "the result"
-                raise Abort(grpc.StatusCode.INTERNAL, f"{e} ({what})") from e
-        elif codec is not None:
-            c = codec._c_codec()
-            leaves.append(_core.OutTensor((name, _tensor.exportable(t),
-                                           None if c.name == "raw" else c)))
-        else:
-            leaves.append(_core.OutTensor((name, _tensor.exportable(t), None)))
+            if codec is not None and _structure.accepts(codec, _structure.dtype_of(t)):
+                c = registry.c_codec(codec)
+        leaves.append(_core.OutTensor((name, _tensor.exportable(t), c)))
     return leaves, form, nodes
 
 
@@ -796,11 +761,7 @@ def _make_dispatch(models: "_Models", registry: CodecRegistry,
                 raise Abort(grpc.StatusCode.UNIMPLEMENTED,
                             f"{name} does not support ComputeBackward "
                             "(it has no backward() method; see docs/training.md)")
-            values = [_leaf_value(registry, leaf) for leaf in c.leaves]
-            python_in = None
-            names = {leaf.codec for leaf in c.leaves if leaf.codec is not None}
-            if server_codec is None and len(names) == 1:
-                python_in = registry.get(names.pop())
+            values = [_tensor.as_tensor(leaf.tensor) for leaf in c.leaves]  # decoded in C
             takes_cache = _takes(compute_fn.compute, "past_key_values", "use_cache")
             kv_call = not c.backward and c.form == _structure.SINGLE and (
                 c.n_kv > 0 or (c.use_cache is not None and takes_cache))
@@ -836,7 +797,8 @@ def _make_dispatch(models: "_Models", registry: CodecRegistry,
                 from .sessions import run_step
 
                 # a session's steps run in order: an async step is awaited here
-                out = run_step(sessions, fields, call, lambda: aio.wait(run(), loop, call))
+                out = run_step(sessions, fields, call, lambda: aio.wait(run(), loop, call),
+                               backward=bool(c.backward))
                 if fields.get("session_close"):
                     # a close answers an empty tensor
                     out = x[:0] if _structure.is_tensor(x) else None
@@ -845,7 +807,7 @@ def _make_dispatch(models: "_Models", registry: CodecRegistry,
 
             def encode(out: Any) -> Tuple[List[Any], int, Any]:
                 try:
-                    return _reply_leaves(out, kv_call, server_codec, python_in)
+                    return _reply_leaves(out, kv_call, server_codec, registry)
                 except Abort as e:
                     if e.sl_code == grpc.StatusCode.INTERNAL.value[0]:
                         _log_exception("a codec encoding the result", call, e)

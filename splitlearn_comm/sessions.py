@@ -421,15 +421,15 @@ def _error_of(e: BaseException) -> Tuple[grpc.StatusCode, str]:
 
 
 def run_step(store: SessionStore, fields: Dict[str, Any], call: Any,
-             run: Callable[[], Any]) -> Any:
+             run: Callable[[], Any], backward: bool = False) -> Any:
     """Run one session call in the server's dispatch: a close, a backward (the
-    session's state, no step) or step ``fields['session_step']`` (run once;
-    replayed from the record on a retry)."""
+    session's state, no step; ``backward`` is the core's ``Call.backward``) or step
+    ``fields['session_step']`` (run once; replayed from the record on a retry)."""
     sid = fields.get("session_id") or ""
     if fields.get("session_close"):
         store.close(sid)
         return None
-    if call.method.endswith("/ComputeBackward"):
+    if backward:
         call.session = store.get(sid)
         return run()
     s, replay = store.begin(sid, int(fields.get("session_step") or 0), call.deadline)

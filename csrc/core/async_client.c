@@ -38,6 +38,7 @@ struct sl_async_call {
   int has_retry;
   sl_retry_policy retry;
   sl_breaker *breaker;      /* borrowed */
+  sl_codecs *codecs;        /* a reference: the custom codecs the reply may use, or NULL */
   double deadline;          /* whole call, sl_now() clock; 0: none */
   int retries;
   uint64_t rng;
@@ -82,6 +83,7 @@ static void call_free(sl_async_call *k) {
   }
   free(k->md);
   if (k->payload != NULL) sl_payload_unref(k->payload);
+  sl_codecs_unref(k->codecs);
   free(k);
 }
 
@@ -208,12 +210,13 @@ static int read_response(sl_async_call *k, sl_err *err) {
   sl_tensor_msg *out = &k->res.out;
   int status = sl__bbspans_init(k->resp, &spans, err);
   if (status == SL_OK) status = sl_tensor_msg_read(resp_kind, spans.spans, spans.n, out, err);
-  if (status == SL_OK) status = sl_tensor_msg_decode(out, err);
+  if (status == SL_OK) status = sl_tensor_msg_decode_with(out, k->codecs, err);
   sl__bbspans_clear(&spans);
   if (status != SL_OK) {
     char inner[SL_ERR_MSG_MAX];
     memcpy(inner, err->msg, sizeof(inner));
-    sl_err_set(err, status, SL_STATUS_INTERNAL, "bad response from the server: %.400s", inner);
+    sl_err_set(err, status, SL_STATUS_INTERNAL, "%s: %.400s",
+               status == SL_ECODEC ? "the response" : "bad response from the server", inner);
     sl_tensor_msg_clear(out);
     return status;
   }
@@ -475,6 +478,7 @@ int sl_async_compute_start(sl_async *a, const sl_call_opts *o, int backward,
     }
   }
   k->wait_for_ready = o->wait_for_ready;
+  k->codecs = sl_codecs_ref(o->codecs);
   if (o->retry != NULL) {
     k->has_retry = 1;
     k->retry = *o->retry;

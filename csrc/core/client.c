@@ -406,11 +406,12 @@ int sl_client_compute(sl_client *c, const sl_call_opts *opts, int backward,
   if (status != SL_OK) goto cleanup;
   status = sl__bbspans_init(resp, &spans, err);
   if (status == SL_OK) status = sl_tensor_msg_read(resp_kind, spans.spans, spans.n, out, err);
-  if (status == SL_OK) status = sl_tensor_msg_decode(out, err);
+  if (status == SL_OK) status = sl_tensor_msg_decode_with(out, opts->codecs, err);
   if (status != SL_OK) {
     char inner[SL_ERR_MSG_MAX];
     memcpy(inner, err->msg, sizeof(inner));
-    sl_err_set(err, status, SL_STATUS_INTERNAL, "bad response from the server: %.400s", inner);
+    sl_err_set(err, status, SL_STATUS_INTERNAL, "%s: %.400s",
+               status == SL_ECODEC ? "the response" : "bad response from the server", inner);
     sl_tensor_msg_clear(out);
     goto cleanup;
   }

@@ -53,6 +53,8 @@ typedef struct sl_call_opts {
   void *interrupt_user;
   sl_retry_fn on_retry;      /* NULL: none; else told of every retry before its delay */
   void *on_retry_user;
+  sl_codecs *codecs;         /* custom codecs the reply may use (NULL: built-ins only);
+                                borrowed for a blocking call, referenced by an async one */
 } sl_call_opts;
 
 /* How a call ended. Strings and arrays are malloc'd; sl_call_status_clear frees. */

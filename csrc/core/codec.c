@@ -353,6 +353,8 @@ static int check_spec(const sl_codec_spec *spec, sl_err *err) {
   }
 }
 
+static const sl_codec_funcs builtin_funcs_table; /* defined below */
+
 int sl_codec_create(const sl_codec_spec *spec, sl_codec **out, sl_err *err) {
   int status = -1;
   sl_codec *c = NULL;
@@ -371,6 +373,9 @@ int sl_codec_create(const sl_codec_spec *spec, sl_codec **out, sl_err *err) {
   }
   c->spec = *spec;
   c->spec.inner = NULL;
+  c->refs = 1;
+  c->funcs = builtin_funcs_table;
+  c->user = c;
   if (spec->kind == SL_CODEC_KIND_COMPRESSED && spec->inner != NULL &&
       spec->inner->kind != SL_CODEC_KIND_RAW) {
     status = sl_codec_create(spec->inner, &c->inner, err);
@@ -388,26 +393,252 @@ cleanup:
 
 void sl_codec_destroy(sl_codec *c) {
   if (c == NULL) return;
+  if (__atomic_sub_fetch(&c->refs, 1, __ATOMIC_ACQ_REL) != 0) return;
   sl_codec_destroy(c->inner);
+  if (c->name != NULL && c->funcs.free_user != NULL) c->funcs.free_user(c->user);
+  free(c->name);
   free(c);
+}
+
+sl_codec *sl_codec_ref(sl_codec *c) {
+  if (c != NULL) __atomic_add_fetch(&c->refs, 1, __ATOMIC_RELAXED);
+  return c;
+}
+
+int sl_codec_is_custom(const sl_codec *c) { return c != NULL && c->name != NULL; }
+
+int sl_codec_create_custom(const char *name, const sl_codec_funcs *funcs, void *user,
+                           sl_codec **out, sl_err *err) {
+  int status = -1;
+  sl_codec *c = NULL;
+  if (out != NULL) *out = NULL;
+  if (out == NULL || funcs == NULL || funcs->accepts == NULL || funcs->encode == NULL ||
+      funcs->decoded_bound == NULL || funcs->decode == NULL) {
+    status = sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                        "sl_codec_create_custom: missing output or codec function");
+    goto fail;
+  }
+  if (name == NULL || name[0] == '\0' || strlen(name) > 255) {
+    status = sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                        "a codec's name must be 1 to 255 bytes");
+    goto fail;
+  }
+  if (sl__codec_lookup(name) != NULL) {
+    status = sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                        "codec name '%s' is a built-in codec's (%s); choose another",
+                        name, sl_codec_builtin_names());
+    goto fail;
+  }
+  c = calloc(1, sizeof(*c));
+  if (c == NULL || (c->name = sl_strndup(name, strlen(name))) == NULL) {
+    free(c);
+    status = sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+    goto fail;
+  }
+  c->refs = 1;
+  c->funcs = *funcs;
+  c->user = user;
+  *out = c;
+  return SL_OK;
+fail:
+  if (funcs != NULL && funcs->free_user != NULL) funcs->free_user(user);
+  return status;
 }
 
 const char *sl_codec_name(const sl_codec *c) {
   if (c == NULL) return "";
+  if (c->name != NULL) return c->name;
   if (c->spec.kind == SL_CODEC_KIND_COMPRESSED) {
     return c->spec.algorithm == SL_COMPRESS_ZLIB ? "zlib" : "zstd";
   }
   return kind_label(c->spec.kind);
 }
 
-int sl_codec_is_raw(const sl_codec *c) { return c != NULL && c->spec.kind == SL_CODEC_KIND_RAW; }
+int sl_codec_is_raw(const sl_codec *c) {
+  return c != NULL && c->name == NULL && c->spec.kind == SL_CODEC_KIND_RAW;
+}
 
 int sl_codec_accepts(const sl_codec *c, sl_dtype dtype) {
-  if (c == NULL) return 0;
+  if (c == NULL || dtype <= SL_DTYPE_INVALID || dtype >= SL_DTYPE_COUNT) return 0;
+  return c->funcs.accepts(c->user, dtype) ? 1 : 0;
+}
+
+/* ---- the built-in codecs' table ---- */
+
+static int builtin_accepts(void *user, sl_dtype dtype) {
+  const sl_codec *c = user;
   if (c->spec.kind == SL_CODEC_KIND_COMPRESSED && c->inner != NULL) {
     return sl_codec_accepts(c->inner, dtype);
   }
   return sl__codec_kind_accepts(c->spec.kind, dtype);
+}
+
+static sl__encode_fn encoder_of(sl_codec_kind kind);
+
+static int builtin_encode(void *user, const sl_tensor_desc *desc, const void *data,
+                          size_t nbytes, sl_tensor_desc *wire, void **payload,
+                          size_t *payload_len, sl_meta *meta, sl_err *err) {
+  const sl_codec *c = user;
+  sl__encode_fn enc = encoder_of(c->spec.kind);
+  (void)wire; /* the message declares the tensor itself */
+  if (enc == NULL) return sl__codec_fail(err, SL_EINVAL, sl_codec_name(c), "no encoder");
+  return enc(c, desc, sl__desc_numel(desc), data, nbytes, payload, payload_len, meta, err);
+}
+
+static int builtin_bound(void *user, const sl_tensor_desc *wire, const sl_meta *meta,
+                         size_t *bound, sl_err *err) {
+  (void)user;
+  (void)meta;
+  if (sl_desc_nbytes(wire, bound) != SL_OK) {
+    return sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT, "invalid dtype or shape");
+  }
+  return SL_OK;
+}
+
+static int builtin_decode(void *user, const sl_tensor_desc *wire, void *payload,
+                          size_t payload_len, const sl_meta *meta, sl_tensor_desc *out_desc,
+                          void **out, size_t *out_len, sl_err *err) {
+  const sl_codec *c = user;
+  int rc = sl_codec_decode(sl_codec_name(c), wire, payload, payload_len, meta, out, err);
+  sl_storage_free(payload);
+  if (rc != SL_OK) return rc;
+  *out_desc = *wire;
+  sl_desc_nbytes(wire, out_len);
+  return SL_OK;
+}
+
+static const sl_codec_funcs builtin_funcs_table = {builtin_accepts, builtin_encode,
+                                                   builtin_bound, builtin_decode, NULL};
+
+/* ---- the codecs one side knows ---- */
+
+struct sl_codecs {
+  int refs;
+  sl_codec **codecs; /* a reference each */
+  size_t n;
+  char *names;       /* "raw, ..., sparse_coo, custom..." */
+};
+
+int sl_codecs_create(sl_codec *const *codecs, size_t n, sl_codecs **out, sl_err *err) {
+  int status = -1;
+  sl_codecs *t = NULL;
+  size_t len = strlen(sl_codec_builtin_names()) + 1;
+  *out = NULL;
+  for (size_t i = 0; i < n; i++) {
+    if (codecs[i] == NULL || !sl_codec_is_custom(codecs[i])) {
+      return sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                        "a codec set takes custom codecs only (the built-ins are always known)");
+    }
+    for (size_t j = 0; j < i; j++) {
+      if (strcmp(codecs[i]->name, codecs[j]->name) == 0) {
+        return sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                          "two different codecs are named '%s'", codecs[i]->name);
+      }
+    }
+    len += strlen(codecs[i]->name) + 2;
+  }
+  t = calloc(1, sizeof(*t));
+  if (t == NULL) goto oom;
+  t->refs = 1;
+  t->codecs = calloc(n ? n : 1, sizeof(*t->codecs));
+  t->names = malloc(len);
+  if (t->codecs == NULL || t->names == NULL) goto oom;
+  strcpy(t->names, sl_codec_builtin_names());
+  for (size_t i = 0; i < n; i++) {
+    t->codecs[i] = sl_codec_ref(codecs[i]);
+    t->n = i + 1;
+    strcat(t->names, ", ");
+    strcat(t->names, codecs[i]->name);
+  }
+  *out = t;
+  return SL_OK;
+oom:
+  sl_codecs_unref(t);
+  status = sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+  return status;
+}
+
+sl_codecs *sl_codecs_ref(sl_codecs *t) {
+  if (t != NULL) __atomic_add_fetch(&t->refs, 1, __ATOMIC_RELAXED);
+  return t;
+}
+
+void sl_codecs_unref(sl_codecs *t) {
+  if (t == NULL || __atomic_sub_fetch(&t->refs, 1, __ATOMIC_ACQ_REL) != 0) return;
+  for (size_t i = 0; i < t->n; i++) sl_codec_destroy(t->codecs[i]);
+  free(t->codecs);
+  free(t->names);
+  free(t);
+}
+
+sl_codec *sl_codecs_find(const sl_codecs *t, const char *name) {
+  if (t == NULL || name == NULL) return NULL;
+  for (size_t i = 0; i < t->n; i++) {
+    if (strcmp(t->codecs[i]->name, name) == 0) return t->codecs[i];
+  }
+  return NULL;
+}
+
+const char *sl_codecs_names(const sl_codecs *t) {
+  return t != NULL ? t->names : sl_codec_builtin_names();
+}
+
+static int unknown_codec(const sl_codecs *t, const char *name, sl_err *err) {
+  return sl_err_set(err, SL_ECODEC, SL_STATUS_INVALID_ARGUMENT,
+                    "unknown codec '%.64s'; known codecs: %s", name ? name : "(null)",
+                    sl_codecs_names(t));
+}
+
+int sl_codecs_bound(const sl_codecs *t, const char *name, const sl_tensor_desc *wire,
+                    const sl_meta *meta, size_t *bound, sl_err *err) {
+  const sl_codec *c;
+  *bound = 0;
+  if (sl__codec_lookup(name) != NULL) return builtin_bound(NULL, wire, meta, bound, err);
+  c = sl_codecs_find(t, name);
+  if (c == NULL) return unknown_codec(t, name, err);
+  return c->funcs.decoded_bound(c->user, wire, meta, bound, err);
+}
+
+int sl_codecs_decode(const sl_codecs *t, const char *name, const sl_tensor_desc *wire,
+                     void *payload, size_t payload_len, const sl_meta *meta,
+                     sl_tensor_desc *out_desc, void **out, size_t *out_len, sl_err *err) {
+  const sl_codec *c;
+  size_t bound = 0;
+  int rc;
+  *out = NULL;
+  *out_len = 0;
+  if (sl__codec_lookup(name) != NULL) {
+    rc = sl_codec_decode(name, wire, payload, payload_len, meta, out, err);
+    sl_storage_free(payload);
+    if (rc != SL_OK) return rc;
+    *out_desc = *wire;
+    sl_desc_nbytes(wire, out_len);
+    return SL_OK;
+  }
+  c = sl_codecs_find(t, name);
+  if (c == NULL) {
+    sl_storage_free(payload);
+    return unknown_codec(t, name, err);
+  }
+  rc = c->funcs.decoded_bound(c->user, wire, meta, &bound, err);
+  if (rc != SL_OK) {
+    sl_storage_free(payload);
+    return rc;
+  }
+  rc = c->funcs.decode(c->user, wire, payload, payload_len, meta, out_desc, out, out_len, err);
+  if (rc != SL_OK) {
+    *out = NULL;
+    return rc;
+  }
+  if (*out_len > bound) {
+    sl_storage_free(*out);
+    *out = NULL;
+    return sl__codec_fail(err, SL_ECODEC, name,
+                          "decode() produced %zu bytes, more than the %zu bytes a payload "
+                          "of this shape may decode to",
+                          *out_len, bound);
+  }
+  return SL_OK;
 }
 
 /* ---- dispatch ---- */
@@ -445,13 +676,19 @@ static sl__encode_fn encoder_of(sl_codec_kind kind) {
 int sl_codec_encode(const sl_codec *c, const sl_tensor_desc *desc, const void *data,
                     size_t nbytes, void **payload, size_t *payload_len, sl_meta *meta,
                     sl_err *err) {
+  sl_tensor_desc wire;
+  return sl_codec_encode_as(c, desc, data, nbytes, &wire, payload, payload_len, meta, err);
+}
+
+int sl_codec_encode_as(const sl_codec *c, const sl_tensor_desc *desc, const void *data,
+                       size_t nbytes, sl_tensor_desc *wire, void **payload, size_t *payload_len,
+                       sl_meta *meta, sl_err *err) {
   int status = -1;
   const char *name = sl_codec_name(c);
   size_t need = 0;
-  sl__encode_fn enc;
   void *buf = NULL;
   size_t len = 0;
-  if (payload == NULL || payload_len == NULL || meta == NULL || c == NULL) {
+  if (payload == NULL || payload_len == NULL || meta == NULL || c == NULL || wire == NULL) {
     return sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
                       "sl_codec_encode: missing codec or output argument");
   }
@@ -462,6 +699,7 @@ int sl_codec_encode(const sl_codec *c, const sl_tensor_desc *desc, const void *d
   }
   status = check_desc(name, desc, &need, err);
   if (status != SL_OK) goto cleanup;
+  *wire = *desc;
   if (!sl_codec_accepts(c, desc->dtype)) {
     status = sl__codec_fail(err, SL_EINVAL, name, "does not take %s tensors",
                             sl_dtype_name(desc->dtype));
@@ -476,13 +714,11 @@ int sl_codec_encode(const sl_codec *c, const sl_tensor_desc *desc, const void *d
     status = sl__codec_fail(err, SL_EINVAL, name, "no tensor data");
     goto cleanup;
   }
-  enc = encoder_of(c->spec.kind);
-  if (enc == NULL) {
-    status = sl__codec_fail(err, SL_EINVAL, name, "no encoder");
+  status = c->funcs.encode(c->user, desc, data, nbytes, wire, &buf, &len, meta, err);
+  if (status != SL_OK) {
+    buf = NULL; /* a failed encoder allocated nothing */
     goto cleanup;
   }
-  status = enc(c, desc, sl__desc_numel(desc), data, nbytes, &buf, &len, meta, err);
-  if (status != SL_OK) goto cleanup;
   *payload = buf;
   *payload_len = len;
   buf = NULL;

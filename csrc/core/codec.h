@@ -104,7 +104,101 @@ typedef struct sl_codec sl_codec;
 /* Create an encoder from a spec (the spec is copied, inner specs included).
  * SL_EINVAL with a message for a bad spec (e.g. level out of range). */
 int sl_codec_create(const sl_codec_spec *spec, sl_codec **out, sl_err *err);
+
+/* ---- the codec table: every codec is one (name, functions, user pointer) ----
+ *
+ * A codec is a table of functions and a `void *user` they are given, as hiredis'
+ * reader takes its redisReplyObjectFunctions: the built-in codecs fill it with
+ * their C functions (user = the configured sl_codec), a binding fills it with
+ * trampolines into its own language (csrc/py: Python codecs, which take the GIL).
+ * The core calls only these functions, so it encodes and decodes every tensor,
+ * whoever wrote the codec. All of them may be called from any thread, several at
+ * once, and must not call back into the core.
+ *
+ *  - accepts: 1 when the codec encodes tensors of `dtype`, else 0.
+ *  - encode: a contiguous tensor (`desc`, `data`, `nbytes`) becomes a payload
+ *    (*payload: sl_storage, owned by the caller on success, *payload_len bytes)
+ *    and metadata added to `meta` (which starts empty). `wire` starts as a copy
+ *    of `desc` and is what the message declares (dtype and shape); a codec may
+ *    change its shape (a Python codec returns the shape it wants its decoder to
+ *    get). On failure nothing is allocated; the status is SL_EINVAL for a tensor
+ *    the codec refuses, SL_ECODEC for a codec that failed.
+ *  - decoded_bound: the most bytes a payload declaring `wire` with `meta` may
+ *    decode to; checked before decode runs (against the receiver's budget) and
+ *    after (against what decode produced).
+ *  - decode: consumes `payload` (sl_storage of `payload_len` bytes; freed or
+ *    kept by the codec on every path, the rule of sl_common.h) and produces a new
+ *    tensor: *out (sl_storage, the caller's on success) of *out_len bytes
+ *    described by *out_desc (for the built-ins, `wire` itself).
+ *  - free_user: runs once, when the codec's last reference goes (NULL: none).
+ */
+typedef struct sl_codec_funcs {
+  int (*accepts)(void *user, sl_dtype dtype);
+  int (*encode)(void *user, const sl_tensor_desc *desc, const void *data, size_t nbytes,
+                sl_tensor_desc *wire, void **payload, size_t *payload_len, sl_meta *meta,
+                sl_err *err);
+  int (*decoded_bound)(void *user, const sl_tensor_desc *wire, const sl_meta *meta,
+                       size_t *bound, sl_err *err);
+  int (*decode)(void *user, const sl_tensor_desc *wire, void *payload, size_t payload_len,
+                const sl_meta *meta, sl_tensor_desc *out_desc, void **out, size_t *out_len,
+                sl_err *err);
+  void (*free_user)(void *user);
+} sl_codec_funcs;
+
+/* A codec from a table of functions (copied) and `user`, under wire name `name`
+ * (copied; it must not be a built-in codec's name). Takes `user`: on failure
+ * free_user(user) has already run. The codec starts with one reference. */
+int sl_codec_create_custom(const char *name, const sl_codec_funcs *funcs, void *user,
+                           sl_codec **out, sl_err *err);
+
+/* Another reference to `c` (thread-safe); returns `c`. */
+sl_codec *sl_codec_ref(sl_codec *c);
+
+/* Drop a reference (thread-safe); the last one frees the codec (and runs its
+ * free_user). NULL is ignored. */
 void sl_codec_destroy(sl_codec *c);
+
+/* 1 for a codec made by sl_codec_create_custom(). */
+int sl_codec_is_custom(const sl_codec *c);
+
+/* Encode as sl_codec_encode() does, and say what the message declares: `wire`
+ * (the tensor's dtype and, for a custom codec, the shape its encoder chose). */
+int sl_codec_encode_as(const sl_codec *c, const sl_tensor_desc *desc, const void *data,
+                       size_t nbytes, sl_tensor_desc *wire, void **payload, size_t *payload_len,
+                       sl_meta *meta, sl_err *err);
+
+/* ---- the codecs one side knows: the built-ins and its custom ones ---- */
+
+typedef struct sl_codecs sl_codecs;
+
+/* A set of custom codecs (each gets a reference); n may be 0. Two codecs of one
+ * name fail with SL_EINVAL naming it. Starts with one reference. */
+int sl_codecs_create(sl_codec *const *codecs, size_t n, sl_codecs **out, sl_err *err);
+sl_codecs *sl_codecs_ref(sl_codecs *t);
+void sl_codecs_unref(sl_codecs *t); /* NULL is ignored */
+
+/* The custom codec named `name` in `t` (NULL: none; `t` may be NULL). Borrowed. */
+sl_codec *sl_codecs_find(const sl_codecs *t, const char *name);
+
+/* Every codec name `t` knows (`t` may be NULL): "raw, cast, ..., sparse_coo" then
+ * the custom ones: the one list error messages give. Valid while `t` lives. */
+const char *sl_codecs_names(const sl_codecs *t);
+
+/* The most bytes a payload of codec `name` declaring `wire` may decode to: the
+ * tensor's bytes for a built-in, the custom codec's decoded_bound otherwise. An
+ * unknown codec fails with SL_ECODEC and INVALID_ARGUMENT "unknown codec 'x';
+ * known codecs: ...". */
+int sl_codecs_bound(const sl_codecs *t, const char *name, const sl_tensor_desc *wire,
+                    const sl_meta *meta, size_t *bound, sl_err *err);
+
+/* Decode a payload of codec `name` (built in, or custom in `t`). Consumes
+ * `payload` (sl_storage) on every path. On success *out (sl_storage, the
+ * caller's) holds *out_len bytes of a tensor described by *out_desc, and
+ * *out_len is at most the codec's bound (a custom decoder that produced more
+ * fails with SL_ECODEC naming both sizes). */
+int sl_codecs_decode(const sl_codecs *t, const char *name, const sl_tensor_desc *wire,
+                     void *payload, size_t payload_len, const sl_meta *meta,
+                     sl_tensor_desc *out_desc, void **out, size_t *out_len, sl_err *err);
 
 /* The codec's wire name ("raw", "cast", "float16", "bfloat16", "int8", "zstd",
  * "zlib", "sparse_coo"). Static string. */

@@ -31,8 +31,12 @@
 #include "codec.h"
 
 struct sl_codec {
-  sl_codec_spec spec; /* a copy; spec.inner points at inner->spec, or is NULL */
-  sl_codec *inner;    /* COMPRESSED: the inner encoder (owned), NULL for raw */
+  sl_codec_spec spec;   /* built-ins: a copy; spec.inner points at inner->spec, or is NULL */
+  sl_codec *inner;      /* COMPRESSED: the inner encoder (owned), NULL for raw */
+  int refs;             /* references (atomic builtins); the last destroy frees */
+  char *name;           /* custom codecs: the wire name (malloc'd); NULL for built-ins */
+  sl_codec_funcs funcs; /* the codec's table (built-ins: their C functions) */
+  void *user;           /* given to every function (built-ins: the codec itself) */
 };
 
 /* Fill `err` with "codec '<name>': <message>" and return `status`. The gRPC code

@@ -721,32 +721,43 @@ static int check_bools(const sl_tensor_item *m, sl_err *err) {
   return SL_OK;
 }
 
-int sl_tensor_item_decode(sl_tensor_item *m, sl_err *err) {
-  void *out = NULL;
-  size_t nbytes = 0;
+int sl_tensor_item_decode_with(sl_tensor_item *m, const sl_codecs *codecs, sl_err *err) {
+  void *out = NULL, *payload;
+  size_t bound = 0, out_len = 0;
+  sl_tensor_desc od;
   int rc;
-  if (m->decoded || !sl_codec_name_is_builtin(m->codec)) return m->decoded ? check_bools(m, err) : SL_OK;
-  rc = sl_desc_nbytes(&m->desc, &nbytes);
-  if (rc != SL_OK) return sl_err_set(err, rc, SL_STATUS_INVALID_ARGUMENT, "invalid dtype or shape");
-  if (nbytes > SL_MAX_DECODED_BYTES) {
+  if (m->decoded) return check_bools(m, err);
+  rc = sl_codecs_bound(codecs, m->codec, &m->desc, &m->meta, &bound, err);
+  if (rc != SL_OK) return rc;
+  if (bound > SL_MAX_DECODED_BYTES) {
     /* a few bytes of sparse or compressed payload may declare any shape */
     return sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,
                       "codec '%.64s': the decoded tensor would take %zu bytes, over the limit of "
                       "%zu bytes (16 GiB)",
-                      m->codec, nbytes, (size_t)SL_MAX_DECODED_BYTES);
+                      m->codec, bound, (size_t)SL_MAX_DECODED_BYTES);
   }
-  rc = sl_codec_decode(m->codec, &m->desc, m->data, m->nbytes, &m->meta, &out, err);
-  if (rc != SL_OK) return rc;
-  sl_storage_free(m->data);
+  payload = m->data;
+  m->data = NULL; /* the decoder's now, on every path */
+  rc = sl_codecs_decode(codecs, m->codec, &m->desc, payload, m->nbytes, &m->meta, &od, &out,
+                        &out_len, err);
+  if (rc != SL_OK) {
+    m->nbytes = 0;
+    return rc;
+  }
   m->data = out;
-  m->nbytes = nbytes;
+  m->desc = od;
+  m->nbytes = out_len;
   m->decoded = 1;
   return check_bools(m, err);
 }
 
-int sl_tensor_msg_decode(sl_tensor_msg *m, sl_err *err) {
+int sl_tensor_item_decode(sl_tensor_item *m, sl_err *err) {
+  return sl_tensor_item_decode_with(m, NULL, err);
+}
+
+int sl_tensor_msg_decode_with(sl_tensor_msg *m, const sl_codecs *codecs, sl_err *err) {
   for (size_t i = 0; i < m->n_items; i++) {
-    int rc = sl_tensor_item_decode(&m->items[i], err);
+    int rc = sl_tensor_item_decode_with(&m->items[i], codecs, err);
     if (rc != SL_OK) {
       if (m->form != SL_FORM_SINGLE) {
         char inner[SL_ERR_MSG_MAX];
@@ -759,10 +770,15 @@ int sl_tensor_msg_decode(sl_tensor_msg *m, sl_err *err) {
   return SL_OK;
 }
 
+int sl_tensor_msg_decode(sl_tensor_msg *m, sl_err *err) {
+  return sl_tensor_msg_decode_with(m, NULL, err);
+}
+
 static void storage_release(void *p) { sl_storage_free(p); }
 
 /* A tensor ready to frame: encoded if asked. Owns what `release` frees. */
 typedef struct prepared {
+  sl_tensor_desc desc; /* what the message declares (a custom codec may reshape) */
   const void *data;
   size_t nbytes;
   sl_release_fn release;
@@ -778,6 +794,7 @@ static int prepare_out(const sl_tensor_out *t, prepared *p, sl_err *err) {
   int status;
   void *encoded = NULL;
   memset(p, 0, sizeof(*p));
+  p->desc = t->desc;
   p->data = t->data;
   p->nbytes = t->nbytes;
   p->release = t->release;
@@ -792,12 +809,13 @@ static int prepare_out(const sl_tensor_out *t, prepared *p, sl_err *err) {
   if (status != SL_OK) goto fail;
   if (t->codec != NULL && !sl_codec_is_raw(t->codec)) {
     size_t len = 0;
-    status = sl_codec_encode(t->codec, &t->desc, t->data, t->nbytes, &encoded, &len,
-                             &p->encoded_meta, err);
+    status = sl_codec_encode_as(t->codec, &t->desc, t->data, t->nbytes, &p->desc, &encoded,
+                                &len, &p->encoded_meta, err);
     if (status == SL_EINVAL && t->raw_if_unencodable) {
       /* the codec was our choice, not the caller's: send the tensor as it is */
       sl_err_clear(err);
       sl_meta_clear(&p->encoded_meta);
+      p->desc = t->desc;
       return SL_OK;
     }
     if (status != SL_OK) goto fail;
@@ -923,17 +941,17 @@ int sl_tensor_set_pack(sl_msg_kind kind, ProtobufCMessage *header, const sl_tens
   sl_tensor_msg_fields(kind, header, &f);
   if (set->form == SL_FORM_SINGLE) {
     int32_t shape32[SL_MAX_NDIM];
-    const sl_tensor_out *t0 = &set->items[0];
-    status = sl_shape_to_wire(&t0->desc, shape32, err);
+    const sl_tensor_desc *d0 = &pr[0].desc;
+    status = sl_shape_to_wire(d0, shape32, err);
     if (status != SL_OK) goto cleanup;
     for (size_t i = 1; i < n; i++) {
       int32_t tmp[SL_MAX_NDIM];
       status = sl_shape_to_wire(&set->items[i].desc, tmp, err);
       if (status != SL_OK) goto cleanup;
     }
-    *f.n_shape = (size_t)t0->desc.ndim;
+    *f.n_shape = (size_t)d0->ndim;
     *f.shape = shape32;
-    *f.dtype = (char *)sl_dtype_name(t0->desc.dtype);
+    *f.dtype = (char *)sl_dtype_name(d0->dtype);
     *f.codec = (char *)pr[0].codec_name;
     meta_mem = calloc(1, sizeof(*meta_mem));
     if (meta_mem == NULL || meta_to_wire(kind, header, pr[0].meta, &meta_mem[0]) != SL_OK) goto oom;
@@ -970,7 +988,7 @@ int sl_tensor_set_pack(sl_msg_kind kind, ProtobufCMessage *header, const sl_tens
     }
   } else {
     size_t ndims = 0;
-    for (size_t i = 0; i < n; i++) ndims += (size_t)set->items[i].desc.ndim;
+    for (size_t i = 0; i < n; i++) ndims += (size_t)pr[i].desc.ndim;
     named = calloc(n ? n : 1, sizeof(*named));
     named_ptrs = calloc(n ? n : 1, sizeof(*named_ptrs));
     shapes = calloc(ndims ? ndims : 1, sizeof(*shapes));
@@ -987,11 +1005,11 @@ int sl_tensor_set_pack(sl_msg_kind kind, ProtobufCMessage *header, const sl_tens
       meta_fields mf;
       splitlearn__comm__named_tensor__init(&named[i]);
       named[i].name = (char *)(t->name ? t->name : "");
-      named[i].dtype = (char *)sl_dtype_name(t->desc.dtype);
+      named[i].dtype = (char *)sl_dtype_name(pr[i].desc.dtype);
       named[i].codec = (char *)(strcmp(pr[i].codec_name, SL_CODEC_RAW) == 0 ? "" : pr[i].codec_name);
-      named[i].n_shape = (size_t)t->desc.ndim;
+      named[i].n_shape = (size_t)pr[i].desc.ndim;
       named[i].shape = shapes + ndims;
-      for (int j = 0; j < t->desc.ndim; j++) shapes[ndims++] = t->desc.shape[j];
+      for (int j = 0; j < pr[i].desc.ndim; j++) shapes[ndims++] = pr[i].desc.shape[j];
       meta_fields_of_named(&named[i], &mf);
       if (meta_to_fields(&mf, pr[i].meta, &meta_mem[i]) != SL_OK) goto oom;
       named_ptrs[i] = &named[i];
@@ -1103,12 +1121,12 @@ int sl_tensor_out_pack(sl_msg_kind kind, ProtobufCMessage *header, const sl_tens
   memset(&f, 0, sizeof(f));
   status = prepare_out(t, &p, err); /* consumes t's release on failure */
   if (status != SL_OK) return status;
-  status = sl_shape_to_wire(&t->desc, shape32, err);
+  status = sl_shape_to_wire(&p.desc, shape32, err);
   if (status != SL_OK) goto cleanup;
   sl_tensor_msg_fields(kind, header, &f);
-  *f.n_shape = (size_t)t->desc.ndim;
+  *f.n_shape = (size_t)p.desc.ndim;
   *f.shape = shape32;
-  *f.dtype = (char *)sl_dtype_name(t->desc.dtype);
+  *f.dtype = (char *)sl_dtype_name(p.desc.dtype);
   *f.codec = (char *)p.codec_name;
   status = meta_to_wire(kind, header, p.meta, &meta_mem);
   if (status != SL_OK) {

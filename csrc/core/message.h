@@ -131,14 +131,19 @@ int sl_structure_check(const sl_node *nodes, size_t n, size_t n_tensors, int max
  * sparse payload of a few bytes may declare any shape. */
 #define SL_MAX_DECODED_BYTES ((size_t)16 << 30)
 
-/* Decode a built-in codec's payload in place (data becomes the tensor, decoded =
- * 1). A decoded size over SL_MAX_DECODED_BYTES is RESOURCE_EXHAUSTED. An item
- * already decoded, or whose codec is not built in, is left as it is (check
- * `decoded`). Fails with the codec's INVALID_ARGUMENT message. */
-int sl_tensor_item_decode(sl_tensor_item *it, sl_err *err);
+/* Decode an item's payload in place with its codec, a built-in or one of
+ * `codecs` (which may be NULL: built-ins only): data becomes the tensor and desc
+ * its description (a custom codec may decode to another shape or dtype),
+ * decoded = 1. A codec's bound on the decoded size over SL_MAX_DECODED_BYTES is
+ * RESOURCE_EXHAUSTED. An item already decoded is left as it is. An unknown codec
+ * fails with SL_ECODEC naming the codecs known; a failing decoder with its own
+ * message (INVALID_ARGUMENT). On failure the item's payload is gone (data NULL). */
+int sl_tensor_item_decode_with(sl_tensor_item *it, const sl_codecs *codecs, sl_err *err);
+int sl_tensor_item_decode(sl_tensor_item *it, sl_err *err); /* codecs NULL */
 
-/* sl_tensor_item_decode() on every item; an error names the tensor. */
-int sl_tensor_msg_decode(sl_tensor_msg *m, sl_err *err);
+/* sl_tensor_item_decode_with() on every item; an error names the tensor. */
+int sl_tensor_msg_decode_with(sl_tensor_msg *m, const sl_codecs *codecs, sl_err *err);
+int sl_tensor_msg_decode(sl_tensor_msg *m, sl_err *err); /* codecs NULL */
 
 /* The scalar fields of a tensor call besides the tensor (split-learning training:
  * ComputeRequest.forward_id / training_mode / model_id and the BackwardRequest
@@ -178,7 +183,8 @@ typedef struct sl_tensor_out {
   int encoded;            /* 1: data is already a payload of codec `codec_name` */
   const char *codec_name; /* encoded = 1: the payload's codec (copied into the message) */
   const sl_meta *meta;    /* encoded = 1: its metadata (copied), or NULL */
-  const sl_codec *codec;  /* encoded = 0: encode with it here, in C (NULL or raw: send as is) */
+  const sl_codec *codec;  /* encoded = 0: encode with it here (NULL or raw: send as is); a
+                             custom codec's encoder may declare another shape */
   int raw_if_unencodable; /* 1: a tensor `codec` refuses (dtype, NaN for int8, ...) goes raw */
   const char *name;       /* the tensor's name (copied into the message); MAP/STRUCTURE form */
 } sl_tensor_out;

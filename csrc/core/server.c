@@ -71,10 +71,8 @@ struct sl_server {
   int max_workers;
   char *version;
   grpc_channel_args chargs;
-  const sl_codec *codec; /* borrowed */
-  char **python_codecs;
-  size_t n_python_codecs;
-  char *known_codecs;    /* "raw, float16, ..., MyCodec" for error messages */
+  sl_codec *codec;       /* a reference, or NULL */
+  sl_codecs *codecs;     /* a reference: the custom codecs requests may use, or NULL */
   sl_server_hooks hooks;
   void *user;
 
@@ -355,12 +353,6 @@ cleanup:
   sl_service_info_clear(&info);
 }
 
-static int is_python_codec(const sl_server *s, const char *name) {
-  for (size_t i = 0; i < s->n_python_codecs; i++)
-    if (strcmp(s->python_codecs[i], name) == 0) return 1;
-  return 0;
-}
-
 /* Prefix `err`'s message with the name of the tensor it is about (named forms). */
 static int name_error(const sl_tensor_msg *msg, size_t i, int rc, sl_err *err) {
   char inner[SL_ERR_MSG_MAX];
@@ -370,8 +362,8 @@ static int name_error(const sl_tensor_msg *msg, size_t i, int rc, sl_err *err) {
   return rc;
 }
 
-/* Decode every tensor of the request a built-in codec carries, and check that
- * the compute hook knows the (Python) codec of the others. What built-in
+/* Decode every tensor of the request with its codec (built in, or one of the
+ * server's custom codecs, whose trampolines may run user code). What the
  * payloads of one call decode to is bounded, per call and for all calls at once:
  * a few bytes of sparse or compressed payload may declare any shape. */
 static int decode_request(sl_server *s, sl_tensor_msg *msg, size_t *reserved, sl_err *err) {
@@ -379,21 +371,26 @@ static int decode_request(sl_server *s, sl_tensor_msg *msg, size_t *reserved, sl
   for (size_t i = 0; i < msg->n_items; i++) {
     sl_tensor_item *it = &msg->items[i];
     size_t n = 0;
+    int rc;
     if (it->decoded) continue;
-    if (sl_codec_name_is_builtin(it->codec)) {
-      if (sl_desc_nbytes(&it->desc, &n) != SL_OK || n > s->max_decoded - need) {
-        return sl_err_set(err, SL_ETOOBIG, SL_STATUS_INVALID_ARGUMENT,
-                          "codec '%.64s': the request's tensors would decode to more than this "
-                          "server's limit of %zu bytes per call (max_decoded_bytes)",
-                          it->codec, s->max_decoded);
+    rc = sl_codecs_bound(s->codecs, it->codec, &it->desc, &it->meta, &n, err);
+    if (rc != SL_OK) {
+      if (rc == SL_ECODEC && sl_codecs_find(s->codecs, it->codec) == NULL &&
+          !sl_codec_name_is_builtin(it->codec)) {
+        sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                   "unknown codec '%.64s' in the request; this server knows: %s", it->codec,
+                   sl_codecs_names(s->codecs));
+        rc = SL_EINVAL;
       }
-      need += n;
-    } else if (!is_python_codec(s, it->codec)) {
-      sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
-                 "unknown codec '%.64s' in the request; this server knows: %s", it->codec,
-                 s->known_codecs);
-      return name_error(msg, i, SL_EINVAL, err);
+      return name_error(msg, i, rc, err);
     }
+    if (n > s->max_decoded - need) {
+      return sl_err_set(err, SL_ETOOBIG, SL_STATUS_INVALID_ARGUMENT,
+                        "codec '%.64s': the request's tensors would decode to more than this "
+                        "server's limit of %zu bytes per call (max_decoded_bytes)",
+                        it->codec, s->max_decoded);
+    }
+    need += n;
   }
   if (need > 0) {
     long long before = atomic_fetch_add(&s->decoded_in_use, (long long)need);
@@ -407,19 +404,20 @@ static int decode_request(sl_server *s, sl_tensor_msg *msg, size_t *reserved, sl
     *reserved = need;
   }
   for (size_t i = 0; i < msg->n_items; i++) {
-    int rc = sl_tensor_item_decode(&msg->items[i], err); /* checks bools too */
+    int rc = sl_tensor_item_decode_with(&msg->items[i], s->codecs, err); /* checks bools too */
     if (rc != SL_OK) return name_error(msg, i, rc, err);
   }
   return SL_OK;
 }
 
-/* The codec the request came in: the one non-raw built-in codec its tensors
- * used (NULL when none, or when they used several). */
+/* The codec the request came in: the one non-raw codec its tensors used (NULL
+ * when none, or when they used several). Every item is decoded by now, so its
+ * `codec` still names what it arrived in. */
 static const sl_tensor_item *request_codec(const sl_tensor_msg *req) {
   const sl_tensor_item *found = NULL;
   for (size_t i = 0; i < req->n_items; i++) {
     const sl_tensor_item *it = &req->items[i];
-    if (strcmp(it->codec, SL_CODEC_RAW) == 0 || !sl_codec_name_is_builtin(it->codec)) continue;
+    if (strcmp(it->codec, SL_CODEC_RAW) == 0) continue;
     if (found != NULL && strcmp(found->codec, it->codec) != 0) return NULL;
     if (found == NULL) found = it;
   }
@@ -427,16 +425,21 @@ static const sl_tensor_item *request_codec(const sl_tensor_msg *req) {
 }
 
 /* The codec a result tensor goes back with when the hook left the choice to us
- * (the one place that chooses): the server's, else the request's when built in
- * and taking the tensor's dtype, else raw. *made is an encoder created here (the
- * caller destroys it). */
+ * (the one place that chooses): the server's, else the request's (a built-in
+ * rebuilt from its metadata, or the server's custom codec of that name) when it
+ * takes the tensor's dtype, else raw. *made is a reference taken here (the
+ * caller drops it with sl_codec_destroy). */
 static const sl_codec *response_codec(sl_server *s, const sl_tensor_msg *req, sl_dtype dtype,
                                       sl_codec **made) {
   const sl_codec *c = s->codec;
   if (c == NULL) {
     if (*made == NULL) {
       const sl_tensor_item *rc = request_codec(req);
-      if (rc != NULL) sl_codec_create_from_wire(rc->codec, &rc->meta, made, NULL);
+      if (rc != NULL && sl_codec_name_is_builtin(rc->codec)) {
+        sl_codec_create_from_wire(rc->codec, &rc->meta, made, NULL);
+      } else if (rc != NULL) {
+        *made = sl_codec_ref(sl_codecs_find(s->codecs, rc->codec));
+      }
     }
     c = *made;
   }
@@ -1257,32 +1260,6 @@ int sl_server_health_watchers(const sl_server *s) { return atomic_load(&s->watch
 
 /* ---- lifecycle ------------------------------------------------------------- */
 
-/* Keep the Python codec names and the list of every known codec for messages. */
-static int copy_codec_names(sl_server *s, const sl_server_config *cfg, sl_err *err) {
-  const char *builtin = sl_codec_builtin_names();
-  size_t len = strlen(builtin) + 1;
-  if (cfg->n_python_codecs > 0) {
-    s->python_codecs = calloc(cfg->n_python_codecs, sizeof(char *));
-    if (s->python_codecs == NULL) goto oom;
-  }
-  for (size_t i = 0; i < cfg->n_python_codecs; i++) {
-    s->python_codecs[i] = sl_strndup(cfg->python_codecs[i], strlen(cfg->python_codecs[i]));
-    if (s->python_codecs[i] == NULL) goto oom;
-    s->n_python_codecs = i + 1;
-    len += strlen(cfg->python_codecs[i]) + 2;
-  }
-  s->known_codecs = malloc(len);
-  if (s->known_codecs == NULL) goto oom;
-  strcpy(s->known_codecs, builtin);
-  for (size_t i = 0; i < s->n_python_codecs; i++) {
-    strcat(s->known_codecs, ", ");
-    strcat(s->known_codecs, s->python_codecs[i]);
-  }
-  return SL_OK;
-oom:
-  return sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
-}
-
 int sl_server_create(const sl_server_config *cfg, const sl_server_hooks *hooks, void *user,
                      sl_server **out, sl_err *err) {
   int status = SL_ENOMEM;
@@ -1308,14 +1285,13 @@ int sl_server_create(const sl_server_config *cfg, const sl_server_hooks *hooks, 
   if (s->host == NULL || s->version == NULL || s->workers == NULL) goto oom;
   s->port_req = cfg->port;
   s->max_workers = cfg->max_workers;
-  s->codec = cfg->codec;
+  s->codec = sl_codec_ref(cfg->codec);
+  s->codecs = sl_codecs_ref(cfg->codecs);
   s->max_decoded = cfg->max_decoded_bytes ? cfg->max_decoded_bytes : ((size_t)4 << 30);
   if (s->max_decoded > SL_MAX_DECODED_BYTES) s->max_decoded = SL_MAX_DECODED_BYTES;
   atomic_init(&s->decoded_in_use, 0);
   s->limits.max_tensors = cfg->max_tensors ? cfg->max_tensors : SL_DEFAULT_MAX_TENSORS;
   s->limits.max_depth = cfg->max_depth > 0 ? cfg->max_depth : SL_DEFAULT_MAX_DEPTH;
-  status = copy_codec_names(s, cfg, err);
-  if (status != SL_OK) goto cleanup;
   if (cfg->n_auth_tokens > 0) {
     s->tokens = calloc(cfg->n_auth_tokens, sizeof(char *));
     s->token_lens = calloc(cfg->n_auth_tokens, sizeof(size_t));
@@ -1620,9 +1596,8 @@ void sl_server_destroy(sl_server *s) {
   free(s->tokens);
   free(s->token_lens);
   if (s->creds != NULL) grpc_server_credentials_release(s->creds);
-  for (size_t i = 0; i < s->n_python_codecs; i++) free(s->python_codecs[i]);
-  free(s->python_codecs);
-  free(s->known_codecs);
+  sl_codec_destroy(s->codec);
+  sl_codecs_unref(s->codecs);
   free(s->workers);
   free(s->host);
   free(s->version);

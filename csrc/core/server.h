@@ -63,11 +63,11 @@ int sl_call_is_active(void *state);
 typedef struct sl_compute_args {
   /* in */
   sl_tensor_msg *tensor;         /* the received tensors (items; nodes in the structure form).
-                                    An item with decoded = 1 holds the tensor (raw, or a
-                                    built-in codec decoded in C); 0: the payload of codec
-                                    item->codec, one of the config's `python_codecs`, for the
-                                    hook to decode. The hook may take an item's data (then it
-                                    sets it to NULL and frees it itself with sl_storage_free) */
+                                    Every item is decoded (decoded = 1): its data holds the
+                                    tensor, whatever codec (built in, or one of the config's
+                                    custom `codecs`) item->codec names. The hook may take an
+                                    item's data (then it sets it to NULL and frees it itself
+                                    with sl_storage_free) */
   int backward;                  /* 0: Compute; 1: ComputeBackward (the tensors are the
                                     gradients of the forward's outputs) */
   sl_call_fields fields;         /* forward_id, training_mode, learning_rate, use_cache, ... */
@@ -76,8 +76,8 @@ typedef struct sl_compute_args {
   int has_request_id;
   int32_t request_id;
   /* out, on success: the results. An item with codec NULL (and encoded 0) lets the
-     server choose: the config's codec, else the request's codec when it is built in
-     and takes the item's dtype, else raw. Each item's release(owner) runs exactly
+     server choose: the config's codec, else the request's codec (built in or custom)
+     when it takes the item's dtype, else raw. Each item's release(owner) runs exactly
      once, from any thread, even if sending fails. The arrays of `out` (items,
      nodes, their strings) belong to the hook: out_free(out_owner), when set, runs
      once after the reply was packed, on every path, even when the hook failed. */
@@ -143,9 +143,10 @@ typedef struct sl_tls_server {
 
 typedef struct sl_server_config {
   const char *host;        /* "0.0.0.0", "127.0.0.1", "::", "localhost" */
-  const sl_codec *codec;   /* codec of responses; NULL: answer with the request's codec */
-  const char *const *python_codecs; /* names of codecs the compute hook decodes and encodes */
-  size_t n_python_codecs;
+  sl_codec *codec;         /* codec of responses (the server takes a reference); NULL:
+                              answer with the request's codec */
+  sl_codecs *codecs;       /* custom codecs requests may use, besides the built-ins (the
+                              server takes a reference); NULL: built-ins only */
   int port;                /* 0: the OS picks; see sl_server_port() */
   int max_workers;         /* >= 1 */
   const char *version;     /* reported by HealthCheck and GetServiceInfo */
@@ -155,15 +156,15 @@ typedef struct sl_server_config {
                                      None: no check. The standard health check is exempt. */
   size_t n_auth_tokens;
   const sl_tls_server *tls;       /* NULL: plaintext */
-  size_t max_decoded_bytes;       /* bytes that built-in codec payloads may decode to, per
+  size_t max_decoded_bytes;       /* bytes that codec payloads may decode to, per
                                      call (all its tensors) and for all calls at once;
                                      0: 4 GiB */
   size_t max_tensors;             /* named tensors per request; 0: SL_DEFAULT_MAX_TENSORS */
   int max_depth;                  /* structure nesting per request; 0: SL_DEFAULT_MAX_DEPTH */
 } sl_server_config;
 
-/* Create a server (nothing is bound yet). The config is copied (but cfg->codec is
- * borrowed and must outlive the server); `hooks` is copied; `user` is passed to
+/* Create a server (nothing is bound yet). The config is copied (the server takes
+ * references to cfg->codec and cfg->codecs); `hooks` is copied; `user` is passed to
  * every hook and must outlive the server. */
 int sl_server_create(const sl_server_config *cfg, const sl_server_hooks *hooks, void *user,
                      sl_server **out, sl_err *err);

@@ -105,6 +105,7 @@ const char *sl_strerror(int status) {
     case SL_ESTATUS: return "call failed";
     case SL_ENOTFOUND: return "not found";
     case SL_EUSER: return "user hook failed";
+    case SL_ECODEC: return "codec failed";
     default: return "unknown error";
   }
 }

@@ -38,6 +38,7 @@ extern "C" {
 #define SL_ESTATUS (-10)  /* the call ended with a non-OK gRPC status */
 #define SL_ENOTFOUND (-11)
 #define SL_EUSER (-12)    /* a user hook failed; detail in the sl_err record */
+#define SL_ECODEC (-13)   /* a codec failed, or is unknown; detail in the sl_err record */
 
 /* gRPC status codes, numbered as in grpc/status.h, so that the core's callers do
  * not need the gRPC headers to read an sl_err. */

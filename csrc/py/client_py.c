@@ -108,6 +108,12 @@ static PyObject *raise_for(client_obj *self, int rc, const sl_call_status *st, c
     raise_call_error(self, st);
     return NULL;
   }
+  if (rc == SL_ECODEC) {
+    /* a codec failed (either side's encode or decode here), or the response came
+       in a codec this client does not know */
+    PyErr_SetString(self->st->codec_error, err->msg);
+    return NULL;
+  }
   if (rc == SL_ETOOBIG) {
     PyErr_SetString(PyExc_ValueError, err->msg);
   } else if (rc == SL_ENOMEM) {
@@ -198,20 +204,21 @@ cleanup:
  *         retry=None, request_id=None, breaker=None, backward=False, forward_id=None,
  *         training_mode=None, model_id=None, learning_rate=None, accumulation_step=None,
  *         use_cache=None, backward_seq=0, session_id=None, session_step=0,
- *         session_close=False) -> Reply
- * `leaves` is a sequence of OutTensor (name, tensor, codec): a tensor (encoded in
- * C by `codec`, a _core.Codec, when given) or a Python codec's (data, shape, dtype,
- * codec, metadata). `form` 0 sends leaves[0] in the single-tensor fields (and
+ *         session_close=False, codecs=None) -> Reply
+ * `leaves` is a sequence of OutTensor (name, tensor, codec): a tensor (encoded by
+ * the core with `codec`, a _core.Codec built in or Python, when given) or, for
+ * ComputeServiceStub, an already-encoded (data, shape, dtype, codec, metadata).
+ * `codecs` (a _core.Codecs): the Python codecs the reply may use. `form` 0 sends leaves[0] in the single-tensor fields (and
  * leaves[1:] as KV cache pairs), 1 a map by name, 2 a structure (`nodes`). */
 static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwargs) {
   static char *kwlist[] = {"leaves", "form", "nodes", "timeout", "metadata", "wait_for_ready",
                            "retry", "request_id", "breaker", "backward", "forward_id",
                            "training_mode", "model_id", "learning_rate", "accumulation_step",
                            "use_cache", "backward_seq", "session_id", "session_step",
-                           "session_close", NULL};
+                           "session_close", "codecs", NULL};
   PyObject *leaves, *nodes = Py_None, *metadata = Py_None, *retry = Py_None;
   PyObject *request_id = Py_None, *breaker = Py_None, *training = Py_None, *lr = Py_None;
-  PyObject *acc = Py_None, *use_cache = Py_None;
+  PyObject *acc = Py_None, *use_cache = Py_None, *codecs = Py_None;
   const char *forward_id = NULL, *model_id = NULL, *session_id = NULL;
   int backward = 0, form = 0, backward_seq = 0, session_close = 0;
   long long session_step = 0;
@@ -227,11 +234,11 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
   sl_err err;
   PyObject *result = NULL;
 
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|iOdOpOOOpzOzOOOizLp", kwlist, &leaves,
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|iOdOpOOOpzOzOOOizLpO", kwlist, &leaves,
                                    &form, &nodes, &timeout, &metadata, &wait_for_ready, &retry,
                                    &request_id, &breaker, &backward, &forward_id, &training,
                                    &model_id, &lr, &acc, &use_cache, &backward_seq, &session_id,
-                                   &session_step, &session_close)) {
+                                   &session_step, &session_close, &codecs)) {
     return NULL;
   }
   memset(&fields, 0, sizeof(fields));
@@ -266,6 +273,14 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
     fields.request_id = (int32_t)v;
   }
   if (call_args_init(self, &ca, timeout, metadata, wait_for_ready, retry, breaker) < 0) return NULL;
+  {
+    int cerr = 0;
+    ca.opts.codecs = slpy_codecs_of(self->st, codecs, &cerr); /* borrowed: `codecs` lives */
+    if (cerr) {
+      PyMem_Free(ca.md);
+      return NULL;
+    }
+  }
   if (slpy_set_from_python(self->st, leaves, form, nodes, &in, &buf) < 0) {
     PyMem_Free(ca.md);
     return NULL;
@@ -544,10 +559,10 @@ static PyObject *client_compute_async(client_obj *self, PyObject *args, PyObject
                            "wait_for_ready", "retry", "request_id", "breaker", "backward",
                            "forward_id", "training_mode", "model_id", "learning_rate",
                            "accumulation_step", "use_cache", "backward_seq", "session_id",
-                           "session_step", "session_close", NULL};
+                           "session_step", "session_close", "codecs", NULL};
   PyObject *callback, *leaves, *nodes = Py_None, *metadata = Py_None, *retry = Py_None;
   PyObject *request_id = Py_None, *breaker = Py_None, *training = Py_None, *lr = Py_None;
-  PyObject *acc = Py_None, *use_cache = Py_None;
+  PyObject *acc = Py_None, *use_cache = Py_None, *codecs = Py_None;
   const char *forward_id = NULL, *model_id = NULL, *session_id = NULL;
   int backward = 0, form = 0, backward_seq = 0, session_close = 0;
   long long session_step = 0;
@@ -564,11 +579,11 @@ static PyObject *client_compute_async(client_obj *self, PyObject *args, PyObject
   async_ctx *x = NULL;
   PyObject *cap;
 
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|iOdOpOOOpzOzOOOizLp", kwlist, &callback,
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|iOdOpOOOpzOzOOOizLpO", kwlist, &callback,
                                    &leaves, &form, &nodes, &timeout, &metadata, &wait_for_ready,
                                    &retry, &request_id, &breaker, &backward, &forward_id,
                                    &training, &model_id, &lr, &acc, &use_cache, &backward_seq,
-                                   &session_id, &session_step, &session_close)) {
+                                   &session_id, &session_step, &session_close, &codecs)) {
     return NULL;
   }
   if (!PyCallable_Check(callback)) {
@@ -626,6 +641,11 @@ static PyObject *client_compute_async(client_obj *self, PyObject *args, PyObject
     sl_async_release(eng);
     PyMem_RawFree(x);
     return NULL;
+  }
+  {
+    int cerr = 0;
+    ca.opts.codecs = slpy_codecs_of(self->st, codecs, &cerr); /* the call takes a reference */
+    if (cerr) goto fail_args;
   }
   if (slpy_set_from_python(self->st, leaves, form, nodes, &in, &buf) < 0) goto fail_args;
   x->client = (client_obj *)Py_NewRef((PyObject *)self);

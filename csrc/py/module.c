@@ -84,6 +84,9 @@ static PyMethodDef module_methods[] = {
      "breaker_open_message(wait, failures) -> the message of a call an open breaker refused."},
     {"status_name", py_status_name, METH_O, "Name of a gRPC status code."},
     {"grpc_log", py_grpc_log, METH_NOARGS, "The gRPC core's latest log lines (list of str)."},
+    {"python_codec", slpy_python_codec, METH_VARARGS,
+     "python_codec(codec, name, accepts, wrap, prepare) -> Codec: a Python codec in the core's "
+     "codec table."},
     {"decode", slpy_codec_decode, METH_VARARGS,
      "decode(name, payload, shape, dtype, metadata) -> DLPackTensor (built-in codecs)."},
     {NULL, NULL, 0, NULL}};
@@ -110,6 +113,15 @@ static int module_exec(PyObject *m) {
   st->codec_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &slpy_codec_spec, NULL);
   if (st->codec_type == NULL) return -1;
   if (PyModule_AddObjectRef(m, "Codec", (PyObject *)st->codec_type) < 0) return -1;
+  st->codecs_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &slpy_codecs_spec, NULL);
+  if (st->codecs_type == NULL) return -1;
+  if (PyModule_AddObjectRef(m, "Codecs", (PyObject *)st->codecs_type) < 0) return -1;
+  st->codec_error = PyErr_NewExceptionWithDoc(
+      "splitlearn_comm._core.CodecError",
+      "A codec failed, or a tensor arrived in a codec this side does not know.",
+      PyExc_ValueError, NULL);
+  if (st->codec_error == NULL) return -1;
+  if (PyModule_AddObjectRef(m, "CodecError", st->codec_error) < 0) return -1;
   st->call_error = PyErr_NewExceptionWithDoc(
       "splitlearn_comm._core.CallError",
       "A call ended with a non-OK gRPC status. args: (code, details, trailing_metadata, "
@@ -164,6 +176,8 @@ static int module_traverse(PyObject *m, visitproc visit, void *arg) {
   Py_VISIT(st->reply_type);
   Py_VISIT(st->call_type);
   Py_VISIT(st->call_error);
+  Py_VISIT(st->codec_error);
+  Py_VISIT(st->codecs_type);
   return 0;
 }
 
@@ -180,6 +194,8 @@ static int module_clear(PyObject *m) {
   Py_CLEAR(st->reply_type);
   Py_CLEAR(st->call_type);
   Py_CLEAR(st->call_error);
+  Py_CLEAR(st->codec_error);
+  Py_CLEAR(st->codecs_type);
   return 0;
 }
 

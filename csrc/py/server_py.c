@@ -1,15 +1,19 @@
 /* server_py.c: _core.Server, the Python face of sl_server.
  *
- * Server(compute, info, host, port, max_workers, version, options, codec=None,
- *        python_codecs=(), ..., max_decoded_bytes=0, max_tensors=0, max_depth=0)
+ * Server(*, compute, info, host, port, max_workers, version, options=None, codec=None,
+ *        codecs=None, auth_tokens=None, tls=None, intercept=None, max_decoded_bytes=0,
+ *        max_tensors=0, max_depth=0)          (keywords only)
  *   compute(call: _core.Call) -> (leaves, compute_time_ms, trailing, form, nodes):
  *     called on a C worker thread with the GIL. `call.leaves` are _core.Leaf
- *     objects: each tensor a DLPackTensor, decoded when its `codec` is None, else
- *     the payload of the Python codec named `codec` (see tensors_py.c). The
- *     results are OutTensor objects, as Client.compute takes them.
+ *     objects, each tensor a DLPackTensor already decoded by the core (built-in
+ *     codecs in C, Python codecs through their trampolines: codec_py.c). The
+ *     results are OutTensor objects, as Client.compute takes them; the core
+ *     encodes them after the callback returns.
  *     An exception becomes the call's status: INTERNAL with "Type: message", or the
  *     exception's `sl_code` / `sl_details` attributes when it has them.
  *   info() -> (service_name, device, {str: str})
+ *   codec: the _core.Codec of responses (None: the request's); codecs: the
+ *     _core.Codecs of the Python codecs requests may use.
  */
 #include <stdatomic.h>
 
@@ -549,23 +553,26 @@ static int parse_tokens(PyObject *tokens, PyObject **seq, const char ***out, siz
 
 /* ---- the type ---- */
 
+/* Server(*, compute, info, host, port, max_workers, version, options=None, codec=None,
+ *        codecs=None, auth_tokens=None, tls=None, intercept=None, max_decoded_bytes=0,
+ *        max_tensors=0, max_depth=0): keywords only. */
 static int server_init(server_obj *self, PyObject *args, PyObject *kwargs) {
   static char *kwlist[] = {"compute", "info", "host", "port", "max_workers", "version", "options",
-                           "codec", "python_codecs", "auth_tokens", "tls", "intercept",
+                           "codec", "codecs", "auth_tokens", "tls", "intercept",
                            "max_decoded_bytes", "max_tensors", "max_depth", NULL};
-  PyObject *compute, *info, *options = Py_None, *codec = Py_None, *pycodecs = Py_None;
+  PyObject *compute = NULL, *info = NULL, *options = Py_None, *codec = Py_None;
+  PyObject *codecs = Py_None;
   PyObject *tokens = Py_None, *tls = Py_None, *intercept = Py_None, *token_seq = NULL;
   const char **token_ptrs = NULL;
   size_t n_tokens = 0;
   sl_tls_server tls_cfg;
   Py_ssize_t max_decoded = 0, max_tensors = 0;
   int max_depth = 0;
-  PyObject *names = NULL;
-  const char **name_ptrs = NULL;
   const sl_codec *ccodec;
+  sl_codecs *ccodecs;
   int cerr = 0;
-  const char *host, *version;
-  int port, max_workers;
+  const char *host = NULL, *version = "";
+  int port = -1, max_workers = 0;
   sl_chan_arg *chargs = NULL;
   size_t nchargs = 0;
   sl_server_config cfg;
@@ -577,10 +584,15 @@ static int server_init(server_obj *self, PyObject *args, PyObject *kwargs) {
     PyErr_SetString(PyExc_RuntimeError, "Server.__init__ called twice");
     return -1;
   }
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOsiis|OOOOOOnni", kwlist, &compute, &info,
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$OOsiisOOOOOOnni", kwlist, &compute, &info,
                                    &host, &port, &max_workers, &version, &options, &codec,
-                                   &pycodecs, &tokens, &tls, &intercept, &max_decoded,
+                                   &codecs, &tokens, &tls, &intercept, &max_decoded,
                                    &max_tensors, &max_depth)) {
+    return -1;
+  }
+  if (compute == NULL || info == NULL || host == NULL || port < 0 || max_workers <= 0) {
+    PyErr_SetString(PyExc_TypeError, "Server() needs compute, info, host, port and max_workers "
+                                     "(keywords)");
     return -1;
   }
   memset(&tls_cfg, 0, sizeof(tls_cfg));
@@ -607,19 +619,8 @@ static int server_init(server_obj *self, PyObject *args, PyObject *kwargs) {
   if (self->st == NULL) goto early_fail;
   ccodec = slpy_codec_of(self->st, codec, &cerr);
   if (cerr) goto early_fail;
-  if (pycodecs != Py_None) {
-    names = PySequence_Fast(pycodecs, "python_codecs must be a sequence of str");
-    if (names == NULL) goto early_fail;
-    name_ptrs = PyMem_Calloc((size_t)PySequence_Fast_GET_SIZE(names) + 1, sizeof(char *));
-    if (name_ptrs == NULL) {
-      PyErr_NoMemory();
-      goto early_fail;
-    }
-    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(names); i++) {
-      name_ptrs[i] = PyUnicode_AsUTF8(PySequence_Fast_GET_ITEM(names, i));
-      if (name_ptrs[i] == NULL) goto early_fail;
-    }
-  }
+  ccodecs = slpy_codecs_of(self->st, codecs, &cerr);
+  if (cerr) goto early_fail;
   if (slpy_parse_options(options, &chargs, &nchargs) < 0) goto early_fail;
   self->holder_type = (PyTypeObject *)Py_NewRef(self->st->holder_type);
   self->compute = Py_NewRef(compute);
@@ -634,9 +635,8 @@ static int server_init(server_obj *self, PyObject *args, PyObject *kwargs) {
   cfg.max_decoded_bytes = max_decoded > 0 ? (size_t)max_decoded : 0;
   cfg.max_tensors = max_tensors > 0 ? (size_t)max_tensors : 0;
   cfg.max_depth = max_depth > 0 ? max_depth : 0;
-  cfg.codec = ccodec;
-  cfg.python_codecs = name_ptrs;
-  cfg.n_python_codecs = names ? (size_t)PySequence_Fast_GET_SIZE(names) : 0;
+  cfg.codec = (sl_codec *)ccodec; /* the server takes its own references */
+  cfg.codecs = ccodecs;
   cfg.host = host;
   cfg.port = port;
   cfg.max_workers = max_workers;
@@ -646,8 +646,6 @@ static int server_init(server_obj *self, PyObject *args, PyObject *kwargs) {
   sl_err_clear(&err);
   rc = sl_server_create(&cfg, &hooks, self, &self->server, &err);
   PyMem_Free(chargs);
-  PyMem_Free(name_ptrs);
-  Py_XDECREF(names);
   PyMem_Free(token_ptrs);
   Py_XDECREF(token_seq);
   if (rc != SL_OK) {
@@ -656,8 +654,6 @@ static int server_init(server_obj *self, PyObject *args, PyObject *kwargs) {
   }
   return 0;
 early_fail:
-  PyMem_Free(name_ptrs);
-  Py_XDECREF(names);
   PyMem_Free(token_ptrs);
   Py_XDECREF(token_seq);
   return -1;
@@ -983,7 +979,10 @@ static PyType_Slot server_slots[] = {
     {Py_tp_clear, server_clear},
     {Py_tp_methods, server_methods},
     {Py_tp_getset, server_getset},
-    {Py_tp_doc, "The C server (internal; use splitlearn_comm.GRPCComputeServer)."},
+    {Py_tp_doc, "Server(*, compute, info, host, port, max_workers, version='', options=None, "
+                "codec=None, codecs=None, auth_tokens=None, tls=None, intercept=None, "
+                "max_decoded_bytes=0, max_tensors=0, max_depth=0)\n--\n\n"
+                "The C server (internal; use splitlearn_comm.GRPCComputeServer)."},
     {0, NULL}};
 
 PyType_Spec slpy_server_spec = {

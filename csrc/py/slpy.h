@@ -41,6 +41,7 @@ typedef struct slpy_state {
   PyTypeObject *server_type;
   PyTypeObject *client_type;
   PyTypeObject *codec_type;
+  PyTypeObject *codecs_type; /* _core.Codecs */
   PyTypeObject *callstate_type;
   PyTypeObject *breaker_type;
   PyTypeObject *leaf_type;   /* _core.Leaf: a received tensor (struct sequence) */
@@ -48,6 +49,7 @@ typedef struct slpy_state {
   PyTypeObject *reply_type;  /* _core.Reply: what Client.compute returns */
   PyTypeObject *call_type;   /* _core.Call: what the compute callback receives */
   PyObject *call_error;      /* _core.CallError */
+  PyObject *codec_error;     /* _core.CodecError (a ValueError): a codec failed */
   unsigned long main_thread;
 } slpy_state;
 
@@ -84,6 +86,7 @@ extern PyType_Spec slpy_holder_spec;
 extern PyType_Spec slpy_server_spec;
 extern PyType_Spec slpy_client_spec;
 extern PyType_Spec slpy_codec_spec;
+extern PyType_Spec slpy_codecs_spec;
 extern PyType_Spec slpy_callstate_spec;
 extern PyType_Spec slpy_breaker_spec;
 
@@ -93,6 +96,13 @@ struct sl_breaker *slpy_breaker_of(slpy_state *st, PyObject *obj, int *error);
 /* The sl_codec of a _core.Codec object (borrowed; lives as long as the object),
  * NULL (no exception) for None, NULL with TypeError for anything else. */
 const sl_codec *slpy_codec_of(slpy_state *st, PyObject *obj, int *error);
+
+/* The sl_codecs of a _core.Codecs (borrowed; lives as long as the object), NULL
+ * (no exception) for None, NULL with TypeError for anything else. */
+sl_codecs *slpy_codecs_of(slpy_state *st, PyObject *obj, int *error);
+
+/* _core.python_codec(codec, name, accepts, wrap, prepare) */
+PyObject *slpy_python_codec(PyObject *module, PyObject *args);
 
 /* _core.decode(name, payload, shape, dtype, metadata) */
 PyObject *slpy_codec_decode(PyObject *module, PyObject *args);

@@ -1,7 +1,7 @@
 /* tensors_py.c: the tensors of a call across the binding, as typed objects.
  *
- * C to Python: every received tensor becomes a _core.Leaf (name, tensor, codec,
- * codec_metadata, shape, dtype); the structure becomes a list of
+ * C to Python: every received tensor, decoded by the core, becomes a _core.Leaf
+ * (name, tensor, shape, dtype); the structure becomes a list of
  * (kind, size, key, value) node tuples in pre-order (kinds as sl_node_kind). A
  * client call returns a _core.Reply, the server's compute callback receives a
  * _core.Call. All three are struct sequences: named fields, read by name.
@@ -16,20 +16,20 @@
 
 static PyStructSequence_Field leaf_fields[] = {
     {"name", "the tensor's name: its path in the structure (\"\" for a single tensor)"},
-    {"tensor", "a DLPackTensor: the decoded tensor, or a Python codec's payload (uint8)"},
-    {"codec", "None when decoded; else the name of the Python codec of the payload"},
-    {"codec_metadata", "that codec's metadata dict (None when decoded)"},
+    {"tensor", "a DLPackTensor: the tensor, decoded by the core whatever its codec"},
     {"shape", "the tensor's shape (tuple)"},
     {"dtype", "the tensor's dtype name"},
     {NULL, NULL}};
 
 static PyStructSequence_Desc leaf_desc = {"splitlearn_comm._core.Leaf",
-                                          "A received tensor (internal).", leaf_fields, 6};
+                                          "A received tensor (internal).", leaf_fields, 4};
 
 static PyStructSequence_Field out_fields[] = {
     {"name", "the tensor's name (str)"},
-    {"tensor", "anything with __dlpack__, or a Python codec's (data, shape, dtype, codec, meta)"},
-    {"codec", "a _core.Codec to encode it with in C, or None (the peer's choice, or raw)"},
+    {"tensor", "anything with __dlpack__, or an already-encoded message tensor (data, shape, "
+               "dtype, codec, metadata) as ComputeServiceStub sends it"},
+    {"codec", "a _core.Codec the core encodes it with (built in or Python), or None (the "
+              "peer's choice, or raw)"},
     {NULL, NULL}};
 
 static PyStructSequence_Desc out_desc = {"splitlearn_comm._core.OutTensor",
@@ -91,48 +91,30 @@ int slpy_tensor_types_init(slpy_state *st, PyObject *module) {
 
 /* ---- C to Python ---- */
 
-/* A Leaf for `it`, taking its data (it->data is NULL afterwards, even on failure). */
+/* A Leaf for `it` (decoded by the core), taking its data (it->data is NULL
+ * afterwards, even on failure). */
 static PyObject *leaf_new(slpy_state *st, sl_tensor_item *it) {
-  PyObject *leaf = NULL, *holder, *name = NULL, *codec = NULL, *meta = NULL, *shape = NULL;
-  PyObject *dtype = NULL;
-  if (it->decoded) {
-    holder = slpy_holder_new(st, it->data, &it->desc);
-  } else {
-    sl_tensor_desc pd;
-    pd.dtype = SL_DTYPE_UINT8;
-    pd.ndim = 1;
-    pd.shape[0] = (int64_t)it->nbytes;
-    holder = slpy_holder_new(st, it->data, &pd);
-  }
+  PyObject *leaf = NULL, *holder, *name = NULL, *shape = NULL, *dtype = NULL;
+  holder = slpy_holder_new(st, it->data, &it->desc);
   it->data = NULL; /* the holder owns it now (freed even on failure) */
   if (holder == NULL) return NULL;
   name = PyUnicode_FromString(it->name ? it->name : "");
-  codec = it->decoded ? Py_NewRef(Py_None) : PyUnicode_FromString(it->codec);
-  meta = it->decoded ? Py_NewRef(Py_None) : slpy_meta_to_dict(&it->meta);
   shape = slpy_shape_tuple(&it->desc);
   dtype = PyUnicode_FromString(sl_dtype_name(it->desc.dtype));
   leaf = PyStructSequence_New(st->leaf_type);
-  if (name == NULL || codec == NULL || meta == NULL || shape == NULL || dtype == NULL ||
-      leaf == NULL) {
+  if (name == NULL || shape == NULL || dtype == NULL || leaf == NULL) {
     Py_XDECREF(leaf);
-    leaf = NULL;
-    goto cleanup;
+    Py_XDECREF(name);
+    Py_XDECREF(holder);
+    Py_XDECREF(shape);
+    Py_XDECREF(dtype);
+    return NULL;
   }
   PyStructSequence_SetItem(leaf, 0, name);
   PyStructSequence_SetItem(leaf, 1, holder);
-  PyStructSequence_SetItem(leaf, 2, codec);
-  PyStructSequence_SetItem(leaf, 3, meta);
-  PyStructSequence_SetItem(leaf, 4, shape);
-  PyStructSequence_SetItem(leaf, 5, dtype);
+  PyStructSequence_SetItem(leaf, 2, shape);
+  PyStructSequence_SetItem(leaf, 3, dtype);
   return leaf; /* the items were stolen */
-cleanup:
-  Py_XDECREF(name);
-  Py_XDECREF(holder);
-  Py_XDECREF(codec);
-  Py_XDECREF(meta);
-  Py_XDECREF(shape);
-  Py_XDECREF(dtype);
-  return NULL;
 }
 
 static PyObject *node_tuple(const sl_node *nd) {
