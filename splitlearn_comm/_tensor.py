@@ -6,7 +6,7 @@ DLPackTensor that torch.from_dlpack / numpy.from_dlpack wrap without a copy.
 from __future__ import annotations
 
 import sys
-from typing import Any, Tuple
+from typing import Any, List, Tuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -137,6 +137,16 @@ def as_tensor(holder: Any) -> Any:
     except ImportError:  # pragma: no cover - torch is a hard requirement of servers in practice
         return np.from_dlpack(holder)
     return torch.from_dlpack(holder.__dlpack__())  # a capsule: no stream negotiation
+
+
+def as_tensors(leaves: Any) -> List[Any]:
+    """The tensors of received leaves as torch.Tensors (server side; NumPy when torch
+    is absent): one DLPack capsule and one from_dlpack each, no copy."""
+    try:
+        from_dlpack = _torch().from_dlpack
+    except ImportError:  # pragma: no cover - torch is a hard requirement of servers in practice
+        return [np.from_dlpack(leaf.tensor) for leaf in leaves]
+    return [from_dlpack(leaf.tensor.__dlpack__()) for leaf in leaves]
 
 
 def prepare_result(obj: Any) -> Any:

@@ -496,6 +496,8 @@ class _Models:
         self._lock = threading.Lock()
         self._seq = {id(fn): callable(getattr(fn, "backward", None))
                      and _takes_backward_seq(fn.backward) for fn in self.functions()}
+        self._cache_kw = {id(fn): _takes(fn.compute, "past_key_values", "use_cache")
+                          for fn in self.functions()}
         self._counts: Dict[str, Dict[str, Any]] = {
             model_id: {"requests": {}, "compute_seconds": 0.0} for model_id in self.by_id}
 
@@ -510,6 +512,12 @@ class _Models:
     def takes_backward_seq(self, fn: Any) -> bool:
         """Whether ``fn.backward()`` accepts ``backward_seq`` (worked out once)."""
         return self._seq.get(id(fn), False)
+
+    def takes_cache(self, fn: Any) -> bool:
+        """Whether ``fn.compute()`` accepts ``past_key_values`` and ``use_cache``
+        (worked out once: inspecting a signature costs tens of microseconds)."""
+        known = self._cache_kw.get(id(fn))
+        return _takes(fn.compute, "past_key_values", "use_cache") if known is None else known
 
     def known(self) -> str:
         return ", ".join(repr(k) for k in sorted(self.by_id))
@@ -761,8 +769,8 @@ def _make_dispatch(models: "_Models", registry: CodecRegistry,
                 raise Abort(grpc.StatusCode.UNIMPLEMENTED,
                             f"{name} does not support ComputeBackward "
                             "(it has no backward() method; see docs/training.md)")
-            values = [_tensor.as_tensor(leaf.tensor) for leaf in c.leaves]  # decoded in C
-            takes_cache = _takes(compute_fn.compute, "past_key_values", "use_cache")
+            values = _tensor.as_tensors(c.leaves)  # every tensor decoded in C
+            takes_cache = models.takes_cache(compute_fn)
             kv_call = not c.backward and c.form == _structure.SINGLE and (
                 c.n_kv > 0 or (c.use_cache is not None and takes_cache))
             if c.form == _structure.SINGLE:
