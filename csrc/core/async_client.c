@@ -445,15 +445,12 @@ int sl_async_compute_start(sl_async *a, const sl_call_opts *o, int backward,
     double now = sl_now(), retry_at = 0;
     int failures = 0;
     if (!sl_breaker_allow(o->breaker, now, &retry_at, &failures)) {
-      char buf[160];
-      int n = snprintf(buf, sizeof(buf),
-                       "circuit breaker is open for another %.1f s after %d failed calls in a "
-                       "row; calls fail at once until then",
-                       retry_at - now, failures);
+      char buf[SL_BREAKER_MESSAGE_MAX];
+      sl_breaker_open_message(retry_at - now, failures, buf, sizeof(buf)); /* the one wording */
       sl_call_status_clear(st);
       st->attempts = 0;
       st->code = SL_STATUS_UNAVAILABLE;
-      st->details = sl_strndup(buf, n > 0 && (size_t)n < sizeof(buf) ? (size_t)n : strlen(buf));
+      st->details = sl_strndup(buf, strlen(buf));
       sl_payload_unref(p);
       return SL_ESTATUS;
     }
