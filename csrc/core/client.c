@@ -36,6 +36,7 @@ struct sl_client {
   atomic_int shm_state;
   atomic_llong shm_calls;   /* calls whose request went through a segment */
   atomic_llong shm_reply_hint; /* the largest reply that did not fit a segment */
+  size_t max_recv, max_send;   /* the channel's message limits, which bind shm messages too */
   pthread_mutex_t note_mu;  /* guards note */
   char note[SL_ERR_MSG_MAX]; /* a change of state to log once ("" when none) */
 };
@@ -93,6 +94,12 @@ int sl_client_create(const char *target, const sl_chan_arg *args, size_t nargs,
   atomic_init(&c->shm_state, SHM_UNKNOWN);
   atomic_init(&c->shm_calls, 0);
   atomic_init(&c->shm_reply_hint, 0);
+  c->max_recv = c->max_send = SIZE_MAX;
+  for (size_t i = 0; i < nargs; i++) {
+    if (args[i].is_string || args[i].ival < 0) continue;
+    if (strcmp(args[i].key, "grpc.max_receive_message_length") == 0) c->max_recv = (size_t)args[i].ival;
+    if (strcmp(args[i].key, "grpc.max_send_message_length") == 0) c->max_send = (size_t)args[i].ival;
+  }
   if (sl_shm_env_enabled() && sl_shm_target_is_local(target) && tls == NULL &&
       sl_shm_pool_new(&c->shm) != SL_OK) {
     status = sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
@@ -526,7 +533,7 @@ static int tensor_call(sl_client *c, const char *method, sl_payload *p, const sl
   span->ptr = NULL;
   span->len = 0;
   if (c->shm == NULL || atomic_load(&c->shm_state) == SHM_OFF ||
-      sl_payload_size(p) > SL_SHM_MAX_CAPACITY) {
+      sl_payload_size(p) > SL_SHM_MAX_CAPACITY || sl_payload_size(p) > c->max_send) {
     return unary(c, method, p, o, NULL, resp, st, err);
   }
   {
@@ -538,7 +545,7 @@ static int tensor_call(sl_client *c, const char *method, sl_payload *p, const sl
     seg = sl_shm_pool_acquire(c->shm, need, &attached, &serr);
   }
   if (seg == NULL) return unary(c, method, p, o, NULL, resp, st, err);
-  md = malloc((o->n_metadata + 1) * sizeof(*md));
+  md = malloc((o->n_metadata + 2) * sizeof(*md));
   if (md == NULL) {
     sl_shm_pool_release(c->shm, seg, 1, attached);
     return unary(c, method, p, o, NULL, resp, st, err);
@@ -546,8 +553,8 @@ static int tensor_call(sl_client *c, const char *method, sl_payload *p, const sl
   if (o->n_metadata > 0) memcpy(md, o->metadata, o->n_metadata * sizeof(*md));
   o2 = *o;
   o2.metadata = md;
-  o2.n_metadata = o->n_metadata + 1;
-  if (!attached || !may_post) {
+  o2.n_metadata = o->n_metadata;
+  if (!attached) {
     if (sl_shm_seg_attach_value(seg, value, sizeof(value)) != SL_OK) {
       /* no boot id to name this host by */
       atomic_store(&c->shm_state, SHM_OFF);
@@ -556,30 +563,52 @@ static int tensor_call(sl_client *c, const char *method, sl_payload *p, const sl
       free(md);
       return unary(c, method, p, o, NULL, resp, st, err);
     }
-    md[o->n_metadata].key = SL_SHM_MD_ATTACH;
-    md[o->n_metadata].value = value;
-    md[o->n_metadata].value_len = strlen(value);
+    md[o2.n_metadata].key = SL_SHM_MD_ATTACH;
+    md[o2.n_metadata].value = value;
+    md[o2.n_metadata].value_len = strlen(value);
+    o2.n_metadata++;
+  }
+  if (!attached && (!may_post || atomic_load(&c->shm_state) != SHM_ON)) {
+    /* a server not yet known to speak the channel gets the request over TCP: one
+     * that does not would take the empty message for the request */
     rc = unary(c, method, p, &o2, NULL, resp, st, err);
     attached = shm_answer(c, st, 1, &unknown, &reply_len);
     sl_shm_pool_release(c->shm, seg, 1, attached);
     free(md);
     return rc;
   }
+  /* the request through the segment; a new segment is offered by the same call */
   memset(&sc, 0, sizeof(sc));
   sc.seg = seg;
   sc.md = md;
-  md[o->n_metadata].key = SL_SHM_MD_REQ;
-  md[o->n_metadata].value = sc.value;
-  md[o->n_metadata].value_len = 0;
+  md[o2.n_metadata].key = SL_SHM_MD_REQ;
+  md[o2.n_metadata].value = sc.value;
+  md[o2.n_metadata].value_len = 0;
+  o2.n_metadata++;
   if (sl_payload_new(malloc(1), 0, NULL, 0, NULL, NULL, &sc.empty) != SL_OK) {
     sl_shm_pool_release(c->shm, seg, 1, attached);
     free(md);
     return unary(c, method, p, o, NULL, resp, st, err);
   }
   rc = unary(c, method, p, &o2, &sc, resp, st, err);
-  shm_answer(c, st, 0, &unknown, &reply_len);
+  if (!attached) attached = shm_answer(c, st, 1, &unknown, &reply_len);
+  else shm_answer(c, st, 0, &unknown, &reply_len);
   sl_payload_unref(sc.empty);
   free(md);
+  if (rc == SL_OK && sc.posted && !sc.broken && reply_len >= 0 &&
+      (unsigned long long)reply_len > c->max_recv) {
+    /* the limit a message on the connection would meet, in gRPC's words */
+    char msg[128];
+    snprintf(msg, sizeof(msg), "Received message larger than max (%lld vs. %zu)", reply_len,
+             c->max_recv);
+    sl_call_status_clear(st);
+    st->code = SL_STATUS_RESOURCE_EXHAUSTED;
+    st->details = sl_strndup(msg, strlen(msg));
+    if (*resp != NULL) grpc_byte_buffer_destroy(*resp);
+    *resp = NULL;
+    sl_shm_pool_release(c->shm, seg, 1, attached);
+    return SL_ESTATUS;
+  }
   if (rc == SL_OK && sc.posted && !sc.broken && reply_len >= 0 &&
       (unsigned long long)reply_len <= sl_shm_seg_capacity(seg) && sl_shm_seg_reply_ready(seg)) {
     span->ptr = sl_shm_seg_data(seg);
@@ -599,12 +628,13 @@ static int tensor_call(sl_client *c, const char *method, sl_payload *p, const sl
     /* the server does not know the segment (it restarted, or another replica
      * answered): the call was not served; send it again, offering the segment */
     sl_shm_pool_release(c->shm, seg, reusable, 0);
+    sl_shm_pool_forget(c->shm); /* a new server knows none of them */
     if (*resp != NULL) grpc_byte_buffer_destroy(*resp);
     *resp = NULL;
     return tensor_call(c, method, p, o, 0, resp, st, err, seg_out, span);
   }
   if (rc == SL_OK) atomic_fetch_add(&c->shm_calls, 1);
-  sl_shm_pool_release(c->shm, seg, reusable, 1);
+  sl_shm_pool_release(c->shm, seg, reusable, attached);
   return rc;
 }
 

@@ -118,6 +118,7 @@ struct sl_server {
   atomic_int watchers;     /* open Watch streams */
   atomic_llong last_call_us; /* sl_now() in microseconds when a worker last took a call */
   sl_shm_table *shm;         /* clients' shared-memory segments; NULL: refused (shm.h) */
+  size_t max_recv, max_send; /* the channel's message limits, which bind shm messages too */
 };
 
 typedef struct served served;
@@ -708,6 +709,7 @@ static void respond_and_finish(served *sv) {
   }
   memset(ops, 0, sizeof(ops));
   if (sv->r.payload != NULL && sv->shm != NULL && sv->r.err.status == SL_OK &&
+      sl_payload_size(sv->r.payload) <= s->max_send &&
       sl_shm_use_reply(sv->shm, sv->r.payload) == SL_OK) {
     /* the reply is in the client's segment: an empty message, its length in the
      * trailing metadata (a reply that does not fit goes over gRPC as usual) */
@@ -860,6 +862,11 @@ static int shm_begin(served *sv, const sl_kv *attach, const sl_kv *req, sl_span 
     return sv->r.err.status;
   }
   if (sv->shm == NULL) return sv->r.err.status;
+  if (span->len > s->max_recv) {
+    /* the limit a message on the connection would meet, in gRPC's words */
+    return sl_err_set(&sv->r.err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,
+                      "Received message larger than max (%zu vs. %zu)", span->len, s->max_recv);
+  }
   in->slices = NULL;
   in->spans = span;
   in->n = 1;
@@ -1451,6 +1458,13 @@ int sl_server_create(const sl_server_config *cfg, const sl_server_hooks *hooks, 
   if (status != SL_OK) goto cleanup;
   if (sl_metrics_create(&s->metrics) != SL_OK) goto oom;
   if (sl_shm_env_enabled() && sl_shm_table_new(&s->shm) != SL_OK) goto oom;
+  s->max_recv = s->max_send = SIZE_MAX;
+  for (size_t i = 0; i < cfg->nargs; i++) {
+    const sl_chan_arg *a = &cfg->args[i];
+    if (a->is_string || a->ival < 0) continue;
+    if (strcmp(a->key, "grpc.max_receive_message_length") == 0) s->max_recv = (size_t)a->ival;
+    if (strcmp(a->key, "grpc.max_send_message_length") == 0) s->max_send = (size_t)a->ival;
+  }
   grpc_init();
   s->grpc_inited = 1;
   if (cfg->tls != NULL) {

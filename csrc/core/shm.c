@@ -279,6 +279,12 @@ void sl_shm_pool_release(sl_shm_pool *p, sl_shm_seg *s, int reusable, int attach
   pthread_mutex_unlock(&p->mu);
 }
 
+void sl_shm_pool_forget(sl_shm_pool *p) {
+  pthread_mutex_lock(&p->mu);
+  for (size_t i = 0; i < p->n; i++) p->segs[i]->attached = 0;
+  pthread_mutex_unlock(&p->mu);
+}
+
 size_t sl_shm_pool_count(sl_shm_pool *p) {
   size_t n;
   pthread_mutex_lock(&p->mu);

@@ -102,6 +102,8 @@ void sl_shm_pool_free(sl_shm_pool *p); /* no segment may be acquired */
 sl_shm_seg *sl_shm_pool_acquire(sl_shm_pool *p, size_t need, int *attached, sl_err *err);
 /* Give a segment back. `reusable` 0: destroy it. `attached`: the server knows it. */
 void sl_shm_pool_release(sl_shm_pool *p, sl_shm_seg *s, int reusable, int attached);
+/* Mark every segment unknown to the server (it restarted): each is offered again. */
+void sl_shm_pool_forget(sl_shm_pool *p);
 size_t sl_shm_pool_count(sl_shm_pool *p);
 
 /* ---- server side ------------------------------------------------------------ */
