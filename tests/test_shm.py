@@ -10,6 +10,7 @@ import mmap
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -257,6 +258,14 @@ class RawSegment:
             boot = f.read().strip()
         self.attach = f"{boot} {os.getpid()} {self.fd} {self.token.hex()}"
 
+        self.seq = 0
+
+    def post(self) -> int:
+        """Post a request (shm.c's state word: sequence number << 3 | POSTED)."""
+        self.seq += 1
+        self.map[24:32] = struct.pack("<Q", self.seq << 3 | 1)
+        return self.seq
+
     def close(self) -> None:
         self.map.close()
         os.close(self.fd)
@@ -306,13 +315,20 @@ def test_bad_control_metadata_is_refused_and_the_server_keeps_serving(serve, con
         # malformed bytes in the segment: the message reader refuses them
         for garbage in (b"\xff" * 64, b"\x0a\xff\xff\xff\xff\x0f", b"\x12\x05\x01"):
             seg.map[HDR:HDR + len(garbage)] = garbage
-            code, details, _ = raw_call(channel, b"", [("sl-shm-req", f"{tok} 1 {len(garbage)}")])
+            seq = seg.post()
+            code, details, _ = raw_call(channel, b"", [("sl-shm-req",
+                                                        f"{tok} {seq} {len(garbage)}")])
             assert code == grpc.StatusCode.INVALID_ARGUMENT, (garbage, details)
         for _ in range(20):
             garbage = rng.randbytes(rng.randint(1, 300))
             seg.map[HDR:HDR + len(garbage)] = garbage
-            code, _, _ = raw_call(channel, b"", [("sl-shm-req", f"{tok} 1 {len(garbage)}")])
+            seq = seg.post()
+            code, _, _ = raw_call(channel, b"", [("sl-shm-req", f"{tok} {seq} {len(garbage)}")])
             assert code in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT)
+        # a request not posted (its client gave up, or an old sequence number)
+        code, details, trailing = raw_call(channel, b"", [("sl-shm-req", f"{tok} {seq} 5")])
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "not posted" in details
+        assert "sl-shm" not in trailing
         # attach values that are refused: the call itself is served as usual
         for value in ("nonsense", seg.attach.replace(seg.token.hex(), "1" * 32),
                       "00000000-0000-0000-0000-000000000000 1 1 " + "1" * 32):

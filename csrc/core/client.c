@@ -197,7 +197,8 @@ typedef struct shm_call {
   sl_kv *md;          /* the options' metadata plus the control entry */
   char value[160];
   int posted;         /* an attempt posted the request */
-  int broken;         /* the server was writing when an attempt gave up: TCP from now on */
+  int broken;         /* the server held the segment when an attempt gave up: it is
+                         never used again, and the next attempts go over TCP */
 } shm_call;
 
 /* One attempt: send `p` to `method`, wait for the status. Returns SL_OK when the

@@ -716,6 +716,7 @@ static void respond_and_finish(served *sv) {
     char len[32];
     snprintf(len, sizeof(len), "%zu", sl_payload_size(sv->r.payload));
     if (sl_call_add_trailing(cs, SL_SHM_MD_REPLY, len, strlen(len)) == SL_OK) {
+      sv->r.rec.bytes_out = sl_payload_size(sv->r.payload);
       sl_payload_unref(sv->r.payload);
       sv->r.payload = NULL;
       out_bb = grpc_raw_byte_buffer_create(NULL, 0);
@@ -854,6 +855,7 @@ static int shm_begin(served *sv, const sl_kv *attach, const sl_kv *req, sl_span 
   }
   if (s->shm == NULL || sl_shm_table_begin(s->shm, req->value, req->value_len, &sv->shm, span,
                                            &sv->r.err) == SL_ENOTFOUND) {
+    /* the client offers its segment again when told it is unknown */
     if (s->shm == NULL) {
       sl_err_set(&sv->r.err, SL_ENOTFOUND, SL_STATUS_FAILED_PRECONDITION,
                  "shared memory is disabled on this server");
@@ -870,6 +872,7 @@ static int shm_begin(served *sv, const sl_kv *attach, const sl_kv *req, sl_span 
   in->slices = NULL;
   in->spans = span;
   in->n = 1;
+  sv->r.rec.bytes_in = span->len;
   return SL_OK;
 }
 

@@ -14,10 +14,16 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define PHASE_ABANDONED 0u
-#define PHASE_POSTED 1u
-#define PHASE_WRITING 2u
-#define PHASE_DONE 3u
+/* The state word: seq << PHASE_BITS | phase. */
+#define PHASE_BITS 3
+#define PHASE_MASK 7u
+#define PHASE_ABANDONED 0u /* the client gave up before the server took the request */
+#define PHASE_POSTED 1u    /* the client posted a request */
+#define PHASE_HELD 2u      /* the server took it (reading, computing) */
+#define PHASE_WRITING 3u   /* the server writes its reply */
+#define PHASE_DONE 4u      /* the reply is in the segment */
+#define PHASE_RELEASED 5u  /* the server let go without writing a reply */
+#define STATE(seq, phase) ((uint64_t)(seq) << PHASE_BITS | (phase))
 
 static const char MAGIC[8] = {'S', 'L', 'S', 'H', 'M', 0, 0, 1};
 
@@ -25,7 +31,7 @@ static const char MAGIC[8] = {'S', 'L', 'S', 'H', 'M', 0, 0, 1};
 typedef struct sl_shm_hdr {
   char magic[8];
   uint8_t token[16];
-  _Atomic uint64_t state; /* seq << 2 | phase */
+  _Atomic uint64_t state; /* STATE(seq, phase) */
 } sl_shm_hdr;
 
 static sl_shm_hdr *hdr_of(uint8_t *base) { return (sl_shm_hdr *)(void *)base; }
@@ -171,22 +177,23 @@ int sl_shm_seg_attach_value(const sl_shm_seg *s, char *buf, size_t n) {
 int sl_shm_seg_post(sl_shm_seg *s, size_t len, char *buf, size_t n) {
   int w;
   s->seq++;
-  atomic_store(&hdr_of(s->base)->state, s->seq << 2 | PHASE_POSTED);
+  atomic_store(&hdr_of(s->base)->state, STATE(s->seq, PHASE_POSTED));
   w = snprintf(buf, n, "%s %llu %zu", s->token_hex, (unsigned long long)s->seq, len);
   return w < 0 || (size_t)w >= n ? SL_ETOOBIG : SL_OK;
 }
 
 int sl_shm_seg_settle(sl_shm_seg *s) {
-  uint64_t expect = s->seq << 2 | PHASE_POSTED;
+  uint64_t expect = STATE(s->seq, PHASE_POSTED);
   if (atomic_compare_exchange_strong(&hdr_of(s->base)->state, &expect,
-                                     s->seq << 2 | PHASE_ABANDONED)) {
-    return 1;
+                                     STATE(s->seq, PHASE_ABANDONED))) {
+    return 1; /* the server never took it, and now never will */
   }
-  return (expect & 3u) != PHASE_WRITING;
+  /* HELD or WRITING: the server still reads or writes it */
+  return (expect & PHASE_MASK) != PHASE_HELD && (expect & PHASE_MASK) != PHASE_WRITING;
 }
 
 int sl_shm_seg_reply_ready(const sl_shm_seg *s) {
-  return atomic_load(&hdr_of(s->base)->state) == (s->seq << 2 | PHASE_DONE);
+  return atomic_load(&hdr_of(s->base)->state) == STATE(s->seq, PHASE_DONE);
 }
 
 struct sl_shm_pool {
@@ -523,7 +530,7 @@ int sl_shm_table_begin(sl_shm_table *t, const char *value, size_t len, sl_shm_us
   if (value_str(value, len, buf, sizeof(buf)) != 0 ||
       sscanf(buf, "%33s %llu %llu %c", tokhex, &seq, &n, &extra) != 3 ||
       strlen(tokhex) != SL_SHM_TOKEN_HEX || unhex(tokhex, token, 16) != 0 || seq == 0 ||
-      seq >= ((unsigned long long)1 << 62) || strchr(buf, '-') != NULL) {
+      seq >= ((unsigned long long)1 << 60) || strchr(buf, '-') != NULL) {
     return sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
                       "malformed " SL_SHM_MD_REQ " metadata");
   }
@@ -531,13 +538,17 @@ int sl_shm_table_begin(sl_shm_table *t, const char *value, size_t len, sl_shm_us
   if (u == NULL) return sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
   pthread_mutex_lock(&t->mu);
   e = find_locked(t, token);
-  if (e == NULL || e->in_use) {
-    int busy = e != NULL;
+  if (e == NULL) {
     pthread_mutex_unlock(&t->mu);
     free(u);
     return sl_err_set(err, SL_ENOTFOUND, SL_STATUS_FAILED_PRECONDITION,
-                      busy ? "shared-memory segment in use by another call"
-                           : "unknown shared-memory segment (the server restarted?)");
+                      "unknown shared-memory segment (the server restarted?)");
+  }
+  if (e->in_use) {
+    pthread_mutex_unlock(&t->mu);
+    free(u);
+    return sl_err_set(err, SL_ESTATE, SL_STATUS_FAILED_PRECONDITION,
+                      "shared-memory segment in use by another call");
   }
   if (n > e->size - SL_SHM_HDR) {
     size_t cap = e->size - SL_SHM_HDR;
@@ -546,6 +557,18 @@ int sl_shm_table_begin(sl_shm_table *t, const char *value, size_t len, sl_shm_us
     return sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
                       "shared-memory request of %llu bytes is past its segment (%zu bytes)", n,
                       cap);
+  }
+  {
+    /* take the request unless the client gave up on it (or posted another) */
+    uint64_t expect = STATE(seq, PHASE_POSTED);
+    if (!atomic_compare_exchange_strong(&hdr_of(e->base)->state, &expect,
+                                        STATE(seq, PHASE_HELD))) {
+      pthread_mutex_unlock(&t->mu);
+      free(u);
+      return sl_err_set(err, SL_ESTATE, SL_STATUS_FAILED_PRECONDITION,
+                        "the shared-memory request %llu is not posted (the client gave up?)",
+                        seq);
+    }
   }
   e->in_use = 1;
   pthread_mutex_unlock(&t->mu);
@@ -559,19 +582,23 @@ int sl_shm_table_begin(sl_shm_table *t, const char *value, size_t len, sl_shm_us
 
 int sl_shm_use_reply(sl_shm_use *u, const sl_payload *p) {
   entry *e = u->e;
-  uint64_t expect = u->seq << 2 | PHASE_POSTED;
+  uint64_t expect = STATE(u->seq, PHASE_HELD);
   if (sl_payload_size(p) > e->size - SL_SHM_HDR) return SL_ETOOBIG;
   if (!atomic_compare_exchange_strong(&hdr_of(e->base)->state, &expect,
-                                      u->seq << 2 | PHASE_WRITING)) {
-    return SL_ESTATE;
+                                      STATE(u->seq, PHASE_WRITING))) {
+    return SL_ESTATE; /* the client scribbled on the state word */
   }
   sl_shm_copy_payload(e->base + SL_SHM_HDR, e->size - SL_SHM_HDR, p);
-  atomic_store(&hdr_of(e->base)->state, u->seq << 2 | PHASE_DONE);
+  atomic_store(&hdr_of(e->base)->state, STATE(u->seq, PHASE_DONE));
   return SL_OK;
 }
 
 void sl_shm_use_end(sl_shm_table *t, sl_shm_use *u) {
+  uint64_t expect;
   if (u == NULL) return;
+  expect = STATE(u->seq, PHASE_HELD); /* no reply written: let go of it */
+  atomic_compare_exchange_strong(&hdr_of(u->e->base)->state, &expect,
+                                 STATE(u->seq, PHASE_RELEASED));
   pthread_mutex_lock(&t->mu);
   u->e->in_use = 0;
   pthread_mutex_unlock(&t->mu);

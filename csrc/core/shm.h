@@ -13,12 +13,14 @@
  * either side is killed: the memory goes with the last mapping).
  *
  * One call at a time uses a segment: the client writes the packed request into
- * the data area and posts a sequence number (state = seq << 2 | POSTED); the server
- * reads the request (copied out, as from gRPC), and when its reply fits it moves
- * the state POSTED -> WRITING, writes the reply over the request, and sets DONE.
- * A client giving up on a call moves POSTED -> ABANDONED, after which the server
- * writes nothing for that sequence number; a segment found WRITING is never reused.
- * The moves are atomic compare-and-swaps on the shared word.
+ * the data area and posts a sequence number (state = seq, POSTED); the server takes
+ * it (POSTED -> HELD), reads the request (copied out, as from gRPC), computes, and
+ * when its reply fits moves HELD -> WRITING, writes the reply over the request,
+ * and sets DONE; otherwise it lets go (HELD -> RELEASED). A client giving up on a
+ * call moves POSTED -> ABANDONED, after which the server never takes it; a segment
+ * found HELD or WRITING when its client gave up is never reused (the server may
+ * still read or write it). The moves are atomic compare-and-swaps on the shared
+ * word.
  *
  * Control metadata (see docs/shm.md): "sl-shm-attach" = "<boot id> <pid> <fd>
  * <token hex>" on an ordinary call; "sl-shm-req" = "<token hex> <seq> <len>" on a call
@@ -84,9 +86,9 @@ int sl_shm_seg_attach_value(const sl_shm_seg *s, char *buf, size_t n);
 /* Post a request of `len` bytes already written to the data area: a new sequence
  * number, state POSTED; writes the "sl-shm-req" value into buf. */
 int sl_shm_seg_post(sl_shm_seg *s, size_t len, char *buf, size_t n);
-/* After a call that posted: 1 when the server will never write this segment for
- * the posted request any more (ABANDONED by us, or DONE), 0 when it is writing
- * right now (the segment must not be reused). */
+/* After a call that posted: 1 when the server will never touch this segment for
+ * the posted request any more (ABANDONED by us, RELEASED or DONE), 0 when it
+ * holds it now (the segment must not be reused). */
 int sl_shm_seg_settle(sl_shm_seg *s);
 /* 1 when the posted request's reply is in the data area (state DONE, our seq). */
 int sl_shm_seg_reply_ready(const sl_shm_seg *s);
@@ -121,12 +123,13 @@ int sl_shm_table_attach(sl_shm_table *t, const char *value, size_t len, sl_err *
 
 /* Begin a call from an "sl-shm-req" value: *span gets the request bytes inside the
  * mapping (valid until sl_shm_use_end). Malformed values or a length past the
- * segment: SL_EINVAL, INVALID_ARGUMENT. An unknown token or a segment another
- * call holds: SL_ENOTFOUND, FAILED_PRECONDITION. */
+ * segment: SL_EINVAL, INVALID_ARGUMENT. An unknown token: SL_ENOTFOUND,
+ * FAILED_PRECONDITION. A segment another call holds, or a request not posted (the
+ * client gave up on it): SL_ESTATE, FAILED_PRECONDITION. */
 int sl_shm_table_begin(sl_shm_table *t, const char *value, size_t len, sl_shm_use **use,
                        sl_span *span, sl_err *err);
-/* Write the reply `p` into the segment when it fits and the client still waits for
- * it: SL_OK (written), SL_ETOOBIG (does not fit), SL_ESTATE (the client gave up). */
+/* Write the reply `p` into the segment when it fits: SL_OK (written), SL_ETOOBIG
+ * (does not fit), SL_ESTATE (the state word is not ours: a misbehaving client). */
 int sl_shm_use_reply(sl_shm_use *u, const sl_payload *p);
 void sl_shm_use_end(sl_shm_table *t, sl_shm_use *u);
 

@@ -46,21 +46,34 @@ static void test_round_trip_in_one_process(void) {
   /* a second call naming the same segment while it is in use is refused */
   {
     sl_shm_use *u2 = NULL;
-    CHECK_EQ_INT(sl_shm_table_begin(t, rv, strlen(rv), &u2, &span, &err), SL_ENOTFOUND);
+    CHECK_EQ_INT(sl_shm_table_begin(t, rv, strlen(rv), &u2, &span, &err), SL_ESTATE);
     CHECK_EQ_INT(err.code, SL_STATUS_FAILED_PRECONDITION);
   }
+  CHECK(!sl_shm_seg_settle(s)); /* the server holds it: never reused */
   CHECK_EQ_INT(sl_shm_use_reply(u, rep), SL_OK);
   sl_shm_use_end(t, u);
   CHECK(sl_shm_seg_reply_ready(s));
   CHECK(memcmp(sl_shm_seg_data(s), "R:reply", 7) == 0);
   CHECK(sl_shm_seg_settle(s)); /* DONE: reusable */
-  /* a client that gave up: the server writes nothing */
+  /* a client that gave up before the server took the request: it never takes it */
+  CHECK_EQ_INT(sl_shm_seg_post(s, 4, rv, sizeof(rv)), SL_OK);
+  CHECK(sl_shm_seg_settle(s));
+  CHECK_EQ_INT(sl_shm_table_begin(t, rv, strlen(rv), &u, &span, &err), SL_ESTATE);
+  CHECK(u == NULL);
+  /* a server that lets go without a reply (an error, a reply over TCP) */
   CHECK_EQ_INT(sl_shm_seg_post(s, 4, rv, sizeof(rv)), SL_OK);
   CHECK_EQ_INT(sl_shm_table_begin(t, rv, strlen(rv), &u, &span, &err), SL_OK);
-  CHECK(sl_shm_seg_settle(s));
-  CHECK_EQ_INT(sl_shm_use_reply(u, rep), SL_ESTATE);
   sl_shm_use_end(t, u);
   CHECK(!sl_shm_seg_reply_ready(s));
+  CHECK(sl_shm_seg_settle(s));
+  /* an old sequence number is not taken */
+  {
+    char old[100];
+    memcpy(old, rv, sizeof(old));
+    CHECK_EQ_INT(sl_shm_seg_post(s, 4, rv, sizeof(rv)), SL_OK);
+    CHECK_EQ_INT(sl_shm_table_begin(t, old, strlen(old), &u, &span, &err), SL_ESTATE);
+    CHECK(sl_shm_seg_settle(s));
+  }
   /* the client closes the segment: the sweep unmaps it */
   sl_shm_seg_destroy(s);
   CHECK_EQ_INT(sl_shm_table_sweep(t), 1);
@@ -100,6 +113,7 @@ static void test_bad_request_values(void) {
   snprintf(v, sizeof(v), "%s 1 %zu", tok, sl_shm_seg_capacity(s) + 1);
   CHECK_EQ_INT(sl_shm_table_begin(t, v, strlen(v), &u, &span, &err), SL_EINVAL);
   CHECK_CONTAINS(err.msg, "past its segment");
+  sl_shm_seg_post(s, 1, v, sizeof(v));
   snprintf(v, sizeof(v), "%s 1 %zu", tok, sl_shm_seg_capacity(s));
   CHECK_EQ_INT(sl_shm_table_begin(t, v, strlen(v), &u, &span, &err), SL_OK);
   sl_shm_use_end(t, u);
