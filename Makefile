@@ -110,6 +110,7 @@ asan-pytest: asan-build
 
 bench: install
 	$(PY) benchmarks/bench_roundtrip.py
+	$(PY) benchmarks/bench_shm.py
 	$(PY) benchmarks/bench_codecs.py
 	$(PY) benchmarks/bench_training.py
 	$(PY) benchmarks/bench_tensormap.py

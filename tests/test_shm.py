@@ -83,14 +83,17 @@ def through_shm(client: slc.GRPCComputeClient, fn: Callable[[], Any]) -> Any:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_every_dtype(shm_client, dtype):
-    for shape in [(3, 5, 7), (), (0, 4), (300, 1000)]:
+    for shape in [(3, 5, 7), (), (0, 4)]:  # small messages stay on gRPC
+        x = random_tensor(shape, dtype)
+        assert bit_equal(shm_client.compute(x), x)
+    for shape in [(300, 1000), (2, 70000)]:
         x = random_tensor(shape, dtype)
         assert bit_equal(through_shm(shm_client, lambda: shm_client.compute(x)), x)
 
 
 def test_structures_and_non_contiguous_inputs(shm_client):
-    a = torch.arange(60, dtype=torch.float32).reshape(6, 10)[:, ::3]  # non-contiguous
-    b = torch.randn(4, 5).t()
+    a = torch.arange(60000, dtype=torch.float32).reshape(600, 100)[:, ::3]  # non-contiguous
+    b = torch.randn(40, 50).t()
     x = {"hidden": a, "past": (b, [torch.arange(7), torch.ones(2, dtype=torch.bool)]),
          "step": 3, "name": "x", "none": None}
     assert not a.is_contiguous() and not b.is_contiguous()
@@ -105,7 +108,7 @@ def test_structures_and_non_contiguous_inputs(shm_client):
                                    slc.Int8Codec()], ids=lambda c: type(c).__name__)
 def test_codecs(serve, connect, codec):
     client = connect(serve(Echo()), codec=codec)
-    x = torch.randn(64, 64)
+    x = torch.randn(256, 256)
     client.compute(x)
     assert stats(client)["state"] == "on"
     y = through_shm(client, lambda: client.compute(x))
@@ -128,6 +131,13 @@ def test_large_tensor_and_reply_bigger_than_request(serve, connect):
     assert stats(client)["segments"] <= 8
 
 
+def test_small_messages_stay_on_grpc(shm_client):
+    x = torch.randn(1000)
+    calls = stats(shm_client)["calls"]
+    assert torch.equal(shm_client.compute(x), x)
+    assert stats(shm_client)["calls"] == calls
+
+
 def test_threads_share_one_client(shm_client):
     def work(i: int) -> bool:
         ok = True
@@ -144,7 +154,7 @@ def test_threads_share_one_client(shm_client):
 
 
 def test_async_calls_beside_shm(shm_client):
-    x = torch.randn(1000)
+    x = torch.randn(1 << 16)
     assert torch.equal(shm_client.compute_async(x).result(timeout=60), x)
     assert torch.equal(shm_client.compute(x), x)
 
@@ -336,7 +346,7 @@ def test_bad_control_metadata_is_refused_and_the_server_keeps_serving(serve, con
             assert trailing["sl-shm"].startswith("refused"), value
         # the server keeps serving, over shared memory too
         client = connect(server)
-        x = torch.randn(1000)
+        x = torch.randn(1 << 16)
         client.compute(x)
         assert torch.equal(through_shm(client, lambda: client.compute(x)), x)
     finally:
@@ -354,26 +364,26 @@ def test_hooks_never_see_the_control_metadata(serve, connect):
 
     client = connect(serve(Peek()), metadata=[("x-user", "alice")])
     for _ in range(3):
-        client.compute(torch.ones(3))
+        client.compute(torch.ones(1 << 16))
     assert stats(client)["calls"] >= 1
     assert all(not any(k.startswith("sl-shm") for k in md) for md in seen)
     assert all(md["x-user"] == "alice" for md in seen)
 
 
 def test_limits_bind_shm_messages(serve, connect):
-    server = serve(Echo(), options=[("grpc.max_receive_message_length", 4096)])
-    client = connect(server)
+    limit = [("grpc.max_receive_message_length", 100_000)]
+    client = connect(serve(Echo(), options=limit))
     client.compute(torch.ones(4))
-    client.compute(torch.ones(4))
-    with pytest.raises(slc.RpcError) as info:
-        client.compute(torch.ones(2048))
+    with pytest.raises(slc.RpcError) as info:  # 128 KiB: over the server's limit
+        client.compute(torch.ones(1 << 15))
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    limited = connect(serve(Echo()), options=[("grpc.max_receive_message_length", 4096)])
-    limited.compute(torch.ones(4))
+    assert "larger than max" in info.value.details()
+    limited = connect(serve(Echo()), options=limit)  # the client's own receive limit
     limited.compute(torch.ones(4))
     with pytest.raises(slc.RpcError) as info:
-        limited.compute(torch.ones(2048))
+        limited.compute(torch.ones(1 << 15))
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert stats(limited)["state"] == "on"
 
 
 # ---- processes killed with -9 ---------------------------------------------------------
@@ -444,7 +454,7 @@ def test_client_killed_mid_use_leaves_nothing(serve):
     assert dev_shm_entries() == before_dev == set()
     # the server keeps serving
     client = slc.GRPCComputeClient(f"127.0.0.1:{server.port}", retry_strategy=None, timeout=30)
-    x = torch.randn(1000)
+    x = torch.randn(1 << 16)
     client.compute(x)
     assert torch.equal(through_shm(client, lambda: client.compute(x)), x)
     client.close()

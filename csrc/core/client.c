@@ -534,7 +534,10 @@ static int tensor_call(sl_client *c, const char *method, sl_payload *p, const sl
   span->ptr = NULL;
   span->len = 0;
   if (c->shm == NULL || atomic_load(&c->shm_state) == SHM_OFF ||
-      sl_payload_size(p) > SL_SHM_MAX_CAPACITY || sl_payload_size(p) > c->max_send) {
+      sl_payload_size(p) > SL_SHM_MAX_CAPACITY || sl_payload_size(p) > c->max_send ||
+      (sl_payload_size(p) < SL_SHM_MIN_MESSAGE && atomic_load(&c->shm_state) == SHM_ON)) {
+    /* a small message once the channel is decided: as fast over gRPC (only the
+     * first call, still undecided, offers a segment whatever its size) */
     return unary(c, method, p, o, NULL, resp, st, err);
   }
   {

@@ -49,6 +49,7 @@ extern "C" {
 #define SL_SHM_HDR 4096                    /* data starts here (page aligned) */
 #define SL_SHM_MIN_CAPACITY ((size_t)1 << 20)
 #define SL_SHM_MAX_CAPACITY ((size_t)1 << 31) /* bigger messages go over TCP */
+#define SL_SHM_MIN_MESSAGE ((size_t)64 << 10) /* smaller messages stay on gRPC (no gain) */
 #define SL_SHM_POOL_MAX 8                  /* segments per client */
 #define SL_SHM_TABLE_MAX 1024              /* segments mapped by one server */
 #define SL_SHM_TOKEN_HEX 32
