@@ -223,9 +223,32 @@ static size_t round_capacity(size_t need) {
   return c;
 }
 
+/* Drop one free segment: the smallest when `largest` is 0, else the largest.
+ * Returns 0 when every segment is busy. Called with the pool's lock. */
+static int evict_locked(sl_shm_pool *p, int largest) {
+  size_t victim = (size_t)-1;
+  for (size_t i = 0; i < p->n; i++) {
+    if (p->segs[i]->busy) continue;
+    if (victim == (size_t)-1 || (largest ? p->segs[i]->size > p->segs[victim]->size
+                                         : p->segs[i]->size < p->segs[victim]->size)) {
+      victim = i;
+    }
+  }
+  if (victim == (size_t)-1) return 0;
+  sl_shm_seg_destroy(p->segs[victim]);
+  p->segs[victim] = p->segs[--p->n];
+  return 1;
+}
+
+static size_t total_locked(const sl_shm_pool *p) {
+  size_t total = 0;
+  for (size_t i = 0; i < p->n; i++) total += sl_shm_seg_capacity(p->segs[i]);
+  return total;
+}
+
 sl_shm_seg *sl_shm_pool_acquire(sl_shm_pool *p, size_t need, int *attached, sl_err *err) {
   sl_shm_seg *s = NULL, *fresh = NULL;
-  size_t victim = (size_t)-1;
+  size_t cap = round_capacity(need);
   *attached = 0;
   if (need > SL_SHM_MAX_CAPACITY) {
     sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED, "too big for shared memory");
@@ -234,15 +257,11 @@ sl_shm_seg *sl_shm_pool_acquire(sl_shm_pool *p, size_t need, int *attached, sl_e
   pthread_mutex_lock(&p->mu);
   for (size_t i = 0; i < p->n; i++) {
     sl_shm_seg *c = p->segs[i];
-    if (c->busy) continue;
-    if (sl_shm_seg_capacity(c) >= need) {
-      /* the smallest that fits, attached ones first */
-      if (s == NULL || (c->attached && !s->attached) ||
-          (c->attached == s->attached && c->size < s->size)) {
-        s = c;
-      }
-    } else if (victim == (size_t)-1 || c->size < p->segs[victim]->size) {
-      victim = i;
+    if (c->busy || sl_shm_seg_capacity(c) < need) continue;
+    /* the smallest that fits, attached ones first */
+    if (s == NULL || (c->attached && !s->attached) ||
+        (c->attached == s->attached && c->size < s->size)) {
+      s = c;
     }
   }
   if (s != NULL) {
@@ -251,17 +270,18 @@ sl_shm_seg *sl_shm_pool_acquire(sl_shm_pool *p, size_t need, int *attached, sl_e
     pthread_mutex_unlock(&p->mu);
     return s;
   }
-  if (p->n == SL_SHM_POOL_MAX && victim == (size_t)-1) {
+  /* a new one, within the bounds: free segments (none fits) make room */
+  while (p->n == SL_SHM_POOL_MAX && evict_locked(p, 0)) {
+  }
+  while (total_locked(p) + cap > SL_SHM_POOL_BYTES && evict_locked(p, 1)) {
+  }
+  if (p->n == SL_SHM_POOL_MAX || total_locked(p) + cap > SL_SHM_POOL_BYTES) {
     pthread_mutex_unlock(&p->mu);
     sl_err_set(err, SL_EAGAIN, SL_STATUS_RESOURCE_EXHAUSTED, "every segment is busy");
     return NULL;
   }
-  if (p->n == SL_SHM_POOL_MAX) {
-    sl_shm_seg_destroy(p->segs[victim]);
-    p->segs[victim] = p->segs[--p->n];
-  }
   /* creating is a few system calls (no page is touched yet): under the lock */
-  if (sl_shm_seg_create(round_capacity(need), &fresh, err) == SL_OK) {
+  if (sl_shm_seg_create(cap, &fresh, err) == SL_OK) {
     fresh->busy = 1;
     p->segs[p->n++] = fresh;
   }

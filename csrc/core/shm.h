@@ -51,6 +51,7 @@ extern "C" {
 #define SL_SHM_MAX_CAPACITY ((size_t)1 << 31) /* bigger messages go over TCP */
 #define SL_SHM_MIN_MESSAGE ((size_t)64 << 10) /* smaller messages stay on gRPC (no gain) */
 #define SL_SHM_POOL_MAX 8                  /* segments per client */
+#define SL_SHM_POOL_BYTES ((size_t)4 << 30)   /* their capacities together, per client */
 #define SL_SHM_TABLE_MAX 1024              /* segments mapped by one server */
 #define SL_SHM_TOKEN_HEX 32
 
@@ -94,14 +95,15 @@ int sl_shm_seg_settle(sl_shm_seg *s);
 /* 1 when the posted request's reply is in the data area (state DONE, our seq). */
 int sl_shm_seg_reply_ready(const sl_shm_seg *s);
 
-/* A client's segments: at most SL_SHM_POOL_MAX, each used by one call at a time. */
+/* A client's segments: at most SL_SHM_POOL_MAX holding SL_SHM_POOL_BYTES together,
+ * each used by one call at a time. */
 typedef struct sl_shm_pool sl_shm_pool;
 int sl_shm_pool_new(sl_shm_pool **out);
 void sl_shm_pool_free(sl_shm_pool *p); /* no segment may be acquired */
 /* A free segment with capacity >= need, marked busy. *attached says whether the
- * server knows it. When none fits, a new one is created (replacing a free smaller
- * one when the pool is full; *attached = 0). NULL when every segment is busy and
- * the pool is full, or creation failed (err says why). */
+ * server knows it. When none fits, a new one is created (*attached = 0), free
+ * segments dropped first as the bounds require. NULL when the busy segments leave
+ * no room, or creation failed (err says why). */
 sl_shm_seg *sl_shm_pool_acquire(sl_shm_pool *p, size_t need, int *attached, sl_err *err);
 /* Give a segment back. `reusable` 0: destroy it. `attached`: the server knows it. */
 void sl_shm_pool_release(sl_shm_pool *p, sl_shm_seg *s, int reusable, int attached);

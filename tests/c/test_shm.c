@@ -279,6 +279,19 @@ static void test_pool(void) {
   sl_shm_pool_release(p, c, 1, 1);
   for (size_t i = 1; i < SL_SHM_POOL_MAX; i++) sl_shm_pool_release(p, segs[i], 1, 1);
   CHECK(sl_shm_pool_acquire(p, SL_SHM_MAX_CAPACITY + 1, &attached, &err) == NULL);
+  /* the bytes bound: two 2 GiB segments fill it (memfd pages are only reserved
+   * when touched); a third needs one of them free, and drops it */
+  a = sl_shm_pool_acquire(p, SL_SHM_MAX_CAPACITY, &attached, &err);
+  b = sl_shm_pool_acquire(p, SL_SHM_MAX_CAPACITY - 1, &attached, &err);
+  CHECK(a != NULL && b != NULL);
+  CHECK(sl_shm_pool_acquire(p, SL_SHM_MAX_CAPACITY, &attached, &err) == NULL);
+  sl_shm_pool_release(p, b, 1, 1);
+  c = sl_shm_pool_acquire(p, SL_SHM_MAX_CAPACITY, &attached, &err);
+  CHECK(c == b); /* the free one fits */
+  sl_shm_pool_release(p, a, 1, 1);
+  sl_shm_pool_release(p, c, 1, 1);
+  CHECK(sl_shm_pool_count(p) == 2); /* the small ones made room */
+  CHECK(sl_shm_pool_acquire(p, 10, &attached, &err) != NULL); /* a free one fits */
   sl_shm_pool_free(p);
 }
 
