@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "client_internal.h"
 #include "health.pb-c.h"
@@ -36,6 +37,8 @@ struct sl_client {
   atomic_int shm_state;
   atomic_llong shm_calls;   /* calls whose request went through a segment */
   atomic_llong shm_reply_hint; /* the largest reply that did not fit a segment */
+  pid_t shm_pid;               /* the process the segments belong to (a forked child
+                                  shares their memory with its parent: it never uses them) */
   size_t max_recv, max_send;   /* the channel's message limits, which bind shm messages too */
   pthread_mutex_t note_mu;  /* guards note */
   char note[SL_ERR_MSG_MAX]; /* a change of state to log once ("" when none) */
@@ -94,6 +97,7 @@ int sl_client_create(const char *target, const sl_chan_arg *args, size_t nargs,
   atomic_init(&c->shm_state, SHM_UNKNOWN);
   atomic_init(&c->shm_calls, 0);
   atomic_init(&c->shm_reply_hint, 0);
+  c->shm_pid = getpid();
   c->max_recv = c->max_send = SIZE_MAX;
   for (size_t i = 0; i < nargs; i++) {
     if (args[i].is_string || args[i].ival < 0) continue;
@@ -533,7 +537,7 @@ static int tensor_call(sl_client *c, const char *method, sl_payload *p, const sl
   *seg_out = NULL;
   span->ptr = NULL;
   span->len = 0;
-  if (c->shm == NULL || atomic_load(&c->shm_state) == SHM_OFF ||
+  if (c->shm == NULL || atomic_load(&c->shm_state) == SHM_OFF || getpid() != c->shm_pid ||
       sl_payload_size(p) > SL_SHM_MAX_CAPACITY || sl_payload_size(p) > c->max_send ||
       (sl_payload_size(p) < SL_SHM_MIN_MESSAGE && atomic_load(&c->shm_state) == SHM_ON)) {
     /* a small message once the channel is decided: as fast over gRPC (only the
