@@ -97,8 +97,11 @@ def main() -> None:
                 for _ in range(3):  # warm up: connections, segments, buffers
                     assert torch.equal(call(x), x), name
             times: Dict[str, List[float]] = {name: [] for name in calls}
-            for _ in range(n):
-                for name, call in calls.items():
+            names = list(calls)
+            for i in range(n):
+                # a different order each round: no contender always follows the same one
+                for name in names[i % len(names):] + names[:i % len(names)]:
+                    call = calls[name]
                     t = time.perf_counter()
                     call(x)
                     times[name].append(time.perf_counter() - t)
