@@ -42,6 +42,8 @@ struct sl_client {
   size_t max_recv, max_send;   /* the channel's message limits, which bind shm messages too */
   pthread_mutex_t note_mu;  /* guards note */
   char note[SL_ERR_MSG_MAX]; /* a change of state to log once ("" when none) */
+  atomic_int refs;
+  atomic_int closed; /* sl_client_destroy() ran: calls in flight end CANCELLED */
 };
 
 static void set_note(sl_client *c, const char *fmt, const char *arg) {
@@ -93,6 +95,8 @@ int sl_client_create(const char *target, const sl_chan_arg *args, size_t nargs,
   *out = NULL;
   if (c == NULL) return sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
   grpc_init();
+  atomic_init(&c->refs, 1);
+  atomic_init(&c->closed, 0);
   pthread_mutex_init(&c->note_mu, NULL);
   atomic_init(&c->shm_state, SHM_UNKNOWN);
   atomic_init(&c->shm_calls, 0);
@@ -148,8 +152,20 @@ cleanup:
   return status;
 }
 
+void sl_client_retain(sl_client *c) {
+  if (c != NULL) atomic_fetch_add(&c->refs, 1);
+}
+
 void sl_client_destroy(sl_client *c) {
   if (c == NULL) return;
+  atomic_store(&c->closed, 1);
+  sl_client_release(c);
+}
+
+#define CLOSED_DETAILS "the client was closed while the call was in flight"
+
+void sl_client_release(sl_client *c) {
+  if (c == NULL || atomic_fetch_sub(&c->refs, 1) != 1) return;
   if (c->channel != NULL) grpc_channel_destroy(c->channel);
   sl_shm_pool_free(c->shm);
   pthread_mutex_destroy(&c->note_mu);
@@ -213,7 +229,7 @@ static int attempt(sl_client *c, const char *method, sl_payload *p, double deadl
                    const sl_call_opts *o, shm_call *sc, grpc_byte_buffer **resp,
                    sl_call_status *st, sl_err *err) {
   /* `deadline`: this attempt's, on the sl_now() clock (0: none) */
-  int status = SL_EGRPC, interrupted = 0, tag;
+  int status = SL_EGRPC, interrupted = 0, closed = 0, tag;
   grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
   grpc_call *call = NULL;
   grpc_slice method_slice = grpc_slice_from_static_string(method);
@@ -300,6 +316,9 @@ static int attempt(sl_client *c, const char *method, sl_payload *p, double deadl
     if (!interrupted && o->interrupt != NULL && o->interrupt(o->interrupt_user)) {
       interrupted = 1;
       grpc_call_cancel_with_status(call, GRPC_STATUS_CANCELLED, "interrupted by the caller", NULL);
+    } else if (!interrupted && !closed && atomic_load(&c->closed)) {
+      closed = 1; /* a status, not an interruption: the caller gets CANCELLED */
+      grpc_call_cancel_with_status(call, GRPC_STATUS_CANCELLED, CLOSED_DETAILS, NULL);
     }
   }
   st->bytes_sent += sl_payload_size(p);
@@ -435,6 +454,12 @@ static int attempts(sl_client *c, const char *method, sl_payload *p, const sl_ca
         st->code = SL_STATUS_CANCELLED;
         return SL_EINTR;
       }
+    }
+    if (atomic_load(&c->closed)) {
+      sl_call_status_clear(st);
+      st->code = SL_STATUS_CANCELLED;
+      st->details = sl_strndup(CLOSED_DETAILS, strlen(CLOSED_DETAILS));
+      return SL_ESTATUS;
     }
     retry++;
   }
@@ -683,8 +708,11 @@ int sl_client_compute(sl_client *c, const sl_call_opts *opts, int backward,
     status = sl_tensor_msg_read(resp_kind, &shm_span, 1, out, err);
     sl_shm_pool_release(c->shm, seg, 1, 1);
   } else {
-    status = sl__bbspans_init(resp, &spans, err);
-    if (status == SL_OK) status = sl_tensor_msg_read(resp_kind, spans.spans, spans.n, out, err);
+    status = sl__bbspans_take(&resp, &spans, err);
+    if (status == SL_OK) {
+      sl_span_owner owner = {sl__bbspans_release, &spans};
+      status = sl_tensor_msg_read_owned(resp_kind, spans.spans, spans.n, NULL, &owner, out, err);
+    }
   }
   if (status == SL_OK) status = sl_tensor_msg_decode(out, err);
   if (status != SL_OK) {

@@ -48,6 +48,7 @@
 #define SERVICE_LIVENESS "liveness"
 /* how often the watch thread looks for a changed status (it cannot be woken) */
 #define WATCH_POLL_S 0.05
+#define IDLE_RELEASE_S 1.0 /* quiet after calls before memory is given back */
 /* Stopping: after the drain, wait (within the grace, at most SETTLE_MAX_S) until no
  * call has come for SETTLE_QUIET_S. Shutting gRPC down kills the calls still queued
  * for a worker, and their clients see CANCELLED, which no retry policy retries;
@@ -119,6 +120,8 @@ struct sl_server {
   atomic_llong last_call_us; /* sl_now() in microseconds when a worker last took a call */
   sl_shm_table *shm;         /* clients' shared-memory segments; NULL: refused (shm.h) */
   size_t max_recv, max_send; /* the channel's message limits, which bind shm messages too */
+  atomic_llong last_done_us; /* sl_now() in microseconds when a call last ended */
+  atomic_int used_memory;    /* calls ended since memory was last given back */
 };
 
 typedef struct served served;
@@ -465,6 +468,10 @@ static void tcall_cleanup(sl_server *s, tcall *tc) {
   sl_tensor_msg_clear(&tc->msg);
   if (tc->reserved > 0) atomic_fetch_sub(&s->decoded_in_use, (long long)tc->reserved);
   tc->reserved = 0;
+  if (tc->active) {
+    atomic_store(&s->last_done_us, (long long)(sl_now() * 1e6));
+    atomic_store(&s->used_memory, 1);
+  }
   if (tc->active && atomic_fetch_sub(&s->in_flight, 1) == 1 && !atomic_load(&s->serving)) {
     pthread_mutex_lock(&s->mu);
     pthread_cond_broadcast(&s->cv);
@@ -536,7 +543,7 @@ cleanup:
 /* Compute or ComputeBackward: read the tensor, decode it, run the hook. Returns
  * SL_EAGAIN when the hook deferred the call through `pending` (the reply comes
  * with sl_pending_complete); otherwise the reply is in `r` and tc is clean. */
-static int tcall_begin(sl_server *s, const sl_call_info *ci, const sl__bbspans *in, int backward,
+static int tcall_begin(sl_server *s, const sl_call_info *ci, sl__bbspans *in, int backward,
                        reply *r, tcall *tc, sl_pending *pending) {
   sl_msg_kind req_kind = backward ? SL_MSG_BACKWARD_REQUEST : SL_MSG_COMPUTE_REQUEST;
   sl_compute_args *args = &tc->args;
@@ -554,7 +561,13 @@ static int tcall_begin(sl_server *s, const sl_call_info *ci, const sl__bbspans *
   atomic_fetch_add(&s->total_requests, 1);
   t0 = sl_now();
   r->rec.tensor_call = 1;
-  rc = sl_tensor_msg_read_limited(req_kind, in->spans, in->n, &s->limits, &tc->msg, &r->err);
+  {
+    /* the received message's slices go as their bytes are copied out */
+    sl_span_owner owner = {sl__bbspans_release, in};
+    /* a request in a shared-memory segment (no slices) stays where it is */
+    rc = sl_tensor_msg_read_owned(req_kind, in->spans, in->n, &s->limits,
+                                  in->slices != NULL ? &owner : NULL, &tc->msg, &r->err);
+  }
   if (rc != SL_OK) goto fail;
   if (tc->msg.n_items > 0) {
     snprintf(r->rec.codec, sizeof(r->rec.codec), "%s", tc->msg.items[0].codec);
@@ -830,8 +843,8 @@ static int take_shm_metadata(served *sv, sl_kv *attach, sl_kv *req) {
  * value names (the answer goes in the trailing metadata, the call itself is
  * served from its message as usual), and take the request from the segment a
  * request value names (*in then points into it). Returns SL_OK, or an error in r. */
-static int shm_begin(served *sv, const sl_kv *attach, const sl_kv *req, sl_span *span,
-                     sl__bbspans *in) {
+static int shm_begin(served *sv, const sl_kv *attach, const sl_kv *req,
+                     const sl__bbspans *received, sl_span *span, sl__bbspans *in) {
   sl_server *s = sv->srv;
   call_state *cs = &sv->cs;
   sl_err aerr;
@@ -849,7 +862,8 @@ static int shm_begin(served *sv, const sl_kv *attach, const sl_kv *req, sl_span 
     }
   }
   if (req->key == NULL) return SL_OK;
-  if (grpc_byte_buffer_length(sv->in_bb) != 0) {
+  for (size_t i = 0; i < received->n; i++) {
+    if (received->spans[i].len == 0) continue;
     return sl_err_set(&sv->r.err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
                       "a shared-memory request must carry an empty message");
   }
@@ -951,11 +965,11 @@ static int serve_call(served *sv, grpc_call_details *details, grpc_metadata_arra
                "the call carried no request message");
     goto finish;
   }
-  if (sl__bbspans_init(sv->in_bb, &in, &sv->r.err) != SL_OK) goto finish;
+  if (sl__bbspans_take(&sv->in_bb, &in, &sv->r.err) != SL_OK) goto finish;
 
   if (streq_slice(details->method, METHOD_COMPUTE) || streq_slice(details->method, METHOD_BACKWARD)) {
     int backward = streq_slice(details->method, METHOD_BACKWARD);
-    if (shm_begin(sv, &shm_attach, &shm_req, &shm_span, &shm_in) != SL_OK) goto finish;
+    if (shm_begin(sv, &shm_attach, &shm_req, &in, &shm_span, &shm_in) != SL_OK) goto finish;
     if (tcall_begin(s, &ci, shm_in.spans != NULL ? &shm_in : &in, backward, &sv->r, &sv->tc,
                     (sl_pending *)sv) == SL_EAGAIN) {
       deferred = 1;
@@ -1296,6 +1310,22 @@ static void watcher_free(sl_server *s, watcher *w) {
 /* The watch thread: accepts Watch calls, sends each stream the status whenever it
  * changes (looked at every WATCH_POLL_S), ends every stream once the server stops,
  * and exits when the server has shut down and no stream is left. */
+/* Once calls have ended and IDLE_RELEASE_S of quiet follows (nothing in flight,
+ * no call taken or ended), give memory back: the storage pool's idle blocks and the
+ * allocator's free pages (sl_storage_release_idle). Without it a server that served
+ * a burst of large calls keeps the burst's peak resident while idle. Runs on the
+ * watch thread, which wakes every WATCH_POLL_S anyway. */
+static void release_memory_when_idle(sl_server *s) {
+  long long now_us, quiet_since;
+  if (!atomic_load(&s->used_memory) || atomic_load(&s->in_flight) > 0) return;
+  now_us = (long long)(sl_now() * 1e6);
+  quiet_since = atomic_load(&s->last_done_us);
+  if (atomic_load(&s->last_call_us) > quiet_since) quiet_since = atomic_load(&s->last_call_us);
+  if (now_us - quiet_since < (long long)(IDLE_RELEASE_S * 1e6)) return;
+  atomic_store(&s->used_memory, 0);
+  (void)sl_storage_release_idle(0);
+}
+
 static void *watch_main(void *arg) {
   sl_server *s = arg;
   watcher *list = NULL;
@@ -1335,6 +1365,7 @@ static void *watch_main(void *arg) {
         }
       }
     }
+    release_memory_when_idle(s);
     ending = atomic_load(&s->watch_ending);
     for (watcher **pp = &list; *pp != NULL;) {
       watcher *w = *pp;
@@ -1455,6 +1486,8 @@ int sl_server_create(const sl_server_config *cfg, const sl_server_hooks *hooks, 
   atomic_init(&s->watch_ending, 0);
   atomic_init(&s->watchers, 0);
   atomic_init(&s->last_call_us, 0);
+  atomic_init(&s->last_done_us, 0);
+  atomic_init(&s->used_memory, 0);
   atomic_init(&s->in_flight, 0);
   atomic_init(&s->total_requests, 0);
   status = sl__channel_args_build(cfg->args, cfg->nargs, 1, &s->chargs, err);

@@ -77,6 +77,17 @@ static int ensure_open(client_obj *self) {
   return 0;
 }
 
+/* The core client for one call made without the GIL, with a reference of the
+ * call's own (sl_client_release() it before taking the GIL back): close() on
+ * another thread meanwhile only drops the object's reference. NULL, with
+ * ValueError, when the client is closed. Call it after the last Python code of
+ * the call's set-up (close() may run during any of it). */
+static sl_client *hold_client(client_obj *self) {
+  if (ensure_open(self) < 0) return NULL;
+  sl_client_retain(self->client);
+  return self->client;
+}
+
 /* Raise CallError from a finished call's status. */
 static void raise_call_error(client_obj *self, const sl_call_status *st) {
   PyObject *trailing = slpy_metadata_tuple(st->trailing, st->n_trailing);
@@ -231,6 +242,7 @@ static PyObject *client_shm_stats(client_obj *self, PyObject *unused) {
  * codec, metadata). `form` 0 sends leaves[0] in the single-tensor fields (and
  * leaves[1:] as KV cache pairs), 1 a map by name, 2 a structure (`nodes`). */
 static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwargs) {
+  sl_client *c;
   static char *kwlist[] = {"leaves", "form", "nodes", "timeout", "metadata", "wait_for_ready",
                            "retry", "request_id", "breaker", "backward", "forward_id",
                            "training_mode", "model_id", "learning_rate", "accumulation_step",
@@ -299,11 +311,18 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
   }
   memset(&st, 0, sizeof(st));
   sl_err_clear(&err);
+  c = hold_client(self);
+  if (c == NULL) {
+    sl_tensor_set_release(&in);
+    slpy_setbuf_free(buf);
+    PyMem_Free(ca.md);
+    return NULL;
+  }
   ca.ictx.ts = PyEval_SaveThread();
   /* consumes the tensors of `in` on every path */
-  rc = sl_client_compute(self->client, &ca.opts, backward, &in, &fields, &out, &out_extra, &st,
-                         &err);
+  rc = sl_client_compute(c, &ca.opts, backward, &in, &fields, &out, &out_extra, &st, &err);
   slpy_setbuf_free(buf);
+  sl_client_release(c);
   PyEval_RestoreThread(ca.ictx.ts);
   PyMem_Free(ca.md);
   log_shm_note(self);
@@ -319,6 +338,7 @@ cleanup:
 }
 
 static PyObject *client_health(client_obj *self, PyObject *args, PyObject *kwargs) {
+  sl_client *c;
   static char *kwlist[] = {"timeout", "metadata", "wait_for_ready", "retry", "breaker", NULL};
   PyObject *metadata = Py_None, *retry = Py_None, *breaker = Py_None;
   double timeout = 0;
@@ -337,8 +357,14 @@ static PyObject *client_health(client_obj *self, PyObject *args, PyObject *kwarg
   if (call_args_init(self, &ca, timeout, metadata, wait_for_ready, retry, breaker) < 0) return NULL;
   memset(&st, 0, sizeof(st));
   sl_err_clear(&err);
+  c = hold_client(self);
+  if (c == NULL) {
+    PyMem_Free(ca.md);
+    return NULL;
+  }
   ca.ictx.ts = PyEval_SaveThread();
-  rc = sl_client_health(self->client, &ca.opts, &h, &st, &err);
+  rc = sl_client_health(c, &ca.opts, &h, &st, &err);
+  sl_client_release(c);
   PyEval_RestoreThread(ca.ictx.ts);
   PyMem_Free(ca.md);
   if (rc != SL_OK) {
@@ -354,6 +380,7 @@ static PyObject *client_health(client_obj *self, PyObject *args, PyObject *kwarg
 }
 
 static PyObject *client_service_info(client_obj *self, PyObject *args, PyObject *kwargs) {
+  sl_client *c;
   static char *kwlist[] = {"timeout", "metadata", "wait_for_ready", "retry", "breaker", NULL};
   PyObject *metadata = Py_None, *retry = Py_None, *custom = NULL, *result = NULL;
   PyObject *breaker = Py_None;
@@ -372,8 +399,14 @@ static PyObject *client_service_info(client_obj *self, PyObject *args, PyObject 
   if (call_args_init(self, &ca, timeout, metadata, wait_for_ready, retry, breaker) < 0) return NULL;
   memset(&st, 0, sizeof(st));
   sl_err_clear(&err);
+  c = hold_client(self);
+  if (c == NULL) {
+    PyMem_Free(ca.md);
+    return NULL;
+  }
   ca.ictx.ts = PyEval_SaveThread();
-  rc = sl_client_service_info(self->client, &ca.opts, &r, &st, &err);
+  rc = sl_client_service_info(c, &ca.opts, &r, &st, &err);
+  sl_client_release(c);
   PyEval_RestoreThread(ca.ictx.ts);
   PyMem_Free(ca.md);
   if (rc != SL_OK) {
@@ -403,6 +436,7 @@ cleanup:
 }
 
 static PyObject *client_std_health(client_obj *self, PyObject *args, PyObject *kwargs) {
+  sl_client *c;
   static char *kwlist[] = {"service", "timeout", "metadata", "wait_for_ready", NULL};
   PyObject *metadata = Py_None;
   const char *service = "";
@@ -420,8 +454,14 @@ static PyObject *client_std_health(client_obj *self, PyObject *args, PyObject *k
   if (call_args_init(self, &ca, timeout, metadata, wait_for_ready, Py_None, Py_None) < 0) return NULL;
   memset(&st, 0, sizeof(st));
   sl_err_clear(&err);
+  c = hold_client(self);
+  if (c == NULL) {
+    PyMem_Free(ca.md);
+    return NULL;
+  }
   ca.ictx.ts = PyEval_SaveThread();
-  rc = sl_client_std_health(self->client, &ca.opts, service, &serving, &st, &err);
+  rc = sl_client_std_health(c, &ca.opts, service, &serving, &st, &err);
+  sl_client_release(c);
   PyEval_RestoreThread(ca.ictx.ts);
   PyMem_Free(ca.md);
   if (rc != SL_OK) raise_for(self, rc, &st, &err);
@@ -431,6 +471,7 @@ static PyObject *client_std_health(client_obj *self, PyObject *args, PyObject *k
 }
 
 static PyObject *client_connect(client_obj *self, PyObject *arg) {
+  sl_client *c;
   double timeout = PyFloat_AsDouble(arg);
   interrupt_ctx ictx;
   int rc;
@@ -438,8 +479,11 @@ static PyObject *client_connect(client_obj *self, PyObject *arg) {
   if (ensure_open(self) < 0) return NULL;
   ictx.on_main = PyThread_get_thread_ident() == self->st->main_thread;
   ictx.client = self;
+  c = hold_client(self);
+  if (c == NULL) return NULL;
   ictx.ts = PyEval_SaveThread();
-  rc = sl_client_connect(self->client, timeout, check_interrupt, &ictx);
+  rc = sl_client_connect(c, timeout, check_interrupt, &ictx);
+  sl_client_release(c);
   PyEval_RestoreThread(ictx.ts);
   if (rc == SL_EINTR) {
     if (!PyErr_Occurred()) PyErr_SetString(PyExc_KeyboardInterrupt, "interrupted");
