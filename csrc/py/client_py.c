@@ -538,6 +538,23 @@ typedef struct async_ctx {
   PyObject *breaker;
 } async_ctx;
 
+/* on_retry of an asynchronous call: called without the GIL on the completion
+ * thread, before a retry's delay; `user` is the call's async_ctx (alive until
+ * async_done). Runs the retry hook (Python logging) as report_retry does. */
+static void report_retry_async(void *user, const char *method, int code, const char *details,
+                               int attempt, double delay) {
+  async_ctx *x = user;
+  PyGILState_STATE g;
+  PyObject *r;
+  if (x->client->retry_hook == NULL || slpy_is_finalizing()) return;
+  g = PyGILState_Ensure();
+  r = PyObject_CallFunction(x->client->retry_hook, "OsisId", x->client->target, method, code,
+                            details, attempt, delay);
+  if (r == NULL) PyErr_WriteUnraisable(x->client->retry_hook);
+  Py_XDECREF(r);
+  PyGILState_Release(g);
+}
+
 /* The pending exception as an object (with its traceback), cleared. */
 static PyObject *take_exception(void) {
   PyObject *t, *v, *tb;
@@ -703,6 +720,8 @@ static PyObject *client_compute_async(client_obj *self, PyObject *args, PyObject
   x->client = (client_obj *)Py_NewRef((PyObject *)self);
   x->callback = Py_NewRef(callback);
   x->breaker = breaker == Py_None ? NULL : Py_NewRef(breaker);
+  ca.opts.on_retry = report_retry_async;
+  ca.opts.on_retry_user = x;
   memset(&st, 0, sizeof(st));
   sl_err_clear(&err);
   /* packing (and the built-in codecs' encoding) runs without the GIL; close() may
