@@ -7,6 +7,7 @@
 #include "client.h"
 
 #include <grpc/grpc.h>
+#include <stdatomic.h>
 #include <grpc/grpc_security.h>
 #include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
@@ -18,6 +19,7 @@
 #include "client_internal.h"
 #include "health.pb-c.h"
 #include "methods.h"
+#include "stream.h"
 #include "transport.h"
 
 #define SLICE_S 0.2
@@ -25,7 +27,24 @@
 struct sl_client {
   grpc_channel *channel;
   char *target;
+  atomic_size_t stream_threshold; /* messages of this many bytes and more are streamed */
+  atomic_size_t stream_chunk;     /* bytes of the message per Chunk */
+  atomic_int no_stream[2];        /* the server answered UNIMPLEMENTED to ComputeStream
+                                     [0] / ComputeBackwardStream [1]: unary from now on */
 };
+
+void sl_client_set_streaming(sl_client *c, size_t threshold, size_t chunk) {
+  atomic_store(&c->stream_threshold, threshold);
+  atomic_store(&c->stream_chunk, chunk ? chunk : SL_STREAM_CHUNK_DEFAULT);
+}
+
+void sl_client_streaming(const sl_client *c, size_t *threshold, size_t *chunk, int *no_stream,
+                         int *no_stream_backward) {
+  if (threshold != NULL) *threshold = atomic_load(&c->stream_threshold);
+  if (chunk != NULL) *chunk = atomic_load(&c->stream_chunk);
+  if (no_stream != NULL) *no_stream = atomic_load(&c->no_stream[0]);
+  if (no_stream_backward != NULL) *no_stream_backward = atomic_load(&c->no_stream[1]);
+}
 
 void sl_call_status_clear(sl_call_status *st) {
   int attempts = st->attempts;
@@ -50,6 +69,7 @@ int sl_client_create(const char *target, const sl_chan_arg *args, size_t nargs,
   *out = NULL;
   if (c == NULL) return sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
   grpc_init();
+  sl_client_set_streaming(c, SL_STREAM_THRESHOLD_DEFAULT, SL_STREAM_CHUNK_DEFAULT);
   c->target = sl_strndup(target, strlen(target));
   if (c->target == NULL) {
     status = sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
@@ -247,6 +267,213 @@ cleanup:
   return status;
 }
 
+/* Request metadata as gRPC metadata (the caller frees it with md_free). */
+static grpc_metadata *md_make(const sl_call_opts *o) {
+  grpc_metadata *md = calloc(o->n_metadata ? o->n_metadata : 1, sizeof(*md));
+  if (md == NULL) return NULL;
+  for (size_t i = 0; i < o->n_metadata; i++) {
+    md[i].key = grpc_slice_from_copied_string(o->metadata[i].key);
+    md[i].value = grpc_slice_from_copied_buffer(o->metadata[i].value, o->metadata[i].value_len);
+  }
+  return md;
+}
+
+static void md_free(grpc_metadata *md, size_t n) {
+  if (md == NULL) return;
+  for (size_t i = 0; i < n; i++) {
+    grpc_slice_unref(md[i].key);
+    grpc_slice_unref(md[i].value);
+  }
+  free(md);
+}
+
+/* One streamed attempt (ComputeStream / ComputeBackwardStream): `p` goes out as
+ * Chunks of `chunk` bytes, one send at a time, while the response's Chunks come in
+ * and are copied into place by `rx` (each one while the next is on the wire).
+ * Returns like attempt(); on SL_OK with status OK, rx holds the whole response
+ * (sl_stream_rx_spans done). A response that does not assemble cancels the call
+ * and fails locally (INTERNAL, in `err`). */
+static int attempt_stream(sl_client *c, const char *method, sl_payload *p, size_t chunk,
+                          double deadline, const sl_call_opts *o, sl_stream_rx *rx,
+                          sl_call_status *st, sl_err *err) {
+  int status = SL_EGRPC, interrupted = 0, bad = 0;
+  int send_tag, recv_tag, status_tag;
+  int sending = 0, receiving = 0, have_status = 0, status_started = 0;
+  grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
+  grpc_call *call = NULL;
+  grpc_slice method_slice = grpc_slice_from_static_string(method);
+  grpc_metadata *md = NULL;
+  grpc_metadata_array initial, trailing;
+  grpc_byte_buffer *send_bb = NULL, *recv_bb = NULL;
+  grpc_status_code code = GRPC_STATUS_UNKNOWN;
+  grpc_slice details = grpc_empty_slice();
+  const char *error_string = NULL;
+  size_t total = sl_payload_size(p), nch = sl_stream_chunks(total, chunk), next = 0;
+  grpc_op ops[3];
+  grpc_call_error ce;
+  sl_err rx_err;
+  gpr_timespec dl = deadline > 0 ? sl__deadline_in(deadline - sl_now() > 1e-6 ? deadline - sl_now() : 1e-6)
+                                 : gpr_inf_future(GPR_CLOCK_MONOTONIC);
+
+  sl_err_clear(&rx_err);
+  grpc_metadata_array_init(&initial);
+  grpc_metadata_array_init(&trailing);
+  if (cq == NULL) goto cleanup;
+  md = md_make(o);
+  call = grpc_channel_create_call(c->channel, NULL, GRPC_PROPAGATE_DEFAULTS, cq, method_slice,
+                                  NULL, dl, NULL);
+  if (md == NULL || call == NULL) {
+    status = sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "could not create a call");
+    goto cleanup;
+  }
+  memset(ops, 0, sizeof(ops));
+  ops[0].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+  ops[0].data.recv_status_on_client.trailing_metadata = &trailing;
+  ops[0].data.recv_status_on_client.status = &code;
+  ops[0].data.recv_status_on_client.status_details = &details;
+  ops[0].data.recv_status_on_client.error_string = &error_string;
+  ce = grpc_call_start_batch(call, ops, 1, &status_tag, NULL);
+  status_started = ce == GRPC_CALL_OK;
+  if (ce == GRPC_CALL_OK) {
+    memset(ops, 0, sizeof(ops));
+    ops[0].op = GRPC_OP_RECV_INITIAL_METADATA;
+    ops[0].data.recv_initial_metadata.recv_initial_metadata = &initial;
+    ops[1].op = GRPC_OP_RECV_MESSAGE;
+    ops[1].data.recv_message.recv_message = &recv_bb;
+    ce = grpc_call_start_batch(call, ops, 2, &recv_tag, NULL);
+    receiving = ce == GRPC_CALL_OK;
+  }
+  if (ce == GRPC_CALL_OK) {
+    send_bb = sl__payload_chunk_byte_buffer(p, 0, chunk < total ? chunk : total);
+    if (send_bb == NULL) {
+      grpc_call_cancel(call, NULL);
+    } else {
+      memset(ops, 0, sizeof(ops));
+      ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+      ops[0].data.send_initial_metadata.count = o->n_metadata;
+      ops[0].data.send_initial_metadata.metadata = md;
+      ops[0].flags = o->wait_for_ready ? GRPC_INITIAL_METADATA_WAIT_FOR_READY |
+                                             GRPC_INITIAL_METADATA_WAIT_FOR_READY_EXPLICITLY_SET
+                                       : 0;
+      ops[1].op = GRPC_OP_SEND_MESSAGE;
+      ops[1].data.send_message.send_message = send_bb;
+      ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+      next = 1;
+      ce = grpc_call_start_batch(call, ops, nch == 1 ? 3 : 2, &send_tag, NULL);
+      sending = ce == GRPC_CALL_OK;
+    }
+  }
+  if (ce != GRPC_CALL_OK) {
+    /* the status batch may be pending: cancel, then drain below */
+    grpc_call_cancel(call, NULL);
+    if (ce == GRPC_CALL_ERROR_INVALID_METADATA) {
+      sl_err_set(&rx_err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                 "invalid request metadata (keys must be lowercase ASCII; binary values need a "
+                 "key ending in -bin)");
+      bad = 1;
+    }
+  }
+  if (!status_started) {
+    status = sl_err_set(err, SL_EGRPC, SL_STATUS_INTERNAL, "could not start the call");
+    goto cleanup;
+  }
+  while (sending || receiving || !have_status) {
+    grpc_event ev = grpc_completion_queue_next(cq, sl__deadline_in(SLICE_S), NULL);
+    if (ev.type != GRPC_OP_COMPLETE) {
+      if (!interrupted && o->interrupt != NULL && o->interrupt(o->interrupt_user)) {
+        interrupted = 1;
+        grpc_call_cancel_with_status(call, GRPC_STATUS_CANCELLED, "interrupted by the caller",
+                                     NULL);
+      }
+      continue;
+    }
+    if (ev.tag == &status_tag) {
+      have_status = 1;
+    } else if (ev.tag == &send_tag) {
+      grpc_byte_buffer_destroy(send_bb);
+      send_bb = NULL;
+      sending = 0;
+      if (ev.success && next < nch) {
+        size_t off = next * chunk, n = total - off < chunk ? total - off : chunk;
+        send_bb = sl__payload_chunk_byte_buffer(p, off, n);
+        if (send_bb == NULL) {
+          grpc_call_cancel(call, NULL);
+          continue;
+        }
+        memset(ops, 0, sizeof(ops));
+        ops[0].op = GRPC_OP_SEND_MESSAGE;
+        ops[0].data.send_message.send_message = send_bb;
+        ops[1].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+        next++;
+        sending = grpc_call_start_batch(call, ops, next == nch ? 2 : 1, &send_tag, NULL) ==
+                  GRPC_CALL_OK;
+        if (!sending) grpc_call_cancel(call, NULL);
+      }
+    } else if (ev.tag == &recv_tag) {
+      grpc_byte_buffer *got = recv_bb;
+      recv_bb = NULL;
+      receiving = 0;
+      if (got == NULL) continue; /* the response stream ended (or the call broke) */
+      st->bytes_received += grpc_byte_buffer_length(got);
+      if (!bad) {
+        /* the next chunk's receive first, then this one's copy */
+        memset(ops, 0, sizeof(ops));
+        ops[0].op = GRPC_OP_RECV_MESSAGE;
+        ops[0].data.recv_message.recv_message = &recv_bb;
+        receiving = grpc_call_start_batch(call, ops, 1, &recv_tag, NULL) == GRPC_CALL_OK;
+        {
+          sl__bbspans sp;
+          if (sl__bbspans_init(got, &sp, &rx_err) != SL_OK ||
+              sl_stream_rx_feed_chunk(rx, sp.spans, sp.n, &rx_err) != SL_OK) {
+            bad = 1;
+            grpc_call_cancel(call, NULL);
+          }
+          sl__bbspans_clear(&sp);
+        }
+      }
+      grpc_byte_buffer_destroy(got);
+    }
+  }
+  st->bytes_sent += total;
+  st->code = (int)code;
+  st->details = sl__slice_strdup(details);
+  if (st->details != NULL) sl_utf8_sanitize(st->details);
+  if (error_string != NULL) st->debug = sl_strndup(error_string, strlen(error_string));
+  if (sl__kv_from_metadata(&trailing, &st->trailing, &st->n_trailing) != SL_OK ||
+      sl__kv_from_metadata(&initial, &st->initial, &st->n_initial) != SL_OK ||
+      st->details == NULL) {
+    status = sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+    goto cleanup;
+  }
+  if (interrupted) {
+    status = SL_EINTR;
+  } else if (bad) {
+    char inner[SL_ERR_MSG_MAX];
+    memcpy(inner, rx_err.msg, sizeof(inner));
+    status = sl_err_set(err, rx_err.status ? rx_err.status : SL_EINVAL,
+                        rx_err.code == SL_STATUS_INVALID_ARGUMENT ? SL_STATUS_INVALID_ARGUMENT
+                                                                  : SL_STATUS_INTERNAL,
+                        "%.480s", inner);
+    if (rx_err.code != SL_STATUS_INVALID_ARGUMENT) {
+      sl_err_set(err, err->status, SL_STATUS_INTERNAL, "bad response from the server: %.400s",
+                 inner);
+    }
+  } else {
+    status = SL_OK;
+  }
+cleanup:
+  if (error_string != NULL) gpr_free((void *)error_string);
+  grpc_slice_unref(details);
+  if (send_bb != NULL) grpc_byte_buffer_destroy(send_bb);
+  if (recv_bb != NULL) grpc_byte_buffer_destroy(recv_bb);
+  if (call != NULL) grpc_call_unref(call);
+  md_free(md, o->n_metadata);
+  grpc_metadata_array_destroy(&initial);
+  grpc_metadata_array_destroy(&trailing);
+  if (cq != NULL) destroy_queue(cq);
+  return status;
+}
+
 /* Sleep `seconds` before a retry, in slices, asking the interrupt hook between
  * them, and drive the channel meanwhile: ask it to connect and poll a queue that
  * watches its state. With Debian's gRPC (iomgr) a connection attempt advances
@@ -287,6 +514,14 @@ static int sleep_sliced(sl_client *c, double seconds, const sl_call_opts *o) {
   return status;
 }
 
+/* A call that may be streamed: where the response goes and which method. */
+typedef struct sl__streaming {
+  sl_stream_rx *rx;    /* NULL: unary */
+  const char *method;  /* the streaming method's path */
+  size_t chunk;
+  int backward;
+} sl__streaming;
+
 /* A name that does not resolve fails the same way on every attempt: retrying it
  * only delays the error (gRPC words it "DNS resolution failed for ..."). */
 static int is_dns_failure(const sl_call_status *st) {
@@ -299,10 +534,11 @@ static int is_dns_failure(const sl_call_status *st) {
  * (status OK, *resp set), SL_ESTATUS (non-OK status in st), SL_EINTR, or a local
  * failure. */
 static int attempts(sl_client *c, const char *method, sl_payload *p, const sl_call_opts *o,
-                    grpc_byte_buffer **resp, sl_call_status *st, sl_err *err) {
+                    const sl__streaming *sm, grpc_byte_buffer **resp, sl_call_status *st,
+                    sl_err *err) {
   double deadline = o->timeout > 0 ? sl_now() + o->timeout : 0;
   uint64_t rng = (uint64_t)(uintptr_t)st ^ (uint64_t)(sl_now() * 1e9);
-  int retry = 0;
+  int retry = 0, streaming = sm != NULL && sm->rx != NULL;
   for (;;) {
     int rc;
     double attempt_deadline = deadline;
@@ -312,14 +548,43 @@ static int attempts(sl_client *c, const char *method, sl_payload *p, const sl_ca
     }
     sl_call_status_clear(st);
     st->attempts = retry + 1;
-    rc = attempt(c, method, p, attempt_deadline, o, resp, st, err);
+    if (streaming) {
+      sl_stream_rx_clear(sm->rx); /* what an earlier attempt received */
+      rc = attempt_stream(c, sm->method, p, sm->chunk, attempt_deadline, o, sm->rx, st, err);
+      if (rc == SL_OK && st->code == SL_STATUS_UNIMPLEMENTED) {
+        /* a server without the streaming method (an older one, or another gRPC
+         * stack): the unary method from now on, on this client */
+        atomic_store(&c->no_stream[sm->backward], 1);
+        streaming = 0;
+        sm->rx->chunks = 0;
+        if (sl_payload_size(p) > SL_MAX_MESSAGE_BYTES) {
+          return sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,
+                            "the server does not know %s and the request (%zu bytes) is over "
+                            "gRPC's message limit of %zu bytes (2 GiB - 1) for the unary method",
+                            sm->method, sl_payload_size(p), SL_MAX_MESSAGE_BYTES);
+        }
+        continue;
+      }
+      if (rc == SL_OK && st->code == SL_STATUS_OK) {
+        rc = sl_stream_rx_spans(sm->rx, err);
+        if (rc != SL_OK) {
+          char inner[SL_ERR_MSG_MAX];
+          memcpy(inner, err->msg, sizeof(inner));
+          return sl_err_set(err, rc, SL_STATUS_INTERNAL, "bad response from the server: %.400s",
+                            inner);
+        }
+        if (sm->rx->chunks > 0) return SL_OK;
+      }
+    } else {
+      rc = attempt(c, method, p, attempt_deadline, o, resp, st, err);
+    }
     if (rc == SL_EINTR) {
       st->code = SL_STATUS_CANCELLED;
       return rc;
     }
     if (rc != SL_OK) return rc;
     if (st->code == SL_STATUS_OK) {
-      if (*resp != NULL) return SL_OK;
+      if (!streaming && *resp != NULL) return SL_OK;
       st->code = SL_STATUS_INTERNAL;
       free(st->details);
       st->details = sl_strndup("the server ended the call without a response message", 52);
@@ -351,7 +616,8 @@ static int attempts(sl_client *c, const char *method, sl_payload *p, const sl_ca
 
 /* A unary call: the circuit breaker (if any), then the attempts. */
 static int unary(sl_client *c, const char *method, sl_payload *p, const sl_call_opts *o,
-                 grpc_byte_buffer **resp, sl_call_status *st, sl_err *err) {
+                 const sl__streaming *sm, grpc_byte_buffer **resp, sl_call_status *st,
+                 sl_err *err) {
   int rc;
   if (o->breaker != NULL) {
     double now = sl_now(), retry_at = 0;
@@ -366,7 +632,7 @@ static int unary(sl_client *c, const char *method, sl_payload *p, const sl_call_
       return SL_ESTATUS;
     }
   }
-  rc = attempts(c, method, p, o, resp, st, err);
+  rc = attempts(c, method, p, o, sm, resp, st, err);
   if (o->breaker != NULL && (rc == SL_OK || rc == SL_ESTATUS)) {
     sl_breaker_record(o->breaker, rc == SL_OK ? SL_STATUS_OK : st->code, sl_now());
   }
@@ -386,10 +652,14 @@ int sl_client_compute(sl_client *c, const sl_call_opts *opts, int backward,
   sl_payload *p = NULL;
   grpc_byte_buffer *resp = NULL;
   sl__bbspans spans = {0};
+  sl_stream_rx rx;
+  sl__streaming sm = {NULL, NULL, 0, 0};
+  int can_stream = atomic_load(&c->stream_threshold) < SIZE_MAX && !atomic_load(&c->no_stream[backward]);
 
+  sl_stream_rx_init(&rx, SL_MAX_DECODED_BYTES);
   memset(out, 0, sizeof(*out));
   memset(extra_out, 0, sizeof(*extra_out));
-  for (size_t i = 0; i < in->n; i++) {
+  for (size_t i = 0; i < in->n && !can_stream; i++) {
     if (in->items[i].nbytes > SL_MAX_MESSAGE_BYTES - 64) {
       size_t nb = in->items[i].nbytes;
       sl_tensor_set_release(in);
@@ -400,12 +670,32 @@ int sl_client_compute(sl_client *c, const sl_call_opts *opts, int backward,
     }
   }
   if (fields != NULL) sl_call_fields_to_request(req_kind, header, fields);
-  status = sl_tensor_set_pack(req_kind, header, in, &p, err);
+  status = sl_tensor_set_pack_max(req_kind, header, in,
+                                  can_stream ? SL_MAX_DECODED_BYTES : SL_MAX_MESSAGE_BYTES, &p, err);
   if (status != SL_OK) return status;
-  status = unary(c, method, p, opts, &resp, st, err);
+  if (sl_payload_size(p) >= atomic_load(&c->stream_threshold) &&
+      !atomic_load(&c->no_stream[backward])) {
+    sm.rx = &rx;
+    sm.method = backward ? SL_METHOD_PATH_BACKWARD_STREAM : SL_METHOD_PATH_COMPUTE_STREAM;
+    sm.chunk = atomic_load(&c->stream_chunk);
+    sm.backward = backward;
+  } else if (sl_payload_size(p) > SL_MAX_MESSAGE_BYTES) {
+    status = sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,
+                        "the request (%zu bytes) is over gRPC's message limit of %zu bytes (2 GiB "
+                        "- 1) and streaming is off for this server; split the tensor or use a "
+                        "compressing codec",
+                        sl_payload_size(p), SL_MAX_MESSAGE_BYTES);
+    goto cleanup;
+  }
+  status = unary(c, method, p, opts, &sm, &resp, st, err);
   if (status != SL_OK) goto cleanup;
-  status = sl__bbspans_init(resp, &spans, err);
-  if (status == SL_OK) status = sl_tensor_msg_read(resp_kind, spans.spans, spans.n, out, err);
+  if (resp == NULL) {
+    /* streamed: each tensor is already in its own storage */
+    status = sl_tensor_msg_read_adopt(resp_kind, rx.spans, rx.n_spans, NULL, rx.owned, out, err);
+  } else {
+    status = sl__bbspans_init(resp, &spans, err);
+    if (status == SL_OK) status = sl_tensor_msg_read(resp_kind, spans.spans, spans.n, out, err);
+  }
   if (status == SL_OK) status = sl_tensor_msg_decode(out, err);
   if (status != SL_OK) {
     char inner[SL_ERR_MSG_MAX];
@@ -432,6 +722,7 @@ int sl_client_compute(sl_client *c, const sl_call_opts *opts, int backward,
   }
 cleanup:
   sl__bbspans_clear(&spans);
+  sl_stream_rx_clear(&rx);
   if (resp != NULL) grpc_byte_buffer_destroy(resp);
   sl_payload_unref(p); /* the releases run once gRPC has let go of the bytes too */
   return status;
@@ -452,7 +743,7 @@ static int small_call(sl_client *c, const sl_call_opts *opts, const char *method
   protobuf_c_message_pack(req, buf);
   status = sl_payload_new(buf, len, NULL, 0, NULL, NULL, &p); /* takes buf, failing or not */
   if (status != SL_OK) return sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
-  status = unary(c, method, p, opts, &resp, st, err);
+  status = unary(c, method, p, opts, NULL, &resp, st, err);
   if (status != SL_OK) goto cleanup;
   status = sl__bb_readall(resp, &rbuf, &rlen);
   if (status != SL_OK) {

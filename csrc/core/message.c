@@ -295,7 +295,19 @@ static const char *known_dtypes(void) { return sl_dtype_names(); }
 /* Allocate an item's storage and copy its bytes there: the one copy of the
  * receive path, slices straight into the final storage. */
 static int item_fill(sl_tensor_item *it, const sl_span *spans, size_t nspans, size_t span,
-                     size_t off, size_t len, sl_err *err) {
+                     size_t off, size_t len, void **adopt, sl_err *err) {
+  while (span + 1 < nspans && off == spans[span].len) {
+    span++;
+    off = 0;
+  }
+  if (adopt != NULL && len > 0 && span < nspans && off == 0 && spans[span].len == len &&
+      adopt[span] != NULL) {
+    /* a streamed tensor already copied into its own storage: take it over */
+    it->data = adopt[span];
+    adopt[span] = NULL;
+    it->nbytes = len;
+    return SL_OK;
+  }
   if (sl_storage_alloc(len, &it->data) != SL_OK) {
     return sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED,
                       "out of memory allocating %zu bytes for a received tensor", len);
@@ -315,7 +327,8 @@ static int item_raw_check(sl_tensor_item *it, size_t len, sl_err *err) {
 
 /* The single form: the original contract's tensor (fields 1, 2, 16-18). */
 static int read_single(sl_msg_kind kind, const sl_span *spans, size_t nspans,
-                       const sl_wire_split_result *split, sl_tensor_msg *out, sl_err *err) {
+                       const sl_wire_split_result *split, void **adopt, sl_tensor_msg *out,
+                       sl_err *err) {
   sl_tensor_fields f;
   sl_dtype dtype;
   size_t need = 0;
@@ -337,7 +350,8 @@ static int read_single(sl_msg_kind kind, const sl_span *spans, size_t nspans,
   if (status != SL_OK) return status;
   status = meta_from_wire(kind, out->header, &it->meta, err);
   if (status != SL_OK) return status;
-  return item_fill(it, spans, nspans, split->data_span, split->data_off, split->data_len, err);
+  return item_fill(it, spans, nspans, split->data_span, split->data_off, split->data_len, adopt,
+                   err);
 }
 
 /* One KVCacheEntry (the original's format: raw float32 key and value). */
@@ -386,10 +400,10 @@ static int read_kv_entry(const sl_span *spans, size_t nspans, const sl_wire_occ 
     goto cleanup;
   }
   status = item_fill(key, sub, nsub, kocc ? kocc->span : 0, kocc ? kocc->off : 0,
-                     kocc ? kocc->len : 0, err);
+                     kocc ? kocc->len : 0, NULL, err);
   if (status == SL_OK) {
     status = item_fill(value, sub, nsub, vocc ? vocc->span : 0, vocc ? vocc->off : 0,
-                       vocc ? vocc->len : 0, err);
+                       vocc ? vocc->len : 0, NULL, err);
   }
 cleanup:
   if (e != NULL) splitlearn__comm__kvcache_entry__free_unpacked(e, NULL);
@@ -505,7 +519,7 @@ int sl_structure_check(const sl_node *nodes, size_t n, size_t n_tensors, int max
  * structure (21). */
 static int read_named(sl_msg_kind kind, const sl_span *spans, size_t nspans,
                       const sl_wire_split_result *split, const sl_msg_limits *lim,
-                      sl_tensor_msg *out, sl_err *err) {
+                      void **adopt, sl_tensor_msg *out, sl_err *err) {
   sl_tensor_fields f;
   size_t n_data = 0, k = 0;
   const char **names = NULL;
@@ -589,7 +603,7 @@ static int read_named(sl_msg_kind kind, const sl_span *spans, size_t nspans,
     meta_fields_of_named(d, &mf);
     status = meta_from_fields(&mf, &it->meta, err);
     if (status != SL_OK) goto cleanup;
-    status = item_fill(it, spans, nspans, occ->span, occ->off, occ->len, err);
+    status = item_fill(it, spans, nspans, occ->span, occ->off, occ->len, adopt, err);
     if (status != SL_OK) goto cleanup;
   }
   if (find_duplicate(names, out->n_items, &dup) != SL_OK) goto oom;
@@ -631,6 +645,12 @@ int sl_tensor_msg_read(sl_msg_kind kind, const sl_span *spans, size_t nspans, sl
 
 int sl_tensor_msg_read_limited(sl_msg_kind kind, const sl_span *spans, size_t nspans,
                                const sl_msg_limits *limits, sl_tensor_msg *out, sl_err *err) {
+  return sl_tensor_msg_read_adopt(kind, spans, nspans, limits, NULL, out, err);
+}
+
+int sl_tensor_msg_read_adopt(sl_msg_kind kind, const sl_span *spans, size_t nspans,
+                             const sl_msg_limits *limits, void **adopt, sl_tensor_msg *out,
+                             sl_err *err) {
   int status = SL_EINVAL;
   sl_wire_split_result split;
   sl_tensor_fields f;
@@ -666,7 +686,7 @@ int sl_tensor_msg_read_limited(sl_msg_kind kind, const sl_span *spans, size_t ns
                           kind_name(kind));
       goto cleanup;
     }
-    status = read_named(kind, spans, nspans, &split, &lim, out, err);
+    status = read_named(kind, spans, nspans, &split, &lim, adopt, out, err);
     goto cleanup;
   }
   if (2 * n_kv + 1 > lim.max_tensors) {
@@ -684,7 +704,7 @@ int sl_tensor_msg_read_limited(sl_msg_kind kind, const sl_span *spans, size_t ns
   }
   out->n_items = 1 + 2 * n_kv;
   out->n_kv = n_kv;
-  status = read_single(kind, spans, nspans, &split, out, err);
+  status = read_single(kind, spans, nspans, &split, adopt, out, err);
   for (size_t i = 0, e = 0; status == SL_OK && i < split.n_occ; i++) {
     if (split.occ[i].field != bulk[1]) continue;
     status = read_kv_entry(spans, nspans, &split.occ[i], e, &out->items[1 + 2 * e],
@@ -862,6 +882,11 @@ static size_t shape32_len(uint32_t field, const sl_tensor_desc *d) {
 
 int sl_tensor_set_pack(sl_msg_kind kind, ProtobufCMessage *header, const sl_tensor_set *set,
                        sl_payload **out, sl_err *err) {
+  return sl_tensor_set_pack_max(kind, header, set, SL_MAX_MESSAGE_BYTES, out, err);
+}
+
+int sl_tensor_set_pack_max(sl_msg_kind kind, ProtobufCMessage *header, const sl_tensor_set *set,
+                           size_t max_bytes, sl_payload **out, sl_err *err) {
   int status = SL_EINVAL;
   size_t n = set->n, hlen, blen = 0, total, nsegs = 0;
   prepared *pr = NULL;
@@ -1030,17 +1055,23 @@ int sl_tensor_set_pack(sl_msg_kind kind, ProtobufCMessage *header, const sl_tens
   }
   total = blen;
   for (size_t i = 0; i < nsegs; i++) {
-    if (segs[i].len > SL_MAX_MESSAGE_BYTES - total) {
+    if (segs[i].len > max_bytes - total) {
       total = SIZE_MAX;
       break;
     }
     total += segs[i].len;
   }
-  if (total > SL_MAX_MESSAGE_BYTES) {
-    status = sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,
-                        "%s of more than %zu bytes is over gRPC's message limit of %zu bytes "
-                        "(2 GiB - 1); split the tensors or use a compressing codec",
-                        kind_name(kind), SL_MAX_MESSAGE_BYTES, SL_MAX_MESSAGE_BYTES);
+  if (total > max_bytes) {
+    if (max_bytes == SL_MAX_MESSAGE_BYTES) {
+      status = sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,
+                          "%s of more than %zu bytes is over gRPC's message limit of %zu bytes "
+                          "(2 GiB - 1); split the tensors or use a compressing codec",
+                          kind_name(kind), SL_MAX_MESSAGE_BYTES, SL_MAX_MESSAGE_BYTES);
+    } else {
+      status = sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,
+                          "%s of more than %zu bytes is over the limit of a streamed message",
+                          kind_name(kind), max_bytes);
+    }
     goto cleanup;
   }
   /* the releases move from pr[] to the segments (their data pointers are pr's) */
