@@ -29,6 +29,8 @@ struct sl_client {
   char *target;
   atomic_size_t stream_threshold; /* messages of this many bytes and more are streamed */
   atomic_size_t stream_chunk;     /* bytes of the message per Chunk */
+  size_t max_send, max_recv;      /* grpc.max_{send,receive}_message_length when set:
+                                     they bound streamed messages too */
   atomic_int no_stream[2];        /* the server answered UNIMPLEMENTED to ComputeStream
                                      [0] / ComputeBackwardStream [1]: unary from now on */
 };
@@ -70,6 +72,12 @@ int sl_client_create(const char *target, const sl_chan_arg *args, size_t nargs,
   if (c == NULL) return sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
   grpc_init();
   sl_client_set_streaming(c, SL_STREAM_THRESHOLD_DEFAULT, SL_STREAM_CHUNK_DEFAULT);
+  c->max_send = c->max_recv = SL_MAX_DECODED_BYTES;
+  for (size_t i = 0; i < nargs; i++) {
+    if (args[i].is_string || args[i].ival < 0) continue;
+    if (strcmp(args[i].key, GRPC_ARG_MAX_SEND_MESSAGE_LENGTH) == 0) c->max_send = (size_t)args[i].ival;
+    if (strcmp(args[i].key, GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH) == 0) c->max_recv = (size_t)args[i].ival;
+  }
   c->target = sl_strndup(target, strlen(target));
   if (c->target == NULL) {
     status = sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
@@ -447,17 +455,19 @@ static int attempt_stream(sl_client *c, const char *method, sl_payload *p, size_
   }
   if (interrupted) {
     status = SL_EINTR;
+  } else if (bad && rx_err.code == SL_STATUS_RESOURCE_EXHAUSTED) {
+    /* over this client's receive limit: the status a unary reply over it gets */
+    free(st->details);
+    st->details = sl_strndup(rx_err.msg, strlen(rx_err.msg));
+    st->code = SL_STATUS_RESOURCE_EXHAUSTED;
+    status = st->details != NULL ? SL_OK
+                                 : sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED,
+                                              "out of memory");
+  } else if (bad && rx_err.code == SL_STATUS_INVALID_ARGUMENT && st->bytes_received == 0) {
+    status = sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT, "%s", rx_err.msg);
   } else if (bad) {
-    char inner[SL_ERR_MSG_MAX];
-    memcpy(inner, rx_err.msg, sizeof(inner));
-    status = sl_err_set(err, rx_err.status ? rx_err.status : SL_EINVAL,
-                        rx_err.code == SL_STATUS_INVALID_ARGUMENT ? SL_STATUS_INVALID_ARGUMENT
-                                                                  : SL_STATUS_INTERNAL,
-                        "%.480s", inner);
-    if (rx_err.code != SL_STATUS_INVALID_ARGUMENT) {
-      sl_err_set(err, err->status, SL_STATUS_INTERNAL, "bad response from the server: %.400s",
-                 inner);
-    }
+    status = sl_err_set(err, SL_EINVAL, SL_STATUS_INTERNAL, "bad response from the server: %.400s",
+                        rx_err.msg);
   } else {
     status = SL_OK;
   }
@@ -656,7 +666,7 @@ int sl_client_compute(sl_client *c, const sl_call_opts *opts, int backward,
   sl__streaming sm = {NULL, NULL, 0, 0};
   int can_stream = atomic_load(&c->stream_threshold) < SIZE_MAX && !atomic_load(&c->no_stream[backward]);
 
-  sl_stream_rx_init(&rx, SL_MAX_DECODED_BYTES);
+  sl_stream_rx_init(&rx, c->max_recv);
   memset(out, 0, sizeof(*out));
   memset(extra_out, 0, sizeof(*extra_out));
   for (size_t i = 0; i < in->n && !can_stream; i++) {
@@ -675,6 +685,14 @@ int sl_client_compute(sl_client *c, const sl_call_opts *opts, int backward,
   if (status != SL_OK) return status;
   if (sl_payload_size(p) >= atomic_load(&c->stream_threshold) &&
       !atomic_load(&c->no_stream[backward])) {
+    if (sl_payload_size(p) > c->max_send) {
+      /* what gRPC says of a unary message over it */
+      status = sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,
+                          "the request (%zu bytes) is over this client's limit of %zu bytes "
+                          "(grpc.max_send_message_length)",
+                          sl_payload_size(p), c->max_send);
+      goto cleanup;
+    }
     sm.rx = &rx;
     sm.method = backward ? SL_METHOD_PATH_BACKWARD_STREAM : SL_METHOD_PATH_COMPUTE_STREAM;
     sm.chunk = atomic_load(&c->stream_chunk);

@@ -99,6 +99,8 @@ struct sl_server {
   grpc_server_credentials *creds;
   sl_metrics *metrics;
   size_t max_decoded;
+  size_t max_stream;     /* bytes of one streamed request: max_decoded, or less when
+                            grpc.max_receive_message_length says so */
   atomic_llong decoded_in_use;
   sl_msg_limits limits;
   double started_at;
@@ -834,7 +836,7 @@ static int receive_stream(served *sv, sl_stream_rx *rx) {
   int rc = SL_OK, gone = 0;
   sv->in_bb = NULL;
   sv->r.rec.bytes_in = 0;
-  sl_stream_rx_init(rx, s->max_decoded);
+  sl_stream_rx_init(rx, s->max_stream);
   while (cur != NULL) {
     grpc_byte_buffer *next = NULL;
     grpc_op op;
@@ -866,6 +868,13 @@ static int receive_stream(served *sv, sl_stream_rx *rx) {
     cur = next;
   }
   if (rc != SL_OK) return rc; /* stop reading: the status ends the call */
+  if (!gone && sv->cs.started && !sv->cs.closed) {
+    /* the stream ended: a half-close, or a cancel whose close event may be queued
+     * already (a cancelled call's pending receive ends with no message too) */
+    int success = 0;
+    next_event(&sv->cs, gpr_time_0(GPR_CLOCK_REALTIME), &success);
+  }
+  if (sv->cs.closed) gone = 1;
   if (gone) {
     sv->no_message = 1;
     return sl_err_set(&sv->r.err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
@@ -873,7 +882,11 @@ static int receive_stream(served *sv, sl_stream_rx *rx) {
                       "%zu chunks)",
                       rx->total, rx->chunks);
   }
-  return sl_stream_rx_spans(rx, &sv->r.err);
+  rc = sl_stream_rx_spans(rx, &sv->r.err);
+  /* a message cut short: its client left during the upload (CANCELLED in the
+   * metrics when the close says so), or sent a truncated one */
+  if (rc != SL_OK) sv->no_message = 1;
+  return rc;
 }
 
 /* Serve one call bound to sv->cq. Returns 1 when the compute hook deferred it:
@@ -1466,6 +1479,15 @@ int sl_server_create(const sl_server_config *cfg, const sl_server_hooks *hooks, 
   atomic_init(&s->total_requests, 0);
   status = sl__channel_args_build(cfg->args, cfg->nargs, 1, &s->chargs, err);
   if (status != SL_OK) goto cleanup;
+  s->max_stream = s->max_decoded;
+  for (size_t i = 0; i < cfg->nargs; i++) {
+    /* a receive limit the user set bounds streamed requests too */
+    if (!cfg->args[i].is_string && cfg->args[i].ival >= 0 &&
+        strcmp(cfg->args[i].key, GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH) == 0 &&
+        (size_t)cfg->args[i].ival < s->max_stream) {
+      s->max_stream = (size_t)cfg->args[i].ival;
+    }
+  }
   if (sl_metrics_create(&s->metrics) != SL_OK) goto oom;
   grpc_init();
   s->grpc_inited = 1;
