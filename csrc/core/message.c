@@ -880,6 +880,12 @@ static size_t shape32_len(uint32_t field, const sl_tensor_desc *d) {
 /* Most block bytes one KV entry adds: entry prefix, two data prefixes, two shapes. */
 #define KV_BLOCK_MAX (3 * SL_WIRE_PREFIX_MAX + 2 * (SL_WIRE_PREFIX_MAX + 10 * SL_MAX_NDIM))
 
+static int out_pack_max(sl_msg_kind kind, ProtobufCMessage *header, const sl_tensor_out *t,
+                        size_t max_bytes, sl_payload **out, sl_err *err);
+static int msg_pack_max(sl_msg_kind kind, const ProtobufCMessage *header, const void *data,
+                        size_t data_len, sl_release_fn release, void *owner, size_t max_bytes,
+                        sl_payload **out, sl_err *err);
+
 int sl_tensor_set_pack(sl_msg_kind kind, ProtobufCMessage *header, const sl_tensor_set *set,
                        sl_payload **out, sl_err *err) {
   return sl_tensor_set_pack_max(kind, header, set, SL_MAX_MESSAGE_BYTES, out, err);
@@ -910,7 +916,7 @@ int sl_tensor_set_pack_max(sl_msg_kind kind, ProtobufCMessage *header, const sl_
                         "a single-tensor %s carries one tensor%s", kind_name(kind),
                         kv_field ? " and KV cache pairs" : "");
     }
-    if (set->n_kv == 0) return sl_tensor_out_pack(kind, header, &set->items[0], out, err);
+    if (set->n_kv == 0) return out_pack_max(kind, header, &set->items[0], max_bytes, out, err);
     for (size_t i = 1; i < n; i++) {
       const sl_tensor_out *t = &set->items[i];
       if (t->encoded || t->desc.dtype != SL_DTYPE_FLOAT32) {
@@ -1124,6 +1130,11 @@ cleanup:
 
 int sl_tensor_out_pack(sl_msg_kind kind, ProtobufCMessage *header, const sl_tensor_out *t,
                        sl_payload **out, sl_err *err) {
+  return out_pack_max(kind, header, t, SL_MAX_MESSAGE_BYTES, out, err);
+}
+
+static int out_pack_max(sl_msg_kind kind, ProtobufCMessage *header, const sl_tensor_out *t,
+                        size_t max_bytes, sl_payload **out, sl_err *err) {
   int status;
   sl_tensor_fields f;
   int32_t shape32[SL_MAX_NDIM];
@@ -1146,8 +1157,8 @@ int sl_tensor_out_pack(sl_msg_kind kind, ProtobufCMessage *header, const sl_tens
     status = sl_err_set(err, status, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
     goto cleanup;
   }
-  status = sl_tensor_msg_pack(kind, header, p.data, p.nbytes, p.release, p.owner, out, err);
-  p.release = NULL; /* taken by sl_tensor_msg_pack, failing or not */
+  status = msg_pack_max(kind, header, p.data, p.nbytes, p.release, p.owner, max_bytes, out, err);
+  p.release = NULL; /* taken by msg_pack_max, failing or not */
 cleanup:
   /* the header must not keep pointers into memory freed here */
   if (f.shape != NULL) {
@@ -1178,6 +1189,13 @@ int sl_shape_to_wire(const sl_tensor_desc *desc, int32_t *shape32, sl_err *err) 
 int sl_tensor_msg_pack(sl_msg_kind kind, const ProtobufCMessage *header, const void *data,
                        size_t data_len, sl_release_fn release, void *owner, sl_payload **out,
                        sl_err *err) {
+  return msg_pack_max(kind, header, data, data_len, release, owner, SL_MAX_MESSAGE_BYTES, out,
+                      err);
+}
+
+static int msg_pack_max(sl_msg_kind kind, const ProtobufCMessage *header, const void *data,
+                        size_t data_len, sl_release_fn release, void *owner, size_t max_bytes,
+                        sl_payload **out, sl_err *err) {
   int status = SL_ENOMEM;
   uint8_t *buf = NULL;
   size_t hlen = protobuf_c_message_get_packed_size(header);
@@ -1185,11 +1203,17 @@ int sl_tensor_msg_pack(sl_msg_kind kind, const ProtobufCMessage *header, const v
   size_t plen = data_len ? sl_wire_data_prefix(TENSOR_FIELD, data_len, prefix) : 0;
 
   *out = NULL;
-  if (data_len > SL_MAX_MESSAGE_BYTES || hlen + plen > SL_MAX_MESSAGE_BYTES - data_len) {
-    status = sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,
-                        "%s of %zu bytes is over gRPC's message limit of %zu bytes (2 GiB - 1); "
-                        "split the tensor or use a compressing codec",
-                        kind_name(kind), hlen + plen + data_len, SL_MAX_MESSAGE_BYTES);
+  if (data_len > max_bytes || hlen + plen > max_bytes - data_len) {
+    if (max_bytes == SL_MAX_MESSAGE_BYTES) {
+      status = sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,
+                          "%s of %zu bytes is over gRPC's message limit of %zu bytes (2 GiB - 1); "
+                          "split the tensor or use a compressing codec",
+                          kind_name(kind), hlen + plen + data_len, SL_MAX_MESSAGE_BYTES);
+    } else {
+      status = sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,
+                          "%s of %zu bytes is over the limit of a streamed message (%zu bytes)",
+                          kind_name(kind), hlen + plen + data_len, max_bytes);
+    }
     goto cleanup;
   }
   buf = malloc(hlen + plen ? hlen + plen : 1);
