@@ -105,6 +105,20 @@ def test_every_dtype(serve, connect, dtype):
     assert x.numel() * x.element_size() > 10 * 200  # it took many chunks
 
 
+def test_default_settings_stream_both_ways_in_many_chunks(serve, connect):
+    """Above the default threshold a request and its reply go in chunks of an
+    eighth of the message (here 768 KiB)."""
+    server = serve(Echo())
+    client = connect(server)
+    x = torch.randint(0, 255, (6 << 20,), dtype=torch.uint8)
+    assert x.numel() >= _core.STREAM_THRESHOLD
+    y = client.compute(x)
+    assert torch.equal(y, x)
+    assert client._core.streaming()[2:] == (False, False)
+    small = connect(server, stream_threshold=None)
+    assert torch.equal(small.compute(x), x)  # the same through the unary method
+
+
 def test_non_contiguous_zero_d_and_empty(serve, connect):
     client = streaming(connect(serve(Echo())))
     base = torch.arange(60 * 70, dtype=torch.float32).reshape(60, 70)
@@ -300,7 +314,9 @@ def test_fallback_to_unary_on_a_server_without_the_method(stubs):
             return stubs.pb.ComputeResponse(data=request.data, shape=request.shape)
 
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2),
-                         interceptors=[Count()])
+                         interceptors=[Count()],
+                         options=[("grpc.max_receive_message_length", -1),
+                                  ("grpc.max_send_message_length", -1)])
     stubs.rpc.add_ComputeServiceServicer_to_server(Old(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -311,10 +327,19 @@ def test_fallback_to_unary_on_a_server_without_the_method(stubs):
                 x = torch.randn(100)
                 assert torch.equal(client.compute(x), x)
             assert client._core.streaming()[2:] == (True, False)
+        assert seen.count(_core.METHOD_COMPUTE_STREAM) == 1
+        assert seen.count(_core.METHOD_COMPUTE) == 3
+        # default settings: the threshold decides (a float32 message has ~10 more bytes)
+        seen.clear()
+        with slc.GRPCComputeClient(f"127.0.0.1:{port}", retry_strategy=None) as client:
+            below = torch.ones(_core.STREAM_THRESHOLD // 4 - 16)
+            assert torch.equal(client.compute(below), below)
+            assert seen == [_core.METHOD_COMPUTE]
+            at = torch.ones(_core.STREAM_THRESHOLD // 4)
+            assert torch.equal(client.compute(at), at)
+            assert seen == [_core.METHOD_COMPUTE, _core.METHOD_COMPUTE_STREAM, _core.METHOD_COMPUTE]
     finally:
         server.stop(grace=None)
-    assert seen.count(_core.METHOD_COMPUTE_STREAM) == 1
-    assert seen.count(_core.METHOD_COMPUTE) == 3
 
 
 # -- cancellation and a peer killed mid-stream -----------------------------------------------

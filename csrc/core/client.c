@@ -28,7 +28,7 @@ struct sl_client {
   grpc_channel *channel;
   char *target;
   atomic_size_t stream_threshold; /* messages of this many bytes and more are streamed */
-  atomic_size_t stream_chunk;     /* bytes of the message per Chunk */
+  atomic_size_t stream_chunk;     /* bytes of the message per Chunk (0: by its size) */
   size_t max_send, max_recv;      /* grpc.max_{send,receive}_message_length when set:
                                      they bound streamed messages too */
   atomic_int no_stream[2];        /* the server answered UNIMPLEMENTED to ComputeStream
@@ -37,7 +37,7 @@ struct sl_client {
 
 void sl_client_set_streaming(sl_client *c, size_t threshold, size_t chunk) {
   atomic_store(&c->stream_threshold, threshold);
-  atomic_store(&c->stream_chunk, chunk ? chunk : SL_STREAM_CHUNK_DEFAULT);
+  atomic_store(&c->stream_chunk, chunk);
 }
 
 void sl_client_streaming(const sl_client *c, size_t *threshold, size_t *chunk, int *no_stream,
@@ -695,7 +695,7 @@ int sl_client_compute(sl_client *c, const sl_call_opts *opts, int backward,
     }
     sm.rx = &rx;
     sm.method = backward ? SL_METHOD_PATH_BACKWARD_STREAM : SL_METHOD_PATH_COMPUTE_STREAM;
-    sm.chunk = atomic_load(&c->stream_chunk);
+    sm.chunk = sl_stream_chunk_for(sl_payload_size(p), atomic_load(&c->stream_chunk));
     sm.backward = backward;
   } else if (sl_payload_size(p) > SL_MAX_MESSAGE_BYTES) {
     status = sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,

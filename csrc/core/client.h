@@ -85,8 +85,8 @@ int sl_client_create(const char *target, const sl_chan_arg *args, size_t nargs,
 
 /* Streaming (stream.h, docs/protocol.md): a Compute or ComputeBackward request of
  * `threshold` bytes or more goes to ComputeStream / ComputeBackwardStream as
- * Chunks of `chunk` bytes (0: the default), and the response comes back the same
- * way; SIZE_MAX: never stream. Defaults: SL_STREAM_THRESHOLD_DEFAULT and
+ * Chunks of `chunk` bytes (0: by the message's size, sl_stream_chunk_for), and the
+ * response comes back the same way; SIZE_MAX: never stream. Defaults: SL_STREAM_THRESHOLD_DEFAULT and
  * SL_STREAM_CHUNK_DEFAULT. A server that answers the streaming method with
  * UNIMPLEMENTED gets the same call again on the unary method, and every later
  * call of that direction goes unary on this client. Safe from any thread. */

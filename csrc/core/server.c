@@ -727,7 +727,7 @@ static void respond_and_finish(served *sv) {
   if (sv->r.payload != NULL && sv->stream) {
     /* every chunk but the last on its own (one send at a time); the last goes
      * with the status */
-    size_t total = sl_payload_size(sv->r.payload), chunk = SL_STREAM_CHUNK_DEFAULT;
+    size_t total = sl_payload_size(sv->r.payload), chunk = sl_stream_chunk_for(total, 0);
     size_t nch = sl_stream_chunks(total, chunk), last = (nch - 1) * chunk;
     int broken = 0;
     sv->r.rec.bytes_out = total;

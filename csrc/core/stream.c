@@ -267,8 +267,16 @@ int sl_stream_rx_spans(sl_stream_rx *rx, sl_err *err) {
   return SL_OK;
 }
 
+size_t sl_stream_chunk_for(size_t total, size_t chunk) {
+  if (chunk != 0) return chunk;
+  chunk = total / 8;
+  if (chunk < SL_STREAM_CHUNK_MIN) chunk = SL_STREAM_CHUNK_MIN;
+  if (chunk > SL_STREAM_CHUNK_MAX) chunk = SL_STREAM_CHUNK_MAX;
+  return chunk;
+}
+
 size_t sl_stream_chunks(size_t total, size_t chunk) {
-  if (chunk == 0) chunk = SL_STREAM_CHUNK_DEFAULT;
+  chunk = sl_stream_chunk_for(total, chunk);
   return total == 0 ? 1 : (total + chunk - 1) / chunk;
 }
 

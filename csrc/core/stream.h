@@ -39,10 +39,15 @@
 extern "C" {
 #endif
 
-/* Default piece of a message per chunk (bytes of the Chunk's data field). */
-#define SL_STREAM_CHUNK_DEFAULT ((size_t)1 << 20)
+/* Piece of a message per chunk (bytes of the Chunk's data field) when none is
+ * set: an eighth of the message, within [SL_STREAM_CHUNK_MIN, SL_STREAM_CHUNK_MAX]
+ * (sl_stream_chunk_for): enough chunks for the copies to overlap the transfer, few
+ * enough that the per-chunk cost stays small (benchmarks/results.md). */
+#define SL_STREAM_CHUNK_DEFAULT ((size_t)0)
+#define SL_STREAM_CHUNK_MIN ((size_t)512 << 10)
+#define SL_STREAM_CHUNK_MAX ((size_t)4 << 20)
 /* Default message size from which our client streams (settable per client). */
-#define SL_STREAM_THRESHOLD_DEFAULT ((size_t)8 << 20)
+#define SL_STREAM_THRESHOLD_DEFAULT ((size_t)4 << 20)
 
 typedef struct sl_stream_piece {
   size_t hdr_end; /* header bytes that come before this tensor field's contents */
@@ -89,8 +94,12 @@ int sl_stream_rx_spans(sl_stream_rx *rx, sl_err *err);
 /* Free everything not adopted. The rx may be initialized again afterwards. */
 void sl_stream_rx_clear(sl_stream_rx *rx);
 
+/* The piece per chunk for a message of `total` bytes: `chunk`, or when it is 0
+ * the default above. */
+size_t sl_stream_chunk_for(size_t total, size_t chunk);
+
 /* Number of chunks a message of `total` bytes is cut into with pieces of `chunk`
- * bytes (at least 1). */
+ * bytes (0: sl_stream_chunk_for's), at least 1. */
 size_t sl_stream_chunks(size_t total, size_t chunk);
 
 /* Write the prefix of a Chunk carrying `len` bytes (tag and length) into out;

@@ -687,7 +687,7 @@ static PyObject *client_set_streaming(client_obj *self, PyObject *args, PyObject
   if (!PyArg_ParseTupleAndKeywords(args, kwargs, "L|L", kwlist, &threshold, &chunk)) return NULL;
   if (threshold < -1 || chunk < 0 || chunk > (1LL << 30)) {
     PyErr_SetString(PyExc_ValueError,
-                    "threshold must be >= 0 (or -1: never stream) and chunk in [0, 2**30]");
+                    "threshold must be >= 0 (or -1: never stream) and chunk in [0, 2**30] (0: by size)");
     return NULL;
   }
   if (self->client == NULL) {
