@@ -122,6 +122,7 @@ bench: install
 	$(PY) benchmarks/bench_async.py
 	$(PY) benchmarks/bench_sessions.py
 	$(PY) benchmarks/bench_replicas.py
+	$(PY) benchmarks/bench_stream.py
 	$(MAKE) bench-figures
 
 # The PNG figures beside results.md, from the data the benchmarks wrote

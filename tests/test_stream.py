@@ -411,3 +411,16 @@ def test_client_killed_mid_stream(serve, connect, stubs, tmp_path):
     client = streaming(connect(server))
     x = torch.randn(20000)
     assert torch.equal(client.compute(x), x)
+
+
+def test_kv_cache_fields_stream(serve, connect):
+    """The original's KV cache fields (7, 8, 9) travel in streamed messages too."""
+    from test_tensormap import CachedBlock
+
+    client = streaming(connect(serve(CachedBlock())))
+    x = torch.randn(40, 30)
+    out, present, _ = client.compute_with_cache(x, use_cache=True)
+    assert torch.equal(out, x + 1) and present[0][0].shape == (1, 2, 1, 4)
+    out, present2, _ = client.compute_with_cache(x, past_key_values=present, use_cache=True)
+    assert present2[1][1].shape == (1, 2, 2, 4)
+    assert torch.equal(present2[1][1][:, :, :1], present[1][1])
