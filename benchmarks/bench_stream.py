@@ -157,6 +157,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--results", default=os.path.join(HERE, "results.md"))
     args = ap.parse_args()
+    load = os.getloadavg()[0]
     sizes = [4 * MIB, 32 * MIB] if args.quick else [1 * MIB, 4 * MIB, 8 * MIB, 32 * MIB]
     rt = round_trips(sizes, rounds=1 if args.quick else 3, n=3 if args.quick else 7)
     mem = memory(256 * MIB) if not args.quick else {}
@@ -171,7 +172,9 @@ def main() -> None:
              "median of 3 rounds; in each round the floor (when built), the unary method "
              "(`stream_threshold=None`) and the streamed one (`ComputeStream`, chunks of an "
              "eighth of the message within 512 KiB-4 MiB) run one after the other on the same "
-             "load.", ""]
+             f"load. Load average when it started: {load:.1f} (on a loaded machine the "
+             "figures, the floor's included, move by tens of percent from run to run: compare "
+             "the ratios within a row).", ""]
     head = "| size | " + ("C-core echo floor | " if have_floor else "") + \
         "unary | streamed | streamed / unary |" + (" streamed / floor |" if have_floor else "")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
