@@ -424,3 +424,56 @@ def test_kv_cache_fields_stream(serve, connect):
     out, present2, _ = client.compute_with_cache(x, past_key_values=present, use_cache=True)
     assert present2[1][1].shape == (1, 2, 2, 4)
     assert torch.equal(present2[1][1][:, :, :1], present[1][1])
+
+
+def test_deadline_travels_with_the_stream(serve, connect):
+    released = threading.Event()
+    deadlines = []
+
+    class Slow(slc.ComputeFunction):
+        def compute(self, x):
+            deadlines.append(slc.current_call().deadline)
+            released.wait(60)  # no reply before the client has given up
+            return x
+
+    server = serve(Slow())
+    client = streaming(connect(server))
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            client.compute(torch.ones(10000), timeout=0.5)
+    finally:
+        released.set()
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert deadlines and deadlines[0] is not None  # compute() saw the call's deadline
+    wait_for(lambda: server.metrics()["in_flight"] == 0, "the server to end the call")
+
+
+def test_our_client_cancelled_mid_stream(stubs):
+    """A server that reads one chunk and then stops reading: our client's send
+    stalls in flow control, its deadline passes mid-stream, and the call ends with
+    DEADLINE_EXCEEDED (what the client held is released: the ASan run checks)."""
+    first = threading.Event()
+
+    class Stalls(stubs.rpc.ComputeServiceServicer):
+        def ComputeStream(self, request_iterator, context):
+            next(request_iterator)
+            first.set()
+            done = threading.Event()
+            context.add_callback(done.set)
+            done.wait(60)
+            return iter(())
+
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+    stubs.rpc.add_ComputeServiceServicer_to_server(Stalls(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with slc.GRPCComputeClient(f"127.0.0.1:{port}", retry_strategy=None) as client:
+            x = torch.ones(16 << 20)  # 64 MiB: far more than the flow-control windows
+            with pytest.raises(grpc.RpcError) as info:
+                client.compute(x, timeout=2)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert first.is_set()
+            assert client._core.streaming()[2:] == (False, False)
+    finally:
+        server.stop(grace=None)

@@ -45,7 +45,8 @@ extern "C" {
  * enough that the per-chunk cost stays small (benchmarks/results.md). */
 #define SL_STREAM_CHUNK_DEFAULT ((size_t)0)
 #define SL_STREAM_CHUNK_MIN ((size_t)512 << 10)
-#define SL_STREAM_CHUNK_MAX ((size_t)4 << 20)
+#define SL_STREAM_CHUNK_MAX (((size_t)4 << 20) - 64) /* a Chunk message stays under 4 MiB,
+                                                         other gRPC stacks' default limit */
 /* Default message size from which our client streams (settable per client). */
 #define SL_STREAM_THRESHOLD_DEFAULT ((size_t)4 << 20)
 
