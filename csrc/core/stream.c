@@ -111,10 +111,9 @@ int sl_stream_rx_feed(sl_stream_rx *rx, const uint8_t *p, size_t len, sl_err *er
         if (hdr_append(rx, p, 1, err) != SL_OK) return err->status;
         p++;
         rx->total++;
-        if (rx->shift >= 64 || (rx->shift == 63 && (b & 0x7e))) {
-          return malformed(rx, err, "a varint over 64 bits");
-        }
-        rx->acc |= (uint64_t)(b & 0x7f) << rx->shift;
+        if (rx->shift >= 70) return malformed(rx, err, "a varint over 10 bytes");
+        /* bits past 64 are dropped, as the whole-message reader (wire.c) does */
+        if (rx->shift < 64) rx->acc |= (uint64_t)(b & 0x7f) << rx->shift;
         rx->shift += 7;
         if (b & 0x80) break;
         {

@@ -215,6 +215,14 @@ static void test_malformed_chunks(void) {
     CHECK_EQ_INT(rx.n_pieces, 0);
     sl_stream_rx_clear(&rx);
   }
+  /* a varint over 10 bytes */
+  {
+    const uint8_t bad[] = {0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01};
+    sl_stream_rx_init(&rx, 1 << 20);
+    CHECK_EQ_INT(sl_stream_rx_feed(&rx, bad, sizeof(bad), &err), SL_EINVAL);
+    CHECK_CONTAINS(err.msg, "10 bytes");
+    sl_stream_rx_clear(&rx);
+  }
   /* more bytes than the limit */
   {
     uint8_t zeros[64];
