@@ -683,8 +683,9 @@ int sl_client_compute(sl_client *c, const sl_call_opts *opts, int backward,
   status = sl_tensor_set_pack_max(req_kind, header, in,
                                   can_stream ? SL_MAX_DECODED_BYTES : SL_MAX_MESSAGE_BYTES, &p, err);
   if (status != SL_OK) return status;
-  if (sl_payload_size(p) >= atomic_load(&c->stream_threshold) &&
-      !atomic_load(&c->no_stream[backward])) {
+  if (can_stream && (sl_payload_size(p) >= atomic_load(&c->stream_threshold) ||
+                     sl_payload_size(p) > SL_MAX_MESSAGE_BYTES)) {
+    /* (a message over gRPC's limit goes streamed whatever the threshold) */
     if (sl_payload_size(p) > c->max_send) {
       /* what gRPC says of a unary message over it */
       status = sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,
