@@ -122,6 +122,7 @@ bench: install
 	$(PY) benchmarks/bench_async.py
 	$(PY) benchmarks/bench_sessions.py
 	$(PY) benchmarks/bench_replicas.py
+	$(PY) benchmarks/bench_memory.py
 	$(PY) benchmarks/bench_stream.py
 	$(MAKE) bench-figures
 

@@ -712,8 +712,11 @@ int sl_client_compute(sl_client *c, const sl_call_opts *opts, int backward,
     /* streamed: each tensor is already in its own storage */
     status = sl_tensor_msg_read_adopt(resp_kind, rx.spans, rx.n_spans, NULL, rx.owned, out, err);
   } else {
-    status = sl__bbspans_init(resp, &spans, err);
-    if (status == SL_OK) status = sl_tensor_msg_read(resp_kind, spans.spans, spans.n, out, err);
+    status = sl__bbspans_take(&resp, &spans, err);
+    if (status == SL_OK) {
+      sl_span_owner owner = {sl__bbspans_release, &spans};
+      status = sl_tensor_msg_read_owned(resp_kind, spans.spans, spans.n, NULL, &owner, out, err);
+    }
   }
   if (status == SL_OK) status = sl_tensor_msg_decode(out, err);
   if (status != SL_OK) {
