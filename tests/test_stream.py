@@ -477,3 +477,39 @@ def test_our_client_cancelled_mid_stream(stubs):
             assert client._core.streaming()[2:] == (False, False)
     finally:
         server.stop(grace=None)
+
+
+def test_close_while_a_streamed_call_is_in_flight(serve):
+    """close() on one thread while another waits in a streamed compute(): the call
+    ends CANCELLED, saying so (the ASan run checks nothing is used after free)."""
+    entered, release = threading.Event(), threading.Event()
+
+    class Held(slc.ComputeFunction):
+        def compute(self, x):
+            entered.set()
+            release.wait(30)
+            return x
+
+    server = serve(Held(), max_workers=2)
+    client = streaming(slc.GRPCComputeClient(f"127.0.0.1:{server.port}", retry_strategy=None,
+                                             timeout=30))
+    outcome = []
+
+    def call():
+        try:
+            outcome.append(client.compute(torch.ones(5000)))
+        except Exception as e:  # noqa: BLE001 - the test looks at what it is
+            outcome.append(e)
+
+    t = threading.Thread(target=call)
+    t.start()
+    try:
+        assert entered.wait(30)
+        client.close()
+        t.join(30)
+        assert not t.is_alive(), "the call did not end when its client was closed"
+    finally:
+        release.set()
+    (err,) = outcome
+    assert isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.CANCELLED, err
+    assert "client was closed" in err.details()

@@ -11,6 +11,7 @@
 #include <grpc/grpc_security.h>
 #include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
@@ -33,6 +34,8 @@ struct sl_client {
                                      they bound streamed messages too */
   atomic_int no_stream[2];        /* the server answered UNIMPLEMENTED to ComputeStream
                                      [0] / ComputeBackwardStream [1]: unary from now on */
+  atomic_int refs;
+  atomic_int closed; /* sl_client_destroy() ran: calls in flight end CANCELLED */
 };
 
 void sl_client_set_streaming(sl_client *c, size_t threshold, size_t chunk) {
@@ -78,6 +81,8 @@ int sl_client_create(const char *target, const sl_chan_arg *args, size_t nargs,
     if (strcmp(args[i].key, GRPC_ARG_MAX_SEND_MESSAGE_LENGTH) == 0) c->max_send = (size_t)args[i].ival;
     if (strcmp(args[i].key, GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH) == 0) c->max_recv = (size_t)args[i].ival;
   }
+  atomic_init(&c->refs, 1);
+  atomic_init(&c->closed, 0);
   c->target = sl_strndup(target, strlen(target));
   if (c->target == NULL) {
     status = sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
@@ -117,8 +122,20 @@ cleanup:
   return status;
 }
 
+void sl_client_retain(sl_client *c) {
+  if (c != NULL) atomic_fetch_add(&c->refs, 1);
+}
+
 void sl_client_destroy(sl_client *c) {
   if (c == NULL) return;
+  atomic_store(&c->closed, 1);
+  sl_client_release(c);
+}
+
+#define CLOSED_DETAILS "the client was closed while the call was in flight"
+
+void sl_client_release(sl_client *c) {
+  if (c == NULL || atomic_fetch_sub(&c->refs, 1) != 1) return;
   if (c->channel != NULL) grpc_channel_destroy(c->channel);
   free(c->target);
   free(c);
@@ -165,7 +182,7 @@ static int attempt(sl_client *c, const char *method, sl_payload *p, double deadl
                    const sl_call_opts *o, grpc_byte_buffer **resp, sl_call_status *st,
                    sl_err *err) {
   /* `deadline`: this attempt's, on the sl_now() clock (0: none) */
-  int status = SL_EGRPC, interrupted = 0, tag;
+  int status = SL_EGRPC, interrupted = 0, closed = 0, tag;
   grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
   grpc_call *call = NULL;
   grpc_slice method_slice = grpc_slice_from_static_string(method);
@@ -237,6 +254,9 @@ static int attempt(sl_client *c, const char *method, sl_payload *p, double deadl
     if (!interrupted && o->interrupt != NULL && o->interrupt(o->interrupt_user)) {
       interrupted = 1;
       grpc_call_cancel_with_status(call, GRPC_STATUS_CANCELLED, "interrupted by the caller", NULL);
+    } else if (!interrupted && !closed && atomic_load(&c->closed)) {
+      closed = 1; /* a status, not an interruption: the caller gets CANCELLED */
+      grpc_call_cancel_with_status(call, GRPC_STATUS_CANCELLED, CLOSED_DETAILS, NULL);
     }
   }
   st->bytes_sent += sl_payload_size(p);
@@ -304,7 +324,7 @@ static void md_free(grpc_metadata *md, size_t n) {
 static int attempt_stream(sl_client *c, const char *method, sl_payload *p, size_t chunk,
                           double deadline, const sl_call_opts *o, sl_stream_rx *rx,
                           sl_call_status *st, sl_err *err) {
-  int status = SL_EGRPC, interrupted = 0, bad = 0;
+  int status = SL_EGRPC, interrupted = 0, closed = 0, bad = 0;
   int send_tag, recv_tag, status_tag;
   int sending = 0, receiving = 0, have_status = 0, status_started = 0;
   grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
@@ -392,6 +412,9 @@ static int attempt_stream(sl_client *c, const char *method, sl_payload *p, size_
         interrupted = 1;
         grpc_call_cancel_with_status(call, GRPC_STATUS_CANCELLED, "interrupted by the caller",
                                      NULL);
+      } else if (!interrupted && !closed && atomic_load(&c->closed)) {
+        closed = 1; /* a status, not an interruption: the caller gets CANCELLED */
+        grpc_call_cancel_with_status(call, GRPC_STATUS_CANCELLED, CLOSED_DETAILS, NULL);
       }
       continue;
     }
@@ -619,6 +642,12 @@ static int attempts(sl_client *c, const char *method, sl_payload *p, const sl_ca
         st->code = SL_STATUS_CANCELLED;
         return SL_EINTR;
       }
+    }
+    if (atomic_load(&c->closed)) {
+      sl_call_status_clear(st);
+      st->code = SL_STATUS_CANCELLED;
+      st->details = sl_strndup(CLOSED_DETAILS, strlen(CLOSED_DETAILS));
+      return SL_ESTATUS;
     }
     retry++;
   }
