@@ -85,6 +85,19 @@ typedef struct sl_tls_client {
 int sl_client_create(const char *target, const sl_chan_arg *args, size_t nargs,
                      const sl_tls_client *tls, sl_client **out, sl_err *err);
 
+/* Streaming (stream.h, docs/protocol.md): a Compute or ComputeBackward request of
+ * `threshold` bytes or more goes to ComputeStream / ComputeBackwardStream as
+ * Chunks of `chunk` bytes (0: by the message's size, sl_stream_chunk_for), and the
+ * response comes back the same way; SIZE_MAX: never stream. Defaults: SL_STREAM_THRESHOLD_DEFAULT and
+ * SL_STREAM_CHUNK_DEFAULT. A server that answers the streaming method with
+ * UNIMPLEMENTED gets the same call again on the unary method, and every later
+ * call of that direction goes unary on this client. Safe from any thread. */
+void sl_client_set_streaming(sl_client *c, size_t threshold, size_t chunk);
+
+/* The settings above, and whether the server refused a streaming method (1). */
+void sl_client_streaming(const sl_client *c, size_t *threshold, size_t *chunk, int *no_stream,
+                         int *no_stream_backward);
+
 /* Wait until the channel is ready, at most `timeout` seconds. Returns SL_OK when
  * ready, SL_ETIMEDOUT or SL_EINTR. */
 int sl_client_connect(sl_client *c, double timeout, sl_interrupt_fn interrupt, void *user);
@@ -148,6 +161,19 @@ int sl_client_service_info(sl_client *c, const sl_call_opts *opts, sl_info_resul
  * gets the ServingStatus number (1 SERVING, 2 NOT_SERVING). */
 int sl_client_std_health(sl_client *c, const sl_call_opts *opts, const char *service, int *status,
                          sl_call_status *st, sl_err *err);
+
+/* The same-host shared-memory channel (shm.h, docs/shm.md). A client made for a
+ * target on this host (sl_shm_target_is_local, no TLS, SPLITLEARN_SHM not "0")
+ * offers the server a segment on its first tensor call; when the server attaches
+ * it, later tensor calls carry their bytes through segments. sl_client_set_shm(c,
+ * 0) turns it off for this client (before its first call). */
+void sl_client_set_shm(sl_client *c, int enable);
+/* state: -1 off (disabled, not local, or refused), 0 not decided yet, 1 in use;
+ * segments: held now; calls: tensor calls that went through a segment. */
+void sl_client_shm_stats(sl_client *c, int *state, size_t *segments, long long *calls);
+/* A change of the channel's state worth a debug log line, once: copies it into
+ * buf and returns 1, or returns 0. */
+int sl_client_shm_note(sl_client *c, char *buf, size_t n);
 
 /* A client is reference counted: sl_client_create() returns it with one reference
  * (the creator's), sl_client_destroy() drops that one. A caller that uses the
