@@ -3,7 +3,8 @@
 #   make demo    set everything up, then run a server hosting a torch model and a client
 #   make test    set everything up, then run the C tests and the whole pytest suite
 #   make asan    the same tests against an ASan+UBSan build of the extension
-#   make bench   the benchmarks (write benchmarks/results.md, its data and its figures)
+#   make bench   the benchmarks (write benchmarks/results.md, its data and its figures);
+#                first builds the C-core echo floor (build/bench/echo_floor, core_echo)
 #   make dashboard-screenshot   regenerate docs/images/dashboard*.png (headless Chromium)
 #   make wheel   the sdist, and from it self-contained manylinux wheels for CPython
 #                3.10-3.13 (auditwheel repair), in dist/
@@ -34,7 +35,7 @@ SAN      := -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
 PY_VERSIONS ?= 3.10 3.11 3.12 3.13
 
-.PHONY: all deps venv install build ctest pytest test demo asan asan-ctest asan-pytest bench \
+.PHONY: all deps venv install build ctest pytest test demo asan asan-ctest asan-pytest bench bench-floor \
         bench-figures dashboard-screenshot clean wheel check-wheel test-pythons typecheck \
         fuzz fuzz-deps fuzz-build fuzz-corpus fuzz-ci fuzz-server fuzz-server-run fuzz-server-ci \
         asan-build soak soak-ci robust-ci
@@ -108,7 +109,28 @@ asan-pytest: asan-build
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 SPLITLEARN_TEST_SANITIZED=1 \
 	  PYTHONPATH=$(CURDIR)/build/asan $(PY) -P -m pytest -q -p no:cacheprovider tests
 
-bench: install
+# The floor of any gRPC design (a unary echo on the bare C core, no copies) and the
+# same round trip through our core with a C compute hook (no Python): C programs,
+# optimised like the extension, run by bench_roundtrip.py beside the Python rows.
+BENCH_BIN    := build/bench
+BENCH_CFLAGS := -std=gnu11 -g -O2 -Wall -Wextra -Werror -Wno-missing-field-initializers \
+                -fno-omit-frame-pointer -Icsrc/core -I$(GEN) -Ibenchmarks/floor
+$(BENCH_BIN)/echo_floor: benchmarks/floor/echo_floor.c benchmarks/floor/floor_common.h
+	@mkdir -p $(BENCH_BIN)
+	@echo "CC $@"
+	@$(CC) $(BENCH_CFLAGS) $(shell pkg-config --cflags grpc) -o $@ $< \
+	  $(shell pkg-config --libs grpc) -lpthread
+
+$(BENCH_BIN)/core_echo: benchmarks/floor/core_echo.c benchmarks/floor/floor_common.h $(CORE_SRC) \
+                        $(GEN)/splitlearn_comm.pb-c.c
+	@mkdir -p $(BENCH_BIN)
+	@echo "CC $@"
+	@$(CC) $(BENCH_CFLAGS) $(shell pkg-config --cflags $(PKGS)) -o $@ $< $(CORE_SRC) \
+	  $(GEN)/splitlearn_comm.pb-c.c $(GEN)/health.pb-c.c $(shell pkg-config --libs $(PKGS)) -lpthread -lm
+
+bench-floor: deps $(BENCH_BIN)/echo_floor $(BENCH_BIN)/core_echo
+
+bench: install bench-floor
 	$(PY) benchmarks/bench_roundtrip.py
 	$(PY) benchmarks/bench_codecs.py
 	$(PY) benchmarks/bench_training.py
