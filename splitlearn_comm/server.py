@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import inspect
 import logging
 import sys
@@ -688,7 +689,17 @@ def _backward_args(fields: Dict[str, Any], with_seq: bool) -> Dict[str, Any]:
 
 
 def _takes(fn: Any, *names: str) -> bool:
-    """Whether ``fn`` accepts every keyword in ``names`` (or **kwargs)."""
+    """Whether ``fn`` accepts every keyword in ``names`` (or **kwargs). The answer is
+    cached per function (a bound method by its function): inspect.signature costs
+    more than a small round trip's whole dispatch."""
+    key = getattr(fn, "__func__", fn)
+    try:
+        return _takes_cached(key, names)
+    except TypeError:  # an unhashable callable: not cached
+        return _takes_uncached(fn, names)
+
+
+def _takes_uncached(fn: Any, names: Tuple[str, ...]) -> bool:
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -696,6 +707,11 @@ def _takes(fn: Any, *names: str) -> bool:
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
         return True
     return all(n in params for n in names)
+
+
+@functools.lru_cache(maxsize=256)
+def _takes_cached(fn: Any, names: Tuple[str, ...]) -> bool:
+    return _takes_uncached(fn, names)
 
 
 def _leaf_value(registry: CodecRegistry, leaf: Any) -> Any:
@@ -801,7 +817,9 @@ def _make_dispatch(models: "_Models", registry: CodecRegistry,
             names = {leaf.codec for leaf in c.leaves if leaf.codec is not None}
             if server_codec is None and len(names) == 1:
                 python_in = registry.get(names.pop())
-            takes_cache = _takes(compute_fn.compute, "past_key_values", "use_cache")
+            # only a call that may carry a KV cache asks what compute() takes
+            takes_cache = (c.n_kv > 0 or c.use_cache is not None) and \
+                _takes(compute_fn.compute, "past_key_values", "use_cache")
             kv_call = not c.backward and c.form == _structure.SINGLE and (
                 c.n_kv > 0 or (c.use_cache is not None and takes_cache))
             if c.form == _structure.SINGLE:

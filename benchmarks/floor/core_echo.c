@@ -55,7 +55,7 @@ static void serve(int port_fd) {
   memset(&cfg, 0, sizeof(cfg));
   memset(&hooks, 0, sizeof(hooks));
   cfg.host = "127.0.0.1";
-  cfg.max_workers = 4;
+  cfg.max_workers = getenv("CORE_ECHO_WORKERS") ? atoi(getenv("CORE_ECHO_WORKERS")) : 4;
   cfg.version = "core_echo";
   hooks.compute = identity_hook;
   if (sl_server_create(&cfg, &hooks, NULL, &s, &err) != SL_OK || sl_server_start(s, &err) != SL_OK) {
