@@ -20,6 +20,29 @@
 
 static void free_storage(void *p) { sl_storage_free(p); }
 
+/* Integer gRPC channel arguments for both sides from CORE_ECHO_ARGS
+ * ("grpc.http2.bdp_probe=0,grpc.http2.lookahead_bytes=8388608"): for trying
+ * transport settings without rebuilding. */
+static sl_chan_arg env_args[16];
+static size_t n_env_args;
+static char env_buf[1024];
+
+static void parse_env_args(void) {
+  const char *e = getenv("CORE_ECHO_ARGS");
+  char *save = NULL, *tok;
+  if (e == NULL) return;
+  snprintf(env_buf, sizeof(env_buf), "%s", e);
+  for (tok = strtok_r(env_buf, ",", &save); tok != NULL && n_env_args < 16;
+       tok = strtok_r(NULL, ",", &save)) {
+    char *eq = strchr(tok, '=');
+    if (eq == NULL) continue;
+    *eq = '\0';
+    env_args[n_env_args].key = tok;
+    env_args[n_env_args].ival = atoi(eq + 1);
+    n_env_args++;
+  }
+}
+
 /* Called on a worker thread: the result is the request's tensor itself. */
 static int identity_hook(void *user, const sl_call_info *call, sl_compute_args *a, sl_err *err) {
   sl_tensor_item *in;
@@ -55,8 +78,10 @@ static void serve(int port_fd) {
   memset(&cfg, 0, sizeof(cfg));
   memset(&hooks, 0, sizeof(hooks));
   cfg.host = "127.0.0.1";
-  cfg.max_workers = getenv("CORE_ECHO_WORKERS") ? atoi(getenv("CORE_ECHO_WORKERS")) : 4;
+  cfg.max_workers = getenv("CORE_ECHO_WORKERS") ? atoi(getenv("CORE_ECHO_WORKERS")) : 4; /* for experiments */
   cfg.version = "core_echo";
+  cfg.args = env_args;
+  cfg.nargs = n_env_args;
   hooks.compute = identity_hook;
   if (sl_server_create(&cfg, &hooks, NULL, &s, &err) != SL_OK || sl_server_start(s, &err) != SL_OK) {
     fprintf(stderr, "core_echo server: %s\n", err.msg);
@@ -116,7 +141,7 @@ static sl_client *connect_to(int port) {
   sl_client *c = NULL;
   sl_err err;
   snprintf(target, sizeof(target), "127.0.0.1:%d", port);
-  if (sl_client_create(target, NULL, 0, NULL, &c, &err) != SL_OK ||
+  if (sl_client_create(target, env_args, n_env_args, NULL, &c, &err) != SL_OK ||
       sl_client_connect(c, 30.0, NULL, NULL) != SL_OK) {
     fprintf(stderr, "core_echo: could not connect to %s\n", target);
     exit(1);
@@ -130,6 +155,7 @@ int main(int argc, char **argv) {
   size_t biggest = 0;
   void *buf = NULL;
   floor_parse(argc, argv, &o);
+  parse_env_args();
   for (int k = 0; k < o.nsizes; k++) biggest = o.sizes[k] > biggest ? o.sizes[k] : biggest;
   biggest = o.cold > biggest ? o.cold : biggest;
   if (o.nsizes > 0 && floor_spawn(&steady) != 0) return 1;

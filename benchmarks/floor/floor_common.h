@@ -45,9 +45,10 @@ static inline double floor_now(void) {
 static inline void floor_usage(const char *prog) {
   fprintf(stderr,
           "usage: %s [--sizes B,B,..] [--n N,N,..] [--warm W] [--cold BYTES [--cold-calls K]]\n"
-          "  --sizes  tensor bytes per round trip (default 3072,1048576,33554432)\n"
+          "  --sizes  tensor bytes per round trip (default 3072,1048576,33554432; none)\n"
           "  --n      timed round trips for each size (default 2000,300,30)\n"
-          "  --cold   time the first K round trips of BYTES on a new client and server\n",
+          "  --cold   time the first K round trips of BYTES on a new client and server\n"
+          "           (alone: no other sizes)\n",
           prog);
   exit(2);
 }
@@ -67,7 +68,7 @@ static inline int floor_list(const char *s, size_t *out, int max) {
 
 static inline void floor_parse(int argc, char **argv, floor_opts *o) {
   size_t tmp[FLOOR_MAX_SIZES];
-  int nn = -1;
+  int nn = -1, sizes_given = 0;
   memset(o, 0, sizeof(*o));
   o->sizes[0] = 3072;
   o->sizes[1] = 1048576;
@@ -83,8 +84,9 @@ static inline void floor_parse(int argc, char **argv, floor_opts *o) {
     const char *v = i + 1 < argc ? argv[i + 1] : NULL;
     if (v == NULL) floor_usage(argv[0]);
     if (strcmp(a, "--sizes") == 0) {
-      o->nsizes = floor_list(v, o->sizes, FLOOR_MAX_SIZES);
-      if (o->nsizes <= 0) floor_usage(argv[0]);
+      sizes_given = 1;
+      o->nsizes = strcmp(v, "none") == 0 ? 0 : floor_list(v, o->sizes, FLOOR_MAX_SIZES);
+      if (o->nsizes < 0 || (o->nsizes == 0 && strcmp(v, "none") != 0)) floor_usage(argv[0]);
     } else if (strcmp(a, "--n") == 0) {
       nn = floor_list(v, tmp, FLOOR_MAX_SIZES);
       if (nn <= 0) floor_usage(argv[0]);
@@ -100,6 +102,7 @@ static inline void floor_parse(int argc, char **argv, floor_opts *o) {
     }
     i++;
   }
+  if (o->cold > 0 && !sizes_given) o->nsizes = 0; /* --cold alone: only the cold calls */
   /* one --n for several sizes: the same count for each; fewer: the last repeats */
   if (nn > 0) {
     for (int k = nn; k < o->nsizes; k++) o->n[k] = o->n[nn - 1];
