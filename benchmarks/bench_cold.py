@@ -133,7 +133,7 @@ def main(argv: List[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mib", type=int, default=256, help="tensor MiB (default 256)")
     p.add_argument("--calls", type=int, default=3, help="calls on each new client (default 3)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds (default 2)")
     p.add_argument("--quick", action="store_true", help="one round; prints only")
     p.add_argument("--output", default=None, help="results.md to write")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
