@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import atexit
-import functools
 import inspect
 import logging
 import sys
@@ -690,13 +689,25 @@ def _backward_args(fields: Dict[str, Any], with_seq: bool) -> Dict[str, Any]:
 
 def _takes(fn: Any, *names: str) -> bool:
     """Whether ``fn`` accepts every keyword in ``names`` (or **kwargs). The answer is
-    cached per function (a bound method by its function): inspect.signature costs
-    more than a small round trip's whole dispatch."""
+    cached per function (a bound method by its function, held weakly):
+    inspect.signature costs more than a small round trip's whole dispatch."""
     key = getattr(fn, "__func__", fn)
     try:
-        return _takes_cached(key, names)
-    except TypeError:  # an unhashable callable: not cached
+        with _takes_lock:
+            known = _takes_cache.get(key)
+            if known is not None and names in known:
+                return known[names]
+    except TypeError:  # neither hashable nor weakly referable: not cached
         return _takes_uncached(fn, names)
+    answer = _takes_uncached(fn, names)
+    with _takes_lock:
+        _takes_cache.setdefault(key, {})[names] = answer
+    return answer
+
+
+_takes_lock = threading.Lock()
+_takes_cache: "weakref.WeakKeyDictionary[Any, Dict[Tuple[str, ...], bool]]" = \
+    weakref.WeakKeyDictionary()
 
 
 def _takes_uncached(fn: Any, names: Tuple[str, ...]) -> bool:
@@ -707,11 +718,6 @@ def _takes_uncached(fn: Any, names: Tuple[str, ...]) -> bool:
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
         return True
     return all(n in params for n in names)
-
-
-@functools.lru_cache(maxsize=256)
-def _takes_cached(fn: Any, names: Tuple[str, ...]) -> bool:
-    return _takes_uncached(fn, names)
 
 
 def _leaf_value(registry: CodecRegistry, leaf: Any) -> Any:
