@@ -162,15 +162,15 @@ def make_call(kind: str, port: int) -> Tuple[Callable[[torch.Tensor], Any], Call
     return call, c.close
 
 
-def run_c(program: str, nbytes: int, n: int) -> List[float]:
-    """p50 of a C row, in microseconds (one per call of this function)."""
+def run_c(program: str, nbytes: int, n: int) -> Dict[str, float]:
+    """p50 of a C row and its client's CPU per round trip, in microseconds."""
     path = os.path.join(BENCH_BIN, program)
     if not os.path.exists(path):
         subprocess.run(["make", "-s", "-C", ROOT, "bench-floor"], check=True)
     out = subprocess.run([path, "--sizes", str(nbytes), "--n", str(n)], check=True,
                          capture_output=True, text=True, timeout=600)
     row = json.loads(out.stdout.strip().splitlines()[-1])
-    return [float(row["p50_us"])]
+    return {"p50": float(row["p50_us"]), "cpu": float(row.get("client_cpu_us", "nan"))}
 
 
 def main(argv: List[str]) -> int:
@@ -199,6 +199,7 @@ def main(argv: List[str]) -> int:
             calls[k] = make_call(k, children[k].port)
         lat: Dict[str, List[float]] = {k: [] for k in kinds}  # us
         c_p50: Dict[str, List[float]] = {"floor": [], "core": []}
+        cpu: Dict[str, List[float]] = {k: [] for k in kinds}  # client CPU us per call
         switches: Dict[str, List[float]] = {k: [] for k in py_kinds}
         for k in py_kinds:  # warm-up
             for _ in range(max(20, args.n // 10)):
@@ -206,16 +207,20 @@ def main(argv: List[str]) -> int:
         for rnd in range(args.rounds):
             for k in kinds:
                 if k in c_p50:
-                    c_p50[k] += run_c("echo_floor" if k == "floor" else "core_echo",
-                                      x.numel() * 4, args.n)
+                    row = run_c("echo_floor" if k == "floor" else "core_echo", x.numel() * 4,
+                                args.n)
+                    c_p50[k].append(row["p50"])
+                    cpu[k].append(row["cpu"])
                     continue
                 call = calls[k][0]
                 clock = time.perf_counter_ns
                 s0 = ctx_switches(os.getpid()) + ctx_switches(children[k].pid)
+                c0 = time.process_time()
                 for _ in range(args.n):
                     t0 = clock()
                     call(x)
                     lat[k].append((clock() - t0) / 1e3)
+                cpu[k].append((time.process_time() - c0) / args.n * 1e6)
                 s1 = ctx_switches(os.getpid()) + ctx_switches(children[k].pid)
                 switches[k].append((s1 - s0) / args.n)
             print(f"round {rnd + 1}/{args.rounds} done", flush=True)
@@ -241,20 +246,22 @@ def main(argv: List[str]) -> int:
         f"({args.rounds} rounds of {args.n} round trips per row; p50 over all of a row's "
         "round trips, and for the C rows the median of their rounds' p50s). `switches`: "
         "context switches per round trip in the client and server processes together "
-        "(threads put to sleep or woken).",
+        "(threads put to sleep or woken). `client CPU`: CPU time of the client process "
+        "per round trip (all its threads), which the machine's load disturbs less than "
+        "latency.",
         "",
         f"Machine: {cpu_model()}, {os.cpu_count()} CPUs; "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
-        "| stack | what it adds | p50 us | added us | x floor | switches |",
-        "|---|---|--:|--:|--:|--:|",
+        "| stack | what it adds | p50 us | added us | x floor | client CPU us | switches |",
+        "|---|---|--:|--:|--:|--:|--:|",
     ]
     prev = None
     for k, name, what in ROWS:
         added = "" if prev is None else f"{p50[k] - p50[prev]:+.1f}"
         sw = f"{statistics.median(switches[k]):.1f}" if k in switches else "-"
         lines.append(f"| {name} | {what} | {p50[k]:.1f} | {added} | "
-                     f"{p50[k] / p50['floor']:.2f}x | {sw} |")
+                     f"{p50[k] / p50['floor']:.2f}x | {statistics.median(cpu[k]):.1f} | {sw} |")
         prev = k
     lines += ["", END, ""]
     text = "\n".join(lines)
@@ -263,6 +270,8 @@ def main(argv: List[str]) -> int:
         write_section(output, text, BEGIN, END)
         write_data(output, "breakdown", {"script": "bench_breakdown.py", "bytes": x.numel() * 4,
                                          "n": args.n, "rounds": args.rounds, "p50_us": p50,
+                                         "client_cpu_us": {k: statistics.median(v)
+                                                           for k, v in cpu.items()},
                                          "switches_per_call": {k: statistics.median(v)
                                                                for k, v in switches.items()}})
     return 0

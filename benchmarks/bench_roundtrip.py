@@ -330,13 +330,15 @@ class Result:
 
     @classmethod
     def from_c(cls, size: str, nbytes: int, impl: str, row: Dict[str, Any]) -> "Result":
-        """A row printed by a C program (benchmarks/floor): p50/p99 only (no round
-        trips/s or client CPU: the program's own process is not observed here)."""
+        """A row printed by a C program (benchmarks/floor): p50, p99 and the client
+        process's CPU per round trip (no round trips/s: it times calls one by one)."""
         r = cls.__new__(cls)
         r.size, r.nbytes, r.impl, r.concurrency, r.n = size, nbytes, impl, 1, int(row["n"])
         r.p50_ms = float(row["p50_us"]) / 1e3
         r.p99_ms = float(row["p99_us"]) / 1e3
-        r.rts = r.mbs = r.cpu_ms = None
+        r.rts = r.mbs = None
+        cpu_us = row.get("client_cpu_us")
+        r.cpu_ms = float(cpu_us) / 1e3 if cpu_us is not None else None
         return r
         return r
 

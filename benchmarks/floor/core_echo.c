@@ -183,13 +183,14 @@ int main(int argc, char **argv) {
       for (int i = 0; i < warm; i++) {
         if (roundtrip(c, buf, o.sizes[k])) return 1;
       }
+      double cpu0 = floor_cpu();
       for (int i = 0; i < n; i++) {
         double t0 = floor_now();
         int bad = roundtrip(c, buf, o.sizes[k]);
         lat[i] = floor_now() - t0;
         if (bad) return 1;
       }
-      floor_report("core_echo", o.sizes[k], lat, n);
+      floor_report("core_echo", o.sizes[k], lat, n, floor_cpu() - cpu0);
       free(lat);
     }
     sl_client_destroy(c);

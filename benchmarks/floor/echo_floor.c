@@ -216,13 +216,14 @@ int main(int argc, char **argv) {
       for (int i = 0; i < warm; i++) {
         if (check(echo(ch, cq, buf, o.sizes[k]), o.sizes[k])) return 1;
       }
+      double cpu0 = floor_cpu();
       for (int i = 0; i < n; i++) {
         double t0 = floor_now();
         long got = echo(ch, cq, buf, o.sizes[k]);
         lat[i] = floor_now() - t0;
         if (check(got, o.sizes[k])) return 1;
       }
-      floor_report("echo_floor", o.sizes[k], lat, n);
+      floor_report("echo_floor", o.sizes[k], lat, n, floor_cpu() - cpu0);
       free(lat);
     }
     grpc_channel_destroy(ch);

@@ -7,7 +7,8 @@
  * port as an int to port_fd, then serves until the process exits) and the client
  * calls. Output, one JSON object per line on stdout:
  *
- *   {"bench": NAME, "bytes": B, "n": N, "p50_us": .., "p99_us": .., "min_us": ..}
+ *   {"bench": NAME, "bytes": B, "n": N, "p50_us": .., "p99_us": .., "min_us": ..,
+ *    "client_cpu_us": CPU time of the client process per round trip}
  *   {"bench": NAME "-cold", "bytes": B, "calls_ms": [first, second, ...]}
  */
 #ifndef FLOOR_COMMON_H
@@ -21,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -127,12 +129,22 @@ static inline double floor_pct(const double *v, int n, double q) {
   return v[lo] + (v[lo + 1] - v[lo]) * (pos - (double)lo);
 }
 
-static inline void floor_report(const char *name, size_t bytes, double *lat_s, int n) {
+/* CPU seconds (user + system) of this process, every thread: the client's. */
+static inline double floor_cpu(void) {
+  struct rusage ru;
+  getrusage(RUSAGE_SELF, &ru);
+  return (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec * 1e-6 +
+         (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec * 1e-6;
+}
+
+/* `cpu_s`: the client process's CPU time over the n timed calls. */
+static inline void floor_report(const char *name, size_t bytes, double *lat_s, int n,
+                                double cpu_s) {
   qsort(lat_s, (size_t)n, sizeof(double), floor_cmp);
   printf("{\"bench\": \"%s\", \"bytes\": %zu, \"n\": %d, \"p50_us\": %.2f, \"p99_us\": %.2f, "
-         "\"min_us\": %.2f}\n",
+         "\"min_us\": %.2f, \"client_cpu_us\": %.2f}\n",
          name, bytes, n, floor_pct(lat_s, n, 50) * 1e6, floor_pct(lat_s, n, 99) * 1e6,
-         lat_s[0] * 1e6);
+         lat_s[0] * 1e6, cpu_s / n * 1e6);
   fflush(stdout);
 }
 
