@@ -57,7 +57,7 @@ ROWS = [
     ("core", "our core, C hook", "sl_server + sl_client, identity hook in C, no Python"),
     ("bind", "+ bindings", "_core.Server / _core.Client: GIL hand-offs, the Python hook call, "
                            "Leaf/Call/Reply objects; tensors stay DLPackTensors"),
-    ("torch", "+ torch at the edges", "torch.from_dlpack of each received tensor and "
+    ("torch", "+ torch at the edges", "torch.from_dlpack of each received tensor (its capsule) and "
                                       "to_dlpack of each sent one, both sides"),
     ("dispatch", "+ server dispatch", "GRPCComputeServer's dispatcher and compute()"),
     ("api", "+ client API", "GRPCComputeClient.compute (the whole API on both sides)"),
@@ -83,7 +83,7 @@ def serve(kind: str) -> None:
             from_dlpack, to_dlpack = torch.from_dlpack, torch.utils.dlpack.to_dlpack
 
             def dispatch(c: Any) -> Any:
-                x = from_dlpack(c.leaves[0].tensor)
+                x = from_dlpack(c.leaves[0].tensor.__dlpack__())  # a capsule, as the library does
                 return [out_tensor(("", to_dlpack(x), None))], 0.0, None, 0, None
         server: Any = _core.Server(dispatch, _info, "127.0.0.1", 0, 4, "breakdown")
         server.start()
@@ -157,7 +157,8 @@ def make_call(kind: str, port: int) -> Tuple[Callable[[torch.Tensor], Any], Call
             return c.compute([out_tensor(("", to_dlpack(x), None))]).leaves[0].tensor
     else:
         def call(x: torch.Tensor) -> Any:
-            return from_dlpack(c.compute([out_tensor(("", to_dlpack(x), None))]).leaves[0].tensor)
+            reply = c.compute([out_tensor(("", to_dlpack(x), None))])
+            return from_dlpack(reply.leaves[0].tensor.__dlpack__())  # a capsule, as the library does
     call(torch.zeros(1))  # connects
     return call, c.close
 
