@@ -145,6 +145,7 @@ bench: install bench-floor
 	$(PY) benchmarks/bench_async.py
 	$(PY) benchmarks/bench_sessions.py
 	$(PY) benchmarks/bench_replicas.py
+	$(PY) benchmarks/bench_memory.py
 	$(MAKE) bench-figures
 
 # The PNG figures beside results.md, from the data the benchmarks wrote

@@ -19,6 +19,7 @@ from .client import (CircuitBreaker, ExponentialBackoff, FixedDelay, GRPCCompute
 from .context import CallContext, current_call
 from .core import ComputeFunction, ModelComputeFunction, TensorCodec
 from .errors import RpcError
+from .memory import release_memory, storage_pool_limit
 from .server import GRPCComputeServer
 from .sessions import KVCacheComputeFunction, Session, SessionState
 from .tls import ClientTLS, ServerTLS
@@ -59,6 +60,8 @@ __all__ = [
     "RpcError",
     "TensorCodec",
     "current_call",
+    "release_memory",
+    "storage_pool_limit",
     "__version__",
     "TrainableComputeFunction",
     "RemoteModule",

@@ -206,8 +206,11 @@ static int read_response(sl_async_call *k, sl_err *err) {
   sl_msg_kind resp_kind = k->backward ? SL_MSG_BACKWARD_RESPONSE : SL_MSG_COMPUTE_RESPONSE;
   sl__bbspans spans = {0};
   sl_tensor_msg *out = &k->res.out;
-  int status = sl__bbspans_init(k->resp, &spans, err);
-  if (status == SL_OK) status = sl_tensor_msg_read(resp_kind, spans.spans, spans.n, out, err);
+  int status = sl__bbspans_take(&k->resp, &spans, err);
+  if (status == SL_OK) {
+    sl_span_owner owner = {sl__bbspans_release, &spans};
+    status = sl_tensor_msg_read_owned(resp_kind, spans.spans, spans.n, NULL, &owner, out, err);
+  }
   if (status == SL_OK) status = sl_tensor_msg_decode(out, err);
   sl__bbspans_clear(&spans);
   if (status != SL_OK) {

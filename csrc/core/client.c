@@ -404,8 +404,11 @@ int sl_client_compute(sl_client *c, const sl_call_opts *opts, int backward,
   if (status != SL_OK) return status;
   status = unary(c, method, p, opts, &resp, st, err);
   if (status != SL_OK) goto cleanup;
-  status = sl__bbspans_init(resp, &spans, err);
-  if (status == SL_OK) status = sl_tensor_msg_read(resp_kind, spans.spans, spans.n, out, err);
+  status = sl__bbspans_take(&resp, &spans, err);
+  if (status == SL_OK) {
+    sl_span_owner owner = {sl__bbspans_release, &spans};
+    status = sl_tensor_msg_read_owned(resp_kind, spans.spans, spans.n, NULL, &owner, out, err);
+  }
   if (status == SL_OK) status = sl_tensor_msg_decode(out, err);
   if (status != SL_OK) {
     char inner[SL_ERR_MSG_MAX];

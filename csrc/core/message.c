@@ -292,16 +292,74 @@ static uint32_t kv_field_of(sl_msg_kind kind) {
 
 static const char *known_dtypes(void) { return sl_dtype_names(); }
 
-/* Allocate an item's storage and copy its bytes there: the one copy of the
- * receive path, slices straight into the final storage. */
+/* Allocate an item's storage for the one copy of the receive path (slices
+ * straight into the final storage). With `defer`, the copy waits for
+ * copy_pending() at the end of the read (the item records where its bytes are);
+ * without, it happens now (`spans` may then be a sub-range of the message). */
 static int item_fill(sl_tensor_item *it, const sl_span *spans, size_t nspans, size_t span,
-                     size_t off, size_t len, sl_err *err) {
+                     size_t off, size_t len, int defer, sl_err *err) {
   if (sl_storage_alloc(len, &it->data) != SL_OK) {
     return sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED,
                       "out of memory allocating %zu bytes for a received tensor", len);
   }
-  sl_wire_copy_range(spans, nspans, span, off, len, it->data);
   it->nbytes = len;
+  if (defer) {
+    it->src_span = span;
+    it->src_off = off;
+    it->pending = 1;
+  } else {
+    sl_wire_copy_range(spans, nspans, span, off, len, it->data);
+  }
+  return SL_OK;
+}
+
+static int pending_before(const void *a, const void *b) {
+  const sl_tensor_item *x = *(const sl_tensor_item *const *)a;
+  const sl_tensor_item *y = *(const sl_tensor_item *const *)b;
+  if (x->src_span != y->src_span) return x->src_span < y->src_span ? -1 : 1;
+  return x->src_off < y->src_off ? -1 : x->src_off > y->src_off;
+}
+
+/* Copy every pending item's bytes, in wire order, telling `owner` of each span no
+ * later item needs once it is copied from (or skipped). Everything else of the
+ * message has been read by now, so a span before the next item's start is done. */
+static int copy_pending(sl_tensor_msg *m, const sl_span *spans, size_t nspans,
+                        const sl_span_owner *owner, sl_err *err) {
+  sl_tensor_item *one[1];
+  sl_tensor_item **order = one;
+  size_t n = 0, released = 0;
+  for (size_t i = 0; i < m->n_items; i++) n += m->items[i].pending;
+  if (n == 0) return SL_OK;
+  if (n > 1) {
+    order = malloc(n * sizeof(*order));
+    if (order == NULL) {
+      return sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+    }
+  }
+  n = 0;
+  for (size_t i = 0; i < m->n_items; i++)
+    if (m->items[i].pending) order[n++] = &m->items[i];
+  qsort(order, n, sizeof(*order), pending_before);
+  for (size_t k = 0; k < n; k++) {
+    sl_tensor_item *it = order[k];
+    size_t span = it->src_span, off = it->src_off, left = it->nbytes;
+    size_t keep = k + 1 < n ? order[k + 1]->src_span : nspans; /* needed from here on */
+    uint8_t *dst = it->data;
+    while (left > 0 && span < nspans) {
+      size_t avail = spans[span].len - off;
+      size_t take = left < avail ? left : avail;
+      if (take > 0) memcpy(dst, spans[span].ptr + off, take);
+      dst += take;
+      left -= take;
+      if (take < avail) break; /* the item ends inside this span */
+      span++;
+      off = 0;
+      while (owner != NULL && released < span && released < keep)
+        owner->release(owner->user, released++);
+    }
+    it->pending = 0;
+  }
+  if (order != one) free(order);
   return SL_OK;
 }
 
@@ -337,7 +395,7 @@ static int read_single(sl_msg_kind kind, const sl_span *spans, size_t nspans,
   if (status != SL_OK) return status;
   status = meta_from_wire(kind, out->header, &it->meta, err);
   if (status != SL_OK) return status;
-  return item_fill(it, spans, nspans, split->data_span, split->data_off, split->data_len, err);
+  return item_fill(it, spans, nspans, split->data_span, split->data_off, split->data_len, 1, err);
 }
 
 /* One KVCacheEntry (the original's format: raw float32 key and value). */
@@ -386,10 +444,10 @@ static int read_kv_entry(const sl_span *spans, size_t nspans, const sl_wire_occ 
     goto cleanup;
   }
   status = item_fill(key, sub, nsub, kocc ? kocc->span : 0, kocc ? kocc->off : 0,
-                     kocc ? kocc->len : 0, err);
+                     kocc ? kocc->len : 0, 0, err);
   if (status == SL_OK) {
     status = item_fill(value, sub, nsub, vocc ? vocc->span : 0, vocc ? vocc->off : 0,
-                       vocc ? vocc->len : 0, err);
+                       vocc ? vocc->len : 0, 0, err);
   }
 cleanup:
   if (e != NULL) splitlearn__comm__kvcache_entry__free_unpacked(e, NULL);
@@ -589,7 +647,7 @@ static int read_named(sl_msg_kind kind, const sl_span *spans, size_t nspans,
     meta_fields_of_named(d, &mf);
     status = meta_from_fields(&mf, &it->meta, err);
     if (status != SL_OK) goto cleanup;
-    status = item_fill(it, spans, nspans, occ->span, occ->off, occ->len, err);
+    status = item_fill(it, spans, nspans, occ->span, occ->off, occ->len, 1, err);
     if (status != SL_OK) goto cleanup;
   }
   if (find_duplicate(names, out->n_items, &dup) != SL_OK) goto oom;
@@ -631,6 +689,12 @@ int sl_tensor_msg_read(sl_msg_kind kind, const sl_span *spans, size_t nspans, sl
 
 int sl_tensor_msg_read_limited(sl_msg_kind kind, const sl_span *spans, size_t nspans,
                                const sl_msg_limits *limits, sl_tensor_msg *out, sl_err *err) {
+  return sl_tensor_msg_read_owned(kind, spans, nspans, limits, NULL, out, err);
+}
+
+int sl_tensor_msg_read_owned(sl_msg_kind kind, const sl_span *spans, size_t nspans,
+                             const sl_msg_limits *limits, const sl_span_owner *owner,
+                             sl_tensor_msg *out, sl_err *err) {
   int status = SL_EINVAL;
   sl_wire_split_result split;
   sl_tensor_fields f;
@@ -667,6 +731,7 @@ int sl_tensor_msg_read_limited(sl_msg_kind kind, const sl_span *spans, size_t ns
       goto cleanup;
     }
     status = read_named(kind, spans, nspans, &split, &lim, out, err);
+    if (status == SL_OK) status = copy_pending(out, spans, nspans, owner, err);
     goto cleanup;
   }
   if (2 * n_kv + 1 > lim.max_tensors) {
@@ -691,6 +756,7 @@ int sl_tensor_msg_read_limited(sl_msg_kind kind, const sl_span *spans, size_t ns
                            &out->items[2 + 2 * e], err);
     e++;
   }
+  if (status == SL_OK) status = copy_pending(out, spans, nspans, owner, err);
 cleanup:
   sl_wire_split_result_clear(&split);
   if (status != SL_OK) sl_tensor_msg_clear(out);

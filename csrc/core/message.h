@@ -55,6 +55,10 @@ typedef struct sl_tensor_item {
   const char *codec;    /* points into the header, or SL_CODEC_RAW; never NULL */
   sl_meta meta;         /* the codec metadata, owned */
   int decoded;          /* 1: data holds the tensor (desc's bytes); 0: a codec's payload */
+  /* the reader's bookkeeping: where the bytes start in the received spans, while
+   * their copy waits for the end of the read (sl_tensor_msg_read_owned) */
+  size_t src_span, src_off;
+  int pending;
 } sl_tensor_item;
 
 /* Kinds of structure nodes: the numbers of StructureNode.Kind (proto/). */
@@ -117,6 +121,23 @@ int sl_tensor_msg_read(sl_msg_kind kind, const sl_span *spans, size_t nspans, sl
                        sl_err *err);
 int sl_tensor_msg_read_limited(sl_msg_kind kind, const sl_span *spans, size_t nspans,
                                const sl_msg_limits *limits, sl_tensor_msg *out, sl_err *err);
+
+/* Whoever owns the received spans, told when the reader is done with one of them
+ * (span indices only grow), so that its memory can go before the whole message
+ * is read: a large received message then never sits in memory beside all of its
+ * copy. `release` must not touch the spans still to come. */
+typedef struct sl_span_owner {
+  void (*release)(void *user, size_t span);
+  void *user;
+} sl_span_owner;
+
+/* sl_tensor_msg_read_limited() that tells `owner` (NULL: nobody) as spans are
+ * done with. The tensors' bytes are copied last, in wire order, each span
+ * released as soon as no tensor still to copy starts in or before it. Whatever
+ * the outcome, the spans the owner was not told of are still the owner's. */
+int sl_tensor_msg_read_owned(sl_msg_kind kind, const sl_span *spans, size_t nspans,
+                             const sl_msg_limits *limits, const sl_span_owner *owner,
+                             sl_tensor_msg *out, sl_err *err);
 
 void sl_tensor_msg_clear(sl_tensor_msg *m);
 

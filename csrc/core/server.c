@@ -48,6 +48,7 @@
 #define SERVICE_LIVENESS "liveness"
 /* how often the watch thread looks for a changed status (it cannot be woken) */
 #define WATCH_POLL_S 0.05
+#define IDLE_RELEASE_S 1.0 /* quiet after calls before memory is given back */
 /* Stopping: after the drain, wait (within the grace, at most SETTLE_MAX_S) until no
  * call has come for SETTLE_QUIET_S. Shutting gRPC down kills the calls still queued
  * for a worker, and their clients see CANCELLED, which no retry policy retries;
@@ -117,6 +118,8 @@ struct sl_server {
   atomic_int watch_ending; /* end every stream: the server is shutting down */
   atomic_int watchers;     /* open Watch streams */
   atomic_llong last_call_us; /* sl_now() in microseconds when a worker last took a call */
+  atomic_llong last_done_us; /* sl_now() in microseconds when a call last ended */
+  atomic_int used_memory;    /* calls ended since memory was last given back */
 };
 
 typedef struct served served;
@@ -463,6 +466,10 @@ static void tcall_cleanup(sl_server *s, tcall *tc) {
   sl_tensor_msg_clear(&tc->msg);
   if (tc->reserved > 0) atomic_fetch_sub(&s->decoded_in_use, (long long)tc->reserved);
   tc->reserved = 0;
+  if (tc->active) {
+    atomic_store(&s->last_done_us, (long long)(sl_now() * 1e6));
+    atomic_store(&s->used_memory, 1);
+  }
   if (tc->active && atomic_fetch_sub(&s->in_flight, 1) == 1 && !atomic_load(&s->serving)) {
     pthread_mutex_lock(&s->mu);
     pthread_cond_broadcast(&s->cv);
@@ -534,7 +541,7 @@ cleanup:
 /* Compute or ComputeBackward: read the tensor, decode it, run the hook. Returns
  * SL_EAGAIN when the hook deferred the call through `pending` (the reply comes
  * with sl_pending_complete); otherwise the reply is in `r` and tc is clean. */
-static int tcall_begin(sl_server *s, const sl_call_info *ci, const sl__bbspans *in, int backward,
+static int tcall_begin(sl_server *s, const sl_call_info *ci, sl__bbspans *in, int backward,
                        reply *r, tcall *tc, sl_pending *pending) {
   sl_msg_kind req_kind = backward ? SL_MSG_BACKWARD_REQUEST : SL_MSG_COMPUTE_REQUEST;
   sl_compute_args *args = &tc->args;
@@ -552,7 +559,12 @@ static int tcall_begin(sl_server *s, const sl_call_info *ci, const sl__bbspans *
   atomic_fetch_add(&s->total_requests, 1);
   t0 = sl_now();
   r->rec.tensor_call = 1;
-  rc = sl_tensor_msg_read_limited(req_kind, in->spans, in->n, &s->limits, &tc->msg, &r->err);
+  {
+    /* the received message's slices go as their bytes are copied out */
+    sl_span_owner owner = {sl__bbspans_release, in};
+    rc = sl_tensor_msg_read_owned(req_kind, in->spans, in->n, &s->limits, &owner, &tc->msg,
+                                  &r->err);
+  }
   if (rc != SL_OK) goto fail;
   if (tc->msg.n_items > 0) {
     snprintf(r->rec.codec, sizeof(r->rec.codec), "%s", tc->msg.items[0].codec);
@@ -839,7 +851,7 @@ static int serve_call(served *sv, grpc_call_details *details, grpc_metadata_arra
                "the call carried no request message");
     goto finish;
   }
-  if (sl__bbspans_init(sv->in_bb, &in, &sv->r.err) != SL_OK) goto finish;
+  if (sl__bbspans_take(&sv->in_bb, &in, &sv->r.err) != SL_OK) goto finish;
 
   if (streq_slice(details->method, METHOD_COMPUTE) || streq_slice(details->method, METHOD_BACKWARD)) {
     int backward = streq_slice(details->method, METHOD_BACKWARD);
@@ -1176,6 +1188,22 @@ static void watcher_free(sl_server *s, watcher *w) {
 /* The watch thread: accepts Watch calls, sends each stream the status whenever it
  * changes (looked at every WATCH_POLL_S), ends every stream once the server stops,
  * and exits when the server has shut down and no stream is left. */
+/* Once calls have ended and IDLE_RELEASE_S of quiet follows (nothing in flight,
+ * no call taken or ended), give memory back: the storage pool's idle blocks and the
+ * allocator's free pages (sl_storage_release_idle). Without it a server that served
+ * a burst of large calls keeps the burst's peak resident while idle. Runs on the
+ * watch thread, which wakes every WATCH_POLL_S anyway. */
+static void release_memory_when_idle(sl_server *s) {
+  long long now_us, quiet_since;
+  if (!atomic_load(&s->used_memory) || atomic_load(&s->in_flight) > 0) return;
+  now_us = (long long)(sl_now() * 1e6);
+  quiet_since = atomic_load(&s->last_done_us);
+  if (atomic_load(&s->last_call_us) > quiet_since) quiet_since = atomic_load(&s->last_call_us);
+  if (now_us - quiet_since < (long long)(IDLE_RELEASE_S * 1e6)) return;
+  atomic_store(&s->used_memory, 0);
+  (void)sl_storage_release_idle(0);
+}
+
 static void *watch_main(void *arg) {
   sl_server *s = arg;
   watcher *list = NULL;
@@ -1196,6 +1224,7 @@ static void *watch_main(void *arg) {
     if (ev.type == GRPC_QUEUE_SHUTDOWN) break;
     if (idle && ev.type == GRPC_QUEUE_TIMEOUT) {
       struct timespec ts = {0, (long)(WATCH_POLL_S * 1e9)};
+      release_memory_when_idle(s);
       nanosleep(&ts, NULL);
       continue;
     }
@@ -1228,6 +1257,7 @@ static void *watch_main(void *arg) {
         }
       }
     }
+    release_memory_when_idle(s);
     ending = atomic_load(&s->watch_ending);
     for (watcher **pp = &list; *pp != NULL;) {
       watcher *w = *pp;
@@ -1348,6 +1378,8 @@ int sl_server_create(const sl_server_config *cfg, const sl_server_hooks *hooks, 
   atomic_init(&s->watch_ending, 0);
   atomic_init(&s->watchers, 0);
   atomic_init(&s->last_call_us, 0);
+  atomic_init(&s->last_done_us, 0);
+  atomic_init(&s->used_memory, 0);
   atomic_init(&s->in_flight, 0);
   atomic_init(&s->total_requests, 0);
   status = sl__channel_args_build(cfg->args, cfg->nargs, 1, &s->chargs, err);

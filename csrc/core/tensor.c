@@ -95,27 +95,57 @@ int sl_desc_check_len(const sl_tensor_desc *desc, size_t data_len, sl_err *err) 
 
 /* ---- storage and its pool ----
  *
- * Every block carries a 64-byte header (its usable size) in front of the data, so
- * that the data stays 64-byte aligned and sl_storage_free() knows the size. Freed
- * blocks of at least SL_POOL_MIN_BYTES are kept in a small pool keyed by size:
- * split learning sends the same shapes every step, and reusing a block saves the
- * page faults of a fresh mmap (a 32 MiB receive costs ~20 ms more without it).
- * The pool is process-wide, guarded by a mutex, and bounded in blocks and bytes.
+ * Every block carries a 64-byte header (its usable size, and when it entered the
+ * pool) in front of the data, so that the data stays 64-byte aligned and
+ * sl_storage_free() knows the size. Freed blocks of at least SL_POOL_MIN_BYTES are
+ * kept in a small pool keyed by size: split learning sends the same shapes every
+ * step, and reusing a block saves the page faults of a fresh allocation (a 32 MiB
+ * receive costs ~20 ms more without it). The pool is process-wide, guarded by a
+ * mutex, and bounded in blocks and bytes (sl_storage_pool_set_limit);
+ * sl_storage_release_idle() gives back what has sat unused, and the allocator's
+ * free pages with it.
  */
 #include <pthread.h>
+#include <sys/mman.h>
+#include <time.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 #define SL_POOL_MIN_BYTES ((size_t)256 * 1024)
 #define SL_POOL_MAX_BLOCKS 16
-#define SL_POOL_MAX_BYTES ((size_t)512 * 1024 * 1024)
+#define SL_POOL_DEFAULT_BYTES ((size_t)256 * 1024 * 1024)
 
 typedef struct pool_block {
-  size_t size; /* usable bytes */
+  size_t size;      /* usable bytes */
+  double pooled_at; /* monotonic seconds when it entered the pool */
+  int mapped;       /* 1: its own mmap (munmap'd when freed); 0: from malloc */
 } pool_block;
+
+/* Blocks this big get their own mapping: freed, they leave the process at once,
+ * where glibc (whose mmap threshold grows with each large free, up to 32 MiB)
+ * would keep them in an arena, fragmenting it. */
+#define SL_MMAP_MIN_BYTES ((size_t)1024 * 1024)
 
 static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
 static void *pool_blocks[SL_POOL_MAX_BLOCKS]; /* base pointers (header included) */
 static size_t pool_count;
 static size_t pool_bytes;
+static size_t pool_limit = SL_POOL_DEFAULT_BYTES;
+
+static double mono_now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void block_free(void *base) {
+  pool_block *b = base;
+  if (b->mapped)
+    munmap(base, SL_STORAGE_ALIGN + b->size);
+  else
+    free(base);
+}
 
 static size_t round_size(size_t nbytes) {
   size_t size = nbytes < SL_STORAGE_ALIGN ? SL_STORAGE_ALIGN : nbytes;
@@ -138,25 +168,33 @@ static void *pool_take(size_t size) {
   return base;
 }
 
-/* Keep `base` in the pool; returns 0 when there is no room (caller frees). */
+/* Remove pool entry i (pool_mu held); returns its base pointer for the caller to
+ * free once the lock is dropped. */
+static void *pool_remove(size_t i) {
+  void *old = pool_blocks[i];
+  pool_bytes -= ((pool_block *)old)->size;
+  pool_blocks[i] = pool_blocks[--pool_count];
+  return old;
+}
+
+/* Keep `base` in the pool; returns 0 when there is no room (caller frees). The
+ * oldest blocks make room for a newer one; blocks over the limit are freed after
+ * the lock is dropped. */
 static int pool_put(void *base, size_t size) {
+  void *drop[SL_POOL_MAX_BLOCKS];
+  size_t n_drop = 0;
   int kept = 0;
   pthread_mutex_lock(&pool_mu);
-  if (pool_bytes + size > SL_POOL_MAX_BYTES && pool_count > 0) {
-    /* make room by dropping the oldest blocks */
-    while (pool_count > 0 && pool_bytes + size > SL_POOL_MAX_BYTES) {
-      void *old = pool_blocks[0];
-      pool_bytes -= ((pool_block *)old)->size;
-      pool_blocks[0] = pool_blocks[--pool_count];
-      free(old);
-    }
-  }
-  if (pool_count < SL_POOL_MAX_BLOCKS && pool_bytes + size <= SL_POOL_MAX_BYTES) {
+  if (size <= pool_limit) {
+    while (pool_count > 0 && (pool_bytes + size > pool_limit || pool_count == SL_POOL_MAX_BLOCKS))
+      drop[n_drop++] = pool_remove(0);
+    ((pool_block *)base)->pooled_at = mono_now();
     pool_blocks[pool_count++] = base;
     pool_bytes += size;
     kept = 1;
   }
   pthread_mutex_unlock(&pool_mu);
+  while (n_drop > 0) block_free(drop[--n_drop]);
   return kept;
 }
 
@@ -167,9 +205,17 @@ int sl_storage_alloc(size_t nbytes, void **out) {
   if (nbytes > SIZE_MAX - 2 * 4096 - SL_STORAGE_ALIGN) return SL_ENOMEM;
   size = round_size(nbytes);
   if (size >= SL_POOL_MIN_BYTES) base = pool_take(size);
-  if (base == NULL) {
+  if (base == NULL && size >= SL_MMAP_MIN_BYTES) {
+    /* size is a multiple of 4096 here, and the header one alignment unit */
+    base = mmap(NULL, SL_STORAGE_ALIGN + size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                -1, 0);
+    if (base == MAP_FAILED) return SL_ENOMEM;
+    ((pool_block *)base)->size = size;
+    ((pool_block *)base)->mapped = 1;
+  } else if (base == NULL) {
     if (posix_memalign(&base, SL_STORAGE_ALIGN, SL_STORAGE_ALIGN + size) != 0) return SL_ENOMEM;
     ((pool_block *)base)->size = size;
+    ((pool_block *)base)->mapped = 0;
   }
   *out = (char *)base + SL_STORAGE_ALIGN;
   return SL_OK;
@@ -182,12 +228,60 @@ void sl_storage_free(void *p) {
   base = (char *)p - SL_STORAGE_ALIGN;
   size = ((pool_block *)base)->size;
   if (size >= SL_POOL_MIN_BYTES && pool_put(base, size)) return;
-  free(base);
+  block_free(base);
 }
 
-void sl_storage_pool_trim(void) {
+/* Free the pooled blocks that entered the pool at least `min_age_s` ago (all of
+ * them for min_age_s <= 0); returns the bytes freed. */
+static size_t pool_release(double min_age_s) {
+  void *drop[SL_POOL_MAX_BLOCKS];
+  size_t n_drop = 0, bytes = 0;
+  double cutoff = mono_now() - min_age_s;
   pthread_mutex_lock(&pool_mu);
-  while (pool_count > 0) free(pool_blocks[--pool_count]);
-  pool_bytes = 0;
+  for (size_t i = pool_count; i-- > 0;) {
+    pool_block *b = pool_blocks[i];
+    if (min_age_s <= 0 || b->pooled_at <= cutoff) {
+      bytes += b->size;
+      drop[n_drop++] = pool_remove(i);
+    }
+  }
   pthread_mutex_unlock(&pool_mu);
+  while (n_drop > 0) block_free(drop[--n_drop]);
+  return bytes;
+}
+
+void sl_storage_pool_trim(void) { (void)pool_release(0); }
+
+void sl_storage_pool_set_limit(size_t max_bytes) {
+  void *drop[SL_POOL_MAX_BLOCKS];
+  size_t n_drop = 0;
+  pthread_mutex_lock(&pool_mu);
+  pool_limit = max_bytes;
+  while (pool_count > 0 && pool_bytes > pool_limit) drop[n_drop++] = pool_remove(0);
+  pthread_mutex_unlock(&pool_mu);
+  while (n_drop > 0) block_free(drop[--n_drop]);
+}
+
+void sl_storage_pool_stats(size_t *bytes, size_t *blocks, size_t *limit) {
+  pthread_mutex_lock(&pool_mu);
+  if (bytes != NULL) *bytes = pool_bytes;
+  if (blocks != NULL) *blocks = pool_count;
+  if (limit != NULL) *limit = pool_limit;
+  pthread_mutex_unlock(&pool_mu);
+}
+
+void sl_storage_trim_allocator(void) {
+#if defined(__GLIBC__)
+  /* glibc keeps freed memory in its arenas (one per thread that allocated, up to
+   * 8 per core), and its dynamic mmap threshold grows with every large free, so
+   * after a burst of large messages most of it stays resident. malloc_trim gives
+   * each arena's free pages back to the system. */
+  malloc_trim(0);
+#endif
+}
+
+size_t sl_storage_release_idle(double min_age_s) {
+  size_t bytes = pool_release(min_age_s);
+  sl_storage_trim_allocator();
+  return bytes;
 }

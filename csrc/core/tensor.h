@@ -67,12 +67,31 @@ void sl_desc_format_shape(const sl_tensor_desc *desc, char *buf, size_t buflen);
 int sl_storage_alloc(size_t nbytes, void **out);
 
 /* Free storage from sl_storage_alloc(); NULL is a no-op. Safe from any thread.
- * Blocks of 256 KiB and more go back to a small bounded pool (16 blocks, 512 MiB)
- * and are reused by the next allocation of the same size. */
+ * Blocks of 256 KiB and more go back to a small bounded pool (16 blocks, and at
+ * most sl_storage_pool_set_limit() bytes, 256 MiB by default; the oldest blocks
+ * leave first) and are reused by the next allocation of the same size. */
 void sl_storage_free(void *p);
 
 /* Free every pooled block (tests, and processes that want the memory back). */
 void sl_storage_pool_trim(void);
+
+/* Bound the pool to `max_bytes` (0: no pooling); blocks over it are freed now.
+ * Process-wide, safe from any thread. */
+void sl_storage_pool_set_limit(size_t max_bytes);
+
+/* What the pool holds now, and its limit; any pointer may be NULL. */
+void sl_storage_pool_stats(size_t *bytes, size_t *blocks, size_t *limit);
+
+/* Give memory back to the system after a busy period: free the pooled blocks that
+ * have sat unused for at least `min_age_s` seconds (all for <= 0), then ask the C
+ * allocator to return its free pages (glibc: malloc_trim). Returns the pool bytes
+ * freed. Costs a walk of the allocator's arenas: call it when idle, not per call
+ * (the server does, once a second of quiet follows calls). */
+size_t sl_storage_release_idle(double min_age_s);
+
+/* Ask the C allocator to return its free pages to the system (glibc: malloc_trim;
+ * elsewhere nothing). Milliseconds at most; safe from any thread. */
+void sl_storage_trim_allocator(void);
 
 #ifdef __cplusplus
 }

@@ -64,6 +64,30 @@ cleanup:
   return status;
 }
 
+int sl__bbspans_take(grpc_byte_buffer **bb, sl__bbspans *out, sl_err *err) {
+  int status = sl__bbspans_init(*bb, out, err);
+  grpc_byte_buffer_destroy(*bb);
+  *bb = NULL;
+  return status;
+}
+
+void sl__bbspans_release(void *user, size_t span) {
+  sl__bbspans *s = user;
+  if (span >= s->n) return;
+  s->released += s->spans[span].len;
+  grpc_slice_unref(s->slices[span]);
+  s->slices[span] = grpc_empty_slice();
+  s->spans[span].ptr = NULL;
+  s->spans[span].len = 0;
+  /* gRPC's slices are small heap blocks (64 KiB): freed, they stay resident in the
+   * allocator, so without this a large message would sit in memory beside the
+   * whole of its copy (2x the payload at the peak instead of ~1x) */
+  if (s->released >= SL_BBSPANS_TRIM_BYTES) {
+    s->released = 0;
+    sl_storage_trim_allocator();
+  }
+}
+
 void sl__bbspans_clear(sl__bbspans *s) {
   for (size_t i = 0; i < s->n; i++) grpc_slice_unref(s->slices[i]);
   free(s->slices);

@@ -16,6 +16,7 @@
 
 #include "payload.h"
 #include "sl_common.h"
+#include "tensor.h"
 #include "wire.h"
 
 /* The spans of a received byte buffer. Holds a reference on every slice until
@@ -24,10 +25,25 @@ typedef struct sl__bbspans {
   grpc_slice *slices;
   sl_span *spans;
   size_t n;
+  size_t released; /* bytes sl__bbspans_release() dropped since the allocator was trimmed */
 } sl__bbspans;
+
+/* Released bytes after which sl__bbspans_release() gives the allocator's free pages
+ * back to the system. */
+#define SL_BBSPANS_TRIM_BYTES ((size_t)16 << 20)
 
 int sl__bbspans_init(grpc_byte_buffer *bb, sl__bbspans *out, sl_err *err);
 void sl__bbspans_clear(sl__bbspans *s);
+
+/* sl__bbspans_init() that then destroys `*bb` (and sets it to NULL) whatever the
+ * outcome, so that the spans hold the only references to the message's memory and
+ * sl__bbspans_release() can give it back slice by slice while it is read. */
+int sl__bbspans_take(grpc_byte_buffer **bb, sl__bbspans *out, sl_err *err);
+
+/* An sl_span_owner release hook (`user` is the sl__bbspans): drops slice `span`
+ * now instead of at sl__bbspans_clear(), and after every SL_BBSPANS_TRIM_BYTES
+ * dropped has the allocator return its free pages (sl_storage_trim_allocator). */
+void sl__bbspans_release(void *user, size_t span);
 
 /* A new byte buffer for one send of `p`: the header is copied (it is small), the
  * tensor bytes are referenced through a slice that holds a payload reference. The

@@ -15,6 +15,7 @@
 #include "methods.h"
 #include "retry.h"
 #include "runtime.h"
+#include "tensor.h"
 
 slpy_state *slpy_state_of_module(PyObject *module) { return PyModule_GetState(module); }
 
@@ -77,7 +78,35 @@ static PyObject *py_breaker_open_message(PyObject *m, PyObject *args) {
   return PyUnicode_FromString(buf);
 }
 
+static PyObject *py_release_memory(PyObject *m, PyObject *unused) {
+  size_t freed;
+  (void)m;
+  (void)unused;
+  Py_BEGIN_ALLOW_THREADS
+  freed = sl_storage_release_idle(0);
+  Py_END_ALLOW_THREADS
+  return PyLong_FromSize_t(freed);
+}
+
+static PyObject *py_storage_pool(PyObject *m, PyObject *args) {
+  PyObject *limit = Py_None;
+  size_t bytes, blocks, max_bytes;
+  (void)m;
+  if (!PyArg_ParseTuple(args, "|O:storage_pool", &limit)) return NULL;
+  if (limit != Py_None) {
+    size_t v = PyLong_AsSize_t(limit);
+    if (v == (size_t)-1 && PyErr_Occurred()) return NULL;
+    sl_storage_pool_set_limit(v);
+  }
+  sl_storage_pool_stats(&bytes, &blocks, &max_bytes);
+  return Py_BuildValue("(nnn)", (Py_ssize_t)bytes, (Py_ssize_t)blocks, (Py_ssize_t)max_bytes);
+}
+
 static PyMethodDef module_methods[] = {
+    {"release_memory", py_release_memory, METH_NOARGS,
+     "release_memory() -> bytes freed from the storage pool (and the allocator trimmed)."},
+    {"storage_pool", py_storage_pool, METH_VARARGS,
+     "storage_pool(limit=None) -> (bytes, blocks, limit); sets the limit in bytes first when given."},
     {"retry_delay", py_retry_delay, METH_VARARGS,
      "retry_delay(policy, retry, u) -> delay in seconds (the built-in strategies' rule)."},
     {"breaker_open_message", py_breaker_open_message, METH_VARARGS,

@@ -168,6 +168,44 @@ static void test_storage_pool_reuses_same_size(void) {
   sl_storage_pool_trim();
 }
 
+static void test_storage_pool_bounded_by_bytes(void) {
+  void *blocks[4] = {NULL, NULL, NULL, NULL};
+  size_t bytes = 0, count = 0, limit = 0;
+  sl_storage_pool_trim();
+  sl_storage_pool_set_limit((size_t)3 << 20); /* room for three 1 MiB blocks */
+  for (int i = 0; i < 4; i++) CHECK_EQ_INT(sl_storage_alloc(1 << 20, &blocks[i]), SL_OK);
+  for (int i = 0; i < 4; i++) sl_storage_free(blocks[i]);
+  sl_storage_pool_stats(&bytes, &count, &limit);
+  CHECK_EQ_INT(count, 3); /* the oldest made room for the newest */
+  CHECK_EQ_INT(bytes, (size_t)3 << 20);
+  CHECK_EQ_INT(limit, (size_t)3 << 20);
+  sl_storage_pool_set_limit((size_t)1 << 20); /* lowering the bound frees at once */
+  sl_storage_pool_stats(&bytes, &count, NULL);
+  CHECK_EQ_INT(count, 1);
+  CHECK_EQ_INT(bytes, (size_t)1 << 20);
+  sl_storage_pool_set_limit(0); /* no pooling */
+  CHECK_EQ_INT(sl_storage_alloc(1 << 20, &blocks[0]), SL_OK);
+  sl_storage_free(blocks[0]);
+  sl_storage_pool_stats(&bytes, &count, NULL);
+  CHECK_EQ_INT(count, 0);
+  CHECK_EQ_INT(bytes, 0);
+  sl_storage_pool_set_limit((size_t)256 << 20);
+}
+
+static void test_storage_release_idle_by_age(void) {
+  void *a = NULL;
+  size_t count = 0;
+  sl_storage_pool_trim();
+  CHECK_EQ_INT(sl_storage_alloc(1 << 20, &a), SL_OK);
+  sl_storage_free(a);
+  CHECK_EQ_INT(sl_storage_release_idle(3600), 0); /* too young to go */
+  sl_storage_pool_stats(NULL, &count, NULL);
+  CHECK_EQ_INT(count, 1);
+  CHECK_EQ_INT(sl_storage_release_idle(0), (size_t)1 << 20);
+  sl_storage_pool_stats(NULL, &count, NULL);
+  CHECK_EQ_INT(count, 0);
+}
+
 int main(void) {
   RUN(test_dtype_names_roundtrip);
   RUN(test_dtype_empty_means_float32);
@@ -182,5 +220,7 @@ int main(void) {
   RUN(test_check_len);
   RUN(test_storage_alignment);
   RUN(test_storage_pool_reuses_same_size);
+  RUN(test_storage_pool_bounded_by_bytes);
+  RUN(test_storage_release_idle_by_age);
   return sl_test_done("test_tensor");
 }
