@@ -235,6 +235,23 @@ def test_each_retry_is_logged_at_warning(caplog):
 
 
 @pytest.mark.timeout(60)
+def test_each_retry_of_an_async_call_is_logged_at_warning(caplog):
+    port = closed_port()
+    client = slc.GRPCComputeClient(f"127.0.0.1:{port}", timeout=30,
+                                   retry_strategy=slc.FixedDelay(max_retries=2, delay=0.01))
+    with client, caplog.at_level(logging.WARNING, logger="splitlearn_comm"):
+        with pytest.raises(grpc.RpcError) as info:
+            client.compute_async(torch.ones(1)).result(30)
+    assert info.value.attempts == 3
+    retries = [r.getMessage() for r in caplog.records
+               if r.levelno == logging.WARNING and r.getMessage().startswith("retrying")]
+    assert len(retries) == 2, retries
+    for n, message in enumerate(retries, start=1):
+        assert "/splitlearn.comm.ComputeService/Compute" in message
+        assert f"attempt {n} failed with UNAVAILABLE" in message
+
+
+@pytest.mark.timeout(60)
 def test_a_python_run_of_a_builtin_strategy_logs_its_retries_too(caplog):
     calls = []
 

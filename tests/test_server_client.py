@@ -313,6 +313,45 @@ def test_closed_client_raises(echo_client):
         echo_client.compute(torch.ones(1))
 
 
+@pytest.mark.timeout(60)
+def test_close_while_a_blocking_call_is_in_flight(serve):
+    """close() on one thread while another waits in compute(): the call ends
+    CANCELLED, saying so, and nothing is used after it is freed (the ASan run of
+    the suite checks that part)."""
+    entered, release = threading.Event(), threading.Event()
+
+    class Held(slc.ComputeFunction):
+        def compute(self, x):
+            entered.set()
+            release.wait(30)
+            return x
+
+    server = serve(Held(), max_workers=2)
+    client = slc.GRPCComputeClient(f"127.0.0.1:{server.port}", retry_strategy=None, timeout=30)
+    outcome = []
+
+    def call():
+        try:
+            outcome.append(client.compute(torch.ones(4)))
+        except Exception as e:  # noqa: BLE001 - the test looks at what it is
+            outcome.append(e)
+
+    t = threading.Thread(target=call)
+    t.start()
+    try:
+        assert entered.wait(30)
+        client.close()
+        t.join(30)
+        assert not t.is_alive(), "the call did not end when its client was closed"
+    finally:
+        release.set()
+    (err,) = outcome
+    assert isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.CANCELLED, err
+    assert "client was closed" in err.details()
+    with pytest.raises(ValueError, match="closed"):
+        client.compute(torch.ones(1))
+
+
 SIGINT_SERVER = textwrap.dedent("""
     import splitlearn_comm as slc
 

@@ -38,6 +38,8 @@ struct sl_async_call {
   int has_retry;
   sl_retry_policy retry;
   sl_breaker *breaker;      /* borrowed */
+  sl_retry_fn on_retry;     /* NULL: none; called on the engine's thread */
+  void *on_retry_user;
   double deadline;          /* whole call, sl_now() clock; 0: none */
   int retries;
   uint64_t rng;
@@ -289,6 +291,10 @@ static void attempt_done(sl_async *a, sl_async_call *k) {
       if (k->deadline <= 0 || now + delay < k->deadline) {
         if (k->resp != NULL) grpc_byte_buffer_destroy(k->resp);
         k->resp = NULL;
+        if (k->on_retry != NULL) {
+          k->on_retry(k->on_retry_user, k->method, st->code, st->details ? st->details : "",
+                      k->retries + 1, delay);
+        }
         pthread_mutex_lock(&a->mu);
         k->due = now + delay > now ? now + delay : now + 1e-9;
         pthread_mutex_unlock(&a->mu);
@@ -465,6 +471,8 @@ int sl_async_compute_start(sl_async *a, const sl_call_opts *o, int backward,
   atomic_init(&k->finished, 0);
   k->backward = backward;
   k->method = backward ? SL_METHOD_PATH_BACKWARD : SL_METHOD_PATH_COMPUTE;
+  k->on_retry = o->on_retry;
+  k->on_retry_user = o->on_retry_user;
   k->payload = p;
   p = NULL;
   if (o->n_metadata > 0) {

@@ -63,8 +63,9 @@ void sl_async_release(sl_async *a);
 
 /* Start a Compute (backward = 0) or ComputeBackward (backward = 1) call; returns
  * at once. The arguments mean what they mean for sl_client_compute(), except that
- * opts->interrupt is not used (cancel with sl_async_call_cancel()) and opts'
- * metadata and retry policy are copied; opts->breaker is borrowed and must
+ * opts->interrupt is not used (cancel with sl_async_call_cancel()), opts->on_retry
+ * runs on the engine's thread (on_retry_user must live until `done` has run), and
+ * opts' metadata and retry policy are copied; opts->breaker is borrowed and must
  * outlive the call (until `done` has run).
  *   On SL_OK, *out is the caller's handle and `done(user, ...)` will run exactly
  * once. On any other return `done` never runs, *out is NULL, `st` says why when

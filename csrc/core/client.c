@@ -10,6 +10,7 @@
 #include <grpc/grpc_security.h>
 #include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
@@ -25,6 +26,8 @@
 struct sl_client {
   grpc_channel *channel;
   char *target;
+  atomic_int refs;
+  atomic_int closed; /* sl_client_destroy() ran: calls in flight end CANCELLED */
 };
 
 void sl_call_status_clear(sl_call_status *st) {
@@ -50,6 +53,8 @@ int sl_client_create(const char *target, const sl_chan_arg *args, size_t nargs,
   *out = NULL;
   if (c == NULL) return sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
   grpc_init();
+  atomic_init(&c->refs, 1);
+  atomic_init(&c->closed, 0);
   c->target = sl_strndup(target, strlen(target));
   if (c->target == NULL) {
     status = sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
@@ -89,8 +94,20 @@ cleanup:
   return status;
 }
 
+void sl_client_retain(sl_client *c) {
+  if (c != NULL) atomic_fetch_add(&c->refs, 1);
+}
+
 void sl_client_destroy(sl_client *c) {
   if (c == NULL) return;
+  atomic_store(&c->closed, 1);
+  sl_client_release(c);
+}
+
+#define CLOSED_DETAILS "the client was closed while the call was in flight"
+
+void sl_client_release(sl_client *c) {
+  if (c == NULL || atomic_fetch_sub(&c->refs, 1) != 1) return;
   if (c->channel != NULL) grpc_channel_destroy(c->channel);
   free(c->target);
   free(c);
@@ -137,7 +154,7 @@ static int attempt(sl_client *c, const char *method, sl_payload *p, double deadl
                    const sl_call_opts *o, grpc_byte_buffer **resp, sl_call_status *st,
                    sl_err *err) {
   /* `deadline`: this attempt's, on the sl_now() clock (0: none) */
-  int status = SL_EGRPC, interrupted = 0, tag;
+  int status = SL_EGRPC, interrupted = 0, closed = 0, tag;
   grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
   grpc_call *call = NULL;
   grpc_slice method_slice = grpc_slice_from_static_string(method);
@@ -209,6 +226,9 @@ static int attempt(sl_client *c, const char *method, sl_payload *p, double deadl
     if (!interrupted && o->interrupt != NULL && o->interrupt(o->interrupt_user)) {
       interrupted = 1;
       grpc_call_cancel_with_status(call, GRPC_STATUS_CANCELLED, "interrupted by the caller", NULL);
+    } else if (!interrupted && !closed && atomic_load(&c->closed)) {
+      closed = 1; /* a status, not an interruption: the caller gets CANCELLED */
+      grpc_call_cancel_with_status(call, GRPC_STATUS_CANCELLED, CLOSED_DETAILS, NULL);
     }
   }
   st->bytes_sent += sl_payload_size(p);
@@ -344,6 +364,12 @@ static int attempts(sl_client *c, const char *method, sl_payload *p, const sl_ca
         st->code = SL_STATUS_CANCELLED;
         return SL_EINTR;
       }
+    }
+    if (atomic_load(&c->closed)) {
+      sl_call_status_clear(st);
+      st->code = SL_STATUS_CANCELLED;
+      st->details = sl_strndup(CLOSED_DETAILS, strlen(CLOSED_DETAILS));
+      return SL_ESTATUS;
     }
     retry++;
   }

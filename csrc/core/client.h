@@ -147,6 +147,14 @@ int sl_client_service_info(sl_client *c, const sl_call_opts *opts, sl_info_resul
 int sl_client_std_health(sl_client *c, const sl_call_opts *opts, const char *service, int *status,
                          sl_call_status *st, sl_err *err);
 
+/* A client is reference counted: sl_client_create() returns it with one reference
+ * (the creator's), sl_client_destroy() drops that one. A caller that uses the
+ * client while another thread may destroy it (a call in flight while the owner
+ * closes it) holds its own reference: sl_client_retain() before, and
+ * sl_client_release() after, the call. The channel goes with the last reference.
+ * Both are safe from any thread; NULL is a no-op. */
+void sl_client_retain(sl_client *c);
+void sl_client_release(sl_client *c);
 void sl_client_destroy(sl_client *c);
 
 #ifdef __cplusplus

@@ -77,6 +77,17 @@ static int ensure_open(client_obj *self) {
   return 0;
 }
 
+/* The core client for one call made without the GIL, with a reference of the
+ * call's own (sl_client_release() it before taking the GIL back): close() on
+ * another thread meanwhile only drops the object's reference. NULL, with
+ * ValueError, when the client is closed. Call it after the last Python code of
+ * the call's set-up (close() may run during any of it). */
+static sl_client *hold_client(client_obj *self) {
+  if (ensure_open(self) < 0) return NULL;
+  sl_client_retain(self->client);
+  return self->client;
+}
+
 /* Raise CallError from a finished call's status. */
 static void raise_call_error(client_obj *self, const sl_call_status *st) {
   PyObject *trailing = slpy_metadata_tuple(st->trailing, st->n_trailing);
@@ -204,6 +215,7 @@ cleanup:
  * codec, metadata). `form` 0 sends leaves[0] in the single-tensor fields (and
  * leaves[1:] as KV cache pairs), 1 a map by name, 2 a structure (`nodes`). */
 static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwargs) {
+  sl_client *c;
   static char *kwlist[] = {"leaves", "form", "nodes", "timeout", "metadata", "wait_for_ready",
                            "retry", "request_id", "breaker", "backward", "forward_id",
                            "training_mode", "model_id", "learning_rate", "accumulation_step",
@@ -272,11 +284,18 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
   }
   memset(&st, 0, sizeof(st));
   sl_err_clear(&err);
+  c = hold_client(self);
+  if (c == NULL) {
+    sl_tensor_set_release(&in);
+    slpy_setbuf_free(buf);
+    PyMem_Free(ca.md);
+    return NULL;
+  }
   ca.ictx.ts = PyEval_SaveThread();
   /* consumes the tensors of `in` on every path */
-  rc = sl_client_compute(self->client, &ca.opts, backward, &in, &fields, &out, &out_extra, &st,
-                         &err);
+  rc = sl_client_compute(c, &ca.opts, backward, &in, &fields, &out, &out_extra, &st, &err);
   slpy_setbuf_free(buf);
+  sl_client_release(c);
   PyEval_RestoreThread(ca.ictx.ts);
   PyMem_Free(ca.md);
   if (rc != SL_OK) {
@@ -291,6 +310,7 @@ cleanup:
 }
 
 static PyObject *client_health(client_obj *self, PyObject *args, PyObject *kwargs) {
+  sl_client *c;
   static char *kwlist[] = {"timeout", "metadata", "wait_for_ready", "retry", "breaker", NULL};
   PyObject *metadata = Py_None, *retry = Py_None, *breaker = Py_None;
   double timeout = 0;
@@ -309,8 +329,14 @@ static PyObject *client_health(client_obj *self, PyObject *args, PyObject *kwarg
   if (call_args_init(self, &ca, timeout, metadata, wait_for_ready, retry, breaker) < 0) return NULL;
   memset(&st, 0, sizeof(st));
   sl_err_clear(&err);
+  c = hold_client(self);
+  if (c == NULL) {
+    PyMem_Free(ca.md);
+    return NULL;
+  }
   ca.ictx.ts = PyEval_SaveThread();
-  rc = sl_client_health(self->client, &ca.opts, &h, &st, &err);
+  rc = sl_client_health(c, &ca.opts, &h, &st, &err);
+  sl_client_release(c);
   PyEval_RestoreThread(ca.ictx.ts);
   PyMem_Free(ca.md);
   if (rc != SL_OK) {
@@ -326,6 +352,7 @@ static PyObject *client_health(client_obj *self, PyObject *args, PyObject *kwarg
 }
 
 static PyObject *client_service_info(client_obj *self, PyObject *args, PyObject *kwargs) {
+  sl_client *c;
   static char *kwlist[] = {"timeout", "metadata", "wait_for_ready", "retry", "breaker", NULL};
   PyObject *metadata = Py_None, *retry = Py_None, *custom = NULL, *result = NULL;
   PyObject *breaker = Py_None;
@@ -344,8 +371,14 @@ static PyObject *client_service_info(client_obj *self, PyObject *args, PyObject 
   if (call_args_init(self, &ca, timeout, metadata, wait_for_ready, retry, breaker) < 0) return NULL;
   memset(&st, 0, sizeof(st));
   sl_err_clear(&err);
+  c = hold_client(self);
+  if (c == NULL) {
+    PyMem_Free(ca.md);
+    return NULL;
+  }
   ca.ictx.ts = PyEval_SaveThread();
-  rc = sl_client_service_info(self->client, &ca.opts, &r, &st, &err);
+  rc = sl_client_service_info(c, &ca.opts, &r, &st, &err);
+  sl_client_release(c);
   PyEval_RestoreThread(ca.ictx.ts);
   PyMem_Free(ca.md);
   if (rc != SL_OK) {
@@ -375,6 +408,7 @@ cleanup:
 }
 
 static PyObject *client_std_health(client_obj *self, PyObject *args, PyObject *kwargs) {
+  sl_client *c;
   static char *kwlist[] = {"service", "timeout", "metadata", "wait_for_ready", NULL};
   PyObject *metadata = Py_None;
   const char *service = "";
@@ -392,8 +426,14 @@ static PyObject *client_std_health(client_obj *self, PyObject *args, PyObject *k
   if (call_args_init(self, &ca, timeout, metadata, wait_for_ready, Py_None, Py_None) < 0) return NULL;
   memset(&st, 0, sizeof(st));
   sl_err_clear(&err);
+  c = hold_client(self);
+  if (c == NULL) {
+    PyMem_Free(ca.md);
+    return NULL;
+  }
   ca.ictx.ts = PyEval_SaveThread();
-  rc = sl_client_std_health(self->client, &ca.opts, service, &serving, &st, &err);
+  rc = sl_client_std_health(c, &ca.opts, service, &serving, &st, &err);
+  sl_client_release(c);
   PyEval_RestoreThread(ca.ictx.ts);
   PyMem_Free(ca.md);
   if (rc != SL_OK) raise_for(self, rc, &st, &err);
@@ -403,6 +443,7 @@ static PyObject *client_std_health(client_obj *self, PyObject *args, PyObject *k
 }
 
 static PyObject *client_connect(client_obj *self, PyObject *arg) {
+  sl_client *c;
   double timeout = PyFloat_AsDouble(arg);
   interrupt_ctx ictx;
   int rc;
@@ -410,8 +451,11 @@ static PyObject *client_connect(client_obj *self, PyObject *arg) {
   if (ensure_open(self) < 0) return NULL;
   ictx.on_main = PyThread_get_thread_ident() == self->st->main_thread;
   ictx.client = self;
+  c = hold_client(self);
+  if (c == NULL) return NULL;
   ictx.ts = PyEval_SaveThread();
-  rc = sl_client_connect(self->client, timeout, check_interrupt, &ictx);
+  rc = sl_client_connect(c, timeout, check_interrupt, &ictx);
+  sl_client_release(c);
   PyEval_RestoreThread(ictx.ts);
   if (rc == SL_EINTR) {
     if (!PyErr_Occurred()) PyErr_SetString(PyExc_KeyboardInterrupt, "interrupted");
@@ -465,6 +509,23 @@ typedef struct async_ctx {
   PyObject *callback;
   PyObject *breaker;
 } async_ctx;
+
+/* on_retry of an asynchronous call: called without the GIL on the completion
+ * thread, before a retry's delay; `user` is the call's async_ctx (alive until
+ * async_done). Runs the retry hook (Python logging) as report_retry does. */
+static void report_retry_async(void *user, const char *method, int code, const char *details,
+                               int attempt, double delay) {
+  async_ctx *x = user;
+  PyGILState_STATE g;
+  PyObject *r;
+  if (x->client->retry_hook == NULL || slpy_is_finalizing()) return;
+  g = PyGILState_Ensure();
+  r = PyObject_CallFunction(x->client->retry_hook, "OsisId", x->client->target, method, code,
+                            details, attempt, delay);
+  if (r == NULL) PyErr_WriteUnraisable(x->client->retry_hook);
+  Py_XDECREF(r);
+  PyGILState_Release(g);
+}
 
 /* The pending exception as an object (with its traceback), cleared. */
 static PyObject *take_exception(void) {
@@ -631,6 +692,8 @@ static PyObject *client_compute_async(client_obj *self, PyObject *args, PyObject
   x->client = (client_obj *)Py_NewRef((PyObject *)self);
   x->callback = Py_NewRef(callback);
   x->breaker = breaker == Py_None ? NULL : Py_NewRef(breaker);
+  ca.opts.on_retry = report_retry_async;
+  ca.opts.on_retry_user = x;
   memset(&st, 0, sizeof(st));
   sl_err_clear(&err);
   /* packing (and the built-in codecs' encoding) runs without the GIL; close() may
