@@ -139,6 +139,7 @@ bench: install bench-floor
 	$(PY) benchmarks/bench_breakdown.py
 	$(PY) benchmarks/bench_multiclient.py
 	$(PY) benchmarks/bench_cold.py
+	$(PY) benchmarks/bench_shm.py
 	$(PY) benchmarks/bench_codecs.py
 	$(PY) benchmarks/bench_training.py
 	$(PY) benchmarks/bench_tensormap.py

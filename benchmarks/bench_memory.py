@@ -85,7 +85,9 @@ def run(quick: bool) -> Dict[str, Any]:
     try:
         assert proc.stdout is not None
         port = int(proc.stdout.readline())
-        client = slc.GRPCComputeClient(f"127.0.0.1:{port}", timeout=120)
+        # over TCP, as these figures were taken (a same-host segment would count in
+        # both sides' RSS: docs/shm.md)
+        client = slc.GRPCComputeClient(f"127.0.0.1:{port}", timeout=120, shared_memory=False)
         client.compute(torch.ones(4))
         time.sleep(1.5)  # let the server's first-call allocations settle
         start = status_mib(proc.pid, "VmRSS")

@@ -8,7 +8,8 @@ throughput (round trips/s, and MB/s of tensor payload each way, MB = 10^6 bytes)
 
   splitlearn-comm  GRPCComputeServer(IdentityComputeFunction(), host="127.0.0.1",
                    port=0, max_workers=4) in a child process;
-                   GRPCComputeClient(..., retry_strategy=None) in this one.
+                   GRPCComputeClient(..., retry_strategy=None, shared_memory=False)
+                   in this one (over TCP; benchmarks/bench_shm.py measures shared memory).
   grpcio+numpy     what a user would otherwise write: grpc.server(ThreadPoolExecutor(4))
                    serving the same proto (Python stubs generated at run time into a
                    temporary folder by grpc_tools.protoc), np.frombuffer(...).reshape()
@@ -276,7 +277,8 @@ class Child:
 
 class SplitlearnClient:
     def __init__(self, address: str) -> None:
-        self.client = GRPCComputeClient(address, retry_strategy=None)
+        # over TCP: same-host shared memory has its own benchmark (bench_shm.py)
+        self.client = GRPCComputeClient(address, retry_strategy=None, shared_memory=False)
 
     def wait_ready(self, timeout: float) -> None:
         if not self.client.connect(timeout) or not self.client.health_check(timeout):
@@ -559,7 +561,7 @@ def render(results: List[Result], overlap: List[Result], info: Dict[str, str],
         "",
         "- **splitlearn-comm**: `GRPCComputeServer(IdentityComputeFunction(), "
         "host=\"127.0.0.1\", port=0, max_workers=4)` and "
-        "`GRPCComputeClient(address, retry_strategy=None)`.",
+        "`GRPCComputeClient(address, retry_strategy=None, shared_memory=False)` (TCP).",
         "- **grpcio+numpy**, the baseline a user would otherwise write: "
         "`grpc.server(ThreadPoolExecutor(max_workers=4))` serving the same proto through "
         "grpcio stubs, `torch.from_numpy(np.frombuffer(data, np.float32).reshape(shape))` "

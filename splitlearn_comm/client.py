@@ -414,6 +414,13 @@ class GRPCComputeClient:
             unless ``options`` sets them); ``None``: unlimited (up to gRPC's 2 GiB).
         model_id: the ``model_id`` every call carries unless it names its own: which
             of a server's compute functions serves it (a server hosting several).
+        shared_memory: when the server runs on this host (a ``unix:`` address,
+            ``localhost``, ``127.x.x.x`` or ``[::1]``, without TLS), carry the
+            tensor bytes of blocking calls through shared memory, negotiated with
+            the server on the first call and refused safely (falling back to TCP,
+            logged at debug level) across hosts, pid namespaces or users
+            (docs/shm.md). ``False`` keeps every byte on the gRPC connection; so
+            does the environment variable ``SPLITLEARN_SHM=0``.
 
     A client can be pickled and deep-copied (e.g. inside a model holding a
     ``RemoteModule`` that is checkpointed): the copy opens its own channel to the
@@ -436,7 +443,7 @@ class GRPCComputeClient:
                  tls: Optional[ClientTLS] = None,
                  load_balancing: Optional[str] = None,
                  max_message_length: Optional[int] = None,
-                 model_id: Optional[str] = None) -> None:
+                 model_id: Optional[str] = None, shared_memory: bool = True) -> None:
         _structure.check_codec_spec(codec)
         if model_id is not None and not isinstance(model_id, str):
             raise TypeError(f"model_id must be a str or None, not {type(model_id).__name__}")
@@ -491,8 +498,10 @@ class GRPCComputeClient:
         self._pins: Dict[str, "GRPCComputeClient"] = {}
         self._pins_lock = threading.Lock()
         self._rotation = 0
+        self.shared_memory = bool(shared_memory)
         self._core: Optional[Any] = _core.Client(self._target, self.options + self._extra_options,
-                                                 tls._args() if tls else None)
+                                                 tls._args() if tls else None,
+                                                 shm=self.shared_memory)
         self._core.set_retry_hook(_log_retry)
         self._stats = _Stats()
         self._ids = 0
@@ -565,7 +574,8 @@ class GRPCComputeClient:
                                         options=options, metadata=self.metadata,
                                         wait_for_ready=self.wait_for_ready,
                                         codecs=self._codecs, tls=self.tls,
-                                        load_balancing="pick_first", model_id=self.model_id)
+                                        load_balancing="pick_first", model_id=self.model_id,
+                                        shared_memory=self.shared_memory)
                 pin.client_id = self.client_id
                 self._pins[address] = pin
         return pin
@@ -611,6 +621,7 @@ class GRPCComputeClient:
             "options": list(self.options), "metadata": list(self.metadata),
             "wait_for_ready": self.wait_for_ready, "codecs": list(self._codecs),
             "tls": self.tls, "model_id": self.model_id,
+            "shared_memory": self.shared_memory,
             "load_balancing": None if any(k == "grpc.service_config" for k, _ in self.options)
             else self.load_balancing},))
 

@@ -227,6 +227,12 @@ class GRPCComputeServer:
 
     # -- lifecycle ------------------------------------------------------------
 
+    def _address(self) -> str:
+        """host:port, or the socket path of a unix: host (which has no port)."""
+        if self.host.startswith(("unix:", "unix-abstract:")):
+            return self.host
+        return f"{self.host}:{self.port}"
+
     @property
     def port(self) -> int:
         """The bound port once started (the requested one before)."""
@@ -288,8 +294,8 @@ class GRPCComputeServer:
                 self.metrics_port = self._metrics_http.server_port  # the bound port, also for 0
             if self.handle_signals:
                 self._install_signal_handlers()
-        logger.info("serving %s on %s:%d (%d workers)%s", self._models.describe(),
-                    self.host, self.port, self.max_workers,
+        logger.info("serving %s on %s (%d workers)%s", self._models.describe(),
+                    self._address(), self.max_workers,
                     f", metrics on {self.metrics_url}" if self.metrics_url else "")
         return self
 
@@ -416,7 +422,7 @@ class GRPCComputeServer:
         finally:
             self._loop.stop()
             self._stopped.set()
-            logger.info("stopped server on %s:%d", self.host, self.port)
+            logger.info("stopped server on %s", self._address())
 
     def wait_for_termination(self, timeout: Optional[float] = None) -> bool:
         """Block until the server stops (or ``timeout`` seconds pass); True if stopped.

@@ -10,25 +10,67 @@
 #include <grpc/grpc_security.h>
 #include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "client_internal.h"
 #include "health.pb-c.h"
 #include "methods.h"
+#include "shm.h"
 #include "transport.h"
 
 #define SLICE_S 0.2
 
+enum { SHM_OFF = -1, SHM_UNKNOWN = 0, SHM_ON = 1 };
+
 struct sl_client {
   grpc_channel *channel;
   char *target;
+  /* the same-host shared-memory channel (shm.h): NULL when disabled or the
+   * target is not this host; shm_state says what the server answered */
+  sl_shm_pool *shm;
+  atomic_int shm_state;
+  atomic_llong shm_calls;   /* calls whose request went through a segment */
+  atomic_llong shm_reply_hint; /* the largest reply that did not fit a segment */
+  pid_t shm_pid;               /* the process the segments belong to (a forked child
+                                  shares their memory with its parent: it never uses them) */
+  size_t max_recv, max_send;   /* the channel's message limits, which bind shm messages too */
+  pthread_mutex_t note_mu;  /* guards note */
+  char note[SL_ERR_MSG_MAX]; /* a change of state to log once ("" when none) */
   atomic_int refs;
   atomic_int closed; /* sl_client_destroy() ran: calls in flight end CANCELLED */
 };
+
+static void set_note(sl_client *c, const char *fmt, const char *arg) {
+  pthread_mutex_lock(&c->note_mu);
+  snprintf(c->note, sizeof(c->note), fmt, arg);
+  pthread_mutex_unlock(&c->note_mu);
+}
+
+int sl_client_shm_note(sl_client *c, char *buf, size_t n) {
+  int any;
+  pthread_mutex_lock(&c->note_mu);
+  any = c->note[0] != '\0';
+  if (any) snprintf(buf, n, "%s", c->note);
+  c->note[0] = '\0';
+  pthread_mutex_unlock(&c->note_mu);
+  return any;
+}
+
+void sl_client_set_shm(sl_client *c, int enable) {
+  if (!enable) atomic_store(&c->shm_state, SHM_OFF);
+}
+
+void sl_client_shm_stats(sl_client *c, int *state, size_t *segments, long long *calls) {
+  *state = c->shm == NULL ? SHM_OFF : atomic_load(&c->shm_state);
+  *segments = c->shm != NULL ? sl_shm_pool_count(c->shm) : 0;
+  *calls = atomic_load(&c->shm_calls);
+}
 
 void sl_call_status_clear(sl_call_status *st) {
   int attempts = st->attempts;
@@ -55,6 +97,22 @@ int sl_client_create(const char *target, const sl_chan_arg *args, size_t nargs,
   grpc_init();
   atomic_init(&c->refs, 1);
   atomic_init(&c->closed, 0);
+  pthread_mutex_init(&c->note_mu, NULL);
+  atomic_init(&c->shm_state, SHM_UNKNOWN);
+  atomic_init(&c->shm_calls, 0);
+  atomic_init(&c->shm_reply_hint, 0);
+  c->shm_pid = getpid();
+  c->max_recv = c->max_send = SIZE_MAX;
+  for (size_t i = 0; i < nargs; i++) {
+    if (args[i].is_string || args[i].ival < 0) continue;
+    if (strcmp(args[i].key, "grpc.max_receive_message_length") == 0) c->max_recv = (size_t)args[i].ival;
+    if (strcmp(args[i].key, "grpc.max_send_message_length") == 0) c->max_send = (size_t)args[i].ival;
+  }
+  if (sl_shm_env_enabled() && sl_shm_target_is_local(target) && tls == NULL &&
+      sl_shm_pool_new(&c->shm) != SL_OK) {
+    status = sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+    goto cleanup;
+  }
   c->target = sl_strndup(target, strlen(target));
   if (c->target == NULL) {
     status = sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
@@ -109,6 +167,8 @@ void sl_client_destroy(sl_client *c) {
 void sl_client_release(sl_client *c) {
   if (c == NULL || atomic_fetch_sub(&c->refs, 1) != 1) return;
   if (c->channel != NULL) grpc_channel_destroy(c->channel);
+  sl_shm_pool_free(c->shm);
+  pthread_mutex_destroy(&c->note_mu);
   free(c->target);
   free(c);
   grpc_shutdown();
@@ -147,12 +207,27 @@ int sl_client_connect(sl_client *c, double timeout, sl_interrupt_fn interrupt, v
   return status;
 }
 
+/* A call whose request goes through a shared-memory segment (shm.h). Its options'
+ * metadata ends with one more entry, "sl-shm-req", whose value each attempt
+ * rewrites: every attempt copies the request into the segment again (the server
+ * writes its reply over it) and posts a new sequence number. */
+typedef struct shm_call {
+  sl_shm_seg *seg;
+  sl_payload *empty;  /* the message sent instead of the request */
+  sl_kv *md;          /* the options' metadata plus the control entry */
+  char value[160];
+  int posted;         /* an attempt posted the request */
+  int broken;         /* the server held the segment when an attempt gave up: it is
+                         never used again, and the next attempts go over TCP */
+} shm_call;
+
 /* One attempt: send `p` to `method`, wait for the status. Returns SL_OK when the
  * call ended (whatever its status, in `st`), SL_EINTR when interrupted, or a local
- * failure with `err`. On SL_OK with status OK, *resp holds the response. */
+ * failure with `err`. On SL_OK with status OK, *resp holds the response. With `sc`,
+ * the request goes through its segment (unless it broke: then over TCP). */
 static int attempt(sl_client *c, const char *method, sl_payload *p, double deadline,
-                   const sl_call_opts *o, grpc_byte_buffer **resp, sl_call_status *st,
-                   sl_err *err) {
+                   const sl_call_opts *o, shm_call *sc, grpc_byte_buffer **resp,
+                   sl_call_status *st, sl_err *err) {
   /* `deadline`: this attempt's, on the sl_now() clock (0: none) */
   int status = SL_EGRPC, interrupted = 0, closed = 0, tag;
   grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
@@ -169,31 +244,46 @@ static int attempt(sl_client *c, const char *method, sl_payload *p, double deadl
   gpr_timespec dl = deadline > 0 ? sl__deadline_in(deadline - sl_now() > 1e-6 ? deadline - sl_now() : 1e-6)
                                  : gpr_inf_future(GPR_CLOCK_MONOTONIC);
 
+  size_t n_md = o->n_metadata;
+  sl_payload *send = p;
+
   *resp = NULL;
   grpc_metadata_array_init(&initial);
   grpc_metadata_array_init(&trailing);
   if (cq == NULL) goto cleanup;
-  if (o->n_metadata > 0) {
-    md = calloc(o->n_metadata, sizeof(*md));
+  if (sc != NULL) {
+    if (sc->posted && !sc->broken && !sl_shm_seg_settle(sc->seg)) sc->broken = 1;
+    if (sc->broken) {
+      n_md--; /* no control entry: the request goes over TCP */
+    } else {
+      sl_shm_copy_payload(sl_shm_seg_data(sc->seg), sl_shm_seg_capacity(sc->seg), p);
+      sl_shm_seg_post(sc->seg, sl_payload_size(p), sc->value, sizeof(sc->value));
+      sc->md[n_md - 1].value_len = strlen(sc->value);
+      sc->posted = 1;
+      send = sc->empty;
+    }
+  }
+  if (n_md > 0) {
+    md = calloc(n_md, sizeof(*md));
     if (md == NULL) {
       status = sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
       goto cleanup;
     }
-    for (size_t i = 0; i < o->n_metadata; i++) {
+    for (size_t i = 0; i < n_md; i++) {
       md[i].key = grpc_slice_from_copied_string(o->metadata[i].key);
       md[i].value = grpc_slice_from_copied_buffer(o->metadata[i].value, o->metadata[i].value_len);
     }
   }
   call = grpc_channel_create_call(c->channel, NULL, GRPC_PROPAGATE_DEFAULTS, cq, method_slice,
                                   NULL, dl, NULL);
-  send_bb = sl__payload_byte_buffer(p);
+  send_bb = sl__payload_byte_buffer(send);
   if (call == NULL || send_bb == NULL) {
     status = sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "could not create a call");
     goto cleanup;
   }
   memset(ops, 0, sizeof(ops));
   ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-  ops[0].data.send_initial_metadata.count = o->n_metadata;
+  ops[0].data.send_initial_metadata.count = n_md;
   ops[0].data.send_initial_metadata.metadata = md;
   ops[0].flags = o->wait_for_ready ? GRPC_INITIAL_METADATA_WAIT_FOR_READY |
                                          GRPC_INITIAL_METADATA_WAIT_FOR_READY_EXPLICITLY_SET
@@ -255,7 +345,7 @@ cleanup:
   if (send_bb != NULL) grpc_byte_buffer_destroy(send_bb);
   if (call != NULL) grpc_call_unref(call);
   if (md != NULL) {
-    for (size_t i = 0; i < o->n_metadata; i++) {
+    for (size_t i = 0; i < n_md; i++) {
       grpc_slice_unref(md[i].key);
       grpc_slice_unref(md[i].value);
     }
@@ -319,7 +409,7 @@ static int is_dns_failure(const sl_call_status *st) {
  * (status OK, *resp set), SL_ESTATUS (non-OK status in st), SL_EINTR, or a local
  * failure. */
 static int attempts(sl_client *c, const char *method, sl_payload *p, const sl_call_opts *o,
-                    grpc_byte_buffer **resp, sl_call_status *st, sl_err *err) {
+                    shm_call *sc, grpc_byte_buffer **resp, sl_call_status *st, sl_err *err) {
   double deadline = o->timeout > 0 ? sl_now() + o->timeout : 0;
   uint64_t rng = (uint64_t)(uintptr_t)st ^ (uint64_t)(sl_now() * 1e9);
   int retry = 0;
@@ -332,7 +422,7 @@ static int attempts(sl_client *c, const char *method, sl_payload *p, const sl_ca
     }
     sl_call_status_clear(st);
     st->attempts = retry + 1;
-    rc = attempt(c, method, p, attempt_deadline, o, resp, st, err);
+    rc = attempt(c, method, p, attempt_deadline, o, sc, resp, st, err);
     if (rc == SL_EINTR) {
       st->code = SL_STATUS_CANCELLED;
       return rc;
@@ -377,7 +467,7 @@ static int attempts(sl_client *c, const char *method, sl_payload *p, const sl_ca
 
 /* A unary call: the circuit breaker (if any), then the attempts. */
 static int unary(sl_client *c, const char *method, sl_payload *p, const sl_call_opts *o,
-                 grpc_byte_buffer **resp, sl_call_status *st, sl_err *err) {
+                 shm_call *sc, grpc_byte_buffer **resp, sl_call_status *st, sl_err *err) {
   int rc;
   if (o->breaker != NULL) {
     double now = sl_now(), retry_at = 0;
@@ -392,10 +482,192 @@ static int unary(sl_client *c, const char *method, sl_payload *p, const sl_call_
       return SL_ESTATUS;
     }
   }
-  rc = attempts(c, method, p, o, resp, st, err);
+  rc = attempts(c, method, p, o, sc, resp, st, err);
   if (o->breaker != NULL && (rc == SL_OK || rc == SL_ESTATUS)) {
     sl_breaker_record(o->breaker, rc == SL_OK ? SL_STATUS_OK : st->code, sl_now());
   }
+  return rc;
+}
+
+/* What the server said about shared memory in the trailing metadata of a call;
+ * the entries are taken out of st->trailing. `attaching`: the call offered a
+ * segment. Returns 1 when the segment is attached; *unknown when the server did
+ * not know the call's segment; *reply_len the length of a reply in the segment
+ * (-1: none). */
+static int shm_answer(sl_client *c, sl_call_status *st, int attaching, int *unknown,
+                      long long *reply_len) {
+  int attached = 0, answered = 0;
+  size_t j = 0;
+  *unknown = 0;
+  *reply_len = -1;
+  for (size_t i = 0; i < st->n_trailing; i++) {
+    sl_kv *kv = &st->trailing[i];
+    if (strcmp(kv->key, SL_SHM_MD_STATE) == 0) {
+      answered = 1;
+      if (strcmp(kv->value, "attached") == 0) {
+        attached = attaching;
+        if (attaching) {
+          int was = SHM_UNKNOWN;
+          if (atomic_compare_exchange_strong(&c->shm_state, &was, SHM_ON)) {
+            set_note(c, "shared memory in use with %s", c->target);
+          }
+        }
+      } else if (strcmp(kv->value, "unknown") == 0) {
+        *unknown = 1;
+      } else if (strncmp(kv->value, "refused", 7) == 0) {
+        char why[SL_ERR_MSG_MAX];
+        snprintf(why, sizeof(why), "shared memory with %s refused (%.400s); tensors go over TCP",
+                 c->target, kv->value);
+        atomic_store(&c->shm_state, SHM_OFF);
+        set_note(c, "%s", why);
+      }
+    } else if (strcmp(kv->key, SL_SHM_MD_REPLY) == 0) {
+      char *end = NULL;
+      long long n = strtoll(kv->value, &end, 10);
+      if (end != kv->value && *end == '\0' && n >= 0) *reply_len = n;
+    } else {
+      st->trailing[j++] = *kv;
+      continue;
+    }
+    free((void *)kv->key);
+    free((void *)kv->value);
+  }
+  st->n_trailing = j;
+  if (attaching && !answered && st->code == SL_STATUS_OK) {
+    /* a peer that does not know the channel ignores the offer */
+    atomic_store(&c->shm_state, SHM_OFF);
+    set_note(c, "%s does not offer shared memory; tensors go over TCP", c->target);
+  }
+  return attached;
+}
+
+/* A tensor call: through a shared-memory segment when the channel has one for it,
+ * otherwise over TCP. The first call on a new segment goes over TCP and offers
+ * the segment to the server. On SL_OK with *seg set, the reply is in the segment
+ * (*span); the caller reads it, then gives the segment back (sl_shm_pool_release,
+ * reusable and attached). `may_post` 0: offer, never post (a retry after the
+ * server did not know the segment). */
+static int tensor_call(sl_client *c, const char *method, sl_payload *p, const sl_call_opts *o,
+                       int may_post, grpc_byte_buffer **resp, sl_call_status *st, sl_err *err,
+                       sl_shm_seg **seg_out, sl_span *span) {
+  sl_shm_seg *seg;
+  sl_err serr;
+  int attached = 0, unknown = 0, rc, reusable;
+  long long reply_len = -1;
+  sl_kv *md = NULL;
+  sl_call_opts o2;
+  shm_call sc;
+  char value[200];
+
+  *seg_out = NULL;
+  span->ptr = NULL;
+  span->len = 0;
+  if (c->shm == NULL || atomic_load(&c->shm_state) == SHM_OFF || getpid() != c->shm_pid ||
+      sl_payload_size(p) > SL_SHM_MAX_CAPACITY || sl_payload_size(p) > c->max_send ||
+      (sl_payload_size(p) < SL_SHM_MIN_MESSAGE && atomic_load(&c->shm_state) == SHM_ON)) {
+    /* a small message once the channel is decided: as fast over gRPC (only the
+     * first call, still undecided, offers a segment whatever its size) */
+    return unary(c, method, p, o, NULL, resp, st, err);
+  }
+  {
+    size_t need = sl_payload_size(p);
+    long long hint = atomic_load(&c->shm_reply_hint);
+    if (hint > 0 && (unsigned long long)hint > need && (unsigned long long)hint <= SL_SHM_MAX_CAPACITY) {
+      need = (size_t)hint;
+    }
+    seg = sl_shm_pool_acquire(c->shm, need, &attached, &serr);
+  }
+  if (seg == NULL) return unary(c, method, p, o, NULL, resp, st, err);
+  md = malloc((o->n_metadata + 2) * sizeof(*md));
+  if (md == NULL) {
+    sl_shm_pool_release(c->shm, seg, 1, attached);
+    return unary(c, method, p, o, NULL, resp, st, err);
+  }
+  if (o->n_metadata > 0) memcpy(md, o->metadata, o->n_metadata * sizeof(*md));
+  o2 = *o;
+  o2.metadata = md;
+  o2.n_metadata = o->n_metadata;
+  if (!attached) {
+    if (sl_shm_seg_attach_value(seg, value, sizeof(value)) != SL_OK) {
+      /* no boot id to name this host by */
+      atomic_store(&c->shm_state, SHM_OFF);
+      set_note(c, "%s", "shared memory off: /proc/sys/kernel/random/boot_id unreadable");
+      sl_shm_pool_release(c->shm, seg, 0, 0);
+      free(md);
+      return unary(c, method, p, o, NULL, resp, st, err);
+    }
+    md[o2.n_metadata].key = SL_SHM_MD_ATTACH;
+    md[o2.n_metadata].value = value;
+    md[o2.n_metadata].value_len = strlen(value);
+    o2.n_metadata++;
+  }
+  if (!attached && (!may_post || atomic_load(&c->shm_state) != SHM_ON)) {
+    /* a server not yet known to speak the channel gets the request over TCP: one
+     * that does not would take the empty message for the request */
+    rc = unary(c, method, p, &o2, NULL, resp, st, err);
+    attached = shm_answer(c, st, 1, &unknown, &reply_len);
+    sl_shm_pool_release(c->shm, seg, 1, attached);
+    free(md);
+    return rc;
+  }
+  /* the request through the segment; a new segment is offered by the same call */
+  memset(&sc, 0, sizeof(sc));
+  sc.seg = seg;
+  sc.md = md;
+  md[o2.n_metadata].key = SL_SHM_MD_REQ;
+  md[o2.n_metadata].value = sc.value;
+  md[o2.n_metadata].value_len = 0;
+  o2.n_metadata++;
+  if (sl_payload_new(malloc(1), 0, NULL, 0, NULL, NULL, &sc.empty) != SL_OK) {
+    sl_shm_pool_release(c->shm, seg, 1, attached);
+    free(md);
+    return unary(c, method, p, o, NULL, resp, st, err);
+  }
+  rc = unary(c, method, p, &o2, &sc, resp, st, err);
+  if (!attached) attached = shm_answer(c, st, 1, &unknown, &reply_len);
+  else shm_answer(c, st, 0, &unknown, &reply_len);
+  sl_payload_unref(sc.empty);
+  free(md);
+  if (rc == SL_OK && sc.posted && !sc.broken && reply_len >= 0 &&
+      (unsigned long long)reply_len > c->max_recv) {
+    /* the limit a message on the connection would meet, in gRPC's words */
+    char msg[128];
+    snprintf(msg, sizeof(msg), "Received message larger than max (%lld vs. %zu)", reply_len,
+             c->max_recv);
+    sl_call_status_clear(st);
+    st->code = SL_STATUS_RESOURCE_EXHAUSTED;
+    st->details = sl_strndup(msg, strlen(msg));
+    if (*resp != NULL) grpc_byte_buffer_destroy(*resp);
+    *resp = NULL;
+    sl_shm_pool_release(c->shm, seg, 1, attached);
+    return SL_ESTATUS;
+  }
+  if (rc == SL_OK && sc.posted && !sc.broken && reply_len >= 0 &&
+      (unsigned long long)reply_len <= sl_shm_seg_capacity(seg) && sl_shm_seg_reply_ready(seg)) {
+    span->ptr = sl_shm_seg_data(seg);
+    span->len = (size_t)reply_len;
+    st->bytes_received += (size_t)reply_len;
+    atomic_fetch_add(&c->shm_calls, 1);
+    *seg_out = seg;
+    return SL_OK;
+  }
+  if (rc == SL_OK && *resp != NULL) {
+    /* the reply did not fit: size the next segments for it */
+    long long n = (long long)grpc_byte_buffer_length(*resp);
+    if (n > atomic_load(&c->shm_reply_hint)) atomic_store(&c->shm_reply_hint, n);
+  }
+  reusable = !sc.broken && (!sc.posted || sl_shm_seg_settle(seg));
+  if (unknown && rc == SL_ESTATUS && st->code == SL_STATUS_FAILED_PRECONDITION) {
+    /* the server does not know the segment (it restarted, or another replica
+     * answered): the call was not served; send it again, offering the segment */
+    sl_shm_pool_release(c->shm, seg, reusable, 0);
+    sl_shm_pool_forget(c->shm); /* a new server knows none of them */
+    if (*resp != NULL) grpc_byte_buffer_destroy(*resp);
+    *resp = NULL;
+    return tensor_call(c, method, p, o, 0, resp, st, err, seg_out, span);
+  }
+  if (rc == SL_OK) atomic_fetch_add(&c->shm_calls, 1);
+  sl_shm_pool_release(c->shm, seg, reusable, attached);
   return rc;
 }
 
@@ -412,6 +684,8 @@ int sl_client_compute(sl_client *c, const sl_call_opts *opts, int backward,
   sl_payload *p = NULL;
   grpc_byte_buffer *resp = NULL;
   sl__bbspans spans = {0};
+  sl_shm_seg *seg = NULL;
+  sl_span shm_span;
 
   memset(out, 0, sizeof(*out));
   memset(extra_out, 0, sizeof(*extra_out));
@@ -428,12 +702,17 @@ int sl_client_compute(sl_client *c, const sl_call_opts *opts, int backward,
   if (fields != NULL) sl_call_fields_to_request(req_kind, header, fields);
   status = sl_tensor_set_pack(req_kind, header, in, &p, err);
   if (status != SL_OK) return status;
-  status = unary(c, method, p, opts, &resp, st, err);
+  status = tensor_call(c, method, p, opts, 1, &resp, st, err, &seg, &shm_span);
   if (status != SL_OK) goto cleanup;
-  status = sl__bbspans_take(&resp, &spans, err);
-  if (status == SL_OK) {
-    sl_span_owner owner = {sl__bbspans_release, &spans};
-    status = sl_tensor_msg_read_owned(resp_kind, spans.spans, spans.n, NULL, &owner, out, err);
+  if (seg != NULL) {
+    status = sl_tensor_msg_read(resp_kind, &shm_span, 1, out, err);
+    sl_shm_pool_release(c->shm, seg, 1, 1);
+  } else {
+    status = sl__bbspans_take(&resp, &spans, err);
+    if (status == SL_OK) {
+      sl_span_owner owner = {sl__bbspans_release, &spans};
+      status = sl_tensor_msg_read_owned(resp_kind, spans.spans, spans.n, NULL, &owner, out, err);
+    }
   }
   if (status == SL_OK) status = sl_tensor_msg_decode(out, err);
   if (status != SL_OK) {
@@ -481,7 +760,7 @@ static int small_call(sl_client *c, const sl_call_opts *opts, const char *method
   protobuf_c_message_pack(req, buf);
   status = sl_payload_new(buf, len, NULL, 0, NULL, NULL, &p); /* takes buf, failing or not */
   if (status != SL_OK) return sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
-  status = unary(c, method, p, opts, &resp, st, err);
+  status = unary(c, method, p, opts, NULL, &resp, st, err);
   if (status != SL_OK) goto cleanup;
   status = sl__bb_readall(resp, &rbuf, &rlen);
   if (status != SL_OK) {

@@ -147,6 +147,19 @@ int sl_client_service_info(sl_client *c, const sl_call_opts *opts, sl_info_resul
 int sl_client_std_health(sl_client *c, const sl_call_opts *opts, const char *service, int *status,
                          sl_call_status *st, sl_err *err);
 
+/* The same-host shared-memory channel (shm.h, docs/shm.md). A client made for a
+ * target on this host (sl_shm_target_is_local, no TLS, SPLITLEARN_SHM not "0")
+ * offers the server a segment on its first tensor call; when the server attaches
+ * it, later tensor calls carry their bytes through segments. sl_client_set_shm(c,
+ * 0) turns it off for this client (before its first call). */
+void sl_client_set_shm(sl_client *c, int enable);
+/* state: -1 off (disabled, not local, or refused), 0 not decided yet, 1 in use;
+ * segments: held now; calls: tensor calls that went through a segment. */
+void sl_client_shm_stats(sl_client *c, int *state, size_t *segments, long long *calls);
+/* A change of the channel's state worth a debug log line, once: copies it into
+ * buf and returns 1, or returns 0. */
+int sl_client_shm_note(sl_client *c, char *buf, size_t n);
+
 /* A client is reference counted: sl_client_create() returns it with one reference
  * (the creator's), sl_client_destroy() drops that one. A caller that uses the
  * client while another thread may destroy it (a call in flight while the owner

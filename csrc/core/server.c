@@ -34,6 +34,7 @@
 #include "transport.h"
 
 #include "methods.h"
+#include "shm.h"
 
 #define METHOD_COMPUTE SL_METHOD_PATH_COMPUTE
 #define METHOD_BACKWARD SL_METHOD_PATH_BACKWARD
@@ -118,6 +119,8 @@ struct sl_server {
   atomic_int watch_ending; /* end every stream: the server is shutting down */
   atomic_int watchers;     /* open Watch streams */
   atomic_llong last_call_us; /* sl_now() in microseconds when a worker last took a call */
+  sl_shm_table *shm;         /* clients' shared-memory segments; NULL: refused (shm.h) */
+  size_t max_recv, max_send; /* the channel's message limits, which bind shm messages too */
   atomic_llong last_done_us; /* sl_now() in microseconds when a call last ended */
   atomic_int used_memory;    /* calls ended since memory was last given back */
 };
@@ -562,8 +565,9 @@ static int tcall_begin(sl_server *s, const sl_call_info *ci, sl__bbspans *in, in
   {
     /* the received message's slices go as their bytes are copied out */
     sl_span_owner owner = {sl__bbspans_release, in};
-    rc = sl_tensor_msg_read_owned(req_kind, in->spans, in->n, &s->limits, &owner, &tc->msg,
-                                  &r->err);
+    /* a request in a shared-memory segment (no slices) stays where it is */
+    rc = sl_tensor_msg_read_owned(req_kind, in->spans, in->n, &s->limits,
+                                  in->slices != NULL ? &owner : NULL, &tc->msg, &r->err);
   }
   if (rc != SL_OK) goto fail;
   if (tc->msg.n_items > 0) {
@@ -679,6 +683,7 @@ struct served {
   int responding;    /* got as far as sending a status */
   int no_message;    /* the request had no message (malformed, or the client left) */
   tcall tc;
+  sl_shm_use *shm;   /* the request came through this shared-memory segment */
   /* deferral, guarded by srv->mu */
   int deferred;      /* the hook returned SL_EAGAIN */
   int handed_off;    /* the worker has let go */
@@ -717,6 +722,27 @@ static void respond_and_finish(served *sv) {
     sv->r.payload = NULL;
   }
   memset(ops, 0, sizeof(ops));
+  if (sv->r.payload != NULL && sv->shm != NULL && sv->r.err.status == SL_OK &&
+      sl_payload_size(sv->r.payload) <= s->max_send &&
+      sl_shm_use_reply(sv->shm, sv->r.payload) == SL_OK) {
+    /* the reply is in the client's segment: an empty message, its length in the
+     * trailing metadata (a reply that does not fit goes over gRPC as usual) */
+    char len[32];
+    snprintf(len, sizeof(len), "%zu", sl_payload_size(sv->r.payload));
+    if (sl_call_add_trailing(cs, SL_SHM_MD_REPLY, len, strlen(len)) == SL_OK) {
+      sv->r.rec.bytes_out = sl_payload_size(sv->r.payload);
+      sl_payload_unref(sv->r.payload);
+      sv->r.payload = NULL;
+      out_bb = grpc_raw_byte_buffer_create(NULL, 0);
+      if (out_bb != NULL) {
+        ops[nops].op = GRPC_OP_SEND_MESSAGE;
+        ops[nops].data.send_message.send_message = out_bb;
+        nops++;
+      }
+    }
+  }
+  sl_shm_use_end(s->shm, sv->shm);
+  sv->shm = NULL;
   if (sv->r.payload != NULL) {
     sv->r.rec.bytes_out = sl_payload_size(sv->r.payload);
     out_bb = sl__payload_byte_buffer(sv->r.payload);
@@ -747,6 +773,8 @@ static void respond_and_finish(served *sv) {
   grpc_slice_unref(details_slice);
 
 cleanup:
+  sl_shm_use_end(s->shm, sv->shm);
+  sv->shm = NULL;
   /* the close watch completes when the call ends; it must before the call goes */
   if (cs->started && !cs->closed) wait_call_tag(cs, cs);
   if (sv->counted) {
@@ -783,15 +811,97 @@ cleanup:
   sv->peer = NULL;
 }
 
+/* The shared-memory control metadata of a call (shm.h): taken out of the call's
+ * metadata, so that no hook sees it. attach/req get the values (malloc'd, the
+ * caller frees them; NULL when absent); returns -1 when a key comes twice. */
+static int take_shm_metadata(served *sv, sl_kv *attach, sl_kv *req) {
+  size_t j = 0;
+  int dup = 0;
+  memset(attach, 0, sizeof(*attach));
+  memset(req, 0, sizeof(*req));
+  for (size_t i = 0; i < sv->nkv; i++) {
+    sl_kv *kv = &sv->kv[i];
+    sl_kv *into = strcmp(kv->key, SL_SHM_MD_ATTACH) == 0 ? attach
+                  : strcmp(kv->key, SL_SHM_MD_REQ) == 0  ? req
+                                                         : NULL;
+    if (into == NULL) {
+      sv->kv[j++] = *kv;
+      continue;
+    }
+    if (into->key != NULL) {
+      dup = 1;
+      free((void *)kv->key);
+      free((void *)kv->value);
+      continue;
+    }
+    *into = *kv;
+  }
+  sv->nkv = j;
+  return dup ? -1 : 0;
+}
+
+/* A Compute/ComputeBackward call's shared-memory part: map the segment an attach
+ * value names (the answer goes in the trailing metadata, the call itself is
+ * served from its message as usual), and take the request from the segment a
+ * request value names (*in then points into it). Returns SL_OK, or an error in r. */
+static int shm_begin(served *sv, const sl_kv *attach, const sl_kv *req,
+                     const sl__bbspans *received, sl_span *span, sl__bbspans *in) {
+  sl_server *s = sv->srv;
+  call_state *cs = &sv->cs;
+  sl_err aerr;
+  if (attach->key != NULL) {
+    char msg[SL_ERR_MSG_MAX + 16];
+    if (s->shm == NULL) {
+      snprintf(msg, sizeof(msg), "refused: disabled on the server");
+    } else if (sl_shm_table_attach(s->shm, attach->value, attach->value_len, &aerr) == SL_OK) {
+      snprintf(msg, sizeof(msg), "attached");
+    } else {
+      snprintf(msg, sizeof(msg), "refused: %s", aerr.msg);
+    }
+    if (sl_call_add_trailing(cs, SL_SHM_MD_STATE, msg, strlen(msg)) != SL_OK) {
+      return sl_err_set(&sv->r.err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+    }
+  }
+  if (req->key == NULL) return SL_OK;
+  for (size_t i = 0; i < received->n; i++) {
+    if (received->spans[i].len == 0) continue;
+    return sl_err_set(&sv->r.err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                      "a shared-memory request must carry an empty message");
+  }
+  if (s->shm == NULL || sl_shm_table_begin(s->shm, req->value, req->value_len, &sv->shm, span,
+                                           &sv->r.err) == SL_ENOTFOUND) {
+    /* the client offers its segment again when told it is unknown */
+    if (s->shm == NULL) {
+      sl_err_set(&sv->r.err, SL_ENOTFOUND, SL_STATUS_FAILED_PRECONDITION,
+                 "shared memory is disabled on this server");
+    }
+    sl_call_add_trailing(cs, SL_SHM_MD_STATE, "unknown", 7);
+    return sv->r.err.status;
+  }
+  if (sv->shm == NULL) return sv->r.err.status;
+  if (span->len > s->max_recv) {
+    /* the limit a message on the connection would meet, in gRPC's words */
+    return sl_err_set(&sv->r.err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,
+                      "Received message larger than max (%zu vs. %zu)", span->len, s->max_recv);
+  }
+  in->slices = NULL;
+  in->spans = span;
+  in->n = 1;
+  sv->r.rec.bytes_in = span->len;
+  return SL_OK;
+}
+
 /* Serve one call bound to sv->cq. Returns 1 when the compute hook deferred it:
  * then sv (on the heap) belongs to the pending machinery. */
 static int serve_call(served *sv, grpc_call_details *details, grpc_metadata_array *md) {
   sl_server *s = sv->srv;
   call_state *cs = &sv->cs;
   grpc_op ops[3];
-  sl__bbspans in = {0};
+  sl__bbspans in = {0}, shm_in = {0};
+  sl_kv shm_attach = {0}, shm_req = {0};
+  sl_span shm_span;
   sl_call_info ci;
-  int tag1;
+  int tag1, deferred = 0;
   double remaining;
 
   sv->t_start = sl_now();
@@ -817,6 +927,11 @@ static int serve_call(served *sv, grpc_call_details *details, grpc_metadata_arra
   sv->peer = grpc_call_get_peer(sv->call);
   if (sv->method == NULL || sl__kv_from_metadata(md, &sv->kv, &sv->nkv) != SL_OK) {
     sl_err_set(&sv->r.err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+    goto finish;
+  }
+  if (take_shm_metadata(sv, &shm_attach, &shm_req) != 0) {
+    sl_err_set(&sv->r.err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+               "shared-memory metadata given twice");
     goto finish;
   }
   ci.method = sv->method;
@@ -855,9 +970,11 @@ static int serve_call(served *sv, grpc_call_details *details, grpc_metadata_arra
 
   if (streq_slice(details->method, METHOD_COMPUTE) || streq_slice(details->method, METHOD_BACKWARD)) {
     int backward = streq_slice(details->method, METHOD_BACKWARD);
-    if (tcall_begin(s, &ci, &in, backward, &sv->r, &sv->tc, (sl_pending *)sv) == SL_EAGAIN) {
-      sl__bbspans_clear(&in);
-      return 1;
+    if (shm_begin(sv, &shm_attach, &shm_req, &in, &shm_span, &shm_in) != SL_OK) goto finish;
+    if (tcall_begin(s, &ci, shm_in.spans != NULL ? &shm_in : &in, backward, &sv->r, &sv->tc,
+                    (sl_pending *)sv) == SL_EAGAIN) {
+      deferred = 1;
+      goto finish;
     }
   } else if (streq_slice(details->method, METHOD_HEALTH)) {
     serve_health(s, &sv->r);
@@ -871,6 +988,11 @@ static int serve_call(served *sv, grpc_call_details *details, grpc_metadata_arra
 
 finish:
   sl__bbspans_clear(&in);
+  free((void *)shm_attach.key);
+  free((void *)shm_attach.value);
+  free((void *)shm_req.key);
+  free((void *)shm_req.value);
+  if (deferred) return 1;
   respond_and_finish(sv);
   return 0;
 }
@@ -1031,6 +1153,7 @@ static void *worker_main(void *arg) {
     ok = wait_tag(w->cq, &tag);
     if (ok) atomic_store(&s->last_call_us, (long long)(sl_now() * 1e6));
     if (ok) deferred = serve_call(sv, &details, &md);
+    if (ok) sl_shm_table_maybe_sweep(s->shm, 1.0);
     grpc_call_details_destroy(&details);
     grpc_metadata_array_destroy(&md);
     if (deferred) {
@@ -1385,6 +1508,14 @@ int sl_server_create(const sl_server_config *cfg, const sl_server_hooks *hooks, 
   status = sl__channel_args_build(cfg->args, cfg->nargs, 1, &s->chargs, err);
   if (status != SL_OK) goto cleanup;
   if (sl_metrics_create(&s->metrics) != SL_OK) goto oom;
+  if (sl_shm_env_enabled() && sl_shm_table_new(&s->shm) != SL_OK) goto oom;
+  s->max_recv = s->max_send = SIZE_MAX;
+  for (size_t i = 0; i < cfg->nargs; i++) {
+    const sl_chan_arg *a = &cfg->args[i];
+    if (a->is_string || a->ival < 0) continue;
+    if (strcmp(a->key, "grpc.max_receive_message_length") == 0) s->max_recv = (size_t)a->ival;
+    if (strcmp(a->key, "grpc.max_send_message_length") == 0) s->max_send = (size_t)a->ival;
+  }
   grpc_init();
   s->grpc_inited = 1;
   if (cfg->tls != NULL) {
@@ -1490,7 +1621,9 @@ int sl_server_start(sl_server *s, sl_err *err) {
   s->state = ST_RUNNING; /* claimed; reset below on failure */
   pthread_mutex_unlock(&s->mu);
 
-  if (strchr(s->host, ':') != NULL && s->host[0] != '[') {
+  if (strncmp(s->host, "unix:", 5) == 0 || strncmp(s->host, "unix-abstract:", 14) == 0) {
+    snprintf(addr, sizeof(addr), "%s", s->host); /* a socket path: no port */
+  } else if (strchr(s->host, ':') != NULL && s->host[0] != '[') {
     snprintf(addr, sizeof(addr), "[%s]:%d", s->host, s->port_req);
   } else {
     snprintf(addr, sizeof(addr), "%s:%d", s->host, s->port_req);
@@ -1654,6 +1787,12 @@ size_t sl_server_access_log_take(sl_server *s, sl_call_record *out, size_t max, 
 
 int64_t sl_server_total_requests(const sl_server *s) { return atomic_load(&s->total_requests); }
 
+long sl_server_shm_segments(sl_server *s) {
+  if (s->shm == NULL) return -1;
+  sl_shm_table_sweep(s->shm);
+  return (long)sl_shm_table_count(s->shm);
+}
+
 void sl_server_destroy(sl_server *s) {
   if (s == NULL) return;
   sl_server_stop(s, 0);
@@ -1662,6 +1801,7 @@ void sl_server_destroy(sl_server *s) {
   pthread_mutex_destroy(&s->mu);
   pthread_cond_destroy(&s->cv);
   sl_metrics_destroy(s->metrics);
+  sl_shm_table_free(s->shm);
   for (size_t i = 0; i < s->n_tokens; i++) free(s->tokens[i]);
   free(s->tokens);
   free(s->token_lens);

@@ -221,6 +221,11 @@ size_t sl_server_access_log_take(sl_server *s, sl_call_record *out, size_t max, 
 /* Calls of Compute served so far. */
 int64_t sl_server_total_requests(const sl_server *s);
 
+/* The clients' shared-memory segments the server maps now, after unmapping those
+ * of clients that closed them or died (shm.h); -1 when shared memory is disabled
+ * (SPLITLEARN_SHM=0 when the server was created). */
+long sl_server_shm_segments(sl_server *s);
+
 /* Stop (grace 0) if needed and free everything. */
 void sl_server_destroy(sl_server *s);
 

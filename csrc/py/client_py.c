@@ -205,6 +205,33 @@ cleanup:
   return result;
 }
 
+/* A change of the shared-memory channel's state, logged at debug level on the
+ * "splitlearn_comm.client" logger (once per change). Called with the GIL; never
+ * leaves an exception set. */
+static void log_shm_note(client_obj *self) {
+  char note[SL_ERR_MSG_MAX];
+  PyObject *logging, *logger, *r;
+  if (self->client == NULL || !sl_client_shm_note(self->client, note, sizeof(note))) return;
+  logging = PyImport_ImportModule("logging");
+  logger = logging ? PyObject_CallMethod(logging, "getLogger", "s", "splitlearn_comm.client") : NULL;
+  r = logger ? PyObject_CallMethod(logger, "debug", "s", note) : NULL;
+  Py_XDECREF(r);
+  Py_XDECREF(logger);
+  Py_XDECREF(logging);
+  PyErr_Clear();
+}
+
+static PyObject *client_shm_stats(client_obj *self, PyObject *unused) {
+  int state = -1;
+  size_t segments = 0;
+  long long calls = 0;
+  (void)unused;
+  if (self->client != NULL) sl_client_shm_stats(self->client, &state, &segments, &calls);
+  return Py_BuildValue("{s:s,s:n,s:L}", "state",
+                       state > 0 ? "on" : state == 0 ? "undecided" : "off", "segments",
+                       (Py_ssize_t)segments, "calls", calls);
+}
+
 /* compute(leaves, form=0, nodes=None, timeout=0, metadata=None, wait_for_ready=False,
  *         retry=None, request_id=None, breaker=None, backward=False, forward_id=None,
  *         training_mode=None, model_id=None, learning_rate=None, accumulation_step=None,
@@ -298,6 +325,7 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
   sl_client_release(c);
   PyEval_RestoreThread(ca.ictx.ts);
   PyMem_Free(ca.md);
+  log_shm_note(self);
   if (rc != SL_OK) {
     raise_for(self, rc, &st, &err);
     goto cleanup;
@@ -748,8 +776,9 @@ static PyObject *client_async_in_flight(client_obj *self, PyObject *unused) {
 }
 
 static int client_init(client_obj *self, PyObject *args, PyObject *kwargs) {
-  static char *kwlist[] = {"target", "options", "tls", NULL};
+  static char *kwlist[] = {"target", "options", "tls", "shm", NULL};
   PyObject *target, *options = Py_None, *tls = Py_None;
+  int shm = 1;
   sl_tls_client tls_cfg = {NULL, NULL, NULL};
   sl_chan_arg *chargs = NULL;
   size_t nchargs = 0;
@@ -761,7 +790,8 @@ static int client_init(client_obj *self, PyObject *args, PyObject *kwargs) {
     PyErr_SetString(PyExc_RuntimeError, "Client.__init__ called twice");
     return -1;
   }
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "U|OO", kwlist, &target, &options, &tls)) {
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "U|OOp", kwlist, &target, &options, &tls,
+                                   &shm)) {
     return -1;
   }
   if (tls != Py_None &&
@@ -785,6 +815,7 @@ static int client_init(client_obj *self, PyObject *args, PyObject *kwargs) {
     PyErr_SetString(PyExc_ValueError, err.msg);
     return -1;
   }
+  sl_client_set_shm(self->client, shm);
   return 0;
 }
 
@@ -830,6 +861,9 @@ static PyMethodDef client_methods[] = {
      "asynchronous calls started and not yet done"},
     {"close", (PyCFunction)client_close, METH_NOARGS,
      "Close the channel; asynchronous calls in flight end with CANCELLED."},
+    {"shm_stats", (PyCFunction)client_shm_stats, METH_NOARGS,
+     "shm_stats() -> {'state': 'on'|'off'|'undecided', 'segments': n, 'calls': n}: the "
+     "same-host shared-memory channel"},
     {"set_retry_hook", (PyCFunction)client_set_retry_hook, METH_O,
      "set_retry_hook(fn): fn(target, method, code, details, attempt, delay) before each retry"},
     {NULL, NULL, 0, NULL}};

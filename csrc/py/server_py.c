@@ -753,6 +753,17 @@ static PyObject *server_get_in_flight(server_obj *self, void *closure) {
   return PyLong_FromLong(self->server ? sl_server_in_flight(self->server) : 0);
 }
 
+static PyObject *server_shm_segments(server_obj *self, PyObject *unused) {
+  long n = -1;
+  (void)unused;
+  if (self->server != NULL) {
+    Py_BEGIN_ALLOW_THREADS
+    n = sl_server_shm_segments(self->server);
+    Py_END_ALLOW_THREADS
+  }
+  return PyLong_FromLong(n);
+}
+
 static PyObject *server_get_total(server_obj *self, void *closure) {
   (void)closure;
   return PyLong_FromLongLong(self->server ? sl_server_total_requests(self->server) : 0);
@@ -963,6 +974,9 @@ static PyMethodDef server_methods[] = {
     {"wait", (PyCFunction)server_wait, METH_O, "wait(timeout or None) -> True once stopped."},
     {"set_health", (PyCFunction)server_set_health, METH_O,
      "set_health(serving): SERVING or NOT_SERVING in grpc.health.v1 while running."},
+    {"shm_segments", (PyCFunction)server_shm_segments, METH_NOARGS,
+     "shm_segments() -> clients' shared-memory segments mapped now, after unmapping those of "
+     "clients that closed or died; -1 when shared memory is disabled"},
     {NULL, NULL, 0, NULL}};
 
 static PyGetSetDef server_getset[] = {
