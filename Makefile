@@ -2,6 +2,7 @@
 #
 #   make demo    set everything up, then run a server hosting a torch model and a client
 #   make test    set everything up, then run the C tests and the whole pytest suite
+#   make test-big   a 3 GiB streamed round trip with each side's peak memory checked
 #   make asan    the same tests against an ASan+UBSan build of the extension
 #   make bench   the benchmarks (write benchmarks/results.md, its data and its figures);
 #                first builds the C-core echo floor (build/bench/echo_floor, core_echo)
@@ -35,7 +36,7 @@ SAN      := -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
 PY_VERSIONS ?= 3.10 3.11 3.12 3.13
 
-.PHONY: all deps venv install build ctest pytest test demo asan asan-ctest asan-pytest bench bench-floor \
+.PHONY: all deps venv install build ctest pytest test test-big demo asan asan-ctest asan-pytest bench bench-floor \
         bench-figures dashboard-screenshot clean wheel check-wheel test-pythons typecheck \
         fuzz fuzz-deps fuzz-build fuzz-corpus fuzz-ci fuzz-server fuzz-server-run fuzz-server-ci \
         asan-build soak soak-ci robust-ci
@@ -111,6 +112,11 @@ pytest: install
 
 test: ctest pytest
 
+# A 3 GiB tensor round-tripped (streamed, over gRPC's 2 GiB message limit), each
+# side's peak RSS checked: ~10 GiB of memory and under a minute; CI runs it.
+test-big: install
+	SPLITLEARN_TEST_BIG=1 $(PY) -m pytest -q -s tests/test_stream_big.py
+
 demo: install
 	$(PY) examples/demo.py
 
@@ -147,6 +153,7 @@ bench: install bench-floor
 	$(PY) benchmarks/bench_sessions.py
 	$(PY) benchmarks/bench_replicas.py
 	$(PY) benchmarks/bench_memory.py
+	$(PY) benchmarks/bench_stream.py
 	$(MAKE) bench-figures
 
 # The PNG figures beside results.md, from the data the benchmarks wrote

@@ -6,6 +6,8 @@ from typing import Any, Final, List, Literal, Mapping, Optional, Sequence, Tuple
 from _typeshed import structseq
 
 MAX_MESSAGE_BYTES: Final[int]
+STREAM_THRESHOLD: Final[int]
+STREAM_CHUNK: Final[int]
 MAX_NDIM: Final[int]
 DEFAULT_MAX_TENSORS: Final[int]
 DEFAULT_MAX_DEPTH: Final[int]
@@ -16,6 +18,8 @@ METHOD_COMPUTE: Final[str]
 METHOD_BACKWARD: Final[str]
 METHOD_HEALTH: Final[str]
 METHOD_INFO: Final[str]
+METHOD_COMPUTE_STREAM: Final[str]
+METHOD_BACKWARD_STREAM: Final[str]
 
 # A node of a structure, in pre-order: (kind, size, key, value), kinds as sl_node_kind.
 _Node = Tuple[int, int, Optional[str], Any]
@@ -188,6 +192,8 @@ class Client:
                       session_step: int = ..., session_close: bool = ...) -> Any: ...
     def cancel_async(self, handle: Any, /) -> None: ...
     def async_in_flight(self) -> int: ...
+    def set_streaming(self, threshold: int, chunk: int = ...) -> None: ...
+    def streaming(self) -> Tuple[int, int, bool, bool]: ...
     def close(self) -> None: ...
 
 @final

@@ -421,6 +421,12 @@ class GRPCComputeClient:
             logged at debug level) across hosts, pid namespaces or users
             (docs/shm.md). ``False`` keeps every byte on the gRPC connection; so
             does the environment variable ``SPLITLEARN_SHM=0``.
+        stream_threshold: a ``compute()`` (or backward) request of this many bytes
+            or more travels as a stream of chunks (``ComputeStream``,
+            docs/protocol.md), each copied into place on the far side while the
+            next is on the wire, with no 2 GiB limit; the reply comes back the same
+            way. ``None``: always unary. A server that does not know the streaming
+            method gets the call again as unary, and this client remembers it.
 
     A client can be pickled and deep-copied (e.g. inside a model holding a
     ``RemoteModule`` that is checkpointed): the copy opens its own channel to the
@@ -443,10 +449,17 @@ class GRPCComputeClient:
                  tls: Optional[ClientTLS] = None,
                  load_balancing: Optional[str] = None,
                  max_message_length: Optional[int] = None,
-                 model_id: Optional[str] = None, shared_memory: bool = True) -> None:
+                 model_id: Optional[str] = None, shared_memory: bool = True,
+                 stream_threshold: Optional[int] = _core.STREAM_THRESHOLD) -> None:
         _structure.check_codec_spec(codec)
         if model_id is not None and not isinstance(model_id, str):
             raise TypeError(f"model_id must be a str or None, not {type(model_id).__name__}")
+        if stream_threshold is not None and (isinstance(stream_threshold, bool) or
+                                             not isinstance(stream_threshold, int) or
+                                             stream_threshold < 0):
+            raise ValueError(f"stream_threshold must be a byte count >= 0 or None, "
+                             f"not {stream_threshold!r}")
+        self.stream_threshold = stream_threshold
         if retry_strategy is _DEFAULT:
             retry_strategy = ExponentialBackoff()
         if retry_strategy is not None and not isinstance(retry_strategy, RetryStrategy):
@@ -503,6 +516,7 @@ class GRPCComputeClient:
                                                  tls._args() if tls else None,
                                                  shm=self.shared_memory)
         self._core.set_retry_hook(_log_retry)
+        self._core.set_streaming(-1 if stream_threshold is None else stream_threshold)
         self._stats = _Stats()
         self._ids = 0
         self._ids_lock = threading.Lock()
@@ -575,7 +589,8 @@ class GRPCComputeClient:
                                         wait_for_ready=self.wait_for_ready,
                                         codecs=self._codecs, tls=self.tls,
                                         load_balancing="pick_first", model_id=self.model_id,
-                                        shared_memory=self.shared_memory)
+                                        shared_memory=self.shared_memory,
+                                        stream_threshold=self.stream_threshold)
                 pin.client_id = self.client_id
                 self._pins[address] = pin
         return pin
@@ -622,6 +637,7 @@ class GRPCComputeClient:
             "wait_for_ready": self.wait_for_ready, "codecs": list(self._codecs),
             "tls": self.tls, "model_id": self.model_id,
             "shared_memory": self.shared_memory,
+            "stream_threshold": self.stream_threshold,
             "load_balancing": None if any(k == "grpc.service_config" for k, _ in self.options)
             else self.load_balancing},))
 

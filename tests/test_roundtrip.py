@@ -117,10 +117,15 @@ def test_tensor_over_the_message_limit_is_refused_before_sending(serve, connect)
             calls.append(x.numel())
             return x
 
-    client = connect(serve(Counting()))
+    server = serve(Counting())
+    client = connect(server, stream_threshold=None)  # unary only: gRPC's 2 GiB - 1 per message
     too_big = torch.empty(2**31, dtype=torch.uint8)  # pages never touched: no real memory
     with pytest.raises(ValueError, match="2 GiB"):
         client.compute(too_big)
+    # streamed (the default above the threshold) there is no 2 GiB limit, but a single
+    # tensor's wire shape is int32 (field 2): a dimension of 2**31 is refused too
+    with pytest.raises(ValueError, match="int32"):
+        connect(server).compute(too_big)
     assert calls == []
     assert client.health_check()
 

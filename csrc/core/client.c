@@ -7,6 +7,7 @@
 #include "client.h"
 
 #include <grpc/grpc.h>
+#include <stdatomic.h>
 #include <grpc/grpc_security.h>
 #include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
@@ -22,6 +23,7 @@
 #include "health.pb-c.h"
 #include "methods.h"
 #include "shm.h"
+#include "stream.h"
 #include "transport.h"
 
 #define SLICE_S 0.2
@@ -39,9 +41,14 @@ struct sl_client {
   atomic_llong shm_reply_hint; /* the largest reply that did not fit a segment */
   pid_t shm_pid;               /* the process the segments belong to (a forked child
                                   shares their memory with its parent: it never uses them) */
-  size_t max_recv, max_send;   /* the channel's message limits, which bind shm messages too */
   pthread_mutex_t note_mu;  /* guards note */
   char note[SL_ERR_MSG_MAX]; /* a change of state to log once ("" when none) */
+  atomic_size_t stream_threshold; /* messages of this many bytes and more are streamed */
+  atomic_size_t stream_chunk;     /* bytes of the message per Chunk (0: by its size) */
+  size_t max_send, max_recv;      /* grpc.max_{send,receive}_message_length when set:
+                                     they bound streamed and shm messages too */
+  atomic_int no_stream[2];        /* the server answered UNIMPLEMENTED to ComputeStream
+                                     [0] / ComputeBackwardStream [1]: unary from now on */
   atomic_int refs;
   atomic_int closed; /* sl_client_destroy() ran: calls in flight end CANCELLED */
 };
@@ -72,6 +79,19 @@ void sl_client_shm_stats(sl_client *c, int *state, size_t *segments, long long *
   *calls = atomic_load(&c->shm_calls);
 }
 
+void sl_client_set_streaming(sl_client *c, size_t threshold, size_t chunk) {
+  atomic_store(&c->stream_threshold, threshold);
+  atomic_store(&c->stream_chunk, chunk);
+}
+
+void sl_client_streaming(const sl_client *c, size_t *threshold, size_t *chunk, int *no_stream,
+                         int *no_stream_backward) {
+  if (threshold != NULL) *threshold = atomic_load(&c->stream_threshold);
+  if (chunk != NULL) *chunk = atomic_load(&c->stream_chunk);
+  if (no_stream != NULL) *no_stream = atomic_load(&c->no_stream[0]);
+  if (no_stream_backward != NULL) *no_stream_backward = atomic_load(&c->no_stream[1]);
+}
+
 void sl_call_status_clear(sl_call_status *st) {
   int attempts = st->attempts;
   size_t sent = st->bytes_sent, received = st->bytes_received;
@@ -95,6 +115,13 @@ int sl_client_create(const char *target, const sl_chan_arg *args, size_t nargs,
   *out = NULL;
   if (c == NULL) return sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
   grpc_init();
+  sl_client_set_streaming(c, SL_STREAM_THRESHOLD_DEFAULT, SL_STREAM_CHUNK_DEFAULT);
+  c->max_send = c->max_recv = SL_MAX_DECODED_BYTES;
+  for (size_t i = 0; i < nargs; i++) {
+    if (args[i].is_string || args[i].ival < 0) continue;
+    if (strcmp(args[i].key, GRPC_ARG_MAX_SEND_MESSAGE_LENGTH) == 0) c->max_send = (size_t)args[i].ival;
+    if (strcmp(args[i].key, GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH) == 0) c->max_recv = (size_t)args[i].ival;
+  }
   atomic_init(&c->refs, 1);
   atomic_init(&c->closed, 0);
   pthread_mutex_init(&c->note_mu, NULL);
@@ -102,12 +129,6 @@ int sl_client_create(const char *target, const sl_chan_arg *args, size_t nargs,
   atomic_init(&c->shm_calls, 0);
   atomic_init(&c->shm_reply_hint, 0);
   c->shm_pid = getpid();
-  c->max_recv = c->max_send = SIZE_MAX;
-  for (size_t i = 0; i < nargs; i++) {
-    if (args[i].is_string || args[i].ival < 0) continue;
-    if (strcmp(args[i].key, "grpc.max_receive_message_length") == 0) c->max_recv = (size_t)args[i].ival;
-    if (strcmp(args[i].key, "grpc.max_send_message_length") == 0) c->max_send = (size_t)args[i].ival;
-  }
   if (sl_shm_env_enabled() && sl_shm_target_is_local(target) && tls == NULL &&
       sl_shm_pool_new(&c->shm) != SL_OK) {
     status = sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
@@ -357,6 +378,218 @@ cleanup:
   return status;
 }
 
+/* Request metadata as gRPC metadata (the caller frees it with md_free). */
+static grpc_metadata *md_make(const sl_call_opts *o) {
+  grpc_metadata *md = calloc(o->n_metadata ? o->n_metadata : 1, sizeof(*md));
+  if (md == NULL) return NULL;
+  for (size_t i = 0; i < o->n_metadata; i++) {
+    md[i].key = grpc_slice_from_copied_string(o->metadata[i].key);
+    md[i].value = grpc_slice_from_copied_buffer(o->metadata[i].value, o->metadata[i].value_len);
+  }
+  return md;
+}
+
+static void md_free(grpc_metadata *md, size_t n) {
+  if (md == NULL) return;
+  for (size_t i = 0; i < n; i++) {
+    grpc_slice_unref(md[i].key);
+    grpc_slice_unref(md[i].value);
+  }
+  free(md);
+}
+
+/* One streamed attempt (ComputeStream / ComputeBackwardStream): `p` goes out as
+ * Chunks of `chunk` bytes, one send at a time, while the response's Chunks come in
+ * and are copied into place by `rx` (each one while the next is on the wire).
+ * Returns like attempt(); on SL_OK with status OK, rx holds the whole response
+ * (sl_stream_rx_spans done). A response that does not assemble cancels the call
+ * and fails locally (INTERNAL, in `err`). */
+static int attempt_stream(sl_client *c, const char *method, sl_payload *p, size_t chunk,
+                          double deadline, const sl_call_opts *o, sl_stream_rx *rx,
+                          sl_call_status *st, sl_err *err) {
+  int status = SL_EGRPC, interrupted = 0, closed = 0, bad = 0;
+  int send_tag, recv_tag, status_tag;
+  int sending = 0, receiving = 0, have_status = 0, status_started = 0;
+  grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
+  grpc_call *call = NULL;
+  grpc_slice method_slice = grpc_slice_from_static_string(method);
+  grpc_metadata *md = NULL;
+  grpc_metadata_array initial, trailing;
+  grpc_byte_buffer *send_bb = NULL, *recv_bb = NULL;
+  grpc_status_code code = GRPC_STATUS_UNKNOWN;
+  grpc_slice details = grpc_empty_slice();
+  const char *error_string = NULL;
+  size_t total = sl_payload_size(p), nch = sl_stream_chunks(total, chunk), next = 0;
+  grpc_op ops[3];
+  grpc_call_error ce;
+  sl_err rx_err;
+  gpr_timespec dl = deadline > 0 ? sl__deadline_in(deadline - sl_now() > 1e-6 ? deadline - sl_now() : 1e-6)
+                                 : gpr_inf_future(GPR_CLOCK_MONOTONIC);
+
+  sl_err_clear(&rx_err);
+  grpc_metadata_array_init(&initial);
+  grpc_metadata_array_init(&trailing);
+  if (cq == NULL) goto cleanup;
+  md = md_make(o);
+  call = grpc_channel_create_call(c->channel, NULL, GRPC_PROPAGATE_DEFAULTS, cq, method_slice,
+                                  NULL, dl, NULL);
+  if (md == NULL || call == NULL) {
+    status = sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "could not create a call");
+    goto cleanup;
+  }
+  memset(ops, 0, sizeof(ops));
+  ops[0].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+  ops[0].data.recv_status_on_client.trailing_metadata = &trailing;
+  ops[0].data.recv_status_on_client.status = &code;
+  ops[0].data.recv_status_on_client.status_details = &details;
+  ops[0].data.recv_status_on_client.error_string = &error_string;
+  ce = grpc_call_start_batch(call, ops, 1, &status_tag, NULL);
+  status_started = ce == GRPC_CALL_OK;
+  if (ce == GRPC_CALL_OK) {
+    memset(ops, 0, sizeof(ops));
+    ops[0].op = GRPC_OP_RECV_INITIAL_METADATA;
+    ops[0].data.recv_initial_metadata.recv_initial_metadata = &initial;
+    ops[1].op = GRPC_OP_RECV_MESSAGE;
+    ops[1].data.recv_message.recv_message = &recv_bb;
+    ce = grpc_call_start_batch(call, ops, 2, &recv_tag, NULL);
+    receiving = ce == GRPC_CALL_OK;
+  }
+  if (ce == GRPC_CALL_OK) {
+    send_bb = sl__payload_chunk_byte_buffer(p, 0, chunk < total ? chunk : total);
+    if (send_bb == NULL) {
+      grpc_call_cancel(call, NULL);
+    } else {
+      memset(ops, 0, sizeof(ops));
+      ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+      ops[0].data.send_initial_metadata.count = o->n_metadata;
+      ops[0].data.send_initial_metadata.metadata = md;
+      ops[0].flags = o->wait_for_ready ? GRPC_INITIAL_METADATA_WAIT_FOR_READY |
+                                             GRPC_INITIAL_METADATA_WAIT_FOR_READY_EXPLICITLY_SET
+                                       : 0;
+      ops[1].op = GRPC_OP_SEND_MESSAGE;
+      ops[1].data.send_message.send_message = send_bb;
+      ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+      next = 1;
+      ce = grpc_call_start_batch(call, ops, nch == 1 ? 3 : 2, &send_tag, NULL);
+      sending = ce == GRPC_CALL_OK;
+    }
+  }
+  if (ce != GRPC_CALL_OK) {
+    /* the status batch may be pending: cancel, then drain below */
+    grpc_call_cancel(call, NULL);
+    if (ce == GRPC_CALL_ERROR_INVALID_METADATA) {
+      sl_err_set(&rx_err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                 "invalid request metadata (keys must be lowercase ASCII; binary values need a "
+                 "key ending in -bin)");
+      bad = 1;
+    }
+  }
+  if (!status_started) {
+    status = sl_err_set(err, SL_EGRPC, SL_STATUS_INTERNAL, "could not start the call");
+    goto cleanup;
+  }
+  while (sending || receiving || !have_status) {
+    grpc_event ev = grpc_completion_queue_next(cq, sl__deadline_in(SLICE_S), NULL);
+    if (ev.type != GRPC_OP_COMPLETE) {
+      if (!interrupted && o->interrupt != NULL && o->interrupt(o->interrupt_user)) {
+        interrupted = 1;
+        grpc_call_cancel_with_status(call, GRPC_STATUS_CANCELLED, "interrupted by the caller",
+                                     NULL);
+      } else if (!interrupted && !closed && atomic_load(&c->closed)) {
+        closed = 1; /* a status, not an interruption: the caller gets CANCELLED */
+        grpc_call_cancel_with_status(call, GRPC_STATUS_CANCELLED, CLOSED_DETAILS, NULL);
+      }
+      continue;
+    }
+    if (ev.tag == &status_tag) {
+      have_status = 1;
+    } else if (ev.tag == &send_tag) {
+      grpc_byte_buffer_destroy(send_bb);
+      send_bb = NULL;
+      sending = 0;
+      if (ev.success && next < nch) {
+        size_t off = next * chunk, n = total - off < chunk ? total - off : chunk;
+        send_bb = sl__payload_chunk_byte_buffer(p, off, n);
+        if (send_bb == NULL) {
+          grpc_call_cancel(call, NULL);
+          continue;
+        }
+        memset(ops, 0, sizeof(ops));
+        ops[0].op = GRPC_OP_SEND_MESSAGE;
+        ops[0].data.send_message.send_message = send_bb;
+        ops[1].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+        next++;
+        sending = grpc_call_start_batch(call, ops, next == nch ? 2 : 1, &send_tag, NULL) ==
+                  GRPC_CALL_OK;
+        if (!sending) grpc_call_cancel(call, NULL);
+      }
+    } else if (ev.tag == &recv_tag) {
+      grpc_byte_buffer *got = recv_bb;
+      recv_bb = NULL;
+      receiving = 0;
+      if (got == NULL) continue; /* the response stream ended (or the call broke) */
+      st->bytes_received += grpc_byte_buffer_length(got);
+      if (!bad) {
+        /* the next chunk's receive first, then this one's copy */
+        memset(ops, 0, sizeof(ops));
+        ops[0].op = GRPC_OP_RECV_MESSAGE;
+        ops[0].data.recv_message.recv_message = &recv_bb;
+        receiving = grpc_call_start_batch(call, ops, 1, &recv_tag, NULL) == GRPC_CALL_OK;
+        {
+          sl__bbspans sp;
+          if (sl__bbspans_init(got, &sp, &rx_err) != SL_OK ||
+              sl_stream_rx_feed_chunk(rx, sp.spans, sp.n, &rx_err) != SL_OK) {
+            bad = 1;
+            grpc_call_cancel(call, NULL);
+          }
+          sl__bbspans_clear(&sp);
+        }
+      }
+      grpc_byte_buffer_destroy(got);
+    }
+  }
+  st->bytes_sent += total;
+  st->code = (int)code;
+  st->details = sl__slice_strdup(details);
+  if (st->details != NULL) sl_utf8_sanitize(st->details);
+  if (error_string != NULL) st->debug = sl_strndup(error_string, strlen(error_string));
+  if (sl__kv_from_metadata(&trailing, &st->trailing, &st->n_trailing) != SL_OK ||
+      sl__kv_from_metadata(&initial, &st->initial, &st->n_initial) != SL_OK ||
+      st->details == NULL) {
+    status = sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+    goto cleanup;
+  }
+  if (interrupted) {
+    status = SL_EINTR;
+  } else if (bad && rx_err.code == SL_STATUS_RESOURCE_EXHAUSTED) {
+    /* over this client's receive limit: the status a unary reply over it gets */
+    free(st->details);
+    st->details = sl_strndup(rx_err.msg, strlen(rx_err.msg));
+    st->code = SL_STATUS_RESOURCE_EXHAUSTED;
+    status = st->details != NULL ? SL_OK
+                                 : sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED,
+                                              "out of memory");
+  } else if (bad && rx_err.code == SL_STATUS_INVALID_ARGUMENT && st->bytes_received == 0) {
+    status = sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT, "%s", rx_err.msg);
+  } else if (bad) {
+    status = sl_err_set(err, SL_EINVAL, SL_STATUS_INTERNAL, "bad response from the server: %.400s",
+                        rx_err.msg);
+  } else {
+    status = SL_OK;
+  }
+cleanup:
+  if (error_string != NULL) gpr_free((void *)error_string);
+  grpc_slice_unref(details);
+  if (send_bb != NULL) grpc_byte_buffer_destroy(send_bb);
+  if (recv_bb != NULL) grpc_byte_buffer_destroy(recv_bb);
+  if (call != NULL) grpc_call_unref(call);
+  md_free(md, o->n_metadata);
+  grpc_metadata_array_destroy(&initial);
+  grpc_metadata_array_destroy(&trailing);
+  if (cq != NULL) destroy_queue(cq);
+  return status;
+}
+
 /* Sleep `seconds` before a retry, in slices, asking the interrupt hook between
  * them, and drive the channel meanwhile: ask it to connect and poll a queue that
  * watches its state. With Debian's gRPC (iomgr) a connection attempt advances
@@ -397,6 +630,14 @@ static int sleep_sliced(sl_client *c, double seconds, const sl_call_opts *o) {
   return status;
 }
 
+/* A call that may be streamed: where the response goes and which method. */
+typedef struct sl__streaming {
+  sl_stream_rx *rx;    /* NULL: unary */
+  const char *method;  /* the streaming method's path */
+  size_t chunk;
+  int backward;
+} sl__streaming;
+
 /* A name that does not resolve fails the same way on every attempt: retrying it
  * only delays the error (gRPC words it "DNS resolution failed for ..."). */
 static int is_dns_failure(const sl_call_status *st) {
@@ -409,10 +650,11 @@ static int is_dns_failure(const sl_call_status *st) {
  * (status OK, *resp set), SL_ESTATUS (non-OK status in st), SL_EINTR, or a local
  * failure. */
 static int attempts(sl_client *c, const char *method, sl_payload *p, const sl_call_opts *o,
-                    shm_call *sc, grpc_byte_buffer **resp, sl_call_status *st, sl_err *err) {
+                    shm_call *sc, const sl__streaming *sm, grpc_byte_buffer **resp,
+                    sl_call_status *st, sl_err *err) {
   double deadline = o->timeout > 0 ? sl_now() + o->timeout : 0;
   uint64_t rng = (uint64_t)(uintptr_t)st ^ (uint64_t)(sl_now() * 1e9);
-  int retry = 0;
+  int retry = 0, streaming = sm != NULL && sm->rx != NULL;
   for (;;) {
     int rc;
     double attempt_deadline = deadline;
@@ -422,14 +664,43 @@ static int attempts(sl_client *c, const char *method, sl_payload *p, const sl_ca
     }
     sl_call_status_clear(st);
     st->attempts = retry + 1;
-    rc = attempt(c, method, p, attempt_deadline, o, sc, resp, st, err);
+    if (streaming) {
+      sl_stream_rx_clear(sm->rx); /* what an earlier attempt received */
+      rc = attempt_stream(c, sm->method, p, sm->chunk, attempt_deadline, o, sm->rx, st, err);
+      if (rc == SL_OK && st->code == SL_STATUS_UNIMPLEMENTED) {
+        /* a server without the streaming method (an older one, or another gRPC
+         * stack): the unary method from now on, on this client */
+        atomic_store(&c->no_stream[sm->backward], 1);
+        streaming = 0;
+        sm->rx->chunks = 0;
+        if (sl_payload_size(p) > SL_MAX_MESSAGE_BYTES) {
+          return sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,
+                            "the server does not know %s and the request (%zu bytes) is over "
+                            "gRPC's message limit of %zu bytes (2 GiB - 1) for the unary method",
+                            sm->method, sl_payload_size(p), SL_MAX_MESSAGE_BYTES);
+        }
+        continue;
+      }
+      if (rc == SL_OK && st->code == SL_STATUS_OK) {
+        rc = sl_stream_rx_spans(sm->rx, err);
+        if (rc != SL_OK) {
+          char inner[SL_ERR_MSG_MAX];
+          memcpy(inner, err->msg, sizeof(inner));
+          return sl_err_set(err, rc, SL_STATUS_INTERNAL, "bad response from the server: %.400s",
+                            inner);
+        }
+        if (sm->rx->chunks > 0) return SL_OK;
+      }
+    } else {
+      rc = attempt(c, method, p, attempt_deadline, o, sc, resp, st, err);
+    }
     if (rc == SL_EINTR) {
       st->code = SL_STATUS_CANCELLED;
       return rc;
     }
     if (rc != SL_OK) return rc;
     if (st->code == SL_STATUS_OK) {
-      if (*resp != NULL) return SL_OK;
+      if (!streaming && *resp != NULL) return SL_OK;
       st->code = SL_STATUS_INTERNAL;
       free(st->details);
       st->details = sl_strndup("the server ended the call without a response message", 52);
@@ -467,7 +738,8 @@ static int attempts(sl_client *c, const char *method, sl_payload *p, const sl_ca
 
 /* A unary call: the circuit breaker (if any), then the attempts. */
 static int unary(sl_client *c, const char *method, sl_payload *p, const sl_call_opts *o,
-                 shm_call *sc, grpc_byte_buffer **resp, sl_call_status *st, sl_err *err) {
+                 shm_call *sc, const sl__streaming *sm, grpc_byte_buffer **resp,
+                 sl_call_status *st, sl_err *err) {
   int rc;
   if (o->breaker != NULL) {
     double now = sl_now(), retry_at = 0;
@@ -482,7 +754,7 @@ static int unary(sl_client *c, const char *method, sl_payload *p, const sl_call_
       return SL_ESTATUS;
     }
   }
-  rc = attempts(c, method, p, o, sc, resp, st, err);
+  rc = attempts(c, method, p, o, sc, sm, resp, st, err);
   if (o->breaker != NULL && (rc == SL_OK || rc == SL_ESTATUS)) {
     sl_breaker_record(o->breaker, rc == SL_OK ? SL_STATUS_OK : st->code, sl_now());
   }
@@ -546,10 +818,12 @@ static int shm_answer(sl_client *c, sl_call_status *st, int attaching, int *unkn
  * the segment to the server. On SL_OK with *seg set, the reply is in the segment
  * (*span); the caller reads it, then gives the segment back (sl_shm_pool_release,
  * reusable and attached). `may_post` 0: offer, never post (a retry after the
- * server did not know the segment). */
+ * server did not know the segment). `sm`: how a call over TCP streams (stream.h;
+ * calls through a segment, and those that offer one, never stream); a message
+ * over gRPC's 2 GiB limit always goes streamed over TCP. */
 static int tensor_call(sl_client *c, const char *method, sl_payload *p, const sl_call_opts *o,
-                       int may_post, grpc_byte_buffer **resp, sl_call_status *st, sl_err *err,
-                       sl_shm_seg **seg_out, sl_span *span) {
+                       int may_post, const sl__streaming *sm, grpc_byte_buffer **resp,
+                       sl_call_status *st, sl_err *err, sl_shm_seg **seg_out, sl_span *span) {
   sl_shm_seg *seg;
   sl_err serr;
   int attached = 0, unknown = 0, rc, reusable;
@@ -564,10 +838,11 @@ static int tensor_call(sl_client *c, const char *method, sl_payload *p, const sl
   span->len = 0;
   if (c->shm == NULL || atomic_load(&c->shm_state) == SHM_OFF || getpid() != c->shm_pid ||
       sl_payload_size(p) > SL_SHM_MAX_CAPACITY || sl_payload_size(p) > c->max_send ||
+      sl_payload_size(p) > SL_MAX_MESSAGE_BYTES ||
       (sl_payload_size(p) < SL_SHM_MIN_MESSAGE && atomic_load(&c->shm_state) == SHM_ON)) {
     /* a small message once the channel is decided: as fast over gRPC (only the
      * first call, still undecided, offers a segment whatever its size) */
-    return unary(c, method, p, o, NULL, resp, st, err);
+    return unary(c, method, p, o, NULL, sm, resp, st, err);
   }
   {
     size_t need = sl_payload_size(p);
@@ -577,11 +852,11 @@ static int tensor_call(sl_client *c, const char *method, sl_payload *p, const sl
     }
     seg = sl_shm_pool_acquire(c->shm, need, &attached, &serr);
   }
-  if (seg == NULL) return unary(c, method, p, o, NULL, resp, st, err);
+  if (seg == NULL) return unary(c, method, p, o, NULL, sm, resp, st, err);
   md = malloc((o->n_metadata + 2) * sizeof(*md));
   if (md == NULL) {
     sl_shm_pool_release(c->shm, seg, 1, attached);
-    return unary(c, method, p, o, NULL, resp, st, err);
+    return unary(c, method, p, o, NULL, sm, resp, st, err);
   }
   if (o->n_metadata > 0) memcpy(md, o->metadata, o->n_metadata * sizeof(*md));
   o2 = *o;
@@ -594,7 +869,7 @@ static int tensor_call(sl_client *c, const char *method, sl_payload *p, const sl
       set_note(c, "%s", "shared memory off: /proc/sys/kernel/random/boot_id unreadable");
       sl_shm_pool_release(c->shm, seg, 0, 0);
       free(md);
-      return unary(c, method, p, o, NULL, resp, st, err);
+      return unary(c, method, p, o, NULL, sm, resp, st, err);
     }
     md[o2.n_metadata].key = SL_SHM_MD_ATTACH;
     md[o2.n_metadata].value = value;
@@ -604,7 +879,7 @@ static int tensor_call(sl_client *c, const char *method, sl_payload *p, const sl
   if (!attached && (!may_post || atomic_load(&c->shm_state) != SHM_ON)) {
     /* a server not yet known to speak the channel gets the request over TCP: one
      * that does not would take the empty message for the request */
-    rc = unary(c, method, p, &o2, NULL, resp, st, err);
+    rc = unary(c, method, p, &o2, NULL, NULL, resp, st, err); /* offers go unary */
     attached = shm_answer(c, st, 1, &unknown, &reply_len);
     sl_shm_pool_release(c->shm, seg, 1, attached);
     free(md);
@@ -621,9 +896,9 @@ static int tensor_call(sl_client *c, const char *method, sl_payload *p, const sl
   if (sl_payload_new(malloc(1), 0, NULL, 0, NULL, NULL, &sc.empty) != SL_OK) {
     sl_shm_pool_release(c->shm, seg, 1, attached);
     free(md);
-    return unary(c, method, p, o, NULL, resp, st, err);
+    return unary(c, method, p, o, NULL, sm, resp, st, err);
   }
-  rc = unary(c, method, p, &o2, &sc, resp, st, err);
+  rc = unary(c, method, p, &o2, &sc, NULL, resp, st, err);
   if (!attached) attached = shm_answer(c, st, 1, &unknown, &reply_len);
   else shm_answer(c, st, 0, &unknown, &reply_len);
   sl_payload_unref(sc.empty);
@@ -664,7 +939,7 @@ static int tensor_call(sl_client *c, const char *method, sl_payload *p, const sl
     sl_shm_pool_forget(c->shm); /* a new server knows none of them */
     if (*resp != NULL) grpc_byte_buffer_destroy(*resp);
     *resp = NULL;
-    return tensor_call(c, method, p, o, 0, resp, st, err, seg_out, span);
+    return tensor_call(c, method, p, o, 0, sm, resp, st, err, seg_out, span);
   }
   if (rc == SL_OK) atomic_fetch_add(&c->shm_calls, 1);
   sl_shm_pool_release(c->shm, seg, reusable, attached);
@@ -686,10 +961,14 @@ int sl_client_compute(sl_client *c, const sl_call_opts *opts, int backward,
   sl__bbspans spans = {0};
   sl_shm_seg *seg = NULL;
   sl_span shm_span;
+  sl_stream_rx rx;
+  sl__streaming sm = {NULL, NULL, 0, 0};
+  int can_stream = atomic_load(&c->stream_threshold) < SIZE_MAX && !atomic_load(&c->no_stream[backward]);
 
+  sl_stream_rx_init(&rx, c->max_recv);
   memset(out, 0, sizeof(*out));
   memset(extra_out, 0, sizeof(*extra_out));
-  for (size_t i = 0; i < in->n; i++) {
+  for (size_t i = 0; i < in->n && !can_stream; i++) {
     if (in->items[i].nbytes > SL_MAX_MESSAGE_BYTES - 64) {
       size_t nb = in->items[i].nbytes;
       sl_tensor_set_release(in);
@@ -700,13 +979,40 @@ int sl_client_compute(sl_client *c, const sl_call_opts *opts, int backward,
     }
   }
   if (fields != NULL) sl_call_fields_to_request(req_kind, header, fields);
-  status = sl_tensor_set_pack(req_kind, header, in, &p, err);
+  status = sl_tensor_set_pack_max(req_kind, header, in,
+                                  can_stream ? SL_MAX_DECODED_BYTES : SL_MAX_MESSAGE_BYTES, &p, err);
   if (status != SL_OK) return status;
-  status = tensor_call(c, method, p, opts, 1, &resp, st, err, &seg, &shm_span);
+  if (can_stream && (sl_payload_size(p) >= atomic_load(&c->stream_threshold) ||
+                     sl_payload_size(p) > SL_MAX_MESSAGE_BYTES)) {
+    /* (a message over gRPC's limit goes streamed whatever the threshold) */
+    if (sl_payload_size(p) > c->max_send) {
+      /* what gRPC says of a unary message over it */
+      status = sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,
+                          "the request (%zu bytes) is over this client's limit of %zu bytes "
+                          "(grpc.max_send_message_length)",
+                          sl_payload_size(p), c->max_send);
+      goto cleanup;
+    }
+    sm.rx = &rx;
+    sm.method = backward ? SL_METHOD_PATH_BACKWARD_STREAM : SL_METHOD_PATH_COMPUTE_STREAM;
+    sm.chunk = sl_stream_chunk_for(sl_payload_size(p), atomic_load(&c->stream_chunk));
+    sm.backward = backward;
+  } else if (sl_payload_size(p) > SL_MAX_MESSAGE_BYTES) {
+    status = sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,
+                        "the request (%zu bytes) is over gRPC's message limit of %zu bytes (2 GiB "
+                        "- 1) and streaming is off for this server; split the tensor or use a "
+                        "compressing codec",
+                        sl_payload_size(p), SL_MAX_MESSAGE_BYTES);
+    goto cleanup;
+  }
+  status = tensor_call(c, method, p, opts, 1, &sm, &resp, st, err, &seg, &shm_span);
   if (status != SL_OK) goto cleanup;
   if (seg != NULL) {
     status = sl_tensor_msg_read(resp_kind, &shm_span, 1, out, err);
     sl_shm_pool_release(c->shm, seg, 1, 1);
+  } else if (resp == NULL) {
+    /* streamed: each tensor is already in its own storage */
+    status = sl_tensor_msg_read_adopt(resp_kind, rx.spans, rx.n_spans, NULL, rx.owned, out, err);
   } else {
     status = sl__bbspans_take(&resp, &spans, err);
     if (status == SL_OK) {
@@ -740,6 +1046,7 @@ int sl_client_compute(sl_client *c, const sl_call_opts *opts, int backward,
   }
 cleanup:
   sl__bbspans_clear(&spans);
+  sl_stream_rx_clear(&rx);
   if (resp != NULL) grpc_byte_buffer_destroy(resp);
   sl_payload_unref(p); /* the releases run once gRPC has let go of the bytes too */
   return status;
@@ -760,7 +1067,7 @@ static int small_call(sl_client *c, const sl_call_opts *opts, const char *method
   protobuf_c_message_pack(req, buf);
   status = sl_payload_new(buf, len, NULL, 0, NULL, NULL, &p); /* takes buf, failing or not */
   if (status != SL_OK) return sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
-  status = unary(c, method, p, opts, NULL, &resp, st, err);
+  status = unary(c, method, p, opts, NULL, NULL, &resp, st, err);
   if (status != SL_OK) goto cleanup;
   status = sl__bb_readall(resp, &rbuf, &rlen);
   if (status != SL_OK) {

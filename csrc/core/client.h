@@ -83,6 +83,19 @@ typedef struct sl_tls_client {
 int sl_client_create(const char *target, const sl_chan_arg *args, size_t nargs,
                      const sl_tls_client *tls, sl_client **out, sl_err *err);
 
+/* Streaming (stream.h, docs/protocol.md): a Compute or ComputeBackward request of
+ * `threshold` bytes or more goes to ComputeStream / ComputeBackwardStream as
+ * Chunks of `chunk` bytes (0: by the message's size, sl_stream_chunk_for), and the
+ * response comes back the same way; SIZE_MAX: never stream. Defaults: SL_STREAM_THRESHOLD_DEFAULT and
+ * SL_STREAM_CHUNK_DEFAULT. A server that answers the streaming method with
+ * UNIMPLEMENTED gets the same call again on the unary method, and every later
+ * call of that direction goes unary on this client. Safe from any thread. */
+void sl_client_set_streaming(sl_client *c, size_t threshold, size_t chunk);
+
+/* The settings above, and whether the server refused a streaming method (1). */
+void sl_client_streaming(const sl_client *c, size_t *threshold, size_t *chunk, int *no_stream,
+                         int *no_stream_backward);
+
 /* Wait until the channel is ready, at most `timeout` seconds. Returns SL_OK when
  * ready, SL_ETIMEDOUT or SL_EINTR. */
 int sl_client_connect(sl_client *c, double timeout, sl_interrupt_fn interrupt, void *user);

@@ -297,7 +297,19 @@ static const char *known_dtypes(void) { return sl_dtype_names(); }
  * copy_pending() at the end of the read (the item records where its bytes are);
  * without, it happens now (`spans` may then be a sub-range of the message). */
 static int item_fill(sl_tensor_item *it, const sl_span *spans, size_t nspans, size_t span,
-                     size_t off, size_t len, int defer, sl_err *err) {
+                     size_t off, size_t len, int defer, void **adopt, sl_err *err) {
+  while (span + 1 < nspans && off == spans[span].len) {
+    span++;
+    off = 0;
+  }
+  if (adopt != NULL && len > 0 && span < nspans && off == 0 && spans[span].len == len &&
+      adopt[span] != NULL) {
+    /* a streamed tensor already copied into its own storage (stream.h): take it over */
+    it->data = adopt[span];
+    adopt[span] = NULL;
+    it->nbytes = len;
+    return SL_OK;
+  }
   if (sl_storage_alloc(len, &it->data) != SL_OK) {
     return sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED,
                       "out of memory allocating %zu bytes for a received tensor", len);
@@ -373,7 +385,8 @@ static int item_raw_check(sl_tensor_item *it, size_t len, sl_err *err) {
 
 /* The single form: the original contract's tensor (fields 1, 2, 16-18). */
 static int read_single(sl_msg_kind kind, const sl_span *spans, size_t nspans,
-                       const sl_wire_split_result *split, sl_tensor_msg *out, sl_err *err) {
+                       const sl_wire_split_result *split, void **adopt, sl_tensor_msg *out,
+                       sl_err *err) {
   sl_tensor_fields f;
   sl_dtype dtype;
   size_t need = 0;
@@ -395,7 +408,8 @@ static int read_single(sl_msg_kind kind, const sl_span *spans, size_t nspans,
   if (status != SL_OK) return status;
   status = meta_from_wire(kind, out->header, &it->meta, err);
   if (status != SL_OK) return status;
-  return item_fill(it, spans, nspans, split->data_span, split->data_off, split->data_len, 1, err);
+  return item_fill(it, spans, nspans, split->data_span, split->data_off, split->data_len, 1, adopt,
+                   err);
 }
 
 /* One KVCacheEntry (the original's format: raw float32 key and value). */
@@ -444,10 +458,10 @@ static int read_kv_entry(const sl_span *spans, size_t nspans, const sl_wire_occ 
     goto cleanup;
   }
   status = item_fill(key, sub, nsub, kocc ? kocc->span : 0, kocc ? kocc->off : 0,
-                     kocc ? kocc->len : 0, 0, err);
+                     kocc ? kocc->len : 0, 0, NULL, err);
   if (status == SL_OK) {
     status = item_fill(value, sub, nsub, vocc ? vocc->span : 0, vocc ? vocc->off : 0,
-                       vocc ? vocc->len : 0, 0, err);
+                       vocc ? vocc->len : 0, 0, NULL, err);
   }
 cleanup:
   if (e != NULL) splitlearn__comm__kvcache_entry__free_unpacked(e, NULL);
@@ -563,7 +577,7 @@ int sl_structure_check(const sl_node *nodes, size_t n, size_t n_tensors, int max
  * structure (21). */
 static int read_named(sl_msg_kind kind, const sl_span *spans, size_t nspans,
                       const sl_wire_split_result *split, const sl_msg_limits *lim,
-                      sl_tensor_msg *out, sl_err *err) {
+                      void **adopt, sl_tensor_msg *out, sl_err *err) {
   sl_tensor_fields f;
   size_t n_data = 0, k = 0;
   const char **names = NULL;
@@ -647,7 +661,7 @@ static int read_named(sl_msg_kind kind, const sl_span *spans, size_t nspans,
     meta_fields_of_named(d, &mf);
     status = meta_from_fields(&mf, &it->meta, err);
     if (status != SL_OK) goto cleanup;
-    status = item_fill(it, spans, nspans, occ->span, occ->off, occ->len, 1, err);
+    status = item_fill(it, spans, nspans, occ->span, occ->off, occ->len, 1, adopt, err);
     if (status != SL_OK) goto cleanup;
   }
   if (find_duplicate(names, out->n_items, &dup) != SL_OK) goto oom;
@@ -682,6 +696,10 @@ cleanup:
   return status;
 }
 
+static int read_impl(sl_msg_kind kind, const sl_span *spans, size_t nspans,
+                     const sl_msg_limits *limits, const sl_span_owner *owner, void **adopt,
+                     sl_tensor_msg *out, sl_err *err);
+
 int sl_tensor_msg_read(sl_msg_kind kind, const sl_span *spans, size_t nspans, sl_tensor_msg *out,
                        sl_err *err) {
   return sl_tensor_msg_read_limited(kind, spans, nspans, NULL, out, err);
@@ -689,12 +707,24 @@ int sl_tensor_msg_read(sl_msg_kind kind, const sl_span *spans, size_t nspans, sl
 
 int sl_tensor_msg_read_limited(sl_msg_kind kind, const sl_span *spans, size_t nspans,
                                const sl_msg_limits *limits, sl_tensor_msg *out, sl_err *err) {
-  return sl_tensor_msg_read_owned(kind, spans, nspans, limits, NULL, out, err);
+  return read_impl(kind, spans, nspans, limits, NULL, NULL, out, err);
 }
 
 int sl_tensor_msg_read_owned(sl_msg_kind kind, const sl_span *spans, size_t nspans,
                              const sl_msg_limits *limits, const sl_span_owner *owner,
                              sl_tensor_msg *out, sl_err *err) {
+  return read_impl(kind, spans, nspans, limits, owner, NULL, out, err);
+}
+
+int sl_tensor_msg_read_adopt(sl_msg_kind kind, const sl_span *spans, size_t nspans,
+                             const sl_msg_limits *limits, void **adopt, sl_tensor_msg *out,
+                             sl_err *err) {
+  return read_impl(kind, spans, nspans, limits, NULL, adopt, out, err);
+}
+
+static int read_impl(sl_msg_kind kind, const sl_span *spans, size_t nspans,
+                     const sl_msg_limits *limits, const sl_span_owner *owner, void **adopt,
+                     sl_tensor_msg *out, sl_err *err) {
   int status = SL_EINVAL;
   sl_wire_split_result split;
   sl_tensor_fields f;
@@ -730,7 +760,7 @@ int sl_tensor_msg_read_owned(sl_msg_kind kind, const sl_span *spans, size_t nspa
                           kind_name(kind));
       goto cleanup;
     }
-    status = read_named(kind, spans, nspans, &split, &lim, out, err);
+    status = read_named(kind, spans, nspans, &split, &lim, adopt, out, err);
     if (status == SL_OK) status = copy_pending(out, spans, nspans, owner, err);
     goto cleanup;
   }
@@ -749,7 +779,7 @@ int sl_tensor_msg_read_owned(sl_msg_kind kind, const sl_span *spans, size_t nspa
   }
   out->n_items = 1 + 2 * n_kv;
   out->n_kv = n_kv;
-  status = read_single(kind, spans, nspans, &split, out, err);
+  status = read_single(kind, spans, nspans, &split, adopt, out, err);
   for (size_t i = 0, e = 0; status == SL_OK && i < split.n_occ; i++) {
     if (split.occ[i].field != bulk[1]) continue;
     status = read_kv_entry(spans, nspans, &split.occ[i], e, &out->items[1 + 2 * e],
@@ -926,8 +956,19 @@ static size_t shape32_len(uint32_t field, const sl_tensor_desc *d) {
 /* Most block bytes one KV entry adds: entry prefix, two data prefixes, two shapes. */
 #define KV_BLOCK_MAX (3 * SL_WIRE_PREFIX_MAX + 2 * (SL_WIRE_PREFIX_MAX + 10 * SL_MAX_NDIM))
 
+static int out_pack_max(sl_msg_kind kind, ProtobufCMessage *header, const sl_tensor_out *t,
+                        size_t max_bytes, sl_payload **out, sl_err *err);
+static int msg_pack_max(sl_msg_kind kind, const ProtobufCMessage *header, const void *data,
+                        size_t data_len, sl_release_fn release, void *owner, size_t max_bytes,
+                        sl_payload **out, sl_err *err);
+
 int sl_tensor_set_pack(sl_msg_kind kind, ProtobufCMessage *header, const sl_tensor_set *set,
                        sl_payload **out, sl_err *err) {
+  return sl_tensor_set_pack_max(kind, header, set, SL_MAX_MESSAGE_BYTES, out, err);
+}
+
+int sl_tensor_set_pack_max(sl_msg_kind kind, ProtobufCMessage *header, const sl_tensor_set *set,
+                           size_t max_bytes, sl_payload **out, sl_err *err) {
   int status = SL_EINVAL;
   size_t n = set->n, hlen, blen = 0, total, nsegs = 0;
   prepared *pr = NULL;
@@ -951,7 +992,7 @@ int sl_tensor_set_pack(sl_msg_kind kind, ProtobufCMessage *header, const sl_tens
                         "a single-tensor %s carries one tensor%s", kind_name(kind),
                         kv_field ? " and KV cache pairs" : "");
     }
-    if (set->n_kv == 0) return sl_tensor_out_pack(kind, header, &set->items[0], out, err);
+    if (set->n_kv == 0) return out_pack_max(kind, header, &set->items[0], max_bytes, out, err);
     for (size_t i = 1; i < n; i++) {
       const sl_tensor_out *t = &set->items[i];
       if (t->encoded || t->desc.dtype != SL_DTYPE_FLOAT32) {
@@ -1096,17 +1137,23 @@ int sl_tensor_set_pack(sl_msg_kind kind, ProtobufCMessage *header, const sl_tens
   }
   total = blen;
   for (size_t i = 0; i < nsegs; i++) {
-    if (segs[i].len > SL_MAX_MESSAGE_BYTES - total) {
+    if (segs[i].len > max_bytes - total) {
       total = SIZE_MAX;
       break;
     }
     total += segs[i].len;
   }
-  if (total > SL_MAX_MESSAGE_BYTES) {
-    status = sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,
-                        "%s of more than %zu bytes is over gRPC's message limit of %zu bytes "
-                        "(2 GiB - 1); split the tensors or use a compressing codec",
-                        kind_name(kind), SL_MAX_MESSAGE_BYTES, SL_MAX_MESSAGE_BYTES);
+  if (total > max_bytes) {
+    if (max_bytes == SL_MAX_MESSAGE_BYTES) {
+      status = sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,
+                          "%s of more than %zu bytes is over gRPC's message limit of %zu bytes "
+                          "(2 GiB - 1); split the tensors or use a compressing codec",
+                          kind_name(kind), SL_MAX_MESSAGE_BYTES, SL_MAX_MESSAGE_BYTES);
+    } else {
+      status = sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,
+                          "%s of more than %zu bytes is over the limit of a streamed message",
+                          kind_name(kind), max_bytes);
+    }
     goto cleanup;
   }
   /* the releases move from pr[] to the segments (their data pointers are pr's) */
@@ -1159,6 +1206,11 @@ cleanup:
 
 int sl_tensor_out_pack(sl_msg_kind kind, ProtobufCMessage *header, const sl_tensor_out *t,
                        sl_payload **out, sl_err *err) {
+  return out_pack_max(kind, header, t, SL_MAX_MESSAGE_BYTES, out, err);
+}
+
+static int out_pack_max(sl_msg_kind kind, ProtobufCMessage *header, const sl_tensor_out *t,
+                        size_t max_bytes, sl_payload **out, sl_err *err) {
   int status;
   sl_tensor_fields f;
   int32_t shape32[SL_MAX_NDIM];
@@ -1181,8 +1233,8 @@ int sl_tensor_out_pack(sl_msg_kind kind, ProtobufCMessage *header, const sl_tens
     status = sl_err_set(err, status, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
     goto cleanup;
   }
-  status = sl_tensor_msg_pack(kind, header, p.data, p.nbytes, p.release, p.owner, out, err);
-  p.release = NULL; /* taken by sl_tensor_msg_pack, failing or not */
+  status = msg_pack_max(kind, header, p.data, p.nbytes, p.release, p.owner, max_bytes, out, err);
+  p.release = NULL; /* taken by msg_pack_max, failing or not */
 cleanup:
   /* the header must not keep pointers into memory freed here */
   if (f.shape != NULL) {
@@ -1213,6 +1265,13 @@ int sl_shape_to_wire(const sl_tensor_desc *desc, int32_t *shape32, sl_err *err) 
 int sl_tensor_msg_pack(sl_msg_kind kind, const ProtobufCMessage *header, const void *data,
                        size_t data_len, sl_release_fn release, void *owner, sl_payload **out,
                        sl_err *err) {
+  return msg_pack_max(kind, header, data, data_len, release, owner, SL_MAX_MESSAGE_BYTES, out,
+                      err);
+}
+
+static int msg_pack_max(sl_msg_kind kind, const ProtobufCMessage *header, const void *data,
+                        size_t data_len, sl_release_fn release, void *owner, size_t max_bytes,
+                        sl_payload **out, sl_err *err) {
   int status = SL_ENOMEM;
   uint8_t *buf = NULL;
   size_t hlen = protobuf_c_message_get_packed_size(header);
@@ -1220,11 +1279,17 @@ int sl_tensor_msg_pack(sl_msg_kind kind, const ProtobufCMessage *header, const v
   size_t plen = data_len ? sl_wire_data_prefix(TENSOR_FIELD, data_len, prefix) : 0;
 
   *out = NULL;
-  if (data_len > SL_MAX_MESSAGE_BYTES || hlen + plen > SL_MAX_MESSAGE_BYTES - data_len) {
-    status = sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,
-                        "%s of %zu bytes is over gRPC's message limit of %zu bytes (2 GiB - 1); "
-                        "split the tensor or use a compressing codec",
-                        kind_name(kind), hlen + plen + data_len, SL_MAX_MESSAGE_BYTES);
+  if (data_len > max_bytes || hlen + plen > max_bytes - data_len) {
+    if (max_bytes == SL_MAX_MESSAGE_BYTES) {
+      status = sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,
+                          "%s of %zu bytes is over gRPC's message limit of %zu bytes (2 GiB - 1); "
+                          "split the tensor or use a compressing codec",
+                          kind_name(kind), hlen + plen + data_len, SL_MAX_MESSAGE_BYTES);
+    } else {
+      status = sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,
+                          "%s of %zu bytes is over the limit of a streamed message (%zu bytes)",
+                          kind_name(kind), hlen + plen + data_len, max_bytes);
+    }
     goto cleanup;
   }
   buf = malloc(hlen + plen ? hlen + plen : 1);

@@ -139,6 +139,15 @@ int sl_tensor_msg_read_owned(sl_msg_kind kind, const sl_span *spans, size_t nspa
                              const sl_msg_limits *limits, const sl_span_owner *owner,
                              sl_tensor_msg *out, sl_err *err);
 
+/* sl_tensor_msg_read_limited() that takes over tensor storage instead of copying:
+ * `adopt` (NULL: none) is parallel to `spans`; when a tensor's bytes are exactly
+ * span i and adopt[i] is not NULL, adopt[i] (storage from sl_storage_alloc holding
+ * span i's bytes) becomes the item's data and the slot is set to NULL. The caller
+ * still owns, and frees, the slots left. Used for streamed messages (stream.h). */
+int sl_tensor_msg_read_adopt(sl_msg_kind kind, const sl_span *spans, size_t nspans,
+                             const sl_msg_limits *limits, void **adopt, sl_tensor_msg *out,
+                             sl_err *err);
+
 void sl_tensor_msg_clear(sl_tensor_msg *m);
 
 /* Check a structure (pre-order nodes) against `n_tensors` tensors: known kinds,
@@ -227,6 +236,11 @@ typedef struct sl_tensor_set {
  * no pointer into memory freed here. */
 int sl_tensor_set_pack(sl_msg_kind kind, ProtobufCMessage *header, const sl_tensor_set *set,
                        sl_payload **out, sl_err *err);
+
+/* sl_tensor_set_pack() with another bound on the message than gRPC's 2 GiB - 1
+ * (a streamed message, stream.h). */
+int sl_tensor_set_pack_max(sl_msg_kind kind, ProtobufCMessage *header, const sl_tensor_set *set,
+                           size_t max_bytes, sl_payload **out, sl_err *err);
 
 /* Release every item of `set` (for callers that fail before packing it). */
 void sl_tensor_set_release(const sl_tensor_set *set);

@@ -6,6 +6,8 @@
 #define SL_SERVICE_PATH "/splitlearn.comm.ComputeService/"
 #define SL_METHOD_PATH_COMPUTE SL_SERVICE_PATH "Compute"
 #define SL_METHOD_PATH_BACKWARD SL_SERVICE_PATH "ComputeBackward"
+#define SL_METHOD_PATH_COMPUTE_STREAM SL_SERVICE_PATH "ComputeStream"
+#define SL_METHOD_PATH_BACKWARD_STREAM SL_SERVICE_PATH "ComputeBackwardStream"
 #define SL_METHOD_PATH_HEALTH SL_SERVICE_PATH "HealthCheck"
 #define SL_METHOD_PATH_INFO SL_SERVICE_PATH "GetServiceInfo"
 #define SL_METHOD_PATH_STD_HEALTH "/grpc.health.v1.Health/Check"

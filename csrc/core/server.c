@@ -35,6 +35,7 @@
 
 #include "methods.h"
 #include "shm.h"
+#include "stream.h"
 
 #define METHOD_COMPUTE SL_METHOD_PATH_COMPUTE
 #define METHOD_BACKWARD SL_METHOD_PATH_BACKWARD
@@ -42,6 +43,8 @@
 #define METHOD_INFO SL_METHOD_PATH_INFO
 #define METHOD_STD_HEALTH SL_METHOD_PATH_STD_HEALTH
 #define METHOD_STD_WATCH SL_METHOD_PATH_STD_WATCH
+#define METHOD_COMPUTE_STREAM SL_METHOD_PATH_COMPUTE_STREAM
+#define METHOD_BACKWARD_STREAM SL_METHOD_PATH_BACKWARD_STREAM
 #define SERVICE_NAME SL_SERVICE_NAME
 /* the health "service" that reports only that the process is up and serving
  * gRPC (SERVING until the server is shut down), whatever set_health and draining
@@ -99,6 +102,8 @@ struct sl_server {
   grpc_server_credentials *creds;
   sl_metrics *metrics;
   size_t max_decoded;
+  size_t max_stream;     /* bytes of one streamed request: max_decoded, or less when
+                            grpc.max_receive_message_length says so */
   atomic_llong decoded_in_use;
   sl_msg_limits limits;
   double started_at;
@@ -455,6 +460,7 @@ static const sl_codec *response_codec(sl_server *s, const sl_tensor_msg *req, sl
  * kept on the heap with its call when the hook defers it. */
 typedef struct tcall {
   int backward;
+  int stream;          /* the reply goes as a stream: no 2 GiB bound */
   int active;          /* counted in in_flight */
   sl_tensor_msg msg;
   sl_compute_args args;
@@ -479,6 +485,12 @@ static void tcall_cleanup(sl_server *s, tcall *tc) {
     pthread_mutex_unlock(&s->mu);
   }
   tc->active = 0;
+}
+
+/* The largest reply message: gRPC's 2 GiB - 1, or for a streamed reply what
+ * one tensor may decode to (16 GiB). */
+static size_t reply_max(const tcall *tc) {
+  return tc->stream ? SL_MAX_DECODED_BYTES : SL_MAX_MESSAGE_BYTES;
 }
 
 /* After the hook: its status `rc` (result in tc->args.out on SL_OK) becomes the
@@ -515,7 +527,8 @@ static void tcall_end(sl_server *s, tcall *tc, int rc, reply *r) {
     bresp._backward_time_ms_case =
         SPLITLEARN__COMM__BACKWARD_RESPONSE___BACKWARD_TIME_MS_BACKWARD_TIME_MS;
     bresp.backward_time_ms = args->compute_time_ms;
-    sl_tensor_set_pack(SL_MSG_BACKWARD_RESPONSE, &bresp.base, &args->out, &r->payload, &r->err);
+    sl_tensor_set_pack_max(SL_MSG_BACKWARD_RESPONSE, &bresp.base, &args->out, reply_max(tc),
+                           &r->payload, &r->err);
   } else {
     resp._compute_time_ms_case =
         SPLITLEARN__COMM__COMPUTE_RESPONSE___COMPUTE_TIME_MS_COMPUTE_TIME_MS;
@@ -528,7 +541,8 @@ static void tcall_end(sl_server *s, tcall *tc, int rc, reply *r) {
       resp._forward_id_case = SPLITLEARN__COMM__COMPUTE_RESPONSE___FORWARD_ID_FORWARD_ID;
       resp.forward_id = (char *)args->fields.forward_id;
     }
-    sl_tensor_set_pack(SL_MSG_COMPUTE_RESPONSE, &resp.base, &args->out, &r->payload, &r->err);
+    sl_tensor_set_pack_max(SL_MSG_COMPUTE_RESPONSE, &resp.base, &args->out, reply_max(tc),
+                           &r->payload, &r->err);
   }
   r->rec.stage[SL_STAGE_ENCODE] = sl_now() - t2;
 cleanup:
@@ -544,8 +558,8 @@ cleanup:
 /* Compute or ComputeBackward: read the tensor, decode it, run the hook. Returns
  * SL_EAGAIN when the hook deferred the call through `pending` (the reply comes
  * with sl_pending_complete); otherwise the reply is in `r` and tc is clean. */
-static int tcall_begin(sl_server *s, const sl_call_info *ci, sl__bbspans *in, int backward,
-                       reply *r, tcall *tc, sl_pending *pending) {
+static int tcall_begin(sl_server *s, const sl_call_info *ci, sl__bbspans *in, sl_stream_rx *rx,
+                       int backward, reply *r, tcall *tc, sl_pending *pending) {
   sl_msg_kind req_kind = backward ? SL_MSG_BACKWARD_REQUEST : SL_MSG_COMPUTE_REQUEST;
   sl_compute_args *args = &tc->args;
   double t0;
@@ -553,6 +567,7 @@ static int tcall_begin(sl_server *s, const sl_call_info *ci, sl__bbspans *in, in
 
   memset(tc, 0, sizeof(*tc));
   tc->backward = backward;
+  tc->stream = rx != NULL;
   tc->active = 1;
   atomic_fetch_add(&s->in_flight, 1);
   if (!atomic_load(&s->serving)) {
@@ -562,7 +577,11 @@ static int tcall_begin(sl_server *s, const sl_call_info *ci, sl__bbspans *in, in
   atomic_fetch_add(&s->total_requests, 1);
   t0 = sl_now();
   r->rec.tensor_call = 1;
-  {
+  if (rx != NULL) {
+    /* streamed: each tensor's bytes are in their storage already; the reader takes it */
+    rc = sl_tensor_msg_read_adopt(req_kind, rx->spans, rx->n_spans, &s->limits, rx->owned,
+                                  &tc->msg, &r->err);
+  } else {
     /* the received message's slices go as their bytes are copied out */
     sl_span_owner owner = {sl__bbspans_release, in};
     /* a request in a shared-memory segment (no slices) stays where it is */
@@ -624,8 +643,12 @@ fail:
 }
 
 static int method_of(grpc_slice m) {
-  if (streq_slice(m, METHOD_COMPUTE)) return SL_METHOD_COMPUTE;
-  if (streq_slice(m, METHOD_BACKWARD)) return SL_METHOD_BACKWARD;
+  if (streq_slice(m, METHOD_COMPUTE) || streq_slice(m, METHOD_COMPUTE_STREAM)) {
+    return SL_METHOD_COMPUTE;
+  }
+  if (streq_slice(m, METHOD_BACKWARD) || streq_slice(m, METHOD_BACKWARD_STREAM)) {
+    return SL_METHOD_BACKWARD;
+  }
   if (streq_slice(m, METHOD_HEALTH)) return SL_METHOD_HEALTH;
   if (streq_slice(m, METHOD_INFO)) return SL_METHOD_INFO;
   if (streq_slice(m, METHOD_STD_HEALTH)) return SL_METHOD_STD_HEALTH;
@@ -682,6 +705,7 @@ struct served {
   int counted;       /* in the metrics */
   int responding;    /* got as far as sending a status */
   int no_message;    /* the request had no message (malformed, or the client left) */
+  int stream;        /* ComputeStream / ComputeBackwardStream: chunks both ways */
   tcall tc;
   sl_shm_use *shm;   /* the request came through this shared-memory segment */
   /* deferral, guarded by srv->mu */
@@ -743,7 +767,41 @@ static void respond_and_finish(served *sv) {
   }
   sl_shm_use_end(s->shm, sv->shm);
   sv->shm = NULL;
-  if (sv->r.payload != NULL) {
+  if (sv->r.payload != NULL && sv->stream) {
+    /* every chunk but the last on its own (one send at a time); the last goes
+     * with the status */
+    size_t total = sl_payload_size(sv->r.payload), chunk = sl_stream_chunk_for(total, 0);
+    size_t nch = sl_stream_chunks(total, chunk), last = (nch - 1) * chunk;
+    int broken = 0;
+    sv->r.rec.bytes_out = total;
+    for (size_t k = 0; k + 1 < nch && !broken; k++) {
+      grpc_op op;
+      int tagc;
+      grpc_byte_buffer *bb = sl__payload_chunk_byte_buffer(sv->r.payload, k * chunk, chunk);
+      if (bb == NULL) {
+        broken = 1;
+        break;
+      }
+      memset(&op, 0, sizeof(op));
+      op.op = GRPC_OP_SEND_MESSAGE;
+      op.data.send_message.send_message = bb;
+      broken = grpc_call_start_batch(sv->call, &op, 1, &tagc, NULL) != GRPC_CALL_OK ||
+               !wait_call_tag(cs, &tagc);
+      grpc_byte_buffer_destroy(bb);
+    }
+    if (!broken) {
+      out_bb = sl__payload_chunk_byte_buffer(sv->r.payload, last, total - last);
+      if (out_bb != NULL) {
+        ops[nops].op = GRPC_OP_SEND_MESSAGE;
+        ops[nops].data.send_message.send_message = out_bb;
+        nops++;
+      } else {
+        sl_err_set(&sv->r.err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+      }
+    } else {
+      sl_err_set(&sv->r.err, SL_EGRPC, SL_STATUS_UNAVAILABLE, "the call broke while streaming");
+    }
+  } else if (sv->r.payload != NULL) {
     sv->r.rec.bytes_out = sl_payload_size(sv->r.payload);
     out_bb = sl__payload_byte_buffer(sv->r.payload);
     if (out_bb != NULL) {
@@ -891,6 +949,71 @@ static int shm_begin(served *sv, const sl_kv *attach, const sl_kv *req,
   return SL_OK;
 }
 
+/* A streamed request (ComputeStream / ComputeBackwardStream): the first Chunk is
+ * in sv->in_bb; take the rest until the client half-closes. The next chunk's
+ * receive is started before the current one is copied into place, so the copy
+ * overlaps the transfer. The message is bounded by max_decoded_bytes. On
+ * SL_OK rx holds the message (sl_stream_rx_spans done); on failure the error is
+ * in sv->r.err. Either way the caller clears rx. */
+static int receive_stream(served *sv, sl_stream_rx *rx) {
+  sl_server *s = sv->srv;
+  grpc_byte_buffer *cur = sv->in_bb;
+  int rc = SL_OK, gone = 0;
+  sv->in_bb = NULL;
+  sv->r.rec.bytes_in = 0;
+  sl_stream_rx_init(rx, s->max_stream);
+  while (cur != NULL) {
+    grpc_byte_buffer *next = NULL;
+    grpc_op op;
+    int tag, started;
+    memset(&op, 0, sizeof(op));
+    op.op = GRPC_OP_RECV_MESSAGE;
+    op.data.recv_message.recv_message = &next;
+    started = rc == SL_OK && grpc_call_start_batch(sv->call, &op, 1, &tag, NULL) == GRPC_CALL_OK;
+    if (rc == SL_OK) {
+      sl__bbspans sp;
+      sv->r.rec.bytes_in += grpc_byte_buffer_length(cur);
+      rc = sl__bbspans_init(cur, &sp, &sv->r.err);
+      if (rc == SL_OK) {
+        rc = sl_stream_rx_feed_chunk(rx, sp.spans, sp.n, &sv->r.err);
+        sl__bbspans_clear(&sp);
+      }
+    }
+    grpc_byte_buffer_destroy(cur);
+    cur = NULL;
+    if (!started) {
+      gone = rc == SL_OK;
+      break;
+    }
+    if (!wait_call_tag(&sv->cs, &tag)) {
+      gone = 1; /* cancelled, past its deadline, or the client went away */
+      if (next != NULL) grpc_byte_buffer_destroy(next);
+      break;
+    }
+    cur = next;
+  }
+  if (rc != SL_OK) return rc; /* stop reading: the status ends the call */
+  if (!gone && sv->cs.started && !sv->cs.closed) {
+    /* the stream ended: a half-close, or a cancel whose close event may be queued
+     * already (a cancelled call's pending receive ends with no message too) */
+    int success = 0;
+    next_event(&sv->cs, gpr_time_0(GPR_CLOCK_REALTIME), &success);
+  }
+  if (sv->cs.closed) gone = 1;
+  if (gone) {
+    sv->no_message = 1;
+    return sl_err_set(&sv->r.err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                      "the stream ended before its message was complete (after %zu bytes in "
+                      "%zu chunks)",
+                      rx->total, rx->chunks);
+  }
+  rc = sl_stream_rx_spans(rx, &sv->r.err);
+  /* a message cut short: its client left during the upload (CANCELLED in the
+   * metrics when the close says so), or sent a truncated one */
+  if (rc != SL_OK) sv->no_message = 1;
+  return rc;
+}
+
 /* Serve one call bound to sv->cq. Returns 1 when the compute hook deferred it:
  * then sv (on the heap) belongs to the pending machinery. */
 static int serve_call(served *sv, grpc_call_details *details, grpc_metadata_array *md) {
@@ -917,13 +1040,23 @@ static int serve_call(served *sv, grpc_call_details *details, grpc_metadata_arra
   sv->responding = 1;
   sv->r.rec.stage[SL_STAGE_RECEIVE] = sl_now() - sv->t_start;
   sv->r.rec.method = method_of(details->method);
+  sv->stream = streq_slice(details->method, METHOD_COMPUTE_STREAM) ||
+               streq_slice(details->method, METHOD_BACKWARD_STREAM);
   if (sv->in_bb != NULL) sv->r.rec.bytes_in = grpc_byte_buffer_length(sv->in_bb);
   memset(ops, 0, sizeof(ops));
   ops[0].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
   ops[0].data.recv_close_on_server.cancelled = &cs->cancelled;
   cs->started = grpc_call_start_batch(sv->call, ops, 1, cs, NULL) == GRPC_CALL_OK;
 
-  sv->method = sl__slice_strdup(details->method);
+  /* user code (interceptors, compute) sees a streamed call as its unary method:
+   * streaming is how the bytes travel, not another operation */
+  if (sv->stream) {
+    const char *logical = streq_slice(details->method, METHOD_BACKWARD_STREAM) ? METHOD_BACKWARD
+                                                                               : METHOD_COMPUTE;
+    sv->method = sl_strndup(logical, strlen(logical));
+  } else {
+    sv->method = sl__slice_strdup(details->method);
+  }
   sv->peer = grpc_call_get_peer(sv->call);
   if (sv->method == NULL || sl__kv_from_metadata(md, &sv->kv, &sv->nkv) != SL_OK) {
     sl_err_set(&sv->r.err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
@@ -966,13 +1099,28 @@ static int serve_call(served *sv, grpc_call_details *details, grpc_metadata_arra
                "the call carried no request message");
     goto finish;
   }
+  if (sv->stream) {
+    sl_stream_rx rx;
+    int backward = streq_slice(details->method, METHOD_BACKWARD_STREAM);
+    if (shm_attach.key != NULL || shm_req.key != NULL) {
+      sl_err_set(&sv->r.err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
+                 "shared-memory metadata on a streamed call");
+      goto finish;
+    }
+    if (receive_stream(sv, &rx) == SL_OK) {
+      deferred = tcall_begin(s, &ci, NULL, &rx, backward, &sv->r, &sv->tc, (sl_pending *)sv) ==
+                 SL_EAGAIN;
+    }
+    sl_stream_rx_clear(&rx); /* what the reader did not take over */
+    goto finish;
+  }
   if (sl__bbspans_take(&sv->in_bb, &in, &sv->r.err) != SL_OK) goto finish;
 
   if (streq_slice(details->method, METHOD_COMPUTE) || streq_slice(details->method, METHOD_BACKWARD)) {
     int backward = streq_slice(details->method, METHOD_BACKWARD);
     if (shm_begin(sv, &shm_attach, &shm_req, &in, &shm_span, &shm_in) != SL_OK) goto finish;
-    if (tcall_begin(s, &ci, shm_in.spans != NULL ? &shm_in : &in, backward, &sv->r, &sv->tc,
-                    (sl_pending *)sv) == SL_EAGAIN) {
+    if (tcall_begin(s, &ci, shm_in.spans != NULL ? &shm_in : &in, NULL, backward, &sv->r,
+                    &sv->tc, (sl_pending *)sv) == SL_EAGAIN) {
       deferred = 1;
       goto finish;
     }
@@ -1507,6 +1655,15 @@ int sl_server_create(const sl_server_config *cfg, const sl_server_hooks *hooks, 
   atomic_init(&s->total_requests, 0);
   status = sl__channel_args_build(cfg->args, cfg->nargs, 1, &s->chargs, err);
   if (status != SL_OK) goto cleanup;
+  s->max_stream = s->max_decoded;
+  for (size_t i = 0; i < cfg->nargs; i++) {
+    /* a receive limit the user set bounds streamed requests too */
+    if (!cfg->args[i].is_string && cfg->args[i].ival >= 0 &&
+        strcmp(cfg->args[i].key, GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH) == 0 &&
+        (size_t)cfg->args[i].ival < s->max_stream) {
+      s->max_stream = (size_t)cfg->args[i].ival;
+    }
+  }
   if (sl_metrics_create(&s->metrics) != SL_OK) goto oom;
   if (sl_shm_env_enabled() && sl_shm_table_new(&s->shm) != SL_OK) goto oom;
   s->max_recv = s->max_send = SIZE_MAX;

@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "stream.h"
+
 int sl__bbspans_init(grpc_byte_buffer *bb, sl__bbspans *out, sl_err *err) {
   int status = SL_ENOMEM;
   grpc_byte_buffer_reader reader;
@@ -119,6 +121,38 @@ grpc_byte_buffer *sl__payload_byte_buffer(sl_payload *p) {
       sl_payload_ref(p);
       /* the slice owns one payload reference, given back in payload_slice_done */
       slices[n++] = grpc_slice_new_with_user_data((void *)d, len, payload_slice_done, p);
+    }
+  }
+  bb = grpc_raw_byte_buffer_create(slices, n);
+  for (size_t i = 0; i < n; i++) grpc_slice_unref(slices[i]);
+  if (slices != small) free(slices);
+  return bb;
+}
+
+grpc_byte_buffer *sl__payload_chunk_byte_buffer(sl_payload *p, size_t off, size_t len) {
+  uint8_t pre[SL_WIRE_PREFIX_MAX];
+  size_t np = sl_payload_npieces(p), n = 0, at = 0, end = off + len;
+  grpc_slice small[8];
+  grpc_slice *slices = small;
+  grpc_byte_buffer *bb;
+
+  if (np + 1 > sizeof(small) / sizeof(small[0])) {
+    slices = malloc((np + 1) * sizeof(*slices));
+    if (slices == NULL) return NULL;
+  }
+  slices[n++] = grpc_slice_from_copied_buffer((const char *)pre, sl_stream_chunk_prefix(len, pre));
+  for (size_t i = 0; i < np && at < end; i++) {
+    size_t plen, lo, hi;
+    const uint8_t *d = sl_payload_piece(p, i, &plen);
+    lo = off > at ? off - at : 0;
+    hi = end - at < plen ? end - at : plen;
+    at += plen;
+    if (lo >= hi) continue;
+    if (i % 2 == 0) {
+      slices[n++] = grpc_slice_from_copied_buffer((const char *)d + lo, hi - lo);
+    } else {
+      sl_payload_ref(p);
+      slices[n++] = grpc_slice_new_with_user_data((void *)(d + lo), hi - lo, payload_slice_done, p);
     }
   }
   bb = grpc_raw_byte_buffer_create(slices, n);

@@ -51,6 +51,10 @@ void sl__bbspans_release(void *user, size_t span);
  * memory. */
 grpc_byte_buffer *sl__payload_byte_buffer(sl_payload *p);
 
+/* A new byte buffer holding one Chunk (stream.h) of `p`: the message bytes
+ * [off, off + len), tensor bytes referenced as in sl__payload_byte_buffer. */
+grpc_byte_buffer *sl__payload_chunk_byte_buffer(sl_payload *p, size_t off, size_t len);
+
 /* Read a whole (small) message into one malloc'd buffer. */
 int sl__bb_readall(grpc_byte_buffer *bb, uint8_t **out, size_t *len);
 

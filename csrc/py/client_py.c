@@ -770,6 +770,40 @@ static PyObject *client_cancel_async(client_obj *self, PyObject *cap) {
   Py_RETURN_NONE;
 }
 
+/* set_streaming(threshold, chunk=0): stream requests of `threshold` bytes and more
+ * (-1: never); `chunk` bytes of the message per Chunk (0: the default). */
+static PyObject *client_set_streaming(client_obj *self, PyObject *args, PyObject *kwargs) {
+  static char *kwlist[] = {"threshold", "chunk", NULL};
+  long long threshold = 0, chunk = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "L|L", kwlist, &threshold, &chunk)) return NULL;
+  if (threshold < -1 || chunk < 0 || chunk > (1LL << 30)) {
+    PyErr_SetString(PyExc_ValueError,
+                    "threshold must be >= 0 (or -1: never stream) and chunk in [0, 2**30] (0: by size)");
+    return NULL;
+  }
+  if (self->client == NULL) {
+    PyErr_SetString(PyExc_ValueError, "the client is closed");
+    return NULL;
+  }
+  sl_client_set_streaming(self->client, threshold < 0 ? SIZE_MAX : (size_t)threshold,
+                          (size_t)chunk);
+  Py_RETURN_NONE;
+}
+
+/* streaming() -> (threshold or -1, chunk, compute_unary_only, backward_unary_only) */
+static PyObject *client_streaming(client_obj *self, PyObject *unused) {
+  size_t threshold = 0, chunk = 0;
+  int no0 = 0, no1 = 0;
+  (void)unused;
+  if (self->client == NULL) {
+    PyErr_SetString(PyExc_ValueError, "the client is closed");
+    return NULL;
+  }
+  sl_client_streaming(self->client, &threshold, &chunk, &no0, &no1);
+  return Py_BuildValue("(LnOO)", threshold == SIZE_MAX ? -1LL : (long long)threshold,
+                       (Py_ssize_t)chunk, no0 ? Py_True : Py_False, no1 ? Py_True : Py_False);
+}
+
 static PyObject *client_async_in_flight(client_obj *self, PyObject *unused) {
   (void)unused;
   return PyLong_FromSize_t(self->async != NULL ? sl_async_in_flight(self->async) : 0);
@@ -864,6 +898,12 @@ static PyMethodDef client_methods[] = {
     {"shm_stats", (PyCFunction)client_shm_stats, METH_NOARGS,
      "shm_stats() -> {'state': 'on'|'off'|'undecided', 'segments': n, 'calls': n}: the "
      "same-host shared-memory channel"},
+    {"set_streaming", (PyCFunction)(void (*)(void))client_set_streaming,
+     METH_VARARGS | METH_KEYWORDS,
+     "set_streaming(threshold, chunk=0): stream requests of threshold bytes and more (-1: "
+     "never)"},
+    {"streaming", (PyCFunction)client_streaming, METH_NOARGS,
+     "streaming() -> (threshold, chunk, compute_unary_only, backward_unary_only)"},
     {"set_retry_hook", (PyCFunction)client_set_retry_hook, METH_O,
      "set_retry_hook(fn): fn(target, method, code, details, attempt, delay) before each retry"},
     {NULL, NULL, 0, NULL}};

@@ -15,6 +15,7 @@
 #include "methods.h"
 #include "retry.h"
 #include "runtime.h"
+#include "stream.h"
 #include "tensor.h"
 
 slpy_state *slpy_state_of_module(PyObject *module) { return PyModule_GetState(module); }
@@ -156,6 +157,8 @@ static int module_exec(PyObject *m) {
       PyModule_AddStringConstant(m, "METHOD_BACKWARD", SL_METHOD_PATH_BACKWARD) < 0 ||
       PyModule_AddStringConstant(m, "METHOD_HEALTH", SL_METHOD_PATH_HEALTH) < 0 ||
       PyModule_AddStringConstant(m, "METHOD_INFO", SL_METHOD_PATH_INFO) < 0 ||
+      PyModule_AddStringConstant(m, "METHOD_COMPUTE_STREAM", SL_METHOD_PATH_COMPUTE_STREAM) < 0 ||
+      PyModule_AddStringConstant(m, "METHOD_BACKWARD_STREAM", SL_METHOD_PATH_BACKWARD_STREAM) < 0 ||
       PyModule_AddStringConstant(m, "BUILTIN_CODECS", sl_codec_builtin_names()) < 0 ||
       PyModule_AddStringConstant(m, "DTYPES", sl_dtype_names()) < 0) {
     return -1;
@@ -176,6 +179,10 @@ static int module_exec(PyObject *m) {
   }
   if (PyModule_AddIntConstant(m, "DEFAULT_MAX_DEPTH", SL_DEFAULT_MAX_DEPTH) < 0) return -1;
   if (PyModule_AddIntConstant(m, "MAX_MESSAGE_BYTES", (long)SL_MAX_MESSAGE_BYTES) < 0) return -1;
+  if (PyModule_AddIntConstant(m, "STREAM_THRESHOLD", (long)SL_STREAM_THRESHOLD_DEFAULT) < 0 ||
+      PyModule_AddIntConstant(m, "STREAM_CHUNK", (long)SL_STREAM_CHUNK_DEFAULT) < 0) {
+    return -1;
+  }
   if (PyModule_AddIntConstant(m, "MAX_NDIM", SL_MAX_NDIM) < 0) return -1;
   return 0;
 }

@@ -6,12 +6,17 @@
  * Input: one byte, then the message. The byte's low 2 bits pick the message
  * kind (ComputeRequest, ComputeResponse, BackwardRequest, BackwardResponse); the
  * rest pick how the message is cut into spans (gRPC hands a message over in
- * slices at arbitrary boundaries), from one span to spans of 1 byte. */
+ * slices at arbitrary boundaries), from one span to spans of 1 byte.
+ *
+ * The same message is also received as a stream (stream.h: the spans fed as
+ * pieces, the tensor fields copied into storage as they arrive, then read with
+ * sl_tensor_msg_read_adopt): it must give the same verdict and the same tensors. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "message.h"
+#include "stream.h"
 #include "tensor.h"
 
 #define FUZZ_MAX_DECODED (1u << 20)
@@ -64,9 +69,42 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   } while (off < size && nspans < size + 4);
   sl_err_clear(&err);
   {
-    fuzz_owner o = {spans, 0};
-    sl_span_owner owner = {fuzz_release, &o};
-    rc = sl_tensor_msg_read_owned(kind, spans, nspans, NULL, &owner, &m, &err);
+    /* first as a stream (the spans are still whole: the owned read below frees them) */
+    sl_stream_rx rx;
+    sl_tensor_msg m2;
+    sl_err err2;
+    int rc2 = SL_OK;
+    sl_err_clear(&err2);
+    memset(&m2, 0, sizeof(m2));
+    sl_stream_rx_init(&rx, FUZZ_MAX_DECODED); /* inputs are smaller: a longer field is cut */
+    for (size_t i = 0; rc2 == SL_OK && i < nspans; i++) {
+      rc2 = sl_stream_rx_feed(&rx, spans[i].ptr, spans[i].len, &err2);
+    }
+    if (rc2 == SL_OK) rc2 = sl_stream_rx_spans(&rx, &err2);
+    if (rc2 == SL_OK) {
+      rc2 = sl_tensor_msg_read_adopt(kind, rx.spans, rx.n_spans, NULL, rx.owned, &m2, &err2);
+    }
+    if (rc2 != SL_OK && err2.code == SL_STATUS_OK) __builtin_trap();
+    {
+      fuzz_owner o = {spans, 0};
+      sl_span_owner owner = {fuzz_release, &o};
+      rc = sl_tensor_msg_read_owned(kind, spans, nspans, NULL, &owner, &m, &err);
+    }
+    /* the stream reads what the whole message reads, and refuses what it refuses (it
+     * may refuse earlier) */
+    if (rc2 != SL_OK && rc == SL_OK) __builtin_trap();
+    if (rc2 == SL_OK) {
+      if (rc != SL_OK || m2.n_items != m.n_items || m2.form != m.form) __builtin_trap();
+      for (size_t i = 0; i < m.n_items; i++) {
+        if (m2.items[i].nbytes != m.items[i].nbytes) __builtin_trap();
+        if (m.items[i].nbytes &&
+            memcmp(m2.items[i].data, m.items[i].data, m.items[i].nbytes) != 0) {
+          __builtin_trap();
+        }
+      }
+      sl_tensor_msg_clear(&m2);
+    }
+    sl_stream_rx_clear(&rx);
   }
   if (rc == SL_OK) {
     size_t total = 0;
