@@ -4,7 +4,8 @@
 #   make test    set everything up, then run the C tests and the whole pytest suite
 #   make test-big   a 3 GiB streamed round trip with each side's peak memory checked
 #   make asan    the same tests against an ASan+UBSan build of the extension
-#   make bench   the benchmarks (write benchmarks/results.md, its data and its figures)
+#   make bench   the benchmarks (write benchmarks/results.md, its data and its figures);
+#                first builds the C-core echo floor (build/bench/echo_floor, core_echo)
 #   make dashboard-screenshot   regenerate docs/images/dashboard*.png (headless Chromium)
 #   make wheel   the sdist, and from it self-contained manylinux wheels for CPython
 #                3.10-3.13 (auditwheel repair), in dist/
@@ -35,7 +36,7 @@ SAN      := -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
 PY_VERSIONS ?= 3.10 3.11 3.12 3.13
 
-.PHONY: all deps venv install build ctest pytest test test-big demo asan asan-ctest asan-pytest bench \
+.PHONY: all deps venv install build ctest pytest test test-big demo asan asan-ctest asan-pytest bench bench-floor \
         bench-figures dashboard-screenshot clean wheel check-wheel test-pythons typecheck \
         fuzz fuzz-deps fuzz-build fuzz-corpus fuzz-ci fuzz-server fuzz-server-run fuzz-server-ci \
         asan-build soak soak-ci robust-ci
@@ -69,6 +70,25 @@ $(CBIN)/%: tests/c/%.c tests/c/sl_test.h $(CORE_SRC) $(GEN)/splitlearn_comm.pb-c
 	@$(CC) $(CFLAGS_C) $(SAN) $(shell pkg-config --cflags $(PKGS)) -o $@ $< $(CORE_SRC) \
 	  $(GEN)/splitlearn_comm.pb-c.c $(GEN)/health.pb-c.c $(shell pkg-config --libs $(PKGS)) -lpthread -lm
 
+# The floor of any gRPC design (a unary echo on the bare C core, no copies) and the
+# same round trip through our core with a C compute hook (no Python): C programs,
+# optimised like the extension, run by bench_roundtrip.py beside the Python rows.
+BENCH_BIN    := build/bench
+BENCH_CFLAGS := -std=gnu11 -g -O2 -Wall -Wextra -Werror -Wno-missing-field-initializers \
+                -fno-omit-frame-pointer -Icsrc/core -I$(GEN) -Ibenchmarks/floor
+$(BENCH_BIN)/echo_floor: benchmarks/floor/echo_floor.c benchmarks/floor/floor_common.h
+	@mkdir -p $(BENCH_BIN)
+	@echo "CC $@"
+	@$(CC) $(BENCH_CFLAGS) $(shell pkg-config --cflags grpc) -o $@ $< \
+	  $(shell pkg-config --libs grpc) -lpthread
+
+$(BENCH_BIN)/core_echo: benchmarks/floor/core_echo.c benchmarks/floor/floor_common.h $(CORE_SRC) \
+                        $(GEN)/splitlearn_comm.pb-c.c
+	@mkdir -p $(BENCH_BIN)
+	@echo "CC $@"
+	@$(CC) $(BENCH_CFLAGS) $(shell pkg-config --cflags $(PKGS)) -o $@ $< $(CORE_SRC) \
+	  $(GEN)/splitlearn_comm.pb-c.c $(GEN)/health.pb-c.c $(shell pkg-config --libs $(PKGS)) -lpthread -lm
+
 # The fuzz targets' inputs replayed with gcc's ASan+UBSan (no clang needed): the
 # seed corpora and every crash once found stay regression tests.
 FUZZ_TARGETS := message codec shape
@@ -79,9 +99,13 @@ $(CBIN)/replay_%: tests/fuzz/fuzz_%.c tests/fuzz/replay.c tests/fuzz/fuzz_input.
 	@$(CC) $(CFLAGS_C) -Itests/fuzz $(SAN) $(shell pkg-config --cflags $(PKGS)) -o $@ $< tests/fuzz/replay.c \
 	  $(CORE_SRC) $(GEN)/splitlearn_comm.pb-c.c $(GEN)/health.pb-c.c $(shell pkg-config --libs $(PKGS)) -lpthread -lm
 
-ctest: deps $(CTESTS) $(REPLAYS)
+ctest: deps $(CTESTS) $(REPLAYS) $(BENCH_BIN)/echo_floor $(BENCH_BIN)/core_echo
 	@set -e; for t in $(CTESTS); do ASAN_OPTIONS=detect_leaks=1 ./$$t; done
 	@set -e; for t in $(FUZZ_TARGETS); do ASAN_OPTIONS=detect_leaks=1 ./$(CBIN)/replay_$$t tests/fuzz/corpus/$$t; done
+	@# the floor programs of make bench, briefly: each exits non-zero when an echo comes back wrong
+	@./$(BENCH_BIN)/echo_floor --sizes 3072,1048576 --n 10 --cold 1048576 --cold-calls 2 >/dev/null
+	@./$(BENCH_BIN)/core_echo --sizes 3072,1048576 --n 10 --cold 1048576 --cold-calls 2 >/dev/null
+	@echo "floor programs: ok"
 
 pytest: install
 	$(PY) -m pytest -q tests
@@ -114,8 +138,13 @@ asan-pytest: asan-build
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 SPLITLEARN_TEST_SANITIZED=1 \
 	  PYTHONPATH=$(CURDIR)/build/asan $(PY) -P -m pytest -q -p no:cacheprovider tests
 
-bench: install
+bench-floor: deps $(BENCH_BIN)/echo_floor $(BENCH_BIN)/core_echo
+
+bench: install bench-floor
 	$(PY) benchmarks/bench_roundtrip.py
+	$(PY) benchmarks/bench_breakdown.py
+	$(PY) benchmarks/bench_multiclient.py
+	$(PY) benchmarks/bench_cold.py
 	$(PY) benchmarks/bench_shm.py
 	$(PY) benchmarks/bench_codecs.py
 	$(PY) benchmarks/bench_training.py

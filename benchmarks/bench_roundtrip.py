@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Round-trip benchmark: splitlearn-comm against a plain grpcio + NumPy baseline.
+"""Round-trip benchmark: splitlearn-comm against the gRPC floor and a plain grpcio baseline.
 
 A client sends a float32 torch tensor, the server's compute() returns it unchanged,
 the client receives it. For each tensor size (3 KiB, 1 MiB, 32 MiB) and each
@@ -21,6 +21,15 @@ Both servers run in child processes (this file run with --serve) bound to
 health (HealthCheck RPC), warms up, times the round trips and finally stops the
 children by closing their stdin.
 
+Two more rows come from C programs built by `make bench-floor` (benchmarks/floor/),
+run for each size just before the Python rows, so that every ratio comes from one run:
+
+  C-core echo      the floor of any gRPC design: a unary echo on the bare gRPC C core
+                   with no copies (build/bench/echo_floor);
+  core, C hook     the same round trip through splitlearn-comm's C core (sl_server with
+                   an identity compute hook written in C, sl_client), no Python
+                   (build/bench/core_echo).
+
     python3 benchmarks/bench_roundtrip.py                 # full run, writes benchmarks/results.md
     python3 benchmarks/bench_roundtrip.py --quick         # smoke run, prints only
     python3 benchmarks/bench_roundtrip.py --concurrency 4 # 4 client threads per run
@@ -31,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import platform
@@ -68,6 +78,11 @@ from splitlearn_comm import ComputeFunction, GRPCComputeClient, GRPCComputeServe
 IMPL_SLC = "splitlearn-comm"
 IMPL_GRPCIO = "grpcio+numpy"
 IMPLS = (IMPL_SLC, IMPL_GRPCIO)
+IMPL_FLOOR = "C-core echo (floor)"
+IMPL_CORE = "splitlearn-comm core, C hook"
+# the C rows: implementation name -> program under build/bench (make bench-floor)
+C_PROGRAMS = {IMPL_FLOOR: "echo_floor", IMPL_CORE: "core_echo"}
+BENCH_BIN = os.path.join(ROOT, "build", "bench")
 
 KiB = 1024
 MiB = 1024 * 1024
@@ -79,13 +94,6 @@ SIZES: List[Tuple[str, Tuple[int, ...], int, int]] = [
     ("32 MiB", (8192, 1024), 30, 5),
 ]
 
-# C-core floor of any gRPC design (unary echo, no copies, p50), measured on this
-# machine and recorded in /work/shared/GRPC-CORE-NOTES.md, "Figures on this machine".
-CORE_FLOOR_P50 = {"3 KiB": "150 us", "1 MiB": "0.77 ms", "32 MiB": "21.5 ms"}
-# The same in ms, and a plain grpcio echo of bytes (no NumPy, no torch), from the same
-# table: the figures plot_results.py draws beside this run's.
-CORE_FLOOR_P50_MS = {"3 KiB": 0.150, "1 MiB": 0.77, "32 MiB": 21.5}
-GRPCIO_BYTES_P50_MS = {"3 KiB": 0.346, "1 MiB": 1.51, "32 MiB": 150.0}
 
 _UNLIMITED = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 
@@ -318,9 +326,42 @@ class Result:
         lat = sorted(latencies_ns)
         self.p50_ms = _percentile(lat, 50) / 1e6
         self.p99_ms = _percentile(lat, 99) / 1e6
-        self.rts = n / (wall_ns / 1e9)
-        self.mbs = self.rts * nbytes / 1e6
-        self.cpu_ms = cpu_ns / n / 1e6
+        self.rts: Optional[float] = n / (wall_ns / 1e9)
+        self.mbs: Optional[float] = self.rts * nbytes / 1e6
+        self.cpu_ms: Optional[float] = cpu_ns / n / 1e6
+
+    @classmethod
+    def from_c(cls, size: str, nbytes: int, impl: str, row: Dict[str, Any]) -> "Result":
+        """A row printed by a C program (benchmarks/floor): p50, p99 and the client
+        process's CPU per round trip (no round trips/s: it times calls one by one)."""
+        r = cls.__new__(cls)
+        r.size, r.nbytes, r.impl, r.concurrency, r.n = size, nbytes, impl, 1, int(row["n"])
+        r.p50_ms = float(row["p50_us"]) / 1e3
+        r.p99_ms = float(row["p99_us"]) / 1e3
+        r.rts = r.mbs = None
+        cpu_us = row.get("client_cpu_us")
+        r.cpu_ms = float(cpu_us) / 1e3 if cpu_us is not None else None
+        return r
+        return r
+
+
+def c_program(impl: str) -> str:
+    """The path of a C row's program, built with `make bench-floor` when missing."""
+    path = os.path.join(BENCH_BIN, C_PROGRAMS[impl])
+    if not os.path.exists(path):
+        subprocess.run(["make", "-s", "-C", ROOT, "bench-floor"], check=True)
+    return path
+
+
+def run_c(impl: str, nbytes: int, n: int, warm: int) -> Dict[str, Any]:
+    """Run a C row's program for one size; its JSON line."""
+    out = subprocess.run([c_program(impl), "--sizes", str(nbytes), "--n", str(n),
+                          "--warm", str(warm)], check=True, capture_output=True, text=True,
+                         timeout=600)
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    if len(rows) != 1 or int(rows[0]["bytes"]) != nbytes:
+        raise RuntimeError(f"{impl}: unexpected output {out.stdout!r} {out.stderr!r}")
+    return rows[0]
 
 
 def _percentile(sorted_values: List[int], q: float) -> float:
@@ -421,6 +462,10 @@ def _fmt_ms(ms: float) -> str:
     return f"{ms:.3f}" if ms < 10 else f"{ms:.1f}"
 
 
+def _opt(fmt: Callable[[float], str], v: Optional[float]) -> str:
+    return "-" if v is None else fmt(v)
+
+
 def _fmt_num(v: float) -> str:
     return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
 
@@ -431,9 +476,54 @@ def table(results: List[Result]) -> List[str]:
              "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
     for r in results:
         lines.append(f"| {r.size} | {r.impl} | {r.concurrency} | {r.n} | {_fmt_ms(r.p50_ms)} "
-                     f"| {_fmt_ms(r.p99_ms)} | {_fmt_num(r.rts)} | {_fmt_num(r.mbs)} "
-                     f"| {_fmt_ms(r.cpu_ms)} |")
+                     f"| {_fmt_ms(r.p99_ms)} | {_opt(_fmt_num, r.rts)} | {_opt(_fmt_num, r.mbs)} "
+                     f"| {'-' if r.cpu_ms is None else _fmt_ms(r.cpu_ms)} |")
     return lines
+
+
+def floor_ratios(results: List[Result]) -> List[str]:
+    """Each one-thread row's p50 as a multiple of the C-core echo's in the same run."""
+    one = [r for r in results if r.concurrency == 1]
+    floors = {r.size: r for r in one if r.impl == IMPL_FLOOR}
+    impls = [i for i in (IMPL_FLOOR, IMPL_CORE, IMPL_SLC, IMPL_GRPCIO)
+             if any(r.impl == i for r in one)]
+    if not floors:
+        return []
+    lines = ["| size | " + " | ".join(impls) + " |", "|---|" + "--:|" * len(impls)]
+    for size in [s for s, *_ in SIZES if s in floors]:
+        cells = []
+        for impl in impls:
+            r = next((r for r in one if r.size == size and r.impl == impl), None)
+            if r is None:
+                cells.append("")
+            elif impl == IMPL_FLOOR:
+                cells.append(f"{_fmt_ms(r.p50_ms)} ms")
+            else:
+                cells.append(f"{_fmt_ms(r.p50_ms)} ms ({r.p50_ms / floors[size].p50_ms:.2f}x)")
+        lines.append(f"| {size} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def floor_section(results: List[Result]) -> List[str]:
+    lines = floor_ratios(results)
+    if not lines:
+        return []
+    return [
+        "",
+        "## Against the floor",
+        "",
+        "p50 of one round trip, one client thread, and its multiple of the floor measured "
+        "in this run just before (same size, same machine state). **C-core echo (floor)**: "
+        "a unary echo on the bare gRPC C core, no copies, no protobuf "
+        "(`benchmarks/floor/echo_floor.c`): what any design on gRPC pays at least. "
+        "**splitlearn-comm core, C hook**: the same round trip through our C core "
+        "(`sl_server` with an identity compute hook in C, `sl_client`, one copy per "
+        "received tensor on each side), no Python (`benchmarks/floor/core_echo.c`). Both "
+        "are built by `make bench-floor` and, like the Python servers, serve from a child "
+        "process. At 3 KiB a round trip is mostly cross-CPU wake-ups, so these ratios "
+        "move with where the scheduler puts the processes.",
+        "",
+    ] + lines + [""]
 
 
 def speedups(results: List[Result]) -> List[str]:
@@ -466,7 +556,8 @@ def render(results: List[Result], overlap: List[Result], info: Dict[str, str],
         "`benchmarks/README.md`). A client sends a float32 torch tensor, the server's "
         "`compute()` returns it unchanged, the client receives it as a torch tensor. Both "
         "servers ran in child processes on 127.0.0.1 with 4 worker threads each; the "
-        "client ran in the parent process.",
+        "client ran in the parent process. Two C rows, measured in the same run, give the "
+        "floor of any gRPC design and our C core alone (see \"Against the floor\").",
         "",
         "- **splitlearn-comm**: `GRPCComputeServer(IdentityComputeFunction(), "
         "host=\"127.0.0.1\", port=0, max_workers=4)` and "
@@ -542,21 +633,7 @@ def render(results: List[Result], overlap: List[Result], info: Dict[str, str],
                 out.append(f"- {r.impl}: {r.concurrency} threads give "
                            f"{r.rts / base[r.impl].rts:.2f}x the round trips/s of one "
                            f"(ideal {r.concurrency}x).")
-    floor = " / ".join(f"{CORE_FLOOR_P50[s]} ({s})" for s, *_ in SIZES)
-    out += [
-        "",
-        "## For comparison",
-        "",
-        "The floor of any gRPC design on this machine, a unary echo on the gRPC C core "
-        f"with no copies measured by C probes, has p50 {floor}, from the table \"Figures "
-        "on this machine\" in the project's `GRPC-CORE-NOTES.md` (which also gives "
-        "346 us / 1.51 ms / 150 ms for a plain grpcio echo of bytes, without NumPy or "
-        "torch). Those figures were measured in an earlier session, not in this run, so "
-        "they give the scale of the remaining overhead, not an exact difference; at "
-        "3 KiB, where a round trip is mostly cross-CPU wake-ups, a run can even come "
-        "out below the floor, depending on where the scheduler puts the processes.",
-        "",
-    ]
+    out += floor_section(results)
     return "\n".join(out)
 
 
@@ -569,13 +646,15 @@ def data(results: List[Result], overlap: List[Result], info: Dict[str, str],
                  "mb_s": r.mbs, "client_cpu_ms": r.cpu_ms} for r in rs]
 
     sizes = {label: math.prod(shape) * 4 for label, shape, *_ in SIZES}
+    floor = {r.size: r.p50_ms for r in results if r.impl == IMPL_FLOOR}
     return {"script": "bench_roundtrip.py", "quick": bool(args.quick), "info": info,
-            "results": rows(results), "overlap": rows(overlap),
+            "results": rows([r for r in results if r.impl in IMPLS]),
+            "c_rows": rows([r for r in results if r.impl in C_PROGRAMS]),
+            "overlap": rows(overlap),
             "reference_p50_ms": {
-                "source": "GRPC-CORE-NOTES.md, Figures on this machine (an earlier session)",
+                "source": "this run: build/bench/echo_floor (benchmarks/floor/echo_floor.c)",
                 "sizes_bytes": sizes,
-                "gRPC C-core echo, no copies (floor)": CORE_FLOOR_P50_MS,
-                "plain grpcio echo of bytes": GRPCIO_BYTES_P50_MS}}
+                "gRPC C-core echo, no copies (floor)": floor}}
 
 
 # --------------------------------------------------------------------------------------
@@ -605,6 +684,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--output", default=None, metavar="PATH",
                    help="where to write the markdown report (default "
                         "benchmarks/results.md; none for --quick)")
+    p.add_argument("--no-floor", action="store_true",
+                   help="skip the C rows (the C-core echo floor and the core with a C hook)")
     p.add_argument("--serve", choices=IMPLS, help=argparse.SUPPRESS)
     p.add_argument("--stub-dir", help=argparse.SUPPRESS)
     p.add_argument("--delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -654,16 +735,23 @@ class Servers:
         self.close()
 
 
-def measure(servers: Servers, plan: Sequence[Tuple[str, Tuple[int, ...], int, int]]
-            ) -> List[Result]:
+def measure(servers: Servers, plan: Sequence[Tuple[str, Tuple[int, ...], int, int]],
+            with_c: bool = False) -> List[Result]:
     """For each (size, shape, n, threads): check, warm up, then time each
-    implementation in turn, back to back."""
+    implementation in turn, back to back; with ``with_c``, the C rows (floor and
+    core) of each one-thread size first."""
     results = []
     torch.manual_seed(0)
     for label, shape, n, k in plan:
         x = torch.randn(shape, dtype=torch.float32)
         nbytes = x.numel() * x.element_size()
         warm = max(3, n // 10)
+        if k == 1 and with_c:
+            for impl in C_PROGRAMS:
+                r = Result.from_c(label, nbytes, impl, run_c(impl, nbytes, n, warm))
+                results.append(r)
+                print(f"{label:>7} {impl:<28} n={n:<5} p50={_fmt_ms(r.p50_ms):>8} ms "
+                      f"p99={_fmt_ms(r.p99_ms):>8} ms", flush=True)
         for impl in IMPLS:
             call = servers.clients[impl]
             check_identity(call, x, impl, label)
@@ -703,7 +791,7 @@ def main(argv: Sequence[str]) -> int:
             if label == "1 MiB" and args.mux and args.mux != args.concurrency:
                 plan.append((label, shape, n * 2, args.mux))
         with Servers(stub_dir) as servers:
-            results = measure(servers, plan)
+            results = measure(servers, plan, with_c=not args.no_floor)
 
         overlap: List[Result] = []
         if args.overlap_delay_ms > 0 and args.mux > 1:

@@ -95,7 +95,7 @@ def latency_vs_size(d: Dict[str, Any], out: str) -> str:
         if name in ref:
             pts = sorted((sizes[k], v) for k, v in ref[name].items() if k in sizes)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "s:", color=COLORS[name],
-                    label=f"{name}, p50 (notes)")
+                    label=f"{name}, p50 (this run)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ticks = sorted({r["bytes"] for r in one})

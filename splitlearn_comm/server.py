@@ -703,7 +703,29 @@ def _backward_args(fields: Dict[str, Any], with_seq: bool) -> Dict[str, Any]:
 
 
 def _takes(fn: Any, *names: str) -> bool:
-    """Whether ``fn`` accepts every keyword in ``names`` (or **kwargs)."""
+    """Whether ``fn`` accepts every keyword in ``names`` (or **kwargs). The answer is
+    cached per function (a bound method by its function, held weakly):
+    inspect.signature costs more than a small round trip's whole dispatch."""
+    key = getattr(fn, "__func__", fn)
+    try:
+        with _takes_lock:
+            known = _takes_cache.get(key)
+            if known is not None and names in known:
+                return known[names]
+    except TypeError:  # neither hashable nor weakly referable: not cached
+        return _takes_uncached(fn, names)
+    answer = _takes_uncached(fn, names)
+    with _takes_lock:
+        _takes_cache.setdefault(key, {})[names] = answer
+    return answer
+
+
+_takes_lock = threading.Lock()
+_takes_cache: "weakref.WeakKeyDictionary[Any, Dict[Tuple[str, ...], bool]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _takes_uncached(fn: Any, names: Tuple[str, ...]) -> bool:
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -776,7 +798,9 @@ def _make_dispatch(models: "_Models", registry: CodecRegistry,
                             f"{name} does not support ComputeBackward "
                             "(it has no backward() method; see docs/training.md)")
             values = _tensor.as_tensors(c.leaves)  # every tensor decoded in C
-            takes_cache = models.takes_cache(compute_fn)
+            # only a call that may carry a KV cache asks what compute() takes
+            takes_cache = (c.n_kv > 0 or c.use_cache is not None) and \
+                models.takes_cache(compute_fn)
             kv_call = not c.backward and c.form == _structure.SINGLE and (
                 c.n_kv > 0 or (c.use_cache is not None and takes_cache))
             if c.form == _structure.SINGLE:

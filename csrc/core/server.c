@@ -28,6 +28,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "health.pb-c.h"
 #include "transport.h"
@@ -1484,9 +1485,23 @@ static void *watch_main(void *arg) {
   int requesting = watch_request_next(s, &rq);
 
   while (requesting || list != NULL) {
-    grpc_event ev = grpc_completion_queue_next(s->watch_cq, sl__deadline_in(WATCH_POLL_S), NULL);
+    /* With no stream open on a serving server, only look at the queue (a past
+     * deadline: no wait) and sleep between looks. A thread blocked in
+     * grpc_completion_queue_next takes turns with the workers as gRPC's one poller
+     * of the sockets, and each turn costs a worker a wake-up (a futex hand-off) on
+     * every event of every call; the workers poll for this queue meanwhile. */
+    int idle = list == NULL && atomic_load(&s->serving) && !atomic_load(&s->watch_ending);
+    grpc_event ev = grpc_completion_queue_next(
+        s->watch_cq, idle ? gpr_inf_past(GPR_CLOCK_MONOTONIC) : sl__deadline_in(WATCH_POLL_S),
+        NULL);
     int status, ending;
     if (ev.type == GRPC_QUEUE_SHUTDOWN) break;
+    if (idle && ev.type == GRPC_QUEUE_TIMEOUT) {
+      struct timespec ts = {0, (long)(WATCH_POLL_S * 1e9)};
+      release_memory_when_idle(s);
+      nanosleep(&ts, NULL);
+      continue;
+    }
     if (ev.type == GRPC_OP_COMPLETE && ev.tag == (void *)&rq) {
       requesting = 0;
       if (ev.success) {

@@ -1,0 +1,282 @@
+#!/usr/bin/env python3
+"""Where a small round trip's time goes: the layers from the gRPC floor to the API.
+
+One float32 tensor (3 KiB by default) goes to an identity compute and back, through
+stacks that add one layer at a time. Every row is measured in the same run,
+interleaved round by round (each round runs every row once), and reported as the
+p50 over all rounds:
+
+  1 C-core echo (floor)     build/bench/echo_floor: a unary echo on the bare gRPC C core
+  2 core, C hook            build/bench/core_echo: our C core, compute hook in C
+  3 + bindings              _core.Server with a Python dispatcher that returns the
+                            received DLPackTensor as is; _core.Client.compute with a
+                            DLPack capsule, the reply left as a DLPackTensor
+  4 + torch at the edges    the same, with torch.from_dlpack / to_dlpack on both sides
+  5 + server dispatch       GRPCComputeServer(identity) and the client of row 4
+  6 + client API            GRPCComputeServer and GRPCComputeClient.compute: the API
+
+Each server runs in a child process (this file run with --serve KIND); the Python
+clients run in this process, the C rows in their own. For the Python rows it also
+counts the context switches per round trip (client and server threads together,
+from /proc): each is a thread put to sleep or woken.
+
+    python3 benchmarks/bench_breakdown.py             # writes its section of results.md
+    python3 benchmarks/bench_breakdown.py --quick     # prints only
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import select
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+try:
+    import splitlearn_comm  # noqa: F401
+except ImportError:  # pragma: no cover - depends on how the script is run
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from _report import cpu_model, write_data, write_section  # noqa: E402
+from splitlearn_comm import ComputeFunction, GRPCComputeClient, GRPCComputeServer, _core  # noqa: E402
+
+BEGIN = "<!-- bench_breakdown.py: begin (generated; rerunning the script replaces this part) -->"
+END = "<!-- bench_breakdown.py: end -->"
+BENCH_BIN = os.path.join(ROOT, "build", "bench")
+
+ROWS = [
+    ("floor", "C-core echo (floor)", "bare gRPC C core, no copies, no protobuf"),
+    ("core", "our core, C hook", "sl_server + sl_client, identity hook in C, no Python"),
+    ("bind", "+ bindings", "_core.Server / _core.Client: GIL hand-offs, the Python hook call, "
+                           "Leaf/Call/Reply objects; tensors stay DLPackTensors"),
+    ("torch", "+ torch at the edges", "torch.from_dlpack of each received tensor (its capsule) and "
+                                      "to_dlpack of each sent one, both sides"),
+    ("dispatch", "+ server dispatch", "GRPCComputeServer's dispatcher and compute()"),
+    ("api", "+ client API", "GRPCComputeClient.compute (the whole API on both sides)"),
+]
+
+
+class Identity(ComputeFunction):
+    def compute(self, input_tensor: Any) -> Any:
+        return input_tensor
+
+
+def _info(*_: Any) -> Any:
+    return ("breakdown", "cpu", {})
+
+
+def serve(kind: str) -> None:
+    if kind in ("bind", "torch"):
+        out_tensor = _core.OutTensor
+        if kind == "bind":
+            def dispatch(c: Any) -> Any:
+                return [out_tensor(("", c.leaves[0].tensor, None))], 0.0, None, 0, None
+        else:
+            from_dlpack, to_dlpack = torch.from_dlpack, torch.utils.dlpack.to_dlpack
+
+            def dispatch(c: Any) -> Any:
+                x = from_dlpack(c.leaves[0].tensor.__dlpack__())  # a capsule, as the library does
+                return [out_tensor(("", to_dlpack(x), None))], 0.0, None, 0, None
+        server: Any = _core.Server(dispatch, _info, "127.0.0.1", 0, 4, "breakdown")
+        server.start()
+        port = server.port
+        stop: Callable[[], None] = lambda: server.stop(1.0)  # noqa: E731
+    else:
+        s = GRPCComputeServer(Identity(), host="127.0.0.1", port=0, max_workers=4)
+        s.start()
+        port = s.port
+        stop = lambda: s.stop(grace=1.0)  # noqa: E731
+    sys.stdout.write(f"PORT {port} PID {os.getpid()}\n")
+    sys.stdout.flush()
+    while sys.stdin.buffer.read(4096):
+        pass
+    stop()
+
+
+class Child:
+    def __init__(self, kind: str) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", kind],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        assert self.proc.stdout is not None
+        ready = select.select([self.proc.stdout], [], [], 60.0)[0]
+        line = self.proc.stdout.readline().decode() if ready else ""
+        if not line.startswith("PORT "):
+            self.stop()
+            raise RuntimeError(f"server {kind} did not start: {line!r}")
+        self.port = int(line.split()[1])
+        self.pid = int(line.split()[3])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def ctx_switches(pid: int) -> int:
+    """Voluntary and involuntary context switches of every thread of `pid`."""
+    total = 0
+    for path in glob.glob(f"/proc/{pid}/task/*/status"):
+        try:
+            with open(path) as f:
+                for line in f:
+                    if line.endswith("ctxt_switches:\t0\n"):
+                        continue
+                    if "ctxt_switches:" in line:
+                        total += int(line.split()[1])
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return total
+
+
+def make_call(kind: str, port: int) -> Tuple[Callable[[torch.Tensor], Any], Callable[[], None]]:
+    target = f"127.0.0.1:{port}"
+    if kind == "api":
+        client = GRPCComputeClient(target, retry_strategy=None)
+        if not client.connect(30.0):
+            raise RuntimeError("could not connect")
+        return client.compute, client.close
+    c = _core.Client(target)
+    out_tensor, to_dlpack, from_dlpack = _core.OutTensor, torch.utils.dlpack.to_dlpack, torch.from_dlpack
+    if kind == "bind":
+        def call(x: torch.Tensor) -> Any:
+            return c.compute([out_tensor(("", to_dlpack(x), None))]).leaves[0].tensor
+    else:
+        def call(x: torch.Tensor) -> Any:
+            reply = c.compute([out_tensor(("", to_dlpack(x), None))])
+            return from_dlpack(reply.leaves[0].tensor.__dlpack__())  # a capsule, as the library does
+    call(torch.zeros(1))  # connects
+    return call, c.close
+
+
+def run_c(program: str, nbytes: int, n: int) -> Dict[str, float]:
+    """p50 of a C row and its client's CPU per round trip, in microseconds."""
+    path = os.path.join(BENCH_BIN, program)
+    if not os.path.exists(path):
+        subprocess.run(["make", "-s", "-C", ROOT, "bench-floor"], check=True)
+    out = subprocess.run([path, "--sizes", str(nbytes), "--n", str(n)], check=True,
+                         capture_output=True, text=True, timeout=600)
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"p50": float(row["p50_us"]), "cpu": float(row.get("client_cpu_us", "nan"))}
+
+
+def main(argv: List[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bytes", type=int, default=3072, help="tensor bytes (default 3072)")
+    p.add_argument("--n", type=int, default=1000, help="round trips per row and round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
+    p.add_argument("--quick", action="store_true", help="200 round trips, 2 rounds; prints only")
+    p.add_argument("--output", default=None, help="results.md to write (default: benchmarks/"
+                                                  "results.md; none with --quick)")
+    p.add_argument("--serve", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve:
+        serve(args.serve)
+        return 0
+    if args.quick:
+        args.n, args.rounds = 200, 2
+    output = args.output or (None if args.quick else os.path.join(HERE, "results.md"))
+    x = torch.randn(max(1, args.bytes // 4), dtype=torch.float32)
+    kinds = [k for k, *_ in ROWS]
+    py_kinds = [k for k in kinds if k not in ("floor", "core")]
+    children = {k: Child("full" if k in ("dispatch", "api") else k) for k in py_kinds}
+    calls = {}
+    try:
+        for k in py_kinds:
+            calls[k] = make_call(k, children[k].port)
+        lat: Dict[str, List[float]] = {k: [] for k in kinds}  # us
+        c_p50: Dict[str, List[float]] = {"floor": [], "core": []}
+        cpu: Dict[str, List[float]] = {k: [] for k in kinds}  # client CPU us per call
+        switches: Dict[str, List[float]] = {k: [] for k in py_kinds}
+        for k in py_kinds:  # warm-up
+            for _ in range(max(20, args.n // 10)):
+                calls[k][0](x)
+        for rnd in range(args.rounds):
+            for k in kinds:
+                if k in c_p50:
+                    row = run_c("echo_floor" if k == "floor" else "core_echo", x.numel() * 4,
+                                args.n)
+                    c_p50[k].append(row["p50"])
+                    cpu[k].append(row["cpu"])
+                    continue
+                call = calls[k][0]
+                clock = time.perf_counter_ns
+                s0 = ctx_switches(os.getpid()) + ctx_switches(children[k].pid)
+                c0 = time.process_time()
+                for _ in range(args.n):
+                    t0 = clock()
+                    call(x)
+                    lat[k].append((clock() - t0) / 1e3)
+                cpu[k].append((time.process_time() - c0) / args.n * 1e6)
+                s1 = ctx_switches(os.getpid()) + ctx_switches(children[k].pid)
+                switches[k].append((s1 - s0) / args.n)
+            print(f"round {rnd + 1}/{args.rounds} done", flush=True)
+    finally:
+        for k in calls:
+            calls[k][1]()
+        for ch in children.values():
+            ch.stop()
+
+    p50 = {}
+    for k in kinds:
+        if k in c_p50:
+            p50[k] = statistics.median(c_p50[k])  # median of the rounds' p50s
+        else:
+            p50[k] = statistics.median(lat[k])
+    lines = [
+        BEGIN,
+        "",
+        f"## Breakdown of a {x.numel() * 4 / 1024:g} KiB round trip",
+        "",
+        "Generated by `benchmarks/bench_breakdown.py`: the same identity round trip through "
+        "stacks that add one layer at a time, all measured in this run, interleaved "
+        f"({args.rounds} rounds of {args.n} round trips per row; p50 over all of a row's "
+        "round trips, and for the C rows the median of their rounds' p50s). `switches`: "
+        "context switches per round trip in the client and server processes together "
+        "(threads put to sleep or woken). `client CPU`: CPU time of the client process "
+        "per round trip (all its threads), which the machine's load disturbs less than "
+        "latency.",
+        "",
+        f"Machine: {cpu_model()}, {os.cpu_count()} CPUs; "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+        "| stack | what it adds | p50 us | added us | x floor | client CPU us | switches |",
+        "|---|---|--:|--:|--:|--:|--:|",
+    ]
+    prev = None
+    for k, name, what in ROWS:
+        added = "" if prev is None else f"{p50[k] - p50[prev]:+.1f}"
+        sw = f"{statistics.median(switches[k]):.1f}" if k in switches else "-"
+        lines.append(f"| {name} | {what} | {p50[k]:.1f} | {added} | "
+                     f"{p50[k] / p50['floor']:.2f}x | {statistics.median(cpu[k]):.1f} | {sw} |")
+        prev = k
+    lines += ["", END, ""]
+    text = "\n".join(lines)
+    print(text)
+    if output:
+        write_section(output, text, BEGIN, END)
+        write_data(output, "breakdown", {"script": "bench_breakdown.py", "bytes": x.numel() * 4,
+                                         "n": args.n, "rounds": args.rounds, "p50_us": p50,
+                                         "client_cpu_us": {k: statistics.median(v)
+                                                           for k, v in cpu.items()},
+                                         "switches_per_call": {k: statistics.median(v)
+                                                               for k, v in switches.items()}})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
