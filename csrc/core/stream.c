@@ -95,7 +95,9 @@ static int bulk_begin(sl_stream_rx *rx, size_t len, sl_err *err) {
 }
 
 int sl_stream_rx_feed(sl_stream_rx *rx, const uint8_t *p, size_t len, sl_err *err) {
-  const uint8_t *end = p + len;
+  const uint8_t *end;
+  if (len == 0) return SL_OK; /* an empty span: its pointer may be NULL */
+  end = p + len;
   if (len > rx->max_bytes - rx->total) {
     return sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED,
                       "streamed message over this peer's limit of %zu bytes per call",
