@@ -81,6 +81,10 @@ void slpy_export_release(void *dlm);
  * buffer protocol (memoryview(obj): writable, 1-D, unsigned bytes). On failure
  * the storage is freed and NULL returned with an exception set. */
 PyObject *slpy_holder_new(slpy_state *st, void *storage, const sl_tensor_desc *desc);
+/* The same over bytes someone else owns: release(owner) runs once, from any thread,
+ * when the last view lets go (also on failure). */
+PyObject *slpy_holder_new_lent(slpy_state *st, void *data, const sl_tensor_desc *desc,
+                               void (*release)(void *), void *owner);
 
 extern PyType_Spec slpy_holder_spec;
 extern PyType_Spec slpy_server_spec;

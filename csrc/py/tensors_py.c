@@ -95,8 +95,11 @@ int slpy_tensor_types_init(slpy_state *st, PyObject *module) {
  * afterwards, even on failure). */
 static PyObject *leaf_new(slpy_state *st, sl_tensor_item *it) {
   PyObject *leaf = NULL, *holder, *name = NULL, *shape = NULL, *dtype = NULL;
-  holder = slpy_holder_new(st, it->data, &it->desc);
-  it->data = NULL; /* the holder owns it now (freed even on failure) */
+  void *data, *owner;
+  void (*release)(void *);
+  sl_tensor_item_take(it, &data, &release, &owner);
+  /* the holder owns it now (let go of even on failure) */
+  holder = slpy_holder_new_lent(st, data, &it->desc, release, owner);
   if (holder == NULL) return NULL;
   name = PyUnicode_FromString(it->name ? it->name : "");
   shape = slpy_shape_tuple(&it->desc);
