@@ -2,7 +2,8 @@
 """Same-host round trips: splitlearn-comm through shared memory, splitlearn-comm over
 TCP (shared_memory=False), and torch.distributed.rpc (TensorPipe, which picks its
 shared-memory channel on one host), measured in one run with the contenders
-interleaved call by call (so that load from other processes hits each alike).
+interleaved in short blocks of sequential calls (so that load from other processes
+hits each alike, while each block measures back-to-back round trips).
 
 A float32 tensor goes to an identity compute in a child process and back; p50 of
 the round trips per size (3 KiB, 1 MiB, 32 MiB), and the ratios between rows.
@@ -29,7 +30,8 @@ import torch  # noqa: E402
 
 import splitlearn_comm as slc  # noqa: E402
 
-SIZES = [("3 KiB", 3 << 10, 300), ("1 MiB", 1 << 20, 150), ("32 MiB", 32 << 20, 20)]
+# (label, bytes, round trips per contender, round trips per block)
+SIZES = [("3 KiB", 3 << 10, 300, 10), ("1 MiB", 1 << 20, 150, 10), ("32 MiB", 32 << 20, 20, 2)]
 
 
 def identity(x: Any) -> Any:
@@ -90,7 +92,7 @@ def main() -> None:
     }
     results: Dict[str, Dict[str, float]] = {name: {} for name in calls}
     try:
-        for label, nbytes, n in SIZES:
+        for label, nbytes, n, block in SIZES:
             n = max(5, n // 5) if args.quick else n
             x = torch.randn(nbytes // 4)
             for name, call in calls.items():
@@ -98,13 +100,14 @@ def main() -> None:
                     assert torch.equal(call(x), x), name
             times: Dict[str, List[float]] = {name: [] for name in calls}
             names = list(calls)
-            for i in range(n):
+            for i in range((n + block - 1) // block):
                 # a different order each round: no contender always follows the same one
                 for name in names[i % len(names):] + names[:i % len(names)]:
                     call = calls[name]
-                    t = time.perf_counter()
-                    call(x)
-                    times[name].append(time.perf_counter() - t)
+                    for _ in range(block):
+                        t = time.perf_counter()
+                        call(x)
+                        times[name].append(time.perf_counter() - t)
             for name in calls:
                 results[name][label] = statistics.median(times[name]) * 1e3
             assert shm._core.shm_stats()["state"] == "on"
@@ -115,7 +118,7 @@ def main() -> None:
         slc_proc.stdin.close()
         slc_proc.wait(30)
         tp_proc.wait(30)
-    labels = [s[0] for s in SIZES]
+    labels = [size[0] for size in SIZES]
     lines = ["| p50 round trip, ms | " + " | ".join(labels) + " |",
              "|---|" + "--:|" * len(labels)]
     for name, row in results.items():
