@@ -82,7 +82,7 @@ def build() -> str:
              "sequential round trips of a float32 tensor through an identity compute. The "
              "rows of one script were measured back to back; rows of different scripts "
              "minutes apart (bench_shm.py interleaves its contenders in blocks of 10 calls, "
-             "2 at 32 MiB). The earlier pure-Python "
+             "5 at 32 MiB). The earlier pure-Python "
              "splitlearn-comm is not installable here, so it has no row (the issue "
              "recorded 441 us, 7.3 ms and 337 ms).", "",
              "| p50 round trip | " + " | ".join(SIZES) + " | from |",
