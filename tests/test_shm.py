@@ -156,10 +156,61 @@ def test_threads_share_one_client(shm_client):
     assert stats(shm_client)["segments"] <= 8
 
 
-def test_async_calls_beside_shm(shm_client):
+def test_async_calls_go_through_segments_too(shm_client):
     x = torch.randn(1 << 16)
-    assert torch.equal(shm_client.compute_async(x).result(timeout=60), x)
+    assert torch.equal(through_shm(shm_client,
+                                   lambda: shm_client.compute_async(x).result(timeout=60)), x)
     assert torch.equal(shm_client.compute(x), x)
+    # many in flight: each takes a free segment, the rest (past the pool's 8) go over
+    # the connection; every result is right, and the outputs view their segments
+    xs = [torch.full((1 << 16,), float(i)) for i in range(20)]
+    before = stats(shm_client)["calls"]
+    futures = [shm_client.compute_async(x) for x in xs]
+    outs = [f.result(timeout=60) for f in futures]
+    assert all(torch.equal(o, x) for o, x in zip(outs, xs))
+    assert stats(shm_client)["calls"] > before
+    assert stats(shm_client)["segments"] <= 8
+
+
+
+def test_async_call_cancelled_while_the_server_computes(serve, connect):
+    entered, release = threading.Event(), threading.Event()
+
+    class Gate(slc.ComputeFunction):
+        def compute(self, x):
+            if float(x[0]) == 7.0:
+                entered.set()
+                release.wait(60)
+            return x
+
+    client = connect(serve(Gate()))
+    client.compute(torch.ones(1 << 16))  # the channel is on
+    held = client.compute_async(torch.full((1 << 16,), 7.0))
+    assert entered.wait(60)
+    held.cancel()
+    with pytest.raises(Exception):
+        held.result(timeout=60)
+    ys = [torch.full((1 << 16,), float(i)) for i in range(3)]
+    for y in ys:  # the held segment is not reused while the server reads it
+        assert torch.equal(client.compute_async(y).result(timeout=60), y)
+    release.set()
+    assert torch.equal(through_shm(client, lambda: client.compute(ys[1])), ys[1])
+
+def test_async_client_alone_negotiates(serve):
+    """An asynchronous client that never makes a blocking call still gets the channel:
+    its first large call offers a segment on a health check."""
+    server = serve(Echo())
+
+    async def run() -> None:
+        async with slc.AsyncGRPCComputeClient(f"127.0.0.1:{server.port}",
+                                              retry_strategy=None, timeout=30) as client:
+            x = torch.randn(1 << 18)
+            for _ in range(3):
+                assert torch.equal(await client.compute(x), x)
+            assert client.sync._core.shm_stats()["calls"] >= 2
+
+    import asyncio
+    asyncio.run(run())
 
 
 def test_opt_out_setting(serve, connect):
@@ -567,9 +618,12 @@ def test_server_killed_client_fails_cleanly_then_reattaches(tmp_path):
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         segments = stats(client)["segments"]
         proc = spawn(SERVER, path)
-        # the new server does not know the segment: the client offers it again
+        # the new server does not know the segments: an asynchronous call sends its
+        # request again over the connection; a blocking one offers its segment again
+        assert torch.equal(client.compute_async(x).result(timeout=60), x)
         assert torch.equal(client.compute(x, timeout=60), x)
         assert torch.equal(through_shm(client, lambda: client.compute(x)), x)
+        assert torch.equal(through_shm(client, lambda: client.compute_async(x).result(60)), x)
         assert stats(client)["segments"] <= max(segments, 1) + 1
     finally:
         client.close()

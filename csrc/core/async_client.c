@@ -32,8 +32,17 @@ struct sl_async_call {
   int backward;
   const char *method;       /* static string */
   sl_payload *payload;      /* one reference, dropped when the call is finished */
-  grpc_metadata *md;        /* request metadata; slices owned */
+  grpc_metadata *md;        /* request metadata; slices owned; with a segment, one more
+                               slot after n_md holds "sl-shm-req" */
   size_t n_md;
+  /* the same-host channel (shm.h): a segment for the request, or NULL */
+  sl_shm_seg *seg;
+  sl_payload *empty;        /* the message sent instead of the request */
+  int posted;               /* an attempt posted the request in the segment */
+  int seg_md;               /* md[n_md] is the "sl-shm-req" slot */
+  int via_seg;              /* the attempt in flight did */
+  int broken;               /* the server held the segment when an attempt ended, or did
+                               not know it: the next attempts go over the connection */
   int wait_for_ready;
   int has_retry;
   sl_retry_policy retry;
@@ -64,6 +73,7 @@ struct sl_async_call {
 
 struct sl_async {
   atomic_int refs;          /* the creator's, and sl_async_retain's */
+  sl_client *client;        /* borrowed */
   grpc_channel *channel;    /* borrowed from the client */
   grpc_completion_queue *cq;
   pthread_t thread;
@@ -78,7 +88,22 @@ struct sl_async {
   void *thread_user;
 };
 
+/* Hand the call's segment back to the client's pool. */
+static void give_segment(sl_async_call *k, int forget) {
+  int reusable;
+  if (k->seg == NULL) return;
+  reusable = !k->broken && (!k->posted || sl_shm_seg_settle(k->seg));
+  sl__client_shm_give(k->eng->client, k->seg, reusable, forget);
+  k->seg = NULL;
+}
+
 static void call_free(sl_async_call *k) {
+  give_segment(k, 0);
+  if (k->empty != NULL) sl_payload_unref(k->empty);
+  if (k->seg_md) {
+    grpc_slice_unref(k->md[k->n_md].key);
+    grpc_slice_unref(k->md[k->n_md].value);
+  }
   for (size_t i = 0; i < k->n_md; i++) {
     grpc_slice_unref(k->md[i].key);
     grpc_slice_unref(k->md[i].value);
@@ -97,6 +122,7 @@ void sl_async_call_unref(sl_async_call *k) {
  * engine's reference. */
 static void finish(sl_async *a, sl_async_call *k) {
   int last;
+  give_segment(k, 0);
   if (k->payload != NULL) { /* lets the caller's tensor go as soon as possible */
     sl_payload_unref(k->payload);
     k->payload = NULL;
@@ -145,9 +171,25 @@ static int start_attempt(sl_async *a, sl_async_call *k, sl_err *err) {
   }
   gdl = dl > 0 ? sl__deadline_in(dl - now > 1e-6 ? dl - now : 1e-6)
                : gpr_inf_future(GPR_CLOCK_MONOTONIC);
+  k->via_seg = 0;
+  if (k->seg != NULL && !k->broken && k->posted && !sl_shm_seg_settle(k->seg)) {
+    k->broken = 1; /* the server still holds the last attempt's request */
+  }
+  if (k->seg != NULL && !k->broken) {
+    /* each attempt copies the request into the segment again and posts it anew */
+    char value[160];
+    size_t off = sl_shm_align_offset(k->payload);
+    sl_shm_copy_payload(sl_shm_seg_data(k->seg) + off, sl_shm_seg_capacity(k->seg) - off,
+                        k->payload);
+    sl_shm_seg_post(k->seg, off, sl_payload_size(k->payload), value, sizeof(value));
+    grpc_slice_unref(k->md[k->n_md].value);
+    k->md[k->n_md].value = grpc_slice_from_copied_string(value);
+    k->posted = 1;
+    k->via_seg = 1;
+  }
   call = grpc_channel_create_call(a->channel, NULL, GRPC_PROPAGATE_DEFAULTS, a->cq,
                                   grpc_slice_from_static_string(k->method), NULL, gdl, NULL);
-  k->send_bb = sl__payload_byte_buffer(k->payload);
+  k->send_bb = sl__payload_byte_buffer(k->via_seg ? k->empty : k->payload);
   if (call == NULL || k->send_bb == NULL) {
     if (call != NULL) grpc_call_unref(call);
     if (k->send_bb != NULL) grpc_byte_buffer_destroy(k->send_bb);
@@ -162,7 +204,7 @@ static int start_attempt(sl_async *a, sl_async_call *k, sl_err *err) {
   grpc_metadata_array_init(&k->trailing);
   memset(ops, 0, sizeof(ops));
   ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-  ops[0].data.send_initial_metadata.count = k->n_md;
+  ops[0].data.send_initial_metadata.count = k->n_md + (size_t)k->via_seg;
   ops[0].data.send_initial_metadata.metadata = k->md;
   ops[0].flags = k->wait_for_ready ? GRPC_INITIAL_METADATA_WAIT_FOR_READY |
                                          GRPC_INITIAL_METADATA_WAIT_FOR_READY_EXPLICITLY_SET
@@ -205,15 +247,22 @@ static int start_attempt(sl_async *a, sl_async_call *k, sl_err *err) {
   return SL_OK;
 }
 
-/* Parse a successful response into k->res.out / extra. */
-static int read_response(sl_async_call *k, sl_err *err) {
+/* Parse a successful response into k->res.out / extra: from the segment when
+ * `shm_span` is not NULL (its raw tensors view the segment), else from k->resp. */
+static int read_response(sl_async_call *k, const sl_span *shm_span, sl_err *err) {
   sl_msg_kind resp_kind = k->backward ? SL_MSG_BACKWARD_RESPONSE : SL_MSG_COMPUTE_RESPONSE;
   sl__bbspans spans = {0};
   sl_tensor_msg *out = &k->res.out;
-  int status = sl__bbspans_take(&k->resp, &spans, err);
-  if (status == SL_OK) {
-    sl_span_owner owner = {sl__bbspans_release, &spans, NULL, NULL};
-    status = sl_tensor_msg_read_owned(resp_kind, spans.spans, spans.n, NULL, &owner, out, err);
+  int status;
+  if (shm_span != NULL) {
+    sl_span_owner lender = {NULL, k->seg, sl_shm_seg_lend, sl_shm_seg_unlend};
+    status = sl_tensor_msg_read_owned(resp_kind, shm_span, 1, NULL, &lender, out, err);
+  } else {
+    status = sl__bbspans_take(&k->resp, &spans, err);
+    if (status == SL_OK) {
+      sl_span_owner owner = {sl__bbspans_release, &spans, NULL, NULL};
+      status = sl_tensor_msg_read_owned(resp_kind, spans.spans, spans.n, NULL, &owner, out, err);
+    }
   }
   if (status == SL_OK) status = sl_tensor_msg_decode_with(out, k->codecs, err);
   sl__bbspans_clear(&spans);
@@ -248,7 +297,8 @@ static int read_response(sl_async_call *k, sl_err *err) {
 static void attempt_done(sl_async *a, sl_async_call *k) {
   sl_call_status *st = &k->res.st;
   grpc_call *call;
-  int oom, cancel;
+  int oom, cancel, in_seg = 0, unknown = 0;
+  sl_span shm_span = {NULL, 0};
 
   pthread_mutex_lock(&a->mu);
   call = k->call;
@@ -273,13 +323,32 @@ static void attempt_done(sl_async *a, sl_async_call *k) {
   grpc_byte_buffer_destroy(k->send_bb);
   k->send_bb = NULL;
   grpc_call_unref(call);
+  if (!oom && k->via_seg) {
+    in_seg = sl__client_shm_reply(a->client, k->seg, st, &shm_span, &unknown);
+  }
+  if (cancel == CANCEL_NONE && !oom && unknown && st->code == SL_STATUS_FAILED_PRECONDITION) {
+    /* the server does not know the segment (it restarted, or another replica
+     * answered): the call was not served; send it again over the connection */
+    if (k->resp != NULL) grpc_byte_buffer_destroy(k->resp);
+    k->resp = NULL;
+    give_segment(k, 1); /* still good: the server never took it */
+    if (start_attempt(a, k, &k->res.err) == SL_OK) return;
+    k->res.rc = k->res.err.status;
+    finish(a, k);
+    return;
+  }
 
   if (cancel != CANCEL_NONE) {
     set_cancelled(k);
   } else if (oom) {
     k->res.rc = sl_err_set(&k->res.err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+  } else if (in_seg < 0) {
+    k->res.rc = SL_ESTATUS; /* over the receive limit: st says so */
+  } else if (st->code == SL_STATUS_OK && in_seg) {
+    k->res.rc = read_response(k, &shm_span, &k->res.err);
   } else if (st->code == SL_STATUS_OK && k->resp != NULL) {
-    k->res.rc = read_response(k, &k->res.err);
+    if (k->via_seg) sl__client_shm_reply_hint(a->client, grpc_byte_buffer_length(k->resp));
+    k->res.rc = read_response(k, NULL, &k->res.err);
   } else if (st->code == SL_STATUS_OK) {
     st->code = SL_STATUS_INTERNAL;
     free(st->details);
@@ -399,6 +468,7 @@ int sl_async_create(sl_client *c, sl_async_thread_fn thread_start, sl_async_thre
   a->thread_user = user;
   atomic_init(&a->refs, 1);
   grpc_init();
+  a->client = c;
   a->channel = sl__client_channel(c);
   a->cq = grpc_completion_queue_create_for_next(NULL);
   pthread_mutex_init(&a->mu, NULL);
@@ -475,8 +545,15 @@ int sl_async_compute_start(sl_async *a, const sl_call_opts *o, int backward,
   k->on_retry_user = o->on_retry_user;
   k->payload = p;
   p = NULL;
-  if (o->n_metadata > 0) {
-    k->md = calloc(o->n_metadata, sizeof(*k->md));
+  /* a segment when the channel has one (offered now when the server does not know
+   * it yet); the metadata then gets one more slot */
+  k->seg = sl__client_shm_take(a->client, o, sl_payload_size(k->payload));
+  if (k->seg != NULL &&
+      sl_payload_new(malloc(1), 0, NULL, 0, NULL, NULL, &k->empty) != SL_OK) {
+    goto oom;
+  }
+  if (o->n_metadata > 0 || k->seg != NULL) {
+    k->md = calloc(o->n_metadata + 1, sizeof(*k->md));
     if (k->md == NULL) goto oom;
     for (size_t i = 0; i < o->n_metadata; i++) {
       k->md[i].key = grpc_slice_from_copied_string(o->metadata[i].key);
@@ -484,6 +561,11 @@ int sl_async_compute_start(sl_async *a, const sl_call_opts *o, int backward,
                                                      o->metadata[i].value_len);
       k->n_md = i + 1;
     }
+  }
+  if (k->seg != NULL) {
+    k->md[k->n_md].key = grpc_slice_from_static_string(SL_SHM_MD_REQ);
+    k->md[k->n_md].value = grpc_empty_slice();
+    k->seg_md = 1;
   }
   k->wait_for_ready = o->wait_for_ready;
   k->codecs = sl_codecs_ref(o->codecs);

@@ -846,6 +846,103 @@ static int offer_on_health(sl_client *c, const sl_call_opts *o) {
   return attached;
 }
 
+/* A reply in a segment over the client's receive limit: the status a message on
+ * the connection would meet, in gRPC's words. */
+static void status_over_limit(sl_client *c, sl_call_status *st, long long len) {
+  char msg[128];
+  snprintf(msg, sizeof(msg), "Received message larger than max (%lld vs. %zu)", len,
+           c->max_recv);
+  sl_call_status_clear(st);
+  st->code = SL_STATUS_RESOURCE_EXHAUSTED;
+  st->details = sl_strndup(msg, strlen(msg));
+}
+
+/* The segment capacity a request of `req` bytes asks for: room for it and, beside
+ * it, a reply as big (or as the largest seen), each on its own 64-byte boundary:
+ * the server's tensors may view the request while it writes the reply; when both do
+ * not fit, the reply goes over the request (if nothing views it by then). */
+static size_t shm_need(sl_client *c, size_t req) {
+  size_t reply = req, need;
+  long long hint = atomic_load(&c->shm_reply_hint);
+  if (hint > 0 && (unsigned long long)hint > reply &&
+      (unsigned long long)hint <= SL_SHM_MAX_CAPACITY) {
+    reply = (size_t)hint;
+  }
+  need = req + reply + 2 * SL_SHM_ALIGN;
+  if (need > SL_SHM_MAX_CAPACITY) need = (req > reply ? req : reply) + SL_SHM_ALIGN;
+  return need;
+}
+
+/* Whether a message of `len` bytes may go through a segment at all. */
+static int shm_fits(sl_client *c, size_t len) {
+  return c->shm != NULL && atomic_load(&c->shm_state) != SHM_OFF && getpid() == c->shm_pid &&
+         len <= SL_SHM_MAX_CAPACITY && len <= c->max_send && len <= SL_MAX_MESSAGE_BYTES;
+}
+
+sl_shm_seg *sl__client_shm_take(sl_client *c, const sl_call_opts *o, size_t len) {
+  sl_shm_seg *seg;
+  sl_err serr;
+  int attached = 0;
+  if (!shm_fits(c, len) || len < SL_SHM_MIN_MESSAGE) return NULL;
+  seg = sl_shm_pool_acquire(c->shm, shm_need(c, len), &attached, &serr);
+  if (seg == NULL || attached) return seg;
+  {
+    /* a segment the server does not know yet: offered on a HealthCheck now */
+    char value[200];
+    sl_kv *md = malloc((o->n_metadata + 1) * sizeof(*md));
+    sl_call_opts o2 = *o;
+    if (md != NULL && sl_shm_seg_attach_value(seg, value, sizeof(value)) == SL_OK) {
+      if (o->n_metadata > 0) memcpy(md, o->metadata, o->n_metadata * sizeof(*md));
+      md[o->n_metadata].key = SL_SHM_MD_ATTACH;
+      md[o->n_metadata].value = value;
+      md[o->n_metadata].value_len = strlen(value);
+      o2.metadata = md;
+      o2.n_metadata = o->n_metadata + 1;
+      attached = offer_on_health(c, &o2);
+    }
+    free(md);
+  }
+  sl_shm_pool_release(c->shm, seg, 1, attached);
+  if (!attached) return NULL;
+  /* again from the pool: this one, or another free one the server knows */
+  seg = sl_shm_pool_acquire(c->shm, shm_need(c, len), &attached, &serr);
+  if (seg != NULL && !attached) {
+    sl_shm_pool_release(c->shm, seg, 1, 0);
+    seg = NULL;
+  }
+  return seg;
+}
+
+int sl__client_shm_reply(sl_client *c, sl_shm_seg *seg, sl_call_status *st, sl_span *span,
+                         int *unknown) {
+  long long len, off;
+  shm_answer(c, st, 0, unknown, &len, &off);
+  if (st->code != SL_STATUS_OK || len < 0) return 0;
+  if ((unsigned long long)len > c->max_recv) {
+    status_over_limit(c, st, len);
+    return -1;
+  }
+  if ((unsigned long long)off > sl_shm_seg_capacity(seg) ||
+      (unsigned long long)len > sl_shm_seg_capacity(seg) - (unsigned long long)off ||
+      !sl_shm_seg_reply_ready(seg)) {
+    return 0;
+  }
+  span->ptr = sl_shm_seg_data(seg) + off;
+  span->len = (size_t)len;
+  st->bytes_received += (size_t)len;
+  atomic_fetch_add(&c->shm_calls, 1);
+  return 1;
+}
+
+void sl__client_shm_reply_hint(sl_client *c, size_t len) {
+  if ((long long)len > atomic_load(&c->shm_reply_hint)) atomic_store(&c->shm_reply_hint, (long long)len);
+}
+
+void sl__client_shm_give(sl_client *c, sl_shm_seg *seg, int reusable, int forget) {
+  sl_shm_pool_release(c->shm, seg, reusable, !forget);
+  if (forget) sl_shm_pool_forget(c->shm);
+}
+
 /* A tensor call: through a shared-memory segment when the channel has one for it,
  * otherwise over TCP. The first call on a new segment goes over TCP and offers
  * the segment to the server. On SL_OK with *seg set, the reply is in the segment
@@ -869,28 +966,13 @@ static int tensor_call(sl_client *c, const char *method, sl_payload *p, const sl
   *seg_out = NULL;
   span->ptr = NULL;
   span->len = 0;
-  if (c->shm == NULL || atomic_load(&c->shm_state) == SHM_OFF || getpid() != c->shm_pid ||
-      sl_payload_size(p) > SL_SHM_MAX_CAPACITY || sl_payload_size(p) > c->max_send ||
-      sl_payload_size(p) > SL_MAX_MESSAGE_BYTES ||
+  if (!shm_fits(c, sl_payload_size(p)) ||
       (sl_payload_size(p) < SL_SHM_MIN_MESSAGE && atomic_load(&c->shm_state) == SHM_ON)) {
     /* a small message once the channel is decided: as fast over gRPC (only the
      * first call, still undecided, offers a segment whatever its size) */
     return unary(c, method, p, o, NULL, sm, resp, st, err);
   }
-  {
-    /* room for the request and, beside it, a reply as big (or as the largest seen),
-     * each on its own 64-byte boundary: the server's tensors may view the request
-     * while it writes the reply; when both do not fit, the reply goes over the
-     * request (if nothing views it by then) */
-    size_t req = sl_payload_size(p), reply = req, need;
-    long long hint = atomic_load(&c->shm_reply_hint);
-    if (hint > 0 && (unsigned long long)hint > reply && (unsigned long long)hint <= SL_SHM_MAX_CAPACITY) {
-      reply = (size_t)hint;
-    }
-    need = req + reply + 2 * SL_SHM_ALIGN;
-    if (need > SL_SHM_MAX_CAPACITY) need = (req > reply ? req : reply) + SL_SHM_ALIGN;
-    seg = sl_shm_pool_acquire(c->shm, need, &attached, &serr);
-  }
+  seg = sl_shm_pool_acquire(c->shm, shm_need(c, sl_payload_size(p)), &attached, &serr);
   if (seg == NULL) return unary(c, method, p, o, NULL, sm, resp, st, err);
   md = malloc((o->n_metadata + 2) * sizeof(*md));
   if (md == NULL) {
@@ -949,13 +1031,7 @@ static int tensor_call(sl_client *c, const char *method, sl_payload *p, const sl
   free(md);
   if (rc == SL_OK && sc.posted && !sc.broken && reply_len >= 0 &&
       (unsigned long long)reply_len > c->max_recv) {
-    /* the limit a message on the connection would meet, in gRPC's words */
-    char msg[128];
-    snprintf(msg, sizeof(msg), "Received message larger than max (%lld vs. %zu)", reply_len,
-             c->max_recv);
-    sl_call_status_clear(st);
-    st->code = SL_STATUS_RESOURCE_EXHAUSTED;
-    st->details = sl_strndup(msg, strlen(msg));
+    status_over_limit(c, st, reply_len);
     if (*resp != NULL) grpc_byte_buffer_destroy(*resp);
     *resp = NULL;
     sl_shm_pool_release(c->shm, seg, 1, attached);

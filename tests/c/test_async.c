@@ -14,13 +14,13 @@
 
 #define MAXQ 256
 
-static void free_storage(void *p) { sl_storage_free(p); }
-
 /* ---- the server: defers calls with "defer" metadata into a queue ---- */
 
 typedef struct deferred {
   sl_pending *p;
   void *data;
+  void (*release)(void *); /* lets go of data (it may be lent by a shared-memory segment) */
+  void *owner;
   size_t nbytes;
   sl_tensor_desc desc;
 } deferred;
@@ -45,14 +45,13 @@ static int hook(void *user, const sl_call_info *call, sl_compute_args *a, sl_err
   if (has_md(call, "defer") && a->pending != NULL) {
     pthread_mutex_lock(&qmu);
     queue[nqueued].p = a->pending;
-    queue[nqueued].data = a->tensor->items[0].data;
     queue[nqueued].nbytes = a->tensor->items[0].nbytes;
+    sl_tensor_item_take(&a->tensor->items[0], &queue[nqueued].data, &queue[nqueued].release,
+                        &queue[nqueued].owner);
     queue[nqueued].desc = a->tensor->items[0].desc;
     nqueued++;
     pthread_cond_broadcast(&qcv);
     pthread_mutex_unlock(&qmu);
-    a->tensor->items[0].data = NULL; /* taken (the async client never uses shared memory, so
-                                        the bytes are storage, never lent) */
     return SL_EAGAIN;
   }
   a->out.items = calloc(1, sizeof(*a->out.items));
@@ -82,8 +81,8 @@ static void complete_doubled(deferred *d) {
   item->desc = d->desc;
   item->data = d->data;
   item->nbytes = d->nbytes;
-  item->release = free_storage;
-  item->owner = d->data;
+  item->release = d->release;
+  item->owner = d->owner;
   out.items = item;
   out.n = 1;
   sl_pending_complete(d->p, SL_OK, NULL, &out, free, item, 2.5f);
