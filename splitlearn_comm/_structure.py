@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Uni
 
 import numpy as np
 
-from . import _tensor
+from . import _core, _tensor
 
 # sl_node_kind (csrc/core/message.h) = StructureNode.Kind (proto/)
 TENSOR, NONE, TUPLE, LIST, DICT, INT, FLOAT, BOOL, STRING = range(1, 10)
@@ -53,9 +53,13 @@ def flatten(obj: Any) -> Tuple[int, List[Tuple[str, Any]], Optional[List[Node]]]
     single form (nodes None); anything else the structure form."""
     if is_tensor(obj):
         return SINGLE, [("", obj)], None
+    tensor_type = _torch_tensor_type()
+    fast = _core.flatten(obj, tensor_type)  # the common shapes, in one pass in C
+    if fast is not None:
+        return STRUCTURE, fast[0], fast[1]
     leaves: List[Tuple[str, Any]] = []
     nodes: List[Node] = []
-    _walk(obj, "", None, leaves, nodes, set(), _torch_tensor_type())
+    _walk(obj, "", None, leaves, nodes, set(), tensor_type)
     return STRUCTURE, leaves, nodes
 
 

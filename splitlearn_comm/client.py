@@ -354,14 +354,20 @@ def _timing_of(start: float, reply: Any) -> Dict[str, float]:
 
 def _out_leaves(form: int, items: Sequence[Tuple[str, Any]], spec: Any,
                 registry: CodecRegistry) -> List[Any]:
-    """The OutTensor objects of a call: each tensor made sendable, with the
-    ``_core.Codec`` the C core encodes it with (built in or Python), or None: raw."""
-    out = []
+    """The tensors of a call, ``(name, tensor, codec)`` each: made sendable, with
+    the ``_core.Codec`` the C core encodes it with (built in or Python), or None:
+    raw. Each attempt exports them as OutTensors (``GRPCComputeClient._exported``)."""
+    out: List[Any] = []
     raw = spec is None or (type(spec) is TensorCodec and spec.dtype is None)
+    if raw:  # the common case: each tensor as it is when it can be sent so
+        as_is, prepare = _tensor.sendable_as_is, _tensor.prepare
+        for name, obj in items:
+            out.append((name, obj if as_is(obj) else prepare(obj)[0], None))
+        return out
     for i, (name, obj) in enumerate(items):
         t, _how = _tensor.prepare(obj)
-        if raw or (form == _structure.SINGLE and i > 0):
-            out.append(_core.OutTensor((name, t, None)))  # KV cache entries: raw
+        if form == _structure.SINGLE and i > 0:
+            out.append((name, t, None))  # KV cache entries: raw
             continue
         if form == _structure.SINGLE and isinstance(spec, TensorCodec):
             codec = spec  # one tensor: the codec as given (it refuses what it cannot take)
@@ -370,7 +376,7 @@ def _out_leaves(form: int, items: Sequence[Tuple[str, Any]], spec: Any,
             if codec is not None and not _structure.accepts(codec, _structure.dtype_of(t)):
                 codec = None
         c = None if codec is None else registry.c_codec(codec)
-        out.append(_core.OutTensor((name, t, None if c is None or c.name == "raw" else c)))
+        out.append((name, t, None if c is None or c.name == "raw" else c))
     return out
 
 
@@ -893,11 +899,18 @@ class GRPCComputeClient:
     @staticmethod
     def _exported(leaves: List[Any]) -> List[Any]:
         """The OutTensors of one attempt (DLPack capsules are used once)."""
-        return [_core.OutTensor((leaf[0], _tensor.exportable(leaf[1]), leaf[2]))
-                for leaf in leaves]
+        out_tensor, exportable = _core.OutTensor, _tensor.exportable
+        return [out_tensor((name, exportable(t), codec)) for name, t, codec in leaves]
 
     def _result(self, reply: Any, how: _tensor.Restore) -> Any:
-        values = [_tensor.restore(leaf.tensor, how) for leaf in reply.leaves]
+        convert = _tensor.from_dlpack() if how[0] == "torch" and (
+            how[1] is None or how[1].type == "cpu") else None
+        if convert is not None:  # torch tensors on the CPU: wrapped and rebuilt in one pass in C
+            obj, values = _core.rebuild(reply.form, reply.leaves, reply.nodes, convert)
+            if reply.form != _structure.SINGLE or not reply.n_kv:
+                return obj
+        else:
+            values = [_tensor.restore(leaf.tensor, how) for leaf in reply.leaves]
         if reply.form == _structure.SINGLE:
             if reply.n_kv:
                 pairs = tuple((values[1 + 2 * i], values[2 + 2 * i]) for i in range(reply.n_kv))

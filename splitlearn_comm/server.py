@@ -759,8 +759,10 @@ def _reply_leaves(out: Any, kv_call: bool, spec: CodecSpec, registry: CodecRegis
         form, items, nodes = _structure.SINGLE, [("", out)], None
     else:
         form, items, nodes = _structure.flatten(out)
-    leaves = []
     mapped = isinstance(spec, Mapping)
+    if not mapped:  # every codec is the core's choice: the fast path
+        return _tensor.out_tensors(items, _core.OutTensor), form, nodes
+    leaves = []
     for i, (name, obj) in enumerate(items):
         t = _tensor.prepare_result(obj)
         c = None
@@ -797,17 +799,20 @@ def _make_dispatch(models: "_Models", registry: CodecRegistry,
                 raise Abort(grpc.StatusCode.UNIMPLEMENTED,
                             f"{name} does not support ComputeBackward "
                             "(it has no backward() method; see docs/training.md)")
-            values = _tensor.as_tensors(c.leaves)  # every tensor decoded in C
+            # every tensor decoded in C; wrapped (torch.from_dlpack) and the structure
+            # rebuilt in one pass
+            convert = _tensor.from_dlpack()
+            if convert is not None:
+                x, values = _core.rebuild(c.form, c.leaves, c.nodes, convert)
+            else:  # pragma: no cover - NumPy arrays where torch is absent
+                values = _tensor.as_tensors(c.leaves)
+                x = _structure.unflatten(c.form, values, [leaf.name for leaf in c.leaves],
+                                         c.nodes)
             # only a call that may carry a KV cache asks what compute() takes
             takes_cache = (c.n_kv > 0 or c.use_cache is not None) and \
                 models.takes_cache(compute_fn)
             kv_call = not c.backward and c.form == _structure.SINGLE and (
                 c.n_kv > 0 or (c.use_cache is not None and takes_cache))
-            if c.form == _structure.SINGLE:
-                x = values[0]
-            else:
-                x = _structure.unflatten(c.form, values, [leaf.name for leaf in c.leaves],
-                                         c.nodes)
             t0 = time.perf_counter()
 
             def run() -> Any:

@@ -267,6 +267,12 @@ static PyObject *holder_dlpack(holder *self, PyObject *args, PyObject *kwargs) {
   return capsule;
 }
 
+/* The legacy capsule of a DLPackTensor, as __dlpack__() with no arguments hands
+ * out (the bindings' fast path: no method lookup, no argument tuple). */
+PyObject *slpy_holder_capsule(PyObject *obj) {
+  return holder_dlpack((holder *)obj, NULL, NULL);
+}
+
 static PyObject *holder_dlpack_device(holder *self, PyObject *unused) {
   (void)self;
   (void)unused;

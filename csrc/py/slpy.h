@@ -83,6 +83,9 @@ void slpy_export_release(void *dlm);
 PyObject *slpy_holder_new(slpy_state *st, void *storage, const sl_tensor_desc *desc);
 
 extern PyType_Spec slpy_holder_spec;
+/* A new legacy "dltensor" capsule of `holder` (a DLPackTensor), as its
+ * __dlpack__() without arguments: once only, then BufferError. */
+PyObject *slpy_holder_capsule(PyObject *holder);
 extern PyType_Spec slpy_server_spec;
 extern PyType_Spec slpy_client_spec;
 extern PyType_Spec slpy_codec_spec;
@@ -146,6 +149,13 @@ int slpy_tensor_types_init(slpy_state *st, PyObject *module);
  * (None unless the structure form). On failure both are NULL, an exception is
  * set, and what was taken is freed. */
 int slpy_msg_to_python(slpy_state *st, sl_tensor_msg *m, PyObject **leaves, PyObject **nodes);
+
+/* _core.rebuild(form, leaves, nodes, convert) -> (obj, values): module function. */
+PyObject *slpy_rebuild(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
+
+/* _core.flatten(obj, tensor_type) -> (items, nodes), or None for what only
+ * _structure.flatten's Python walker handles: module function. */
+PyObject *slpy_flatten(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 
 /* Arrays and strings of an outgoing sl_tensor_set. */
 typedef struct slpy_setbuf slpy_setbuf;
