@@ -18,11 +18,18 @@ Per call it reports:
   tensor once, the Python hand-off that rebuilds the structure and calls the echo
   ``compute()``, flattening and framing the reply).
 
+Both paths of a call on one host are measured: over TCP (gRPC carries the tensor
+bytes, as between any two hosts; ``shared_memory=False``) and through shared memory
+(the default for a 127.0.0.1 target: gRPC carries a control message, the bytes go
+through a memfd segment; docs/shm.md). The per-tensor goal is read on the TCP path,
+the one every deployment has; the shared-memory rows show what that path adds or
+saves per tensor.
+
 The server runs in this process with one worker; the client's waits release the GIL,
 so the two do not contend. Cases run in interleaved rounds so that drifts of a noisy
 machine hit both alike.
 
-    python3 benchmarks/bench_tensormap.py           # full run (~20 s); writes the "Tensor
+    python3 benchmarks/bench_tensormap.py           # full run (~40 s); writes the "Tensor
                                                     # maps" section of benchmarks/results.md
     python3 benchmarks/bench_tensormap.py --quick   # smoke run: prints only
 """
@@ -95,51 +102,60 @@ def main() -> None:
     n_bytes = hidden.numel() * 2 + 2 * LAYERS * past[0][0].numel() * 2
     one = torch.randn(n_bytes // 2, generator=g).half()
     cases = {"one tensor": one, "25 tensors": structure}
-    results: Dict[str, Dict[str, List[float]]] = {k: {"wall": [], "server": [], "client": []}
-                                                  for k in cases}
+    paths = {"TCP": False, "shared memory": True}
+    keys = [(p, c) for p in paths for c in cases]
+    results: Dict[Any, Dict[str, List[float]]] = {k: {"wall": [], "server": [], "client": []}
+                                                  for k in keys}
     with slc.GRPCComputeServer(Echo(), host="127.0.0.1", port=0, max_workers=1) as server:
-        with slc.GRPCComputeClient(f"127.0.0.1:{server.port}", retry_strategy=None) as client:
-            for payload in cases.values():  # warm-up
+        clients = {p: slc.GRPCComputeClient(f"127.0.0.1:{server.port}", retry_strategy=None,
+                                            shared_memory=shm) for p, shm in paths.items()}
+        try:
+            for p, c in keys:  # warm-up
                 for _ in range(3):
-                    client.compute(payload)
+                    clients[p].compute(cases[c])
             for _ in range(rounds):
-                for name, payload in cases.items():
-                    r = run_case(client, server, payload, calls)
-                    wall = statistics.median(r["wall"])
-                    results[name]["wall"].append(wall)
-                    results[name]["server"].append(r["server"][0])
-                    results[name]["client"].append(statistics.mean(r["wall"]) - r["server_total"][0])
+                for p, c in keys:
+                    r = run_case(clients[p], server, cases[c], calls)
+                    results[(p, c)]["wall"].append(statistics.median(r["wall"]))
+                    results[(p, c)]["server"].append(r["server"][0])
+                    results[(p, c)]["client"].append(statistics.mean(r["wall"]) - r["server_total"][0])
+        finally:
+            for client in clients.values():
+                client.close()
     # the least disturbed round of each statistic: this machine is shared and noisy
-    med = {name: {k: min(v) * 1e3 for k, v in r.items()} for name, r in results.items()}
+    med = {k: {s: min(v) * 1e3 for s, v in r.items()} for k, r in results.items()}
     extra = 2 * LAYERS  # tensors beyond the first
-    per_client_us = (med["25 tensors"]["client"] - med["one tensor"]["client"]) * 1e3 / extra
-    per_server_us = (med["25 tensors"]["server"] - med["one tensor"]["server"]) * 1e3 / extra
+    per = {p: {s: (med[(p, "25 tensors")][s] - med[(p, "one tensor")][s]) * 1e3 / extra
+               for s in ("client", "server")} for p in paths}
     lines = [
         BEGIN,
         "## Tensor maps: 25 tensors in one call vs the same bytes as one tensor",
         "",
         f"`benchmarks/bench_tensormap.py`, {datetime.date.today().isoformat()}, "
         f"{cpu_model()}, Python {platform.python_version()}, torch {torch.__version__}; "
-        f"server and client in one process on 127.0.0.1, {rounds} rounds of {calls} calls.",
+        f"server and client in one process on 127.0.0.1, {rounds} rounds of {calls} calls "
+        "per case and path, interleaved.",
         "",
         f"Payload each way: hidden states {tuple(HIDDEN_SHAPE)} + a {LAYERS}-layer KV cache "
         f"({2 * LAYERS} tensors of {tuple(KV_SHAPE)}), float16, {n_bytes / 2**20:.2f} MiB; "
-        "echoed back.",
+        "echoed back. TCP: gRPC carries the bytes (`shared_memory=False`, as between two "
+        "hosts); shared memory: the default on one host (docs/shm.md).",
         "",
-        "| case | wall p50 (ms) | client (ms) | server decode+compute+encode (ms) |",
-        "|---|---|---|---|",
+        "| path | case | wall p50 (ms) | client (ms) | server decode+compute+encode (ms) |",
+        "|---|---|---|---|---|",
     ]
-    for name in cases:
-        m = med[name]
-        lines.append(f"| {name} | {m['wall']:.3f} | {m['client']:.3f} | {m['server']:.3f} |")
+    for p, c in keys:
+        m = med[(p, c)]
+        lines.append(f"| {p} | {c} | {m['wall']:.3f} | {m['client']:.3f} | {m['server']:.3f} |")
     lines += [
         "",
-        f"Cost per extra tensor (24 of them, both directions of the echo included): "
-        f"client {per_client_us:.1f} us, server {per_server_us:.1f} us "
-        "(goal: under 5 us per tensor on each side). Per round the median call; then the "
-        "least disturbed round (minimum over rounds) of each column; the client "
-        "column is wall time minus the server's total stage, so it carries loopback "
-        "noise that the per-tensor difference mostly cancels.",
+        f"Cost per extra tensor (24 of them, both directions of the echo included), over "
+        f"TCP: client {per['TCP']['client']:.1f} us, server {per['TCP']['server']:.1f} us; "
+        f"through shared memory: client {per['shared memory']['client']:.1f} us, server "
+        f"{per['shared memory']['server']:.1f} us (goal: under 5 us per tensor on each "
+        "side). Per round the median call; then the least disturbed round (minimum over "
+        "rounds) of each column; the client column is wall time minus the server's total "
+        "stage, so it carries loopback noise that the per-tensor difference mostly cancels.",
         END,
     ]
     text = "\n".join(lines) + "\n"
