@@ -759,7 +759,7 @@ def _reply_leaves(out: Any, kv_call: bool, spec: CodecSpec, registry: CodecRegis
         form, items, nodes = _structure.SINGLE, [("", out)], None
     else:
         form, items, nodes = _structure.flatten(out)
-    mapped = isinstance(spec, Mapping)
+    mapped = spec is not None and isinstance(spec, Mapping)
     if not mapped:  # every codec is the core's choice: the fast path
         return _tensor.out_tensors(items, _core.OutTensor), form, nodes
     leaves = []
@@ -782,6 +782,7 @@ def _make_dispatch(models: "_Models", registry: CodecRegistry,
     server's event loop ``loop`` and the worker returns at once (in a session, whose
     steps run in order, the worker waits for it)."""
     loop = loop if loop is not None else aio.ServerLoop()
+    tensor_type = _structure._torch_tensor_type()  # a tensor result is not awaitable: no check
 
     def dispatch(c: Any) -> Any:
         call = context.CallContext(c.method, c.peer, c.metadata, c.request_metadata, c.deadline,
@@ -856,7 +857,8 @@ def _make_dispatch(models: "_Models", registry: CodecRegistry,
                         _log_exception("a codec encoding the result", call, e)
                     raise
 
-            if inspect.isawaitable(out):  # an async def compute(): runs on the server's loop
+            if type(out) is not tensor_type and inspect.isawaitable(out):
+                # an async def compute(): runs on the server's loop
                 if c.state is not None and hasattr(c.state, "defer"):
                     aio.defer(_counted(out, models, model_id, method, call, t0), loop, call,
                               c.state, encode, t0)
