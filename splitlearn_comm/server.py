@@ -265,7 +265,8 @@ class GRPCComputeServer:
                 tls=self.tls._args() if self.tls else None,
                 intercept=_make_intercept(self.interceptors) if self.interceptors else None,
                 max_decoded_bytes=int(self.max_decoded_bytes or 0),
-                max_tensors=int(self.max_tensors or 0), max_depth=int(self.max_depth or 0))
+                max_tensors=int(self.max_tensors or 0), max_depth=int(self.max_depth or 0),
+                convert=_tensor.from_dlpack())
             try:
                 server.start()
             except BaseException as e:
@@ -802,8 +803,9 @@ def _make_dispatch(models: "_Models", registry: CodecRegistry,
                             "(it has no backward() method; see docs/training.md)")
             # every tensor decoded in C; wrapped (torch.from_dlpack) and the structure
             # rebuilt in one pass
-            convert = _tensor.from_dlpack()
-            if convert is not None:
+            if c.values is not None:  # made by the binding (convert=): one pass in C
+                x, values = c.value, c.values
+            elif (convert := _tensor.from_dlpack()) is not None:
                 x, values = _core.rebuild(c.form, c.leaves, c.nodes, convert)
             else:  # pragma: no cover - NumPy arrays where torch is absent
                 values = _tensor.as_tensors(c.leaves)

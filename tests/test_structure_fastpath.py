@@ -144,3 +144,43 @@ def test_the_walkers_leave_no_reference_cycles() -> None:
         assert len(refs) == 11 and all(r() is None for r in refs)
     finally:
         gc.enable()
+
+
+class Answer(slc.ComputeFunction):
+    """Returns what the call names: its input, or one of a few fixed results."""
+
+    def compute(self, x: Any) -> Any:
+        kind = x["kind"]
+        if kind == "none":
+            return None
+        if kind == "scalars":
+            return {"n": 3, "f": 0.5, "s": "s", "b": False, "nothing": None, "empty": ()}
+        return x["payload"]
+
+
+@pytest.mark.parametrize("kind, payload", [
+    ("none", None),
+    ("scalars", None),
+    ("echo", {"t": (torch.arange(4), [torch.ones(2, 2), {"deep": torch.zeros(0)}])}),
+    ("echo", [torch.tensor(1.5), None, 7]),
+])
+def test_the_binding_builds_what_the_server_returned(kind: str, payload: Any) -> None:
+    """Both sides make the received object in C (Call.value, Reply.value): roots
+    that are None or hold only scalars, nested containers, 0-d and empty tensors."""
+    with slc.GRPCComputeServer(Answer(), host="127.0.0.1", port=0, max_workers=1) as server:
+        with slc.GRPCComputeClient(f"127.0.0.1:{server.port}", retry_strategy=None,
+                                   shared_memory=False) as client:
+            out = client.compute({"kind": kind, "payload": payload, "x": torch.zeros(1)})
+    if kind == "none":
+        assert out is None
+    elif kind == "scalars":
+        assert out == {"n": 3, "f": 0.5, "s": "s", "b": False, "nothing": None, "empty": ()}
+        assert type(out["b"]) is bool
+    elif isinstance(payload, dict):
+        assert type(out["t"]) is tuple and type(out["t"][1]) is list
+        assert torch.equal(out["t"][0], payload["t"][0])
+        assert torch.equal(out["t"][1][0], payload["t"][1][0])
+        assert out["t"][1][1]["deep"].shape == (0,)
+    else:
+        assert type(out) is list and out[1] is None and out[2] == 7
+        assert out[0].shape == () and float(out[0]) == 1.5

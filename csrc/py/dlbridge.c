@@ -180,12 +180,13 @@ typedef struct holder {
   Py_ssize_t exports;   /* live buffer views: DLPack export is refused while > 0 */
 } holder;
 
-PyObject *slpy_holder_new(slpy_state *st, void *storage, const sl_tensor_desc *desc) {
-  holder *h;
+/* The owned_tensor of received storage (taken: freed on failure too). */
+static owned_tensor *owned_new(void *storage, const sl_tensor_desc *desc) {
   owned_tensor *o = PyMem_RawCalloc(1, sizeof(*o));
   if (o == NULL) {
     sl_storage_free(storage);
-    return PyErr_NoMemory();
+    PyErr_NoMemory();
+    return NULL;
   }
   o->dlm.dl_tensor.data = storage;
   o->dlm.dl_tensor.device.device_type = kDLCPU;
@@ -207,6 +208,13 @@ PyObject *slpy_holder_new(slpy_state *st, void *storage, const sl_tensor_desc *d
   o->versioned.dl_tensor = o->dlm.dl_tensor;
   o->refs = 2;
   o->freed = 0;
+  return o;
+}
+
+PyObject *slpy_holder_new(slpy_state *st, void *storage, const sl_tensor_desc *desc) {
+  holder *h;
+  owned_tensor *o = owned_new(storage, desc);
+  if (o == NULL) return NULL;
   h = PyObject_New(holder, st->holder_type);
   if (h == NULL) {
     owned_free(o);
@@ -216,6 +224,25 @@ PyObject *slpy_holder_new(slpy_state *st, void *storage, const sl_tensor_desc *d
   h->exports = 0;
   if (sl_desc_nbytes(desc, &h->nbytes) != SL_OK) h->nbytes = 0;
   return (PyObject *)h;
+}
+
+static void capsule_destructor(PyObject *capsule);
+
+PyObject *slpy_capsule_new(void *storage, const sl_tensor_desc *desc) {
+  PyObject *capsule;
+  owned_tensor *o = owned_new(storage, desc);
+  if (o == NULL) return NULL;
+  capsule = PyCapsule_New(&o->dlm, "dltensor", capsule_destructor);
+  if (capsule == NULL) {
+    owned_free(o);
+    return NULL;
+  }
+  if (PyCapsule_SetContext(capsule, o) < 0) {
+    Py_DECREF(capsule); /* no context: its destructor leaves the tensor alone */
+    owned_free(o);
+    return NULL;
+  }
+  return capsule;
 }
 
 /* A capsule still under its first name was never consumed and owns the data

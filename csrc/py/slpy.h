@@ -83,6 +83,10 @@ void slpy_export_release(void *dlm);
 PyObject *slpy_holder_new(slpy_state *st, void *storage, const sl_tensor_desc *desc);
 
 extern PyType_Spec slpy_holder_spec;
+/* A new legacy "dltensor" capsule over received storage (taken: freed on failure
+ * too), without a DLPackTensor: torch.from_dlpack and torch._C._from_dlpack take
+ * it without copying; the consumer's deleter frees the storage. */
+PyObject *slpy_capsule_new(void *storage, const sl_tensor_desc *desc);
 /* A new legacy "dltensor" capsule of `holder` (a DLPackTensor), as its
  * __dlpack__() without arguments: once only, then BufferError. */
 PyObject *slpy_holder_capsule(PyObject *holder);
@@ -156,6 +160,13 @@ PyObject *slpy_rebuild(PyObject *module, PyObject *const *args, Py_ssize_t nargs
 /* _core.flatten(obj, tensor_type) -> (items, nodes), or None for what only
  * _structure.flatten's Python walker handles: module function. */
 PyObject *slpy_flatten(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
+
+/* The received tensors of `m`, each given to `convert` as a DLPack capsule
+ * (their data is taken), as a new list *values, and the object they were sent
+ * as (the structure rebuilt from m's nodes, a dict by name, or the single
+ * tensor) as *value: what _core.rebuild makes of Leaf objects, without them.
+ * On failure both are NULL and an exception is set. */
+int slpy_msg_to_value(sl_tensor_msg *m, PyObject *convert, PyObject **value, PyObject **values);
 
 /* Arrays and strings of an outgoing sl_tensor_set. */
 typedef struct slpy_setbuf slpy_setbuf;

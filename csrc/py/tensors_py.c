@@ -46,11 +46,15 @@ static PyStructSequence_Field reply_fields[] = {
     {"initial_metadata", "the response's initial metadata"},
     {"bytes_sent", "message bytes sent, all attempts"},
     {"bytes_received", "message bytes received"},
+    {"value", "with compute(convert=...): the object the tensors were sent as (leaves and "
+              "nodes are None then); else None"},
+    {"values", "with compute(convert=...): the received tensors, converted, in wire order; "
+               "else None"},
     {NULL, NULL}};
 
 static PyStructSequence_Desc reply_desc = {"splitlearn_comm._core.Reply",
                                            "The result of Client.compute (internal).",
-                                           reply_fields, 10};
+                                           reply_fields, 12};
 
 static PyStructSequence_Field call_fields[] = {
     {"form", "0 single tensor, 1 map by name, 2 structure"},
@@ -67,11 +71,15 @@ static PyStructSequence_Field call_fields[] = {
     {"state", "the CallState (liveness)"},
     {"fields", "the training fields (dict)"},
     {"use_cache", "ComputeRequest.use_cache: None, False or True"},
+    {"value", "with the server's convert=: the object the tensors were sent as (leaves and "
+              "nodes are None then); else None"},
+    {"values", "with the server's convert=: the received tensors, converted, in wire order; "
+               "else None"},
     {NULL, NULL}};
 
 static PyStructSequence_Desc call_desc = {"splitlearn_comm._core.Call",
                                           "A call for the compute callback (internal).",
-                                          call_fields, 14};
+                                          call_fields, 16};
 
 int slpy_tensor_types_init(slpy_state *st, PyObject *module) {
   st->leaf_type = PyStructSequence_NewType(&leaf_desc);
@@ -326,6 +334,116 @@ cleanup:
   Py_XDECREF(nseq);
   Py_XDECREF(seq);
   return ret;
+}
+
+/* ---- the received object straight from the message (the server's convert=) ---- */
+
+typedef struct cbuild {
+  const sl_node *nodes;
+  size_t n_nodes, pos;
+  PyObject *values;
+  Py_ssize_t next;
+} cbuild;
+
+static PyObject *cnode_build(cbuild *b) {
+  const sl_node *nd;
+  PyObject *out;
+  if (b->pos >= b->n_nodes) {
+    PyErr_SetString(PyExc_ValueError, "the structure's nodes end before its containers do");
+    return NULL;
+  }
+  nd = &b->nodes[b->pos++];
+  switch (nd->kind) {
+    case SL_NODE_TENSOR:
+      if (b->next >= PyList_GET_SIZE(b->values)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "the structure names more tensors than the message carries");
+        return NULL;
+      }
+      return Py_NewRef(PyList_GET_ITEM(b->values, b->next++));
+    case SL_NODE_TUPLE:
+    case SL_NODE_LIST:
+    case SL_NODE_DICT: {
+      Py_ssize_t size = (Py_ssize_t)nd->size;
+      if ((size_t)nd->size > b->n_nodes - b->pos) {
+        PyErr_SetString(PyExc_ValueError,
+                        "a container of the structure has more children than nodes follow it");
+        return NULL;
+      }
+      out = nd->kind == SL_NODE_TUPLE ? PyTuple_New(size)
+            : nd->kind == SL_NODE_LIST ? PyList_New(size)
+                                       : PyDict_New();
+      if (out == NULL) return NULL;
+      if (Py_EnterRecursiveCall(" while rebuilding a received structure")) {
+        Py_DECREF(out);
+        return NULL;
+      }
+      for (Py_ssize_t i = 0; i < size; i++) {
+        const char *key = b->nodes[b->pos].key; /* (pos < n_nodes: checked above) */
+        PyObject *child = cnode_build(b);
+        if (child == NULL) goto fail;
+        if (nd->kind == SL_NODE_TUPLE) {
+          PyTuple_SET_ITEM(out, i, child);
+        } else if (nd->kind == SL_NODE_LIST) {
+          PyList_SET_ITEM(out, i, child);
+        } else {
+          PyObject *k = PyUnicode_FromString(key ? key : "");
+          int rc = k == NULL ? -1 : PyDict_SetItem(out, k, child);
+          Py_XDECREF(k);
+          Py_DECREF(child);
+          if (rc < 0) goto fail;
+        }
+      }
+      Py_LeaveRecursiveCall();
+      return out;
+    fail:
+      Py_LeaveRecursiveCall();
+      Py_DECREF(out);
+      return NULL;
+    }
+    case SL_NODE_INT: return PyLong_FromLongLong(nd->i);
+    case SL_NODE_BOOL: return PyBool_FromLong(nd->i != 0);
+    case SL_NODE_FLOAT: return PyFloat_FromDouble(nd->d);
+    case SL_NODE_STRING: return PyUnicode_FromString(nd->s ? nd->s : "");
+    default: return Py_NewRef(Py_None);
+  }
+}
+
+int slpy_msg_to_value(sl_tensor_msg *m, PyObject *convert, PyObject **value, PyObject **values) {
+  *value = NULL;
+  *values = PyList_New((Py_ssize_t)m->n_items);
+  if (*values == NULL) return -1;
+  for (size_t i = 0; i < m->n_items; i++) {
+    sl_tensor_item *it = &m->items[i];
+    PyObject *capsule = slpy_capsule_new(it->data, &it->desc), *v;
+    it->data = NULL; /* the capsule owns it now (freed even on failure) */
+    if (capsule == NULL) goto fail;
+    v = PyObject_CallOneArg(convert, capsule);
+    Py_DECREF(capsule);
+    if (v == NULL) goto fail;
+    PyList_SET_ITEM(*values, (Py_ssize_t)i, v);
+  }
+  if (m->form == SL_FORM_STRUCTURE) {
+    cbuild b = {m->nodes, m->n_nodes, 0, *values, 0};
+    *value = cnode_build(&b);
+  } else if (m->form == SL_FORM_MAP) {
+    *value = PyDict_New();
+    for (size_t i = 0; *value != NULL && i < m->n_items; i++) {
+      PyObject *k = PyUnicode_FromString(m->items[i].name ? m->items[i].name : "");
+      if (k == NULL || PyDict_SetItem(*value, k, PyList_GET_ITEM(*values, (Py_ssize_t)i)) < 0) {
+        Py_CLEAR(*value);
+      }
+      Py_XDECREF(k);
+    }
+  } else if (m->n_items > 0) {
+    *value = Py_NewRef(PyList_GET_ITEM(*values, 0));
+  } else {
+    PyErr_SetString(PyExc_ValueError, "a single-tensor message without its tensor");
+  }
+  if (*value != NULL) return 0;
+fail:
+  Py_CLEAR(*values);
+  return -1;
 }
 
 /* ---- a structure flattened in one pass (_core.flatten) ---- */
