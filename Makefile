@@ -154,6 +154,7 @@ bench: install bench-floor
 	$(PY) benchmarks/bench_replicas.py
 	$(PY) benchmarks/bench_memory.py
 	$(PY) benchmarks/bench_stream.py
+	$(PY) benchmarks/bench_summary.py
 	$(MAKE) bench-figures
 
 # The PNG figures beside results.md, from the data the benchmarks wrote

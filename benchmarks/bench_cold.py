@@ -8,7 +8,9 @@ alternation (rounds):
 
   C-core echo (floor)   build/bench/echo_floor --cold: the bare gRPC C core, no copies
   our core, C hook      build/bench/core_echo --cold: our C core, no Python
-  splitlearn-comm       GRPCComputeServer and GRPCComputeClient (this file, --client)
+  splitlearn-comm       GRPCComputeServer and GRPCComputeClient (this file, --client):
+                        on 127.0.0.1 the tensors go through shared memory (the default)
+  splitlearn-comm, TCP  the same with SPLITLEARN_SHM=0 (streamed over the connection)
 
 For splitlearn-comm it also counts the page faults of each call (client and server
 processes): a first call touches memory that no earlier call has (gRPC's receive
@@ -92,8 +94,10 @@ def client(address: str, nbytes: int, calls: int, server_pid: int) -> int:
     return 0
 
 
-def run_ours(nbytes: int, calls: int) -> Dict[str, Any]:
+def run_ours(nbytes: int, calls: int, shm: bool = True) -> Dict[str, Any]:
     env = dict(os.environ)
+    if not shm:
+        env["SPLITLEARN_SHM"] = "0"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
     me = os.path.abspath(__file__)
     srv = subprocess.Popen([sys.executable, me, "--serve"], stdin=subprocess.PIPE,
@@ -150,7 +154,8 @@ def main(argv: List[str]) -> int:
     nbytes = args.mib * MiB
     stacks = [("C-core echo (floor)", lambda: run_c("echo_floor", nbytes, args.calls)),
               ("our core, C hook", lambda: run_c("core_echo", nbytes, args.calls)),
-              ("splitlearn-comm", lambda: run_ours(nbytes, args.calls))]
+              ("splitlearn-comm", lambda: run_ours(nbytes, args.calls)),
+              ("splitlearn-comm, TCP", lambda: run_ours(nbytes, args.calls, shm=False))]
     rows: Dict[str, List[Dict[str, Any]]] = {name: [] for name, _ in stacks}
     for r in range(args.rounds):
         for name, run in stacks:
@@ -161,9 +166,10 @@ def main(argv: List[str]) -> int:
     med = {name: [statistics.median(res["calls_ms"][i] for res in rs) for i in range(args.calls)]
            for name, rs in rows.items()}
     floor_first = med["C-core echo (floor)"][0]
-    ours = rows["splitlearn-comm"]
-    faults = {k: [statistics.median(res[k][i] for res in ours) for i in range(args.calls)]
-              for k in ("client_faults", "server_faults")}
+    faults = {name: {k: [statistics.median(res[k][i] for res in rows[name])
+                         for i in range(args.calls)]
+                     for k in ("client_faults", "server_faults")}
+              for name in ("splitlearn-comm", "splitlearn-comm, TCP")}
     lines = [
         BEGIN, "",
         f"## Cold large calls: the first {args.calls} round trips of {args.mib} MiB",
@@ -172,7 +178,10 @@ def main(argv: List[str]) -> int:
         f"new client process; the client connects, then times its first {args.calls} round "
         f"trips of a {args.mib} MiB float32 tensor through an identity compute. Stacks "
         f"measured in alternation, {args.rounds} rounds, medians shown; `x floor`: the "
-        "first call against the C-core echo's first call. Machine: "
+        "first call against the C-core echo's first call. On 127.0.0.1 splitlearn-comm "
+        "sends tensors through shared memory (docs/shm.md; the first call offers the "
+        "segment on a health check, then goes through it); the TCP row turns that off "
+        "(`SPLITLEARN_SHM=0`), as between two hosts. Machine: "
         f"{cpu_model()}, {os.cpu_count()} CPUs.",
         "",
         "| stack | " + " | ".join(f"call {i + 1} ms" for i in range(args.calls))
@@ -182,13 +191,13 @@ def main(argv: List[str]) -> int:
     for name in rows:
         lines.append(f"| {name} | " + " | ".join(f"{t:.0f}" for t in med[name])
                      + f" | {med[name][0] / floor_first:.2f}x |")
-    lines += [
-        "",
-        "Page faults per call of splitlearn-comm (medians; 4 KiB pages: 65,536 make "
-        f"256 MiB): client {', '.join(f'{f:,.0f}' for f in faults['client_faults'])}; "
-        f"server {', '.join(f'{f:,.0f}' for f in faults['server_faults'])}.",
-        "", END, "",
-    ]
+    lines += ["", f"Page faults per call (medians; 4 KiB pages: {nbytes // 4096:,} make "
+              f"{args.mib} MiB):", ""]
+    for name, f in faults.items():
+        lines.append(f"- {name}: client "
+                     f"{', '.join(f'{v:,.0f}' for v in f['client_faults'])}; server "
+                     f"{', '.join(f'{v:,.0f}' for v in f['server_faults'])}.")
+    lines += ["", END, ""]
     text = "\n".join(lines)
     print(text)
     if output:

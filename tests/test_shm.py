@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import fcntl
+import gc
 import mmap
 import os
 import random
@@ -42,7 +43,9 @@ def stats(client: slc.GRPCComputeClient) -> dict:
 
 
 def maps_of_segments() -> int:
-    """Shared-memory segments mapped in this process now."""
+    """Shared-memory segments mapped in this process now (after a garbage collection:
+    a received tensor in a reference cycle keeps its segment mapped until then)."""
+    gc.collect()
     with open("/proc/self/maps") as f:
         return sum("splitlearn-shm" in line for line in f)
 
@@ -250,6 +253,65 @@ def test_segments_freed_when_the_channel_closes(serve, connect):
     assert maps_of_segments() == before
 
 
+
+def test_received_tensors_view_the_segment_and_outlive_everything(serve, connect):
+    """Zero copies on receive: the server's compute() gets its input as a view of the
+    client's segment, the client its output as a view of the reply beside it. A view
+    keeps its segment from reuse until it is freed, so tensors kept across calls (a
+    server keeping activations for backward, a client keeping outputs) stay intact,
+    and they outlive the client and the server."""
+    kept: List[Any] = []
+
+    class Keep(slc.ComputeFunction):
+        def compute(self, x):
+            kept.append(x)
+            return x * 2
+
+    before = maps_of_segments()
+    server = serve(Keep())
+    client = connect(server)
+    client.compute(torch.ones(4))  # offers the segment
+    kept.clear()
+    sent = [torch.full((1 << 18,), float(i)) for i in range(12)]  # 1 MiB each
+    outs = [through_shm(client, lambda x=x: client.compute(x)) for x in sent]
+    # every kept tensor held its segment: each call took a new one (12 > the pool's 8)
+    assert stats(client)["segments"] == 8
+    assert all(o.data_ptr() % 64 == 0 for o in outs)
+    assert all(k.data_ptr() % 64 == 0 for k in kept)
+    for i, x in enumerate(sent):
+        assert torch.equal(kept[i], x) and torch.equal(outs[i], x * 2)
+    # writing to one view touches nothing else
+    outs[0].add_(1)
+    kept[1].zero_()
+    assert torch.equal(through_shm(client, lambda: client.compute(sent[3])), sent[3] * 2)
+    assert torch.equal(kept[12], sent[3])
+    for i in range(2, 12):
+        assert torch.equal(outs[i], sent[i] * 2) and torch.equal(kept[i], sent[i])
+    client.close()
+    server.stop(0)
+    for i in range(2, 12):
+        assert torch.equal(outs[i], sent[i] * 2) and torch.equal(kept[i], sent[i])
+    kept.clear()
+    outs.clear()
+    assert server._core.shm_segments() == 0  # (a sweep: the client closed them all)
+    assert maps_of_segments() == before  # the last views unmapped them
+
+
+def test_segments_are_reused_once_views_are_freed(serve, connect):
+    """A training loop keeps one output while the next call runs: two segments
+    alternate, and a server that frees its inputs holds none."""
+    client = connect(serve(Echo()))
+    client.compute(torch.ones(4))
+    x = torch.randn(1 << 18)
+    y = None
+    for i in range(12):
+        y = through_shm(client, lambda: client.compute(x))
+        assert torch.equal(y, x)
+        if i == 1:
+            segments = stats(client)["segments"]  # the offer's small one, and two big
+    assert stats(client)["segments"] == segments <= 3
+
+
 # ---- bad control metadata from a raw grpcio peer ----------------------------------
 
 class RawSegment:
@@ -262,7 +324,7 @@ class RawSegment:
         fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
         self.map = mmap.mmap(self.fd, SEG)
         self.token = os.urandom(16)
-        self.map[0:8] = b"SLSHM\0\0\1"
+        self.map[0:8] = b"SLSHM\0\0\2"
         self.map[8:24] = self.token
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()

@@ -18,8 +18,6 @@
 
 #include "floor_common.h"
 
-static void free_storage(void *p) { sl_storage_free(p); }
-
 /* Integer gRPC channel arguments for both sides from CORE_ECHO_ARGS
  * ("grpc.http2.bdp_probe=0,grpc.http2.lookahead_bytes=8388608"): for trying
  * transport settings without rebuilding. */
@@ -60,11 +58,12 @@ static int identity_hook(void *user, const sl_call_info *call, sl_compute_args *
   a->out_free = free;
   a->out_owner = a->out.items;
   a->out.items[0].desc = in->desc;
-  a->out.items[0].data = in->data;
   a->out.items[0].nbytes = in->nbytes;
-  a->out.items[0].release = free_storage;
-  a->out.items[0].owner = in->data;
-  in->data = NULL; /* taken */
+  {
+    void *data;
+    sl_tensor_item_take(in, &data, &a->out.items[0].release, &a->out.items[0].owner);
+    a->out.items[0].data = data;
+  }
   a->compute_time_ms = 0.0f;
   return SL_OK;
 }

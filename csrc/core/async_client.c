@@ -212,7 +212,7 @@ static int read_response(sl_async_call *k, sl_err *err) {
   sl_tensor_msg *out = &k->res.out;
   int status = sl__bbspans_take(&k->resp, &spans, err);
   if (status == SL_OK) {
-    sl_span_owner owner = {sl__bbspans_release, &spans};
+    sl_span_owner owner = {sl__bbspans_release, &spans, NULL, NULL};
     status = sl_tensor_msg_read_owned(resp_kind, spans.spans, spans.n, NULL, &owner, out, err);
   }
   if (status == SL_OK) status = sl_tensor_msg_decode_with(out, k->codecs, err);

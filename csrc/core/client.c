@@ -277,8 +277,9 @@ static int attempt(sl_client *c, const char *method, sl_payload *p, double deadl
     if (sc->broken) {
       n_md--; /* no control entry: the request goes over TCP */
     } else {
-      sl_shm_copy_payload(sl_shm_seg_data(sc->seg), sl_shm_seg_capacity(sc->seg), p);
-      sl_shm_seg_post(sc->seg, sl_payload_size(p), sc->value, sizeof(sc->value));
+      size_t off = sl_shm_align_offset(p);
+      sl_shm_copy_payload(sl_shm_seg_data(sc->seg) + off, sl_shm_seg_capacity(sc->seg) - off, p);
+      sl_shm_seg_post(sc->seg, off, sl_payload_size(p), sc->value, sizeof(sc->value));
       sc->md[n_md - 1].value_len = strlen(sc->value);
       sc->posted = 1;
       send = sc->empty;
@@ -767,11 +768,12 @@ static int unary(sl_client *c, const char *method, sl_payload *p, const sl_call_
  * not know the call's segment; *reply_len the length of a reply in the segment
  * (-1: none). */
 static int shm_answer(sl_client *c, sl_call_status *st, int attaching, int *unknown,
-                      long long *reply_len) {
+                      long long *reply_len, long long *reply_off) {
   int attached = 0, answered = 0;
   size_t j = 0;
   *unknown = 0;
   *reply_len = -1;
+  *reply_off = 0;
   for (size_t i = 0; i < st->n_trailing; i++) {
     sl_kv *kv = &st->trailing[i];
     if (strcmp(kv->key, SL_SHM_MD_STATE) == 0) {
@@ -794,9 +796,15 @@ static int shm_answer(sl_client *c, sl_call_status *st, int attaching, int *unkn
         set_note(c, "%s", why);
       }
     } else if (strcmp(kv->key, SL_SHM_MD_REPLY) == 0) {
-      char *end = NULL;
-      long long n = strtoll(kv->value, &end, 10);
-      if (end != kv->value && *end == '\0' && n >= 0) *reply_len = n;
+      /* "<len> [<off>]" */
+      char *end = NULL, *end2 = NULL;
+      long long n = strtoll(kv->value, &end, 10), off = 0;
+      if (end != kv->value && *end == ' ') off = strtoll(end + 1, &end2, 10);
+      else end2 = end;
+      if (end != kv->value && end2 != NULL && *end2 == '\0' && n >= 0 && off >= 0) {
+        *reply_len = n;
+        *reply_off = off;
+      }
     } else {
       st->trailing[j++] = *kv;
       continue;
@@ -810,6 +818,31 @@ static int shm_answer(sl_client *c, sl_call_status *st, int attaching, int *unkn
     atomic_store(&c->shm_state, SHM_OFF);
     set_note(c, "%s does not offer shared memory; tensors go over TCP", c->target);
   }
+  return attached;
+}
+
+static int small_call(sl_client *c, const sl_call_opts *opts, const char *method,
+                      const ProtobufCMessage *req, const ProtobufCMessageDescriptor *resp_desc,
+                      ProtobufCMessage **out, sl_call_status *st, sl_err *err);
+
+/* Offer a segment on a HealthCheck call (`o` carries the offer), so that the large
+ * call that needs it can already go through it. 1 when the server attached it; 0
+ * when it refused (the channel is then off), does not speak the channel (off too),
+ * or the call failed (the large call then offers it itself). */
+static int offer_on_health(sl_client *c, const sl_call_opts *o) {
+  Splitlearn__Comm__HealthRequest req = SPLITLEARN__COMM__HEALTH_REQUEST__INIT;
+  ProtobufCMessage *r = NULL;
+  sl_call_status st;
+  sl_err err;
+  int unknown, attached = 0;
+  long long len, off;
+  memset(&st, 0, sizeof(st));
+  if (small_call(c, o, SL_METHOD_PATH_HEALTH, &req.base,
+                 &splitlearn__comm__health_response__descriptor, &r, &st, &err) == SL_OK) {
+    attached = shm_answer(c, &st, 1, &unknown, &len, &off);
+  }
+  if (r != NULL) protobuf_c_message_free_unpacked(r, NULL);
+  sl_call_status_clear(&st);
   return attached;
 }
 
@@ -827,7 +860,7 @@ static int tensor_call(sl_client *c, const char *method, sl_payload *p, const sl
   sl_shm_seg *seg;
   sl_err serr;
   int attached = 0, unknown = 0, rc, reusable;
-  long long reply_len = -1;
+  long long reply_len = -1, reply_off = 0;
   sl_kv *md = NULL;
   sl_call_opts o2;
   shm_call sc;
@@ -845,11 +878,17 @@ static int tensor_call(sl_client *c, const char *method, sl_payload *p, const sl
     return unary(c, method, p, o, NULL, sm, resp, st, err);
   }
   {
-    size_t need = sl_payload_size(p);
+    /* room for the request and, beside it, a reply as big (or as the largest seen),
+     * each on its own 64-byte boundary: the server's tensors may view the request
+     * while it writes the reply; when both do not fit, the reply goes over the
+     * request (if nothing views it by then) */
+    size_t req = sl_payload_size(p), reply = req, need;
     long long hint = atomic_load(&c->shm_reply_hint);
-    if (hint > 0 && (unsigned long long)hint > need && (unsigned long long)hint <= SL_SHM_MAX_CAPACITY) {
-      need = (size_t)hint;
+    if (hint > 0 && (unsigned long long)hint > reply && (unsigned long long)hint <= SL_SHM_MAX_CAPACITY) {
+      reply = (size_t)hint;
     }
+    need = req + reply + 2 * SL_SHM_ALIGN;
+    if (need > SL_SHM_MAX_CAPACITY) need = (req > reply ? req : reply) + SL_SHM_ALIGN;
     seg = sl_shm_pool_acquire(c->shm, need, &attached, &serr);
   }
   if (seg == NULL) return unary(c, method, p, o, NULL, sm, resp, st, err);
@@ -875,12 +914,17 @@ static int tensor_call(sl_client *c, const char *method, sl_payload *p, const sl
     md[o2.n_metadata].value = value;
     md[o2.n_metadata].value_len = strlen(value);
     o2.n_metadata++;
+    if (may_post && atomic_load(&c->shm_state) == SHM_UNKNOWN &&
+        sl_payload_size(p) >= SL_SHM_MIN_MESSAGE && offer_on_health(c, &o2)) {
+      attached = 1;     /* this call goes through the segment already */
+      o2.n_metadata--; /* and needs no offer */
+    }
   }
   if (!attached && (!may_post || atomic_load(&c->shm_state) != SHM_ON)) {
     /* a server not yet known to speak the channel gets the request over TCP: one
      * that does not would take the empty message for the request */
     rc = unary(c, method, p, &o2, NULL, NULL, resp, st, err); /* offers go unary */
-    attached = shm_answer(c, st, 1, &unknown, &reply_len);
+    attached = shm_answer(c, st, 1, &unknown, &reply_len, &reply_off);
     sl_shm_pool_release(c->shm, seg, 1, attached);
     free(md);
     return rc;
@@ -899,8 +943,8 @@ static int tensor_call(sl_client *c, const char *method, sl_payload *p, const sl
     return unary(c, method, p, o, NULL, sm, resp, st, err);
   }
   rc = unary(c, method, p, &o2, &sc, NULL, resp, st, err);
-  if (!attached) attached = shm_answer(c, st, 1, &unknown, &reply_len);
-  else shm_answer(c, st, 0, &unknown, &reply_len);
+  if (!attached) attached = shm_answer(c, st, 1, &unknown, &reply_len, &reply_off);
+  else shm_answer(c, st, 0, &unknown, &reply_len, &reply_off);
   sl_payload_unref(sc.empty);
   free(md);
   if (rc == SL_OK && sc.posted && !sc.broken && reply_len >= 0 &&
@@ -918,8 +962,10 @@ static int tensor_call(sl_client *c, const char *method, sl_payload *p, const sl
     return SL_ESTATUS;
   }
   if (rc == SL_OK && sc.posted && !sc.broken && reply_len >= 0 &&
-      (unsigned long long)reply_len <= sl_shm_seg_capacity(seg) && sl_shm_seg_reply_ready(seg)) {
-    span->ptr = sl_shm_seg_data(seg);
+      (unsigned long long)reply_off <= sl_shm_seg_capacity(seg) &&
+      (unsigned long long)reply_len <= sl_shm_seg_capacity(seg) - (unsigned long long)reply_off &&
+      sl_shm_seg_reply_ready(seg)) {
+    span->ptr = sl_shm_seg_data(seg) + reply_off;
     span->len = (size_t)reply_len;
     st->bytes_received += (size_t)reply_len;
     atomic_fetch_add(&c->shm_calls, 1);
@@ -1008,7 +1054,9 @@ int sl_client_compute(sl_client *c, const sl_call_opts *opts, int backward,
   status = tensor_call(c, method, p, opts, 1, &sm, &resp, st, err, &seg, &shm_span);
   if (status != SL_OK) goto cleanup;
   if (seg != NULL) {
-    status = sl_tensor_msg_read(resp_kind, &shm_span, 1, out, err);
+    /* the reply's raw tensors view the segment (it is not reused while they live) */
+    sl_span_owner lender = {NULL, seg, sl_shm_seg_lend, sl_shm_seg_unlend};
+    status = sl_tensor_msg_read_owned(resp_kind, &shm_span, 1, NULL, &lender, out, err);
     sl_shm_pool_release(c->shm, seg, 1, 1);
   } else if (resp == NULL) {
     /* streamed: each tensor is already in its own storage */
@@ -1016,7 +1064,7 @@ int sl_client_compute(sl_client *c, const sl_call_opts *opts, int backward,
   } else {
     status = sl__bbspans_take(&resp, &spans, err);
     if (status == SL_OK) {
-      sl_span_owner owner = {sl__bbspans_release, &spans};
+      sl_span_owner owner = {sl__bbspans_release, &spans, NULL, NULL};
       status = sl_tensor_msg_read_owned(resp_kind, spans.spans, spans.n, NULL, &owner, out, err);
     }
   }

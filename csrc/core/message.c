@@ -292,6 +292,8 @@ static uint32_t kv_field_of(sl_msg_kind kind) {
 
 static const char *known_dtypes(void) { return sl_dtype_names(); }
 
+static int alloc_failed(size_t len, sl_err *err);
+
 /* Allocate an item's storage for the one copy of the receive path (slices
  * straight into the final storage). With `defer`, the copy waits for
  * copy_pending() at the end of the read (the item records where its bytes are);
@@ -310,19 +312,64 @@ static int item_fill(sl_tensor_item *it, const sl_span *spans, size_t nspans, si
     it->nbytes = len;
     return SL_OK;
   }
-  if (sl_storage_alloc(len, &it->data) != SL_OK) {
-    return sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED,
-                      "out of memory allocating %zu bytes for a received tensor", len);
-  }
   it->nbytes = len;
   if (defer) {
+    /* the storage comes with the copy (or a loan) in copy_pending() */
     it->src_span = span;
     it->src_off = off;
     it->pending = 1;
-  } else {
-    sl_wire_copy_range(spans, nspans, span, off, len, it->data);
+    return SL_OK;
   }
+  if (sl_storage_alloc(len, &it->data) != SL_OK) return alloc_failed(len, err);
+  sl_wire_copy_range(spans, nspans, span, off, len, it->data);
   return SL_OK;
+}
+
+static int alloc_failed(size_t len, sl_err *err) {
+  return sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED,
+                    "out of memory allocating %zu bytes for a received tensor", len);
+}
+
+/* Borrow a pending item's bytes from `owner` instead of copying them (see
+ * sl_span_owner.lend); 1 when it did. */
+static int item_lend(sl_tensor_item *it, const sl_span *spans, size_t nspans,
+                     const sl_span_owner *owner) {
+  const uint8_t *p;
+  size_t align = sl_dtype_itemsize(it->desc.dtype);
+  if (owner == NULL || owner->lend == NULL || !it->decoded || it->nbytes < SL_LEND_MIN_BYTES ||
+      it->src_span >= nspans || spans[it->src_span].ptr == NULL ||
+      spans[it->src_span].len - it->src_off < it->nbytes) {
+    return 0;
+  }
+  p = spans[it->src_span].ptr + it->src_off;
+  if (align > 1 && (uintptr_t)p % align != 0) return 0;
+  it->lender = owner->lend(owner->user);
+  if (it->lender == NULL) return 0;
+  it->unlend = owner->unlend;
+  it->data = (void *)(uintptr_t)p;
+  return 1;
+}
+
+void sl_tensor_item_free_data(sl_tensor_item *it) {
+  if (it->lender != NULL) {
+    it->unlend(it->lender);
+  } else {
+    sl_storage_free(it->data);
+  }
+  it->data = NULL;
+  it->lender = NULL;
+  it->unlend = NULL;
+}
+
+static void storage_release(void *p);
+
+void sl_tensor_item_take(sl_tensor_item *it, void **data, void (**release)(void *), void **owner) {
+  *data = it->data;
+  *release = it->data == NULL ? NULL : it->lender != NULL ? it->unlend : storage_release;
+  *owner = it->lender != NULL ? it->lender : it->data;
+  it->data = NULL;
+  it->lender = NULL;
+  it->unlend = NULL;
 }
 
 static int pending_before(const void *a, const void *b) {
@@ -356,7 +403,14 @@ static int copy_pending(sl_tensor_msg *m, const sl_span *spans, size_t nspans,
     sl_tensor_item *it = order[k];
     size_t span = it->src_span, off = it->src_off, left = it->nbytes;
     size_t keep = k + 1 < n ? order[k + 1]->src_span : nspans; /* needed from here on */
-    uint8_t *dst = it->data;
+    uint8_t *dst;
+    it->pending = 0;
+    if (item_lend(it, spans, nspans, owner)) continue;
+    if (sl_storage_alloc(it->nbytes, &it->data) != SL_OK) {
+      if (order != one) free(order);
+      return alloc_failed(it->nbytes, err);
+    }
+    dst = it->data;
     while (left > 0 && span < nspans) {
       size_t avail = spans[span].len - off;
       size_t take = left < avail ? left : avail;
@@ -366,10 +420,9 @@ static int copy_pending(sl_tensor_msg *m, const sl_span *spans, size_t nspans,
       if (take < avail) break; /* the item ends inside this span */
       span++;
       off = 0;
-      while (owner != NULL && released < span && released < keep)
+      while (owner != NULL && owner->release != NULL && released < span && released < keep)
         owner->release(owner->user, released++);
     }
-    it->pending = 0;
   }
   if (order != one) free(order);
   return SL_OK;
@@ -795,7 +848,7 @@ cleanup:
 
 void sl_tensor_msg_clear(sl_tensor_msg *m) {
   for (size_t i = 0; i < m->n_items; i++) {
-    sl_storage_free(m->items[i].data);
+    sl_tensor_item_free_data(&m->items[i]);
     sl_meta_clear(&m->items[i].meta);
   }
   free(m->items);

@@ -50,7 +50,9 @@ typedef enum sl_msg_form {
 typedef struct sl_tensor_item {
   const char *name;     /* points into the header; "" in the single form */
   sl_tensor_desc desc;  /* the tensor's dtype and shape, before encoding */
-  void *data;           /* owned storage (sl_storage_free) unless set to NULL by a taker */
+  void *data;           /* owned storage (sl_storage_free), or bytes lent by the received
+                           message's owner (lender != NULL: unlend(lender) lets go of them);
+                           set to NULL by a taker (sl_tensor_item_take) */
   size_t nbytes;        /* bytes in data */
   const char *codec;    /* points into the header, or SL_CODEC_RAW; never NULL */
   sl_meta meta;         /* the codec metadata, owned */
@@ -59,7 +61,16 @@ typedef struct sl_tensor_item {
    * their copy waits for the end of the read (sl_tensor_msg_read_owned) */
   size_t src_span, src_off;
   int pending;
+  void *lender;                 /* non-NULL: data is borrowed (see sl_span_owner.lend) */
+  void (*unlend)(void *lender); /* lets go of it: runs once, from any thread */
 } sl_tensor_item;
+
+/* Take an item's data: *release(*owner) lets go of it when the taker is done
+ * (any thread); the item's data is NULL afterwards. Data NULL: *release NULL. */
+void sl_tensor_item_take(sl_tensor_item *it, void **data, void (**release)(void *), void **owner);
+
+/* Let go of an item's data (sl_storage_free, or the lender's unlend); data NULL. */
+void sl_tensor_item_free_data(sl_tensor_item *it);
 
 /* Kinds of structure nodes: the numbers of StructureNode.Kind (proto/). */
 typedef enum sl_node_kind {
@@ -127,9 +138,20 @@ int sl_tensor_msg_read_limited(sl_msg_kind kind, const sl_span *spans, size_t ns
  * is read: a large received message then never sits in memory beside all of its
  * copy. `release` must not touch the spans still to come. */
 typedef struct sl_span_owner {
-  void (*release)(void *user, size_t span);
+  void (*release)(void *user, size_t span); /* may be NULL */
   void *user;
+  /* Optional (NULL: every tensor is copied): spans that stay valid after the read,
+   * such as a shared-memory segment, may lend their bytes instead. A raw tensor of
+   * at least SL_LEND_MIN_BYTES that lies in one span at an address aligned for its
+   * dtype is then not copied: lend(user) returns a token (NULL: copy it after all)
+   * that keeps the bytes valid until unlend(token), and the item borrows them. */
+  void *(*lend)(void *user);
+  void (*unlend)(void *token);
 } sl_span_owner;
+
+/* Tensors smaller than this are copied even from spans that can lend: a view would
+ * hold the whole span hostage for a few bytes. */
+#define SL_LEND_MIN_BYTES ((size_t)64 << 10)
 
 /* sl_tensor_msg_read_limited() that tells `owner` (NULL: nobody) as spans are
  * done with. The tensors' bytes are copied last, in wire order, each span

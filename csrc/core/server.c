@@ -562,7 +562,7 @@ cleanup:
  * SL_EAGAIN when the hook deferred the call through `pending` (the reply comes
  * with sl_pending_complete); otherwise the reply is in `r` and tc is clean. */
 static int tcall_begin(sl_server *s, const sl_call_info *ci, sl__bbspans *in, sl_stream_rx *rx,
-                       int backward, reply *r, tcall *tc, sl_pending *pending) {
+                       sl_shm_use *shm, int backward, reply *r, tcall *tc, sl_pending *pending) {
   sl_msg_kind req_kind = backward ? SL_MSG_BACKWARD_REQUEST : SL_MSG_COMPUTE_REQUEST;
   sl_compute_args *args = &tc->args;
   double t0;
@@ -585,11 +585,13 @@ static int tcall_begin(sl_server *s, const sl_call_info *ci, sl__bbspans *in, sl
     rc = sl_tensor_msg_read_adopt(req_kind, rx->spans, rx->n_spans, &s->limits, rx->owned,
                                   &tc->msg, &r->err);
   } else {
-    /* the received message's slices go as their bytes are copied out */
-    sl_span_owner owner = {sl__bbspans_release, in};
-    /* a request in a shared-memory segment (no slices) stays where it is */
+    /* the received message's slices go as their bytes are copied out; a request in
+     * a shared-memory segment stays where it is, and lends its raw tensors */
+    sl_span_owner owner = {sl__bbspans_release, in, NULL, NULL};
+    sl_span_owner lender = {NULL, shm, sl_shm_use_lend, sl_shm_use_unlend};
     rc = sl_tensor_msg_read_owned(req_kind, in->spans, in->n, &s->limits,
-                                  in->slices != NULL ? &owner : NULL, &tc->msg, &r->err);
+                                  shm != NULL ? &lender : in->slices != NULL ? &owner : NULL,
+                                  &tc->msg, &r->err);
   }
   if (rc != SL_OK) goto fail;
   if (tc->msg.n_items > 0) {
@@ -741,6 +743,7 @@ static void respond_and_finish(served *sv) {
   size_t nops = 0;
   int tag2;
   double t_send = 0;
+  size_t reply_off = 0;
 
   if (!sv->responding) goto cleanup;
   if (sv->r.err.status != SL_OK && sv->r.err.code == SL_STATUS_OK) sv->r.err.code = SL_STATUS_INTERNAL;
@@ -751,11 +754,12 @@ static void respond_and_finish(served *sv) {
   memset(ops, 0, sizeof(ops));
   if (sv->r.payload != NULL && sv->shm != NULL && sv->r.err.status == SL_OK &&
       sl_payload_size(sv->r.payload) <= s->max_send &&
-      sl_shm_use_reply(sv->shm, sv->r.payload) == SL_OK) {
-    /* the reply is in the client's segment: an empty message, its length in the
-     * trailing metadata (a reply that does not fit goes over gRPC as usual) */
-    char len[32];
-    snprintf(len, sizeof(len), "%zu", sl_payload_size(sv->r.payload));
+      sl_shm_use_reply(sv->shm, sv->r.payload, &reply_off) == SL_OK) {
+    /* the reply is in the client's segment: an empty message, its length and
+     * offset in the trailing metadata (a reply that does not fit goes over gRPC as
+     * usual) */
+    char len[48];
+    snprintf(len, sizeof(len), "%zu %zu", sl_payload_size(sv->r.payload), reply_off);
     if (sl_call_add_trailing(cs, SL_SHM_MD_REPLY, len, strlen(len)) == SL_OK) {
       sv->r.rec.bytes_out = sl_payload_size(sv->r.payload);
       sl_payload_unref(sv->r.payload);
@@ -1111,8 +1115,8 @@ static int serve_call(served *sv, grpc_call_details *details, grpc_metadata_arra
       goto finish;
     }
     if (receive_stream(sv, &rx) == SL_OK) {
-      deferred = tcall_begin(s, &ci, NULL, &rx, backward, &sv->r, &sv->tc, (sl_pending *)sv) ==
-                 SL_EAGAIN;
+      deferred = tcall_begin(s, &ci, NULL, &rx, NULL, backward, &sv->r, &sv->tc,
+                             (sl_pending *)sv) == SL_EAGAIN;
     }
     sl_stream_rx_clear(&rx); /* what the reader did not take over */
     goto finish;
@@ -1122,12 +1126,19 @@ static int serve_call(served *sv, grpc_call_details *details, grpc_metadata_arra
   if (streq_slice(details->method, METHOD_COMPUTE) || streq_slice(details->method, METHOD_BACKWARD)) {
     int backward = streq_slice(details->method, METHOD_BACKWARD);
     if (shm_begin(sv, &shm_attach, &shm_req, &in, &shm_span, &shm_in) != SL_OK) goto finish;
-    if (tcall_begin(s, &ci, shm_in.spans != NULL ? &shm_in : &in, NULL, backward, &sv->r,
+    if (tcall_begin(s, &ci, shm_in.spans != NULL ? &shm_in : &in, NULL,
+                    shm_in.spans != NULL ? sv->shm : NULL, backward, &sv->r,
                     &sv->tc, (sl_pending *)sv) == SL_EAGAIN) {
       deferred = 1;
       goto finish;
     }
   } else if (streq_slice(details->method, METHOD_HEALTH)) {
+    /* a client offers its segment on a health check before its first large call */
+    sl_kv no_req = {0};
+    if (shm_attach.key != NULL &&
+        shm_begin(sv, &shm_attach, &no_req, &in, &shm_span, &shm_in) != SL_OK) {
+      goto finish;
+    }
     serve_health(s, &sv->r);
   } else if (streq_slice(details->method, METHOD_INFO)) {
     serve_info(s, &sv->r);

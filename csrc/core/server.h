@@ -66,8 +66,9 @@ typedef struct sl_compute_args {
                                     Every item is decoded (decoded = 1): its data holds the
                                     tensor, whatever codec (built in, or one of the config's
                                     custom `codecs`) item->codec names. The hook may take an
-                                    item's data (then it sets it to NULL and frees it itself
-                                    with sl_storage_free) */
+                                    item's data with sl_tensor_item_take (message.h), and
+                                    lets go of it through the release it gets: the bytes
+                                    may be lent by a shared-memory segment */
   int backward;                  /* 0: Compute; 1: ComputeBackward (the tensors are the
                                     gradients of the forward's outputs) */
   sl_call_fields fields;         /* forward_id, training_mode, learning_rate, use_cache, ... */

@@ -25,13 +25,15 @@
 #define PHASE_RELEASED 5u  /* the server let go without writing a reply */
 #define STATE(seq, phase) ((uint64_t)(seq) << PHASE_BITS | (phase))
 
-static const char MAGIC[8] = {'S', 'L', 'S', 'H', 'M', 0, 0, 1};
+/* The last byte is the layout's version: 2 added the hold word and the offsets. */
+static const char MAGIC[8] = {'S', 'L', 'S', 'H', 'M', 0, 0, 2};
 
 /* At offset 0 of every segment. */
 typedef struct sl_shm_hdr {
   char magic[8];
   uint8_t token[16];
   _Atomic uint64_t state; /* STATE(seq, phase) */
+  _Atomic uint32_t hold;  /* 1 while the server's tensors still view the segment */
 } sl_shm_hdr;
 
 static sl_shm_hdr *hdr_of(uint8_t *base) { return (sl_shm_hdr *)(void *)base; }
@@ -55,6 +57,20 @@ int sl_shm_target_is_local(const char *target) {
   if (has_prefix(t, "127.")) return strchr(t, ',') == NULL; /* one address, loopback */
   if (has_prefix(t, "[::1]")) return 1;
   return 0;
+}
+
+size_t sl_shm_align_offset(const sl_payload *p) {
+  size_t off = 0, best = 0, best_len = 0, n = sl_payload_npieces(p);
+  for (size_t i = 0; i < n; i++) {
+    size_t len = 0;
+    (void)sl_payload_piece(p, i, &len);
+    if (len > best_len) {
+      best_len = len;
+      best = off;
+    }
+    off += len;
+  }
+  return (SL_SHM_ALIGN - best % SL_SHM_ALIGN) % SL_SHM_ALIGN;
 }
 
 int sl_shm_copy_payload(uint8_t *dst, size_t cap, const sl_payload *p) {
@@ -110,7 +126,8 @@ struct sl_shm_seg {
   size_t size; /* of the file and the mapping */
   char token_hex[SL_SHM_TOKEN_HEX + 1];
   uint64_t seq;
-  int busy, attached;
+  int busy, attached;   /* the pool's (under its lock) */
+  _Atomic int refs;     /* the pool's (or the creator's) and one per lent tensor */
 };
 
 int sl_shm_seg_create(size_t capacity, sl_shm_seg **out, sl_err *err) {
@@ -121,6 +138,7 @@ int sl_shm_seg_create(size_t capacity, sl_shm_seg **out, sl_err *err) {
   if (s == NULL) return sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
   s->fd = -1;
   s->base = MAP_FAILED;
+  atomic_init(&s->refs, 1);
   if (capacity > SL_SHM_MAX_CAPACITY) {
     status = sl_err_set(err, SL_ETOOBIG, SL_STATUS_RESOURCE_EXHAUSTED, "segment too big");
     goto cleanup;
@@ -146,6 +164,7 @@ int sl_shm_seg_create(size_t capacity, sl_shm_seg **out, sl_err *err) {
   memcpy(hdr_of(s->base)->magic, MAGIC, sizeof(MAGIC));
   memcpy(hdr_of(s->base)->token, token, sizeof(token));
   atomic_store(&hdr_of(s->base)->state, 0);
+  atomic_store(&hdr_of(s->base)->hold, 0);
   hex_of(token, sizeof(token), s->token_hex);
   *out = s;
   s = NULL;
@@ -155,11 +174,28 @@ cleanup:
   return status;
 }
 
-void sl_shm_seg_destroy(sl_shm_seg *s) {
-  if (s == NULL) return;
+static void seg_free(sl_shm_seg *s) {
   if (s->base != MAP_FAILED) munmap(s->base, s->size);
   if (s->fd >= 0) close(s->fd);
   free(s);
+}
+
+void sl_shm_seg_destroy(sl_shm_seg *s) {
+  if (s == NULL) return;
+  if (atomic_fetch_sub(&s->refs, 1) == 1) seg_free(s);
+}
+
+void *sl_shm_seg_lend(void *seg) {
+  sl_shm_seg *s = seg;
+  atomic_fetch_add(&s->refs, 1);
+  return s;
+}
+
+void sl_shm_seg_unlend(void *seg) { sl_shm_seg_destroy(seg); }
+
+/* Neither our tensors nor the server's view it: a new request may overwrite it. */
+static int seg_free_to_write(sl_shm_seg *s) {
+  return atomic_load(&s->refs) == 1 && atomic_load(&hdr_of(s->base)->hold) == 0;
 }
 
 uint8_t *sl_shm_seg_data(sl_shm_seg *s) { return s->base + SL_SHM_HDR; }
@@ -174,11 +210,11 @@ int sl_shm_seg_attach_value(const sl_shm_seg *s, char *buf, size_t n) {
   return len < 0 || (size_t)len >= n ? SL_ETOOBIG : SL_OK;
 }
 
-int sl_shm_seg_post(sl_shm_seg *s, size_t len, char *buf, size_t n) {
+int sl_shm_seg_post(sl_shm_seg *s, size_t off, size_t len, char *buf, size_t n) {
   int w;
   s->seq++;
   atomic_store(&hdr_of(s->base)->state, STATE(s->seq, PHASE_POSTED));
-  w = snprintf(buf, n, "%s %llu %zu", s->token_hex, (unsigned long long)s->seq, len);
+  w = snprintf(buf, n, "%s %llu %zu %zu", s->token_hex, (unsigned long long)s->seq, len, off);
   return w < 0 || (size_t)w >= n ? SL_ETOOBIG : SL_OK;
 }
 
@@ -217,10 +253,15 @@ void sl_shm_pool_free(sl_shm_pool *p) {
   free(p);
 }
 
+/* Capacities come in eighths of powers of two from 1 MiB: a request of 2^k bytes
+ * and its reply beside it (2^(k+1) and a little) take 2.25 x 2^k, not 4. */
 static size_t round_capacity(size_t need) {
-  size_t c = SL_SHM_MIN_CAPACITY;
+  size_t c = SL_SHM_MIN_CAPACITY, step;
   while (c < need && c < SL_SHM_MAX_CAPACITY) c <<= 1;
-  return c;
+  if (c <= SL_SHM_MIN_CAPACITY) return c;
+  step = c / 16; /* an eighth of the power of two below c */
+  need = (need + step - 1) / step * step;
+  return need < c ? need : c;
 }
 
 /* Drop one free segment: the smallest when `largest` is 0, else the largest.
@@ -257,7 +298,7 @@ sl_shm_seg *sl_shm_pool_acquire(sl_shm_pool *p, size_t need, int *attached, sl_e
   pthread_mutex_lock(&p->mu);
   for (size_t i = 0; i < p->n; i++) {
     sl_shm_seg *c = p->segs[i];
-    if (c->busy || sl_shm_seg_capacity(c) < need) continue;
+    if (c->busy || sl_shm_seg_capacity(c) < need || !seg_free_to_write(c)) continue;
     /* the smallest that fits, attached ones first */
     if (s == NULL || (c->attached && !s->attached) ||
         (c->attached == s->attached && c->size < s->size)) {
@@ -322,6 +363,9 @@ size_t sl_shm_pool_count(sl_shm_pool *p) {
 
 /* ---- server side -------------------------------------------------------------- */
 
+/* A mapped segment. The table holds one reference while the segment is in it,
+ * each call that uses it one, and each tensor lent from it one: the mapping goes
+ * with the last, so a tensor may outlive its call, its client and the server. */
 typedef struct entry {
   struct entry *next;
   uint8_t token[16];
@@ -332,12 +376,16 @@ typedef struct entry {
   int client_fd;
   dev_t dev;
   ino_t ino;
-  int in_use;
+  int in_use;           /* under the table's lock */
+  _Atomic int refs;
+  pthread_mutex_t mu;   /* guards views and the header's hold word */
+  int views;            /* tensors lent from the segment and still alive */
 } entry;
 
 struct sl_shm_use {
   entry *e;
   uint64_t seq;
+  size_t req_end; /* the request ends here in the data area */
 };
 
 struct sl_shm_table {
@@ -358,10 +406,37 @@ int sl_shm_table_new(sl_shm_table **out) {
   return SL_OK;
 }
 
-static void entry_free(entry *e) {
+static void entry_unref(entry *e) {
+  if (atomic_fetch_sub(&e->refs, 1) != 1) return;
   munmap(e->base, e->size);
   close(e->fd);
+  pthread_mutex_destroy(&e->mu);
   free(e);
+}
+
+void *sl_shm_use_lend(void *use) {
+  entry *e = ((sl_shm_use *)use)->e;
+  pthread_mutex_lock(&e->mu);
+  if (e->views++ == 0) atomic_store(&hdr_of(e->base)->hold, 1);
+  pthread_mutex_unlock(&e->mu);
+  atomic_fetch_add(&e->refs, 1);
+  return e;
+}
+
+void sl_shm_use_unlend(void *token) {
+  entry *e = token;
+  pthread_mutex_lock(&e->mu);
+  if (--e->views == 0) atomic_store(&hdr_of(e->base)->hold, 0);
+  pthread_mutex_unlock(&e->mu);
+  entry_unref(e);
+}
+
+static int entry_views(entry *e) {
+  int v;
+  pthread_mutex_lock(&e->mu);
+  v = e->views;
+  pthread_mutex_unlock(&e->mu);
+  return v;
 }
 
 void sl_shm_table_free(sl_shm_table *t) {
@@ -369,7 +444,7 @@ void sl_shm_table_free(sl_shm_table *t) {
   while (t->head != NULL) {
     entry *e = t->head;
     t->head = e->next;
-    entry_free(e);
+    entry_unref(e);
   }
   pthread_mutex_destroy(&t->mu);
   free(t);
@@ -405,7 +480,7 @@ size_t sl_shm_table_sweep(sl_shm_table *t) {
   while (dead != NULL) {
     entry *e = dead;
     dead = e->next;
-    entry_free(e);
+    entry_unref(e); /* tensors lent from it keep it mapped */
   }
   return gone;
 }
@@ -517,10 +592,13 @@ int sl_shm_table_attach(sl_shm_table *t, const char *value, size_t len, sl_err *
   e->client_fd = cfd;
   e->dev = st.st_dev;
   e->ino = st.st_ino;
+  atomic_init(&e->refs, 1);
+  pthread_mutex_init(&e->mu, NULL);
   pthread_mutex_lock(&t->mu);
   if (t->n >= SL_SHM_TABLE_MAX || find_locked(t, token) != NULL) {
     int full = t->n >= SL_SHM_TABLE_MAX;
     pthread_mutex_unlock(&t->mu);
+    pthread_mutex_destroy(&e->mu);
     free(e);
     e = NULL;
     status = full ? sl_err_set(err, SL_EINVAL, SL_STATUS_FAILED_PRECONDITION,
@@ -539,16 +617,28 @@ cleanup:
   return status;
 }
 
+/* "<token hex> <seq> <len>" and an optional " <off>", nothing else; -1 when not. */
+static int parse_req(const char *buf, char *tokhex, unsigned long long *seq,
+                     unsigned long long *n, unsigned long long *off) {
+  int pos = -1, pos2 = -1;
+  *off = 0;
+  if (sscanf(buf, "%33s %llu %llu%n", tokhex, seq, n, &pos) != 3 || pos < 0) return -1;
+  if (buf[pos] == '\0') return 0;
+  if (sscanf(buf + pos, " %llu%n", off, &pos2) != 1 || pos2 < 0 || buf[pos + pos2] != '\0') {
+    return -1;
+  }
+  return 0;
+}
+
 int sl_shm_table_begin(sl_shm_table *t, const char *value, size_t len, sl_shm_use **use,
                        sl_span *span, sl_err *err) {
-  char buf[128], tokhex[SL_SHM_TOKEN_HEX + 2], extra;
-  unsigned long long seq, n;
+  char buf[128], tokhex[SL_SHM_TOKEN_HEX + 2];
+  unsigned long long seq, n, off = 0;
   uint8_t token[16];
   entry *e;
   sl_shm_use *u;
   *use = NULL;
-  if (value_str(value, len, buf, sizeof(buf)) != 0 ||
-      sscanf(buf, "%33s %llu %llu %c", tokhex, &seq, &n, &extra) != 3 ||
+  if (value_str(value, len, buf, sizeof(buf)) != 0 || parse_req(buf, tokhex, &seq, &n, &off) != 0 ||
       strlen(tokhex) != SL_SHM_TOKEN_HEX || unhex(tokhex, token, 16) != 0 || seq == 0 ||
       seq >= ((unsigned long long)1 << 60) || strchr(buf, '-') != NULL) {
     return sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
@@ -564,19 +654,21 @@ int sl_shm_table_begin(sl_shm_table *t, const char *value, size_t len, sl_shm_us
     return sl_err_set(err, SL_ENOTFOUND, SL_STATUS_FAILED_PRECONDITION,
                       "unknown shared-memory segment (the server restarted?)");
   }
-  if (e->in_use) {
+  if (e->in_use || entry_views(e) > 0) {
     pthread_mutex_unlock(&t->mu);
     free(u);
     return sl_err_set(err, SL_ESTATE, SL_STATUS_FAILED_PRECONDITION,
-                      "shared-memory segment in use by another call");
+                      "shared-memory segment in use by another call, or by the tensors of an "
+                      "earlier one");
   }
-  if (n > e->size - SL_SHM_HDR) {
+  if (off > e->size - SL_SHM_HDR || n > e->size - SL_SHM_HDR - off) {
     size_t cap = e->size - SL_SHM_HDR;
     pthread_mutex_unlock(&t->mu);
     free(u);
     return sl_err_set(err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
-                      "shared-memory request of %llu bytes is past its segment (%zu bytes)", n,
-                      cap);
+                      "shared-memory request of %llu bytes at offset %llu is past its segment "
+                      "(%zu bytes)",
+                      n, off, cap);
   }
   {
     /* take the request unless the client gave up on it (or posted another) */
@@ -591,24 +683,35 @@ int sl_shm_table_begin(sl_shm_table *t, const char *value, size_t len, sl_shm_us
     }
   }
   e->in_use = 1;
+  atomic_fetch_add(&e->refs, 1);
   pthread_mutex_unlock(&t->mu);
   u->e = e;
   u->seq = seq;
-  span->ptr = e->base + SL_SHM_HDR;
+  u->req_end = (size_t)(off + n);
+  span->ptr = e->base + SL_SHM_HDR + off;
   span->len = (size_t)n;
   *use = u;
   return SL_OK;
 }
 
-int sl_shm_use_reply(sl_shm_use *u, const sl_payload *p) {
+int sl_shm_use_reply(sl_shm_use *u, const sl_payload *p, size_t *off_out) {
   entry *e = u->e;
   uint64_t expect = STATE(u->seq, PHASE_HELD);
-  if (sl_payload_size(p) > e->size - SL_SHM_HDR) return SL_ETOOBIG;
+  size_t cap = e->size - SL_SHM_HDR, len = sl_payload_size(p), skew = sl_shm_align_offset(p);
+  size_t after = (u->req_end + SL_SHM_ALIGN - 1) / SL_SHM_ALIGN * SL_SHM_ALIGN + skew, off;
+  if (after <= cap && len <= cap - after) {
+    off = after; /* beside the request, which tensors may still view */
+  } else if (skew <= cap && len <= cap - skew && entry_views(e) == 0) {
+    off = skew; /* over the request: nothing views it */
+  } else {
+    return SL_ETOOBIG;
+  }
   if (!atomic_compare_exchange_strong(&hdr_of(e->base)->state, &expect,
                                       STATE(u->seq, PHASE_WRITING))) {
     return SL_ESTATE; /* the client scribbled on the state word */
   }
-  sl_shm_copy_payload(e->base + SL_SHM_HDR, e->size - SL_SHM_HDR, p);
+  *off_out = off;
+  sl_shm_copy_payload(e->base + SL_SHM_HDR + off, cap - off, p);
   atomic_store(&hdr_of(e->base)->state, STATE(u->seq, PHASE_DONE));
   return SL_OK;
 }
@@ -622,5 +725,6 @@ void sl_shm_use_end(sl_shm_table *t, sl_shm_use *u) {
   pthread_mutex_lock(&t->mu);
   u->e->in_use = 0;
   pthread_mutex_unlock(&t->mu);
+  entry_unref(u->e);
   free(u);
 }

@@ -142,6 +142,8 @@ typedef struct owned_tensor {
   DLManagedTensor dlm;              /* handed out as a legacy capsule, or */
   sl_dlmtensor_versioned versioned; /* as a versioned one; both describe the same bytes */
   int64_t shape[SL_MAX_NDIM];
+  void (*release)(void *);          /* lets go of the bytes: sl_storage_free, or a */
+  void *owner;                      /* lender's unlend (a shared-memory segment) */
   int refs;                         /* 2 until the capsule or the deleter lets go */
   int freed;                        /* the storage was freed (first deleter call) */
 } owned_tensor;
@@ -153,7 +155,7 @@ static void owned_unref(owned_tensor *o) {
 /* The consumer's release: frees the storage once, whatever number of calls. */
 static void owned_release_data(owned_tensor *o) {
   if (__atomic_exchange_n(&o->freed, 1, __ATOMIC_ACQ_REL)) return;
-  sl_storage_free(o->dlm.dl_tensor.data);
+  if (o->release != NULL) o->release(o->owner);
   owned_unref(o);
 }
 
@@ -180,15 +182,21 @@ typedef struct holder {
   Py_ssize_t exports;   /* live buffer views: DLPack export is refused while > 0 */
 } holder;
 
-/* The owned_tensor of received storage (taken: freed on failure too). */
-static owned_tensor *owned_new(void *storage, const sl_tensor_desc *desc) {
+static void storage_release(void *p) { sl_storage_free(p); }
+
+/* The owned_tensor of received bytes: release(owner) lets go of them, once (also
+ * when this fails). */
+static owned_tensor *owned_new(void *data, const sl_tensor_desc *desc, void (*release)(void *),
+                               void *owner) {
   owned_tensor *o = PyMem_RawCalloc(1, sizeof(*o));
   if (o == NULL) {
-    sl_storage_free(storage);
+    if (release != NULL) release(owner);
     PyErr_NoMemory();
     return NULL;
   }
-  o->dlm.dl_tensor.data = storage;
+  o->release = release;
+  o->owner = owner;
+  o->dlm.dl_tensor.data = data;
   o->dlm.dl_tensor.device.device_type = kDLCPU;
   o->dlm.dl_tensor.device.device_id = 0;
   o->dlm.dl_tensor.ndim = desc->ndim;
@@ -212,8 +220,13 @@ static owned_tensor *owned_new(void *storage, const sl_tensor_desc *desc) {
 }
 
 PyObject *slpy_holder_new(slpy_state *st, void *storage, const sl_tensor_desc *desc) {
+  return slpy_holder_new_lent(st, storage, desc, storage_release, storage);
+}
+
+PyObject *slpy_holder_new_lent(slpy_state *st, void *data, const sl_tensor_desc *desc,
+                               void (*release)(void *), void *owner) {
   holder *h;
-  owned_tensor *o = owned_new(storage, desc);
+  owned_tensor *o = owned_new(data, desc, release, owner);
   if (o == NULL) return NULL;
   h = PyObject_New(holder, st->holder_type);
   if (h == NULL) {
@@ -228,9 +241,10 @@ PyObject *slpy_holder_new(slpy_state *st, void *storage, const sl_tensor_desc *d
 
 static void capsule_destructor(PyObject *capsule);
 
-PyObject *slpy_capsule_new(void *storage, const sl_tensor_desc *desc) {
+PyObject *slpy_capsule_new(void *data, const sl_tensor_desc *desc, void (*release)(void *),
+                           void *owner) {
   PyObject *capsule;
-  owned_tensor *o = owned_new(storage, desc);
+  owned_tensor *o = owned_new(data, desc, release, owner);
   if (o == NULL) return NULL;
   capsule = PyCapsule_New(&o->dlm, "dltensor", capsule_destructor);
   if (capsule == NULL) {

@@ -81,12 +81,17 @@ void slpy_export_release(void *dlm);
  * buffer protocol (memoryview(obj): writable, 1-D, unsigned bytes). On failure
  * the storage is freed and NULL returned with an exception set. */
 PyObject *slpy_holder_new(slpy_state *st, void *storage, const sl_tensor_desc *desc);
+/* The same over bytes someone else owns: release(owner) runs once, from any thread,
+ * when the last view lets go (also on failure). */
+PyObject *slpy_holder_new_lent(slpy_state *st, void *data, const sl_tensor_desc *desc,
+                               void (*release)(void *), void *owner);
 
 extern PyType_Spec slpy_holder_spec;
-/* A new legacy "dltensor" capsule over received storage (taken: freed on failure
- * too), without a DLPackTensor: torch.from_dlpack and torch._C._from_dlpack take
- * it without copying; the consumer's deleter frees the storage. */
-PyObject *slpy_capsule_new(void *storage, const sl_tensor_desc *desc);
+/* A new legacy "dltensor" capsule over received bytes, without a DLPackTensor:
+ * torch.from_dlpack and torch._C._from_dlpack take it without copying; release(owner)
+ * runs once, from any thread, when the consumer lets go (also on failure). */
+PyObject *slpy_capsule_new(void *data, const sl_tensor_desc *desc, void (*release)(void *),
+                           void *owner);
 /* A new legacy "dltensor" capsule of `holder` (a DLPackTensor), as its
  * __dlpack__() without arguments: once only, then BufferError. */
 PyObject *slpy_holder_capsule(PyObject *holder);

@@ -103,8 +103,11 @@ int slpy_tensor_types_init(slpy_state *st, PyObject *module) {
  * afterwards, even on failure). */
 static PyObject *leaf_new(slpy_state *st, sl_tensor_item *it) {
   PyObject *leaf = NULL, *holder, *name = NULL, *shape = NULL, *dtype = NULL;
-  holder = slpy_holder_new(st, it->data, &it->desc);
-  it->data = NULL; /* the holder owns it now (freed even on failure) */
+  void *data, *owner;
+  void (*release)(void *);
+  sl_tensor_item_take(it, &data, &release, &owner);
+  /* the holder owns it now (let go of even on failure) */
+  holder = slpy_holder_new_lent(st, data, &it->desc, release, owner);
   if (holder == NULL) return NULL;
   name = PyUnicode_FromString(it->name ? it->name : "");
   shape = slpy_shape_tuple(&it->desc);
@@ -415,8 +418,12 @@ int slpy_msg_to_value(sl_tensor_msg *m, PyObject *convert, PyObject **value, PyO
   if (*values == NULL) return -1;
   for (size_t i = 0; i < m->n_items; i++) {
     sl_tensor_item *it = &m->items[i];
-    PyObject *capsule = slpy_capsule_new(it->data, &it->desc), *v;
-    it->data = NULL; /* the capsule owns it now (freed even on failure) */
+    PyObject *capsule, *v;
+    void *data, *owner;
+    void (*release)(void *);
+    sl_tensor_item_take(it, &data, &release, &owner);
+    /* the capsule owns it now (let go of even on failure) */
+    capsule = slpy_capsule_new(data, &it->desc, release, owner);
     if (capsule == NULL) goto fail;
     v = PyObject_CallOneArg(convert, capsule);
     Py_DECREF(capsule);

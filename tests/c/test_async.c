@@ -51,7 +51,8 @@ static int hook(void *user, const sl_call_info *call, sl_compute_args *a, sl_err
     nqueued++;
     pthread_cond_broadcast(&qcv);
     pthread_mutex_unlock(&qmu);
-    a->tensor->items[0].data = NULL; /* taken */
+    a->tensor->items[0].data = NULL; /* taken (the async client never uses shared memory, so
+                                        the bytes are storage, never lent) */
     return SL_EAGAIN;
   }
   a->out.items = calloc(1, sizeof(*a->out.items));
@@ -60,11 +61,13 @@ static int hook(void *user, const sl_call_info *call, sl_compute_args *a, sl_err
   a->out_free = free;
   a->out_owner = a->out.items;
   a->out.items[0].desc = a->tensor->items[0].desc;
-  a->out.items[0].data = a->tensor->items[0].data;
   a->out.items[0].nbytes = a->tensor->items[0].nbytes;
-  a->out.items[0].release = free_storage;
-  a->out.items[0].owner = a->tensor->items[0].data;
-  a->tensor->items[0].data = NULL;
+  {
+    void *data; /* taken: the bytes may be lent by a shared-memory segment */
+    sl_tensor_item_take(&a->tensor->items[0], &data, &a->out.items[0].release,
+                        &a->out.items[0].owner);
+    a->out.items[0].data = data;
+  }
   return SL_OK;
 }
 

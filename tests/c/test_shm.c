@@ -39,7 +39,7 @@ static void test_round_trip_in_one_process(void) {
   CHECK_EQ_INT(sl_shm_table_attach(t, av, strlen(av), &err), SL_OK); /* again: no second map */
   CHECK_EQ_INT(sl_shm_table_count(t), 1);
   CHECK_EQ_INT(sl_shm_copy_payload(sl_shm_seg_data(s), sl_shm_seg_capacity(s), req), SL_OK);
-  CHECK_EQ_INT(sl_shm_seg_post(s, sl_payload_size(req), rv, sizeof(rv)), SL_OK);
+  CHECK_EQ_INT(sl_shm_seg_post(s, 0, sl_payload_size(req), rv, sizeof(rv)), SL_OK);
   CHECK_EQ_INT(sl_shm_table_begin(t, rv, strlen(rv), &u, &span, &err), SL_OK);
   CHECK_EQ_INT(span.len, 18);
   CHECK(memcmp(span.ptr, "head:request bytes", 18) == 0);
@@ -50,18 +50,25 @@ static void test_round_trip_in_one_process(void) {
     CHECK_EQ_INT(err.code, SL_STATUS_FAILED_PRECONDITION);
   }
   CHECK(!sl_shm_seg_settle(s)); /* the server holds it: never reused */
-  CHECK_EQ_INT(sl_shm_use_reply(u, rep), SL_OK);
+  {
+    /* the reply goes beside the request, its largest piece on a 64-byte boundary */
+    size_t off = 0;
+    CHECK_EQ_INT(sl_shm_use_reply(u, rep, &off), SL_OK);
+    CHECK(off >= 18);
+    CHECK_EQ_INT((off + 2) % SL_SHM_ALIGN, 0); /* "reply" follows "R:" */
+    CHECK(memcmp(sl_shm_seg_data(s) + off, "R:reply", 7) == 0);
+    CHECK(memcmp(sl_shm_seg_data(s), "head:request bytes", 18) == 0);
+  }
   sl_shm_use_end(t, u);
   CHECK(sl_shm_seg_reply_ready(s));
-  CHECK(memcmp(sl_shm_seg_data(s), "R:reply", 7) == 0);
   CHECK(sl_shm_seg_settle(s)); /* DONE: reusable */
   /* a client that gave up before the server took the request: it never takes it */
-  CHECK_EQ_INT(sl_shm_seg_post(s, 4, rv, sizeof(rv)), SL_OK);
+  CHECK_EQ_INT(sl_shm_seg_post(s, 0, 4, rv, sizeof(rv)), SL_OK);
   CHECK(sl_shm_seg_settle(s));
   CHECK_EQ_INT(sl_shm_table_begin(t, rv, strlen(rv), &u, &span, &err), SL_ESTATE);
   CHECK(u == NULL);
   /* a server that lets go without a reply (an error, a reply over TCP) */
-  CHECK_EQ_INT(sl_shm_seg_post(s, 4, rv, sizeof(rv)), SL_OK);
+  CHECK_EQ_INT(sl_shm_seg_post(s, 0, 4, rv, sizeof(rv)), SL_OK);
   CHECK_EQ_INT(sl_shm_table_begin(t, rv, strlen(rv), &u, &span, &err), SL_OK);
   sl_shm_use_end(t, u);
   CHECK(!sl_shm_seg_reply_ready(s));
@@ -70,7 +77,7 @@ static void test_round_trip_in_one_process(void) {
   {
     char old[100];
     memcpy(old, rv, sizeof(old));
-    CHECK_EQ_INT(sl_shm_seg_post(s, 4, rv, sizeof(rv)), SL_OK);
+    CHECK_EQ_INT(sl_shm_seg_post(s, 0, 4, rv, sizeof(rv)), SL_OK);
     CHECK_EQ_INT(sl_shm_table_begin(t, old, strlen(old), &u, &span, &err), SL_ESTATE);
     CHECK(sl_shm_seg_settle(s));
   }
@@ -101,7 +108,8 @@ static void test_bad_request_values(void) {
   {
     const char *bad[] = {"", "x", "zz 1 1", "0123 1 1", "%s", "%s 0 1", "%s -1 5", "%s 1 -5",
                          "%s 1", "%s 1 1 extra", "%s 18446744073709551615 1",
-                         "%s 1 99999999999999999999999"};
+                         "%s 1 99999999999999999999999", "%s 1 1 ", "%s 1 1 5 extra",
+                         "%s 1 1 -3", "%s 1 1 5x", "%s 1 1 99999999999999999999999"};
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
       snprintf(v, sizeof(v), bad[i], tok);
       CHECK_EQ_INT(sl_shm_table_begin(t, v, strlen(v), &u, &span, &err), SL_EINVAL);
@@ -113,9 +121,21 @@ static void test_bad_request_values(void) {
   snprintf(v, sizeof(v), "%s 1 %zu", tok, sl_shm_seg_capacity(s) + 1);
   CHECK_EQ_INT(sl_shm_table_begin(t, v, strlen(v), &u, &span, &err), SL_EINVAL);
   CHECK_CONTAINS(err.msg, "past its segment");
-  sl_shm_seg_post(s, 1, v, sizeof(v));
+  /* an offset past it, or a length that runs past it from the offset */
+  snprintf(v, sizeof(v), "%s 1 1 %zu", tok, sl_shm_seg_capacity(s) + 1);
+  CHECK_EQ_INT(sl_shm_table_begin(t, v, strlen(v), &u, &span, &err), SL_EINVAL);
+  snprintf(v, sizeof(v), "%s 1 %zu 64", tok, sl_shm_seg_capacity(s) - 63);
+  CHECK_EQ_INT(sl_shm_table_begin(t, v, strlen(v), &u, &span, &err), SL_EINVAL);
+  CHECK_CONTAINS(err.msg, "past its segment");
+  sl_shm_seg_post(s, 0, 1, v, sizeof(v));
   snprintf(v, sizeof(v), "%s 1 %zu", tok, sl_shm_seg_capacity(s));
   CHECK_EQ_INT(sl_shm_table_begin(t, v, strlen(v), &u, &span, &err), SL_OK);
+  sl_shm_use_end(t, u);
+  sl_shm_seg_post(s, 0, 1, v, sizeof(v)); /* seq 2, with an offset: the span starts there */
+  memcpy(sl_shm_seg_data(s) + 64, "at 64", 5);
+  snprintf(v, sizeof(v), "%s 2 %zu 64", tok, sl_shm_seg_capacity(s) - 64);
+  CHECK_EQ_INT(sl_shm_table_begin(t, v, strlen(v), &u, &span, &err), SL_OK);
+  CHECK(memcmp(span.ptr, "at 64", 5) == 0); /* (the server maps it at its own address) */
   sl_shm_use_end(t, u);
   /* a NUL inside the value */
   CHECK_EQ_INT(sl_shm_table_begin(t, "ab\0cd", 5, &u, &span, &err), SL_EINVAL);
@@ -295,6 +315,70 @@ static void test_pool(void) {
   sl_shm_pool_free(p);
 }
 
+/* Tensors lent from segments (zero copies on receive): the server's views set the
+ * hold word, which keeps the client from writing a new request there; the client's
+ * views keep the pool from handing the segment out; and both sides' mappings live
+ * as long as the views, past the call, the pool and the table. */
+static void test_lent_views(void) {
+  sl_shm_pool *p = NULL;
+  sl_shm_table *t = NULL;
+  sl_shm_seg *s, *other;
+  sl_shm_use *u = NULL;
+  sl_span span;
+  sl_err err;
+  char av[200], rv[100];
+  int attached;
+  void *view, *mine;
+  size_t off = 0;
+  sl_payload *rep = payload_of("R:", "reply");
+  CHECK_EQ_INT(sl_shm_pool_new(&p), SL_OK);
+  CHECK_EQ_INT(sl_shm_table_new(&t), SL_OK);
+  s = sl_shm_pool_acquire(p, 10, &attached, &err);
+  CHECK(s != NULL);
+  CHECK_EQ_INT(sl_shm_seg_attach_value(s, av, sizeof(av)), SL_OK);
+  CHECK_EQ_INT(sl_shm_table_attach(t, av, strlen(av), &err), SL_OK);
+  memcpy(sl_shm_seg_data(s) + 64, "tensor", 6);
+  CHECK_EQ_INT(sl_shm_seg_post(s, 64, 6, rv, sizeof(rv)), SL_OK);
+  CHECK_EQ_INT(sl_shm_table_begin(t, rv, strlen(rv), &u, &span, &err), SL_OK);
+  view = sl_shm_use_lend(u); /* the server's compute() keeps its input */
+  CHECK(view != NULL);
+  CHECK_EQ_INT(sl_shm_use_reply(u, rep, &off), SL_OK);
+  CHECK(off >= 70); /* beside the viewed request */
+  sl_shm_use_end(t, u);
+  CHECK(sl_shm_seg_settle(s));
+  sl_shm_pool_release(p, s, 1, 1);
+  /* held by the server's view: the next call gets another segment */
+  other = sl_shm_pool_acquire(p, 10, &attached, &err);
+  CHECK(other != NULL && other != s);
+  /* a client that posts into it anyway is refused, and the view's bytes stay */
+  CHECK_EQ_INT(sl_shm_seg_post(s, 64, 6, rv, sizeof(rv)), SL_OK);
+  CHECK_EQ_INT(sl_shm_table_begin(t, rv, strlen(rv), &u, &span, &err), SL_ESTATE);
+  CHECK_CONTAINS(err.msg, "tensors of an earlier one");
+  CHECK(sl_shm_seg_settle(s));
+  sl_shm_use_unlend(view);
+  sl_shm_pool_release(p, other, 1, 0);
+  /* the client's view of its reply keeps the segment from the pool too */
+  mine = sl_shm_seg_lend(s);
+  CHECK(sl_shm_pool_acquire(p, 10, &attached, &err) == other);
+  sl_shm_seg_unlend(mine);
+  CHECK(sl_shm_pool_acquire(p, 10, &attached, &err) == s);
+  /* views outlive the table and the pool: the bytes stay mapped */
+  CHECK_EQ_INT(sl_shm_seg_post(s, 64, 6, rv, sizeof(rv)), SL_OK);
+  CHECK_EQ_INT(sl_shm_table_begin(t, rv, strlen(rv), &u, &span, &err), SL_OK);
+  view = sl_shm_use_lend(u);
+  sl_shm_use_end(t, u);
+  mine = sl_shm_seg_lend(s);
+  sl_shm_pool_release(p, s, 1, 1);
+  sl_shm_pool_release(p, other, 1, 0);
+  sl_shm_pool_free(p);
+  sl_shm_table_free(t);
+  CHECK(memcmp(span.ptr, "tensor", 6) == 0);
+  CHECK(memcmp(sl_shm_seg_data(s) + 64, "tensor", 6) == 0);
+  sl_shm_use_unlend(view);
+  sl_shm_seg_unlend(mine); /* the last reference: unmapped now */
+  sl_payload_unref(rep);
+}
+
 static void test_local_targets(void) {
   CHECK(sl_shm_target_is_local("127.0.0.1:5000"));
   CHECK(sl_shm_target_is_local("localhost:5000"));
@@ -314,6 +398,7 @@ int main(void) {
   RUN(test_sweep_after_kill);
   RUN(test_other_user_refused);
   RUN(test_pool);
+  RUN(test_lent_views);
   RUN(test_local_targets);
   return sl_test_done("shm");
 }

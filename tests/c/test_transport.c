@@ -18,8 +18,6 @@
 
 static atomic_int inside, max_inside;
 
-static void free_storage(void *p) { sl_storage_free(p); }
-
 static int double_hook(void *user, const sl_call_info *call, sl_compute_args *a, sl_err *err) {
   int now;
   (void)user;
@@ -50,11 +48,13 @@ static int double_hook(void *user, const sl_call_info *call, sl_compute_args *a,
   a->out_free = free;
   a->out_owner = a->out.items;
   a->out.items[0].desc = a->tensor->items[0].desc;
-  a->out.items[0].data = a->tensor->items[0].data;
   a->out.items[0].nbytes = a->tensor->items[0].nbytes;
-  a->out.items[0].release = free_storage;
-  a->out.items[0].owner = a->tensor->items[0].data;
-  a->tensor->items[0].data = NULL; /* taken */
+  {
+    void *data; /* taken: the bytes may be lent by a shared-memory segment */
+    sl_tensor_item_take(&a->tensor->items[0], &data, &a->out.items[0].release,
+                        &a->out.items[0].owner);
+    a->out.items[0].data = data;
+  }
   a->compute_time_ms = 1.5f;
   return SL_OK;
 }
