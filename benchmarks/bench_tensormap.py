@@ -41,6 +41,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from typing import Any, Dict, List
 
@@ -62,7 +63,13 @@ HIDDEN_SHAPE = (1, 128, 768)
 
 
 class Echo(slc.ComputeFunction):
+    """Echoes its input; remembers the CPU clock of the worker thread serving it."""
+
+    clock: Any = None
+
     def compute(self, x: Any) -> Any:
+        if self.clock is None:
+            self.clock = time.pthread_getcpuclockid(threading.get_ident())
         return x
 
 
@@ -71,19 +78,22 @@ def stage_sums(server: slc.GRPCComputeServer) -> Dict[str, float]:
     return {k: v["sum"] for k, v in lat.items()} | {"count": lat["total"]["count"]}
 
 
-def run_case(client: slc.GRPCComputeClient, server: slc.GRPCComputeServer, payload: Any,
-             n: int) -> Dict[str, List[float]]:
+def run_case(client: slc.GRPCComputeClient, server: slc.GRPCComputeServer, echo: Echo,
+             payload: Any, n: int) -> Dict[str, List[float]]:
     walls: List[float] = []
     before = stage_sums(server)
+    cpu0, wcpu0 = time.thread_time(), time.clock_gettime(echo.clock)
     for _ in range(n):
         t0 = time.perf_counter()
         client.compute(payload)
         walls.append(time.perf_counter() - t0)
+    cpu1, wcpu1 = time.thread_time(), time.clock_gettime(echo.clock)
     after = stage_sums(server)
     calls = after["count"] - before["count"]
     per = {k: (after[k] - before[k]) / calls for k in ("decode", "compute", "encode", "total")}
     return {"wall": walls, "server": [per["decode"] + per["compute"] + per["encode"]],
-            "server_total": [per["total"]]}
+            "server_total": [per["total"]], "client_cpu": [(cpu1 - cpu0) / n],
+            "server_cpu": [(wcpu1 - wcpu0) / calls]}
 
 
 def main() -> None:
@@ -104,9 +114,11 @@ def main() -> None:
     cases = {"one tensor": one, "25 tensors": structure}
     paths = {"TCP": False, "shared memory": True}
     keys = [(p, c) for p in paths for c in cases]
-    results: Dict[Any, Dict[str, List[float]]] = {k: {"wall": [], "server": [], "client": []}
-                                                  for k in keys}
-    with slc.GRPCComputeServer(Echo(), host="127.0.0.1", port=0, max_workers=1) as server:
+    results: Dict[Any, Dict[str, List[float]]] = {
+        k: {"wall": [], "server": [], "client": [], "client_cpu": [], "server_cpu": []}
+        for k in keys}
+    echo = Echo()
+    with slc.GRPCComputeServer(echo, host="127.0.0.1", port=0, max_workers=1) as server:
         clients = {p: slc.GRPCComputeClient(f"127.0.0.1:{server.port}", retry_strategy=None,
                                             shared_memory=shm) for p, shm in paths.items()}
         try:
@@ -115,10 +127,13 @@ def main() -> None:
                     clients[p].compute(cases[c])
             for _ in range(rounds):
                 for p, c in keys:
-                    r = run_case(clients[p], server, cases[c], calls)
-                    results[(p, c)]["wall"].append(statistics.median(r["wall"]))
-                    results[(p, c)]["server"].append(r["server"][0])
-                    results[(p, c)]["client"].append(statistics.mean(r["wall"]) - r["server_total"][0])
+                    r = run_case(clients[p], server, echo, cases[c], calls)
+                    res = results[(p, c)]
+                    res["wall"].append(statistics.median(r["wall"]))
+                    res["server"].append(r["server"][0])
+                    res["client"].append(statistics.mean(r["wall"]) - r["server_total"][0])
+                    res["client_cpu"].append(r["client_cpu"][0])
+                    res["server_cpu"].append(r["server_cpu"][0])
         finally:
             for client in clients.values():
                 client.close()
@@ -126,7 +141,7 @@ def main() -> None:
     med = {k: {s: min(v) * 1e3 for s, v in r.items()} for k, r in results.items()}
     extra = 2 * LAYERS  # tensors beyond the first
     per = {p: {s: (med[(p, "25 tensors")][s] - med[(p, "one tensor")][s]) * 1e3 / extra
-               for s in ("client", "server")} for p in paths}
+               for s in ("client", "server", "client_cpu", "server_cpu")} for p in paths}
     lines = [
         BEGIN,
         "## Tensor maps: 25 tensors in one call vs the same bytes as one tensor",
@@ -141,21 +156,37 @@ def main() -> None:
         "echoed back. TCP: gRPC carries the bytes (`shared_memory=False`, as between two "
         "hosts); shared memory: the default on one host (docs/shm.md).",
         "",
-        "| path | case | wall p50 (ms) | client (ms) | server decode+compute+encode (ms) |",
-        "|---|---|---|---|---|",
+        "| path | case | wall p50 (ms) | client (ms) | server decode+compute+encode (ms) "
+        "| client thread CPU (ms) | server worker CPU (ms) |",
+        "|---|---|--:|--:|--:|--:|--:|",
     ]
     for p, c in keys:
         m = med[(p, c)]
-        lines.append(f"| {p} | {c} | {m['wall']:.3f} | {m['client']:.3f} | {m['server']:.3f} |")
+        lines.append(f"| {p} | {c} | {m['wall']:.3f} | {m['client']:.3f} | {m['server']:.3f} "
+                     f"| {m['client_cpu']:.3f} | {m['server_cpu']:.3f} |")
     lines += [
         "",
-        f"Cost per extra tensor (24 of them, both directions of the echo included), over "
-        f"TCP: client {per['TCP']['client']:.1f} us, server {per['TCP']['server']:.1f} us; "
-        f"through shared memory: client {per['shared memory']['client']:.1f} us, server "
-        f"{per['shared memory']['server']:.1f} us (goal: under 5 us per tensor on each "
-        "side). Per round the median call; then the least disturbed round (minimum over "
-        "rounds) of each column; the client column is wall time minus the server's total "
-        "stage, so it carries loopback noise that the per-tensor difference mostly cancels.",
+        "Cost per extra tensor (24 of them, both directions of the echo included; goal: "
+        "under 5 us per tensor on each side):",
+        "",
+        "| path | client, wall (us) | server, stages (us) | client thread CPU (us) "
+        "| server worker CPU (us) |",
+        "|---|--:|--:|--:|--:|",
+    ]
+    for p in paths:
+        q = per[p]
+        lines.append(f"| {p} | {q['client']:.1f} | {q['server']:.1f} | {q['client_cpu']:.1f} "
+                     f"| {q['server_cpu']:.1f} |")
+    lines += [
+        "",
+        "Per round the median call (CPU: the mean); then the least disturbed round "
+        "(minimum over rounds) of each column. The client's wall column is wall time minus "
+        "the server's total stage, so it carries loopback noise that the per-tensor "
+        "difference mostly cancels; the server's is its decode, compute and encode stages "
+        "(wall clock). The CPU columns, which the machine's load disturbs less, are the "
+        "calling thread's CPU time (the client's Python, the binding and the core, its "
+        "receive included) and the server worker's (receive, decode, the Python hand-off, "
+        "encode, send).",
         END,
     ]
     text = "\n".join(lines) + "\n"
