@@ -7,7 +7,7 @@ through an identity compute, one after the other. The stacks, measured in
 alternation (rounds):
 
   C-core echo (floor)   build/bench/echo_floor --cold: the bare gRPC C core, no copies
-  our core, C hook      build/bench/core_echo --cold: our C core, no Python
+  our core, C hook      build/bench/core_echo --cold: our C core, no Python, over TCP
   splitlearn-comm       GRPCComputeServer and GRPCComputeClient (this file, --client):
                         on 127.0.0.1 the tensors go through shared memory (the default)
   splitlearn-comm, TCP  the same with SPLITLEARN_SHM=0 (streamed over the connection)
@@ -128,7 +128,9 @@ def run_c(program: str, nbytes: int, calls: int) -> Dict[str, Any]:
     path = os.path.join(BENCH_BIN, program)
     if not os.path.exists(path):
         subprocess.run(["make", "-s", "-C", ROOT, "bench-floor"], check=True)
+    # our core's client over TCP, as the floor (the same-host row is splitlearn-comm's)
     out = subprocess.run([path, "--cold", str(nbytes), "--cold-calls", str(calls)], check=True,
+                         env={**os.environ, "SPLITLEARN_SHM": "0"},
                          capture_output=True, text=True, timeout=600)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

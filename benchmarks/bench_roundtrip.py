@@ -355,9 +355,10 @@ def c_program(impl: str) -> str:
 
 def run_c(impl: str, nbytes: int, n: int, warm: int) -> Dict[str, Any]:
     """Run a C row's program for one size; its JSON line."""
+    # our core's client would take shared memory on 127.0.0.1: this table is TCP
     out = subprocess.run([c_program(impl), "--sizes", str(nbytes), "--n", str(n),
                           "--warm", str(warm)], check=True, capture_output=True, text=True,
-                         timeout=600)
+                         timeout=600, env={**os.environ, "SPLITLEARN_SHM": "0"})
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     if len(rows) != 1 or int(rows[0]["bytes"]) != nbytes:
         raise RuntimeError(f"{impl}: unexpected output {out.stdout!r} {out.stderr!r}")

@@ -65,6 +65,7 @@ def peer(argv: List[str]) -> None:
         return
     port, nbytes, threshold = argv[1], int(argv[2]), int(argv[3])
     with slc.GRPCComputeClient(f"127.0.0.1:{port}", retry_strategy=None, timeout=600,
+                               shared_memory=False,
                                stream_threshold=None if threshold < 0 else threshold) as c:
         c.compute(torch.ones(4))
         base = rss("VmRSS")
@@ -105,7 +106,8 @@ def round_trips(sizes: List[int], rounds: int, n: int) -> Dict[int, Dict[str, Li
     assert server.stdout is not None
     port = server.stdout.readline().strip()
     results: Dict[int, Dict[str, List[float]]] = {}
-    with slc.GRPCComputeClient(f"127.0.0.1:{port}", retry_strategy=None, timeout=600) as c:
+    with slc.GRPCComputeClient(f"127.0.0.1:{port}", retry_strategy=None, timeout=600,
+                               shared_memory=False) as c:
         for size in sizes:
             x = torch.randn(size // 4)
             res: Dict[str, List[float]] = {"floor": [], "unary": [], "stream": []}

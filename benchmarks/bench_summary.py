@@ -81,8 +81,8 @@ def build() -> str:
              "of the same `make bench` run wrote (`benchmarks/data/*.json`); p50 of "
              "sequential round trips of a float32 tensor through an identity compute. The "
              "rows of one script were measured back to back; rows of different scripts "
-             "minutes apart (bench_shm.py interleaves its contenders call by call, which "
-             "costs every row of it some cache warmth). The earlier pure-Python "
+             "minutes apart (bench_shm.py interleaves its contenders in blocks of 10 calls, "
+             "5 at 32 MiB). The earlier pure-Python "
              "splitlearn-comm is not installable here, so it has no row (the issue "
              "recorded 441 us, 7.3 ms and 337 ms).", "",
              "| p50 round trip | " + " | ".join(SIZES) + " | from |",

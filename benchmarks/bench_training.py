@@ -121,7 +121,10 @@ class Runner:
             self.mid = middle
             params = [*bottom.parameters(), *middle.parameters(), *head.parameters()]
         else:
-            self.client = slc.GRPCComputeClient(address, codec=CODECS[mode](), retry_strategy=None)
+            # TCP: the codecs are about bytes on a network (on 127.0.0.1 the default
+            # would be shared memory, where fewer bytes save little)
+            self.client = slc.GRPCComputeClient(address, codec=CODECS[mode](), retry_strategy=None,
+                                                shared_memory=False)
             self.client.connect(30)
             self.mid = self.client.remote
             params = [*bottom.parameters(), *head.parameters()]

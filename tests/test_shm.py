@@ -312,6 +312,37 @@ def test_segments_are_reused_once_views_are_freed(serve, connect):
     assert stats(client)["segments"] == segments <= 3
 
 
+
+def test_client_gives_up_while_the_server_computes(serve, connect):
+    """A call through a segment that the client abandons (its deadline) while the
+    server still computes on a view of the request: the client never reuses that
+    segment, the server's view stays intact, and the next calls go on."""
+    entered, release = threading.Event(), threading.Event()
+    kept: List[Any] = []
+
+    class Slow(slc.ComputeFunction):
+        def compute(self, x):
+            if float(x[0]) == 7.0:
+                kept.append(x)
+                entered.set()
+                release.wait(60)
+            return x
+
+    client = connect(serve(Slow()))
+    client.compute(torch.ones(4))
+    x = torch.full((1 << 18,), 7.0)
+    with pytest.raises(slc.RpcError) as info:
+        client.compute(x, timeout=1.0)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert entered.wait(60)
+    others = [torch.full((1 << 18,), float(i)) for i in range(3)]
+    for y in others:  # the abandoned segment is not written while the server holds it
+        assert torch.equal(through_shm(client, lambda y=y: client.compute(y)), y)
+    assert torch.equal(kept[0], x)
+    release.set()
+    assert torch.equal(through_shm(client, lambda: client.compute(others[0])), others[0])
+
+
 # ---- bad control metadata from a raw grpcio peer ----------------------------------
 
 class RawSegment:
