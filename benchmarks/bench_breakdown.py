@@ -85,7 +85,8 @@ def serve(kind: str) -> None:
             def dispatch(c: Any) -> Any:
                 x = from_dlpack(c.leaves[0].tensor.__dlpack__())  # a capsule, as the library does
                 return [out_tensor(("", to_dlpack(x), None))], 0.0, None, 0, None
-        server: Any = _core.Server(dispatch, _info, "127.0.0.1", 0, 4, "breakdown")
+        server: Any = _core.Server(compute=dispatch, info=_info, host="127.0.0.1", port=0,
+                                   max_workers=4, version="breakdown")
         server.start()
         port = server.port
         stop: Callable[[], None] = lambda: server.stop(1.0)  # noqa: E731

@@ -18,11 +18,18 @@ Per call it reports:
   tensor once, the Python hand-off that rebuilds the structure and calls the echo
   ``compute()``, flattening and framing the reply).
 
+Both paths of a call on one host are measured: over TCP (gRPC carries the tensor
+bytes, as between any two hosts; ``shared_memory=False``) and through shared memory
+(the default for a 127.0.0.1 target: gRPC carries a control message, the bytes go
+through a memfd segment; docs/shm.md). The per-tensor goal is read on the TCP path,
+the one every deployment has; the shared-memory rows show what that path adds or
+saves per tensor.
+
 The server runs in this process with one worker; the client's waits release the GIL,
 so the two do not contend. Cases run in interleaved rounds so that drifts of a noisy
 machine hit both alike.
 
-    python3 benchmarks/bench_tensormap.py           # full run (~20 s); writes the "Tensor
+    python3 benchmarks/bench_tensormap.py           # full run (~40 s); writes the "Tensor
                                                     # maps" section of benchmarks/results.md
     python3 benchmarks/bench_tensormap.py --quick   # smoke run: prints only
 """
@@ -34,6 +41,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from typing import Any, Dict, List
 
@@ -55,7 +63,13 @@ HIDDEN_SHAPE = (1, 128, 768)
 
 
 class Echo(slc.ComputeFunction):
+    """Echoes its input; remembers the CPU clock of the worker thread serving it."""
+
+    clock: Any = None
+
     def compute(self, x: Any) -> Any:
+        if self.clock is None:
+            self.clock = time.pthread_getcpuclockid(threading.get_ident())
         return x
 
 
@@ -64,19 +78,22 @@ def stage_sums(server: slc.GRPCComputeServer) -> Dict[str, float]:
     return {k: v["sum"] for k, v in lat.items()} | {"count": lat["total"]["count"]}
 
 
-def run_case(client: slc.GRPCComputeClient, server: slc.GRPCComputeServer, payload: Any,
-             n: int) -> Dict[str, List[float]]:
+def run_case(client: slc.GRPCComputeClient, server: slc.GRPCComputeServer, echo: Echo,
+             payload: Any, n: int) -> Dict[str, List[float]]:
     walls: List[float] = []
     before = stage_sums(server)
+    cpu0, wcpu0 = time.thread_time(), time.clock_gettime(echo.clock)
     for _ in range(n):
         t0 = time.perf_counter()
         client.compute(payload)
         walls.append(time.perf_counter() - t0)
+    cpu1, wcpu1 = time.thread_time(), time.clock_gettime(echo.clock)
     after = stage_sums(server)
     calls = after["count"] - before["count"]
     per = {k: (after[k] - before[k]) / calls for k in ("decode", "compute", "encode", "total")}
     return {"wall": walls, "server": [per["decode"] + per["compute"] + per["encode"]],
-            "server_total": [per["total"]]}
+            "server_total": [per["total"]], "client_cpu": [(cpu1 - cpu0) / n],
+            "server_cpu": [(wcpu1 - wcpu0) / calls]}
 
 
 def main() -> None:
@@ -95,51 +112,81 @@ def main() -> None:
     n_bytes = hidden.numel() * 2 + 2 * LAYERS * past[0][0].numel() * 2
     one = torch.randn(n_bytes // 2, generator=g).half()
     cases = {"one tensor": one, "25 tensors": structure}
-    results: Dict[str, Dict[str, List[float]]] = {k: {"wall": [], "server": [], "client": []}
-                                                  for k in cases}
-    with slc.GRPCComputeServer(Echo(), host="127.0.0.1", port=0, max_workers=1) as server:
-        with slc.GRPCComputeClient(f"127.0.0.1:{server.port}", retry_strategy=None) as client:
-            for payload in cases.values():  # warm-up
+    paths = {"TCP": False, "shared memory": True}
+    keys = [(p, c) for p in paths for c in cases]
+    results: Dict[Any, Dict[str, List[float]]] = {
+        k: {"wall": [], "server": [], "client": [], "client_cpu": [], "server_cpu": []}
+        for k in keys}
+    echo = Echo()
+    with slc.GRPCComputeServer(echo, host="127.0.0.1", port=0, max_workers=1) as server:
+        clients = {p: slc.GRPCComputeClient(f"127.0.0.1:{server.port}", retry_strategy=None,
+                                            shared_memory=shm) for p, shm in paths.items()}
+        try:
+            for p, c in keys:  # warm-up
                 for _ in range(3):
-                    client.compute(payload)
+                    clients[p].compute(cases[c])
             for _ in range(rounds):
-                for name, payload in cases.items():
-                    r = run_case(client, server, payload, calls)
-                    wall = statistics.median(r["wall"])
-                    results[name]["wall"].append(wall)
-                    results[name]["server"].append(r["server"][0])
-                    results[name]["client"].append(statistics.mean(r["wall"]) - r["server_total"][0])
+                for p, c in keys:
+                    r = run_case(clients[p], server, echo, cases[c], calls)
+                    res = results[(p, c)]
+                    res["wall"].append(statistics.median(r["wall"]))
+                    res["server"].append(r["server"][0])
+                    res["client"].append(statistics.mean(r["wall"]) - r["server_total"][0])
+                    res["client_cpu"].append(r["client_cpu"][0])
+                    res["server_cpu"].append(r["server_cpu"][0])
+        finally:
+            for client in clients.values():
+                client.close()
     # the least disturbed round of each statistic: this machine is shared and noisy
-    med = {name: {k: min(v) * 1e3 for k, v in r.items()} for name, r in results.items()}
+    med = {k: {s: min(v) * 1e3 for s, v in r.items()} for k, r in results.items()}
     extra = 2 * LAYERS  # tensors beyond the first
-    per_client_us = (med["25 tensors"]["client"] - med["one tensor"]["client"]) * 1e3 / extra
-    per_server_us = (med["25 tensors"]["server"] - med["one tensor"]["server"]) * 1e3 / extra
+    per = {p: {s: (med[(p, "25 tensors")][s] - med[(p, "one tensor")][s]) * 1e3 / extra
+               for s in ("client", "server", "client_cpu", "server_cpu")} for p in paths}
     lines = [
         BEGIN,
         "## Tensor maps: 25 tensors in one call vs the same bytes as one tensor",
         "",
         f"`benchmarks/bench_tensormap.py`, {datetime.date.today().isoformat()}, "
         f"{cpu_model()}, Python {platform.python_version()}, torch {torch.__version__}; "
-        f"server and client in one process on 127.0.0.1, {rounds} rounds of {calls} calls.",
+        f"server and client in one process on 127.0.0.1, {rounds} rounds of {calls} calls "
+        "per case and path, interleaved.",
         "",
         f"Payload each way: hidden states {tuple(HIDDEN_SHAPE)} + a {LAYERS}-layer KV cache "
         f"({2 * LAYERS} tensors of {tuple(KV_SHAPE)}), float16, {n_bytes / 2**20:.2f} MiB; "
-        "echoed back.",
+        "echoed back. TCP: gRPC carries the bytes (`shared_memory=False`, as between two "
+        "hosts); shared memory: the default on one host (docs/shm.md).",
         "",
-        "| case | wall p50 (ms) | client (ms) | server decode+compute+encode (ms) |",
-        "|---|---|---|---|",
+        "| path | case | wall p50 (ms) | client (ms) | server decode+compute+encode (ms) "
+        "| client thread CPU (ms) | server worker CPU (ms) |",
+        "|---|---|--:|--:|--:|--:|--:|",
     ]
-    for name in cases:
-        m = med[name]
-        lines.append(f"| {name} | {m['wall']:.3f} | {m['client']:.3f} | {m['server']:.3f} |")
+    for p, c in keys:
+        m = med[(p, c)]
+        lines.append(f"| {p} | {c} | {m['wall']:.3f} | {m['client']:.3f} | {m['server']:.3f} "
+                     f"| {m['client_cpu']:.3f} | {m['server_cpu']:.3f} |")
     lines += [
         "",
-        f"Cost per extra tensor (24 of them, both directions of the echo included): "
-        f"client {per_client_us:.1f} us, server {per_server_us:.1f} us "
-        "(goal: under 5 us per tensor on each side). Per round the median call; then the "
-        "least disturbed round (minimum over rounds) of each column; the client "
-        "column is wall time minus the server's total stage, so it carries loopback "
-        "noise that the per-tensor difference mostly cancels.",
+        "Cost per extra tensor (24 of them, both directions of the echo included; goal: "
+        "under 5 us per tensor on each side):",
+        "",
+        "| path | client, wall (us) | server, stages (us) | client thread CPU (us) "
+        "| server worker CPU (us) |",
+        "|---|--:|--:|--:|--:|",
+    ]
+    for p in paths:
+        q = per[p]
+        lines.append(f"| {p} | {q['client']:.1f} | {q['server']:.1f} | {q['client_cpu']:.1f} "
+                     f"| {q['server_cpu']:.1f} |")
+    lines += [
+        "",
+        "Per round the median call (CPU: the mean); then the least disturbed round "
+        "(minimum over rounds) of each column. The client's wall column is wall time minus "
+        "the server's total stage, so it carries loopback noise that the per-tensor "
+        "difference mostly cancels; the server's is its decode, compute and encode stages "
+        "(wall clock). The CPU columns, which the machine's load disturbs less, are the "
+        "calling thread's CPU time (the client's Python, the binding and the core, its "
+        "receive included) and the server worker's (receive, decode, the Python hand-off, "
+        "encode, send).",
         END,
     ]
     text = "\n".join(lines) + "\n"

@@ -1,7 +1,7 @@
 # Type stub of the C extension splitlearn_comm._core (csrc/py/). Internal API: users
 # import the classes of splitlearn_comm, which wrap these. Keep in step with the
 # C code: tests/test_typing.py runs mypy's stubtest against the built module.
-from typing import Any, Final, List, Literal, Mapping, Optional, Sequence, Tuple, final
+from typing import Any, Callable, Final, List, Literal, Mapping, Optional, Sequence, Tuple, final
 
 from _typeshed import structseq
 
@@ -56,16 +56,17 @@ class OutTensor(structseq[Any], Tuple[str, Any, Optional[Codec]]):
     def codec(self) -> Optional[Codec]: ...
 
 @final
-class Reply(structseq[Any], Tuple[int, List[Leaf], Optional[List[_Node]], int, Optional[float],
-                                  Optional[int], int, Tuple[Tuple[str, Any], ...], int, int]):
+class Reply(structseq[Any], Tuple[int, Optional[List[Leaf]], Optional[List[_Node]], int,
+                                  Optional[float], Optional[int], int, Tuple[Tuple[str, Any], ...],
+                                  int, int, Any, Optional[List[Any]]]):
     """What Client.compute returns (and compute_async hands to its callback)."""
 
-    __match_args__: Final[Tuple[Literal["form"], Literal["leaves"], Literal["nodes"], Literal["n_kv"], Literal["compute_time_ms"], Literal["request_id"], Literal["attempts"], Literal["initial_metadata"], Literal["bytes_sent"], Literal["bytes_received"]]]
+    __match_args__: Final[Tuple[Literal["form"], Literal["leaves"], Literal["nodes"], Literal["n_kv"], Literal["compute_time_ms"], Literal["request_id"], Literal["attempts"], Literal["initial_metadata"], Literal["bytes_sent"], Literal["bytes_received"], Literal["value"], Literal["values"]]]
 
     @property
     def form(self) -> int: ...
     @property
-    def leaves(self) -> List[Leaf]: ...
+    def leaves(self) -> Optional[List[Leaf]]: ...
     @property
     def nodes(self) -> Optional[List[_Node]]: ...
     @property
@@ -82,19 +83,24 @@ class Reply(structseq[Any], Tuple[int, List[Leaf], Optional[List[_Node]], int, O
     def bytes_sent(self) -> int: ...
     @property
     def bytes_received(self) -> int: ...
+    @property
+    def value(self) -> Any: ...
+    @property
+    def values(self) -> Optional[List[Any]]: ...
 
 @final
-class Call(structseq[Any], Tuple[int, List[Leaf], Optional[List[_Node]], int, bool, str, str,
+class Call(structseq[Any], Tuple[int, Optional[List[Leaf]], Optional[List[_Node]], int, bool, str, str,
                                  Tuple[Tuple[str, Any], ...], dict[str, str], Optional[float],
-                                 Optional[int], Any, dict[str, Any], Optional[bool]]):
+                                 Optional[int], Any, dict[str, Any], Optional[bool], Any,
+                                 Optional[List[Any]]]):
     """What the server's compute callback receives: one call."""
 
-    __match_args__: Final[Tuple[Literal["form"], Literal["leaves"], Literal["nodes"], Literal["n_kv"], Literal["backward"], Literal["method"], Literal["peer"], Literal["metadata"], Literal["request_metadata"], Literal["deadline"], Literal["request_id"], Literal["state"], Literal["fields"], Literal["use_cache"]]]
+    __match_args__: Final[Tuple[Literal["form"], Literal["leaves"], Literal["nodes"], Literal["n_kv"], Literal["backward"], Literal["method"], Literal["peer"], Literal["metadata"], Literal["request_metadata"], Literal["deadline"], Literal["request_id"], Literal["state"], Literal["fields"], Literal["use_cache"], Literal["value"], Literal["values"]]]
 
     @property
     def form(self) -> int: ...
     @property
-    def leaves(self) -> List[Leaf]: ...
+    def leaves(self) -> Optional[List[Leaf]]: ...
     @property
     def nodes(self) -> Optional[List[_Node]]: ...
     @property
@@ -119,6 +125,10 @@ class Call(structseq[Any], Tuple[int, List[Leaf], Optional[List[_Node]], int, bo
     def fields(self) -> dict[str, Any]: ...
     @property
     def use_cache(self) -> Optional[bool]: ...
+    @property
+    def value(self) -> Any: ...
+    @property
+    def values(self) -> Optional[List[Any]]: ...
 
 class CallError(Exception):
     """A failed call: args are (code, details, trailing_metadata, initial_metadata,
@@ -174,7 +184,8 @@ class Client:
                 learning_rate: Optional[Any] = ..., accumulation_step: Optional[Any] = ...,
                 use_cache: Optional[Any] = ..., backward_seq: int = ...,
                 session_id: Optional[str] = ..., session_step: int = ...,
-                session_close: bool = ..., codecs: Optional[Codecs] = ...) -> Reply: ...
+                session_close: bool = ..., codecs: Optional[Codecs] = ...,
+                convert: Optional[Callable[[Any], Any]] = ...) -> Reply: ...
     def health(self, timeout: float = ..., metadata: Optional[Any] = ...,
                wait_for_ready: bool = ..., retry: Optional[Any] = ...,
                breaker: Optional[Breaker] = ...) -> dict[str, Any]: ...
@@ -210,7 +221,8 @@ class Server:
                  auth_tokens: Optional[Sequence[str]] = ...,
                  tls: Optional[Tuple[str, str, Optional[str], bool]] = ...,
                  intercept: Optional[Any] = ..., max_decoded_bytes: int = ...,
-                 max_tensors: int = ..., max_depth: int = ...) -> None: ...
+                 max_tensors: int = ..., max_depth: int = ...,
+                 convert: Optional[Callable[[Any], Any]] = ...) -> None: ...
     @property
     def port(self) -> int: ...
     @property
@@ -236,6 +248,10 @@ def decode(name: str, payload: Any, shape: Any, dtype: str, metadata: Mapping[st
            ) -> DLPackTensor: ...
 def python_codec(codec: Any, name: str, accepts: Sequence[str], wrap: Any, prepare: Any, /
                  ) -> Codec: ...
+def rebuild(form: int, leaves: Sequence[Leaf], nodes: Optional[Sequence[_Node]],
+            convert: Optional[Callable[[Any], Any]], /) -> Tuple[Any, List[Any]]: ...
+def flatten(obj: Any, tensor_type: Any, /
+            ) -> Optional[Tuple[List[Tuple[str, Any]], List[_Node]]]: ...
 def status_name(code: int, /) -> str: ...
 def grpc_log() -> list[str]: ...
 def release_memory() -> int: ...

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Uni
 
 import numpy as np
 
-from . import _tensor
+from . import _core, _tensor
 
 # sl_node_kind (csrc/core/message.h) = StructureNode.Kind (proto/)
 TENSOR, NONE, TUPLE, LIST, DICT, INT, FLOAT, BOOL, STRING = range(1, 10)
@@ -53,64 +53,75 @@ def flatten(obj: Any) -> Tuple[int, List[Tuple[str, Any]], Optional[List[Node]]]
     single form (nodes None); anything else the structure form."""
     if is_tensor(obj):
         return SINGLE, [("", obj)], None
+    tensor_type = _torch_tensor_type()
+    fast = _core.flatten(obj, tensor_type)  # the common shapes, in one pass in C
+    if fast is not None:
+        return STRUCTURE, fast[0], fast[1]
     leaves: List[Tuple[str, Any]] = []
     nodes: List[Node] = []
-    names: Set[str] = set()
-    tensor_type = _torch_tensor_type()
-
-    def add_tensor(o: Any, path: str, key: Optional[str]) -> None:
-        name = path or "0"
-        if name in names:
-            raise ValueError(f"two tensors of the structure have the same name {name!r}; "
-                             "dict keys containing '.' can collide with nested paths")
-        names.add(name)
-        leaves.append((name, o))
-        nodes.append((TENSOR, 0, key, None))
-
-    def walk(o: Any, path: str, key: Optional[str]) -> None:
-        tp = type(o)
-        if tp is tensor_type:
-            add_tensor(o, path, key)
-            return
-        if tp is tuple or tp is list:
-            nodes.append((TUPLE if tp is tuple else LIST, len(o), key, None))
-            prefix = path + "." if path else ""
-            for i, child in enumerate(o):
-                walk(child, prefix + str(i), None)
-            return
-        if tp is dict:
-            nodes.append((DICT, len(o), key, None))
-            prefix = path + "." if path else ""
-            for k, child in o.items():
-                if type(k) is not str:
-                    raise TypeError(f"dict keys must be str, got {type(k).__name__} ({k!r}) at "
-                                    f"{path or 'the root'!r}")
-                walk(child, prefix + k, k)
-            return
-        kind = _SCALAR_KINDS.get(tp)
-        if o is None:
-            nodes.append((NONE, 0, key, None))
-        elif kind is None and is_tensor(o):
-            add_tensor(o, path, key)
-        elif kind is not None or isinstance(o, (bool, int, float, str)):
-            if kind is None:  # a subclass (an IntEnum, ...): its base kind
-                kind = BOOL if isinstance(o, bool) else INT if isinstance(o, int) else \
-                    FLOAT if isinstance(o, float) else STRING
-            if kind == INT and not _INT64[0] <= o <= _INT64[1]:
-                raise ValueError(f"the int at {path or 'the root'!r} does not fit 64 bits")
-            nodes.append((kind, 0, key, int(o) if kind in (BOOL, INT) else
-                          float(o) if kind == FLOAT else str(o)))
-        elif isinstance(o, (tuple, list)):
-            walk(tuple(o) if isinstance(o, tuple) else list(o), path, key)
-        elif isinstance(o, Mapping):
-            walk(dict(o), path, key)
-        else:
-            raise TypeError(f"cannot send a {tp.__name__} at {path or 'the root'!r}: a "
-                            "structure holds tensors, dict/tuple/list, None, bool, int, float "
-                            "and str")
-
-    walk(obj, "", None)
+    _walk(obj, "", None, leaves, nodes, set(), tensor_type)
     return STRUCTURE, leaves, nodes
+
+
+# The walkers below are module-level functions that take their state as arguments:
+# a nested function that calls itself is a reference cycle (the function, its
+# closure cell), which would keep every tensor of the call alive until the cycle
+# collector runs, and make each call feed that collector.
+
+def _add_tensor(o: Any, path: str, key: Optional[str], leaves: List[Tuple[str, Any]],
+                nodes: List[Node], names: Set[str]) -> None:
+    name = path or "0"
+    if name in names:
+        raise ValueError(f"two tensors of the structure have the same name {name!r}; "
+                         "dict keys containing '.' can collide with nested paths")
+    names.add(name)
+    leaves.append((name, o))
+    nodes.append((TENSOR, 0, key, None))
+
+
+def _walk(o: Any, path: str, key: Optional[str], leaves: List[Tuple[str, Any]],
+          nodes: List[Node], names: Set[str], tensor_type: Any) -> None:
+    tp = type(o)
+    if tp is tensor_type:
+        _add_tensor(o, path, key, leaves, nodes, names)
+        return
+    if tp is tuple or tp is list:
+        nodes.append((TUPLE if tp is tuple else LIST, len(o), key, None))
+        prefix = path + "." if path else ""
+        for i, child in enumerate(o):
+            _walk(child, prefix + str(i), None, leaves, nodes, names, tensor_type)
+        return
+    if tp is dict:
+        nodes.append((DICT, len(o), key, None))
+        prefix = path + "." if path else ""
+        for k, child in o.items():
+            if type(k) is not str:
+                raise TypeError(f"dict keys must be str, got {type(k).__name__} ({k!r}) at "
+                                f"{path or 'the root'!r}")
+            _walk(child, prefix + k, k, leaves, nodes, names, tensor_type)
+        return
+    kind = _SCALAR_KINDS.get(tp)
+    if o is None:
+        nodes.append((NONE, 0, key, None))
+    elif kind is None and is_tensor(o):
+        _add_tensor(o, path, key, leaves, nodes, names)
+    elif kind is not None or isinstance(o, (bool, int, float, str)):
+        if kind is None:  # a subclass (an IntEnum, ...): its base kind
+            kind = BOOL if isinstance(o, bool) else INT if isinstance(o, int) else \
+                FLOAT if isinstance(o, float) else STRING
+        if kind == INT and not _INT64[0] <= o <= _INT64[1]:
+            raise ValueError(f"the int at {path or 'the root'!r} does not fit 64 bits")
+        nodes.append((kind, 0, key, int(o) if kind in (BOOL, INT) else
+                      float(o) if kind == FLOAT else str(o)))
+    elif isinstance(o, (tuple, list)):
+        _walk(tuple(o) if isinstance(o, tuple) else list(o), path, key, leaves, nodes, names,
+              tensor_type)
+    elif isinstance(o, Mapping):
+        _walk(dict(o), path, key, leaves, nodes, names, tensor_type)
+    else:
+        raise TypeError(f"cannot send a {tp.__name__} at {path or 'the root'!r}: a "
+                        "structure holds tensors, dict/tuple/list, None, bool, int, float "
+                        "and str")
 
 
 def unflatten(form: int, tensors: Sequence[Any], names: Sequence[str],
@@ -121,30 +132,30 @@ def unflatten(form: int, tensors: Sequence[Any], names: Sequence[str],
     if form == MAP:
         return dict(zip(names, tensors))
     assert nodes is not None
-    it = iter(tensors)
-    pos = 0
+    return _build(nodes, 0, iter(tensors))[0]
 
-    def build() -> Any:
-        nonlocal pos
-        kind, size, _key, value = nodes[pos]
-        pos += 1
-        if kind == TENSOR:
-            return next(it)
-        if kind == TUPLE:
-            return tuple([build() for _ in range(size)])
-        if kind == LIST:
-            return [build() for _ in range(size)]
-        if kind == DICT:
-            out = {}
-            for _ in range(size):
-                key = nodes[pos][2]  # (read before build() moves pos on)
-                out[key] = build()
-            return out
-        if kind == BOOL:
-            return bool(value)
-        return value  # NONE (None), INT, FLOAT, STRING
 
-    return build()
+def _build(nodes: Sequence[Node], pos: int, it: Any) -> Tuple[Any, int]:
+    """The value whose node is ``nodes[pos]`` and the position after its subtree."""
+    kind, size, _key, value = nodes[pos]
+    pos += 1
+    if kind == TENSOR:
+        return next(it), pos
+    if kind == TUPLE or kind == LIST:
+        items = []
+        for _ in range(size):
+            v, pos = _build(nodes, pos, it)
+            items.append(v)
+        return (tuple(items) if kind == TUPLE else items), pos
+    if kind == DICT:
+        out = {}
+        for _ in range(size):
+            key = nodes[pos][2]  # (read before _build moves pos on)
+            out[key], pos = _build(nodes, pos, it)
+        return out, pos
+    if kind == BOOL:
+        return bool(value), pos
+    return value, pos  # NONE (None), INT, FLOAT, STRING
 
 
 CodecSpec = Union[None, Any, Mapping[str, Any]]
@@ -221,59 +232,56 @@ def restore_kind(obj: Any) -> _tensor.Restore:
 def tensor_leaves(obj: Any) -> List[Any]:
     """The tensors of a structure, in the order :func:`flatten` names them."""
     out: List[Any] = []
-    tensor_type = _torch_tensor_type()
-
-    def walk(o: Any) -> None:
-        tp = type(o)
-        if tp is tensor_type:
-            out.append(o)
-        elif tp is tuple or tp is list:
-            for child in o:
-                walk(child)
-        elif tp is dict:
-            for child in o.values():
-                walk(child)
-        elif tp in _SCALAR_KINDS or o is None:
-            pass
-        elif is_tensor(o):
-            out.append(o)
-        elif isinstance(o, (tuple, list)):
-            for child in o:
-                walk(child)
-        elif isinstance(o, Mapping):
-            for child in o.values():
-                walk(child)
-
-    walk(obj)
+    _collect(obj, out, _torch_tensor_type())
     return out
+
+
+def _collect(o: Any, out: List[Any], tensor_type: Any) -> None:
+    tp = type(o)
+    if tp is tensor_type:
+        out.append(o)
+    elif tp is tuple or tp is list:
+        for child in o:
+            _collect(child, out, tensor_type)
+    elif tp is dict:
+        for child in o.values():
+            _collect(child, out, tensor_type)
+    elif tp in _SCALAR_KINDS or o is None:
+        pass
+    elif is_tensor(o):
+        out.append(o)
+    elif isinstance(o, (tuple, list)):
+        for child in o:
+            _collect(child, out, tensor_type)
+    elif isinstance(o, Mapping):
+        for child in o.values():
+            _collect(child, out, tensor_type)
 
 
 def replace_tensors(obj: Any, tensors: Sequence[Any]) -> Any:
     """``obj`` with its tensors (in :func:`tensor_leaves` order) replaced by
     ``tensors``; containers are rebuilt with the same types, other leaves kept."""
-    it = iter(tensors)
-    tensor_type = _torch_tensor_type()
+    return _replace(obj, iter(tensors), _torch_tensor_type())
 
-    def walk(o: Any) -> Any:
-        tp = type(o)
-        if tp is tensor_type:
-            return next(it)
-        if tp is tuple:
-            return tuple([walk(c) for c in o])
-        if tp is list:
-            return [walk(c) for c in o]
-        if tp is dict:
-            return {k: walk(c) for k, c in o.items()}
-        if tp in _SCALAR_KINDS or o is None:
-            return o
-        if is_tensor(o):
-            return next(it)
-        if isinstance(o, tuple):
-            return tuple(walk(c) for c in o)
-        if isinstance(o, list):
-            return [walk(c) for c in o]
-        if isinstance(o, Mapping):
-            return {k: walk(c) for k, c in o.items()}
+
+def _replace(o: Any, it: Any, tensor_type: Any) -> Any:
+    tp = type(o)
+    if tp is tensor_type:
+        return next(it)
+    if tp is tuple:
+        return tuple([_replace(c, it, tensor_type) for c in o])
+    if tp is list:
+        return [_replace(c, it, tensor_type) for c in o]
+    if tp is dict:
+        return {k: _replace(c, it, tensor_type) for k, c in o.items()}
+    if tp in _SCALAR_KINDS or o is None:
         return o
-
-    return walk(obj)
+    if is_tensor(o):
+        return next(it)
+    if isinstance(o, tuple):
+        return tuple(_replace(c, it, tensor_type) for c in o)
+    if isinstance(o, list):
+        return [_replace(c, it, tensor_type) for c in o]
+    if isinstance(o, Mapping):
+        return {k: _replace(c, it, tensor_type) for k, c in o.items()}
+    return o

@@ -71,6 +71,37 @@ def prepare(obj: Any) -> Tuple[Any, Restore]:
                     f"got {type(obj).__name__}")
 
 
+def sendable_as_is(obj: Any) -> bool:
+    """True for a torch.Tensor that prepare() would return unchanged (contiguous,
+    on the CPU, plain): the per-tensor fast paths' one test."""
+    torch = sys.modules.get("torch")
+    return torch is not None and type(obj) is torch.Tensor and obj.is_cpu and \
+        not obj.requires_grad and obj.layout is torch.strided and not obj.is_nested \
+        and obj.is_contiguous() and not obj.is_conj() and not obj.is_neg()
+
+
+def out_tensors(items: Any, out_tensor: Any) -> List[Any]:
+    """``out_tensor((name, capsule, None))`` for each ``(name, obj)`` of a result
+    that the core sends raw or with the codec it chooses: each made sendable
+    (prepare_result) and exported. The common case, a contiguous CPU torch.Tensor,
+    takes one test and torch.utils.dlpack.to_dlpack."""
+    torch = sys.modules.get("torch")
+    out = []
+    if torch is None:
+        for name, obj in items:
+            out.append(out_tensor((name, exportable(prepare_result(obj)), None)))
+        return out
+    tensor_type, strided, to_dlpack = torch.Tensor, torch.strided, torch.utils.dlpack.to_dlpack
+    for name, obj in items:
+        if type(obj) is tensor_type and obj.is_cpu and not obj.requires_grad and \
+                obj.layout is strided and not obj.is_nested and obj.is_contiguous() and \
+                not obj.is_conj() and not obj.is_neg():
+            out.append(out_tensor((name, to_dlpack(obj), None)))
+        else:
+            out.append(out_tensor((name, exportable(prepare_result(obj)), None)))
+    return out
+
+
 def exportable(obj: Any) -> Any:
     """What the binding exports for a prepared tensor: for a torch.Tensor its DLPack
     capsule (torch.utils.dlpack.to_dlpack costs a few hundred nanoseconds, the
@@ -137,6 +168,25 @@ def as_tensor(holder: Any) -> Any:
     except ImportError:  # pragma: no cover - torch is a hard requirement of servers in practice
         return np.from_dlpack(holder)
     return torch.from_dlpack(holder.__dlpack__())  # a capsule: no stream negotiation
+
+
+def from_dlpack() -> Any:
+    """What wraps a received tensor's DLPack capsule as a torch.Tensor, no copy
+    (for _core.rebuild); None where torch is absent (NumPy's from_dlpack takes
+    objects with __dlpack__, not capsules: as_tensors() is the way there)."""
+    global _from_dlpack
+    if _from_dlpack is None:
+        try:
+            torch = _torch()
+        except ImportError:  # pragma: no cover - torch is a hard requirement of servers in practice
+            return None
+        # what torch.from_dlpack does with a capsule, without its Python frame and
+        # checks (a tenth of a microsecond per tensor); the public function otherwise
+        _from_dlpack = getattr(torch._C, "_from_dlpack", None) or torch.from_dlpack
+    return _from_dlpack
+
+
+_from_dlpack: Any = None
 
 
 def as_tensors(leaves: Any) -> List[Any]:

@@ -354,14 +354,20 @@ def _timing_of(start: float, reply: Any) -> Dict[str, float]:
 
 def _out_leaves(form: int, items: Sequence[Tuple[str, Any]], spec: Any,
                 registry: CodecRegistry) -> List[Any]:
-    """The OutTensor objects of a call: each tensor made sendable, with the
-    ``_core.Codec`` the C core encodes it with (built in or Python), or None: raw."""
-    out = []
+    """The tensors of a call, ``(name, tensor, codec)`` each: made sendable, with
+    the ``_core.Codec`` the C core encodes it with (built in or Python), or None:
+    raw. Each attempt exports them as OutTensors (``GRPCComputeClient._exported``)."""
+    out: List[Any] = []
     raw = spec is None or (type(spec) is TensorCodec and spec.dtype is None)
+    if raw:  # the common case: each tensor as it is when it can be sent so
+        as_is, prepare = _tensor.sendable_as_is, _tensor.prepare
+        for name, obj in items:
+            out.append((name, obj if as_is(obj) else prepare(obj)[0], None))
+        return out
     for i, (name, obj) in enumerate(items):
         t, _how = _tensor.prepare(obj)
-        if raw or (form == _structure.SINGLE and i > 0):
-            out.append(_core.OutTensor((name, t, None)))  # KV cache entries: raw
+        if form == _structure.SINGLE and i > 0:
+            out.append((name, t, None))  # KV cache entries: raw
             continue
         if form == _structure.SINGLE and isinstance(spec, TensorCodec):
             codec = spec  # one tensor: the codec as given (it refuses what it cannot take)
@@ -370,7 +376,7 @@ def _out_leaves(form: int, items: Sequence[Tuple[str, Any]], spec: Any,
             if codec is not None and not _structure.accepts(codec, _structure.dtype_of(t)):
                 codec = None
         c = None if codec is None else registry.c_codec(codec)
-        out.append(_core.OutTensor((name, t, None if c is None or c.name == "raw" else c)))
+        out.append((name, t, None if c is None or c.name == "raw" else c))
     return out
 
 
@@ -830,6 +836,9 @@ class GRPCComputeClient:
         forward_id, training_mode, model_id, learning_rate, accumulation_step,
         use_cache."""
         sendable, how = self._sendable(tensor, fields, codec, _kv_leaves)
+        # torch results on the CPU are made by the binding, structure and all
+        convert = _tensor.from_dlpack() if how[0] == "torch" and (
+            how[1] is None or how[1].type == "cpu") else None
         md = self.metadata + _normalize_metadata(metadata)
         total = self.timeout if timeout is None else _check_timeout(timeout)
         start = time.perf_counter()
@@ -838,10 +847,11 @@ class GRPCComputeClient:
             if strategy is None or (isinstance(strategy, _BuiltinRetry) and
                                     (not isinstance(strategy, CircuitBreaker) or
                                      strategy.is_builtin())):
-                reply = self._attempt(sendable, md, total, strategy, fields)
+                reply = self._attempt(sendable, md, total, strategy, fields, convert)
             else:
                 deadline = time.monotonic() + total if total and total > 0 else None
-                reply = strategy.execute(self._attempt_until, sendable, md, deadline, fields)
+                reply = strategy.execute(self._attempt_until, sendable, md, deadline, fields,
+                                         convert)
         except BaseException:
             self._record(False, start, None)
             raise
@@ -893,18 +903,26 @@ class GRPCComputeClient:
     @staticmethod
     def _exported(leaves: List[Any]) -> List[Any]:
         """The OutTensors of one attempt (DLPack capsules are used once)."""
-        return [_core.OutTensor((leaf[0], _tensor.exportable(leaf[1]), leaf[2]))
-                for leaf in leaves]
+        out_tensor, exportable = _core.OutTensor, _tensor.exportable
+        return [out_tensor((name, exportable(t), codec)) for name, t, codec in leaves]
 
     def _result(self, reply: Any, how: _tensor.Restore) -> Any:
-        values = [_tensor.restore(leaf.tensor, how) for leaf in reply.leaves]
-        if reply.form == _structure.SINGLE:
-            if reply.n_kv:
-                pairs = tuple((values[1 + 2 * i], values[2 + 2 * i]) for i in range(reply.n_kv))
-                return values[0], pairs
-            return values[0]
-        return _structure.unflatten(reply.form, values, [leaf.name for leaf in reply.leaves],
-                                    reply.nodes)
+        if reply.values is not None:  # made by the binding (compute(convert=...))
+            obj, values = reply.value, reply.values
+        elif how[0] == "torch" and (how[1] is None or how[1].type == "cpu"):
+            # torch tensors on the CPU: wrapped and rebuilt in one pass in C
+            obj, values = _core.rebuild(reply.form, reply.leaves, reply.nodes,
+                                        _tensor.from_dlpack())
+        else:
+            values = [_tensor.restore(leaf.tensor, how) for leaf in reply.leaves]
+            if reply.form != _structure.SINGLE:
+                return _structure.unflatten(reply.form, values,
+                                            [leaf.name for leaf in reply.leaves], reply.nodes)
+            obj = values[0]
+        if reply.form == _structure.SINGLE and reply.n_kv:
+            pairs = tuple((values[1 + 2 * i], values[2 + 2 * i]) for i in range(reply.n_kv))
+            return values[0], pairs
+        return obj
 
     def _next_id(self) -> int:
         with self._ids_lock:
@@ -912,8 +930,11 @@ class GRPCComputeClient:
             return self._ids
 
     def _attempt(self, sendable: tuple, md: list, timeout: Optional[float],
-                 strategy: Optional[_BuiltinRetry], fields: Optional[Dict[str, Any]] = None) -> Any:
-        """One call to the C core: a single attempt, or a built-in strategy's loop in C."""
+                 strategy: Optional[_BuiltinRetry], fields: Optional[Dict[str, Any]] = None,
+                 convert: Any = None) -> Any:
+        """One call to the C core: a single attempt, or a built-in strategy's loop in C.
+        ``convert`` (a capsule's wrapper) has the binding make the reply's tensors
+        and object (``Reply.value``, ``Reply.values``)."""
         fields = fields or {}
         leaves, form, nodes = sendable
         leaves = self._exported(leaves)  # DLPack capsules are used once: made for this attempt
@@ -924,7 +945,7 @@ class GRPCComputeClient:
                 retry=strategy._policy() if strategy is not None else None,
                 breaker=strategy._breaker() if strategy is not None else None,
                 request_id=None if fields.get("backward") else self._next_id(),
-                codecs=self._registry.table, **fields)
+                codecs=self._registry.table, convert=convert, **fields)
         except _core.CallError as e:
             method = _BACKWARD if fields.get("backward") else _COMPUTE
             err = from_call_error(e, target=self._target, method=method)
@@ -958,10 +979,10 @@ class GRPCComputeClient:
         return None
 
     def _attempt_until(self, sendable: tuple, md: list, deadline: Optional[float],
-                       fields: Optional[Dict[str, Any]] = None) -> Any:
+                       fields: Optional[Dict[str, Any]] = None, convert: Any = None) -> Any:
         """One attempt bounded by the overall deadline (for Python strategies)."""
         if deadline is None:
-            return self._attempt(sendable, md, None, None, fields)
+            return self._attempt(sendable, md, None, None, fields, convert)
         left = deadline - time.monotonic()
         if left <= 0:
             raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -969,7 +990,7 @@ class GRPCComputeClient:
                            target=self._target,
                            method=_BACKWARD if (fields or {}).get("backward") else _COMPUTE,
                            attempts=0)
-        return self._attempt(sendable, md, left, None, fields)
+        return self._attempt(sendable, md, left, None, fields, convert)
 
     def _record(self, ok: bool, start: float, server_ms: Optional[float]) -> None:
         ms = (time.perf_counter() - start) * 1e3

@@ -265,7 +265,8 @@ class GRPCComputeServer:
                 tls=self.tls._args() if self.tls else None,
                 intercept=_make_intercept(self.interceptors) if self.interceptors else None,
                 max_decoded_bytes=int(self.max_decoded_bytes or 0),
-                max_tensors=int(self.max_tensors or 0), max_depth=int(self.max_depth or 0))
+                max_tensors=int(self.max_tensors or 0), max_depth=int(self.max_depth or 0),
+                convert=_tensor.from_dlpack())
             try:
                 server.start()
             except BaseException as e:
@@ -759,8 +760,10 @@ def _reply_leaves(out: Any, kv_call: bool, spec: CodecSpec, registry: CodecRegis
         form, items, nodes = _structure.SINGLE, [("", out)], None
     else:
         form, items, nodes = _structure.flatten(out)
+    mapped = spec is not None and isinstance(spec, Mapping)
+    if not mapped:  # every codec is the core's choice: the fast path
+        return _tensor.out_tensors(items, _core.OutTensor), form, nodes
     leaves = []
-    mapped = isinstance(spec, Mapping)
     for i, (name, obj) in enumerate(items):
         t = _tensor.prepare_result(obj)
         c = None
@@ -780,6 +783,7 @@ def _make_dispatch(models: "_Models", registry: CodecRegistry,
     server's event loop ``loop`` and the worker returns at once (in a session, whose
     steps run in order, the worker waits for it)."""
     loop = loop if loop is not None else aio.ServerLoop()
+    tensor_type = _structure._torch_tensor_type()  # a tensor result is not awaitable: no check
 
     def dispatch(c: Any) -> Any:
         call = context.CallContext(c.method, c.peer, c.metadata, c.request_metadata, c.deadline,
@@ -797,17 +801,21 @@ def _make_dispatch(models: "_Models", registry: CodecRegistry,
                 raise Abort(grpc.StatusCode.UNIMPLEMENTED,
                             f"{name} does not support ComputeBackward "
                             "(it has no backward() method; see docs/training.md)")
-            values = _tensor.as_tensors(c.leaves)  # every tensor decoded in C
+            # every tensor decoded in C; wrapped (torch.from_dlpack) and the structure
+            # rebuilt in one pass
+            if c.values is not None:  # made by the binding (convert=): one pass in C
+                x, values = c.value, c.values
+            elif (convert := _tensor.from_dlpack()) is not None:
+                x, values = _core.rebuild(c.form, c.leaves, c.nodes, convert)
+            else:  # pragma: no cover - NumPy arrays where torch is absent
+                values = _tensor.as_tensors(c.leaves)
+                x = _structure.unflatten(c.form, values, [leaf.name for leaf in c.leaves],
+                                         c.nodes)
             # only a call that may carry a KV cache asks what compute() takes
             takes_cache = (c.n_kv > 0 or c.use_cache is not None) and \
                 models.takes_cache(compute_fn)
             kv_call = not c.backward and c.form == _structure.SINGLE and (
                 c.n_kv > 0 or (c.use_cache is not None and takes_cache))
-            if c.form == _structure.SINGLE:
-                x = values[0]
-            else:
-                x = _structure.unflatten(c.form, values, [leaf.name for leaf in c.leaves],
-                                         c.nodes)
             t0 = time.perf_counter()
 
             def run() -> Any:
@@ -851,7 +859,8 @@ def _make_dispatch(models: "_Models", registry: CodecRegistry,
                         _log_exception("a codec encoding the result", call, e)
                     raise
 
-            if inspect.isawaitable(out):  # an async def compute(): runs on the server's loop
+            if type(out) is not tensor_type and inspect.isawaitable(out):
+                # an async def compute(): runs on the server's loop
                 if c.state is not None and hasattr(c.state, "defer"):
                     aio.defer(_counted(out, models, model_id, method, call, t0), loop, call,
                               c.state, encode, t0)

@@ -174,16 +174,28 @@ static int call_args_init(client_obj *self, call_args *a, double timeout, PyObje
 }
 
 /* The Reply of a finished call: its leaves take the storage of out's tensors. */
+/* The Reply of a call. With `convert` (a callable taking a DLPack capsule; NULL or
+ * None: none) its value and values are the received object and tensors made in C,
+ * and its leaves and nodes None; without it the other way round. */
 static PyObject *make_reply(client_obj *self, sl_tensor_msg *out, const sl_compute_extra *extra,
-                            const sl_call_status *st) {
+                            const sl_call_status *st, PyObject *convert) {
   PyObject *rleaves = NULL, *rnodes = NULL, *initial = NULL, *result = NULL;
-  if (slpy_msg_to_python(self->st, out, &rleaves, &rnodes) < 0) goto cleanup;
+  PyObject *value = NULL, *values = NULL;
+  if (convert != NULL && convert != Py_None) {
+    if (slpy_msg_to_value(out, convert, &value, &values) < 0) goto cleanup;
+    rleaves = Py_NewRef(Py_None);
+    rnodes = Py_NewRef(Py_None);
+  } else {
+    if (slpy_msg_to_python(self->st, out, &rleaves, &rnodes) < 0) goto cleanup;
+    value = Py_NewRef(Py_None);
+    values = Py_NewRef(Py_None);
+  }
   initial = slpy_metadata_tuple(st->initial, st->n_initial);
   if (initial == NULL) goto cleanup;
   result = PyStructSequence_New(self->st->reply_type);
   if (result == NULL) goto cleanup;
   {
-    PyObject *v[10];
+    PyObject *v[12];
     v[0] = PyLong_FromLong(out->form);
     v[1] = Py_NewRef(rleaves);
     v[2] = Py_NewRef(rnodes);
@@ -195,9 +207,11 @@ static PyObject *make_reply(client_obj *self, sl_tensor_msg *out, const sl_compu
     v[7] = Py_NewRef(initial);
     v[8] = PyLong_FromSize_t(st->bytes_sent);
     v[9] = PyLong_FromSize_t(st->bytes_received);
-    for (int i = 0; i < 10; i++) {
+    v[10] = Py_NewRef(value);
+    v[11] = Py_NewRef(values);
+    for (int i = 0; i < 12; i++) {
       if (v[i] == NULL) {
-        for (int j = i; j < 10; j++) Py_XDECREF(v[j]);
+        for (int j = i; j < 12; j++) Py_XDECREF(v[j]);
         Py_CLEAR(result);
         break;
       }
@@ -208,6 +222,8 @@ cleanup:
   Py_XDECREF(initial);
   Py_XDECREF(rleaves);
   Py_XDECREF(rnodes);
+  Py_XDECREF(value);
+  Py_XDECREF(values);
   return result;
 }
 
@@ -255,10 +271,10 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
                            "retry", "request_id", "breaker", "backward", "forward_id",
                            "training_mode", "model_id", "learning_rate", "accumulation_step",
                            "use_cache", "backward_seq", "session_id", "session_step",
-                           "session_close", "codecs", NULL};
+                           "session_close", "codecs", "convert", NULL};
   PyObject *leaves, *nodes = Py_None, *metadata = Py_None, *retry = Py_None;
   PyObject *request_id = Py_None, *breaker = Py_None, *training = Py_None, *lr = Py_None;
-  PyObject *acc = Py_None, *use_cache = Py_None, *codecs = Py_None;
+  PyObject *acc = Py_None, *use_cache = Py_None, *codecs = Py_None, *convert = Py_None;
   const char *forward_id = NULL, *model_id = NULL, *session_id = NULL;
   int backward = 0, form = 0, backward_seq = 0, session_close = 0;
   long long session_step = 0;
@@ -274,11 +290,15 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
   sl_err err;
   PyObject *result = NULL;
 
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|iOdOpOOOpzOzOOOizLpO", kwlist, &leaves,
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|iOdOpOOOpzOzOOOizLpOO", kwlist, &leaves,
                                    &form, &nodes, &timeout, &metadata, &wait_for_ready, &retry,
                                    &request_id, &breaker, &backward, &forward_id, &training,
                                    &model_id, &lr, &acc, &use_cache, &backward_seq, &session_id,
-                                   &session_step, &session_close, &codecs)) {
+                                   &session_step, &session_close, &codecs, &convert)) {
+    return NULL;
+  }
+  if (convert != Py_None && !PyCallable_Check(convert)) {
+    PyErr_SetString(PyExc_TypeError, "convert must be callable or None");
     return NULL;
   }
   memset(&fields, 0, sizeof(fields));
@@ -346,7 +366,7 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
     raise_for(self, rc, &st, &err);
     goto cleanup;
   }
-  result = make_reply(self, &out, &out_extra, &st);
+  result = make_reply(self, &out, &out_extra, &st, convert);
 cleanup:
   sl_tensor_msg_clear(&out);
   sl_call_status_clear(&st);
@@ -596,7 +616,7 @@ static void async_done(void *user, sl_async_result *res) {
   }
   g = PyGILState_Ensure();
   if (res->rc == SL_OK) {
-    reply = make_reply(x->client, &res->out, &res->extra, &res->st);
+    reply = make_reply(x->client, &res->out, &res->extra, &res->st, NULL);
   } else {
     raise_for(x->client, res->rc, &res->st, &res->err);
   }

@@ -184,17 +184,15 @@ typedef struct holder {
 
 static void storage_release(void *p) { sl_storage_free(p); }
 
-PyObject *slpy_holder_new(slpy_state *st, void *storage, const sl_tensor_desc *desc) {
-  return slpy_holder_new_lent(st, storage, desc, storage_release, storage);
-}
-
-PyObject *slpy_holder_new_lent(slpy_state *st, void *data, const sl_tensor_desc *desc,
-                               void (*release)(void *), void *owner) {
-  holder *h;
+/* The owned_tensor of received bytes: release(owner) lets go of them, once (also
+ * when this fails). */
+static owned_tensor *owned_new(void *data, const sl_tensor_desc *desc, void (*release)(void *),
+                               void *owner) {
   owned_tensor *o = PyMem_RawCalloc(1, sizeof(*o));
   if (o == NULL) {
     if (release != NULL) release(owner);
-    return PyErr_NoMemory();
+    PyErr_NoMemory();
+    return NULL;
   }
   o->release = release;
   o->owner = owner;
@@ -218,6 +216,18 @@ PyObject *slpy_holder_new_lent(slpy_state *st, void *data, const sl_tensor_desc 
   o->versioned.dl_tensor = o->dlm.dl_tensor;
   o->refs = 2;
   o->freed = 0;
+  return o;
+}
+
+PyObject *slpy_holder_new(slpy_state *st, void *storage, const sl_tensor_desc *desc) {
+  return slpy_holder_new_lent(st, storage, desc, storage_release, storage);
+}
+
+PyObject *slpy_holder_new_lent(slpy_state *st, void *data, const sl_tensor_desc *desc,
+                               void (*release)(void *), void *owner) {
+  holder *h;
+  owned_tensor *o = owned_new(data, desc, release, owner);
+  if (o == NULL) return NULL;
   h = PyObject_New(holder, st->holder_type);
   if (h == NULL) {
     owned_free(o);
@@ -227,6 +237,26 @@ PyObject *slpy_holder_new_lent(slpy_state *st, void *data, const sl_tensor_desc 
   h->exports = 0;
   if (sl_desc_nbytes(desc, &h->nbytes) != SL_OK) h->nbytes = 0;
   return (PyObject *)h;
+}
+
+static void capsule_destructor(PyObject *capsule);
+
+PyObject *slpy_capsule_new(void *data, const sl_tensor_desc *desc, void (*release)(void *),
+                           void *owner) {
+  PyObject *capsule;
+  owned_tensor *o = owned_new(data, desc, release, owner);
+  if (o == NULL) return NULL;
+  capsule = PyCapsule_New(&o->dlm, "dltensor", capsule_destructor);
+  if (capsule == NULL) {
+    owned_free(o);
+    return NULL;
+  }
+  if (PyCapsule_SetContext(capsule, o) < 0) {
+    Py_DECREF(capsule); /* no context: its destructor leaves the tensor alone */
+    owned_free(o);
+    return NULL;
+  }
+  return capsule;
 }
 
 /* A capsule still under its first name was never consumed and owns the data
@@ -276,6 +306,12 @@ static PyObject *holder_dlpack(holder *self, PyObject *args, PyObject *kwargs) {
   }
   self->tensor = NULL;
   return capsule;
+}
+
+/* The legacy capsule of a DLPackTensor, as __dlpack__() with no arguments hands
+ * out (the bindings' fast path: no method lookup, no argument tuple). */
+PyObject *slpy_holder_capsule(PyObject *obj) {
+  return holder_dlpack((holder *)obj, NULL, NULL);
 }
 
 static PyObject *holder_dlpack_device(holder *self, PyObject *unused) {

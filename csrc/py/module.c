@@ -117,6 +117,14 @@ static PyMethodDef module_methods[] = {
     {"python_codec", slpy_python_codec, METH_VARARGS,
      "python_codec(codec, name, accepts, wrap, prepare) -> Codec: a Python codec in the core's "
      "codec table."},
+    {"rebuild", (PyCFunction)(void (*)(void))slpy_rebuild, METH_FASTCALL,
+     "rebuild(form, leaves, nodes, convert) -> (obj, values): the received tensors (each "
+     "leaf's DLPack capsule given to convert, e.g. torch.from_dlpack) and the object they "
+     "were sent as, in one pass."},
+    {"flatten", (PyCFunction)(void (*)(void))slpy_flatten, METH_FASTCALL,
+     "flatten(obj, tensor_type) -> (items, nodes) as _structure.flatten walks a structure of "
+     "dict/tuple/list, tensor_type leaves, None, bool, int, float and str; None for anything "
+     "else (the Python walker's case)."},
     {"decode", slpy_codec_decode, METH_VARARGS,
      "decode(name, payload, shape, dtype, metadata) -> DLPackTensor (built-in codecs)."},
     {NULL, NULL, 0, NULL}};

@@ -2,9 +2,12 @@
  *
  * Server(*, compute, info, host, port, max_workers, version, options=None, codec=None,
  *        codecs=None, auth_tokens=None, tls=None, intercept=None, max_decoded_bytes=0,
- *        max_tensors=0, max_depth=0)          (keywords only)
+ *        max_tensors=0, max_depth=0, convert=None)          (keywords only)
  *   compute(call: _core.Call) -> (leaves, compute_time_ms, trailing, form, nodes):
- *     called on a C worker thread with the GIL. `call.leaves` are _core.Leaf
+ *     called on a C worker thread with the GIL. With convert (a callable taking a
+ *     DLPack capsule, e.g. torch._C._from_dlpack) `call.value` is the object the
+ *     tensors were sent as, rebuilt in C, and `call.values` the converted tensors
+ *     (leaves and nodes are None); without it `call.leaves` are _core.Leaf
  *     objects, each tensor a DLPackTensor already decoded by the core (built-in
  *     codecs in C, Python codecs through their trampolines: codec_py.c). The
  *     results are OutTensor objects, as Client.compute takes them; the core
@@ -27,6 +30,7 @@ typedef struct server_obj {
   PyObject *info;    /* strong */
   PyObject *codec;   /* strong: the response _core.Codec, or None */
   PyObject *intercept; /* strong: interceptor chain callable, or None */
+  PyObject *convert;   /* strong: what wraps a received tensor's capsule, or None */
   slpy_state *st;
   PyTypeObject *holder_type; /* strong */
 } server_obj;
@@ -322,6 +326,7 @@ static int hook_compute(void *user, const sl_call_info *call, sl_compute_args *a
   PyGILState_STATE g;
   PyObject *leaves = NULL, *nodes = NULL, *md = NULL, *reqmd = NULL, *deadline = NULL;
   PyObject *rid = NULL, *ret = NULL, *cstate = NULL, *fields = NULL, *pycall = NULL;
+  PyObject *value = NULL, *values = NULL;
   slpy_setbuf *buf = NULL;
   double ms = 0;
   int status = SL_EUSER, form = 0;
@@ -334,8 +339,17 @@ static int hook_compute(void *user, const sl_call_info *call, sl_compute_args *a
     g = PyGILState_Ensure();
     args->queue_seconds = sl_now() - before;
   }
-  /* the leaves take the tensors' storage (freed with them, even on failure) */
-  if (slpy_msg_to_python(self->st, args->tensor, &leaves, &nodes) < 0) goto pyerror;
+  /* the leaves (or the converted tensors) take the tensors' storage (freed with
+   * them, even on failure) */
+  if (self->convert != NULL && self->convert != Py_None) {
+    if (slpy_msg_to_value(args->tensor, self->convert, &value, &values) < 0) goto pyerror;
+    leaves = Py_NewRef(Py_None);
+    nodes = Py_NewRef(Py_None);
+  } else {
+    if (slpy_msg_to_python(self->st, args->tensor, &leaves, &nodes) < 0) goto pyerror;
+    value = Py_NewRef(Py_None);
+    values = Py_NewRef(Py_None);
+  }
   md = slpy_metadata_tuple(call->metadata, call->n_metadata);
   reqmd = PyDict_New();
   if (md == NULL || reqmd == NULL) goto pyerror;
@@ -356,7 +370,7 @@ static int hook_compute(void *user, const sl_call_info *call, sl_compute_args *a
     goto pyerror;
   }
   {
-    PyObject *v[14];
+    PyObject *v[16];
     v[0] = PyLong_FromLong(args->tensor->form);
     v[1] = Py_NewRef(leaves);
     v[2] = Py_NewRef(nodes);
@@ -372,9 +386,11 @@ static int hook_compute(void *user, const sl_call_info *call, sl_compute_args *a
     v[12] = Py_NewRef(fields);
     v[13] = args->fields.has_use_cache ? PyBool_FromLong(args->fields.use_cache)
                                        : Py_NewRef(Py_None);
-    for (int i = 0; i < 14; i++) {
+    v[14] = Py_NewRef(value);
+    v[15] = Py_NewRef(values);
+    for (int i = 0; i < 16; i++) {
       if (v[i] == NULL) {
-        for (int j = i; j < 14; j++) Py_XDECREF(v[j]);
+        for (int j = i; j < 16; j++) Py_XDECREF(v[j]);
         goto pyerror;
       }
       PyStructSequence_SetItem(pycall, i, v[i]);
@@ -425,6 +441,8 @@ cleanup:
   Py_XDECREF(md);
   Py_XDECREF(nodes);
   Py_XDECREF(leaves);
+  Py_XDECREF(values);
+  Py_XDECREF(value);
   PyGILState_Release(g);
   return status;
 }
@@ -555,12 +573,15 @@ static int parse_tokens(PyObject *tokens, PyObject **seq, const char ***out, siz
 
 /* Server(*, compute, info, host, port, max_workers, version, options=None, codec=None,
  *        codecs=None, auth_tokens=None, tls=None, intercept=None, max_decoded_bytes=0,
- *        max_tensors=0, max_depth=0): keywords only. */
+ *        max_tensors=0, max_depth=0, convert=None): keywords only. convert: a callable
+ *        given each received tensor's DLPack capsule (torch._C._from_dlpack); with it
+ *        the Call carries value and values instead of leaves and nodes. */
 static int server_init(server_obj *self, PyObject *args, PyObject *kwargs) {
   static char *kwlist[] = {"compute", "info", "host", "port", "max_workers", "version", "options",
                            "codec", "codecs", "auth_tokens", "tls", "intercept",
-                           "max_decoded_bytes", "max_tensors", "max_depth", NULL};
+                           "max_decoded_bytes", "max_tensors", "max_depth", "convert", NULL};
   PyObject *compute = NULL, *info = NULL, *options = Py_None, *codec = Py_None;
+  PyObject *convert = Py_None;
   PyObject *codecs = Py_None;
   PyObject *tokens = Py_None, *tls = Py_None, *intercept = Py_None, *token_seq = NULL;
   const char **token_ptrs = NULL;
@@ -584,10 +605,10 @@ static int server_init(server_obj *self, PyObject *args, PyObject *kwargs) {
     PyErr_SetString(PyExc_RuntimeError, "Server.__init__ called twice");
     return -1;
   }
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$OOsiisOOOOOOnni", kwlist, &compute, &info,
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$OOsiisOOOOOOnniO", kwlist, &compute, &info,
                                    &host, &port, &max_workers, &version, &options, &codec,
                                    &codecs, &tokens, &tls, &intercept, &max_decoded,
-                                   &max_tensors, &max_depth)) {
+                                   &max_tensors, &max_depth, &convert)) {
     return -1;
   }
   if (compute == NULL || info == NULL || host == NULL || port < 0 || max_workers <= 0) {
@@ -604,6 +625,10 @@ static int server_init(server_obj *self, PyObject *args, PyObject *kwargs) {
   }
   if (intercept != Py_None && !PyCallable_Check(intercept)) {
     PyErr_SetString(PyExc_TypeError, "intercept must be callable or None");
+    return -1;
+  }
+  if (convert != Py_None && !PyCallable_Check(convert)) {
+    PyErr_SetString(PyExc_TypeError, "convert must be callable or None");
     return -1;
   }
   if (parse_tokens(tokens, &token_seq, &token_ptrs, &n_tokens) < 0) {
@@ -627,6 +652,7 @@ static int server_init(server_obj *self, PyObject *args, PyObject *kwargs) {
   self->info = Py_NewRef(info);
   self->codec = Py_NewRef(codec);
   self->intercept = Py_NewRef(intercept);
+  self->convert = Py_NewRef(convert);
   if (intercept != Py_None) hooks.intercept = hook_intercept;
   memset(&cfg, 0, sizeof(cfg));
   cfg.auth_tokens = token_ptrs;
@@ -783,6 +809,7 @@ static int server_traverse(server_obj *self, visitproc visit, void *arg) {
   Py_VISIT(self->info);
   Py_VISIT(self->codec);
   Py_VISIT(self->intercept);
+  Py_VISIT(self->convert);
   Py_VISIT(self->holder_type);
   return 0;
 }
@@ -795,6 +822,7 @@ static int server_clear(server_obj *self) {
   Py_CLEAR(self->info);
   Py_CLEAR(self->codec);
   Py_CLEAR(self->intercept);
+  Py_CLEAR(self->convert);
   Py_CLEAR(self->holder_type);
   return 0;
 }
@@ -995,7 +1023,7 @@ static PyType_Slot server_slots[] = {
     {Py_tp_getset, server_getset},
     {Py_tp_doc, "Server(*, compute, info, host, port, max_workers, version='', options=None, "
                 "codec=None, codecs=None, auth_tokens=None, tls=None, intercept=None, "
-                "max_decoded_bytes=0, max_tensors=0, max_depth=0)\n--\n\n"
+                "max_decoded_bytes=0, max_tensors=0, max_depth=0, convert=None)\n--\n\n"
                 "The C server (internal; use splitlearn_comm.GRPCComputeServer)."},
     {0, NULL}};
 

@@ -87,6 +87,14 @@ PyObject *slpy_holder_new_lent(slpy_state *st, void *data, const sl_tensor_desc 
                                void (*release)(void *), void *owner);
 
 extern PyType_Spec slpy_holder_spec;
+/* A new legacy "dltensor" capsule over received bytes, without a DLPackTensor:
+ * torch.from_dlpack and torch._C._from_dlpack take it without copying; release(owner)
+ * runs once, from any thread, when the consumer lets go (also on failure). */
+PyObject *slpy_capsule_new(void *data, const sl_tensor_desc *desc, void (*release)(void *),
+                           void *owner);
+/* A new legacy "dltensor" capsule of `holder` (a DLPackTensor), as its
+ * __dlpack__() without arguments: once only, then BufferError. */
+PyObject *slpy_holder_capsule(PyObject *holder);
 extern PyType_Spec slpy_server_spec;
 extern PyType_Spec slpy_client_spec;
 extern PyType_Spec slpy_codec_spec;
@@ -150,6 +158,20 @@ int slpy_tensor_types_init(slpy_state *st, PyObject *module);
  * (None unless the structure form). On failure both are NULL, an exception is
  * set, and what was taken is freed. */
 int slpy_msg_to_python(slpy_state *st, sl_tensor_msg *m, PyObject **leaves, PyObject **nodes);
+
+/* _core.rebuild(form, leaves, nodes, convert) -> (obj, values): module function. */
+PyObject *slpy_rebuild(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
+
+/* _core.flatten(obj, tensor_type) -> (items, nodes), or None for what only
+ * _structure.flatten's Python walker handles: module function. */
+PyObject *slpy_flatten(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
+
+/* The received tensors of `m`, each given to `convert` as a DLPack capsule
+ * (their data is taken), as a new list *values, and the object they were sent
+ * as (the structure rebuilt from m's nodes, a dict by name, or the single
+ * tensor) as *value: what _core.rebuild makes of Leaf objects, without them.
+ * On failure both are NULL and an exception is set. */
+int slpy_msg_to_value(sl_tensor_msg *m, PyObject *convert, PyObject **value, PyObject **values);
 
 /* Arrays and strings of an outgoing sl_tensor_set. */
 typedef struct slpy_setbuf slpy_setbuf;

@@ -1,0 +1,186 @@
+"""The per-tensor fast paths of a call with many tensors (issue 10).
+
+``_core.flatten`` walks the common structures in C and must give exactly what
+the Python walker of ``_structure.flatten`` gives, or hand the object back to it
+(None) for everything else; ``_core.rebuild`` wraps the received tensors and
+rebuilds the structure in one pass and refuses nodes that do not describe one.
+The walkers of ``_structure`` leave no reference cycles behind: a cycle kept
+every tensor of a call (and its received storage) alive until the cycle
+collector ran.
+"""
+from __future__ import annotations
+
+import enum
+import gc
+import weakref
+from collections import OrderedDict
+from typing import Any, List, Tuple
+
+import numpy as np
+import pytest
+torch = pytest.importorskip("torch", reason="needs torch, an optional extra "
+                            "(pip install splitlearn-comm[torch])")
+
+import splitlearn_comm as slc
+from splitlearn_comm import _core, _structure, _tensor
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Level(enum.IntEnum):
+    LOW = 1
+
+
+def python_walk(obj: Any) -> Tuple[List[Tuple[str, Any]], List[Any]]:
+    leaves: List[Tuple[str, Any]] = []
+    nodes: List[Any] = []
+    _structure._walk(obj, "", None, leaves, nodes, set(), torch.Tensor)
+    return leaves, nodes
+
+
+COMMON = [
+    {"hidden": torch.zeros(2, 3), "past": tuple((torch.ones(1), torch.zeros(1)) for _ in range(3))},
+    (torch.zeros(1), None, True, False, 7, -(1 << 63), (1 << 63) - 1, 2.5, "text", ""),
+    [[], (), {}, [torch.zeros(0)]],
+    {"k\u00e9y": {"nested": [torch.arange(3), {"deep": (torch.ones(2),)}]}},
+    {"a": torch.zeros(1), "b": {"c": None, "d": [1, 2.0, "x"]}},
+    [torch.zeros(1)] * 12,
+]
+
+# each of these leaves the C walker: a NumPy array, subclasses (IntEnum, OrderedDict),
+# a non-str key, an int beyond 64 bits, two tensors under one name
+OTHER = [
+    {"a": np.zeros(2)},
+    {"level": Level.LOW},
+    OrderedDict(a=torch.zeros(1)),
+    {"m": OrderedDict(a=torch.zeros(1))},
+    {1: torch.zeros(1)},
+    {"big": 1 << 64},
+    {"a.b": torch.zeros(1), "a": {"b": torch.zeros(1)}},
+]
+
+
+@pytest.mark.parametrize("obj", COMMON, ids=range(len(COMMON)))
+def test_c_flatten_gives_what_the_python_walker_gives(obj: Any) -> None:
+    fast = _core.flatten(obj, torch.Tensor)
+    assert fast is not None
+    leaves, nodes = python_walk(obj)
+    assert [n for n, _ in fast[0]] == [n for n, _ in leaves]
+    assert all(a is b for (_, a), (_, b) in zip(fast[0], leaves))
+    assert fast[1] == nodes
+    assert [type(n[3]) for n in fast[1]] == [type(n[3]) for n in nodes]
+    form, items, nodes2 = _structure.flatten(obj)
+    assert form == _structure.STRUCTURE and nodes2 == nodes
+
+
+@pytest.mark.parametrize("obj", OTHER, ids=range(len(OTHER)))
+def test_c_flatten_hands_the_rest_to_the_python_walker(obj: Any) -> None:
+    assert _core.flatten(obj, torch.Tensor) is None
+    try:
+        expected: Any = python_walk(obj)[1]
+    except (TypeError, ValueError) as e:
+        with pytest.raises(type(e), match=str(e)[:30].replace("(", r"\(").replace(")", r"\)")):
+            _structure.flatten(obj)
+    else:
+        assert _structure.flatten(obj)[2] == expected
+
+
+def received(obj: Any) -> Tuple[int, List[Any], Any]:
+    """(form, leaves, nodes) as the binding hands a received structure up: Leaf
+    objects holding DLPackTensors, made here through a real round trip."""
+    class Keep(slc.ComputeFunction):
+        def compute(self, x: Any) -> Any:
+            return x
+
+    with slc.GRPCComputeServer(Keep(), host="127.0.0.1", port=0, max_workers=1) as server:
+        with slc.GRPCComputeClient(f"127.0.0.1:{server.port}", retry_strategy=None,
+                                   shared_memory=False) as client:
+            form, items, nodes = _structure.flatten(obj)
+            sendable = ([(n, t, None) for n, t in items], form, nodes)
+            reply = client._attempt(sendable, [], 30.0, None)
+            return reply.form, list(reply.leaves), reply.nodes
+
+
+def test_rebuild_gives_the_structure_sent() -> None:
+    obj = {"hidden": torch.arange(6.0).reshape(2, 3), "mask": torch.tensor([True, False]),
+           "past": ((torch.ones(2), torch.zeros(2)),), "n": 3, "f": None, "flag": True}
+    form, leaves, nodes = received(obj)
+    out, values = _core.rebuild(form, leaves, nodes, _tensor.from_dlpack())
+    assert set(out) == set(obj) and out["n"] == 3 and out["flag"] is True and out["f"] is None
+    assert torch.equal(out["hidden"], obj["hidden"]) and torch.equal(out["mask"], obj["mask"])
+    assert type(out["past"]) is tuple and torch.equal(out["past"][0][1], torch.zeros(2))
+    assert len(values) == 4 and values[0] is out["hidden"]
+
+
+@pytest.mark.parametrize("nodes, message", [
+    ([(_structure.DICT, 2, None, None), (_structure.TENSOR, 0, "a", None)], "children"),
+    ([(_structure.TUPLE, 2, None, None), (_structure.TENSOR, 0, None, None),
+      (_structure.TENSOR, 0, None, None)], "more tensors"),
+    ([(_structure.TUPLE, 1, None, None), ("x",)], "node is"),
+    ([(_structure.LIST, -1, None, None)], "children"),
+])
+def test_rebuild_refuses_nodes_that_describe_no_structure(nodes: List[Any], message: str) -> None:
+    form, leaves, _ = received({"a": torch.zeros(1)})
+    with pytest.raises((ValueError, TypeError), match=message):
+        _core.rebuild(_structure.STRUCTURE, leaves, nodes, _tensor.from_dlpack())
+
+
+def test_the_walkers_leave_no_reference_cycles() -> None:
+    """Once the walkers are done and the caller lets go, the tensors are freed at
+    once: nothing waits for the cycle collector (disabled here)."""
+    def walk_all() -> List[Any]:
+        obj = {"hidden": torch.zeros(2),
+               "past": tuple((torch.ones(1), torch.zeros(1)) for _ in range(4)),
+               "extra": [np.zeros(1), Level.LOW, OrderedDict(x=torch.zeros(1))]}
+        refs = [weakref.ref(t) for t in _structure.tensor_leaves(obj)]
+        form, items, nodes = _structure.flatten(obj)
+        _structure.unflatten(form, [t for _, t in items], [n for n, _ in items], nodes)
+        _structure.replace_tensors(obj, _structure.tensor_leaves(obj))
+        return refs
+
+    gc.disable()
+    try:
+        refs = walk_all()
+        assert len(refs) == 11 and all(r() is None for r in refs)
+    finally:
+        gc.enable()
+
+
+class Answer(slc.ComputeFunction):
+    """Returns what the call names: its input, or one of a few fixed results."""
+
+    def compute(self, x: Any) -> Any:
+        kind = x["kind"]
+        if kind == "none":
+            return None
+        if kind == "scalars":
+            return {"n": 3, "f": 0.5, "s": "s", "b": False, "nothing": None, "empty": ()}
+        return x["payload"]
+
+
+@pytest.mark.parametrize("kind, payload", [
+    ("none", None),
+    ("scalars", None),
+    ("echo", {"t": (torch.arange(4), [torch.ones(2, 2), {"deep": torch.zeros(0)}])}),
+    ("echo", [torch.tensor(1.5), None, 7]),
+])
+def test_the_binding_builds_what_the_server_returned(kind: str, payload: Any) -> None:
+    """Both sides make the received object in C (Call.value, Reply.value): roots
+    that are None or hold only scalars, nested containers, 0-d and empty tensors."""
+    with slc.GRPCComputeServer(Answer(), host="127.0.0.1", port=0, max_workers=1) as server:
+        with slc.GRPCComputeClient(f"127.0.0.1:{server.port}", retry_strategy=None,
+                                   shared_memory=False) as client:
+            out = client.compute({"kind": kind, "payload": payload, "x": torch.zeros(1)})
+    if kind == "none":
+        assert out is None
+    elif kind == "scalars":
+        assert out == {"n": 3, "f": 0.5, "s": "s", "b": False, "nothing": None, "empty": ()}
+        assert type(out["b"]) is bool
+    elif isinstance(payload, dict):
+        assert type(out["t"]) is tuple and type(out["t"][1]) is list
+        assert torch.equal(out["t"][0], payload["t"][0])
+        assert torch.equal(out["t"][1][0], payload["t"][1][0])
+        assert out["t"][1][1]["deep"].shape == (0,)
+    else:
+        assert type(out) is list and out[1] is None and out[2] == 7
+        assert out[0].shape == () and float(out[0]) == 1.5
