@@ -348,6 +348,35 @@ def test_received_tensors_view_the_segment_and_outlive_everything(serve, connect
     assert maps_of_segments() == before  # the last views unmapped them
 
 
+
+def test_every_tensor_of_a_structure_is_viewed(serve, connect):
+    """A message of named tensors gets padding in the segment so that every tensor
+    starts on a 64-byte boundary: each is lent, none copied, whatever the sizes and
+    dtypes around it (a KV cache of float16 pairs, an odd-sized mask)."""
+    seen: List[Any] = []
+
+    class Keep(slc.ComputeFunction):
+        def compute(self, x):
+            seen.append(x)
+            return x
+
+    client = connect(serve(Keep()))
+    client.compute(torch.ones(4))
+    x = {"hidden": torch.randn(1, 33, 777),
+         "mask": torch.ones(70001, dtype=torch.bool),
+         "past": tuple((torch.randn(1, 3, 129, 64).half(), torch.randn(1, 3, 129, 64).half())
+                       for _ in range(4))}
+    y = through_shm(client, lambda: client.compute(x))
+    got = seen[-1]
+    leaves_in = [got["hidden"], got["mask"]] + [t for kv in got["past"] for t in kv]
+    leaves_out = [y["hidden"], y["mask"]] + [t for kv in y["past"] for t in kv]
+    leaves_x = [x["hidden"], x["mask"]] + [t for kv in x["past"] for t in kv]
+    for a, b, c in zip(leaves_in, leaves_out, leaves_x):
+        assert a.data_ptr() % 64 == 0 and b.data_ptr() % 64 == 0
+        assert torch.equal(a, c) and torch.equal(b, c)
+    seen.clear()
+
+
 def test_segments_are_reused_once_views_are_freed(serve, connect):
     """A training loop keeps one output while the next call runs: two segments
     alternate, and a server that frees its inputs holds none."""

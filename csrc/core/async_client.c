@@ -178,14 +178,17 @@ static int start_attempt(sl_async *a, sl_async_call *k, sl_err *err) {
   if (k->seg != NULL && !k->broken) {
     /* each attempt copies the request into the segment again and posts it anew */
     char value[160];
-    size_t off = sl_shm_align_offset(k->payload);
-    sl_shm_copy_payload(sl_shm_seg_data(k->seg) + off, sl_shm_seg_capacity(k->seg) - off,
-                        k->payload);
-    sl_shm_seg_post(k->seg, off, sl_payload_size(k->payload), value, sizeof(value));
-    grpc_slice_unref(k->md[k->n_md].value);
-    k->md[k->n_md].value = grpc_slice_from_copied_string(value);
-    k->posted = 1;
-    k->via_seg = 1;
+    size_t off = sl_shm_align_offset(k->payload), len = 0;
+    if (sl_shm_copy_payload(sl_shm_seg_data(k->seg) + off, sl_shm_seg_capacity(k->seg) - off,
+                            k->payload, &len) == SL_OK) {
+      sl_shm_seg_post(k->seg, off, len, value, sizeof(value));
+      grpc_slice_unref(k->md[k->n_md].value);
+      k->md[k->n_md].value = grpc_slice_from_copied_string(value);
+      k->posted = 1;
+      k->via_seg = 1;
+    } else {
+      k->broken = 1; /* (cannot be: the segment was sized for it) */
+    }
   }
   call = grpc_channel_create_call(a->channel, NULL, GRPC_PROPAGATE_DEFAULTS, a->cq,
                                   grpc_slice_from_static_string(k->method), NULL, gdl, NULL);
@@ -547,7 +550,7 @@ int sl_async_compute_start(sl_async *a, const sl_call_opts *o, int backward,
   p = NULL;
   /* a segment when the channel has one (offered now when the server does not know
    * it yet); the metadata then gets one more slot */
-  k->seg = sl__client_shm_take(a->client, o, sl_payload_size(k->payload));
+  k->seg = sl__client_shm_take(a->client, o, k->payload);
   if (k->seg != NULL &&
       sl_payload_new(malloc(1), 0, NULL, 0, NULL, NULL, &k->empty) != SL_OK) {
     goto oom;

@@ -277,12 +277,17 @@ static int attempt(sl_client *c, const char *method, sl_payload *p, double deadl
     if (sc->broken) {
       n_md--; /* no control entry: the request goes over TCP */
     } else {
-      size_t off = sl_shm_align_offset(p);
-      sl_shm_copy_payload(sl_shm_seg_data(sc->seg) + off, sl_shm_seg_capacity(sc->seg) - off, p);
-      sl_shm_seg_post(sc->seg, off, sl_payload_size(p), sc->value, sizeof(sc->value));
-      sc->md[n_md - 1].value_len = strlen(sc->value);
-      sc->posted = 1;
-      send = sc->empty;
+      size_t off = sl_shm_align_offset(p), len = 0;
+      if (sl_shm_copy_payload(sl_shm_seg_data(sc->seg) + off, sl_shm_seg_capacity(sc->seg) - off,
+                              p, &len) == SL_OK) {
+        sl_shm_seg_post(sc->seg, off, len, sc->value, sizeof(sc->value));
+        sc->md[n_md - 1].value_len = strlen(sc->value);
+        sc->posted = 1;
+        send = sc->empty;
+      } else {
+        sc->broken = 1; /* (cannot be: the segment was sized for it) */
+        n_md--;
+      }
     }
   }
   if (n_md > 0) {
@@ -861,8 +866,8 @@ static void status_over_limit(sl_client *c, sl_call_status *st, long long len) {
  * it, a reply as big (or as the largest seen), each on its own 64-byte boundary:
  * the server's tensors may view the request while it writes the reply; when both do
  * not fit, the reply goes over the request (if nothing views it by then). */
-static size_t shm_need(sl_client *c, size_t req) {
-  size_t reply = req, need;
+static size_t shm_need(sl_client *c, const sl_payload *p) {
+  size_t req = sl_shm_payload_room(p), reply = req, need;
   long long hint = atomic_load(&c->shm_reply_hint);
   if (hint > 0 && (unsigned long long)hint > reply &&
       (unsigned long long)hint <= SL_SHM_MAX_CAPACITY) {
@@ -879,12 +884,12 @@ static int shm_fits(sl_client *c, size_t len) {
          len <= SL_SHM_MAX_CAPACITY && len <= c->max_send && len <= SL_MAX_MESSAGE_BYTES;
 }
 
-sl_shm_seg *sl__client_shm_take(sl_client *c, const sl_call_opts *o, size_t len) {
+sl_shm_seg *sl__client_shm_take(sl_client *c, const sl_call_opts *o, const sl_payload *p) {
   sl_shm_seg *seg;
   sl_err serr;
   int attached = 0;
-  if (!shm_fits(c, len) || len < SL_SHM_MIN_MESSAGE) return NULL;
-  seg = sl_shm_pool_acquire(c->shm, shm_need(c, len), &attached, &serr);
+  if (!shm_fits(c, sl_payload_size(p)) || sl_payload_size(p) < SL_SHM_MIN_MESSAGE) return NULL;
+  seg = sl_shm_pool_acquire(c->shm, shm_need(c, p), &attached, &serr);
   if (seg == NULL || attached) return seg;
   {
     /* a segment the server does not know yet: offered on a HealthCheck now */
@@ -905,7 +910,7 @@ sl_shm_seg *sl__client_shm_take(sl_client *c, const sl_call_opts *o, size_t len)
   sl_shm_pool_release(c->shm, seg, 1, attached);
   if (!attached) return NULL;
   /* again from the pool: this one, or another free one the server knows */
-  seg = sl_shm_pool_acquire(c->shm, shm_need(c, len), &attached, &serr);
+  seg = sl_shm_pool_acquire(c->shm, shm_need(c, p), &attached, &serr);
   if (seg != NULL && !attached) {
     sl_shm_pool_release(c->shm, seg, 1, 0);
     seg = NULL;
@@ -972,7 +977,7 @@ static int tensor_call(sl_client *c, const char *method, sl_payload *p, const sl
      * first call, still undecided, offers a segment whatever its size) */
     return unary(c, method, p, o, NULL, sm, resp, st, err);
   }
-  seg = sl_shm_pool_acquire(c->shm, shm_need(c, sl_payload_size(p)), &attached, &serr);
+  seg = sl_shm_pool_acquire(c->shm, shm_need(c, p), &attached, &serr);
   if (seg == NULL) return unary(c, method, p, o, NULL, sm, resp, st, err);
   md = malloc((o->n_metadata + 2) * sizeof(*md));
   if (md == NULL) {

@@ -14,8 +14,8 @@ grpc_channel *sl__client_channel(sl_client *c);
 
 /* The same-host channel for an asynchronous call (shm.h, docs/shm.md).
  *
- * sl__client_shm_take: a free segment the server knows, for a request of `len`
- * bytes, or NULL (the call goes over the connection). A segment the server does not
+ * sl__client_shm_take: a free segment the server knows, for the request `p`, or
+ * NULL (the call goes over the connection). A segment the server does not
  * know yet is offered on a HealthCheck first (blocking: once per segment), with
  * `o`'s metadata.
  * sl__client_shm_reply: after an attempt that posted its request in `seg`, strip the
@@ -26,7 +26,7 @@ grpc_channel *sl__client_channel(sl_client *c);
  * later segments for it.
  * sl__client_shm_give: hand the segment back (`reusable` 0: drop it; `forget`: the
  * server did not know it, so none of the pool is known any more). */
-sl_shm_seg *sl__client_shm_take(sl_client *c, const sl_call_opts *o, size_t len);
+sl_shm_seg *sl__client_shm_take(sl_client *c, const sl_call_opts *o, const sl_payload *p);
 int sl__client_shm_reply(sl_client *c, sl_shm_seg *seg, sl_call_status *st, sl_span *span,
                          int *unknown);
 void sl__client_shm_reply_hint(sl_client *c, size_t len);

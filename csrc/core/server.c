@@ -743,7 +743,7 @@ static void respond_and_finish(served *sv) {
   size_t nops = 0;
   int tag2;
   double t_send = 0;
-  size_t reply_off = 0;
+  size_t reply_off = 0, reply_len = 0;
 
   if (!sv->responding) goto cleanup;
   if (sv->r.err.status != SL_OK && sv->r.err.code == SL_STATUS_OK) sv->r.err.code = SL_STATUS_INTERNAL;
@@ -754,12 +754,12 @@ static void respond_and_finish(served *sv) {
   memset(ops, 0, sizeof(ops));
   if (sv->r.payload != NULL && sv->shm != NULL && sv->r.err.status == SL_OK &&
       sl_payload_size(sv->r.payload) <= s->max_send &&
-      sl_shm_use_reply(sv->shm, sv->r.payload, &reply_off) == SL_OK) {
+      sl_shm_use_reply(sv->shm, sv->r.payload, &reply_off, &reply_len) == SL_OK) {
     /* the reply is in the client's segment: an empty message, its length and
      * offset in the trailing metadata (a reply that does not fit goes over gRPC as
      * usual) */
     char len[48];
-    snprintf(len, sizeof(len), "%zu %zu", sl_payload_size(sv->r.payload), reply_off);
+    snprintf(len, sizeof(len), "%zu %zu", reply_len, reply_off);
     if (sl_call_add_trailing(cs, SL_SHM_MD_REPLY, len, strlen(len)) == SL_OK) {
       sv->r.rec.bytes_out = sl_payload_size(sv->r.payload);
       sl_payload_unref(sv->r.payload);

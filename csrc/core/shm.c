@@ -59,30 +59,77 @@ int sl_shm_target_is_local(const char *target) {
   return 0;
 }
 
+/* The padding field: number 100 (reserved in proto/), wire type 2, as a tag varint. */
+static const uint8_t PAD_TAG[2] = {0xA2, 0x06};
+#define PAD_MAX (3 + SL_SHM_ALIGN + 2) /* a padding field is 3 + L bytes, L < 128 */
+
+/* Whether padding may go before each tensor after the first: the message is one of
+ * named tensors, each a top-level field 20 whose prefix is the whole block piece
+ * between two tensors (a KV cache entry, a nested message, is never cut). */
+static int pads_possible(const sl_payload *p) {
+  size_t n = sl_payload_npieces(p), nseg = (n - 1) / 2;
+  if (nseg < 2) return 0;
+  for (size_t k = 1; k < nseg; k++) {
+    size_t blen = 0, slen = 0, v, i = 2;
+    const uint8_t *b = sl_payload_piece(p, 2 * k, &blen);
+    (void)sl_payload_piece(p, 2 * k + 1, &slen);
+    if (blen < 3 || b[0] != 0xA2 || b[1] != 0x01) return 0; /* field 20, wire type 2 */
+    for (v = slen; v >= 0x80; v >>= 7, i++) {
+      if (i >= blen || b[i] != (uint8_t)(v | 0x80)) return 0;
+    }
+    if (i + 1 != blen || b[i] != (uint8_t)v) return 0;
+  }
+  return 1;
+}
+
+size_t sl_shm_payload_room(const sl_payload *p) {
+  size_t nseg = (sl_payload_npieces(p) - 1) / 2;
+  return sl_payload_size(p) + SL_SHM_ALIGN + nseg * PAD_MAX;
+}
+
 size_t sl_shm_align_offset(const sl_payload *p) {
   size_t off = 0, best = 0, best_len = 0, n = sl_payload_npieces(p);
+  int first = pads_possible(p); /* padding aligns the others: align the first */
   for (size_t i = 0; i < n; i++) {
     size_t len = 0;
     (void)sl_payload_piece(p, i, &len);
-    if (len > best_len) {
+    if (i % 2 == 1 && (len > best_len || (first && i == 1))) {
       best_len = len;
       best = off;
+      if (first) break;
     }
     off += len;
   }
   return (SL_SHM_ALIGN - best % SL_SHM_ALIGN) % SL_SHM_ALIGN;
 }
 
-int sl_shm_copy_payload(uint8_t *dst, size_t cap, const sl_payload *p) {
+int sl_shm_copy_payload(uint8_t *dst, size_t cap, const sl_payload *p, size_t *written) {
   size_t off = 0, n = sl_payload_npieces(p);
+  int pad = pads_possible(p);
+  *written = 0;
   if (sl_payload_size(p) > cap) return SL_ETOOBIG;
   for (size_t i = 0; i < n; i++) {
     size_t len = 0;
     const void *piece = sl_payload_piece(p, i, &len);
+    if (pad && i >= 2 && i % 2 == 0) {
+      /* a padding field, so that the tensor after this prefix starts aligned */
+      size_t r = ((uintptr_t)dst + off + len) % SL_SHM_ALIGN;
+      size_t g = (SL_SHM_ALIGN - r) % SL_SHM_ALIGN;
+      if (g == 1 || g == 2) g += SL_SHM_ALIGN;
+      if (g > 0) {
+        if (g > cap - off) return SL_ETOOBIG;
+        memcpy(dst + off, PAD_TAG, 2);
+        dst[off + 2] = (uint8_t)(g - 3);
+        memset(dst + off + 3, 0, g - 3);
+        off += g;
+      }
+    }
     if (len == 0) continue;
+    if (len > cap - off) return SL_ETOOBIG;
     memcpy(dst + off, piece, len);
     off += len;
   }
+  *written = off;
   return SL_OK;
 }
 
@@ -694,10 +741,10 @@ int sl_shm_table_begin(sl_shm_table *t, const char *value, size_t len, sl_shm_us
   return SL_OK;
 }
 
-int sl_shm_use_reply(sl_shm_use *u, const sl_payload *p, size_t *off_out) {
+int sl_shm_use_reply(sl_shm_use *u, const sl_payload *p, size_t *off_out, size_t *len_out) {
   entry *e = u->e;
   uint64_t expect = STATE(u->seq, PHASE_HELD);
-  size_t cap = e->size - SL_SHM_HDR, len = sl_payload_size(p), skew = sl_shm_align_offset(p);
+  size_t cap = e->size - SL_SHM_HDR, len = sl_shm_payload_room(p), skew = sl_shm_align_offset(p);
   size_t after = (u->req_end + SL_SHM_ALIGN - 1) / SL_SHM_ALIGN * SL_SHM_ALIGN + skew, off;
   if (after <= cap && len <= cap - after) {
     off = after; /* beside the request, which tensors may still view */
@@ -711,7 +758,10 @@ int sl_shm_use_reply(sl_shm_use *u, const sl_payload *p, size_t *off_out) {
     return SL_ESTATE; /* the client scribbled on the state word */
   }
   *off_out = off;
-  sl_shm_copy_payload(e->base + SL_SHM_HDR + off, cap - off, p);
+  if (sl_shm_copy_payload(e->base + SL_SHM_HDR + off, cap - off, p, len_out) != SL_OK) {
+    atomic_store(&hdr_of(e->base)->state, STATE(u->seq, PHASE_RELEASED)); /* cannot be: sized */
+    return SL_ETOOBIG;
+  }
   atomic_store(&hdr_of(e->base)->state, STATE(u->seq, PHASE_DONE));
   return SL_OK;
 }

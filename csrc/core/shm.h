@@ -81,13 +81,21 @@ int sl_shm_env_enabled(void);
  * addresses, localhost, 127.0.0.0/8 and [::1] (with or without ipv4:/ipv6:/dns:). */
 int sl_shm_target_is_local(const char *target);
 
-/* Where to place `p` in a data area (0 .. SL_SHM_ALIGN - 1) so that its largest
- * piece starts on an SL_SHM_ALIGN boundary. */
+/* Where to place `p` in a data area (0 .. SL_SHM_ALIGN - 1) so that its first
+ * tensor (a message of named tensors, whose other tensors padding aligns) or its
+ * largest piece (any other message) starts on an SL_SHM_ALIGN boundary. */
 size_t sl_shm_align_offset(const sl_payload *p);
 
-/* Copy every piece of `p` to `dst` (at most `cap` bytes). SL_ETOOBIG when it does
- * not fit (nothing meaningful written). */
-int sl_shm_copy_payload(uint8_t *dst, size_t cap, const sl_payload *p);
+/* The most bytes `p` takes in a segment: its size, that offset, and the padding. */
+size_t sl_shm_payload_room(const sl_payload *p);
+
+/* Copy every piece of `p` to `dst` (at most `cap` bytes); in a message of named
+ * tensors, a padding field (number 100, reserved in proto/, skipped by every
+ * protobuf reader) goes before each tensor after the first so that every tensor
+ * starts on an SL_SHM_ALIGN boundary of dst's address (the peer's mapping is page
+ * aligned too). *written gets the message's length as written. SL_ETOOBIG when it
+ * does not fit (nothing meaningful written). */
+int sl_shm_copy_payload(uint8_t *dst, size_t cap, const sl_payload *p, size_t *written);
 
 /* ---- client side ---------------------------------------------------------- */
 
@@ -155,10 +163,10 @@ int sl_shm_table_attach(sl_shm_table *t, const char *value, size_t len, sl_err *
  * client gave up on it): SL_ESTATE, FAILED_PRECONDITION. */
 int sl_shm_table_begin(sl_shm_table *t, const char *value, size_t len, sl_shm_use **use,
                        sl_span *span, sl_err *err);
-/* Write the reply `p` into the segment when it fits: SL_OK (written at data offset
- * *off), SL_ETOOBIG (does not fit), SL_ESTATE (the state word is not ours: a
- * misbehaving client). */
-int sl_shm_use_reply(sl_shm_use *u, const sl_payload *p, size_t *off);
+/* Write the reply `p` into the segment when it fits: SL_OK (*len bytes written at
+ * data offset *off), SL_ETOOBIG (does not fit), SL_ESTATE (the state word is not
+ * ours: a misbehaving client). */
+int sl_shm_use_reply(sl_shm_use *u, const sl_payload *p, size_t *off, size_t *len);
 void sl_shm_use_end(sl_shm_table *t, sl_shm_use *u);
 /* sl_span_owner lend/unlend over a call's request (`use`): the tensor holds the
  * segment's mapping and its hold word until unlend (any thread; the use, the table

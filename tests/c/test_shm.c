@@ -38,7 +38,11 @@ static void test_round_trip_in_one_process(void) {
   CHECK_EQ_INT(sl_shm_table_attach(t, av, strlen(av), &err), SL_OK);
   CHECK_EQ_INT(sl_shm_table_attach(t, av, strlen(av), &err), SL_OK); /* again: no second map */
   CHECK_EQ_INT(sl_shm_table_count(t), 1);
-  CHECK_EQ_INT(sl_shm_copy_payload(sl_shm_seg_data(s), sl_shm_seg_capacity(s), req), SL_OK);
+  {
+    size_t n = 0;
+    CHECK_EQ_INT(sl_shm_copy_payload(sl_shm_seg_data(s), sl_shm_seg_capacity(s), req, &n), SL_OK);
+    CHECK_EQ_INT(n, sl_payload_size(req)); /* one tensor: no padding */
+  }
   CHECK_EQ_INT(sl_shm_seg_post(s, 0, sl_payload_size(req), rv, sizeof(rv)), SL_OK);
   CHECK_EQ_INT(sl_shm_table_begin(t, rv, strlen(rv), &u, &span, &err), SL_OK);
   CHECK_EQ_INT(span.len, 18);
@@ -52,8 +56,9 @@ static void test_round_trip_in_one_process(void) {
   CHECK(!sl_shm_seg_settle(s)); /* the server holds it: never reused */
   {
     /* the reply goes beside the request, its largest piece on a 64-byte boundary */
-    size_t off = 0;
-    CHECK_EQ_INT(sl_shm_use_reply(u, rep, &off), SL_OK);
+    size_t off = 0, n = 0;
+    CHECK_EQ_INT(sl_shm_use_reply(u, rep, &off, &n), SL_OK);
+    CHECK_EQ_INT(n, 7);
     CHECK(off >= 18);
     CHECK_EQ_INT((off + 2) % SL_SHM_ALIGN, 0); /* "reply" follows "R:" */
     CHECK(memcmp(sl_shm_seg_data(s) + off, "R:reply", 7) == 0);
@@ -329,7 +334,7 @@ static void test_lent_views(void) {
   char av[200], rv[100];
   int attached;
   void *view, *mine;
-  size_t off = 0;
+  size_t off = 0, n = 0;
   sl_payload *rep = payload_of("R:", "reply");
   CHECK_EQ_INT(sl_shm_pool_new(&p), SL_OK);
   CHECK_EQ_INT(sl_shm_table_new(&t), SL_OK);
@@ -342,7 +347,7 @@ static void test_lent_views(void) {
   CHECK_EQ_INT(sl_shm_table_begin(t, rv, strlen(rv), &u, &span, &err), SL_OK);
   view = sl_shm_use_lend(u); /* the server's compute() keeps its input */
   CHECK(view != NULL);
-  CHECK_EQ_INT(sl_shm_use_reply(u, rep, &off), SL_OK);
+  CHECK_EQ_INT(sl_shm_use_reply(u, rep, &off, &n), SL_OK);
   CHECK(off >= 70); /* beside the viewed request */
   sl_shm_use_end(t, u);
   CHECK(sl_shm_seg_settle(s));
