@@ -96,7 +96,7 @@ REPLAYS  := $(patsubst %,$(CBIN)/replay_%,$(FUZZ_TARGETS))
 $(CBIN)/replay_%: tests/fuzz/fuzz_%.c tests/fuzz/replay.c tests/fuzz/fuzz_input.h $(CORE_SRC) $(GEN)/splitlearn_comm.pb-c.c
 	@mkdir -p $(CBIN)
 	@echo "CC $@"
-	@$(CC) $(CFLAGS_C) -Itests/fuzz $(SAN) $(shell pkg-config --cflags $(PKGS)) -o $@ $< tests/fuzz/replay.c \
+	@$(CC) $(CFLAGS_C) -Itests/fuzz $(SAN) -DSL_LEND_MIN_BYTES=1 $(shell pkg-config --cflags $(PKGS)) -o $@ $< tests/fuzz/replay.c \
 	  $(CORE_SRC) $(GEN)/splitlearn_comm.pb-c.c $(GEN)/health.pb-c.c $(shell pkg-config --libs $(PKGS)) -lpthread -lm
 
 ctest: deps $(CTESTS) $(REPLAYS) $(BENCH_BIN)/echo_floor $(BENCH_BIN)/core_echo
@@ -236,7 +236,8 @@ FUZZ_CI_SECONDS ?= 20
 FUZZ_BINS    := $(patsubst %,build/fuzz/fuzz_%,$(FUZZ_TARGETS))
 FUZZ_FLAGS   := -std=gnu11 -g -O1 -fno-omit-frame-pointer -Wall -Wextra -Werror \
                 -Wno-missing-field-initializers -Icsrc/core -I$(GEN) -Itests/fuzz \
-                -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
+                -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+                -DSL_LEND_MIN_BYTES=1
 
 fuzz-deps:
 	sh scripts/install-fuzz-deps.sh

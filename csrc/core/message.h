@@ -151,7 +151,9 @@ typedef struct sl_span_owner {
 
 /* Tensors smaller than this are copied even from spans that can lend: a view would
  * hold the whole span hostage for a few bytes. */
+#ifndef SL_LEND_MIN_BYTES /* (the fuzz builds lower it, to reach the loans) */
 #define SL_LEND_MIN_BYTES ((size_t)64 << 10)
+#endif
 
 /* sl_tensor_msg_read_limited() that tells `owner` (NULL: nobody) as spans are
  * done with. The tensors' bytes are copied last, in wire order, each span

@@ -8,6 +8,10 @@
  * rest pick how the message is cut into spans (gRPC hands a message over in
  * slices at arbitrary boundaries), from one span to spans of 1 byte.
  *
+ * The same message is also read from one span that lends its bytes, as a
+ * shared-memory segment does (the fuzz build lowers SL_LEND_MIN_BYTES to 1): same
+ * verdict, same bytes, every loan inside the span, aligned, and given back.
+ *
  * The same message is also received as a stream (stream.h: the spans fed as
  * pieces, the tensor fields copied into storage as they arrive, then read with
  * sl_tensor_msg_read_adopt): it must give the same verdict and the same tensors. */
@@ -34,6 +38,50 @@ static void fuzz_release(void *user, size_t span) {
   free((void *)o->spans[span].ptr);
   o->spans[span].ptr = NULL;
   o->next = span + 1;
+}
+
+/* A lender over one span: counts its loans. */
+typedef struct fuzz_lender {
+  int out;
+} fuzz_lender;
+
+static void *fuzz_lend(void *user) {
+  ((fuzz_lender *)user)->out++;
+  return user;
+}
+
+static void fuzz_unlend(void *token) { ((fuzz_lender *)token)->out--; }
+
+/* Read `msg` as one lending span; trap unless it agrees with `ref` (rc_ref its
+ * verdict) and every loan is inside the span, aligned, and given back. */
+static void check_lent_read(sl_msg_kind kind, const uint8_t *msg, size_t size, int rc_ref,
+                            const sl_tensor_msg *ref) {
+  fuzz_lender l = {0};
+  sl_span one = {msg, size};
+  sl_span_owner lender = {NULL, &l, fuzz_lend, fuzz_unlend};
+  sl_tensor_msg m;
+  sl_err err;
+  int rc;
+  sl_err_clear(&err);
+  rc = sl_tensor_msg_read_owned(kind, &one, 1, NULL, &lender, &m, &err);
+  if ((rc == SL_OK) != (rc_ref == SL_OK)) __builtin_trap();
+  if (rc == SL_OK) {
+    if (m.n_items != ref->n_items) __builtin_trap();
+    for (size_t i = 0; i < m.n_items; i++) {
+      const sl_tensor_item *it = &m.items[i];
+      size_t align = sl_dtype_itemsize(it->desc.dtype);
+      if (it->nbytes != ref->items[i].nbytes) __builtin_trap();
+      if (it->nbytes && memcmp(it->data, ref->items[i].data, it->nbytes) != 0) __builtin_trap();
+      if (it->lender == NULL) continue;
+      if ((const uint8_t *)it->data < msg || it->nbytes > size ||
+          (const uint8_t *)it->data > msg + size - it->nbytes) {
+        __builtin_trap();
+      }
+      if (align > 1 && (uintptr_t)it->data % align != 0) __builtin_trap();
+    }
+    sl_tensor_msg_clear(&m);
+  }
+  if (l.out != 0) __builtin_trap();
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
@@ -90,6 +138,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
       sl_span_owner owner = {fuzz_release, &o};
       rc = sl_tensor_msg_read_owned(kind, spans, nspans, NULL, &owner, &m, &err);
     }
+    check_lent_read(kind, msg, size, rc, &m);
     /* the stream reads what the whole message reads, and refuses what it refuses (it
      * may refuse earlier) */
     if (rc2 != SL_OK && rc == SL_OK) __builtin_trap();
