@@ -178,10 +178,7 @@ static int start_attempt(sl_async *a, sl_async_call *k, sl_err *err) {
   if (k->seg != NULL && !k->broken) {
     /* each attempt copies the request into the segment again and posts it anew */
     char value[160];
-    size_t off = sl_shm_align_offset(k->payload), len = 0;
-    if (sl_shm_copy_payload(sl_shm_seg_data(k->seg) + off, sl_shm_seg_capacity(k->seg) - off,
-                            k->payload, &len) == SL_OK) {
-      sl_shm_seg_post(k->seg, off, len, value, sizeof(value));
+    if (sl_shm_seg_put_request(k->seg, k->payload, value, sizeof(value)) == SL_OK) {
       grpc_slice_unref(k->md[k->n_md].value);
       k->md[k->n_md].value = grpc_slice_from_copied_string(value);
       k->posted = 1;

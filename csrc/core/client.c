@@ -277,10 +277,7 @@ static int attempt(sl_client *c, const char *method, sl_payload *p, double deadl
     if (sc->broken) {
       n_md--; /* no control entry: the request goes over TCP */
     } else {
-      size_t off = sl_shm_align_offset(p), len = 0;
-      if (sl_shm_copy_payload(sl_shm_seg_data(sc->seg) + off, sl_shm_seg_capacity(sc->seg) - off,
-                              p, &len) == SL_OK) {
-        sl_shm_seg_post(sc->seg, off, len, sc->value, sizeof(sc->value));
+      if (sl_shm_seg_put_request(sc->seg, p, sc->value, sizeof(sc->value)) == SL_OK) {
         sc->md[n_md - 1].value_len = strlen(sc->value);
         sc->posted = 1;
         send = sc->empty;

@@ -265,6 +265,12 @@ int sl_shm_seg_post(sl_shm_seg *s, size_t off, size_t len, char *buf, size_t n) 
   return w < 0 || (size_t)w >= n ? SL_ETOOBIG : SL_OK;
 }
 
+int sl_shm_seg_put_request(sl_shm_seg *s, const sl_payload *p, char *buf, size_t n) {
+  size_t off = sl_shm_align_offset(p), len = 0;
+  int rc = sl_shm_copy_payload(sl_shm_seg_data(s) + off, sl_shm_seg_capacity(s) - off, p, &len);
+  return rc != SL_OK ? rc : sl_shm_seg_post(s, off, len, buf, n);
+}
+
 int sl_shm_seg_settle(sl_shm_seg *s) {
   uint64_t expect = STATE(s->seq, PHASE_POSTED);
   if (atomic_compare_exchange_strong(&hdr_of(s->base)->state, &expect,

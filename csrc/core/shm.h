@@ -118,6 +118,11 @@ int sl_shm_seg_attach_value(const sl_shm_seg *s, char *buf, size_t n);
 /* Post a request of `len` bytes already written at offset `off` of the data area:
  * a new sequence number, state POSTED; writes the "sl-shm-req" value into buf. */
 int sl_shm_seg_post(sl_shm_seg *s, size_t off, size_t len, char *buf, size_t n);
+/* Write request `p` into the data area (at sl_shm_align_offset, padded by
+ * sl_shm_copy_payload) and post it; the "sl-shm-req" value goes into buf.
+ * SL_ETOOBIG when it does not fit (nothing posted). Each attempt of a call does
+ * this again. */
+int sl_shm_seg_put_request(sl_shm_seg *s, const sl_payload *p, char *buf, size_t n);
 /* After a call that posted: 1 when the server will never touch this segment for
  * the posted request any more (ABANDONED by us, RELEASED or DONE), 0 when it
  * holds it now (the segment must not be reused). */
