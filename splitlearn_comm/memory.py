@@ -1,7 +1,7 @@
 """Memory the transport keeps between calls, and giving it back.
 
-Received tensors live in 64-byte aligned blocks from the C core. Blocks of 256 KiB
-and more return, when their tensor dies, to a small process-wide pool (at most 16
+Received tensors live in 64-byte aligned blocks from the C core. Blocks of 64 KiB
+and more return, when their tensor dies, to a small process-wide pool (at most 128
 blocks and :func:`storage_pool_limit` bytes), because split learning sends the same
 shapes every step and a reused block saves the page faults of a fresh one.
 

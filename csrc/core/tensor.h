@@ -67,7 +67,7 @@ void sl_desc_format_shape(const sl_tensor_desc *desc, char *buf, size_t buflen);
 int sl_storage_alloc(size_t nbytes, void **out);
 
 /* Free storage from sl_storage_alloc(); NULL is a no-op. Safe from any thread.
- * Blocks of 256 KiB and more go back to a small bounded pool (16 blocks, and at
+ * Blocks of 64 KiB and more go back to a small bounded pool (128 blocks, and at
  * most sl_storage_pool_set_limit() bytes, 256 MiB by default; the oldest blocks
  * leave first) and are reused by the next allocation of the same size. */
 void sl_storage_free(void *p);
