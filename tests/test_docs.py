@@ -2,7 +2,7 @@
 
 How blocks are collected and run:
 
-* every ``docs/**/*.md`` file is one test (``docs/zh/`` is skipped for now);
+* every ``docs/**/*.md`` file is one test (``docs/zh/`` included);
 * a fenced block whose info string starts with ``python`` is collected, e.g.
   ````` ```python `````;
 * the blocks of one file run in order, in ONE fresh Python process, in one shared
