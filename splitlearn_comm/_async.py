@@ -124,7 +124,7 @@ def start_call(client: Any, tensor: Any, on_done: OnDone, *, metadata: Any = Non
     _clients.add(client)
     try:
         capsule = core.compute_async(
-            done, client._exported(leaves), form=form, nodes=nodes, timeout=total or 0.0,
+            done, leaves, form=form, nodes=nodes, timeout=total or 0.0,
             metadata=md, wait_for_ready=client.wait_for_ready,
             retry=strategy._policy() if strategy is not None else None,
             breaker=strategy._breaker() if strategy is not None else None,

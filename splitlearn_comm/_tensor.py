@@ -11,6 +11,8 @@ from typing import Any, List, Tuple
 import numpy as np
 from numpy.typing import NDArray
 
+from . import _core
+
 # How a result is given back: ("torch", device) or ("numpy", None).
 Restore = Tuple[str, Any]
 
@@ -78,28 +80,6 @@ def sendable_as_is(obj: Any) -> bool:
     return torch is not None and type(obj) is torch.Tensor and obj.is_cpu and \
         not obj.requires_grad and obj.layout is torch.strided and not obj.is_nested \
         and obj.is_contiguous() and not obj.is_conj() and not obj.is_neg()
-
-
-def out_tensors(items: Any, out_tensor: Any) -> List[Any]:
-    """``out_tensor((name, capsule, None))`` for each ``(name, obj)`` of a result
-    that the core sends raw or with the codec it chooses: each made sendable
-    (prepare_result) and exported. The common case, a contiguous CPU torch.Tensor,
-    takes one test and torch.utils.dlpack.to_dlpack."""
-    torch = sys.modules.get("torch")
-    out = []
-    if torch is None:
-        for name, obj in items:
-            out.append(out_tensor((name, exportable(prepare_result(obj)), None)))
-        return out
-    tensor_type, strided, to_dlpack = torch.Tensor, torch.strided, torch.utils.dlpack.to_dlpack
-    for name, obj in items:
-        if type(obj) is tensor_type and obj.is_cpu and not obj.requires_grad and \
-                obj.layout is strided and not obj.is_nested and obj.is_contiguous() and \
-                not obj.is_conj() and not obj.is_neg():
-            out.append(out_tensor((name, to_dlpack(obj), None)))
-        else:
-            out.append(out_tensor((name, exportable(prepare_result(obj)), None)))
-    return out
 
 
 def exportable(obj: Any) -> Any:
@@ -218,3 +198,14 @@ def decoded(obj: Any) -> Any:
         return prepare(obj)[0]
     raise TypeError(f"decode() must return a tensor (torch.Tensor or numpy.ndarray), "
                     f"got {type(obj).__name__}")
+
+
+def export_slow(obj: Any) -> Any:
+    """What the binding exports for a leaf that is not a plain CPU torch.Tensor
+    (those it exports itself, in C): ``obj`` made sendable (to the CPU, contiguous,
+    conjugate and negative bits resolved, NumPy byte order fixed; a Python number
+    as a 0-d array), or the error that says why it cannot be."""
+    return exportable(prepare_result(obj))
+
+
+_core.set_export_fallback(export_slow)

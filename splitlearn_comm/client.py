@@ -352,22 +352,20 @@ def _timing_of(start: float, reply: Any) -> Dict[str, float]:
             "network_overhead_ms": max(0.0, total - server)}
 
 
-def _out_leaves(form: int, items: Sequence[Tuple[str, Any]], spec: Any,
+def _out_leaves(form: int, items: List[Tuple[str, Any]], spec: Any,
                 registry: CodecRegistry) -> List[Any]:
-    """The tensors of a call, ``(name, tensor, codec)`` each: made sendable, with
-    the ``_core.Codec`` the C core encodes it with (built in or Python), or None:
-    raw. Each attempt exports them as OutTensors (``GRPCComputeClient._exported``)."""
+    """The tensors of a call: ``(name, tensor)`` each, sent raw or as the core
+    chooses, or ``(name, tensor, codec)`` with the ``_core.Codec`` the C core encodes
+    it with (built in or Python). The binding exports each tensor for each attempt
+    (a plain CPU torch.Tensor straight through DLPack in C, anything else made
+    sendable by ``_tensor.export_slow``)."""
+    if spec is None or (type(spec) is TensorCodec and spec.dtype is None):
+        return items  # the common case: flatten's (name, tensor) pairs as they are
     out: List[Any] = []
-    raw = spec is None or (type(spec) is TensorCodec and spec.dtype is None)
-    if raw:  # the common case: each tensor as it is when it can be sent so
-        as_is, prepare = _tensor.sendable_as_is, _tensor.prepare
-        for name, obj in items:
-            out.append((name, obj if as_is(obj) else prepare(obj)[0], None))
-        return out
     for i, (name, obj) in enumerate(items):
         t, _how = _tensor.prepare(obj)
         if form == _structure.SINGLE and i > 0:
-            out.append((name, t, None))  # KV cache entries: raw
+            out.append((name, t))  # KV cache entries: raw
             continue
         if form == _structure.SINGLE and isinstance(spec, TensorCodec):
             codec = spec  # one tensor: the codec as given (it refuses what it cannot take)
@@ -900,12 +898,6 @@ class GRPCComputeClient:
         how = _structure.restore_kind(tensor)
         return (_out_leaves(form, items, spec, self._registry), form, nodes), how
 
-    @staticmethod
-    def _exported(leaves: List[Any]) -> List[Any]:
-        """The OutTensors of one attempt (DLPack capsules are used once)."""
-        out_tensor, exportable = _core.OutTensor, _tensor.exportable
-        return [out_tensor((name, exportable(t), codec)) for name, t, codec in leaves]
-
     def _result(self, reply: Any, how: _tensor.Restore) -> Any:
         if reply.values is not None:  # made by the binding (compute(convert=...))
             obj, values = reply.value, reply.values
@@ -936,8 +928,7 @@ class GRPCComputeClient:
         ``convert`` (a capsule's wrapper) has the binding make the reply's tensors
         and object (``Reply.value``, ``Reply.values``)."""
         fields = fields or {}
-        leaves, form, nodes = sendable
-        leaves = self._exported(leaves)  # DLPack capsules are used once: made for this attempt
+        leaves, form, nodes = sendable  # exported by the binding, for this attempt
         try:
             return self._live().compute(
                 leaves, form=form, nodes=nodes, timeout=timeout or 0.0, metadata=md,

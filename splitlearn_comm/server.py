@@ -761,8 +761,8 @@ def _reply_leaves(out: Any, kv_call: bool, spec: CodecSpec, registry: CodecRegis
     else:
         form, items, nodes = _structure.flatten(out)
     mapped = spec is not None and isinstance(spec, Mapping)
-    if not mapped:  # every codec is the core's choice: the fast path
-        return _tensor.out_tensors(items, _core.OutTensor), form, nodes
+    if not mapped:  # every codec is the core's choice: the binding exports each
+        return items, form, nodes
     leaves = []
     for i, (name, obj) in enumerate(items):
         t = _tensor.prepare_result(obj)
@@ -771,7 +771,7 @@ def _reply_leaves(out: Any, kv_call: bool, spec: CodecSpec, registry: CodecRegis
             codec = _structure.codec_for(spec, name)
             if codec is not None and _structure.accepts(codec, _structure.dtype_of(t)):
                 c = registry.c_codec(codec)
-        leaves.append(_core.OutTensor((name, _tensor.exportable(t), c)))
+        leaves.append((name, t, c))
     return leaves, form, nodes
 
 

@@ -10,6 +10,7 @@ collector ran.
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import gc
 import weakref
@@ -45,6 +46,10 @@ COMMON = [
     {"k\u00e9y": {"nested": [torch.arange(3), {"deep": (torch.ones(2),)}]}},
     {"a": torch.zeros(1), "b": {"c": None, "d": [1, 2.0, "x"]}},
     [torch.zeros(1)] * 12,
+    # keys that make names ambiguous (empty, or with a '.') but do not collide
+    {"a.b": torch.zeros(1), "c": {"d.e": (torch.ones(1),)}},
+    {"": torch.zeros(1), "x": {"": torch.ones(1)}},
+    ({"": torch.zeros(1)}, [torch.ones(1)]),
 ]
 
 # each of these leaves the C walker: a NumPy array, subclasses (IntEnum, OrderedDict),
@@ -57,6 +62,9 @@ OTHER = [
     {1: torch.zeros(1)},
     {"big": 1 << 64},
     {"a.b": torch.zeros(1), "a": {"b": torch.zeros(1)}},
+    {"a": {"b": torch.zeros(1)}, "a.b": torch.zeros(1)},  # the key after the name it meets
+    {"": torch.zeros(1), "0": torch.zeros(1)},  # "" at the root is named "0"
+    {"": {"x": torch.zeros(1)}, "x": torch.zeros(1)},
 ]
 
 
@@ -184,3 +192,72 @@ def test_the_binding_builds_what_the_server_returned(kind: str, payload: Any) ->
     else:
         assert type(out) is list and out[1] is None and out[2] == 7
         assert out[0].shape == () and float(out[0]) == 1.5
+
+
+class Echo(slc.ComputeFunction):
+    def compute(self, x: Any) -> Any:
+        return x
+
+
+def odd_tensors() -> List[Tuple[str, Any, Any]]:
+    """Tensors the binding cannot export as they are: (id, tensor, the values sent)."""
+    z = torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64)
+    grad = torch.arange(4.0, requires_grad=True)
+    neg = torch._neg_view(torch.arange(1.0, 4.0))  # contiguous, with the negative bit
+    neg_strided = z.conj().imag  # a float view with the negative bit, every other float
+    assert neg.is_neg() and neg.is_contiguous() and neg_strided.is_neg()
+    assert z.conj().is_conj() and z.conj().is_contiguous()
+    return [
+        ("conj", z.conj(), z.conj().resolve_conj()),
+        ("neg", neg, neg.resolve_neg()),
+        ("neg_strided", neg_strided, neg_strided.resolve_neg()),
+        ("requires_grad", grad, grad.detach()),
+        ("transposed", torch.arange(6.0).reshape(2, 3).t(), torch.arange(6.0).reshape(2, 3).t()),
+        ("parameter", torch.nn.Parameter(torch.ones(3)), torch.ones(3)),
+        ("empty_strided", torch.zeros(0, 3).t(), torch.zeros(3, 0)),
+        ("zero_d", torch.tensor(2.5), torch.tensor(2.5)),
+        ("numpy", np.arange(5, dtype=np.int16)[::2], torch.tensor([0, 2, 4], dtype=torch.int16)),
+        ("big_endian", np.arange(3, dtype=">i4"), torch.tensor([0, 1, 2], dtype=torch.int32)),
+    ]
+
+
+@pytest.mark.parametrize("shm", [False, True], ids=["tcp", "shm"])
+def test_every_kind_of_leaf_arrives_with_its_values(shm: bool) -> None:
+    """The binding exports a plain CPU torch.Tensor through DLPack in C and hands
+    every other leaf to prepare() (conjugate and negative bits resolved, autograd
+    dropped, made contiguous, NumPy byte order fixed), on the client's request and
+    on the server's reply, as a single tensor and inside a structure."""
+    cases = odd_tensors()
+    with slc.GRPCComputeServer(Echo(), host="127.0.0.1", port=0, max_workers=1) as server:
+        with slc.GRPCComputeClient(f"127.0.0.1:{server.port}", retry_strategy=None,
+                                   shared_memory=shm) as client:
+            out = client.compute({name: t for name, t, _ in cases})
+            assert list(out) == [name for name, _, _ in cases]
+            for name, t, want in cases:
+                got = out[name]
+                assert got.dtype == want.dtype and got.shape == want.shape, name
+                assert torch.equal(got, want), name
+                assert not got.is_conj() and not got.is_neg() and not got.requires_grad
+                single = client.compute(t)
+                expect = want.numpy() if isinstance(t, np.ndarray) else want
+                assert type(single) is type(expect), name
+                assert np.array_equal(np.asarray(single), np.asarray(expect)), name
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: torch.eye(3).to_sparse(), "sparse"),
+    (lambda: torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)]), "nested"),
+])
+def test_a_leaf_that_cannot_be_sent_says_why(make: Any, message: str) -> None:
+    with slc.GRPCComputeServer(Echo(), host="127.0.0.1", port=0, max_workers=1) as server:
+        with slc.GRPCComputeClient(f"127.0.0.1:{server.port}", retry_strategy=None) as client:
+            with pytest.warns(UserWarning) if message == "nested" else _no_warning():
+                bad = make()
+            with pytest.raises(TypeError, match=message):
+                client.compute({"ok": torch.zeros(1), "bad": [bad]})
+            assert torch.equal(client.compute(torch.ones(2)), torch.ones(2))  # still serving
+
+
+@contextlib.contextmanager
+def _no_warning() -> Any:
+    yield

@@ -24,12 +24,67 @@ static const char *device_name(int type) {
   }
 }
 
-int slpy_export_tensor(PyObject *obj, slpy_export *ex) {
-  int status = -1;
-  PyObject *capsule = NULL;
-  DLManagedTensor *dlm = NULL;
+/* A DLPack tensor that can be sent as it is: in CPU memory and C-contiguous
+ * (size-1 dimensions may have any stride). */
+static int dl_plain(const DLTensor *t) {
+  int64_t expect = 1;
+  if (t->device.device_type != kDLCPU && t->device.device_type != kDLCUDAHost) return 0;
+  if (t->strides == NULL || t->ndim < 0 || t->ndim > SL_MAX_NDIM) return 1;
+  for (int i = t->ndim - 1; i >= 0; i--) {
+    if (t->shape[i] == 0) return 1; /* no bytes: any strides */
+    if (t->shape[i] != 1 && t->strides[i] != expect) return 0;
+    expect *= t->shape[i];
+  }
+  return 1;
+}
+
+/* Fill `ex` from an unused "dltensor" capsule and consume it (renamed, so its
+ * destructor leaves the tensor to us). The capsule reference stays the caller's. */
+static int export_capsule(PyObject *capsule, slpy_export *ex) {
+  DLManagedTensor *dlm = PyCapsule_GetPointer(capsule, "dltensor");
   DLTensor *t;
   size_t nbytes = 0;
+
+  if (dlm == NULL) return -1;
+  t = &dlm->dl_tensor;
+  if (t->device.device_type != kDLCPU && t->device.device_type != kDLCUDAHost) {
+    PyErr_Format(PyExc_ValueError, "tensor is on %s; only CPU memory can be sent directly",
+                 device_name(t->device.device_type));
+    return -1;
+  }
+  if (sl_dtype_from_dlpack(t->dtype.code, t->dtype.bits, t->dtype.lanes, &ex->desc.dtype) !=
+      SL_OK) {
+    PyErr_Format(PyExc_TypeError,
+                 "unsupported tensor dtype (DLPack code %d, %d bits, %d lanes); supported: %s",
+                 (int)t->dtype.code, (int)t->dtype.bits, (int)t->dtype.lanes, sl_dtype_names());
+    return -1;
+  }
+  if (t->ndim < 0 || t->ndim > SL_MAX_NDIM) {
+    PyErr_Format(PyExc_ValueError, "tensor has %d dimensions; at most %d are supported",
+                 t->ndim, SL_MAX_NDIM);
+    return -1;
+  }
+  ex->desc.ndim = t->ndim;
+  for (int i = 0; i < t->ndim; i++) ex->desc.shape[i] = t->shape[i];
+  if (sl_desc_nbytes(&ex->desc, &nbytes) != SL_OK) {
+    PyErr_SetString(PyExc_ValueError, "tensor shape is invalid or too large");
+    return -1;
+  }
+  if (nbytes > 0 && !dl_plain(t)) {
+    PyErr_SetString(PyExc_ValueError, "tensor is not contiguous; call .contiguous() first");
+    return -1;
+  }
+  ex->data = (const char *)t->data + t->byte_offset;
+  ex->nbytes = nbytes;
+  /* consume the capsule: from here on we own dlm and must call its deleter */
+  if (PyCapsule_SetName(capsule, "used_dltensor") < 0) return -1;
+  ex->dlm = dlm;
+  return 0;
+}
+
+int slpy_export_tensor(PyObject *obj, slpy_export *ex) {
+  int status = -1;
+  PyObject *capsule;
 
   memset(ex, 0, sizeof(*ex));
   if (PyCapsule_CheckExact(obj) && PyCapsule_IsValid(obj, "dltensor")) {
@@ -46,62 +101,99 @@ int slpy_export_tensor(PyObject *obj, slpy_export *ex) {
                    "__dlpack__), got %.200s",
                    Py_TYPE(obj)->tp_name);
     }
-    goto cleanup;
+    return -1;
+  }
+  status = export_capsule(capsule, ex);
+  Py_DECREF(capsule);
+  return status;
+}
+
+/* Whether st->torch_tensor and st->to_dlpack are known: looked up once torch is
+ * imported (a NumPy-only process never imports it; until then every leaf takes
+ * the Python path). 1 yes, 0 not (yet), -1 error. */
+static int torch_known(slpy_state *st) {
+  PyObject *torch, *c_mod = NULL, *tensor = NULL, *to_dlpack = NULL;
+  if (st->torch_tensor != NULL) return 1;
+  torch = PyImport_GetModule(st->str_torch);
+  if (torch == NULL) return PyErr_Occurred() ? -1 : 0;
+  tensor = PyObject_GetAttrString(torch, "Tensor");
+  if (tensor != NULL) c_mod = PyObject_GetAttrString(torch, "_C");
+  if (c_mod != NULL) to_dlpack = PyObject_GetAttrString(c_mod, "_to_dlpack");
+  Py_DECREF(torch);
+  Py_XDECREF(c_mod);
+  if (tensor == NULL || to_dlpack == NULL || !PyType_Check(tensor)) {
+    /* a torch without these (or still being imported): the Python path serves */
+    PyErr_Clear();
+    Py_XDECREF(tensor);
+    Py_XDECREF(to_dlpack);
+    return 0;
+  }
+  st->torch_tensor = tensor;
+  st->to_dlpack = to_dlpack;
+  return 1;
+}
+
+/* obj.<name>() as a truth value: 1, 0, or -1 with an exception. */
+static int call_flag(PyObject *obj, PyObject *name) {
+  PyObject *r = PyObject_CallMethodNoArgs(obj, name);
+  int v;
+  if (r == NULL) return -1;
+  v = PyObject_IsTrue(r);
+  Py_DECREF(r);
+  return v;
+}
+
+/* The fast path of a torch.Tensor leaf: its DLPack capsule when the tensor can be
+ * sent as it is (CPU, C-contiguous, no conjugate or negative bit: those bits are
+ * not in DLPack, the bytes would be sent unresolved). 1: exported into ex; 0: not
+ * plain (nothing exported, no exception); -1: error. */
+static int export_plain_torch(slpy_state *st, PyObject *obj, slpy_export *ex) {
+  PyObject *capsule;
+  DLManagedTensor *dlm;
+  int flag, rc;
+
+  capsule = PyObject_CallOneArg(st->to_dlpack, obj);
+  if (capsule == NULL) {
+    /* sparse and nested tensors have no DLPack form: prepare() says what to do */
+    if (!PyErr_ExceptionMatches(PyExc_RuntimeError)) return -1;
+    PyErr_Clear();
+    return 0;
   }
   dlm = PyCapsule_GetPointer(capsule, "dltensor");
-  if (dlm == NULL) goto cleanup;
-  t = &dlm->dl_tensor;
-  if (t->device.device_type != kDLCPU && t->device.device_type != kDLCUDAHost) {
-    PyErr_Format(PyExc_ValueError, "tensor is on %s; only CPU memory can be sent directly",
-                 device_name(t->device.device_type));
-    dlm = NULL;
-    goto cleanup;
+  if (dlm == NULL || !dl_plain(&dlm->dl_tensor)) {
+    Py_DECREF(capsule); /* unused: its destructor frees the DLPack tensor */
+    if (dlm == NULL) PyErr_Clear();
+    return 0;
   }
-  if (sl_dtype_from_dlpack(t->dtype.code, t->dtype.bits, t->dtype.lanes, &ex->desc.dtype) !=
-      SL_OK) {
-    PyErr_Format(PyExc_TypeError,
-                 "unsupported tensor dtype (DLPack code %d, %d bits, %d lanes); supported: %s",
-                 (int)t->dtype.code, (int)t->dtype.bits, (int)t->dtype.lanes, sl_dtype_names());
-    dlm = NULL;
-    goto cleanup;
+  /* only a complex tensor has a conjugate bit; a negative bit can sit on any view
+   * (x.conj().imag is a real one) */
+  flag = dlm->dl_tensor.dtype.code == kDLComplex ? call_flag(obj, st->str_is_conj) : 0;
+  if (flag == 0) flag = call_flag(obj, st->str_is_neg);
+  if (flag != 0) {
+    Py_DECREF(capsule);
+    return flag < 0 ? -1 : 0;
   }
-  if (t->ndim < 0 || t->ndim > SL_MAX_NDIM) {
-    PyErr_Format(PyExc_ValueError, "tensor has %d dimensions; at most %d are supported",
-                 t->ndim, SL_MAX_NDIM);
-    dlm = NULL;
-    goto cleanup;
+  rc = export_capsule(capsule, ex);
+  Py_DECREF(capsule);
+  return rc < 0 ? -1 : 1;
+}
+
+int slpy_export_leaf(slpy_state *st, PyObject *obj, slpy_export *ex) {
+  PyObject *ready;
+  int rc;
+
+  memset(ex, 0, sizeof(*ex));
+  if (st->export_slow == NULL) return slpy_export_tensor(obj, ex);
+  if (st->torch_tensor == NULL && torch_known(st) < 0) return -1;
+  if (st->torch_tensor != NULL && (PyObject *)Py_TYPE(obj) == st->torch_tensor) {
+    rc = export_plain_torch(st, obj, ex);
+    if (rc != 0) return rc < 0 ? -1 : 0;
   }
-  ex->desc.ndim = t->ndim;
-  for (int i = 0; i < t->ndim; i++) ex->desc.shape[i] = t->shape[i];
-  if (sl_desc_nbytes(&ex->desc, &nbytes) != SL_OK) {
-    PyErr_SetString(PyExc_ValueError, "tensor shape is invalid or too large");
-    dlm = NULL;
-    goto cleanup;
-  }
-  if (t->strides != NULL && nbytes > 0) {
-    int64_t expect = 1;
-    for (int i = t->ndim - 1; i >= 0; i--) {
-      if (t->shape[i] != 1 && t->strides[i] != expect) {
-        PyErr_SetString(PyExc_ValueError,
-                        "tensor is not contiguous; call .contiguous() first");
-        dlm = NULL;
-        goto cleanup;
-      }
-      expect *= t->shape[i];
-    }
-  }
-  ex->data = (const char *)t->data + t->byte_offset;
-  ex->nbytes = nbytes;
-  /* consume the capsule: from here on we own dlm and must call its deleter */
-  if (PyCapsule_SetName(capsule, "used_dltensor") < 0) {
-    dlm = NULL;
-    goto cleanup;
-  }
-  ex->dlm = dlm;
-  status = 0;
-cleanup:
-  Py_XDECREF(capsule);
-  return status;
+  ready = PyObject_CallOneArg(st->export_slow, obj);
+  if (ready == NULL) return -1;
+  rc = slpy_export_tensor(ready, ex);
+  Py_DECREF(ready);
+  return rc;
 }
 
 /* Called without the GIL, from any thread. */

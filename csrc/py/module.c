@@ -46,6 +46,16 @@ static PyObject *py_grpc_log(PyObject *m, PyObject *unused) {
 
 /* ---- module ---- */
 
+static PyObject *py_set_export_fallback(PyObject *m, PyObject *fn) {
+  slpy_state *st = slpy_state_of_module(m);
+  if (fn != Py_None && !PyCallable_Check(fn)) {
+    PyErr_SetString(PyExc_TypeError, "set_export_fallback() takes a callable or None");
+    return NULL;
+  }
+  Py_XSETREF(st->export_slow, fn == Py_None ? NULL : Py_NewRef(fn));
+  Py_RETURN_NONE;
+}
+
 static PyObject *py_status_name(PyObject *m, PyObject *arg) {
   long code = PyLong_AsLong(arg);
   (void)m;
@@ -125,6 +135,9 @@ static PyMethodDef module_methods[] = {
      "flatten(obj, tensor_type) -> (items, nodes) as _structure.flatten walks a structure of "
      "dict/tuple/list, tensor_type leaves, None, bool, int, float and str; None for anything "
      "else (the Python walker's case)."},
+    {"set_export_fallback", py_set_export_fallback, METH_O,
+     "set_export_fallback(fn): how a leaf that is not a plain CPU torch.Tensor is made "
+     "exportable (fn(obj) -> a DLPack capsule or producer); None: no fallback."},
     {"decode", slpy_codec_decode, METH_VARARGS,
      "decode(name, payload, shape, dtype, metadata) -> DLPackTensor (built-in codecs)."},
     {NULL, NULL, 0, NULL}};
@@ -137,6 +150,10 @@ static int module_exec(PyObject *m) {
    * call happened to free the object. The process exit ends gRPC instead. */
   sl_runtime_init(getenv("GRPC_VERBOSITY") != NULL || getenv("GRPC_TRACE") != NULL);
   st->main_thread = PyThread_get_thread_ident();
+  st->str_torch = PyUnicode_InternFromString("torch");
+  st->str_is_conj = PyUnicode_InternFromString("is_conj");
+  st->str_is_neg = PyUnicode_InternFromString("is_neg");
+  if (st->str_torch == NULL || st->str_is_conj == NULL || st->str_is_neg == NULL) return -1;
   st->holder_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &slpy_holder_spec, NULL);
   if (st->holder_type == NULL) return -1;
   st->server_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &slpy_server_spec, NULL);
@@ -222,6 +239,9 @@ static int module_traverse(PyObject *m, visitproc visit, void *arg) {
   Py_VISIT(st->call_error);
   Py_VISIT(st->codec_error);
   Py_VISIT(st->codecs_type);
+  Py_VISIT(st->export_slow);
+  Py_VISIT(st->torch_tensor);
+  Py_VISIT(st->to_dlpack);
   return 0;
 }
 
@@ -240,6 +260,12 @@ static int module_clear(PyObject *m) {
   Py_CLEAR(st->call_error);
   Py_CLEAR(st->codec_error);
   Py_CLEAR(st->codecs_type);
+  Py_CLEAR(st->export_slow);
+  Py_CLEAR(st->torch_tensor);
+  Py_CLEAR(st->to_dlpack);
+  Py_CLEAR(st->str_torch);
+  Py_CLEAR(st->str_is_conj);
+  Py_CLEAR(st->str_is_neg);
   return 0;
 }
 

@@ -51,6 +51,13 @@ typedef struct slpy_state {
   PyObject *call_error;      /* _core.CallError */
   PyObject *codec_error;     /* _core.CodecError (a ValueError): a codec failed */
   unsigned long main_thread;
+  /* Exporting a leaf (slpy_export_leaf): the Python path for what is not a plain
+   * CPU torch.Tensor (_tensor.export_slow, set by _core.set_export_fallback), and
+   * torch.Tensor / torch._C._to_dlpack once torch is imported. */
+  PyObject *export_slow;
+  PyObject *torch_tensor;
+  PyObject *to_dlpack;
+  PyObject *str_torch, *str_is_conj, *str_is_neg; /* interned names */
 } slpy_state;
 
 slpy_state *slpy_state_of_module(PyObject *module);
@@ -70,6 +77,14 @@ typedef struct slpy_export {
  * unused "dltensor" capsule, which is consumed) as a contiguous CPU tensor. Raises TypeError / ValueError naming what is wrong. On
  * success the caller must eventually pass ex->dlm to slpy_export_release. */
 int slpy_export_tensor(PyObject *obj, slpy_export *ex);
+
+/* Export one leaf of a call or a result, whatever it is (a torch.Tensor, a NumPy
+ * array, any DLPack producer, a capsule): a contiguous CPU torch.Tensor without
+ * conjugate or negative bit goes straight through torch's DLPack export in C;
+ * anything else through st->export_slow (prepare() in Python: to the CPU,
+ * contiguous, resolved, or the error that says why not). Same contract as
+ * slpy_export_tensor. */
+int slpy_export_leaf(slpy_state *st, PyObject *obj, slpy_export *ex);
 
 /* Release an exported tensor: runs the producer's DLPack deleter.
  * Called without the GIL, from any thread (DLPack deleters may be; NumPy's takes

@@ -6,8 +6,10 @@
  * client call returns a _core.Reply, the server's compute callback receives a
  * _core.Call. All three are struct sequences: named fields, read by name.
  *
- * Python to C: a list of _core.OutTensor (name, tensor, codec) and the nodes
- * become an sl_tensor_set whose arrays and strings live in one slpy_setbuf.
+ * Python to C: a list of _core.OutTensor (name, tensor, codec), or of (name,
+ * tensor) pairs as flatten() makes them (no codec: the core's choice), and the
+ * nodes become an sl_tensor_set whose arrays and strings live in one
+ * slpy_setbuf. Each tensor is exported here (slpy_export_leaf), once per attempt.
  *
  * Ownership rule (as everywhere in csrc/): a function that fails leaves what it
  * was given with the caller and raises; what it had taken itself is released.
@@ -466,7 +468,8 @@ typedef struct flat_ctx {
   PyObject *tensor_type; /* torch.Tensor (borrowed) */
   PyObject *items;       /* list of (name, tensor) */
   PyObject *nodes;       /* list of (kind, size, key, value) */
-  PyObject *names;       /* set of names taken */
+  PyObject *names;       /* set of names taken, kept once a dict key makes names ambiguous */
+  int ambiguous;         /* a dict key that is empty or has a '.': names can collide */
   char *path;            /* the current path, UTF-8, NUL-terminated */
   size_t len, cap;
 } flat_ctx;
@@ -490,6 +493,32 @@ static int path_push(flat_ctx *c, const char *part, size_t n) {
   if (n) memcpy(c->path + c->len, part, n);
   c->len += n;
   c->path[c->len] = '\0';
+  return 0;
+}
+
+/* The decimal digits of i >= 0 into buf (no NUL); their count. */
+static size_t index_text(Py_ssize_t i, char buf[24]) {
+  char tmp[24];
+  size_t n = 0, k = 0;
+  size_t v = (size_t)i;
+  do {
+    tmp[n++] = (char)('0' + v % 10);
+    v /= 10;
+  } while (v > 0);
+  while (n > 0) buf[k++] = tmp[--n];
+  return k;
+}
+
+/* Names can collide from now on: the set of names taken starts with every name
+ * given so far. 0, or -1 with an exception. */
+static int ambiguous_from_here(flat_ctx *c) {
+  Py_ssize_t n = PyList_GET_SIZE(c->items);
+  c->ambiguous = 1;
+  c->names = PySet_New(NULL);
+  if (c->names == NULL) return -1;
+  for (Py_ssize_t i = 0; i < n; i++) {
+    if (PySet_Add(c->names, PyTuple_GET_ITEM(PyList_GET_ITEM(c->items, i), 0)) < 0) return -1;
+  }
   return 0;
 }
 
@@ -522,14 +551,16 @@ static int flat_walk(flat_ctx *c, PyObject *o, PyObject *key) {
     name = c->len ? PyUnicode_DecodeUTF8(c->path, (Py_ssize_t)c->len, NULL)
                   : PyUnicode_FromString("0");
     if (name == NULL) return SLPY_FLAT_ERROR;
-    taken = PySet_Contains(c->names, name);
-    if (taken != 0) { /* a duplicate name: the Python walker raises the error */
-      Py_DECREF(name);
-      return taken < 0 ? SLPY_FLAT_ERROR : SLPY_FLAT_OTHER;
-    }
-    if (PySet_Add(c->names, name) < 0) {
-      Py_DECREF(name);
-      return SLPY_FLAT_ERROR;
+    if (c->ambiguous) { /* names are unique by construction unless a key was ambiguous */
+      taken = PySet_Contains(c->names, name);
+      if (taken != 0) { /* a duplicate name: the Python walker raises the error */
+        Py_DECREF(name);
+        return taken < 0 ? SLPY_FLAT_ERROR : SLPY_FLAT_OTHER;
+      }
+      if (PySet_Add(c->names, name) < 0) {
+        Py_DECREF(name);
+        return SLPY_FLAT_ERROR;
+      }
     }
     item = PyTuple_Pack(2, name, o);
     Py_DECREF(name);
@@ -564,6 +595,14 @@ static int flat_walk(flat_ctx *c, PyObject *o, PyObject *key) {
           rc = SLPY_FLAT_ERROR;
           break;
         }
+        if (!c->ambiguous && (kn == 0 || memchr(s, '.', (size_t)kn) != NULL)) {
+          /* from here on names are checked: "a.b" and {"a": {"b": ...}} meet, and so
+           * do "" at the root and "0"; the names taken so far go in the set */
+          if (ambiguous_from_here(c) < 0) {
+            rc = SLPY_FLAT_ERROR;
+            break;
+          }
+        }
         Py_INCREF(v); /* the dict could change under a walker that ran Python code */
         Py_INCREF(k);
         rc = flat_walk(c, v, k);
@@ -575,10 +614,10 @@ static int flat_walk(flat_ctx *c, PyObject *o, PyObject *key) {
     } else {
       /* (the size read again: a finalizer run by an allocation could change a list) */
       for (Py_ssize_t i = 0; rc == SLPY_FLAT_OK && i < Py_SIZE(o); i++) {
-        char num[32];
-        int nn = snprintf(num, sizeof(num), "%zd", i);
+        char num[24];
+        size_t nn = index_text(i, num);
         PyObject *child = tp == &PyTuple_Type ? PyTuple_GET_ITEM(o, i) : PyList_GET_ITEM(o, i);
-        if (path_push(c, num, (size_t)nn) < 0) {
+        if (path_push(c, num, nn) < 0) {
           rc = SLPY_FLAT_ERROR;
           break;
         }
@@ -628,8 +667,7 @@ PyObject *slpy_flatten(PyObject *module, PyObject *const *args, Py_ssize_t nargs
   c.tensor_type = args[1];
   c.items = PyList_New(0);
   c.nodes = PyList_New(0);
-  c.names = PySet_New(NULL);
-  if (c.items == NULL || c.nodes == NULL || c.names == NULL) goto cleanup;
+  if (c.items == NULL || c.nodes == NULL) goto cleanup;
   rc = flat_walk(&c, args[0], NULL);
   if (rc == SLPY_FLAT_OK) {
     ret = PyTuple_Pack(2, c.items, c.nodes);
@@ -697,7 +735,7 @@ static const char *keep_str(slpy_setbuf *b, PyObject *o, const char *what) {
   return copy;
 }
 
-/* Fill `out` from one tensor (a __dlpack__ producer, or an encoded 5-tuple). */
+/* Fill `out` from one tensor (any leaf slpy_export_leaf takes, or an encoded 5-tuple). */
 static int out_from_object(slpy_state *st, PyObject *obj, PyObject *codec, sl_tensor_out *out) {
   int cerr = 0;
   const sl_codec *c;
@@ -707,7 +745,7 @@ static int out_from_object(slpy_state *st, PyObject *obj, PyObject *codec, sl_te
   if (cerr) return -1;
   {
     slpy_export ex;
-    if (slpy_export_tensor(obj, &ex) < 0) return -1;
+    if (slpy_export_leaf(st, obj, &ex) < 0) return -1;
     out->desc = ex.desc;
     out->data = ex.data;
     out->nbytes = ex.nbytes;
@@ -776,8 +814,9 @@ int slpy_set_from_python(slpy_state *st, PyObject *leaves, int form, PyObject *n
   }
   for (Py_ssize_t i = 0; i < n; i++) {
     PyObject *t = PySequence_Fast_GET_ITEM(seq, i);
-    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 3) {
-      PyErr_SetString(PyExc_TypeError, "leaves must be OutTensor (name, tensor, codec)");
+    if (!PyTuple_Check(t) || (PyTuple_GET_SIZE(t) != 3 && PyTuple_GET_SIZE(t) != 2)) {
+      PyErr_SetString(PyExc_TypeError,
+                      "leaves must be OutTensor (name, tensor, codec) or (name, tensor)");
       goto cleanup;
     }
     if (form != SL_FORM_SINGLE &&
@@ -786,7 +825,8 @@ int slpy_set_from_python(slpy_state *st, PyObject *leaves, int form, PyObject *n
     }
     {
       const char *name = b->items[i].name;
-      if (out_from_object(st, PyTuple_GET_ITEM(t, 1), PyTuple_GET_ITEM(t, 2), &b->items[i]) < 0) {
+      PyObject *codec = PyTuple_GET_SIZE(t) == 3 ? PyTuple_GET_ITEM(t, 2) : Py_None;
+      if (out_from_object(st, PyTuple_GET_ITEM(t, 1), codec, &b->items[i]) < 0) {
         goto cleanup;
       }
       b->items[i].name = name;
