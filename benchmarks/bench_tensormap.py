@@ -29,7 +29,7 @@ The server runs in this process with one worker; the client's waits release the 
 so the two do not contend. Cases run in interleaved rounds so that drifts of a noisy
 machine hit both alike.
 
-    python3 benchmarks/bench_tensormap.py           # full run (~40 s); writes the "Tensor
+    python3 benchmarks/bench_tensormap.py           # full run (~60 s); writes the "Tensor
                                                     # maps" section of benchmarks/results.md
     python3 benchmarks/bench_tensormap.py --quick   # smoke run: prints only
 """
@@ -53,6 +53,7 @@ import torch  # noqa: E402
 from _report import cpu_model, write_section  # noqa: E402
 
 import splitlearn_comm as slc  # noqa: E402
+from splitlearn_comm import _structure  # noqa: E402
 
 BEGIN = "<!-- bench_tensormap.py: begin (generated; rerunning the script replaces this part) -->"
 END = "<!-- bench_tensormap.py: end -->"
@@ -81,18 +82,27 @@ def stage_sums(server: slc.GRPCComputeServer) -> Dict[str, float]:
 def run_case(client: slc.GRPCComputeClient, server: slc.GRPCComputeServer, echo: Echo,
              payload: Any, n: int) -> Dict[str, List[float]]:
     walls: List[float] = []
+    replies: List[Any] = []
     before = stage_sums(server)
     cpu0, wcpu0 = time.thread_time(), time.clock_gettime(echo.clock)
     for _ in range(n):
         t0 = time.perf_counter()
-        client.compute(payload)
+        client._tensor_call(payload, _reply=replies)  # compute(), keeping the Reply
         walls.append(time.perf_counter() - t0)
     cpu1, wcpu1 = time.thread_time(), time.clock_gettime(echo.clock)
+    # the client's own stages: flattening (timed here, as compute() runs it), then
+    # what the Reply says: exporting and packing, reading and building the result
+    t0 = time.perf_counter()
+    for _ in range(n):
+        _structure.flatten(payload)
+    flat = (time.perf_counter() - t0) / n
+    stages = flat + statistics.mean(r.encode_ms + r.decode_ms for r in replies) / 1e3
     after = stage_sums(server)
     calls = after["count"] - before["count"]
     per = {k: (after[k] - before[k]) / calls for k in ("decode", "compute", "encode", "total")}
     return {"wall": walls, "server": [per["decode"] + per["compute"] + per["encode"]],
-            "server_total": [per["total"]], "client_cpu": [(cpu1 - cpu0) / n],
+            "server_total": [per["total"]], "client_stages": [stages],
+            "client_cpu": [(cpu1 - cpu0) / n],
             "server_cpu": [(wcpu1 - wcpu0) / calls]}
 
 
@@ -100,9 +110,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few calls; print only")
     ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--calls", type=int, default=40, help="calls per case per round")
+    ap.add_argument("--calls", type=int, default=40,
+                    help="calls per case per round through shared memory; over TCP, whose "
+                         "calls vary more (the kernel's work on the bytes), 4 times as many")
     args = ap.parse_args()
     rounds, calls = (2, 5) if args.quick else (args.rounds, args.calls)
+    per_path = {"TCP": 4 * calls, "shared memory": calls}
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(HIDDEN_SHAPE, generator=g).half()
@@ -115,7 +128,8 @@ def main() -> None:
     paths = {"TCP": False, "shared memory": True}
     keys = [(p, c) for p in paths for c in cases]
     results: Dict[Any, Dict[str, List[float]]] = {
-        k: {"wall": [], "server": [], "client": [], "client_cpu": [], "server_cpu": []}
+        k: {"wall": [], "server": [], "client": [], "client_stages": [], "client_cpu": [],
+            "server_cpu": []}
         for k in keys}
     echo = Echo()
     with slc.GRPCComputeServer(echo, host="127.0.0.1", port=0, max_workers=1) as server:
@@ -127,11 +141,12 @@ def main() -> None:
                     clients[p].compute(cases[c])
             for _ in range(rounds):
                 for p, c in keys:
-                    r = run_case(clients[p], server, echo, cases[c], calls)
+                    r = run_case(clients[p], server, echo, cases[c], per_path[p])
                     res = results[(p, c)]
                     res["wall"].append(statistics.median(r["wall"]))
                     res["server"].append(r["server"][0])
                     res["client"].append(statistics.mean(r["wall"]) - r["server_total"][0])
+                    res["client_stages"].append(r["client_stages"][0])
                     res["client_cpu"].append(r["client_cpu"][0])
                     res["server_cpu"].append(r["server_cpu"][0])
         finally:
@@ -141,7 +156,7 @@ def main() -> None:
     # round's pair (so a drift of this shared, noisy machine hits both cases alike),
     # and its median over the rounds is reported with the quartiles of that spread.
     extra = 2 * LAYERS  # tensors beyond the first
-    stats = ("client", "server", "client_cpu", "server_cpu")
+    stats = ("client", "client_stages", "server", "client_cpu", "server_cpu")
     med = {k: {s: statistics.median(v) * 1e3 for s, v in r.items()} for k, r in results.items()}
     per: Dict[str, Dict[str, float]] = {}
     spread: Dict[str, Dict[str, Any]] = {}
@@ -158,21 +173,23 @@ def main() -> None:
         "",
         f"`benchmarks/bench_tensormap.py`, {datetime.date.today().isoformat()}, "
         f"{cpu_model()}, Python {platform.python_version()}, torch {torch.__version__}; "
-        f"server and client in one process on 127.0.0.1, {rounds} rounds of {calls} calls "
-        "per case and path, interleaved (medians over the rounds).",
+        f"server and client in one process on 127.0.0.1, {rounds} rounds of {per_path['TCP']} "
+        f"calls per case over TCP and {calls} through shared memory, interleaved (medians "
+        "over the rounds).",
         "",
         f"Payload each way: hidden states {tuple(HIDDEN_SHAPE)} + a {LAYERS}-layer KV cache "
         f"({2 * LAYERS} tensors of {tuple(KV_SHAPE)}), float16, {n_bytes / 2**20:.2f} MiB; "
         "echoed back. TCP: gRPC carries the bytes (`shared_memory=False`, as between two "
         "hosts); shared memory: the default on one host (docs/shm.md).",
         "",
-        "| path | case | wall p50 (ms) | client (ms) | server decode+compute+encode (ms) "
-        "| client thread CPU (ms) | server worker CPU (ms) |",
-        "|---|---|--:|--:|--:|--:|--:|",
+        "| path | case | wall p50 (ms) | client (ms) | client stages (ms) "
+        "| server decode+compute+encode (ms) | client thread CPU (ms) | server worker CPU (ms) |",
+        "|---|---|--:|--:|--:|--:|--:|--:|",
     ]
     for p, c in keys:
         m = med[(p, c)]
-        lines.append(f"| {p} | {c} | {m['wall']:.3f} | {m['client']:.3f} | {m['server']:.3f} "
+        lines.append(f"| {p} | {c} | {m['wall']:.3f} | {m['client']:.3f} "
+                     f"| {m['client_stages']:.3f} | {m['server']:.3f} "
                      f"| {m['client_cpu']:.3f} | {m['server_cpu']:.3f} |")
     lines += [
         "",
@@ -180,9 +197,9 @@ def main() -> None:
         "under 5 us per tensor on each side): the median over the rounds of each round's "
         "difference between the two cases, divided by 24, with its quartiles in brackets:",
         "",
-        "| path | client, wall (us) | server, stages (us) | client thread CPU (us) "
-        "| server worker CPU (us) |",
-        "|---|--:|--:|--:|--:|",
+        "| path | client, wall (us) | client, stages (us) | server, stages (us) "
+        "| client thread CPU (us) | server worker CPU (us) |",
+        "|---|--:|--:|--:|--:|--:|",
     ]
     for p in paths:
         q, r = per[p], spread[p]
@@ -190,10 +207,14 @@ def main() -> None:
             f"{q[s]:.1f} [{r[s][0]:.1f}, {r[s][1]:.1f}]" for s in stats) + " |")
     lines += [
         "",
-        "Per round the median call (CPU: the mean). The client's wall column is wall time minus "
-        "the server's total stage, so it carries loopback noise that the per-tensor "
-        "difference mostly cancels; the server's is its decode, compute and encode stages "
-        "(wall clock). The CPU columns, which the machine's load disturbs less, are the "
+        "Per round the median call (CPU and stages: the mean). The client's wall column is "
+        "wall time minus the server's total stage, so it carries the loopback transfer and "
+        "its noise; the client's stages are its own work, wall clock: flattening the "
+        "structure, exporting and packing the tensors, reading the reply and building its "
+        "objects (`Reply.encode_ms` and `decode_ms`); the server's are its decode, compute "
+        "and encode stages (wall clock). Over TCP the CPU columns also carry whatever part "
+        "of the kernel's loopback work lands on each thread, which moves from round to "
+        "round; the stage columns leave the transfer out. The CPU columns are the "
         "calling thread's CPU time (the client's Python, the binding and the core, its "
         "receive included) and the server worker's (receive, decode, the Python hand-off, "
         "encode, send).",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import gc
+import time
 import weakref
 from collections import OrderedDict
 from typing import Any, List, Tuple
@@ -261,3 +262,20 @@ def test_a_leaf_that_cannot_be_sent_says_why(make: Any, message: str) -> None:
 @contextlib.contextmanager
 def _no_warning() -> Any:
     yield
+
+
+def test_a_reply_says_how_long_this_side_worked_on_the_call() -> None:
+    """Reply.encode_ms (export and pack) and decode_ms (read and build) time the
+    client's own stages of a blocking call, for bench_tensormap's client column;
+    they are attributes only, not part of the Reply tuple."""
+    with slc.GRPCComputeServer(Echo(), host="127.0.0.1", port=0, max_workers=1) as server:
+        with slc.GRPCComputeClient(f"127.0.0.1:{server.port}", retry_strategy=None) as client:
+            replies: List[Any] = []
+            t0 = time.perf_counter()
+            out = client._tensor_call({"a": torch.ones(4), "b": (torch.zeros(2),)}, _reply=replies)
+            wall_ms = (time.perf_counter() - t0) * 1e3
+    assert torch.equal(out["a"], torch.ones(4))
+    reply = replies[0]
+    assert len(reply) == 12
+    assert 0.0 < reply.encode_ms < wall_ms and 0.0 < reply.decode_ms < wall_ms
+    assert reply.encode_ms + reply.decode_ms < wall_ms

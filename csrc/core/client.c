@@ -1088,6 +1088,7 @@ int sl_client_compute(sl_client *c, const sl_call_opts *opts, int backward,
   sl_stream_rx rx;
   sl__streaming sm = {NULL, NULL, 0, 0};
   int can_stream = atomic_load(&c->stream_threshold) < SIZE_MAX && !atomic_load(&c->no_stream[backward]);
+  double t0;
 
   sl_stream_rx_init(&rx, c->max_recv);
   memset(out, 0, sizeof(*out));
@@ -1103,9 +1104,11 @@ int sl_client_compute(sl_client *c, const sl_call_opts *opts, int backward,
     }
   }
   if (fields != NULL) sl_call_fields_to_request(req_kind, header, fields);
+  t0 = sl_now();
   status = sl_tensor_set_pack_max(req_kind, header, in,
                                   can_stream ? SL_MAX_DECODED_BYTES : SL_MAX_MESSAGE_BYTES, &p, err);
   if (status != SL_OK) return status;
+  extra_out->encode_s = sl_now() - t0;
   if (can_stream && (sl_payload_size(p) >= atomic_load(&c->stream_threshold) ||
                      sl_payload_size(p) > SL_MAX_MESSAGE_BYTES)) {
     /* (a message over gRPC's limit goes streamed whatever the threshold) */
@@ -1131,6 +1134,7 @@ int sl_client_compute(sl_client *c, const sl_call_opts *opts, int backward,
   }
   status = tensor_call(c, method, p, opts, 1, &sm, &resp, st, err, &seg, &shm_span);
   if (status != SL_OK) goto cleanup;
+  t0 = sl_now();
   if (seg != NULL) {
     /* the reply's raw tensors view the segment (it is not reused while they live) */
     sl_span_owner lender = {NULL, seg, sl_shm_seg_lend, sl_shm_seg_unlend};
@@ -1147,6 +1151,7 @@ int sl_client_compute(sl_client *c, const sl_call_opts *opts, int backward,
     }
   }
   if (status == SL_OK) status = sl_tensor_msg_decode_with(out, opts->codecs, err);
+  extra_out->decode_s = sl_now() - t0;
   if (status != SL_OK) {
     char inner[SL_ERR_MSG_MAX];
     memcpy(inner, err->msg, sizeof(inner));

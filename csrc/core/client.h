@@ -108,6 +108,10 @@ typedef struct sl_compute_extra {
   int32_t request_id;
   int has_compute_time_ms;
   float compute_time_ms;
+  /* this side's own work (seconds, blocking calls; 0 for asynchronous ones):
+   * packing the request (its codecs' encode included, the last attempt's not
+   * counted twice: it is packed once) and reading the reply (decoding included) */
+  double encode_s, decode_s;
 } sl_compute_extra;
 
 /* Send tensors to Compute (backward = 0) or ComputeBackward (backward = 1: the

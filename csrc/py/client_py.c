@@ -176,11 +176,14 @@ static int call_args_init(client_obj *self, call_args *a, double timeout, PyObje
 /* The Reply of a finished call: its leaves take the storage of out's tensors. */
 /* The Reply of a call. With `convert` (a callable taking a DLPack capsule; NULL or
  * None: none) its value and values are the received object and tensors made in C,
- * and its leaves and nodes None; without it the other way round. */
+ * and its leaves and nodes None; without it the other way round. `export_s`: the
+ * seconds the binding took to export the request's tensors (< 0: an asynchronous
+ * call, whose stages are not timed). */
 static PyObject *make_reply(client_obj *self, sl_tensor_msg *out, const sl_compute_extra *extra,
-                            const sl_call_status *st, PyObject *convert) {
+                            const sl_call_status *st, PyObject *convert, double export_s) {
   PyObject *rleaves = NULL, *rnodes = NULL, *initial = NULL, *result = NULL;
   PyObject *value = NULL, *values = NULL;
+  double t0 = sl_now();
   if (convert != NULL && convert != Py_None) {
     if (slpy_msg_to_value(out, convert, &value, &values) < 0) goto cleanup;
     rleaves = Py_NewRef(Py_None);
@@ -195,7 +198,8 @@ static PyObject *make_reply(client_obj *self, sl_tensor_msg *out, const sl_compu
   result = PyStructSequence_New(self->st->reply_type);
   if (result == NULL) goto cleanup;
   {
-    PyObject *v[12];
+    PyObject *v[14];
+    int asynchronous = export_s < 0; /* its stages are not timed */
     v[0] = PyLong_FromLong(out->form);
     v[1] = Py_NewRef(rleaves);
     v[2] = Py_NewRef(rnodes);
@@ -209,9 +213,11 @@ static PyObject *make_reply(client_obj *self, sl_tensor_msg *out, const sl_compu
     v[9] = PyLong_FromSize_t(st->bytes_received);
     v[10] = Py_NewRef(value);
     v[11] = Py_NewRef(values);
-    for (int i = 0; i < 12; i++) {
+    v[12] = PyFloat_FromDouble(asynchronous ? 0.0 : (export_s + extra->encode_s) * 1e3);
+    v[13] = PyFloat_FromDouble(asynchronous ? 0.0 : (extra->decode_s + sl_now() - t0) * 1e3);
+    for (int i = 0; i < 14; i++) {
       if (v[i] == NULL) {
-        for (int j = i; j < 12; j++) Py_XDECREF(v[j]);
+        for (int j = i; j < 14; j++) Py_XDECREF(v[j]);
         Py_CLEAR(result);
         break;
       }
@@ -279,7 +285,7 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
   int backward = 0, form = 0, backward_seq = 0, session_close = 0;
   long long session_step = 0;
   sl_call_fields fields;
-  double timeout = 0;
+  double timeout = 0, export_s;
   int wait_for_ready = 0, rc;
   call_args ca;
   sl_tensor_set in;
@@ -341,10 +347,12 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
       return NULL;
     }
   }
+  export_s = sl_now();
   if (slpy_set_from_python(self->st, leaves, form, nodes, &in, &buf) < 0) {
     PyMem_Free(ca.md);
     return NULL;
   }
+  export_s = sl_now() - export_s;
   memset(&st, 0, sizeof(st));
   sl_err_clear(&err);
   c = hold_client(self);
@@ -366,7 +374,7 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
     raise_for(self, rc, &st, &err);
     goto cleanup;
   }
-  result = make_reply(self, &out, &out_extra, &st, convert);
+  result = make_reply(self, &out, &out_extra, &st, convert, export_s);
 cleanup:
   sl_tensor_msg_clear(&out);
   sl_call_status_clear(&st);
@@ -616,7 +624,7 @@ static void async_done(void *user, sl_async_result *res) {
   }
   g = PyGILState_Ensure();
   if (res->rc == SL_OK) {
-    reply = make_reply(x->client, &res->out, &res->extra, &res->st, NULL);
+    reply = make_reply(x->client, &res->out, &res->extra, &res->st, NULL, -1.0);
   } else {
     raise_for(x->client, res->rc, &res->st, &res->err);
   }

@@ -52,6 +52,11 @@ static PyStructSequence_Field reply_fields[] = {
               "nodes are None then); else None"},
     {"values", "with compute(convert=...): the received tensors, converted, in wire order; "
                "else None"},
+    /* attributes only (not in the tuple) */
+    {"encode_ms", "this side's work before sending: exporting the tensors and packing the "
+                  "request (codecs included); 0.0 for an asynchronous call"},
+    {"decode_ms", "this side's work after receiving: reading the reply (codecs included) and "
+                  "making its objects; 0.0 for an asynchronous call"},
     {NULL, NULL}};
 
 static PyStructSequence_Desc reply_desc = {"splitlearn_comm._core.Reply",
