@@ -647,6 +647,9 @@ def test_server_killed_client_fails_cleanly_then_reattaches(tmp_path):
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         segments = stats(client)["segments"]
         proc = spawn(SERVER, path)
+        # the channel may still be backing off from the refused reconnects: wait until it
+        # is connected again, so that the calls below meet the new server
+        assert client.connect(timeout=60)
         # the new server does not know the segments: an asynchronous call sends its
         # request again over the connection; a blocking one offers its segment again
         assert torch.equal(client.compute_async(x).result(timeout=60), x)
