@@ -59,8 +59,9 @@ int sl_shm_target_is_local(const char *target) {
   return 0;
 }
 
-/* The padding field: number 100 (reserved in proto/), wire type 2, as a tag varint. */
-static const uint8_t PAD_TAG[2] = {0xA2, 0x06};
+/* The padding field (SL_WIRE_PAD_FIELD), wire type 2, as a tag varint. */
+static const uint8_t PAD_TAG[2] = {(uint8_t)(((SL_WIRE_PAD_FIELD << 3) | 2) & 0x7F) | 0x80,
+                                   (uint8_t)((SL_WIRE_PAD_FIELD << 3) >> 7)};
 #define PAD_MAX (3 + SL_SHM_ALIGN + 2) /* a padding field is 3 + L bytes, L < 128 */
 
 /* Whether padding may go before each tensor after the first: the message is one of

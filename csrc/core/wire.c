@@ -175,6 +175,8 @@ int sl_wire_split_bulk(const sl_span *spans, size_t nspans, uint32_t data_field,
           result->occ[result->n_occ].len = (size_t)len;
           result->n_occ++;
           cursor_take(&c, (size_t)len, NULL);
+        } else if (nbulk > 0 && field == SL_WIRE_PAD_FIELD) {
+          cursor_take(&c, (size_t)len, NULL); /* filler: never in the header */
         } else if (field == data_field) {
           result->data_found = 1;
           result->data_len = (size_t)len;

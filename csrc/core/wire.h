@@ -64,9 +64,14 @@ typedef struct sl_wire_split_result {
 int sl_wire_split(const sl_span *spans, size_t nspans, uint32_t data_field,
                   sl_wire_split_result *result, sl_err *err);
 
+/* The padding field (number 100, reserved in proto/): filler that a sender may put
+ * before a tensor so that its bytes start aligned (shm.c). Length-delimited. */
+#define SL_WIRE_PAD_FIELD 100u
+
 /* sl_wire_split() that also leaves out of the header every occurrence of the
  * `nbulk` length-delimited `bulk` fields (tensor_data, KV cache entries),
- * recording each in result->occ in wire order instead. A bulk field with another
+ * recording each in result->occ in wire order instead, and drops every padding
+ * field (SL_WIRE_PAD_FIELD) unread, so that no parser sees the filler. A bulk field with another
  * wire type fails like a bad tensor field. `data_field` 0: none. */
 int sl_wire_split_bulk(const sl_span *spans, size_t nspans, uint32_t data_field,
                        const uint32_t *bulk, size_t nbulk, sl_wire_split_result *result,

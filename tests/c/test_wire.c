@@ -880,8 +880,38 @@ static void test_read_owned_structure(void) {
   sl_payload_unref(p);
 }
 
+/* A padding field (SL_WIRE_PAD_FIELD) anywhere is dropped by the splitter: the
+ * message reads as without it, and protobuf-c never sees it (no unknown field). */
+static void test_padding_never_reaches_the_header(void) {
+  uint8_t data[12] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12};
+  int32_t shape[2] = {3, 1};
+  size_t len, padded_len, nspans;
+  uint8_t *buf = make_request(data, sizeof(data), shape, 2, "float32", &len);
+  uint8_t *padded = malloc(len + 2 * 13);
+  uint8_t pad[13] = {0xA2, 0x06, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}; /* field 100, 10 bytes */
+  const size_t sizes[] = {1, 3, 7};
+  sl_span *spans;
+  sl_tensor_msg m;
+  sl_err err;
+  /* one padding field first, one last */
+  memcpy(padded, pad, sizeof(pad));
+  memcpy(padded + sizeof(pad), buf, len);
+  memcpy(padded + sizeof(pad) + len, pad, sizeof(pad));
+  padded_len = len + 2 * sizeof(pad);
+  spans = cut(padded, padded_len, sizes, 3, &nspans);
+  check_request(spans, nspans, data, sizeof(data));
+  sl_err_clear(&err);
+  CHECK_EQ_INT(sl_tensor_msg_read(SL_MSG_COMPUTE_REQUEST, spans, nspans, &m, &err), SL_OK);
+  CHECK_EQ_INT(m.header->n_unknown_fields, 0);
+  sl_tensor_msg_clear(&m);
+  free(spans);
+  free(padded);
+  free(buf);
+}
+
 int main(void) {
   RUN(test_read_every_cut);
+  RUN(test_padding_never_reaches_the_header);
   RUN(test_read_with_empty_spans);
   RUN(test_data_field_last_wins);
   RUN(test_every_truncation_fails_cleanly);
