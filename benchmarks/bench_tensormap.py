@@ -82,13 +82,19 @@ def stage_sums(server: slc.GRPCComputeServer) -> Dict[str, float]:
 def run_case(client: slc.GRPCComputeClient, server: slc.GRPCComputeServer, echo: Echo,
              payload: Any, n: int) -> Dict[str, List[float]]:
     walls: List[float] = []
-    replies: List[Any] = []
+    own: List[float] = []
+    reply: List[Any] = []
     before = stage_sums(server)
     cpu0, wcpu0 = time.thread_time(), time.clock_gettime(echo.clock)
     for _ in range(n):
         t0 = time.perf_counter()
-        client._tensor_call(payload, _reply=replies)  # compute(), keeping the Reply
+        client._tensor_call(payload, _reply=reply)  # compute(), handing over its Reply
         walls.append(time.perf_counter() - t0)
+        # only the figures are kept: a Reply holds the received tensors, and keeping
+        # them would keep their storage (and segments) from being reused
+        r = reply.pop()
+        own.append(r.encode_ms + r.decode_ms)
+        del r
     cpu1, wcpu1 = time.thread_time(), time.clock_gettime(echo.clock)
     # the client's own stages: flattening (timed here, as compute() runs it), then
     # what the Reply says: exporting and packing, reading and building the result
@@ -96,7 +102,7 @@ def run_case(client: slc.GRPCComputeClient, server: slc.GRPCComputeServer, echo:
     for _ in range(n):
         _structure.flatten(payload)
     flat = (time.perf_counter() - t0) / n
-    stages = flat + statistics.mean(r.encode_ms + r.decode_ms for r in replies) / 1e3
+    stages = flat + statistics.mean(own) / 1e3
     after = stage_sums(server)
     calls = after["count"] - before["count"]
     per = {k: (after[k] - before[k]) / calls for k in ("decode", "compute", "encode", "total")}
