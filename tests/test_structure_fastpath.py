@@ -275,3 +275,30 @@ def test_a_reply_says_how_long_this_side_worked_on_the_call() -> None:
     assert len(reply) == 12
     assert 0.0 < reply.encode_ms < wall_ms and 0.0 < reply.decode_ms < wall_ms
     assert reply.encode_ms + reply.decode_ms < wall_ms
+
+
+def test_the_binding_takes_dlpack_capsules_as_leaves() -> None:
+    """A leaf may be a DLPack capsule (torch.utils.dlpack.to_dlpack's): the binding
+    consumes it as it is, on the client's request and on a server's reply; a capsule
+    already used says so instead of being sent."""
+    to_dlpack = torch.utils.dlpack.to_dlpack
+
+    def dispatch(c: Any) -> Any:
+        x = torch.from_dlpack(c.leaves[0].tensor.__dlpack__())
+        return [("", to_dlpack(x * 2))], 0.0, None, 0, None
+
+    server = _core.Server(compute=dispatch, info=lambda *_: ("t", "cpu", {}), host="127.0.0.1",
+                          port=0, max_workers=1, version="t")
+    server.start()
+    client = _core.Client(f"127.0.0.1:{server.port}")
+    try:
+        reply = client.compute([("", to_dlpack(torch.arange(4.0)))], timeout=30.0)
+        got = torch.from_dlpack(reply.leaves[0].tensor.__dlpack__())
+        assert torch.equal(got, torch.arange(4.0) * 2)
+        used = to_dlpack(torch.ones(1))
+        torch.from_dlpack(used)  # consumes it: renamed "used_dltensor"
+        with pytest.raises(TypeError, match="PyCapsule"):
+            client.compute([("", used)], timeout=30.0)
+    finally:
+        client.close()
+        server.stop(1.0)

@@ -189,6 +189,10 @@ int slpy_export_leaf(slpy_state *st, PyObject *obj, slpy_export *ex) {
     rc = export_plain_torch(st, obj, ex);
     if (rc != 0) return rc < 0 ? -1 : 0;
   }
+  /* a DLPack capsule is exported as it is: its producer made it sendable */
+  if (PyCapsule_CheckExact(obj) && PyCapsule_IsValid(obj, "dltensor")) {
+    return slpy_export_tensor(obj, ex);
+  }
   ready = PyObject_CallOneArg(st->export_slow, obj);
   if (ready == NULL) return -1;
   rc = slpy_export_tensor(ready, ex);
