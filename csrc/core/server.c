@@ -1,16 +1,20 @@
 /* server.c: see server.h.
  *
- * Threads: sl_server_start() spawns max_workers workers and one finisher. Each
- * worker owns a completion queue registered with the server, on which it asks
- * gRPC for one call at a time (grpc_server_request_call); the call itself is
- * bound to a completion queue of its own, so that only one thread polls it at a
- * time: the worker while it serves the call, then, when the compute hook deferred
- * the call (sl_pending: an asynchronous compute function), the finisher, which
- * sends its response once sl_pending_complete() has given the result. Meanwhile
- * the worker serves other calls. Stopping: grpc_server_shutdown_and_notify makes
- * every pending request fail (ok=0), which ends the workers; in-flight calls
- * finish or are cancelled after the grace period, and deferred calls still
- * without a result are then answered UNAVAILABLE.
+ * Threads: sl_server_start() spawns max_workers workers and one finisher. The
+ * workers share one completion queue registered with the server, on which each
+ * idle worker keeps one request for a call pending (grpc_server_request_call);
+ * whichever worker's wait returns a new call serves it. On an idle server that is
+ * the thread polling for gRPC, which found the call itself, so no other thread is
+ * woken to take it. The call is bound to a completion queue of its own, so that
+ * only one thread polls it at a time: the worker while it serves the call, then,
+ * when the compute hook deferred the call (sl_pending: an asynchronous compute
+ * function), the finisher, which sends its response once sl_pending_complete()
+ * has given the result. Meanwhile the worker serves other calls. Stopping:
+ * grpc_server_shutdown_and_notify makes every pending request fail (ok=0), and a
+ * worker whose wait returns a failed request ends; a worker asking for its next
+ * call after that gets a failed request at once. In-flight calls finish or are
+ * cancelled after the grace period, and deferred calls still without a result
+ * are then answered UNAVAILABLE.
  *
  * grpc.health.v1.Health/Watch streams live for as long as a client watches, so
  * they do not take workers: the method is registered on its own, and one watch
@@ -67,7 +71,6 @@ typedef struct worker {
   sl_server *srv;
   pthread_t thread;
   int started;
-  grpc_completion_queue *cq;
 } worker;
 
 struct sl_server {
@@ -84,6 +87,7 @@ struct sl_server {
 
   grpc_server *server;
   grpc_completion_queue *shutdown_cq;
+  grpc_completion_queue *req_cq; /* the workers' requests for calls (worker_main) */
   worker *workers;
   int grpc_inited;
 
@@ -713,6 +717,8 @@ struct served {
   int stream;        /* ComputeStream / ComputeBackwardStream: chunks both ways */
   tcall tc;
   sl_shm_use *shm;   /* the request came through this shared-memory segment */
+  grpc_call_details details; /* filled by gRPC when the call arrives */
+  grpc_metadata_array md;
   /* deferral, guarded by srv->mu */
   int deferred;      /* the hook returned SL_EAGAIN */
   int handed_off;    /* the worker has let go */
@@ -729,6 +735,8 @@ static void served_init(served *sv, sl_server *s, grpc_completion_queue *cq) {
   sv->cq = cq;
   sv->cs.cq = cq;
   pthread_mutex_init(&sv->cs.poll_mu, NULL);
+  grpc_call_details_init(&sv->details);
+  grpc_metadata_array_init(&sv->md);
 }
 
 /* Send the reply in sv->r (or the error), wait for the call to end, record it, and
@@ -1287,43 +1295,57 @@ static void abandon_deferred(sl_server *s) {
   pthread_mutex_unlock(&s->mu);
 }
 
+/* Ask gRPC for the next call on the shared request queue: a new served (its tag)
+ * with its own call queue. 0 when the request is pending; -1 when none could be
+ * made (out of memory, or gRPC refused: the server is shutting down). */
+static int request_next(sl_server *s) {
+  served *sv = malloc(sizeof(*sv));
+  grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
+  if (sv == NULL || cq == NULL) {
+    free(sv);
+    if (cq != NULL) grpc_completion_queue_destroy(cq);
+    return -1;
+  }
+  served_init(sv, s, cq);
+  if (grpc_server_request_call(s->server, &sv->call, &sv->details, &sv->md, cq, s->req_cq, sv) !=
+      GRPC_CALL_OK) {
+    grpc_call_details_destroy(&sv->details);
+    grpc_metadata_array_destroy(&sv->md);
+    served_free(sv);
+    return -1;
+  }
+  return 0;
+}
+
+/* Workers share one request queue, on which each keeps one request for a call
+ * pending while it is idle: whichever thread gRPC's poller finds the call for
+ * serves it (that thread is the poller itself on an idle server, so no other
+ * thread is woken to take the call), then asks for the next one. */
 static void *worker_main(void *arg) {
   worker *w = arg;
   sl_server *s = w->srv;
   if (s->hooks.worker_start != NULL) s->hooks.worker_start(s->user);
   for (;;) {
-    grpc_call_details details;
-    grpc_metadata_array md;
-    int tag, ok, deferred = 0;
-    served *sv = malloc(sizeof(*sv));
-    grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
-    if (sv == NULL || cq == NULL) {
-      free(sv);
-      if (cq != NULL) grpc_completion_queue_destroy(cq);
-      break;
+    grpc_event ev;
+    served *sv;
+    int deferred = 0;
+    if (request_next(s) != 0) break;
+    ev = grpc_completion_queue_next(s->req_cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    if (ev.type != GRPC_OP_COMPLETE) break; /* the queue was shut down */
+    sv = ev.tag;
+    if (ev.success) {
+      atomic_store(&s->last_call_us, (long long)(sl_now() * 1e6));
+      deferred = serve_call(sv, &sv->details, &sv->md);
+      sl_shm_table_maybe_sweep(s->shm, 1.0);
     }
-    served_init(sv, s, cq);
-    grpc_call_details_init(&details);
-    grpc_metadata_array_init(&md);
-    if (grpc_server_request_call(s->server, &sv->call, &details, &md, cq, w->cq, &tag) !=
-        GRPC_CALL_OK) {
-      grpc_call_details_destroy(&details);
-      grpc_metadata_array_destroy(&md);
-      served_free(sv);
-      break;
-    }
-    ok = wait_tag(w->cq, &tag);
-    if (ok) atomic_store(&s->last_call_us, (long long)(sl_now() * 1e6));
-    if (ok) deferred = serve_call(sv, &details, &md);
-    if (ok) sl_shm_table_maybe_sweep(s->shm, 1.0);
-    grpc_call_details_destroy(&details);
-    grpc_metadata_array_destroy(&md);
+    grpc_call_details_destroy(&sv->details);
+    grpc_metadata_array_destroy(&sv->md);
     if (deferred) {
       hand_off(s, sv);
     } else {
       served_free(sv);
     }
-    if (!ok) break; /* the server is shutting down */
+    if (!ev.success) break; /* the server is shutting down */
   }
   if (s->hooks.worker_stop != NULL) s->hooks.worker_stop(s->user);
   return NULL;
@@ -1702,10 +1724,8 @@ static void teardown_grpc(sl_server *s) {
     grpc_server_destroy(s->server);
     s->server = NULL;
   }
-  for (int i = 0; i < s->max_workers; i++) {
-    destroy_queue(s->workers[i].cq);
-    s->workers[i].cq = NULL;
-  }
+  destroy_queue(s->req_cq);
+  s->req_cq = NULL;
   destroy_queue(s->shutdown_cq);
   s->shutdown_cq = NULL;
   destroy_queue(s->watch_cq);
@@ -1787,15 +1807,13 @@ int sl_server_start(sl_server *s, sl_err *err) {
     goto cleanup;
   }
   grpc_server_register_completion_queue(s->server, s->watch_cq, NULL);
-  for (int i = 0; i < s->max_workers; i++) {
-    s->workers[i].srv = s;
-    s->workers[i].cq = grpc_completion_queue_create_for_next(NULL);
-    if (s->workers[i].cq == NULL) {
-      status = sl_err_set(err, SL_EGRPC, SL_STATUS_INTERNAL, "could not create a completion queue");
-      goto cleanup;
-    }
-    grpc_server_register_completion_queue(s->server, s->workers[i].cq, NULL);
+  s->req_cq = grpc_completion_queue_create_for_next(NULL);
+  if (s->req_cq == NULL) {
+    status = sl_err_set(err, SL_EGRPC, SL_STATUS_INTERNAL, "could not create a completion queue");
+    goto cleanup;
   }
+  grpc_server_register_completion_queue(s->server, s->req_cq, NULL);
+  for (int i = 0; i < s->max_workers; i++) s->workers[i].srv = s;
   creds = s->creds != NULL ? s->creds : grpc_insecure_server_credentials_create();
   s->creds = NULL; /* grpc_server_add_http2_port does not take it; released below */
   s->port = grpc_server_add_http2_port(s->server, addr, creds);
