@@ -4,6 +4,7 @@ from __future__ import annotations
 import abc
 import collections
 import concurrent.futures
+import itertools
 import logging
 import numbers
 import random
@@ -352,6 +353,12 @@ def _timing_of(start: float, reply: Any) -> Dict[str, float]:
             "network_overhead_ms": max(0.0, total - server)}
 
 
+def _raw(spec: Any) -> bool:
+    """Whether a codec spec sends every tensor as the core chooses (none, or a
+    plain TensorCodec): the binding then exports flatten's pairs as they are."""
+    return spec is None or (type(spec) is TensorCodec and spec.dtype is None)
+
+
 def _out_leaves(form: int, items: List[Tuple[str, Any]], spec: Any,
                 registry: CodecRegistry) -> List[Any]:
     """The tensors of a call: ``(name, tensor)`` each, sent raw or as the core
@@ -359,7 +366,7 @@ def _out_leaves(form: int, items: List[Tuple[str, Any]], spec: Any,
     it with (built in or Python). The binding exports each tensor for each attempt
     (a plain CPU torch.Tensor straight through DLPack in C, anything else made
     sendable by ``_tensor.export_slow``)."""
-    if spec is None or (type(spec) is TensorCodec and spec.dtype is None):
+    if _raw(spec):
         return items  # the common case: flatten's (name, tensor) pairs as they are
     out: List[Any] = []
     for i, (name, obj) in enumerate(items):
@@ -518,7 +525,7 @@ class GRPCComputeClient:
         self._core.set_retry_hook(_log_retry)
         self._core.set_streaming(-1 if stream_threshold is None else stream_threshold)
         self._stats = _Stats()
-        self._ids = 0
+        self._id_counter = itertools.count(1)
         self._ids_lock = threading.Lock()
         self._sessions: Dict[int, Any] = {}  # open sessions, closed with the client
 
@@ -665,12 +672,46 @@ class GRPCComputeClient:
             TypeError, ValueError: the input cannot be sent (unsupported dtype or
                 leaf type, larger than gRPC's 2 GiB message limit, ...).
         """
+        if (type(tensor) is _structure._torch_tensor_type() and metadata is None and timeout is None
+                and codec is _DEFAULT and model_id is None and _raw(self.codec)
+                and tensor.is_cpu):
+            return self._plain_call(tensor)
         _check_not_model_id(metadata)
         fields: Dict[str, Any] = {}
         if model_id is not None:
             fields["model_id"] = str(model_id)
         return self._tensor_call(tensor, metadata=metadata, timeout=timeout, codec=codec,
                                  **fields)
+
+    def _plain_call(self, tensor: Any) -> Any:
+        """compute() of one CPU torch.Tensor with the client's settings: what
+        _tensor_call does for it, without the steps that change nothing for such a
+        call (flatten, the codec and metadata merges). The result is made by the
+        binding."""
+        fields: Dict[str, Any] = {}
+        if self.model_id is not None:
+            fields["model_id"] = self.model_id
+        start = time.perf_counter()
+        try:
+            strategy = self.retry_strategy
+            sendable = ([("", tensor)], _structure.SINGLE, None)
+            if strategy is None or (isinstance(strategy, _BuiltinRetry) and
+                                    (not isinstance(strategy, CircuitBreaker) or
+                                     strategy.is_builtin())):
+                reply = self._attempt(sendable, self.metadata, self.timeout, strategy, fields,
+                                      _tensor.from_dlpack())
+            else:
+                deadline = (time.monotonic() + self.timeout if self.timeout and self.timeout > 0
+                            else None)
+                reply = strategy.execute(self._attempt_until, sendable, list(self.metadata),
+                                         deadline, fields, _tensor.from_dlpack())
+        except BaseException:
+            self._record(False, start, None)
+            raise
+        self._record(True, start, reply.compute_time_ms, reply)
+        if reply.values is None or reply.n_kv:  # pragma: no cover - a CPU call's reply is converted
+            return self._result(reply, ("torch", tensor.device))
+        return reply.value
 
     def compute_with_timing(self, tensor: Any, model_id: Optional[str] = None, *,
                             metadata: MetadataLike = None,
@@ -853,8 +894,7 @@ class GRPCComputeClient:
         except BaseException:
             self._record(False, start, None)
             raise
-        self._record(True, start, reply.compute_time_ms)
-        self._stats.count_ok(reply)
+        self._record(True, start, reply.compute_time_ms, reply)
         if _reply is not None:
             _reply.append(reply)
         if _timing is not None:
@@ -917,9 +957,8 @@ class GRPCComputeClient:
         return obj
 
     def _next_id(self) -> int:
-        with self._ids_lock:
-            self._ids = (self._ids + 1) & 0x7FFFFFFF
-            return self._ids
+        # next() on itertools.count is atomic under the GIL: no lock
+        return next(self._id_counter) & 0x7FFFFFFF
 
     def _attempt(self, sendable: tuple, md: list, timeout: Optional[float],
                  strategy: Optional[_BuiltinRetry], fields: Optional[Dict[str, Any]] = None,
@@ -983,7 +1022,10 @@ class GRPCComputeClient:
                            attempts=0)
         return self._attempt(sendable, md, left, None, fields, convert)
 
-    def _record(self, ok: bool, start: float, server_ms: Optional[float]) -> None:
+    def _record(self, ok: bool, start: float, server_ms: Optional[float],
+                reply: Any = None) -> None:
+        """Count a call that began at ``start``; ``reply``, when given, adds its
+        retries and bytes (what _Stats.count_ok does, under the same lock)."""
         ms = (time.perf_counter() - start) * 1e3
         s = self._stats
         with s.lock:
@@ -996,6 +1038,10 @@ class GRPCComputeClient:
                 s.network_ms += max(0.0, ms - (server_ms or 0.0))
             else:
                 s.failed += 1
+            if reply is not None:
+                s.retries += max(0, reply.attempts - 1)
+                s.bytes_sent += reply.bytes_sent
+                s.bytes_received += reply.bytes_received
 
     def health_check(self, timeout: Optional[float] = None) -> bool:
         """True when the server answers HealthCheck with status "ok"."""

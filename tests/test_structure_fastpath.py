@@ -18,6 +18,7 @@ import weakref
 from collections import OrderedDict
 from typing import Any, List, Tuple
 
+import grpc
 import numpy as np
 import pytest
 torch = pytest.importorskip("torch", reason="needs torch, an optional extra "
@@ -302,3 +303,54 @@ def test_the_binding_takes_dlpack_capsules_as_leaves() -> None:
     finally:
         client.close()
         server.stop(1.0)
+
+
+class Named(slc.ComputeFunction):
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def compute(self, x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: v * self.scale for k, v in x.items()}
+        return x * self.scale
+
+
+class CountingRetry(slc.RetryStrategy):
+    """A Python retry strategy: the client runs its execute() for every call."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def execute(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return func(*args, **kwargs)
+
+
+def test_a_plain_tensor_call_is_the_general_call() -> None:
+    """compute() of one CPU torch.Tensor with the client's settings skips flatten and
+    the merges (client._plain_call); what it sends, returns and counts is what the
+    general path gives: the client's model_id, the statistics, a Python retry
+    strategy's execute(), a structure and an explicit argument still going the
+    general way."""
+    server = slc.GRPCComputeServer({"double": Named(2.0), "triple": Named(3.0)},
+                                   host="127.0.0.1", port=0, max_workers=1)
+    with server:
+        target = f"127.0.0.1:{server.port}"
+        strategy = CountingRetry()
+        with slc.GRPCComputeClient(target, retry_strategy=strategy, model_id="triple") as client:
+            x = torch.arange(3.0)
+            assert torch.equal(client.compute(x), x * 3)  # the client's model_id
+            assert strategy.calls == 1
+            assert torch.equal(client.compute(x, model_id="double"), x * 2)  # general path
+            assert torch.equal(client.compute({"x": x})["x"], x * 3)
+            stats = client.get_statistics()
+            assert stats["successful_requests"] == 3 and stats["failed_requests"] == 0
+            assert stats["bytes_sent"] > 3 * 12 and stats["bytes_received"] > 3 * 12
+            with pytest.raises(TypeError):
+                client.compute(torch.zeros(2, dtype=torch.bool).to_sparse())
+        with slc.GRPCComputeClient(target, retry_strategy=None, model_id="nope") as client:
+            with pytest.raises(slc.RpcError) as e:
+                client.compute(torch.ones(1))
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            assert client.get_statistics()["failed_requests"] == 1
+            assert client.get_statistics()["failures_by_code"] == {"NOT_FOUND": 1}
