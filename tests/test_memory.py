@@ -2,7 +2,11 @@
 giving memory back once calls stop."""
 from __future__ import annotations
 
+import os
+import sys
+import threading
 import time
+from typing import List
 
 import pytest
 
@@ -52,3 +56,39 @@ def test_server_gives_pooled_memory_back_once_calls_stop(serve, connect):
     while pool_blocks() > 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert pool_blocks() == 0, "the server did not give the pool back after calls stopped"
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_release_gives_back_what_a_calling_thread_freed(serve, connect):
+    """The library raises glibc's trim threshold (large messages stop faulting
+    their buffers in again each call), so memory a thread frees stays at the top of
+    its arena, which malloc_trim does not give back; release_memory() does, for
+    every thread that made or served a call."""
+    if not _core.malloc_tuned():
+        pytest.skip("the allocator is not glibc's (a sanitizer's), or tuning is off")
+    class Echo(slc.ComputeFunction):
+        def compute(self, x):
+            return x
+
+    client = connect(serve(Echo()))
+    size = 24 << 20  # under the tuned mmap threshold: from the thread's arena
+    kept: List[int] = []
+
+    def user() -> None:
+        client.compute(torch.ones(4))  # the call notes this thread's arena
+        block = bytearray(size)  # zero-filled: every page resident
+        del block  # freed to the top of this thread's arena, and kept there
+        kept.append(rss_bytes())
+
+    t = threading.Thread(target=user)
+    t.start()
+    t.join()
+    _core.release_memory()
+    after = rss_bytes()
+    assert kept[0] - after >= size * 3 // 4, (kept[0], after)

@@ -181,6 +181,7 @@ int main(int argc, char **argv) {
   floor_child steady = {0}, cold = {0};
   size_t biggest = 0;
   unsigned char *buf;
+  floor_malloc_like_library();
   floor_parse(argc, argv, &o);
   for (int k = 0; k < o.nsizes; k++) biggest = o.sizes[k] > biggest ? o.sizes[k] : biggest;
   biggest = o.cold > biggest ? o.cold : biggest;

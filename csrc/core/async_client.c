@@ -426,7 +426,10 @@ static void *completion_main(void *arg) {
     pthread_mutex_unlock(&a->mu);
     ev = grpc_completion_queue_next(a->cq, sl__deadline_in(wait), NULL);
     if (ev.type == GRPC_QUEUE_SHUTDOWN) break;
-    if (ev.type == GRPC_OP_COMPLETE) attempt_done(a, (sl_async_call *)ev.tag);
+    if (ev.type == GRPC_OP_COMPLETE) {
+      attempt_done(a, (sl_async_call *)ev.tag);
+      sl_malloc_arena_note(); /* this thread reads replies: see tensor.h */
+    }
     run_timers(a);
     pthread_mutex_lock(&a->mu);
     free_self = a->self_destroy && a->n_live == 0;

@@ -115,6 +115,7 @@ int sl_client_create(const char *target, const sl_chan_arg *args, size_t nargs,
   *out = NULL;
   if (c == NULL) return sl_err_set(err, SL_ENOMEM, SL_STATUS_RESOURCE_EXHAUSTED, "out of memory");
   grpc_init();
+  sl_malloc_tune(); /* large messages: see tensor.h */
   sl_client_set_streaming(c, SL_STREAM_THRESHOLD_DEFAULT, SL_STREAM_CHUNK_DEFAULT);
   c->max_send = c->max_recv = SL_MAX_DECODED_BYTES;
   for (size_t i = 0; i < nargs; i++) {
@@ -1090,6 +1091,7 @@ int sl_client_compute(sl_client *c, const sl_call_opts *opts, int backward,
   int can_stream = atomic_load(&c->stream_threshold) < SIZE_MAX && !atomic_load(&c->no_stream[backward]);
   double t0;
 
+  sl_malloc_arena_note(); /* this thread reads the reply: see tensor.h */
   sl_stream_rx_init(&rx, c->max_recv);
   memset(out, 0, sizeof(*out));
   memset(extra_out, 0, sizeof(*extra_out));

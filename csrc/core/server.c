@@ -1337,6 +1337,7 @@ static void *worker_main(void *arg) {
       atomic_store(&s->last_call_us, (long long)(sl_now() * 1e6));
       deferred = serve_call(sv, &sv->details, &sv->md);
       sl_shm_table_maybe_sweep(s->shm, 1.0);
+      sl_malloc_arena_note(); /* this thread reads requests: see tensor.h */
     }
     grpc_call_details_destroy(&sv->details);
     grpc_metadata_array_destroy(&sv->md);
@@ -1784,6 +1785,7 @@ int sl_server_start(sl_server *s, sl_err *err) {
   }
   s->state = ST_RUNNING; /* claimed; reset below on failure */
   pthread_mutex_unlock(&s->mu);
+  sl_malloc_tune(); /* large messages: see tensor.h */
 
   if (strncmp(s->host, "unix:", 5) == 0 || strncmp(s->host, "unix-abstract:", 14) == 0) {
     snprintf(addr, sizeof(addr), "%s", s->host); /* a socket path: no port */

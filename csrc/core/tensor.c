@@ -109,6 +109,7 @@ int sl_desc_check_len(const sl_tensor_desc *desc, size_t data_len, sl_err *err) 
  * 9 us per tensor per call.
  */
 #include <pthread.h>
+#include <stdatomic.h>
 #include <sys/mman.h>
 #include <time.h>
 #if defined(__GLIBC__)
@@ -283,8 +284,93 @@ void sl_storage_trim_allocator(void) {
 #endif
 }
 
+static void arena_tops_release(void);
+
 size_t sl_storage_release_idle(double min_age_s) {
   size_t bytes = pool_release(min_age_s);
+  arena_tops_release();
   sl_storage_trim_allocator();
   return bytes;
+}
+
+/* ---- the C allocator's thresholds (sl_malloc_tune) ---- */
+
+#define SL_MALLOC_MMAP_THRESHOLD (32 * 1024 * 1024) /* glibc's DEFAULT_MMAP_THRESHOLD_MAX */
+#define SL_MALLOC_TRIM_THRESHOLD (2 * SL_MALLOC_MMAP_THRESHOLD) /* its dynamic rule: 2x */
+
+static pthread_once_t malloc_tune_once = PTHREAD_ONCE_INIT;
+static atomic_int malloc_tuned;
+
+static void malloc_tune_run(void) {
+#if defined(__GLIBC__)
+  const char *v = getenv("SPLITLEARN_MALLOC_TUNING");
+  if (v != NULL && strcmp(v, "0") == 0) return;
+  /* setting either turns glibc's dynamic thresholds off: set both, to the values
+   * that rule reaches for blocks of 32 MiB and more */
+  atomic_store(&malloc_tuned, mallopt(M_MMAP_THRESHOLD, SL_MALLOC_MMAP_THRESHOLD) == 1 &&
+                                  mallopt(M_TRIM_THRESHOLD, SL_MALLOC_TRIM_THRESHOLD) == 1);
+#endif
+}
+
+int sl_malloc_tune(void) {
+  pthread_once(&malloc_tune_once, malloc_tune_run);
+  return atomic_load(&malloc_tuned);
+}
+
+/* ---- the tops of glibc's per-thread arenas ----
+ *
+ * malloc_trim() gives back the free pages inside each arena but not the free
+ * space at the top of a thread's arena (only the main one's): glibc shrinks that
+ * when a free in the arena finds the top over the trim threshold, which
+ * sl_malloc_tune() raised. So each thread that makes or serves calls keeps one
+ * small block from its own arena (a token), and the release frees every token
+ * with the threshold lowered for the moment: each free trims its arena's top. A
+ * thread takes a new token on its next call. */
+
+#define SL_ARENA_TOKEN_BYTES ((size_t)128 * 1024) /* freed, it reaches glibc's trim check
+                                                     (64 KiB and more) */
+#define SL_ARENA_MAX_TOKENS 256
+
+static pthread_mutex_t token_mu = PTHREAD_MUTEX_INITIALIZER;
+static void *tokens[SL_ARENA_MAX_TOKENS]; /* guarded by token_mu */
+static size_t n_tokens;
+static atomic_uint token_gen = 1; /* the release's count; a thread holds a token of it */
+static _Thread_local unsigned my_token_gen;
+
+void sl_malloc_arena_note(void) {
+  unsigned gen;
+  void *t;
+  if (!atomic_load_explicit(&malloc_tuned, memory_order_relaxed)) return;
+  gen = atomic_load_explicit(&token_gen, memory_order_relaxed);
+  if (my_token_gen == gen) return;
+  t = malloc(SL_ARENA_TOKEN_BYTES);
+  if (t == NULL) return;
+  pthread_mutex_lock(&token_mu);
+  if (n_tokens < SL_ARENA_MAX_TOKENS && gen == atomic_load(&token_gen)) {
+    tokens[n_tokens++] = t;
+    t = NULL;
+    my_token_gen = gen;
+  }
+  pthread_mutex_unlock(&token_mu);
+  free(t);
+}
+
+/* Free every token with a low trim threshold: each arena a token came from gives
+ * back the free space at its top. */
+static void arena_tops_release(void) {
+#if defined(__GLIBC__)
+  void *taken[SL_ARENA_MAX_TOKENS];
+  size_t n;
+  if (!atomic_load(&malloc_tuned)) return;
+  pthread_mutex_lock(&token_mu);
+  atomic_fetch_add(&token_gen, 1);
+  n = n_tokens;
+  memcpy(taken, tokens, n * sizeof(*taken));
+  n_tokens = 0;
+  pthread_mutex_unlock(&token_mu);
+  if (n == 0) return;
+  mallopt(M_TRIM_THRESHOLD, (int)SL_ARENA_TOKEN_BYTES);
+  while (n > 0) free(taken[--n]);
+  mallopt(M_TRIM_THRESHOLD, SL_MALLOC_TRIM_THRESHOLD);
+#endif
 }

@@ -83,8 +83,9 @@ void sl_storage_pool_set_limit(size_t max_bytes);
 void sl_storage_pool_stats(size_t *bytes, size_t *blocks, size_t *limit);
 
 /* Give memory back to the system after a busy period: free the pooled blocks that
- * have sat unused for at least `min_age_s` seconds (all for <= 0), then ask the C
- * allocator to return its free pages (glibc: malloc_trim). Returns the pool bytes
+ * have sat unused for at least `min_age_s` seconds (all for <= 0), the free tops
+ * of the threads' arenas (sl_malloc_arena_note), then ask the C allocator to
+ * return its free pages (glibc: malloc_trim). Returns the pool bytes
  * freed. Costs a walk of the allocator's arenas: call it when idle, not per call
  * (the server does, once a second of quiet follows calls). */
 size_t sl_storage_release_idle(double min_age_s);
@@ -92,6 +93,26 @@ size_t sl_storage_release_idle(double min_age_s);
 /* Ask the C allocator to return its free pages to the system (glibc: malloc_trim;
  * elsewhere nothing). Milliseconds at most; safe from any thread. */
 void sl_storage_trim_allocator(void);
+
+/* Set the C allocator to the state it would reach on its own after freeing one
+ * 32 MiB block (glibc: mmap threshold 32 MiB, trim threshold 64 MiB), once per
+ * process; elsewhere, or with SPLITLEARN_MALLOC_TUNING=0 in the environment,
+ * nothing. gRPC reads a large message into slices of a few MiB from malloc, while
+ * our storage maps its large blocks itself (so glibc never sees a large free and
+ * leaves its trim threshold at twice the slices' size): each 32 MiB message then
+ * left more than that free at the top of an arena, which glibc gave back, and the
+ * next message faulted it all in again (a 32 MiB TCP round trip: ~45 ms untuned,
+ * ~29 ms tuned). sl_server_start() and sl_client_create() call it; safe from any
+ * thread. Returns 1 when it changed the allocator's settings (this call or an
+ * earlier one), 0 when not. */
+int sl_malloc_tune(void);
+
+/* Called by a thread after each call it made or served: once per release it keeps
+ * a small block of its own malloc arena, by which sl_storage_release_idle() gives
+ * back the free space at the arena's top (which glibc's malloc_trim leaves, and
+ * which the raised trim threshold keeps). Nothing unless sl_malloc_tune() changed
+ * the allocator; a thread-local compare otherwise. */
+void sl_malloc_arena_note(void);
 
 #ifdef __cplusplus
 }

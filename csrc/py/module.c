@@ -99,6 +99,12 @@ static PyObject *py_release_memory(PyObject *m, PyObject *unused) {
   return PyLong_FromSize_t(freed);
 }
 
+static PyObject *py_malloc_tuned(PyObject *m, PyObject *unused) {
+  (void)m;
+  (void)unused;
+  return PyBool_FromLong(sl_malloc_tune());
+}
+
 static PyObject *py_storage_pool(PyObject *m, PyObject *args) {
   PyObject *limit = Py_None;
   size_t bytes, blocks, max_bytes;
@@ -116,6 +122,9 @@ static PyObject *py_storage_pool(PyObject *m, PyObject *args) {
 static PyMethodDef module_methods[] = {
     {"release_memory", py_release_memory, METH_NOARGS,
      "release_memory() -> bytes freed from the storage pool (and the allocator trimmed)."},
+    {"malloc_tuned", py_malloc_tuned, METH_NOARGS,
+     "malloc_tuned() -> whether the C allocator's thresholds are the library's (tensor.h: "
+     "sl_malloc_tune; servers and clients set them when created)."},
     {"storage_pool", py_storage_pool, METH_VARARGS,
      "storage_pool(limit=None) -> (bytes, blocks, limit); sets the limit in bytes first when given."},
     {"retry_delay", py_retry_delay, METH_VARARGS,
