@@ -17,8 +17,14 @@ p50 over all rounds:
 
 Each server runs in a child process (this file run with --serve KIND); the Python
 clients run in this process, the C rows in their own. For the Python rows it also
-counts the context switches per round trip (client and server threads together,
-from /proc): each is a thread put to sleep or woken.
+counts the server's CPU time and the context switches per round trip (client and
+server threads together, from /proc): each is a thread put to sleep or woken.
+
+Every row is measured twice: with the processes where the scheduler puts them
+("spread": on a small machine most of a 3 KiB round trip is then the client's and
+the server's threads waking each other across CPUs, which moves from run to run),
+and with every process pinned to one CPU ("one CPU": no cross-CPU wake-ups, so
+the latency is the length of the path itself, and steadier).
 
     python3 benchmarks/bench_breakdown.py             # writes its section of results.md
     python3 benchmarks/bench_breakdown.py --quick     # prints only
@@ -34,7 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -175,6 +181,77 @@ def run_c(program: str, nbytes: int, n: int) -> Dict[str, float]:
     return {"p50": float(row["p50_us"]), "cpu": float(row.get("client_cpu_us", "nan"))}
 
 
+def server_cpu(pid: int) -> float:
+    """CPU seconds (user + system) the process has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(kinds: List[str], x: torch.Tensor, args: argparse.Namespace,
+            cpus: Optional[Set[int]]) -> Dict[str, Dict[str, float]]:
+    """Every row, interleaved round by round, with this process and its children on
+    ``cpus`` (None: where the scheduler puts them). Per row: p50 us, client CPU us,
+    and for the Python rows server CPU us and switches per round trip."""
+    before = os.sched_getaffinity(0)
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)  # the children (servers, C rows) inherit it
+    py_kinds = [k for k in kinds if k not in ("floor", "core")]
+    calls = {}
+    children: Dict[str, Child] = {}
+    try:
+        for k in py_kinds:
+            children[k] = Child("full" if k in ("dispatch", "api") else k)
+        for k in py_kinds:
+            calls[k] = make_call(k, children[k].port)
+        lat: Dict[str, List[float]] = {k: [] for k in kinds}  # us
+        c_p50: Dict[str, List[float]] = {"floor": [], "core": []}
+        cpu: Dict[str, List[float]] = {k: [] for k in kinds}  # client CPU us per call
+        scpu: Dict[str, List[float]] = {k: [] for k in py_kinds}  # server CPU us per call
+        switches: Dict[str, List[float]] = {k: [] for k in py_kinds}
+        for k in py_kinds:  # warm-up
+            for _ in range(max(20, args.n // 10)):
+                calls[k][0](x)
+        for rnd in range(args.rounds):
+            for k in kinds:
+                if k in c_p50:
+                    row = run_c("echo_floor" if k == "floor" else "core_echo", x.numel() * 4,
+                                args.n)
+                    c_p50[k].append(row["p50"])
+                    cpu[k].append(row["cpu"])
+                    continue
+                call = calls[k][0]
+                clock = time.perf_counter_ns
+                pid = children[k].pid
+                s0 = ctx_switches(os.getpid()) + ctx_switches(pid)
+                c0, sc0 = time.process_time(), server_cpu(pid)
+                for _ in range(args.n):
+                    t0 = clock()
+                    call(x)
+                    lat[k].append((clock() - t0) / 1e3)
+                cpu[k].append((time.process_time() - c0) / args.n * 1e6)
+                scpu[k].append((server_cpu(pid) - sc0) / args.n * 1e6)
+                s1 = ctx_switches(os.getpid()) + ctx_switches(pid)
+                switches[k].append((s1 - s0) / args.n)
+            print(f"{'spread' if cpus is None else 'one CPU'}: round {rnd + 1}/{args.rounds} "
+                  "done", flush=True)
+    finally:
+        for k in calls:
+            calls[k][1]()
+        for ch in children.values():
+            ch.stop()
+        os.sched_setaffinity(0, before)
+    out: Dict[str, Dict[str, float]] = {}
+    for k in kinds:
+        out[k] = {"p50": statistics.median(c_p50[k]) if k in c_p50  # median of rounds' p50s
+                  else statistics.median(lat[k]),
+                  "client_cpu": statistics.median(cpu[k])}
+        if k in scpu:
+            out[k]["server_cpu"] = statistics.median(scpu[k])
+            out[k]["switches"] = statistics.median(switches[k])
+    return out
+
+
 def main(argv: List[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bytes", type=int, default=3072, help="tensor bytes (default 3072)")
@@ -193,51 +270,10 @@ def main(argv: List[str]) -> int:
     output = args.output or (None if args.quick else os.path.join(HERE, "results.md"))
     x = torch.randn(max(1, args.bytes // 4), dtype=torch.float32)
     kinds = [k for k, *_ in ROWS]
-    py_kinds = [k for k in kinds if k not in ("floor", "core")]
-    children = {k: Child("full" if k in ("dispatch", "api") else k) for k in py_kinds}
-    calls = {}
-    try:
-        for k in py_kinds:
-            calls[k] = make_call(k, children[k].port)
-        lat: Dict[str, List[float]] = {k: [] for k in kinds}  # us
-        c_p50: Dict[str, List[float]] = {"floor": [], "core": []}
-        cpu: Dict[str, List[float]] = {k: [] for k in kinds}  # client CPU us per call
-        switches: Dict[str, List[float]] = {k: [] for k in py_kinds}
-        for k in py_kinds:  # warm-up
-            for _ in range(max(20, args.n // 10)):
-                calls[k][0](x)
-        for rnd in range(args.rounds):
-            for k in kinds:
-                if k in c_p50:
-                    row = run_c("echo_floor" if k == "floor" else "core_echo", x.numel() * 4,
-                                args.n)
-                    c_p50[k].append(row["p50"])
-                    cpu[k].append(row["cpu"])
-                    continue
-                call = calls[k][0]
-                clock = time.perf_counter_ns
-                s0 = ctx_switches(os.getpid()) + ctx_switches(children[k].pid)
-                c0 = time.process_time()
-                for _ in range(args.n):
-                    t0 = clock()
-                    call(x)
-                    lat[k].append((clock() - t0) / 1e3)
-                cpu[k].append((time.process_time() - c0) / args.n * 1e6)
-                s1 = ctx_switches(os.getpid()) + ctx_switches(children[k].pid)
-                switches[k].append((s1 - s0) / args.n)
-            print(f"round {rnd + 1}/{args.rounds} done", flush=True)
-    finally:
-        for k in calls:
-            calls[k][1]()
-        for ch in children.values():
-            ch.stop()
-
-    p50 = {}
-    for k in kinds:
-        if k in c_p50:
-            p50[k] = statistics.median(c_p50[k])  # median of the rounds' p50s
-        else:
-            p50[k] = statistics.median(lat[k])
+    placements = [("spread", None), ("one CPU", {min(os.sched_getaffinity(0))})]
+    results = []
+    for label, cpus in placements:
+        results.append((label, measure(kinds, x, args, cpus)))
     lines = [
         BEGIN,
         "",
@@ -255,27 +291,38 @@ def main(argv: List[str]) -> int:
         f"Machine: {cpu_model()}, {os.cpu_count()} CPUs; "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
-        "| stack | what it adds | p50 us | added us | x floor | client CPU us | switches |",
-        "|---|---|--:|--:|--:|--:|--:|",
     ]
-    prev = None
-    for k, name, what in ROWS:
-        added = "" if prev is None else f"{p50[k] - p50[prev]:+.1f}"
-        sw = f"{statistics.median(switches[k]):.1f}" if k in switches else "-"
-        lines.append(f"| {name} | {what} | {p50[k]:.1f} | {added} | "
-                     f"{p50[k] / p50['floor']:.2f}x | {statistics.median(cpu[k]):.1f} | {sw} |")
-        prev = k
-    lines += ["", END, ""]
+    for label, res in results:
+        floor = res["floor"]["p50"]
+        lines += [
+            f"**{label}**: " + ("every process where the scheduler puts it (the client's "
+                                "and the server's threads wake each other across the CPUs)"
+                                if label == "spread" else
+                                "every process pinned to one CPU: no cross-CPU wake-ups, so "
+                                "the latency is the length of the path"),
+            "",
+            "| stack | what it adds | p50 us | added us | x floor | client CPU us "
+            "| server CPU us | switches |",
+            "|---|---|--:|--:|--:|--:|--:|--:|",
+        ]
+        prev = None
+        for k, name, what in ROWS:
+            r = res[k]
+            added = "" if prev is None else f"{r['p50'] - res[prev]['p50']:+.1f}"
+            sw = f"{r['switches']:.1f}" if "switches" in r else "-"
+            sc = f"{r['server_cpu']:.0f}" if "server_cpu" in r else "-"
+            lines.append(f"| {name} | {what} | {r['p50']:.1f} | {added} | "
+                         f"{r['p50'] / floor:.2f}x | {r['client_cpu']:.1f} | {sc} | {sw} |")
+            prev = k
+        lines.append("")
+    lines += [END, ""]
     text = "\n".join(lines)
     print(text)
     if output:
         write_section(output, text, BEGIN, END)
         write_data(output, "breakdown", {"script": "bench_breakdown.py", "bytes": x.numel() * 4,
-                                         "n": args.n, "rounds": args.rounds, "p50_us": p50,
-                                         "client_cpu_us": {k: statistics.median(v)
-                                                           for k, v in cpu.items()},
-                                         "switches_per_call": {k: statistics.median(v)
-                                                               for k, v in switches.items()}})
+                                         "n": args.n, "rounds": args.rounds,
+                                         "placements": dict(results)})
     return 0
 
 
