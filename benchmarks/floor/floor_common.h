@@ -33,8 +33,7 @@
 #define FLOOR_MAX_SIZES 16
 
 /* The C allocator's settings the library makes (sl_malloc_tune in
- * csrc/core/tensor.c: glibc's mmap threshold at 32 MiB, its trim threshold at
- * 64 MiB; none with SPLITLEARN_MALLOC_TUNING=0), made here too, before the server
+ * csrc/core/tensor.c: glibc's mmap and trim thresholds at 32 MiB; none with SPLITLEARN_MALLOC_TUNING=0), made here too, before the server
  * forks, so that the floor and our rows run on the same allocator and their ratio
  * compares the designs. Both programs call it first thing. */
 static void floor_malloc_like_library(void) {
@@ -42,7 +41,7 @@ static void floor_malloc_like_library(void) {
   const char *v = getenv("SPLITLEARN_MALLOC_TUNING");
   if (v != NULL && strcmp(v, "0") == 0) return;
   mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024);
-  mallopt(M_TRIM_THRESHOLD, 64 * 1024 * 1024);
+  mallopt(M_TRIM_THRESHOLD, 32 * 1024 * 1024);
 #endif
 }
 

@@ -94,15 +94,14 @@ size_t sl_storage_release_idle(double min_age_s);
  * elsewhere nothing). Milliseconds at most; safe from any thread. */
 void sl_storage_trim_allocator(void);
 
-/* Set the C allocator to the state it would reach on its own after freeing one
- * 32 MiB block (glibc: mmap threshold 32 MiB, trim threshold 64 MiB), once per
- * process; elsewhere, or with SPLITLEARN_MALLOC_TUNING=0 in the environment,
- * nothing. gRPC reads a large message into slices of a few MiB from malloc, while
- * our storage maps its large blocks itself (so glibc never sees a large free and
- * leaves its trim threshold at twice the slices' size): each 32 MiB message then
- * left more than that free at the top of an arena, which glibc gave back, and the
- * next message faulted it all in again (a 32 MiB TCP round trip: ~45 ms untuned,
- * ~29 ms tuned). sl_server_start() and sl_client_create() call it; safe from any
+/* Set glibc's malloc thresholds once per process: mmap 32 MiB (the most its
+ * dynamic rule reaches) and trim 32 MiB; elsewhere, or with
+ * SPLITLEARN_MALLOC_TUNING=0 in the environment, nothing. gRPC reads a large
+ * message into slices of a few MiB from malloc, while our storage maps its large
+ * blocks itself (so glibc never sees a large free and leaves its trim threshold
+ * at twice the slices' size): each 32 MiB message then left more than that free
+ * at the top of an arena, which glibc gave back, and the next message faulted it
+ * all in again (a 32 MiB TCP round trip: ~45 ms untuned, ~30 ms tuned). sl_server_start() and sl_client_create() call it; safe from any
  * thread. Returns 1 when it changed the allocator's settings (this call or an
  * earlier one), 0 when not. */
 int sl_malloc_tune(void);
