@@ -18,48 +18,13 @@ static const ProtobufCMessageDescriptor *descriptor_of(sl_msg_kind kind) {
 /* ---- the header's memory: one arena per message ----
  * protobuf-c allocates each submessage, string and repeated array of a header
  * separately; a message with many named tensors made a handful of malloc calls
- * per tensor, and as many free calls. The arena hands out memory from a few
- * growing chunks and frees them all at once with the message. */
-typedef struct arena_chunk {
-  struct arena_chunk *next;
-  size_t used, cap;
-  max_align_t data[]; /* cap bytes */
-} arena_chunk;
+ * per tensor, and as many free calls. The message's sl_arena hands out the memory
+ * and frees it all at once with the message. */
+static void *header_alloc(void *data, size_t size) { return sl_arena_alloc(data, size); }
 
-#define ARENA_ALIGN (sizeof(max_align_t))
-#define ARENA_FIRST 4096u
-
-static void *arena_alloc(void *data, size_t size) {
-  arena_chunk **head = data, *c = *head;
-  size_t need = (size + ARENA_ALIGN - 1) & ~(size_t)(ARENA_ALIGN - 1);
-  if (need < size) return NULL; /* overflow */
-  if (c == NULL || c->cap - c->used < need) {
-    size_t cap = c == NULL ? ARENA_FIRST : 2 * c->cap;
-    if (cap < need) cap = need;
-    if (cap > SIZE_MAX - sizeof(arena_chunk)) return NULL;
-    c = malloc(sizeof(arena_chunk) + cap);
-    if (c == NULL) return NULL;
-    c->next = *head;
-    c->used = 0;
-    c->cap = cap;
-    *head = c;
-  }
-  c->used += need;
-  return (char *)c->data + (c->used - need);
-}
-
-static void arena_free_one(void *data, void *p) { /* freed with the whole arena */
+static void header_free_one(void *data, void *p) { /* freed with the whole arena */
   (void)data;
   (void)p;
-}
-
-static void arena_destroy(void *arena) {
-  arena_chunk *c = arena;
-  while (c != NULL) {
-    arena_chunk *next = c->next;
-    free(c);
-    c = next;
-  }
 }
 
 static const char *kind_name(sl_msg_kind kind) {
@@ -841,7 +806,7 @@ static int read_impl(sl_msg_kind kind, const sl_span *spans, size_t nspans,
   status = sl_wire_split_bulk(spans, nspans, TENSOR_FIELD, bulk, bulk[1] ? 2 : 1, &split, err);
   if (status != SL_OK) goto cleanup;
   {
-    ProtobufCAllocator alloc = {arena_alloc, arena_free_one, &out->arena};
+    ProtobufCAllocator alloc = {header_alloc, header_free_one, &out->arena};
     out->header = protobuf_c_message_unpack(descriptor_of(kind), &alloc, split.header_len,
                                             split.header);
   }
@@ -903,7 +868,7 @@ void sl_tensor_msg_clear(sl_tensor_msg *m) {
   }
   free(m->items);
   free(m->nodes);
-  arena_destroy(m->arena); /* the header's memory, all of it */
+  sl_arena_clear(&m->arena); /* the header's memory, all of it */
   memset(m, 0, sizeof(*m));
 }
 

@@ -109,7 +109,7 @@ typedef struct sl_tensor_msg {
   sl_msg_kind kind;
   ProtobufCMessage *header; /* owned; every field but the tensor bytes; its memory is
                                all in `arena` (freed with it, never field by field) */
-  void *arena;              /* owned: the memory protobuf-c unpacked the header into */
+  sl_arena arena;           /* owned: the memory protobuf-c unpacked the header into */
   int form;                 /* sl_msg_form */
   sl_tensor_item *items;    /* owned array of n_items */
   size_t n_items;           /* SINGLE: 1 + 2 * n_kv */

@@ -130,6 +130,41 @@ char *sl_strndup(const char *s, size_t n) {
   return p;
 }
 
+struct sl_arena_chunk {
+  struct sl_arena_chunk *next;
+  size_t used, cap;
+  max_align_t data[]; /* cap bytes */
+};
+
+#define SL_ARENA_ALIGN (sizeof(max_align_t))
+
+void *sl_arena_alloc(sl_arena *a, size_t size) {
+  struct sl_arena_chunk *c = a->head;
+  size_t need = (size + SL_ARENA_ALIGN - 1) & ~(size_t)(SL_ARENA_ALIGN - 1);
+  if (need < size) return NULL; /* overflow */
+  if (c == NULL || c->cap - c->used < need) {
+    size_t cap = c == NULL ? SL_ARENA_FIRST : 2 * c->cap;
+    if (cap < need) cap = need;
+    if (cap > SIZE_MAX - sizeof(*c)) return NULL;
+    c = malloc(sizeof(*c) + cap);
+    if (c == NULL) return NULL;
+    c->next = a->head;
+    c->used = 0;
+    c->cap = cap;
+    a->head = c;
+  }
+  c->used += need;
+  return (char *)c->data + (c->used - need);
+}
+
+void sl_arena_clear(sl_arena *a) {
+  while (a->head != NULL) {
+    struct sl_arena_chunk *next = a->head->next;
+    free(a->head);
+    a->head = next;
+  }
+}
+
 double sl_now(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);

@@ -113,6 +113,25 @@ typedef struct sl_kv {
   size_t value_len; /* values may hold binary ("-bin" metadata keys) */
 } sl_kv;
 
+/* A bump allocator: memory handed out from a list of chunks that never move (the
+ * first of SL_ARENA_FIRST bytes, each next one twice the last, or the request if
+ * larger), all freed at once by sl_arena_clear(). For what lives exactly as long
+ * as one owner: a received header's fields (message.c), a call's strings
+ * (tensors_py.c). Zero-initialise it (SL_ARENA_INIT); not thread-safe. */
+typedef struct sl_arena {
+  struct sl_arena_chunk *head; /* owned: newest first */
+} sl_arena;
+
+#define SL_ARENA_INIT {NULL}
+#define SL_ARENA_FIRST 4096u
+
+/* `size` bytes aligned for any type, valid until sl_arena_clear(); NULL when out
+ * of memory. */
+void *sl_arena_alloc(sl_arena *a, size_t size);
+
+/* Free every chunk; the arena is empty (and usable) again. */
+void sl_arena_clear(sl_arena *a);
+
 /* Monotonic clock, in seconds. */
 double sl_now(void);
 

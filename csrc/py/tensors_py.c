@@ -692,29 +692,16 @@ cleanup:
 struct slpy_setbuf {
   sl_tensor_out *items;
   sl_node *nodes;
-  struct str_chunk *strings; /* every name, key and string value, NUL-terminated, in
-                                chunks that never move (a list, newest first) */
+  sl_arena strings; /* every name, key and string value, NUL-terminated: an arena
+                       rather than one malloc each (a call with many tensors has as
+                       many names) */
 };
-
-/* Strings are copied into chunks of a few KiB rather than one malloc each: a call
- * with many tensors has as many names. */
-typedef struct str_chunk {
-  struct str_chunk *next;
-  size_t used, cap;
-  char data[];
-} str_chunk;
-
-#define STR_CHUNK_MIN 2048u
 
 /* No GIL needed: plain memory. */
 void slpy_setbuf_free(void *p) {
   slpy_setbuf *b = p;
   if (b == NULL) return;
-  while (b->strings != NULL) {
-    str_chunk *next = b->strings->next;
-    free(b->strings);
-    b->strings = next;
-  }
+  sl_arena_clear(&b->strings);
   free(b->items);
   free(b->nodes);
   free(b);
@@ -724,7 +711,6 @@ static const char *keep_str(slpy_setbuf *b, PyObject *o, const char *what) {
   const char *s;
   Py_ssize_t n;
   char *copy;
-  str_chunk *c;
   if (!PyUnicode_Check(o)) {
     PyErr_Format(PyExc_TypeError, "%s must be a str, got %.100s", what, Py_TYPE(o)->tp_name);
     return NULL;
@@ -735,23 +721,13 @@ static const char *keep_str(slpy_setbuf *b, PyObject *o, const char *what) {
     PyErr_Format(PyExc_ValueError, "%s must not contain NUL characters", what);
     return NULL;
   }
-  c = b->strings;
-  if (c == NULL || c->cap - c->used < (size_t)n + 1) {
-    size_t cap = (size_t)n + 1 > STR_CHUNK_MIN ? (size_t)n + 1 : STR_CHUNK_MIN;
-    c = malloc(sizeof(*c) + cap);
-    if (c == NULL) {
-      PyErr_NoMemory();
-      return NULL;
-    }
-    c->next = b->strings;
-    c->used = 0;
-    c->cap = cap;
-    b->strings = c;
+  copy = sl_arena_alloc(&b->strings, (size_t)n + 1);
+  if (copy == NULL) {
+    PyErr_NoMemory();
+    return NULL;
   }
-  copy = c->data + c->used;
   if (n > 0) memcpy(copy, s, (size_t)n);
   copy[n] = '\0';
-  c->used += (size_t)n + 1;
   return copy;
 }
 

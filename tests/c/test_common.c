@@ -1,4 +1,5 @@
 /* test_common.c: the error record and the UTF-8 helpers of sl_common. */
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -64,9 +65,42 @@ static void test_utf8_valid(void) {
   CHECK_EQ_INT(sl_utf8_seq_len((const uint8_t *)"\xf0\x9f\x98\x80", 3), 0);
 }
 
+/* The bump allocator: aligned blocks that never move, past the first chunk and
+ * larger than any chunk, all freed by one clear (ASan: no leak, no overlap). */
+static void test_arena_blocks_stay_put_until_cleared(void) {
+  sl_arena a = SL_ARENA_INIT;
+  char *first, *blocks[64];
+  size_t sizes[64];
+  first = sl_arena_alloc(&a, 1);
+  CHECK(first != NULL);
+  first[0] = 'x';
+  for (int i = 0; i < 64; i++) {
+    sizes[i] = (size_t)(i * 97 % 700) + 1; /* 64 blocks: several chunks */
+    blocks[i] = sl_arena_alloc(&a, sizes[i]);
+    CHECK(blocks[i] != NULL);
+    CHECK_EQ_INT((uintptr_t)blocks[i] % sizeof(max_align_t), 0);
+    memset(blocks[i], i, sizes[i]);
+  }
+  {
+    char *big = sl_arena_alloc(&a, 3 * SL_ARENA_FIRST); /* over a chunk's size */
+    CHECK(big != NULL);
+    memset(big, 0xee, 3 * SL_ARENA_FIRST);
+  }
+  CHECK(sl_arena_alloc(&a, SIZE_MAX - 4) == NULL); /* rounding up overflows */
+  CHECK(first[0] == 'x'); /* earlier blocks did not move or get overwritten */
+  for (int i = 0; i < 64; i++) {
+    for (size_t j = 0; j < sizes[i]; j++) CHECK(blocks[i][j] == (char)i);
+  }
+  sl_arena_clear(&a);
+  CHECK(a.head == NULL);
+  CHECK(sl_arena_alloc(&a, 8) != NULL); /* usable again */
+  sl_arena_clear(&a);
+}
+
 int main(void) {
   RUN(test_err_cut_on_character_boundary);
   RUN(test_err_replaces_bad_bytes);
   RUN(test_utf8_valid);
+  RUN(test_arena_blocks_stay_put_until_cleared);
   return sl_test_done("test_common");
 }
