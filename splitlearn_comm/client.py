@@ -14,7 +14,7 @@ import time
 import uuid
 import zlib
 from typing import (TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple,
-                    Union)
+                    Union, cast)
 
 import grpc
 import numpy as np
@@ -327,9 +327,13 @@ class _Stats:
 
     def count_ok(self, reply: Any) -> None:
         with self.lock:
-            self.retries += max(0, reply.attempts - 1)
-            self.bytes_sent += reply.bytes_sent
-            self.bytes_received += reply.bytes_received
+            self.add_reply(reply)
+
+    def add_reply(self, reply: Any) -> None:
+        """A successful call's retries and bytes; the caller holds ``lock``."""
+        self.retries += max(0, reply.attempts - 1)
+        self.bytes_sent += reply.bytes_sent
+        self.bytes_received += reply.bytes_received
 
     @staticmethod
     def percentile(values: List[float], q: float) -> float:
@@ -695,10 +699,9 @@ class GRPCComputeClient:
         try:
             strategy = self.retry_strategy
             sendable = ([("", tensor)], _structure.SINGLE, None)
-            if strategy is None or (isinstance(strategy, _BuiltinRetry) and
-                                    (not isinstance(strategy, CircuitBreaker) or
-                                     strategy.is_builtin())):
-                reply = self._attempt(sendable, self.metadata, self.timeout, strategy, fields,
+            if self._builtin_retry():
+                reply = self._attempt(sendable, self.metadata, self.timeout,
+                                      cast(Optional[_BuiltinRetry], strategy), fields,
                                       _tensor.from_dlpack())
             else:
                 deadline = (time.monotonic() + self.timeout if self.timeout and self.timeout > 0
@@ -883,10 +886,9 @@ class GRPCComputeClient:
         start = time.perf_counter()
         try:
             strategy = self.retry_strategy
-            if strategy is None or (isinstance(strategy, _BuiltinRetry) and
-                                    (not isinstance(strategy, CircuitBreaker) or
-                                     strategy.is_builtin())):
-                reply = self._attempt(sendable, md, total, strategy, fields, convert)
+            if self._builtin_retry():
+                reply = self._attempt(sendable, md, total, cast(Optional[_BuiltinRetry], strategy),
+                                      fields, convert)
             else:
                 deadline = time.monotonic() + total if total and total > 0 else None
                 reply = strategy.execute(self._attempt_until, sendable, md, deadline, fields,
@@ -1039,9 +1041,7 @@ class GRPCComputeClient:
             else:
                 s.failed += 1
             if reply is not None:
-                s.retries += max(0, reply.attempts - 1)
-                s.bytes_sent += reply.bytes_sent
-                s.bytes_received += reply.bytes_received
+                s.add_reply(reply)
 
     def health_check(self, timeout: Optional[float] = None) -> bool:
         """True when the server answers HealthCheck with status "ok"."""
