@@ -33,9 +33,10 @@
 #define FLOOR_MAX_SIZES 16
 
 /* The C allocator's settings the library makes (sl_malloc_tune in
- * csrc/core/tensor.c: glibc's mmap and trim thresholds at 32 MiB; none with SPLITLEARN_MALLOC_TUNING=0), made here too, before the server
- * forks, so that the floor and our rows run on the same allocator and their ratio
- * compares the designs. Both programs call it first thing. */
+ * csrc/core/tensor.c: glibc's mmap and trim thresholds at 32 MiB; none with
+ * SPLITLEARN_MALLOC_TUNING=0), made here too, before the server forks, so that
+ * the floor and our rows run on the same allocator and their ratio compares the
+ * designs. Both programs call it first thing. */
 static void floor_malloc_like_library(void) {
 #if defined(__GLIBC__)
   const char *v = getenv("SPLITLEARN_MALLOC_TUNING");

@@ -101,9 +101,10 @@ void sl_storage_trim_allocator(void);
  * blocks itself (so glibc never sees a large free and leaves its trim threshold
  * at twice the slices' size): each 32 MiB message then left more than that free
  * at the top of an arena, which glibc gave back, and the next message faulted it
- * all in again (a 32 MiB TCP round trip: ~45 ms untuned, ~30 ms tuned). sl_server_start() and sl_client_create() call it; safe from any
- * thread. Returns 1 when it changed the allocator's settings (this call or an
- * earlier one), 0 when not. */
+ * all in again (a 32 MiB TCP round trip: ~45 ms untuned, ~30 ms tuned).
+ * sl_server_start() and sl_client_create() call it; safe from any thread.
+ * Returns 1 when it changed the allocator's settings (this call or an earlier
+ * one), 0 when not. */
 int sl_malloc_tune(void);
 
 /* Called by a thread after each call it made or served: once per release it keeps
