@@ -21,8 +21,10 @@ Both servers run in child processes (this file run with --serve) bound to
 health (HealthCheck RPC), warms up, times the round trips and finally stops the
 children by closing their stdin.
 
-Two more rows come from C programs built by `make bench-floor` (benchmarks/floor/),
-run for each size just before the Python rows, so that every ratio comes from one run:
+Two more rows come from C programs built by `make bench-floor` (benchmarks/floor/).
+For each one-thread size every row, C and Python, runs in 5 interleaved rounds (each
+round runs each row for a fifth of its round trips), so that every ratio comes from
+one run and the floor sees the same machine load as the rows measured against it:
 
   C-core echo      the floor of any gRPC design: a unary echo on the bare gRPC C core
                    with no copies (build/bench/echo_floor);
@@ -86,12 +88,14 @@ BENCH_BIN = os.path.join(ROOT, "build", "bench")
 
 KiB = 1024
 MiB = 1024 * 1024
+# the one-thread sizes with the C rows run in this many interleaved rounds
+ROUNDS = 5
 
 # (label, shape, full-run N, quick-run N); float32, so bytes = 4 * numel
 SIZES: List[Tuple[str, Tuple[int, ...], int, int]] = [
     ("3 KiB", (3, 256), 2000, 200),
     ("1 MiB", (256, 1024), 300, 30),
-    ("32 MiB", (8192, 1024), 30, 5),
+    ("32 MiB", (8192, 1024), 50, 5),
 ]
 
 
@@ -331,17 +335,20 @@ class Result:
         self.cpu_ms: Optional[float] = cpu_ns / n / 1e6
 
     @classmethod
-    def from_c(cls, size: str, nbytes: int, impl: str, row: Dict[str, Any]) -> "Result":
-        """A row printed by a C program (benchmarks/floor): p50, p99 and the client
-        process's CPU per round trip (no round trips/s: it times calls one by one)."""
+    def from_rounds(cls, size: str, nbytes: int, impl: str,
+                    rows: List[Dict[str, Any]]) -> "Result":
+        """A C row (benchmarks/floor) from the JSON lines of its rounds: the median of
+        their p50s and of their p99s, and the client process's mean CPU per round
+        trip (no round trips/s: the program times calls one by one)."""
         r = cls.__new__(cls)
-        r.size, r.nbytes, r.impl, r.concurrency, r.n = size, nbytes, impl, 1, int(row["n"])
-        r.p50_ms = float(row["p50_us"]) / 1e3
-        r.p99_ms = float(row["p99_us"]) / 1e3
+        r.size, r.nbytes, r.impl, r.concurrency = size, nbytes, impl, 1
+        r.n = sum(int(row["n"]) for row in rows)
+        r.p50_ms = statistics.median(float(row["p50_us"]) for row in rows) / 1e3
+        r.p99_ms = statistics.median(float(row["p99_us"]) for row in rows) / 1e3
         r.rts = r.mbs = None
-        cpu_us = row.get("client_cpu_us")
-        r.cpu_ms = float(cpu_us) / 1e3 if cpu_us is not None else None
-        return r
+        cpus = [float(row["client_cpu_us"]) * int(row["n"]) for row in rows
+                if row.get("client_cpu_us") is not None]
+        r.cpu_ms = sum(cpus) / r.n / 1e3 if len(cpus) == len(rows) else None
         return r
 
 
@@ -513,8 +520,11 @@ def floor_section(results: List[Result]) -> List[str]:
         "",
         "## Against the floor",
         "",
-        "p50 of one round trip, one client thread, and its multiple of the floor measured "
-        "in this run just before (same size, same machine state). **C-core echo (floor)**: "
+        "p50 of one round trip, one client thread, and its multiple of the floor's. Every "
+        f"row of a size was measured in this run in {ROUNDS} interleaved rounds, so that all "
+        "see the same machine load (a C row's p50 is the median of its rounds' p50s, a "
+        "Python row's the p50 of all its round trips). "
+        "**C-core echo (floor)**: "
         "a unary echo on the bare gRPC C core, no copies, no protobuf "
         "(`benchmarks/floor/echo_floor.c`): what any design on gRPC pays at least. "
         "**splitlearn-comm core, C hook**: the same round trip through our C core "
@@ -739,27 +749,40 @@ class Servers:
 def measure(servers: Servers, plan: Sequence[Tuple[str, Tuple[int, ...], int, int]],
             with_c: bool = False) -> List[Result]:
     """For each (size, shape, n, threads): check, warm up, then time each
-    implementation in turn, back to back; with ``with_c``, the C rows (floor and
-    core) of each one-thread size first."""
+    implementation in turn. With ``with_c``, each one-thread size also runs the C
+    rows (floor and core), and every row of it is measured in ROUNDS interleaved
+    rounds (each round runs each row for its share of ``n``), so that the floor and
+    the rows compared with it see the same machine load."""
     results = []
     torch.manual_seed(0)
     for label, shape, n, k in plan:
         x = torch.randn(shape, dtype=torch.float32)
         nbytes = x.numel() * x.element_size()
         warm = max(3, n // 10)
-        if k == 1 and with_c:
-            for impl in C_PROGRAMS:
-                r = Result.from_c(label, nbytes, impl, run_c(impl, nbytes, n, warm))
-                results.append(r)
-                print(f"{label:>7} {impl:<28} n={n:<5} p50={_fmt_ms(r.p50_ms):>8} ms "
-                      f"p99={_fmt_ms(r.p99_ms):>8} ms", flush=True)
         for impl in IMPLS:
             call = servers.clients[impl]
             check_identity(call, x, impl, label)
             run_timed(call, x, warm, k)
+        rounds = ROUNDS if k == 1 and with_c else 1
+        shares = [n // rounds + (1 if i < n % rounds else 0) for i in range(rounds)]
+        c_rows: Dict[str, List[Dict[str, Any]]] = {impl: [] for impl in C_PROGRAMS}
+        timed: Dict[str, List[Tuple[List[int], int, int]]] = {impl: [] for impl in IMPLS}
+        for share in shares:
+            if rounds > 1:
+                for impl in C_PROGRAMS:
+                    c_rows[impl].append(run_c(impl, nbytes, share, max(3, warm // rounds)))
+            for impl in IMPLS:
+                timed[impl].append(run_timed(servers.clients[impl], x, share, k))
+        if rounds > 1:
+            for impl in C_PROGRAMS:
+                r = Result.from_rounds(label, nbytes, impl, c_rows[impl])
+                results.append(r)
+                print(f"{label:>7} {impl:<28} n={r.n:<5} p50={_fmt_ms(r.p50_ms):>8} ms "
+                      f"p99={_fmt_ms(r.p99_ms):>8} ms", flush=True)
         for impl in IMPLS:
-            lat, wall, cpu = run_timed(servers.clients[impl], x, n, k)
-            r = Result(label, nbytes, impl, k, n, lat, wall, cpu)
+            lat = [v for t in timed[impl] for v in t[0]]
+            r = Result(label, nbytes, impl, k, n, lat, sum(t[1] for t in timed[impl]),
+                       sum(t[2] for t in timed[impl]))
             results.append(r)
             print(f"{label:>7} {impl:<16} threads={k} n={n:<5} p50={_fmt_ms(r.p50_ms):>8} ms "
                   f"p99={_fmt_ms(r.p99_ms):>8} ms {_fmt_num(r.rts):>7} rt/s "
