@@ -10,6 +10,7 @@ STREAM_THRESHOLD: Final[int]
 STREAM_CHUNK: Final[int]
 MAX_NDIM: Final[int]
 DEFAULT_MAX_TENSORS: Final[int]
+TRANSPORTS: Final[Tuple[str, ...]]
 DEFAULT_MAX_DEPTH: Final[int]
 BUILTIN_CODECS: Final[str]
 DTYPES: Final[str]
@@ -91,6 +92,8 @@ class Reply(structseq[Any], Tuple[int, Optional[List[Leaf]], Optional[List[_Node
     def encode_ms(self) -> float: ...
     @property
     def decode_ms(self) -> float: ...
+    @property
+    def transport(self) -> str: ...
 
 @final
 class Call(structseq[Any], Tuple[int, Optional[List[Leaf]], Optional[List[_Node]], int, bool, str, str,

@@ -318,6 +318,7 @@ class _Stats:
         self.total_ms = self.compute_ms = self.network_ms = 0.0
         self.bytes_sent = self.bytes_received = 0
         self.by_code: Dict[str, int] = {}
+        self.by_transport: Dict[str, int] = dict.fromkeys(_core.TRANSPORTS, 0)
         self.recent: "collections.deque[float]" = collections.deque(maxlen=self.WINDOW)
 
     def count_error(self, err: RpcError) -> None:
@@ -330,8 +331,9 @@ class _Stats:
             self.add_reply(reply)
 
     def add_reply(self, reply: Any) -> None:
-        """A successful call's retries and bytes; the caller holds ``lock``."""
+        """A successful call's retries, bytes and transport; the caller holds ``lock``."""
         self.retries += max(0, reply.attempts - 1)
+        self.by_transport[reply.transport] += 1
         self.bytes_sent += reply.bytes_sent
         self.bytes_received += reply.bytes_received
 
@@ -1072,6 +1074,10 @@ class GRPCComputeClient:
         ``p50_total_time_ms`` / ``p99_total_time_ms`` cover the latest 4096 calls;
         ``failures_by_code`` counts failed calls by gRPC status name; ``retries`` the
         attempts beyond the first; bytes are message bytes on the wire, all attempts.
+        ``requests_by_transport`` counts the successful calls by how their request's
+        tensors went: ``"unary"`` (one gRPC message), ``"stream"`` (a stream of
+        chunks: large tensors, docs/protocol.md) or ``"shared_memory"`` (a segment
+        shared with a server on this host, docs/shm.md).
         """
         s = self._stats
         with s.lock:
@@ -1083,6 +1089,7 @@ class GRPCComputeClient:
                 "failed_requests": s.failed,
                 "retries": s.retries,
                 "failures_by_code": dict(s.by_code),
+                "requests_by_transport": dict(s.by_transport),
                 "bytes_sent": s.bytes_sent,
                 "bytes_received": s.bytes_received,
                 "avg_network_time_ms": s.network_ms / n,

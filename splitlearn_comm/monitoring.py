@@ -11,6 +11,9 @@ Metric names (Prometheus conventions: base units, ``_total`` counters):
 =========================================  ==========  ==================================
 ``splitlearn_requests_total``              counter     calls by ``method`` and ``code``
 ``splitlearn_errors_total``                counter     calls that did not end OK, by ``method``
+``splitlearn_transport_requests_total``    counter     Compute/ComputeBackward calls by how
+                                                       their tensors came, ``transport``:
+                                                       unary, stream, shared_memory
 ``splitlearn_in_flight_requests``          gauge       calls being served
 ``splitlearn_request_bytes_total``         counter     message bytes received
 ``splitlearn_response_bytes_total``        counter     message bytes sent
@@ -95,6 +98,13 @@ class ServerMetricsCollector:
             errors.add_metric([method, *values], n)
         yield requests
         yield errors
+        transport = counter("splitlearn_transport_requests_total",
+                            "Compute and ComputeBackward calls, by how their tensors came "
+                            "(one message, a stream of chunks, or shared memory).",
+                            labels=["transport", *extra])
+        for name, n in m.get("requests_by_transport", {}).items():
+            transport.add_metric([name, *values], n)
+        yield transport
         in_flight = gauge("splitlearn_in_flight_requests", "Calls being served.", labels=extra)
         in_flight.add_metric(values, m["in_flight"])
         yield in_flight

@@ -69,6 +69,8 @@ def test_prometheus_collector(serve, connect):
     assert 'splitlearn_call_duration_seconds_count{server="tail",stage="compute"} 1.0' in text
     assert 'splitlearn_call_duration_seconds_bucket{le="+Inf",server="tail",stage="total"} 1.0' in text
     assert "splitlearn_in_flight_requests" in text and "splitlearn_request_bytes_total" in text
+    assert 'splitlearn_transport_requests_total{server="tail",transport="unary"} 1.0' in text
+    assert 'splitlearn_transport_requests_total{server="tail",transport="stream"} 0.0' in text
 
 
 def test_metrics_port_serves_metrics(serve, connect):
@@ -100,6 +102,7 @@ def test_access_log_json_lines(serve, connect, caplog):
     assert first["output_shape"] == [2, 3] and first["codec"] == "raw"
     assert first["bytes_in"] > 24 and first["request_id"] == 1
     assert set(first["durations_ms"]) >= {"decode", "compute", "total"}
+    assert first["transport"] == "unary"
     assert sorted(line["input_dtype"] for line in lines) == ["float32", "int64"]
 
 

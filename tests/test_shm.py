@@ -172,6 +172,24 @@ def test_async_calls_go_through_segments_too(shm_client):
     assert stats(shm_client)["segments"] <= 8
 
 
+def test_both_sides_count_the_calls_through_shared_memory(serve, connect):
+    """The public counts by transport (client statistics, server metrics) say which
+    calls went through a segment, blocking and asynchronous ones alike."""
+    server = serve(Echo())
+    client = connect(server)
+    client.compute(torch.ones(4))  # small: over the connection (it offers the segment)
+    x = torch.randn(1 << 16)
+    assert torch.equal(client.compute(x), x)
+    assert torch.equal(client.compute_async(x).result(timeout=60), x)
+    counts = client.get_statistics()["requests_by_transport"]
+    assert counts == {"unary": 1, "stream": 0, "shared_memory": 2}
+    assert counts["shared_memory"] == stats(client)["calls"]
+    deadline = time.monotonic() + 10  # a call is counted just after its status went out
+    while sum(server.metrics()["requests_by_transport"].values()) < 3 and \
+            time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert server.metrics()["requests_by_transport"] == counts
+
 
 def test_async_call_cancelled_while_the_server_computes(serve, connect):
     entered, release = threading.Event(), threading.Event()

@@ -126,6 +126,42 @@ def test_default_settings_stream_both_ways_in_many_chunks(serve, connect):
     assert torch.equal(small.compute(x), x)  # the same through the unary method
 
 
+def test_both_sides_count_calls_by_transport(serve, connect, stubs, caplog):
+    """A streamed call counts as "stream" on the client (get_statistics), on the
+    server (metrics, Prometheus) and in the access log; a unary one as "unary",
+    whichever client sent it."""
+    import json
+    import logging
+
+    logger = logging.getLogger("test.transport")
+    server = serve(Echo(), access_log=logger)
+    client = streaming(connect(server))
+    unary = connect(server, stream_threshold=None)
+    x = torch.randn(3000)
+    with caplog.at_level(logging.INFO, logger="test.transport"):
+        assert torch.equal(client.compute(x), x)
+        assert torch.equal(client.compute(x), x)
+        assert torch.equal(unary.compute(x), x)
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = stubs.rpc.ComputeServiceStub(channel)
+            stub.Compute(stubs.pb.ComputeRequest(data=b"\0" * 8, shape=[2], dtype="float32"),
+                         timeout=30)
+            req = stubs.pb.ComputeRequest(data=b"\0" * 8, shape=[2], dtype="float32")
+            list(stub.ComputeStream(iter(chunks_of(req.SerializeToString(), 7, stubs.pb)),
+                                    timeout=30))
+        wait_for(lambda: sum(server.metrics()["requests"].values()) >= 5, "5 calls counted")
+        server.stop(grace=1)  # writes what the access log queued
+    assert client.get_statistics()["requests_by_transport"] == \
+        {"unary": 0, "stream": 2, "shared_memory": 0}
+    assert unary.get_statistics()["requests_by_transport"] == \
+        {"unary": 1, "stream": 0, "shared_memory": 0}
+    assert server.metrics()["requests_by_transport"] == \
+        {"unary": 2, "stream": 3, "shared_memory": 0}
+    logged = sorted(json.loads(r.getMessage())["transport"] for r in caplog.records
+                    if r.name == "test.transport")
+    assert logged == ["stream"] * 3 + ["unary"] * 2
+
+
 def test_non_contiguous_zero_d_and_empty(serve, connect):
     client = streaming(connect(serve(Echo())))
     base = torch.arange(60 * 70, dtype=torch.float32).reshape(60, 70)
@@ -334,6 +370,9 @@ def test_fallback_to_unary_on_a_server_without_the_method(stubs):
                 x = torch.randn(100)
                 assert torch.equal(client.compute(x), x)
             assert client._core.streaming()[2:] == (True, False)
+            # the refused stream was sent again unary: that is how it went
+            assert client.get_statistics()["requests_by_transport"] == \
+                {"unary": 3, "stream": 0, "shared_memory": 0}
         assert seen.count(_core.METHOD_COMPUTE_STREAM) == 1
         assert seen.count(_core.METHOD_COMPUTE) == 3
         # default settings: the threshold decides (a float32 message has ~10 more bytes)

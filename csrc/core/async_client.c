@@ -307,6 +307,7 @@ static void attempt_done(sl_async *a, sl_async_call *k) {
   pthread_mutex_unlock(&a->mu);
   sl_call_status_clear(st);
   st->attempts = k->retries + 1;
+  st->transport = k->via_seg ? SL_TRANSPORT_SHM : SL_TRANSPORT_UNARY;
   st->bytes_sent += sl_payload_size(k->payload);
   if (k->resp != NULL) st->bytes_received += grpc_byte_buffer_length(k->resp);
   st->code = (int)k->code;

@@ -282,6 +282,7 @@ static int attempt(sl_client *c, const char *method, sl_payload *p, double deadl
         sc->md[n_md - 1].value_len = strlen(sc->value);
         sc->posted = 1;
         send = sc->empty;
+        st->transport = SL_TRANSPORT_SHM;
       } else {
         sc->broken = 1; /* (cannot be: the segment was sized for it) */
         n_md--;
@@ -670,6 +671,7 @@ static int attempts(sl_client *c, const char *method, sl_payload *p, const sl_ca
     st->attempts = retry + 1;
     if (streaming) {
       sl_stream_rx_clear(sm->rx); /* what an earlier attempt received */
+      st->transport = SL_TRANSPORT_STREAM;
       rc = attempt_stream(c, sm->method, p, sm->chunk, attempt_deadline, o, sm->rx, st, err);
       if (rc == SL_OK && st->code == SL_STATUS_UNIMPLEMENTED) {
         /* a server without the streaming method (an older one, or another gRPC

@@ -69,6 +69,7 @@ typedef struct sl_call_status {
   int attempts;        /* attempts made */
   size_t bytes_sent;     /* message bytes sent, all attempts */
   size_t bytes_received; /* message bytes received */
+  int transport;         /* sl_transport: how the last attempt sent the request */
 } sl_call_status;
 
 void sl_call_status_clear(sl_call_status *st);

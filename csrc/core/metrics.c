@@ -21,6 +21,7 @@ struct sl_metrics {
   atomic_ullong requests[SL_METHOD_COUNT][17];
   atomic_llong in_flight;
   hist latency[SL_STAGE_COUNT];
+  atomic_ullong transport[SL_TRANSPORT_COUNT];
   atomic_ullong request_bytes, response_bytes;
   /* access log */
   pthread_mutex_t mu;
@@ -78,6 +79,10 @@ void sl_metrics_call_finished(sl_metrics *m, const sl_call_record *r) {
   int code = r->code >= 0 && r->code <= 16 ? r->code : 2;
   atomic_fetch_add_explicit(&m->requests[method][code], 1, memory_order_relaxed);
   atomic_fetch_add(&m->in_flight, -1);
+  if (method == SL_METHOD_COMPUTE || method == SL_METHOD_BACKWARD) {
+    int t = r->transport > 0 && r->transport < SL_TRANSPORT_COUNT ? r->transport : 0;
+    atomic_fetch_add_explicit(&m->transport[t], 1, memory_order_relaxed);
+  }
   atomic_fetch_add_explicit(&m->request_bytes, r->bytes_in, memory_order_relaxed);
   atomic_fetch_add_explicit(&m->response_bytes, r->bytes_out, memory_order_relaxed);
   if (r->tensor_call) {
@@ -109,6 +114,7 @@ void sl_metrics_snapshot_take(sl_metrics *m, sl_metrics_snapshot *out) {
     }
     out->latency[s].sum = (double)atomic_load(&m->latency[s].sum_ns) * 1e-9;
   }
+  for (int t = 0; t < SL_TRANSPORT_COUNT; t++) out->transport[t] = atomic_load(&m->transport[t]);
   out->request_bytes = atomic_load(&m->request_bytes);
   out->response_bytes = atomic_load(&m->response_bytes);
   out->access_log_dropped = atomic_load(&m->dropped);

@@ -63,6 +63,8 @@ typedef struct sl_metrics_snapshot {
   uint64_t requests[SL_METHOD_COUNT][17]; /* by method and gRPC status code */
   int64_t in_flight;                      /* calls being served now (all methods) */
   sl_hist_snapshot latency[SL_STAGE_COUNT];
+  uint64_t transport[SL_TRANSPORT_COUNT]; /* Compute / ComputeBackward calls by how
+                                            their request came (sl_transport) */
   uint64_t request_bytes;  /* message bytes received (all calls) */
   uint64_t response_bytes; /* message bytes sent */
   uint64_t access_log_dropped;
@@ -86,6 +88,7 @@ typedef struct sl_call_record {
   uint64_t bytes_in, bytes_out;
   double stage[SL_STAGE_COUNT]; /* seconds; 0 for stages the call did not go through */
   int tensor_call;              /* 1 for Compute / ComputeBackward */
+  int transport;                /* sl_transport: how the request's tensors came */
 } sl_call_record;
 
 typedef struct sl_metrics sl_metrics;

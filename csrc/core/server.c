@@ -584,6 +584,7 @@ static int tcall_begin(sl_server *s, const sl_call_info *ci, sl__bbspans *in, sl
   atomic_fetch_add(&s->total_requests, 1);
   t0 = sl_now();
   r->rec.tensor_call = 1;
+  if (shm != NULL) r->rec.transport = SL_TRANSPORT_SHM;
   if (rx != NULL) {
     /* streamed: each tensor's bytes are in their storage already; the reader takes it */
     rc = sl_tensor_msg_read_adopt(req_kind, rx->spans, rx->n_spans, &s->limits, rx->owned,
@@ -1057,6 +1058,7 @@ static int serve_call(served *sv, grpc_call_details *details, grpc_metadata_arra
   sv->r.rec.method = method_of(details->method);
   sv->stream = streq_slice(details->method, METHOD_COMPUTE_STREAM) ||
                streq_slice(details->method, METHOD_BACKWARD_STREAM);
+  if (sv->stream) sv->r.rec.transport = SL_TRANSPORT_STREAM;
   if (sv->in_bb != NULL) sv->r.rec.bytes_in = grpc_byte_buffer_length(sv->in_bb);
   memset(ops, 0, sizeof(ops));
   ops[0].op = GRPC_OP_RECV_CLOSE_ON_SERVER;

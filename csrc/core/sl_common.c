@@ -165,6 +165,11 @@ void sl_arena_clear(sl_arena *a) {
   }
 }
 
+const char *sl_transport_name(int transport) {
+  static const char *const names[SL_TRANSPORT_COUNT] = {"unary", "stream", "shared_memory"};
+  return transport > 0 && transport < SL_TRANSPORT_COUNT ? names[transport] : names[0];
+}
+
 double sl_now(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);

@@ -132,6 +132,20 @@ void *sl_arena_alloc(sl_arena *a, size_t size);
 /* Free every chunk; the arena is empty (and usable) again. */
 void sl_arena_clear(sl_arena *a);
 
+/* How the tensor bytes of a Compute / ComputeBackward request travelled: in one
+ * gRPC message, as a stream of Chunk messages, or through a shared-memory segment
+ * (gRPC carrying only the control message). Counted by the server's metrics and
+ * reported with each of the client's replies. */
+typedef enum sl_transport {
+  SL_TRANSPORT_UNARY = 0,
+  SL_TRANSPORT_STREAM,
+  SL_TRANSPORT_SHM,
+  SL_TRANSPORT_COUNT
+} sl_transport;
+
+/* "unary", "stream" or "shared_memory" (static); "unary" for an unknown value. */
+const char *sl_transport_name(int transport);
+
 /* Monotonic clock, in seconds. */
 double sl_now(void);
 

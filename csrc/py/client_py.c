@@ -198,7 +198,7 @@ static PyObject *make_reply(client_obj *self, sl_tensor_msg *out, const sl_compu
   result = PyStructSequence_New(self->st->reply_type);
   if (result == NULL) goto cleanup;
   {
-    PyObject *v[14];
+    PyObject *v[15];
     int asynchronous = export_s < 0; /* its stages are not timed */
     v[0] = PyLong_FromLong(out->form);
     v[1] = Py_NewRef(rleaves);
@@ -215,9 +215,10 @@ static PyObject *make_reply(client_obj *self, sl_tensor_msg *out, const sl_compu
     v[11] = Py_NewRef(values);
     v[12] = PyFloat_FromDouble(asynchronous ? 0.0 : (export_s + extra->encode_s) * 1e3);
     v[13] = PyFloat_FromDouble(asynchronous ? 0.0 : (extra->decode_s + sl_now() - t0) * 1e3);
-    for (int i = 0; i < 14; i++) {
+    v[14] = PyUnicode_InternFromString(sl_transport_name(st->transport));
+    for (int i = 0; i < 15; i++) {
       if (v[i] == NULL) {
-        for (int j = i; j < 14; j++) Py_XDECREF(v[j]);
+        for (int j = i; j < 15; j++) Py_XDECREF(v[j]);
         Py_CLEAR(result);
         break;
       }

@@ -198,6 +198,20 @@ static int module_exec(PyObject *m) {
   if (PyModule_AddObjectRef(m, "CallError", st->call_error) < 0) return -1;
   if (slpy_tensor_types_init(st, m) < 0) return -1;
   if (PyModule_AddIntConstant(m, "DEFAULT_MAX_TENSORS", SL_DEFAULT_MAX_TENSORS) < 0) return -1;
+  {
+    /* how a request's tensors travel (sl_transport), in its order */
+    PyObject *names = PyTuple_New(SL_TRANSPORT_COUNT);
+    int rc;
+    for (int t = 0; names != NULL && t < SL_TRANSPORT_COUNT; t++) {
+      PyObject *name = PyUnicode_InternFromString(sl_transport_name(t));
+      if (name == NULL) Py_CLEAR(names);
+      else PyTuple_SET_ITEM(names, t, name);
+    }
+    if (names == NULL) return -1;
+    rc = PyModule_AddObjectRef(m, "TRANSPORTS", names);
+    Py_DECREF(names);
+    if (rc < 0) return -1;
+  }
   /* the policies that live in the core, for the Python layer to use, not copy */
   if (PyModule_AddStringConstant(m, "METHOD_COMPUTE", SL_METHOD_PATH_COMPUTE) < 0 ||
       PyModule_AddStringConstant(m, "METHOD_BACKWARD", SL_METHOD_PATH_BACKWARD) < 0 ||

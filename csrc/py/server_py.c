@@ -860,7 +860,7 @@ static PyObject *hist_dict(const sl_hist_snapshot *h) {
 /* metrics() -> dict: counters and histograms kept in C (no GIL on the call path). */
 static PyObject *server_metrics(server_obj *self, PyObject *unused) {
   sl_metrics_snapshot m;
-  PyObject *requests = NULL, *latency = NULL, *result = NULL;
+  PyObject *requests = NULL, *latency = NULL, *transport = NULL, *result = NULL;
   (void)unused;
   if (self->server == NULL) {
     PyErr_SetString(PyExc_RuntimeError, "server not initialised");
@@ -869,7 +869,14 @@ static PyObject *server_metrics(server_obj *self, PyObject *unused) {
   sl_server_metrics(self->server, &m);
   requests = PyDict_New();
   latency = PyDict_New();
-  if (requests == NULL || latency == NULL) goto cleanup;
+  transport = PyDict_New();
+  if (requests == NULL || latency == NULL || transport == NULL) goto cleanup;
+  for (int t = 0; t < SL_TRANSPORT_COUNT; t++) {
+    PyObject *v = PyLong_FromUnsignedLongLong(m.transport[t]);
+    int rc = v ? PyDict_SetItemString(transport, sl_transport_name(t), v) : -1;
+    Py_XDECREF(v);
+    if (rc < 0) goto cleanup;
+  }
   for (int i = 0; i < SL_METHOD_COUNT; i++) {
     for (int c = 0; c < 17; c++) {
       PyObject *key, *v;
@@ -889,7 +896,8 @@ static PyObject *server_metrics(server_obj *self, PyObject *unused) {
     Py_XDECREF(h);
     if (rc < 0) goto cleanup;
   }
-  result = Py_BuildValue("{s:O,s:L,s:O,s:K,s:K,s:K}", "requests", requests, "in_flight",
+  result = Py_BuildValue("{s:O,s:O,s:L,s:O,s:K,s:K,s:K}", "requests", requests,
+                         "requests_by_transport", transport, "in_flight",
                          (long long)m.in_flight, "latency_seconds", latency, "request_bytes",
                          (unsigned long long)m.request_bytes, "response_bytes",
                          (unsigned long long)m.response_bytes, "access_log_dropped",
@@ -897,6 +905,7 @@ static PyObject *server_metrics(server_obj *self, PyObject *unused) {
 cleanup:
   Py_XDECREF(requests);
   Py_XDECREF(latency);
+  Py_XDECREF(transport);
   return result;
 }
 
@@ -944,14 +953,18 @@ static PyObject *record_dict(const sl_call_record *r) {
   out_shape = r->out_dtype ? shape_list(r->out_ndim, r->out_shape) : Py_NewRef(Py_None);
   rid = r->has_request_id ? PyLong_FromLong(r->request_id) : Py_NewRef(Py_None);
   if (in_shape == NULL || out_shape == NULL || rid == NULL) goto cleanup;
-  d = Py_BuildValue("{s:d,s:s,s:s,s:s,s:O,s:z,s:O,s:z,s:O,s:z,s:z,s:K,s:K,s:O}", "time",
+  d = Py_BuildValue("{s:d,s:s,s:s,s:s,s:O,s:z,s:O,s:z,s:O,s:z,s:z,s:K,s:K,s:O,s:z}", "time",
                     r->wall_time, "method", r->method_name, "peer", r->peer, "status",
                     sl_status_name(r->code), "request_id", rid, "forward_id", r->forward_id[0] ? r->forward_id : NULL,
                     "input_shape", in_shape, "input_dtype",
                     r->in_dtype ? sl_dtype_name(r->in_dtype) : NULL, "output_shape", out_shape,
                     "output_dtype", r->out_dtype ? sl_dtype_name(r->out_dtype) : NULL, "codec",
                     r->codec[0] ? r->codec : NULL, "bytes_in", (unsigned long long)r->bytes_in,
-                    "bytes_out", (unsigned long long)r->bytes_out, "durations_ms", durations);
+                    "bytes_out", (unsigned long long)r->bytes_out, "durations_ms", durations,
+                    "transport",
+                    r->method == SL_METHOD_COMPUTE || r->method == SL_METHOD_BACKWARD
+                        ? sl_transport_name(r->transport)
+                        : NULL);
 cleanup:
   Py_XDECREF(in_shape);
   Py_XDECREF(out_shape);

@@ -57,6 +57,8 @@ static PyStructSequence_Field reply_fields[] = {
                   "request (codecs included); 0.0 for an asynchronous call"},
     {"decode_ms", "this side's work after receiving: reading the reply (codecs included) and "
                   "making its objects; 0.0 for an asynchronous call"},
+    {"transport", "how the last attempt sent the request's tensors: 'unary', 'stream' or "
+                  "'shared_memory'"},
     {NULL, NULL}};
 
 static PyStructSequence_Desc reply_desc = {"splitlearn_comm._core.Reply",
