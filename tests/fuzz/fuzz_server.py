@@ -8,7 +8,10 @@ The valid requests are the ComputeRequest and BackwardRequest seeds of the messa
 fuzz target (tests/fuzz/corpus/message, made by the code that sends them), and the
 small requests of the other methods. Each mutation is sent to a method picked at
 random (the right one most of the time), sometimes with odd metadata (two
-authorization headers, binary values). Between batches the server must answer a
+authorization headers, binary values, malformed shared-memory control values). A
+quarter of the Compute and ComputeBackward mutations go to the streaming method
+instead (ComputeStream, ComputeBackwardStream), cut into Chunks at random places,
+now and then a malformed Chunk among them. Between batches the server must answer a
 health check. At the end the server must still be alive, have nothing in flight,
 and have written no sanitizer report; otherwise the requests of the last moments are
 saved under build/fuzz/server-crashes/ and the run fails.
@@ -39,6 +42,15 @@ from server import ServerProcess, free_port  # noqa: E402  (tests/soak/server.py
 SERVICE = "/splitlearn.comm.ComputeService/"
 METHODS = [SERVICE + "Compute", SERVICE + "ComputeBackward", SERVICE + "HealthCheck",
            SERVICE + "GetServiceInfo", "/grpc.health.v1.Health/Check", SERVICE + "Nope"]
+#: the streaming form of the two tensor methods (docs/protocol.md)
+STREAMS = {METHODS[0]: SERVICE + "ComputeStream", METHODS[1]: SERVICE + "ComputeBackwardStream"}
+#: shared-memory control values (docs/shm.md) a client without a segment can send:
+#: each must be refused or answered "unknown", never trusted
+SHM_VALUES = [("sl-shm-req", "0" * 32 + " 1 64"), ("sl-shm-req", "f" * 32 + " 0 0 4096"),
+              ("sl-shm-req", "zz 1 2 3"), ("sl-shm-req", "0" * 32 + " 18446744073709551615 1"),
+              ("sl-shm-req", ""), ("sl-shm-attach", "x 1 2 " + "0" * 32),
+              ("sl-shm-attach", "0" * 36 + " -1 3 " + "0" * 32),
+              ("sl-shm-attach", "0" * 36 + " 1 3 " + "0" * 31)]
 
 
 def seeds() -> List[Tuple[str, bytes]]:
@@ -90,6 +102,31 @@ def mutate(rng: random.Random, data: bytes, pool: List[Tuple[str, bytes]]) -> by
     return bytes(b)
 
 
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def chunks(rng: random.Random, data: bytes, pool: List[Tuple[str, bytes]]) -> List[bytes]:
+    """`data` as serialized Chunk messages cut at random places (empty pieces
+    included), now and then a mutated, malformed Chunk among them."""
+    out: List[bytes] = []
+    at = 0
+    while at < len(data) or not out:
+        n = len(data) - at if len(out) >= 64 else rng.choice((0, 1, 7, 100, 4096, len(data)))
+        piece = data[at:at + n]
+        at += len(piece)
+        msg = b"\x0a" + varint(len(piece)) + piece
+        if rng.randrange(20) == 0:
+            msg = mutate(rng, msg, pool)
+        out.append(msg)
+    return out
+
+
 def metadata(rng: random.Random):
     r = rng.randrange(12)
     if r == 0:
@@ -98,6 +135,8 @@ def metadata(rng: random.Random):
         return (("x-trace-bin", bytes(rng.randrange(256) for _ in range(8))),)
     if r == 2:
         return (("x-long", "v" * rng.randrange(1, 4000)),)
+    if r == 3:
+        return (rng.choice(SHM_VALUES),)
     return None
 
 
@@ -130,6 +169,7 @@ def main() -> int:
         server.go()
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         calls = {m: channel.unary_unary(m) for m in METHODS}
+        streams = {m: channel.stream_stream(s) for m, s in STREAMS.items()}
         recent: Deque[Tuple[str, bytes]] = collections.deque(maxlen=256)
         lock = threading.Lock()
         codes: collections.Counter = collections.Counter()
@@ -143,10 +183,16 @@ def main() -> int:
             if rng.randrange(10) == 0:
                 method = rng.choice(METHODS)
             req = mutate(rng, data, pool)
+            streamed = method in STREAMS and rng.randrange(4) == 0
             with lock:
-                recent.append((method, req))
+                recent.append((STREAMS[method] if streamed else method, req))
             try:
-                calls[method](req, timeout=10, metadata=metadata(rng))
+                if streamed:
+                    for _ in streams[method](iter(chunks(rng, req, pool)), timeout=10,
+                                             metadata=metadata(rng)):
+                        pass
+                else:
+                    calls[method](req, timeout=10, metadata=metadata(rng))
                 code = grpc.StatusCode.OK
             except grpc.RpcError as e:
                 code = e.code()
@@ -166,9 +212,11 @@ def main() -> int:
         channel.close()
         alive = server.proc.poll() is None
         in_flight = -1
+        transports: dict = {}
         wait_until = time.monotonic() + 60  # calls whose clients gave up may still run
         while alive and time.monotonic() < wait_until:
-            in_flight = server.metrics()["in_flight"]
+            m = server.metrics()
+            in_flight, transports = m["in_flight"], m["requests_by_transport"]
             if in_flight == 0:
                 break
             time.sleep(0.1)
@@ -178,7 +226,8 @@ def main() -> int:
     sanitizer = [line for line in report.splitlines()
                  if "ERROR: AddressSanitizer" in line or "runtime error:" in line
                  or "ERROR: LeakSanitizer" in line]
-    print(f"fuzz-server: {sent} requests, status codes {dict(codes.most_common())}", flush=True)
+    print(f"fuzz-server: {sent} requests, status codes {dict(codes.most_common())}; "
+          f"tensor calls the server took by transport {transports}", flush=True)
     if not alive or in_flight != 0 or sanitizer or not ok:
         out = ROOT / "build" / "fuzz" / "server-crashes"
         out.mkdir(parents=True, exist_ok=True)

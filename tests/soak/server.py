@@ -6,7 +6,8 @@
 It imports everything, prints ``ready``, and binds PORT only when it reads ``go``
 (so that a replacement can wait, warmed up, for the one it replaces to be killed).
 Then, one command a line: ``metrics`` prints the server's metrics as one JSON line
-(``requests`` as "method code" keys, ``in_flight``, ``rss_kb``); end of input stops it.
+(``requests`` as "method code" keys, ``requests_by_transport``, ``in_flight``,
+``rss_kb``); end of input stops it.
 Every answer is one line on stdout.
 """
 from __future__ import annotations
@@ -107,6 +108,7 @@ def main() -> None:
         if line.strip() == "metrics":
             m = server.metrics()
             print(json.dumps({"requests": {f"{k[0]} {k[1]}": v for k, v in m["requests"].items()},
+                              "requests_by_transport": m["requests_by_transport"],
                               "in_flight": m["in_flight"], "rss_kb": rss_kb()}), flush=True)
     server.stop(grace=1)
 
