@@ -304,6 +304,56 @@ def test_stop_cancels_calls_that_outlast_the_grace(connect):
     assert not stopper.is_alive() and fn.teardowns == 1
 
 
+STOP_RACE = textwrap.dedent("""
+    import sys, threading
+    import torch
+    import splitlearn_comm as slc
+
+    class Echo(slc.ComputeFunction):
+        def compute(self, x):
+            return x
+
+    for round in range(int(sys.argv[1])):
+        server = slc.GRPCComputeServer(Echo(), host="127.0.0.1", port=0, max_workers=4).start()
+        clients = [slc.GRPCComputeClient(f"127.0.0.1:{server.port}", retry_strategy=None)
+                   for _ in range(4)]
+        calls = threading.Semaphore(0)
+
+        def loop(client):
+            x = torch.ones(16)
+            try:
+                while True:
+                    client.compute(x, timeout=10)
+                    calls.release()
+            except (slc.RpcError, ValueError):  # the server stopped, or the client closed
+                pass
+
+        threads = [threading.Thread(target=loop, args=(c,), daemon=True) for c in clients]
+        for t in threads:
+            t.start()
+        for _ in range(20):  # calls flowing on every worker
+            calls.acquire(timeout=30)
+        server.stop(grace=0)  # workers finishing calls ask for their next one meanwhile
+        for c in clients:
+            c.close()
+        for t in threads:
+            t.join(30)
+    print("done", flush=True)
+""")
+
+
+def test_stop_never_hangs_while_workers_finish_calls(tmp_path):
+    """stop() while every worker is busy: a worker that finishes its call asks gRPC
+    for the next one while gRPC shuts down, which gRPC could miss (the request then
+    never completes and stop() would join that worker forever); workers ask no more
+    once the shutdown has begun. Many rounds in a child process, bounded in time."""
+    script = tmp_path / "stop_race.py"
+    script.write_text(STOP_RACE)
+    out = subprocess.run([PYTHON, str(script), "30"], capture_output=True, text=True,
+                         timeout=240, env=subprocess_env())
+    assert out.returncode == 0 and "done" in out.stdout, out.stderr[-2000:]
+
+
 SIGNAL_SERVER = textwrap.dedent("""
     import splitlearn_comm as slc
 

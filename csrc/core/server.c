@@ -11,10 +11,11 @@
  * function), the finisher, which sends its response once sl_pending_complete()
  * has given the result. Meanwhile the worker serves other calls. Stopping:
  * grpc_server_shutdown_and_notify makes every pending request fail (ok=0), and a
- * worker whose wait returns a failed request ends; a worker asking for its next
- * call after that gets a failed request at once. In-flight calls finish or are
- * cancelled after the grace period, and deferred calls still without a result
- * are then answered UNAVAILABLE.
+ * worker whose wait returns a failed request ends; a worker about to ask for its
+ * next call after that ends instead (requests_closed: a request made while gRPC
+ * shuts down could be missed by the shutdown and never complete). In-flight
+ * calls finish or are cancelled after the grace period, and deferred calls still
+ * without a result are then answered UNAVAILABLE.
  *
  * grpc.health.v1.Health/Watch streams live for as long as a client watches, so
  * they do not take workers: the method is registered on its own, and one watch
@@ -90,6 +91,14 @@ struct sl_server {
   grpc_completion_queue *req_cq; /* the workers' requests for calls (worker_main) */
   worker *workers;
   int grpc_inited;
+  /* Requests for calls (the workers', the Watch thread's) and gRPC's shutdown are
+   * ordered by req_mu: a request is made only while requests_closed is 0, and
+   * shutdown_server sets it before grpc_server_shutdown_and_notify. gRPC fails
+   * the requests pending when its shutdown starts, but a request that races with
+   * the shutdown can be queued after that and never complete: its thread would
+   * wait forever (and stop() join it forever). */
+  pthread_mutex_t req_mu;
+  int requests_closed;
 
   pthread_mutex_t mu;
   pthread_cond_t cv;
@@ -1303,14 +1312,19 @@ static void abandon_deferred(sl_server *s) {
 static int request_next(sl_server *s) {
   served *sv = malloc(sizeof(*sv));
   grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
+  grpc_call_error ce = GRPC_CALL_ERROR;
   if (sv == NULL || cq == NULL) {
     free(sv);
     if (cq != NULL) grpc_completion_queue_destroy(cq);
     return -1;
   }
   served_init(sv, s, cq);
-  if (grpc_server_request_call(s->server, &sv->call, &sv->details, &sv->md, cq, s->req_cq, sv) !=
-      GRPC_CALL_OK) {
+  pthread_mutex_lock(&s->req_mu);
+  if (!s->requests_closed) {
+    ce = grpc_server_request_call(s->server, &sv->call, &sv->details, &sv->md, cq, s->req_cq, sv);
+  }
+  pthread_mutex_unlock(&s->req_mu);
+  if (ce != GRPC_CALL_OK) {
     grpc_call_details_destroy(&sv->details);
     grpc_metadata_array_destroy(&sv->md);
     served_free(sv);
@@ -1380,13 +1394,17 @@ typedef struct watch_request {
 
 /* Ask gRPC for the next Watch call; 1 when the request is pending. */
 static int watch_request_next(sl_server *s, watch_request *rq) {
+  grpc_call_error ce = GRPC_CALL_ERROR;
   memset(rq, 0, sizeof(*rq));
   grpc_metadata_array_init(&rq->md);
-  if (grpc_server_request_registered_call(s->server, s->watch_method, &rq->call, &rq->deadline,
-                                          &rq->md, &rq->payload, s->watch_cq, s->watch_cq,
-                                          rq) == GRPC_CALL_OK) {
-    return 1;
+  pthread_mutex_lock(&s->req_mu); /* see requests_closed */
+  if (!s->requests_closed) {
+    ce = grpc_server_request_registered_call(s->server, s->watch_method, &rq->call,
+                                             &rq->deadline, &rq->md, &rq->payload, s->watch_cq,
+                                             s->watch_cq, rq);
   }
+  pthread_mutex_unlock(&s->req_mu);
+  if (ce == GRPC_CALL_OK) return 1;
   grpc_metadata_array_destroy(&rq->md);
   return 0;
 }
@@ -1628,6 +1646,7 @@ int sl_server_create(const sl_server_config *cfg, const sl_server_hooks *hooks, 
   s = calloc(1, sizeof(*s));
   if (s == NULL) goto oom;
   pthread_mutex_init(&s->mu, NULL);
+  pthread_mutex_init(&s->req_mu, NULL);
   pthread_cond_init(&s->cv, NULL);
   s->state = ST_CREATED;
   s->host = sl_strndup(cfg->host ? cfg->host : "0.0.0.0", strlen(cfg->host ? cfg->host : "0.0.0.0"));
@@ -1740,6 +1759,9 @@ static void teardown_grpc(sl_server *s) {
 static void shutdown_server(sl_server *s, double grace) {
   int tag;
   grpc_event ev;
+  pthread_mutex_lock(&s->req_mu); /* no request for a call from now on: see requests_closed */
+  s->requests_closed = 1;
+  pthread_mutex_unlock(&s->req_mu);
   grpc_server_shutdown_and_notify(s->server, s->shutdown_cq, &tag);
   ev = grpc_completion_queue_next(s->shutdown_cq, sl__deadline_in(grace > 0 ? grace : 1e-6),
                                   NULL);
@@ -1965,6 +1987,7 @@ void sl_server_destroy(sl_server *s) {
   sl__channel_args_free(&s->chargs);
   if (s->grpc_inited) grpc_shutdown();
   pthread_mutex_destroy(&s->mu);
+  pthread_mutex_destroy(&s->req_mu);
   pthread_cond_destroy(&s->cv);
   sl_metrics_destroy(s->metrics);
   sl_shm_table_free(s->shm);
