@@ -17,9 +17,10 @@ Metric names (Prometheus conventions: base units, ``_total`` counters):
 ``splitlearn_in_flight_requests``          gauge       calls being served
 ``splitlearn_request_bytes_total``         counter     message bytes received
 ``splitlearn_response_bytes_total``        counter     message bytes sent
-``splitlearn_call_duration_seconds``       histogram   Compute/ComputeBackward, by ``stage``:
-                                                       receive, decode, queue (waiting for
-                                                       the GIL), compute, encode, send, total
+``splitlearn_call_duration_seconds``       histogram   Compute/ComputeBackward, by ``method``
+                                                       and ``stage``: receive, decode, queue
+                                                       (waiting for the GIL), compute,
+                                                       encode, send, total
 ``splitlearn_access_log_dropped_total``    counter     access log records dropped (full ring)
 ``splitlearn_activation_store_entries``    gauge       forwards kept by a TrainableComputeFunction,
                                                        by ``state``: waiting (for their
@@ -132,10 +133,13 @@ class ServerMetricsCollector:
                 g.add_metric(values, store[key])
                 yield g
         h = histogram("splitlearn_call_duration_seconds",
-                      "Compute and ComputeBackward calls, by stage.", labels=["stage", *extra])
-        for stage, hist in m["latency_seconds"].items():
-            buckets = [("+Inf" if b == float("inf") else repr(b), n) for b, n in hist["buckets"]]
-            h.add_metric([stage, *values], buckets, hist["sum"])
+                      "Compute and ComputeBackward calls, by method and stage.",
+                      labels=["method", "stage", *extra])
+        for method, stages in m["latency_seconds_by_method"].items():
+            for stage, hist in stages.items():
+                buckets = [("+Inf" if b == float("inf") else repr(b), n)
+                           for b, n in hist["buckets"]]
+                h.add_metric([method, stage, *values], buckets, hist["sum"])
         yield h
         models = m.get("models")
         if models:  # a server hosting several compute functions (model_id)

@@ -355,16 +355,19 @@ class GRPCComputeServer:
         tensors came (``"unary"``: one gRPC message, ``"stream"``: a stream of chunks,
         ``"shared_memory"``: a segment on this host; docs/shm.md), ``in_flight``,
         ``latency_seconds`` histograms by stage (cumulative ``buckets`` of (upper
-        bound, count), ``count``, ``sum``), ``request_bytes``, ``response_bytes``
-        and ``access_log_dropped``; ``sessions``: the open
-        sessions and the bytes they hold (see :meth:`SessionStore.stats
+        bound, count), ``count``, ``sum``) of Compute and ComputeBackward calls
+        together, ``latency_seconds_by_method`` the same for each of the two
+        (``{"Compute": {stage: histogram}, "ComputeBackward": ...}``),
+        ``request_bytes``, ``response_bytes`` and ``access_log_dropped``;
+        ``sessions``: the open sessions and the bytes they hold (see
+        :meth:`SessionStore.stats
         <splitlearn_comm.sessions.SessionStore.stats>`); ``models``, for a server
         hosting several compute functions: each one's calls by status name and the
         seconds spent in it."""
         if self._core is None:
             m = {"requests": {}, "requests_by_transport": dict.fromkeys(_core.TRANSPORTS, 0),
-                 "in_flight": 0, "latency_seconds": {}, "request_bytes": 0,
-                 "response_bytes": 0, "access_log_dropped": 0}
+                 "in_flight": 0, "latency_seconds": {}, "latency_seconds_by_method": {},
+                 "request_bytes": 0, "response_bytes": 0, "access_log_dropped": 0}
         else:
             m = self._core.metrics()
         m["sessions"] = self.sessions.stats()

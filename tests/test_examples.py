@@ -273,7 +273,7 @@ def test_prometheus_monitoring_example() -> None:
         'splitlearn_requests_total{code="INTERNAL",method="Compute"} 1.0',
         'splitlearn_errors_total{method="Compute"} 1.0',
         "splitlearn_in_flight_requests 0.0",
-        'splitlearn_call_duration_seconds_count{stage="total"} 5.0',
+        'splitlearn_call_duration_seconds_count{method="Compute",stage="total"} 5.0',
         "compute_requests_total 5.0",      # the compute function's own counters
         "compute_errors_total 1.0",
         "stopped",

@@ -54,6 +54,37 @@ def test_metrics_count_calls_by_method_and_code(serve, connect):
     assert m["request_bytes"] >= 3 * 32 and m["response_bytes"] >= 3 * 32
 
 
+def test_latency_of_forward_and_backward_apart(serve, connect):
+    """A training server's histograms, by method: the forward passes under Compute,
+    the backward passes under ComputeBackward, and both together as before."""
+    from prometheus_client import CollectorRegistry
+
+    from splitlearn_comm.monitoring import ServerMetricsCollector
+
+    torch.manual_seed(0)
+    server = serve(slc.TrainableComputeFunction(torch.nn.Linear(4, 3), None))
+    client = connect(server)
+    for _ in range(2):
+        x = torch.randn(5, 4, requires_grad=True)
+        client.remote(x, training=True).sum().backward()
+        assert x.grad is not None
+    client.compute(torch.randn(5, 4))  # an inference call: Compute too
+    m = settled(server, 5)
+    by_method = m["latency_seconds_by_method"]
+    assert set(by_method) == {"Compute", "ComputeBackward"}
+    assert by_method["Compute"]["total"]["count"] == 3
+    assert by_method["ComputeBackward"]["total"]["count"] == 2
+    assert by_method["ComputeBackward"]["compute"]["sum"] > 0
+    for stage in m["latency_seconds"]:
+        both = [by_method[k][stage] for k in by_method]
+        assert m["latency_seconds"][stage]["count"] == sum(h["count"] for h in both)
+        assert m["latency_seconds"][stage]["sum"] == pytest.approx(sum(h["sum"] for h in both))
+    registry = CollectorRegistry()
+    registry.register(ServerMetricsCollector(server))
+    assert registry.get_sample_value("splitlearn_call_duration_seconds_count",
+                                     {"method": "ComputeBackward", "stage": "total"}) == 2
+
+
 def test_prometheus_collector(serve, connect):
     from prometheus_client import CollectorRegistry, generate_latest
 
@@ -66,8 +97,12 @@ def test_prometheus_collector(serve, connect):
     registry.register(ServerMetricsCollector(server, labels={"server": "tail"}))
     text = generate_latest(registry).decode()
     assert 'splitlearn_requests_total{code="OK",method="Compute",server="tail"} 1.0' in text
-    assert 'splitlearn_call_duration_seconds_count{server="tail",stage="compute"} 1.0' in text
-    assert 'splitlearn_call_duration_seconds_bucket{le="+Inf",server="tail",stage="total"} 1.0' in text
+    assert ('splitlearn_call_duration_seconds_count{method="Compute",server="tail",'
+            'stage="compute"} 1.0') in text
+    assert ('splitlearn_call_duration_seconds_bucket{le="+Inf",method="Compute",server="tail",'
+            'stage="total"} 1.0') in text
+    assert ('splitlearn_call_duration_seconds_count{method="ComputeBackward",server="tail",'
+            'stage="total"} 0.0') in text
     assert "splitlearn_in_flight_requests" in text and "splitlearn_request_bytes_total" in text
     assert 'splitlearn_transport_requests_total{server="tail",transport="unary"} 1.0' in text
     assert 'splitlearn_transport_requests_total{server="tail",transport="stream"} 0.0' in text

@@ -20,7 +20,7 @@ typedef struct hist {
 struct sl_metrics {
   atomic_ullong requests[SL_METHOD_COUNT][17];
   atomic_llong in_flight;
-  hist latency[SL_STAGE_COUNT];
+  hist latency[2][SL_STAGE_COUNT]; /* [0] Compute, [1] ComputeBackward */
   atomic_ullong transport[SL_TRANSPORT_COUNT];
   atomic_ullong request_bytes, response_bytes;
   /* access log */
@@ -86,7 +86,8 @@ void sl_metrics_call_finished(sl_metrics *m, const sl_call_record *r) {
   atomic_fetch_add_explicit(&m->request_bytes, r->bytes_in, memory_order_relaxed);
   atomic_fetch_add_explicit(&m->response_bytes, r->bytes_out, memory_order_relaxed);
   if (r->tensor_call) {
-    for (int s = 0; s < SL_STAGE_COUNT; s++) hist_add(&m->latency[s], r->stage[s]);
+    hist *h = m->latency[method == SL_METHOD_BACKWARD];
+    for (int s = 0; s < SL_STAGE_COUNT; s++) hist_add(&h[s], r->stage[s]);
   }
   if (atomic_load_explicit(&m->log_on, memory_order_acquire)) {
     pthread_mutex_lock(&m->mu);
@@ -107,12 +108,18 @@ void sl_metrics_snapshot_take(sl_metrics *m, sl_metrics_snapshot *out) {
   for (int i = 0; i < SL_METHOD_COUNT; i++)
     for (int c = 0; c < 17; c++) out->requests[i][c] = atomic_load(&m->requests[i][c]);
   out->in_flight = atomic_load(&m->in_flight);
-  for (int s = 0; s < SL_STAGE_COUNT; s++) {
-    for (int b = 0; b <= SL_HIST_BUCKETS; b++) {
-      out->latency[s].counts[b] = atomic_load(&m->latency[s].counts[b]);
-      out->latency[s].count += out->latency[s].counts[b];
+  for (int k = 0; k < 2; k++) {
+    for (int s = 0; s < SL_STAGE_COUNT; s++) {
+      sl_hist_snapshot *one = &out->latency_by_method[k][s], *all = &out->latency[s];
+      for (int b = 0; b <= SL_HIST_BUCKETS; b++) {
+        one->counts[b] = atomic_load(&m->latency[k][s].counts[b]);
+        one->count += one->counts[b];
+        all->counts[b] += one->counts[b];
+      }
+      one->sum = (double)atomic_load(&m->latency[k][s].sum_ns) * 1e-9;
+      all->count += one->count;
+      all->sum += one->sum;
     }
-    out->latency[s].sum = (double)atomic_load(&m->latency[s].sum_ns) * 1e-9;
   }
   for (int t = 0; t < SL_TRANSPORT_COUNT; t++) out->transport[t] = atomic_load(&m->transport[t]);
   out->request_bytes = atomic_load(&m->request_bytes);

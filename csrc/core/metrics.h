@@ -62,7 +62,8 @@ typedef struct sl_hist_snapshot {
 typedef struct sl_metrics_snapshot {
   uint64_t requests[SL_METHOD_COUNT][17]; /* by method and gRPC status code */
   int64_t in_flight;                      /* calls being served now (all methods) */
-  sl_hist_snapshot latency[SL_STAGE_COUNT];
+  sl_hist_snapshot latency[SL_STAGE_COUNT]; /* Compute and ComputeBackward together */
+  sl_hist_snapshot latency_by_method[2][SL_STAGE_COUNT]; /* [0] Compute, [1] ComputeBackward */
   uint64_t transport[SL_TRANSPORT_COUNT]; /* Compute / ComputeBackward calls by how
                                             their request came (sl_transport) */
   uint64_t request_bytes;  /* message bytes received (all calls) */

@@ -857,10 +857,22 @@ static PyObject *hist_dict(const sl_hist_snapshot *h) {
   return d;
 }
 
+/* {stage name: hist_dict} of one set of stage histograms. */
+static PyObject *stages_dict(const sl_hist_snapshot *stages) {
+  PyObject *d = PyDict_New();
+  for (int st = 0; d != NULL && st < SL_STAGE_COUNT; st++) {
+    PyObject *h = hist_dict(&stages[st]);
+    if (h == NULL || PyDict_SetItemString(d, sl_stage_name(st), h) < 0) Py_CLEAR(d);
+    Py_XDECREF(h);
+  }
+  return d;
+}
+
 /* metrics() -> dict: counters and histograms kept in C (no GIL on the call path). */
 static PyObject *server_metrics(server_obj *self, PyObject *unused) {
   sl_metrics_snapshot m;
-  PyObject *requests = NULL, *latency = NULL, *transport = NULL, *result = NULL;
+  PyObject *requests = NULL, *latency = NULL, *by_method = NULL, *transport = NULL;
+  PyObject *result = NULL;
   (void)unused;
   if (self->server == NULL) {
     PyErr_SetString(PyExc_RuntimeError, "server not initialised");
@@ -868,9 +880,20 @@ static PyObject *server_metrics(server_obj *self, PyObject *unused) {
   }
   sl_server_metrics(self->server, &m);
   requests = PyDict_New();
-  latency = PyDict_New();
+  latency = stages_dict(m.latency);
+  by_method = PyDict_New();
   transport = PyDict_New();
-  if (requests == NULL || latency == NULL || transport == NULL) goto cleanup;
+  if (requests == NULL || latency == NULL || by_method == NULL || transport == NULL) goto cleanup;
+  for (int k = 0; k < 2; k++) {
+    PyObject *d = stages_dict(m.latency_by_method[k]);
+    int rc = d ? PyDict_SetItemString(by_method,
+                                      sl_metric_method_name(k ? SL_METHOD_BACKWARD
+                                                              : SL_METHOD_COMPUTE),
+                                      d)
+               : -1;
+    Py_XDECREF(d);
+    if (rc < 0) goto cleanup;
+  }
   for (int t = 0; t < SL_TRANSPORT_COUNT; t++) {
     PyObject *v = PyLong_FromUnsignedLongLong(m.transport[t]);
     int rc = v ? PyDict_SetItemString(transport, sl_transport_name(t), v) : -1;
@@ -890,21 +913,17 @@ static PyObject *server_metrics(server_obj *self, PyObject *unused) {
       if (rc < 0) goto cleanup;
     }
   }
-  for (int st = 0; st < SL_STAGE_COUNT; st++) {
-    PyObject *h = hist_dict(&m.latency[st]);
-    int rc = h ? PyDict_SetItemString(latency, sl_stage_name(st), h) : -1;
-    Py_XDECREF(h);
-    if (rc < 0) goto cleanup;
-  }
-  result = Py_BuildValue("{s:O,s:O,s:L,s:O,s:K,s:K,s:K}", "requests", requests,
+  result = Py_BuildValue("{s:O,s:O,s:L,s:O,s:O,s:K,s:K,s:K}", "requests", requests,
                          "requests_by_transport", transport, "in_flight",
-                         (long long)m.in_flight, "latency_seconds", latency, "request_bytes",
+                         (long long)m.in_flight, "latency_seconds", latency,
+                         "latency_seconds_by_method", by_method, "request_bytes",
                          (unsigned long long)m.request_bytes, "response_bytes",
                          (unsigned long long)m.response_bytes, "access_log_dropped",
                          (unsigned long long)m.access_log_dropped);
 cleanup:
   Py_XDECREF(requests);
   Py_XDECREF(latency);
+  Py_XDECREF(by_method);
   Py_XDECREF(transport);
   return result;
 }

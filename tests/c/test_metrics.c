@@ -1,5 +1,6 @@
 /* test_metrics.c: the server's counters (metrics.c): calls by method and status,
- * and Compute / ComputeBackward calls by how their tensors came (sl_transport). */
+ * Compute / ComputeBackward calls by how their tensors came (sl_transport), and the
+ * stage histograms by method. */
 #include <string.h>
 
 #include "metrics.h"
@@ -49,8 +50,45 @@ static void test_calls_by_transport(void) {
   sl_metrics_destroy(m);
 }
 
+/* The stage histograms are kept per method (Compute, ComputeBackward); the
+ * snapshot's `latency` is the two together. */
+static void test_latency_by_method(void) {
+  sl_metrics *m = NULL;
+  sl_metrics_snapshot snap;
+  sl_call_record r;
+  CHECK(sl_metrics_create(&m) == SL_OK);
+  memset(&r, 0, sizeof(r));
+  r.tensor_call = 1;
+  r.method = SL_METHOD_COMPUTE;
+  r.stage[SL_STAGE_COMPUTE] = 0.002;
+  r.stage[SL_STAGE_TOTAL] = 0.003;
+  for (int i = 0; i < 3; i++) {
+    sl_metrics_call_started(m);
+    sl_metrics_call_finished(m, &r);
+  }
+  r.method = SL_METHOD_BACKWARD;
+  r.stage[SL_STAGE_COMPUTE] = 0.5;
+  r.stage[SL_STAGE_TOTAL] = 0.6;
+  sl_metrics_call_started(m);
+  sl_metrics_call_finished(m, &r);
+  sl_metrics_snapshot_take(m, &snap);
+  CHECK(snap.latency_by_method[0][SL_STAGE_TOTAL].count == 3);
+  CHECK(snap.latency_by_method[1][SL_STAGE_TOTAL].count == 1);
+  CHECK(snap.latency[SL_STAGE_TOTAL].count == 4);
+  CHECK(snap.latency_by_method[1][SL_STAGE_COMPUTE].sum > 0.49 &&
+        snap.latency_by_method[1][SL_STAGE_COMPUTE].sum < 0.51);
+  CHECK(snap.latency[SL_STAGE_COMPUTE].sum > 0.505 && snap.latency[SL_STAGE_COMPUTE].sum < 0.507);
+  for (int b = 0; b <= SL_HIST_BUCKETS; b++) {
+    CHECK(snap.latency[SL_STAGE_TOTAL].counts[b] ==
+          snap.latency_by_method[0][SL_STAGE_TOTAL].counts[b] +
+              snap.latency_by_method[1][SL_STAGE_TOTAL].counts[b]);
+  }
+  sl_metrics_destroy(m);
+}
+
 int main(void) {
   RUN(test_transport_names);
   RUN(test_calls_by_transport);
+  RUN(test_latency_by_method);
   return sl_test_done("test_metrics");
 }
