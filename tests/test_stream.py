@@ -12,6 +12,8 @@ method).
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import logging
 import os
 import signal
 import subprocess
@@ -130,9 +132,6 @@ def test_both_sides_count_calls_by_transport(serve, connect, stubs, caplog):
     """A streamed call counts as "stream" on the client (get_statistics), on the
     server (metrics, Prometheus) and in the access log; a unary one as "unary",
     whichever client sent it."""
-    import json
-    import logging
-
     logger = logging.getLogger("test.transport")
     server = serve(Echo(), access_log=logger)
     client = streaming(connect(server))
