@@ -390,22 +390,28 @@ def test_fallback_to_unary_on_a_server_without_the_method(stubs):
 # -- cancellation and a peer killed mid-stream -----------------------------------------------
 
 
+def held_half_way(message: bytes, pb, half: threading.Event, hold: threading.Event,
+                  resume: bool):
+    """The Chunks of `message` (1000 bytes each), holding at the 50th: `half` is set,
+    then `hold` awaited; then the rest (`resume`) or the end of the stream."""
+    for i, chunk in enumerate(chunks_of(message, 1000, pb)):
+        if i == 50:
+            half.set()
+            hold.wait(60)
+            if not resume:
+                return
+        yield chunk
+
+
 def test_cancel_mid_stream_frees_and_keeps_serving(serve, connect, stubs):
     server = serve(Echo())
     message = stubs.pb.ComputeRequest(data=b"\1" * 100000, shape=[25000]).SerializeToString()
     half = threading.Event()
     hold = threading.Event()
-
-    def requests():
-        for i, chunk in enumerate(chunks_of(message, 1000, stubs.pb)):
-            if i == 50:
-                half.set()
-                hold.wait(60)
-                return
-            yield chunk
+    requests = held_half_way(message, stubs.pb, half, hold, resume=False)
 
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        call = stubs.rpc.ComputeServiceStub(channel).ComputeStream(requests(), timeout=60)
+        call = stubs.rpc.ComputeServiceStub(channel).ComputeStream(requests, timeout=60)
         assert half.wait(60)
         wait_for(lambda: server.metrics()["in_flight"] == 1, "the server to take the call")
         call.cancel()
@@ -415,6 +421,72 @@ def test_cancel_mid_stream_frees_and_keeps_serving(serve, connect, stubs):
     assert server.metrics()["in_flight"] == 0
     client = streaming(connect(server))
     assert torch.equal(client.compute(torch.ones(5000)), torch.ones(5000))
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_calls_that_arrive_while_a_stream_is_received_are_served(serve, connect, stubs, workers):
+    """A worker receiving a stream has the idle workers wait outside gRPC (they would
+    compete with it for the CPUs), and hands them the calls that come meanwhile: a
+    client holding its upload half-way does not hold up other calls, unary or
+    streamed, and its own call completes once it sends the rest."""
+    server = serve(Echo(), max_workers=workers)
+    data = bytes(range(256)) * 400
+    message = stubs.pb.ComputeRequest(data=data, shape=[len(data)], dtype="uint8").SerializeToString()
+    half = threading.Event()
+    hold = threading.Event()
+    requests = held_half_way(message, stubs.pb, half, hold, resume=True)
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stream = stubs.rpc.ComputeServiceStub(channel).ComputeStream
+        replies = []
+        reader = threading.Thread(target=lambda: replies.append(
+            b"".join(c.data for c in stream(requests, timeout=60))))
+        reader.start()
+        assert half.wait(60)
+        wait_for(lambda: server.metrics()["in_flight"] == 1, "the server to take the held stream")
+        client = connect(server)
+        for k in range(20):
+            x = torch.full((64,), float(k))
+            assert torch.equal(client.compute(x, timeout=10), x)
+        big = torch.arange(20000, dtype=torch.float32)
+        assert torch.equal(streaming(connect(server)).compute(big, timeout=10), big)
+        assert server.metrics()["in_flight"] == 1  # the held stream, still waiting
+        hold.set()
+        reader.join(60)
+    out = replies[0]
+    reply = stubs.pb.ComputeResponse.FromString(out)
+    assert reply.data == data
+    wait_for(lambda: server.metrics()["in_flight"] == 0, "the server to end the held call")
+    assert server.metrics()["requests_by_transport"]["stream"] == 2
+
+
+class LargeForFour(slc.ComputeFunction):
+    """Answers a 4-element input with 64 MiB of ones (a reply that streams out for a
+    while) and echoes every other input."""
+
+    def compute(self, x):
+        return torch.ones(16 * 2**20) if x.numel() == 4 else x
+
+
+def test_calls_that_arrive_while_a_reply_streams_out_are_served(serve, connect, stubs):
+    """The same while a worker sends a streamed reply to a client that reads it slowly:
+    the worker waits for flow control with the idle workers out of gRPC, and hands
+    them the calls that come meanwhile."""
+    server = serve(LargeForFour(), max_workers=2)
+    request = stubs.pb.ComputeRequest(data=b"\0" * 16, shape=[4], dtype="float32")
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        reply = stubs.rpc.ComputeServiceStub(channel).ComputeStream(
+            iter(chunks_of(request.SerializeToString(), 1000, stubs.pb)), timeout=60)
+        first = next(reply)  # the rest waits: the server blocks in its sends
+        client = connect(server)
+        for k in range(20):
+            x = torch.full((64,), float(k))
+            assert torch.equal(client.compute(x, timeout=10), x)
+        assert server.metrics()["in_flight"] == 1  # the reply, still going out
+        out = first.data + b"".join(c.data for c in reply)
+    message = stubs.pb.ComputeResponse.FromString(out)
+    assert list(message.shape) == [16 * 2**20]
+    assert message.data == torch.ones(16 * 2**20).numpy().tobytes()
 
 
 CLIENT_KILLED = textwrap.dedent("""

@@ -15,7 +15,9 @@
  * next call after that ends instead (requests_closed: a request made while gRPC
  * shuts down could be missed by the shutdown and never complete). In-flight
  * calls finish or are cancelled after the grace period, and deferred calls still
- * without a result are then answered UNAVAILABLE.
+ * without a result are then answered UNAVAILABLE. While a worker moves a stream
+ * (a streamed request in, its reply out), the idle workers wait outside gRPC and
+ * that worker hands them the calls that arrive (see "Moving a stream alone").
  *
  * grpc.health.v1.Health/Watch streams live for as long as a client watches, so
  * they do not take workers: the method is registered on its own, and one watch
@@ -99,6 +101,17 @@ struct sl_server {
    * wait forever (and stop() join it forever). */
   pthread_mutex_t req_mu;
   int requests_closed;
+  /* Streams are moved with the idle workers out of gRPC (see "Moving a stream
+   * alone" below): the workers waiting in gRPC for a call, the calls moving a
+   * stream now, and the workers parked meanwhile (park_mu). */
+  atomic_int listening;
+  atomic_int alone;
+  pthread_mutex_t park_mu;
+  pthread_cond_t park_cv;
+  struct served *handed; /* calls the receiver took from req_cq for parked workers */
+  atomic_int n_handed;   /* how many */
+  atomic_int park_stop;  /* the server is shutting down: nobody parks */
+  grpc_channel *wake_channel; /* lame: a call on it fails at once, an event on req_cq */
 
   pthread_mutex_t mu;
   pthread_cond_t cv;
@@ -174,6 +187,9 @@ typedef struct call_state {
   int closed;    /* it completed: the call is over (cancelled, during compute) */
   int cancelled; /* set by gRPC */
   double deadline;
+  /* set while the call's thread holds the idle workers out of gRPC: its waits look
+   * at the request queue (see "Moving a stream alone") */
+  struct sl_server *looker;
   grpc_metadata *trailing; /* malloc'd; keys and values are owned slices */
   size_t n_trailing, cap_trailing;
 } call_state;
@@ -188,11 +204,19 @@ static void *next_event(call_state *cs, gpr_timespec until, int *success) {
   return ev.tag;
 }
 
-/* Wait for `tag` while also noting the close event. */
+static void look_at_requests(sl_server *s);
+static void alone_set(served *sv, int on);
+#define STREAM_LOOK_S 0.001 /* see "Moving a stream alone" */
+
+/* Wait for `tag` while also noting the close event (and, with a looker, looking at
+ * the request queue after every event and every STREAM_LOOK_S). */
 static int wait_call_tag(call_state *cs, void *tag) {
   for (;;) {
     int success = 0;
-    void *t = next_event(cs, gpr_inf_future(GPR_CLOCK_REALTIME), &success);
+    void *t = next_event(cs, cs->looker != NULL ? sl__deadline_in(STREAM_LOOK_S)
+                                                : gpr_inf_future(GPR_CLOCK_REALTIME),
+                         &success);
+    if (cs->looker != NULL) look_at_requests(cs->looker);
     if (t == tag) return success;
   }
 }
@@ -737,6 +761,13 @@ struct served {
   int refs;          /* the server's and the completer's, once deferred */
   int rc;            /* the completer's status */
   struct served *next_deferred, *prev_deferred, *next_ready;
+  /* a wake event (a failed call on the lame channel), not a call for a worker */
+  int wake;
+  grpc_status_code wake_code;
+  grpc_slice wake_details;
+  /* a call handed to a parked worker (park_mu): the request's success */
+  int handed_success;
+  struct served *next_handed;
 };
 
 static void served_init(served *sv, sl_server *s, grpc_completion_queue *cq) {
@@ -799,6 +830,7 @@ static void respond_and_finish(served *sv) {
     size_t nch = sl_stream_chunks(total, chunk), last = (nch - 1) * chunk;
     int broken = 0;
     sv->r.rec.bytes_out = total;
+    if (!sv->deferred) alone_set(sv, 1); /* until the status is out (a worker's call) */
     for (size_t k = 0; k + 1 < nch && !broken; k++) {
       grpc_op op;
       int tagc;
@@ -853,6 +885,7 @@ static void respond_and_finish(served *sv) {
   } else {
     grpc_call_cancel(sv->call, NULL); /* no status will be sent: end the call */
   }
+  alone_set(sv, 0);
   grpc_slice_unref(details_slice);
 
 cleanup:
@@ -974,6 +1007,141 @@ static int shm_begin(served *sv, const sl_kv *attach, const sl_kv *req,
   return SL_OK;
 }
 
+/* ---- Moving a stream alone ----
+ *
+ * gRPC (epoll1) lets any thread waiting in a completion queue be its poller, the
+ * one that reads and writes the sockets. A worker receiving a streamed request
+ * reads a chunk, then copies it into place; when its wait returns with the chunk,
+ * gRPC makes a worker idle in req_cq the poller, which reads the next chunks
+ * meanwhile (and, while a reply streams out, finishes the writes). On a machine
+ * with few CPUs that is one thread too many: the reading, the copying and the
+ * peer compete for the CPUs, and hand the poller role back and forth. Measured on
+ * 2 CPUs (a C-core echo of 32 MiB, 6 interleaved rounds): 1.48x the floor's round
+ * trip with the idle workers in gRPC, 1.25x with them out for the whole stream,
+ * 1.15x with a single worker (ARCHITECTURE.md, "Large copies").
+ *
+ * So while a call moves a stream (its request coming in, its reply going out:
+ * `alone` > 0) the idle workers step out of gRPC: the call's thread posts one wake
+ * event on req_cq per worker listening there (a call on a lame channel, which
+ * fails at once), and a worker that takes one waits on park_cv until no call is
+ * moving a stream. User code (interceptors, compute()) never runs in this state.
+ * New calls are not kept waiting: the call's thread looks at req_cq after each of
+ * its events and every STREAM_LOOK_S while it waits (wait_call_tag with a
+ * looker), without waiting, and hands each call it finds to a parked worker. */
+static void served_free(served *sv);
+
+static void wake_free(served *w) {
+  grpc_slice_unref(w->wake_details);
+  grpc_metadata_array_destroy(&w->md);
+  grpc_call_details_destroy(&w->details);
+  served_free(w);
+}
+
+/* Post one wake event on req_cq. */
+static void wake_post(sl_server *s) {
+  served *w = malloc(sizeof(*w));
+  grpc_op ops[2];
+  if (w == NULL) return; /* a worker stays in gRPC: slower, not wrong */
+  served_init(w, s, NULL);
+  w->wake = 1;
+  w->wake_details = grpc_empty_slice();
+  w->call = grpc_channel_create_call(s->wake_channel, NULL, GRPC_PROPAGATE_DEFAULTS, s->req_cq,
+                                     grpc_slice_from_static_string("/wake"), NULL,
+                                     gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+  memset(ops, 0, sizeof(ops));
+  ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+  ops[1].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+  ops[1].data.recv_status_on_client.trailing_metadata = &w->md;
+  ops[1].data.recv_status_on_client.status = &w->wake_code;
+  ops[1].data.recv_status_on_client.status_details = &w->wake_details;
+  if (w->call == NULL || grpc_call_start_batch(w->call, ops, 2, w, NULL) != GRPC_CALL_OK) {
+    wake_free(w);
+  }
+}
+
+/* Give a call (or a failed request) taken from req_cq to a parked worker, or to
+ * a worker listening in req_cq: a wake event goes with every handed call, since a
+ * parked worker may be taken already, and every worker waiting in gRPC needs an
+ * event of its own (above all when the server stops: each then waits for one
+ * failed request). A wake that finds nothing handed costs a turn of the loop. */
+static void hand_over(sl_server *s, served *sv, int success) {
+  pthread_mutex_lock(&s->park_mu);
+  sv->handed_success = success;
+  sv->next_handed = s->handed;
+  s->handed = sv;
+  atomic_fetch_add(&s->n_handed, 1);
+  pthread_cond_signal(&s->park_cv);
+  pthread_mutex_unlock(&s->park_mu);
+  wake_post(s);
+}
+
+/* Take what req_cq holds now, without waiting: calls are handed over, wakes
+ * dropped. A wake taken may have been meant to send a listening worker to a
+ * handed call (hand_over): while calls wait in `handed`, as many of the wakes
+ * taken are posted again, so that each such call keeps one on its way. */
+static void look_at_requests(sl_server *s) {
+  int took = 0, again;
+  for (;;) {
+    grpc_event ev = grpc_completion_queue_next(s->req_cq, gpr_inf_past(GPR_CLOCK_MONOTONIC), NULL);
+    served *sv = ev.tag;
+    if (ev.type != GRPC_OP_COMPLETE) break;
+    if (sv->wake) {
+      wake_free(sv);
+      took++;
+    } else {
+      hand_over(s, sv, ev.success);
+    }
+  }
+  if (took == 0) return;
+  again = atomic_load(&s->n_handed);
+  for (again = again < took ? again : took; again > 0; again--) wake_post(s);
+}
+
+/* Hold the idle workers out of gRPC (on: 1) while this call's thread moves a
+ * stream, or let them back (0); idempotent. */
+static void alone_set(served *sv, int on) {
+  sl_server *s = sv->srv;
+  if (s->wake_channel == NULL || s->max_workers < 2 || on == (sv->cs.looker != NULL)) return;
+  if (on) {
+    sv->cs.looker = s;
+    if (atomic_fetch_add(&s->alone, 1) == 0) {
+      for (int n = atomic_load(&s->listening); n > 0; n--) wake_post(s);
+    }
+  } else {
+    sv->cs.looker = NULL;
+    if (atomic_fetch_sub(&s->alone, 1) == 1) {
+      pthread_mutex_lock(&s->park_mu);
+      pthread_cond_broadcast(&s->park_cv);
+      pthread_mutex_unlock(&s->park_mu);
+    }
+  }
+}
+
+/* Whether an idle worker is to stay out of gRPC now (or take a handed call). */
+static int parking(sl_server *s) {
+  return (atomic_load(&s->alone) > 0 && !atomic_load(&s->park_stop)) ||
+         atomic_load(&s->n_handed) > 0;
+}
+
+/* For an idle worker: a call handed over (1, *sv and *success set), or 0 once no
+ * call moves a stream (or the server is stopping). */
+static int park(sl_server *s, served **sv, int *success) {
+  int got = 0;
+  pthread_mutex_lock(&s->park_mu);
+  while (s->handed == NULL && atomic_load(&s->alone) > 0 && !atomic_load(&s->park_stop)) {
+    pthread_cond_wait(&s->park_cv, &s->park_mu);
+  }
+  if (s->handed != NULL) {
+    *sv = s->handed;
+    s->handed = (*sv)->next_handed;
+    *success = (*sv)->handed_success;
+    atomic_fetch_sub(&s->n_handed, 1);
+    got = 1;
+  }
+  pthread_mutex_unlock(&s->park_mu);
+  return got;
+}
+
 /* A streamed request (ComputeStream / ComputeBackwardStream): the first Chunk is
  * in sv->in_bb; take the rest until the client half-closes. The next chunk's
  * receive is started before the current one is copied into place, so the copy
@@ -1055,11 +1223,15 @@ static int serve_call(served *sv, grpc_call_details *details, grpc_metadata_arra
   sv->t_start = sl_now();
   memset(&ci, 0, sizeof(ci));
   memset(ops, 0, sizeof(ops));
+  if (streq_slice(details->method, METHOD_COMPUTE_STREAM) ||
+      streq_slice(details->method, METHOD_BACKWARD_STREAM)) {
+    alone_set(sv, 1); /* until the request is in */
+  }
   ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
   ops[1].op = GRPC_OP_RECV_MESSAGE;
   ops[1].data.recv_message.recv_message = &sv->in_bb;
   if (grpc_call_start_batch(sv->call, ops, 2, &tag1, NULL) != GRPC_CALL_OK) goto finish;
-  if (!wait_tag(sv->cq, &tag1)) goto finish; /* the client went away */
+  if (!wait_call_tag(cs, &tag1)) goto finish; /* the client went away */
   sl_metrics_call_started(s->metrics);
   sv->counted = 1;
   sv->responding = 1;
@@ -1113,9 +1285,14 @@ static int serve_call(served *sv, grpc_call_details *details, grpc_metadata_arra
       goto finish;
     }
   }
-  if (s->hooks.intercept != NULL && s->hooks.intercept(s->user, &ci, &sv->r.err) != SL_OK) {
-    if (sv->r.err.code == SL_STATUS_OK) sv->r.err.code = SL_STATUS_UNKNOWN;
-    goto finish;
+  if (s->hooks.intercept != NULL) {
+    int looked = sv->cs.looker != NULL;
+    alone_set(sv, 0); /* user code: the others serve meanwhile */
+    if (s->hooks.intercept(s->user, &ci, &sv->r.err) != SL_OK) {
+      if (sv->r.err.code == SL_STATUS_OK) sv->r.err.code = SL_STATUS_UNKNOWN;
+      goto finish;
+    }
+    alone_set(sv, looked);
   }
   if (sv->in_bb == NULL) {
     /* the client half-closed without a message, or went away during its upload:
@@ -1127,13 +1304,15 @@ static int serve_call(served *sv, grpc_call_details *details, grpc_metadata_arra
   }
   if (sv->stream) {
     sl_stream_rx rx;
-    int backward = streq_slice(details->method, METHOD_BACKWARD_STREAM);
+    int backward = streq_slice(details->method, METHOD_BACKWARD_STREAM), received;
     if (shm_attach.key != NULL || shm_req.key != NULL) {
       sl_err_set(&sv->r.err, SL_EINVAL, SL_STATUS_INVALID_ARGUMENT,
                  "shared-memory metadata on a streamed call");
       goto finish;
     }
-    if (receive_stream(sv, &rx) == SL_OK) {
+    received = receive_stream(sv, &rx) == SL_OK;
+    alone_set(sv, 0); /* compute() may take long: the others serve meanwhile */
+    if (received) {
       deferred = tcall_begin(s, &ci, NULL, &rx, NULL, backward, &sv->r, &sv->tc,
                              (sl_pending *)sv) == SL_EAGAIN;
     }
@@ -1168,6 +1347,7 @@ static int serve_call(served *sv, grpc_call_details *details, grpc_metadata_arra
   }
 
 finish:
+  alone_set(sv, 0);
   sl__bbspans_clear(&in);
   free((void *)shm_attach.key);
   free((void *)shm_attach.value);
@@ -1340,16 +1520,35 @@ static int request_next(sl_server *s) {
 static void *worker_main(void *arg) {
   worker *w = arg;
   sl_server *s = w->srv;
+  int request = 1; /* 0: this worker's last request is still pending */
   if (s->hooks.worker_start != NULL) s->hooks.worker_start(s->user);
   for (;;) {
     grpc_event ev;
-    served *sv;
-    int deferred = 0;
-    if (request_next(s) != 0) break;
-    ev = grpc_completion_queue_next(s->req_cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
-    if (ev.type != GRPC_OP_COMPLETE) break; /* the queue was shut down */
-    sv = ev.tag;
-    if (ev.success) {
+    served *sv = NULL;
+    int deferred = 0, success = 0;
+    if (request && request_next(s) != 0) break;
+    request = 1;
+    /* while a call moves a stream, out of gRPC (see "Moving a stream alone") */
+    atomic_fetch_add(&s->listening, 1);
+    if (parking(s)) {
+      atomic_fetch_sub(&s->listening, 1);
+      if (!park(s, &sv, &success)) {
+        request = 0; /* the stream has moved: back to gRPC, where the request waits */
+        continue;
+      }
+    } else {
+      ev = grpc_completion_queue_next(s->req_cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+      atomic_fetch_sub(&s->listening, 1);
+      if (ev.type != GRPC_OP_COMPLETE) break; /* the queue was shut down */
+      sv = ev.tag;
+      success = ev.success;
+      if (sv->wake) {
+        wake_free(sv);
+        request = 0; /* this worker's request is still pending */
+        continue;
+      }
+    }
+    if (success) {
       atomic_store(&s->last_call_us, (long long)(sl_now() * 1e6));
       deferred = serve_call(sv, &sv->details, &sv->md);
       sl_shm_table_maybe_sweep(s->shm, 1.0);
@@ -1362,7 +1561,7 @@ static void *worker_main(void *arg) {
     } else {
       served_free(sv);
     }
-    if (!ev.success) break; /* the server is shutting down */
+    if (!success) break; /* the server is shutting down */
   }
   if (s->hooks.worker_stop != NULL) s->hooks.worker_stop(s->user);
   return NULL;
@@ -1647,6 +1846,8 @@ int sl_server_create(const sl_server_config *cfg, const sl_server_hooks *hooks, 
   if (s == NULL) goto oom;
   pthread_mutex_init(&s->mu, NULL);
   pthread_mutex_init(&s->req_mu, NULL);
+  pthread_mutex_init(&s->park_mu, NULL);
+  pthread_cond_init(&s->park_cv, NULL);
   pthread_cond_init(&s->cv, NULL);
   s->state = ST_CREATED;
   s->host = sl_strndup(cfg->host ? cfg->host : "0.0.0.0", strlen(cfg->host ? cfg->host : "0.0.0.0"));
@@ -1746,8 +1947,21 @@ static void teardown_grpc(sl_server *s) {
     grpc_server_destroy(s->server);
     s->server = NULL;
   }
-  destroy_queue(s->req_cq);
-  s->req_cq = NULL;
+  if (s->req_cq != NULL) {
+    /* wake events no worker took (their calls hold the lame channel) */
+    grpc_event ev;
+    grpc_completion_queue_shutdown(s->req_cq);
+    while ((ev = grpc_completion_queue_next(s->req_cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL))
+               .type != GRPC_QUEUE_SHUTDOWN) {
+      if (ev.type == GRPC_OP_COMPLETE && ((served *)ev.tag)->wake) wake_free(ev.tag);
+    }
+    grpc_completion_queue_destroy(s->req_cq);
+    s->req_cq = NULL;
+  }
+  if (s->wake_channel != NULL) {
+    grpc_channel_destroy(s->wake_channel);
+    s->wake_channel = NULL;
+  }
   destroy_queue(s->shutdown_cq);
   s->shutdown_cq = NULL;
   destroy_queue(s->watch_cq);
@@ -1762,6 +1976,10 @@ static void shutdown_server(sl_server *s, double grace) {
   pthread_mutex_lock(&s->req_mu); /* no request for a call from now on: see requests_closed */
   s->requests_closed = 1;
   pthread_mutex_unlock(&s->req_mu);
+  pthread_mutex_lock(&s->park_mu); /* parked workers go back for their failed requests */
+  atomic_store(&s->park_stop, 1);
+  pthread_cond_broadcast(&s->park_cv);
+  pthread_mutex_unlock(&s->park_mu);
   grpc_server_shutdown_and_notify(s->server, s->shutdown_cq, &tag);
   ev = grpc_completion_queue_next(s->shutdown_cq, sl__deadline_in(grace > 0 ? grace : 1e-6),
                                   NULL);
@@ -1839,6 +2057,8 @@ int sl_server_start(sl_server *s, sl_err *err) {
     goto cleanup;
   }
   grpc_server_register_completion_queue(s->server, s->req_cq, NULL);
+  /* NULL: streams move with idle workers in gRPC (slower, not wrong) */
+  s->wake_channel = grpc_lame_client_channel_create(NULL, GRPC_STATUS_UNAVAILABLE, "wake");
   for (int i = 0; i < s->max_workers; i++) s->workers[i].srv = s;
   creds = s->creds != NULL ? s->creds : grpc_insecure_server_credentials_create();
   s->creds = NULL; /* grpc_server_add_http2_port does not take it; released below */
@@ -1849,6 +2069,7 @@ int sl_server_start(sl_server *s, sl_err *err) {
                         addr);
     goto cleanup;
   }
+  atomic_store(&s->park_stop, 0);
   grpc_server_start(s->server);
   started = 1;
   s->started_at = sl_now();
@@ -1988,6 +2209,8 @@ void sl_server_destroy(sl_server *s) {
   if (s->grpc_inited) grpc_shutdown();
   pthread_mutex_destroy(&s->mu);
   pthread_mutex_destroy(&s->req_mu);
+  pthread_mutex_destroy(&s->park_mu);
+  pthread_cond_destroy(&s->park_cv);
   pthread_cond_destroy(&s->cv);
   sl_metrics_destroy(s->metrics);
   sl_shm_table_free(s->shm);
