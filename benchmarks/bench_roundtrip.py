@@ -23,8 +23,9 @@ children by closing their stdin.
 
 Two more rows come from C programs built by `make bench-floor` (benchmarks/floor/).
 For each one-thread size every row, C and Python, runs in 5 interleaved rounds (each
-round runs each row for a fifth of its round trips), so that every ratio comes from
-one run and the floor sees the same machine load as the rows measured against it:
+round warms each row up again, then runs it for a fifth of its round trips), so that
+every ratio comes from one run and the floor sees the same machine load as the rows
+measured against it:
 
   C-core echo      the floor of any gRPC design: a unary echo on the bare gRPC C core
                    with no copies (build/bench/echo_floor);
@@ -522,7 +523,7 @@ def floor_section(results: List[Result]) -> List[str]:
         "",
         "p50 of one round trip, one client thread, and its multiple of the floor's. Every "
         f"row of a size was measured in this run in {ROUNDS} interleaved rounds, so that all "
-        "see the same machine load (a C row's p50 is the median of its rounds' p50s, a "
+        "see the same machine load (each round warms every row up again first; a C row's p50 is the median of its rounds' p50s, a "
         "Python row's the p50 of all its round trips). "
         "**C-core echo (floor)**: "
         "a unary echo on the bare gRPC C core, no copies, no protobuf "
@@ -772,6 +773,11 @@ def measure(servers: Servers, plan: Sequence[Tuple[str, Tuple[int, ...], int, in
                 for impl in C_PROGRAMS:
                     c_rows[impl].append(run_c(impl, nbytes, share, max(3, warm // rounds)))
             for impl in IMPLS:
+                if rounds > 1:
+                    # as each C row's new process does: the other rows ran meanwhile,
+                    # and a server that sat idle has given its memory back (a second
+                    # of quiet), which its next few large calls fault in again
+                    run_timed(servers.clients[impl], x, max(3, warm // rounds), k)
                 timed[impl].append(run_timed(servers.clients[impl], x, share, k))
         if rounds > 1:
             for impl in C_PROGRAMS:
