@@ -1018,7 +1018,7 @@ static int shm_begin(served *sv, const sl_kv *attach, const sl_kv *req,
  * peer compete for the CPUs, and hand the poller role back and forth. Measured on
  * 2 CPUs (a C-core echo of 32 MiB, 6 interleaved rounds): 1.48x the floor's round
  * trip with the idle workers in gRPC, 1.25x with them out for the whole stream,
- * 1.15x with a single worker (ARCHITECTURE.md, "Large copies").
+ * 1.15x with a single worker (ARCHITECTURE.md, "A stream moves alone").
  *
  * So while a call moves a stream (its request coming in, its reply going out:
  * `alone` > 0) the idle workers step out of gRPC: the call's thread posts one wake
@@ -1041,7 +1041,9 @@ static void wake_free(served *w) {
 static void wake_post(sl_server *s) {
   served *w = malloc(sizeof(*w));
   grpc_op ops[2];
-  if (w == NULL) return; /* a worker stays in gRPC: slower, not wrong */
+  /* out of memory: a listening worker stays in gRPC, or a handed call waits for
+   * the next worker that looks (at a stop, one that waits in gRPC could wait on) */
+  if (w == NULL) return;
   served_init(w, s, NULL);
   w->wake = 1;
   w->wake_details = grpc_empty_slice();
