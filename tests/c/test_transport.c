@@ -280,10 +280,10 @@ static void test_workers_run_concurrently(void) {
 }
 
 /* Streamed requests from several threads at once, with small calls among them:
- * while a worker receives a stream the idle workers wait outside gRPC and the
- * calls that arrive meanwhile are handed to them (server.c, "Receiving a stream
- * alone"); every call completes, and stopping the server leaves nothing behind
- * (leak detection is on for the C tests). */
+ * while a worker moves a stream the idle workers wait outside gRPC and the calls
+ * that arrive meanwhile are handed to them (server.c, "Moving a stream alone");
+ * every call completes, and stopping the server leaves nothing behind (leak
+ * detection is on for the C tests). */
 typedef struct mix_arg {
   sl_client *c;
   size_t n;  /* floats per call */
