@@ -110,13 +110,12 @@ def start_call(client: Any, tensor: Any, on_done: OnDone, *, metadata: Any = Non
                 client._record(False, start, None)
                 on_done(None, e)
                 return
-            client._record(True, start, reply.compute_time_ms)
-            client._stats.count_ok(reply)
+            client._record(True, start, reply.compute_time_ms, reply)
             on_done(value, None)
             return
         if isinstance(exc, _core.CallError):
             exc = from_call_error(exc, target=client.server_address, method=method)
-            client._stats.count_error(exc)
+            client._stats.count_error(exc.code().name, exc.attempts)
         client._record(False, start, None)
         on_done(None, exc)
 
@@ -132,7 +131,7 @@ def start_call(client: Any, tensor: Any, on_done: OnDone, *, metadata: Any = Non
             codecs=client._registry.table, **fields)
     except _core.CallError as e:
         err = from_call_error(e, target=client.server_address, method=method)
-        client._stats.count_error(err)
+        client._stats.count_error(err.code().name, err.attempts)
         client._record(False, start, None)
         raise err from None
     return _Handle(client, capsule=capsule)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import abc
-import collections
 import concurrent.futures
 import itertools
 import logging
@@ -307,42 +306,12 @@ def _seconds(timeout: Optional[float], forever: float = 0.0) -> float:
     return forever if timeout is None else float(_check_timeout(timeout))
 
 
-class _Stats:
-    """Counters of a client's compute() calls (thread-safe)."""
-
-    WINDOW = 4096  # the latest calls kept for percentiles
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.total = self.ok = self.failed = self.retries = 0
-        self.total_ms = self.compute_ms = self.network_ms = 0.0
-        self.bytes_sent = self.bytes_received = 0
-        self.by_code: Dict[str, int] = {}
-        self.by_transport: Dict[str, int] = dict.fromkeys(_core.TRANSPORTS, 0)
-        self.recent: "collections.deque[float]" = collections.deque(maxlen=self.WINDOW)
-
-    def count_error(self, err: RpcError) -> None:
-        with self.lock:
-            self.by_code[err.code().name] = self.by_code.get(err.code().name, 0) + 1
-            self.retries += max(0, err.attempts - 1)
-
-    def count_ok(self, reply: Any) -> None:
-        with self.lock:
-            self.add_reply(reply)
-
-    def add_reply(self, reply: Any) -> None:
-        """A successful call's retries, bytes and transport; the caller holds ``lock``."""
-        self.retries += max(0, reply.attempts - 1)
-        self.by_transport[reply.transport] += 1
-        self.bytes_sent += reply.bytes_sent
-        self.bytes_received += reply.bytes_received
-
-    @staticmethod
-    def percentile(values: List[float], q: float) -> float:
-        if not values:
-            return 0.0
-        ordered = sorted(values)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+def _percentile(values: List[float], q: float) -> float:
+    """The q-quantile of ``values`` (nearest rank below), 0.0 for none."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _as_float32(t: Any) -> Any:
@@ -530,7 +499,9 @@ class GRPCComputeClient:
                                                  shm=self.shared_memory)
         self._core.set_retry_hook(_log_retry)
         self._core.set_streaming(-1 if stream_threshold is None else stream_threshold)
-        self._stats = _Stats()
+        # counters of compute() calls (_core.CallStats: updated in C with the GIL held,
+        # by Client.plain at the end of a call and by _record / _call_failed otherwise)
+        self._stats = _core.CallStats()
         self._id_counter = itertools.count(1)
         self._ids_lock = threading.Lock()
         self._sessions: Dict[int, Any] = {}  # open sessions, closed with the client
@@ -680,7 +651,7 @@ class GRPCComputeClient:
         """
         if (type(tensor) is _structure._torch_tensor_type() and metadata is None and timeout is None
                 and codec is _DEFAULT and model_id is None and _raw(self.codec)
-                and tensor.is_cpu):
+                and tensor.is_cpu and self._builtin_retry()):
             return self._plain_call(tensor)
         _check_not_model_id(metadata)
         fields: Dict[str, Any] = {}
@@ -690,33 +661,28 @@ class GRPCComputeClient:
                                  **fields)
 
     def _plain_call(self, tensor: Any) -> Any:
-        """compute() of one CPU torch.Tensor with the client's settings: what
-        _tensor_call does for it, without the steps that change nothing for such a
-        call (flatten, the codec and metadata merges). The result is made by the
-        binding."""
-        fields: Dict[str, Any] = {}
-        if self.model_id is not None:
-            fields["model_id"] = self.model_id
+        """compute() of one CPU torch.Tensor with the client's settings and a retry
+        strategy that runs in C: one call into the binding (Client.plain), which
+        exports the tensor, makes the call, makes the result and counts it; none of
+        _tensor_call's steps that change nothing for such a call."""
+        strategy = self.retry_strategy
         start = time.perf_counter()
         try:
-            strategy = self.retry_strategy
-            sendable = ([("", tensor)], _structure.SINGLE, None)
-            if self._builtin_retry():
-                reply = self._attempt(sendable, self.metadata, self.timeout,
-                                      cast(Optional[_BuiltinRetry], strategy), fields,
-                                      _tensor.from_dlpack())
-            else:
-                deadline = (time.monotonic() + self.timeout if self.timeout and self.timeout > 0
-                            else None)
-                reply = strategy.execute(self._attempt_until, sendable, list(self.metadata),
-                                         deadline, fields, _tensor.from_dlpack())
+            out = self._live().plain(
+                tensor, self.timeout or 0.0, self.metadata, self.wait_for_ready,
+                strategy._policy() if strategy is not None else None,
+                strategy._breaker() if strategy is not None else None,
+                self._registry.table, _tensor.from_dlpack(), self.model_id, self._next_id(),
+                self._stats)
+        except _core.CallError as e:
+            self._record(False, start, None)
+            raise self._call_failed(e, False) from None
         except BaseException:
             self._record(False, start, None)
             raise
-        self._record(True, start, reply.compute_time_ms, reply)
-        if reply.values is None or reply.n_kv:  # pragma: no cover - a CPU call's reply is converted
-            return self._result(reply, ("torch", tensor.device))
-        return reply.value
+        if type(out) is _core.Reply:  # the reply carries KV cache pairs
+            return self._result(out, ("torch", tensor.device))
+        return out
 
     def compute_with_timing(self, tensor: Any, model_id: Optional[str] = None, *,
                             metadata: MetadataLike = None,
@@ -981,19 +947,22 @@ class GRPCComputeClient:
                 request_id=None if fields.get("backward") else self._next_id(),
                 codecs=self._registry.table, convert=convert, **fields)
         except _core.CallError as e:
-            method = _BACKWARD if fields.get("backward") else _COMPUTE
-            err = from_call_error(e, target=self._target, method=method)
-            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self.wait_for_ready:
-                reason = self._unreachable_reason()
-                if reason:
-                    err = RpcError(err.code(), f"{err.details()}: the server was not reachable "
-                                   f"(wait_for_ready); last connectivity error: {reason}",
-                                   target=err.target, method=err.method, attempts=err.attempts,
-                                   trailing_metadata=err.trailing_metadata(),
-                                   initial_metadata=err.initial_metadata(),
-                                   debug_error_string=err.debug_error_string())
-            self._stats.count_error(err)
-            raise err from None
+            raise self._call_failed(e, bool(fields.get("backward"))) from None
+
+    def _call_failed(self, e: Any, backward: bool) -> RpcError:
+        """The RpcError of a failed call (a _core.CallError), counted by its status."""
+        err = from_call_error(e, target=self._target, method=_BACKWARD if backward else _COMPUTE)
+        if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self.wait_for_ready:
+            reason = self._unreachable_reason()
+            if reason:
+                err = RpcError(err.code(), f"{err.details()}: the server was not reachable "
+                               f"(wait_for_ready); last connectivity error: {reason}",
+                               target=err.target, method=err.method, attempts=err.attempts,
+                               trailing_metadata=err.trailing_metadata(),
+                               initial_metadata=err.initial_metadata(),
+                               debug_error_string=err.debug_error_string())
+        self._stats.count_error(err.code().name, err.attempts)
+        return err
 
     def _unreachable_reason(self) -> Optional[str]:
         """Why the channel is not connected (e.g. "Connection refused"), or None when
@@ -1028,22 +997,9 @@ class GRPCComputeClient:
 
     def _record(self, ok: bool, start: float, server_ms: Optional[float],
                 reply: Any = None) -> None:
-        """Count a call that began at ``start``; ``reply``, when given, adds its
-        retries and bytes (what _Stats.count_ok does, under the same lock)."""
-        ms = (time.perf_counter() - start) * 1e3
-        s = self._stats
-        with s.lock:
-            s.total += 1
-            s.recent.append(ms)
-            if ok:
-                s.ok += 1
-                s.total_ms += ms
-                s.compute_ms += server_ms or 0.0
-                s.network_ms += max(0.0, ms - (server_ms or 0.0))
-            else:
-                s.failed += 1
-            if reply is not None:
-                s.add_reply(reply)
+        """Count a call that began at ``start`` (``time.perf_counter()``); ``reply``,
+        when given, adds its retries, bytes and transport."""
+        self._stats.record(ok, (time.perf_counter() - start) * 1e3, server_ms, reply)
 
     def health_check(self, timeout: Optional[float] = None) -> bool:
         """True when the server answers HealthCheck with status "ok"."""
@@ -1079,25 +1035,23 @@ class GRPCComputeClient:
         chunks: large tensors, docs/protocol.md) or ``"shared_memory"`` (a segment
         shared with a server on this host, docs/shm.md).
         """
-        s = self._stats
-        with s.lock:
-            n = s.ok or 1
-            recent = list(s.recent)
-            return {
-                "total_requests": s.total,
-                "successful_requests": s.ok,
-                "failed_requests": s.failed,
-                "retries": s.retries,
-                "failures_by_code": dict(s.by_code),
-                "requests_by_transport": dict(s.by_transport),
-                "bytes_sent": s.bytes_sent,
-                "bytes_received": s.bytes_received,
-                "avg_network_time_ms": s.network_ms / n,
-                "avg_compute_time_ms": s.compute_ms / n,
-                "avg_total_time_ms": s.total_ms / n,
-                "p50_total_time_ms": _Stats.percentile(recent, 0.50),
-                "p99_total_time_ms": _Stats.percentile(recent, 0.99),
-            }
+        s = self._stats.snapshot()
+        n = s["ok"] or 1
+        return {
+            "total_requests": s["total"],
+            "successful_requests": s["ok"],
+            "failed_requests": s["failed"],
+            "retries": s["retries"],
+            "failures_by_code": s["by_code"],
+            "requests_by_transport": s["by_transport"],
+            "bytes_sent": s["bytes_sent"],
+            "bytes_received": s["bytes_received"],
+            "avg_network_time_ms": s["network_ms"] / n,
+            "avg_compute_time_ms": s["compute_ms"] / n,
+            "avg_total_time_ms": s["total_ms"] / n,
+            "p50_total_time_ms": _percentile(s["recent"], 0.50),
+            "p99_total_time_ms": _percentile(s["recent"], 0.99),
+        }
 
     @property
     def stub(self) -> "ComputeServiceStub":

@@ -419,6 +419,10 @@ def make_legacy_servicer(stubs: Stubs) -> Any:
             x = decode_float32(request.data, request.shape)
             y = (x * 2 + 1).astype("<f4")
             resp = pb.ComputeResponse(data=y.tobytes(), shape=list(y.shape))
+            if dict(context.invocation_metadata()).get(MODE_KEY) == "kv":
+                # a cache entry nobody asked for: the original server's reply shape
+                resp.present_key_values.add(key_data=x.tobytes(), key_shape=list(x.shape),
+                                            value_data=y.tobytes(), value_shape=list(y.shape))
             if request.HasField("request_id"):
                 resp.request_id = request.request_id
             return resp
@@ -487,6 +491,23 @@ def test_our_client_large_tensor(client: splitlearn_comm.GRPCComputeClient) -> N
     y = client.compute(x, timeout=60.0)
     assert y.shape == x.shape
     assert torch.equal(y, x * 2 + 1)
+
+
+@needs_torch
+def test_our_client_takes_a_reply_with_cache_entries(legacy_port: int) -> None:
+    """A reply carrying present_key_values to a call that sent none comes back as
+    (tensor, ((key, value),)), as the general path gives it, also for a call with
+    the client's own settings (the one-call path of compute(), Client.plain)."""
+    x = float32_input("torch", (2, 3))
+    with splitlearn_comm.GRPCComputeClient(f"127.0.0.1:{legacy_port}", timeout=CALL_TIMEOUT,
+                                           retry_strategy=None,
+                                           metadata=[(MODE_KEY, "kv")]) as kv_client:
+        for out in (kv_client.compute(x), kv_client.compute(x, timeout=CALL_TIMEOUT)):
+            y, pairs = out
+            assert torch.equal(y, x * 2 + 1)
+            assert len(pairs) == 1
+            assert torch.equal(pairs[0][0], x) and torch.equal(pairs[0][1], x * 2 + 1)
+        assert kv_client.get_statistics()["successful_requests"] == 2
 
 
 def test_our_client_health_check(client: splitlearn_comm.GRPCComputeClient) -> None:

@@ -328,10 +328,10 @@ class CountingRetry(slc.RetryStrategy):
 
 def test_a_plain_tensor_call_is_the_general_call() -> None:
     """compute() of one CPU torch.Tensor with the client's settings skips flatten and
-    the merges (client._plain_call); what it sends, returns and counts is what the
-    general path gives: the client's model_id, the statistics, a Python retry
-    strategy's execute(), a structure and an explicit argument still going the
-    general way."""
+    the merges (client._plain_call, one call into the binding); what it sends,
+    returns and counts is what the general path gives: the client's model_id, the
+    statistics; a Python retry strategy's execute(), a structure and an explicit
+    argument go the general way."""
     server = slc.GRPCComputeServer({"double": Named(2.0), "triple": Named(3.0)},
                                    host="127.0.0.1", port=0, max_workers=1)
     with server:
@@ -354,3 +354,59 @@ def test_a_plain_tensor_call_is_the_general_call() -> None:
             assert e.value.code() == grpc.StatusCode.NOT_FOUND
             assert client.get_statistics()["failed_requests"] == 1
             assert client.get_statistics()["failures_by_code"] == {"NOT_FOUND": 1}
+
+
+def test_the_one_call_path_counts_what_the_general_path_counts() -> None:
+    """Client.plain counts a call in C (CallStats); the same tensor through the
+    general path (an explicit timeout) counts the same bytes, and a failure through
+    either is counted by its status."""
+    class Picky(slc.ComputeFunction):
+        def compute(self, input_tensor: Any) -> Any:
+            if input_tensor.numel() == 5:
+                raise ValueError("five is refused")
+            return input_tensor * 2
+
+    server = slc.GRPCComputeServer(Picky(), host="127.0.0.1", port=0, max_workers=2)
+    with server, slc.GRPCComputeClient(f"127.0.0.1:{server.port}", retry_strategy=None) as client:
+        x = torch.arange(4.0)
+        assert torch.equal(client.compute(x), x * 2)
+        one = client.get_statistics()
+        assert one["successful_requests"] == one["total_requests"] == 1
+        assert one["requests_by_transport"] == {"unary": 1, "stream": 0, "shared_memory": 0}
+        assert one["avg_total_time_ms"] > 0 and one["p50_total_time_ms"] > 0
+        assert torch.equal(client.compute(x, timeout=30.0), x * 2)  # the general path
+        two = client.get_statistics()
+        assert two["bytes_sent"] == 2 * one["bytes_sent"] > 16
+        assert two["bytes_received"] == 2 * one["bytes_received"] > 16
+        for call in (lambda: client.compute(torch.ones(5)),
+                     lambda: client.compute(torch.ones(5), timeout=30.0)):
+            with pytest.raises(slc.RpcError) as e:
+                call()
+            assert e.value.code() == grpc.StatusCode.INTERNAL
+            assert "five is refused" in e.value.details()
+        stats = client.get_statistics()
+        assert stats["failed_requests"] == 2 and stats["successful_requests"] == 2
+        assert stats["total_requests"] == 4
+        assert stats["failures_by_code"] == {"INTERNAL": 2}
+        with pytest.raises(TypeError, match="CallStats"):
+            client._live().plain(x, 0.0, [], False, None, None, None, _tensor.from_dlpack(),
+                                 None, 1, {})
+
+
+def test_call_stats_keep_the_latest_4096_latencies() -> None:
+    stats = _core.CallStats()
+    for i in range(5000):
+        stats.record(True, float(i), 0.25, None)
+    stats.record(False, 9999.0, None, None)
+    stats.count_error("UNAVAILABLE", 3)
+    stats.count_error("UNAVAILABLE", 1)
+    s = stats.snapshot()
+    assert s["total"] == 5001 and s["ok"] == 5000 and s["failed"] == 1
+    assert s["retries"] == 2
+    assert s["by_code"] == {"UNAVAILABLE": 2}
+    assert len(s["recent"]) == 4096
+    assert s["recent"][0] == 905.0 and s["recent"][-2:] == [4999.0, 9999.0]
+    assert s["total_ms"] == sum(range(5000))
+    assert s["compute_ms"] == 1250.0
+    with pytest.raises(TypeError):
+        stats.record(True, 1.0, None)

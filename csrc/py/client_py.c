@@ -261,6 +261,48 @@ static PyObject *client_shm_stats(client_obj *self, PyObject *unused) {
                        (Py_ssize_t)segments, "calls", calls);
 }
 
+/* The blocking call of compute() and plain(): exports `leaves` (OutTensor
+ * sequence, `form`, `nodes`), runs the call without the GIL and fills out, extra
+ * and st (for the caller to clear on every path). Consumes ca->md. Returns 0, or
+ * -1 with an exception set (CallError for a failed call). *export_s: the seconds
+ * the export took. */
+static int run_compute(client_obj *self, call_args *ca, int backward, PyObject *leaves, int form,
+                       PyObject *nodes, const sl_call_fields *fields, sl_tensor_msg *out,
+                       sl_compute_extra *extra, sl_call_status *st, double *export_s) {
+  sl_client *c;
+  sl_tensor_set in;
+  slpy_setbuf *buf = NULL;
+  sl_err err;
+  int rc;
+  *export_s = sl_now();
+  if (slpy_set_from_python(self->st, leaves, form, nodes, &in, &buf) < 0) {
+    PyMem_Free(ca->md);
+    return -1;
+  }
+  *export_s = sl_now() - *export_s;
+  sl_err_clear(&err);
+  c = hold_client(self);
+  if (c == NULL) {
+    sl_tensor_set_release(&in);
+    slpy_setbuf_free(buf);
+    PyMem_Free(ca->md);
+    return -1;
+  }
+  ca->ictx.ts = PyEval_SaveThread();
+  /* consumes the tensors of `in` on every path */
+  rc = sl_client_compute(c, &ca->opts, backward, &in, fields, out, extra, st, &err);
+  slpy_setbuf_free(buf);
+  sl_client_release(c);
+  PyEval_RestoreThread(ca->ictx.ts);
+  PyMem_Free(ca->md);
+  log_shm_note(self);
+  if (rc != SL_OK) {
+    raise_for(self, rc, st, &err);
+    return -1;
+  }
+  return 0;
+}
+
 /* compute(leaves, form=0, nodes=None, timeout=0, metadata=None, wait_for_ready=False,
  *         retry=None, request_id=None, breaker=None, backward=False, forward_id=None,
  *         training_mode=None, model_id=None, learning_rate=None, accumulation_step=None,
@@ -273,7 +315,6 @@ static PyObject *client_shm_stats(client_obj *self, PyObject *unused) {
  * leaves[0] in the single-tensor fields (and
  * leaves[1:] as KV cache pairs), 1 a map by name, 2 a structure (`nodes`). */
 static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwargs) {
-  sl_client *c;
   static char *kwlist[] = {"leaves", "form", "nodes", "timeout", "metadata", "wait_for_ready",
                            "retry", "request_id", "breaker", "backward", "forward_id",
                            "training_mode", "model_id", "learning_rate", "accumulation_step",
@@ -289,12 +330,9 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
   double timeout = 0, export_s;
   int wait_for_ready = 0, rc;
   call_args ca;
-  sl_tensor_set in;
-  slpy_setbuf *buf = NULL;
   sl_compute_extra out_extra;
   sl_tensor_msg out;
   sl_call_status st;
-  sl_err err;
   PyObject *result = NULL;
 
   if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|iOdOpOOOpzOzOOOizLpOO", kwlist, &leaves,
@@ -310,6 +348,7 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
   }
   memset(&fields, 0, sizeof(fields));
   memset(&out, 0, sizeof(out));
+  memset(&st, 0, sizeof(st));
   fields.forward_id = forward_id;
   fields.model_id = model_id;
   fields.backward_seq = backward_seq > 0 ? (int32_t)backward_seq : 0;
@@ -348,35 +387,99 @@ static PyObject *client_compute(client_obj *self, PyObject *args, PyObject *kwar
       return NULL;
     }
   }
-  export_s = sl_now();
-  if (slpy_set_from_python(self->st, leaves, form, nodes, &in, &buf) < 0) {
-    PyMem_Free(ca.md);
+  rc = run_compute(self, &ca, backward, leaves, form, nodes, &fields, &out, &out_extra, &st,
+                   &export_s);
+  if (rc == 0) result = make_reply(self, &out, &out_extra, &st, convert, export_s);
+  sl_tensor_msg_clear(&out);
+  sl_call_status_clear(&st);
+  return result;
+}
+
+/* plain(tensor, timeout, metadata, wait_for_ready, retry, breaker, codecs, convert,
+ *       model_id, request_id, stats) -> object
+ * GRPCComputeClient.compute() of one tensor with the client's settings, all
+ * positional: compute()'s work without its keyword parsing, its Reply and the
+ * Python bookkeeping. The call is counted in `stats` (a CallStats) when it
+ * succeeds; a failure raises CallError and is counted by the caller. Returns
+ * the received object made with `convert` (as Reply.value), or, when the reply
+ * carries KV cache pairs, the whole Reply (for the caller to unpack). */
+static PyObject *client_plain(client_obj *self, PyObject *const *args, Py_ssize_t nargs) {
+  PyObject *leaves = NULL, *pair = NULL, *empty = NULL, *result = NULL;
+  PyObject *convert, *stats, *value = NULL, *values = NULL;
+  const char *model_id = NULL;
+  double timeout, t0 = sl_now(), export_s;
+  int wait_for_ready, rc;
+  long request_id;
+  sl_call_fields fields;
+  call_args ca;
+  sl_compute_extra out_extra;
+  sl_tensor_msg out;
+  sl_call_status st;
+
+  if (nargs != 11) {
+    PyErr_SetString(PyExc_TypeError,
+                    "plain(tensor, timeout, metadata, wait_for_ready, retry, breaker, codecs, "
+                    "convert, model_id, request_id, stats) takes 11 arguments");
     return NULL;
   }
-  export_s = sl_now() - export_s;
+  convert = args[7];
+  stats = args[10];
+  timeout = PyFloat_AsDouble(args[1]);
+  if (timeout == -1.0 && PyErr_Occurred()) return NULL;
+  wait_for_ready = PyObject_IsTrue(args[3]);
+  if (wait_for_ready < 0) return NULL;
+  if (args[8] != Py_None && (model_id = PyUnicode_AsUTF8(args[8])) == NULL) return NULL;
+  request_id = PyLong_AsLong(args[9]);
+  if (request_id == -1 && PyErr_Occurred()) return NULL;
+  if (!PyCallable_Check(convert)) {
+    PyErr_SetString(PyExc_TypeError, "convert must be callable");
+    return NULL;
+  }
+  if (slpy_stats_check(self->st, stats) < 0 || ensure_open(self) < 0) return NULL;
+  memset(&fields, 0, sizeof(fields));
+  memset(&out, 0, sizeof(out));
   memset(&st, 0, sizeof(st));
-  sl_err_clear(&err);
-  c = hold_client(self);
-  if (c == NULL) {
-    sl_tensor_set_release(&in);
-    slpy_setbuf_free(buf);
-    PyMem_Free(ca.md);
+  fields.training_mode = -1;
+  fields.model_id = model_id;
+  fields.has_request_id = 1;
+  fields.request_id = (int32_t)request_id;
+  if (call_args_init(self, &ca, timeout, args[2], wait_for_ready, args[4], args[5]) < 0) {
     return NULL;
   }
-  ca.ictx.ts = PyEval_SaveThread();
-  /* consumes the tensors of `in` on every path */
-  rc = sl_client_compute(c, &ca.opts, backward, &in, &fields, &out, &out_extra, &st, &err);
-  slpy_setbuf_free(buf);
-  sl_client_release(c);
-  PyEval_RestoreThread(ca.ictx.ts);
-  PyMem_Free(ca.md);
-  log_shm_note(self);
-  if (rc != SL_OK) {
-    raise_for(self, rc, &st, &err);
+  {
+    int cerr = 0;
+    ca.opts.codecs = slpy_codecs_of(self->st, args[6], &cerr); /* borrowed: args live */
+    if (cerr) {
+      PyMem_Free(ca.md);
+      return NULL;
+    }
+  }
+  empty = PyUnicode_FromStringAndSize("", 0);
+  pair = empty ? PyTuple_Pack(2, empty, args[0]) : NULL;
+  leaves = pair ? PyTuple_Pack(1, pair) : NULL;
+  if (leaves == NULL) {
+    PyMem_Free(ca.md);
     goto cleanup;
   }
-  result = make_reply(self, &out, &out_extra, &st, convert, export_s);
+  rc = run_compute(self, &ca, 0, leaves, SL_FORM_SINGLE, Py_None, &fields, &out, &out_extra, &st,
+                   &export_s);
+  if (rc < 0) goto cleanup;
+  if (out.n_kv > 0) {
+    result = make_reply(self, &out, &out_extra, &st, convert, export_s);
+  } else if (slpy_msg_to_value(&out, convert, &value, &values) == 0) {
+    result = Py_NewRef(value);
+  }
+  if (result != NULL) {
+    slpy_stats_ok(stats, (sl_now() - t0) * 1e3,
+                  out_extra.has_compute_time_ms ? out_extra.compute_time_ms : 0.0, st.attempts,
+                  st.transport, st.bytes_sent, st.bytes_received);
+  }
 cleanup:
+  Py_XDECREF(value);
+  Py_XDECREF(values);
+  Py_XDECREF(leaves);
+  Py_XDECREF(pair);
+  Py_XDECREF(empty);
   sl_tensor_msg_clear(&out);
   sl_call_status_clear(&st);
   return result;
@@ -927,6 +1030,9 @@ static void client_dealloc(client_obj *self) {
 static PyMethodDef client_methods[] = {
     {"compute", (PyCFunction)(void (*)(void))client_compute, METH_VARARGS | METH_KEYWORDS,
      "compute(leaves, form=0, nodes=None, timeout=0, metadata=None, ...) -> Reply"},
+    {"plain", (PyCFunction)(void (*)(void))client_plain, METH_FASTCALL,
+     "plain(tensor, timeout, metadata, wait_for_ready, retry, breaker, codecs, convert, "
+     "model_id, request_id, stats) -> object (or a Reply when it carries KV pairs)"},
     {"health", (PyCFunction)(void (*)(void))client_health, METH_VARARGS | METH_KEYWORDS,
      "HealthCheck -> dict"},
     {"service_info", (PyCFunction)(void (*)(void))client_service_info,

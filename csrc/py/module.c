@@ -174,6 +174,9 @@ static int module_exec(PyObject *m) {
   st->breaker_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &slpy_breaker_spec, NULL);
   if (st->breaker_type == NULL) return -1;
   if (PyModule_AddObjectRef(m, "Breaker", (PyObject *)st->breaker_type) < 0) return -1;
+  st->stats_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &slpy_stats_spec, NULL);
+  if (st->stats_type == NULL) return -1;
+  if (PyModule_AddObjectRef(m, "CallStats", (PyObject *)st->stats_type) < 0) return -1;
   st->codec_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &slpy_codec_spec, NULL);
   if (st->codec_type == NULL) return -1;
   if (PyModule_AddObjectRef(m, "Codec", (PyObject *)st->codec_type) < 0) return -1;
@@ -255,6 +258,7 @@ static int module_traverse(PyObject *m, visitproc visit, void *arg) {
   Py_VISIT(st->codec_type);
   Py_VISIT(st->callstate_type);
   Py_VISIT(st->breaker_type);
+  Py_VISIT(st->stats_type);
   Py_VISIT(st->leaf_type);
   Py_VISIT(st->out_type);
   Py_VISIT(st->reply_type);
@@ -276,6 +280,7 @@ static int module_clear(PyObject *m) {
   Py_CLEAR(st->codec_type);
   Py_CLEAR(st->callstate_type);
   Py_CLEAR(st->breaker_type);
+  Py_CLEAR(st->stats_type);
   Py_CLEAR(st->leaf_type);
   Py_CLEAR(st->out_type);
   Py_CLEAR(st->reply_type);

@@ -44,6 +44,7 @@ typedef struct slpy_state {
   PyTypeObject *codecs_type; /* _core.Codecs */
   PyTypeObject *callstate_type;
   PyTypeObject *breaker_type;
+  PyTypeObject *stats_type;  /* _core.CallStats */
   PyTypeObject *leaf_type;   /* _core.Leaf: a received tensor (struct sequence) */
   PyTypeObject *out_type;    /* _core.OutTensor: a tensor to send */
   PyTypeObject *reply_type;  /* _core.Reply: what Client.compute returns */
@@ -116,6 +117,17 @@ extern PyType_Spec slpy_codec_spec;
 extern PyType_Spec slpy_codecs_spec;
 extern PyType_Spec slpy_callstate_spec;
 extern PyType_Spec slpy_breaker_spec;
+extern PyType_Spec slpy_stats_spec;
+
+/* ---- call statistics (stats_py.c) ---- */
+
+/* 0 when obj is a _core.CallStats; -1 with TypeError otherwise. */
+int slpy_stats_check(slpy_state *st, PyObject *obj);
+/* Count a successful call of `ms` milliseconds in a CallStats (checked by the
+ * caller): server_ms the server's compute time (0: not known), attempts, the
+ * transport (sl_transport) and the message bytes. Needs the GIL. */
+void slpy_stats_ok(PyObject *stats, double ms, double server_ms, int attempts, int transport,
+                   size_t sent, size_t received);
 
 /* The sl_breaker of a _core.Breaker (borrowed), NULL for None, TypeError otherwise. */
 struct sl_breaker *slpy_breaker_of(slpy_state *st, PyObject *obj, int *error);
