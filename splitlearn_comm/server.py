@@ -782,6 +782,65 @@ def _reply_leaves(out: Any, kv_call: bool, spec: CodecSpec, registry: CodecRegis
     return leaves, form, nodes
 
 
+def _general_call(c: Any, call: context.CallContext, fields: Dict[str, Any], compute_fn: Any,
+                  models: "_Models", sessions: Any, loop: "aio.ServerLoop") -> Tuple[Any, bool]:
+    """A call of ``compute_fn`` that is not the common one (dispatch's first
+    branch): a model picked by model_id, ComputeBackward, a training step, a session
+    step or a KV cache call. Returns (result, kv_call)."""
+    name = type(compute_fn).__name__
+    backward = getattr(compute_fn, "backward", None)
+    if c.backward and not callable(backward):
+        raise Abort(grpc.StatusCode.UNIMPLEMENTED,
+                    f"{name} does not support ComputeBackward "
+                    "(it has no backward() method; see docs/training.md)")
+    # every tensor decoded in C; wrapped (torch.from_dlpack) and the structure
+    # rebuilt in one pass
+    if c.values is not None:  # made by the binding (convert=): one pass in C
+        x, values = c.value, c.values
+    elif (convert := _tensor.from_dlpack()) is not None:
+        x, values = _core.rebuild(c.form, c.leaves, c.nodes, convert)
+    else:  # pragma: no cover - NumPy arrays where torch is absent
+        values = _tensor.as_tensors(c.leaves)
+        x = _structure.unflatten(c.form, values, [leaf.name for leaf in c.leaves], c.nodes)
+    # only a call that may carry a KV cache asks what compute() takes
+    takes_cache = (c.n_kv > 0 or c.use_cache is not None) and models.takes_cache(compute_fn)
+    kv_call = not c.backward and c.form == _structure.SINGLE and (
+        c.n_kv > 0 or (c.use_cache is not None and takes_cache))
+
+    def run() -> Any:
+        if c.backward:
+            return backward(x, **_backward_args(fields, models.takes_backward_seq(compute_fn)))
+        if kv_call:
+            if not takes_cache:
+                raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"the request carries a KV cache (past_key_values) but "
+                            f"{name}.compute() takes no past_key_values/use_cache "
+                            "keywords")
+            pkv = tuple((values[1 + 2 * i], values[2 + 2 * i]) for i in range(c.n_kv))
+            return compute_fn.compute(x, past_key_values=pkv or None,
+                                      use_cache=bool(c.use_cache))
+        if (fields.get("forward_id") is not None
+                or fields.get("training_mode") is not None) and \
+                getattr(compute_fn, "supports_training", False):
+            return compute_fn.compute_training(
+                x, forward_id=fields.get("forward_id"),
+                training=bool(fields.get("training_mode")))
+        return compute_fn.compute(x)
+
+    if sessions is not None and fields.get("session_id") is not None:
+        from .sessions import run_step
+
+        # a session's steps run in order: an async step is awaited here
+        out = run_step(sessions, fields, call, lambda: aio.wait(run(), loop, call),
+                       backward=bool(c.backward))
+        if fields.get("session_close"):
+            # a close answers an empty tensor
+            out = x[:0] if _structure.is_tensor(x) else None
+    else:
+        out = run()
+    return out, kv_call
+
+
 def _make_dispatch(models: "_Models", registry: CodecRegistry,
                    server_codec: CodecSpec, sessions: Any = None,
                    loop: Optional["aio.ServerLoop"] = None) -> Callable[[Any], Any]:
@@ -792,105 +851,67 @@ def _make_dispatch(models: "_Models", registry: CodecRegistry,
     loop = loop if loop is not None else aio.ServerLoop()
     tensor_type = _structure._torch_tensor_type()  # a tensor result is not awaitable: no check
 
+    set_call, perf_counter, isawaitable = context._set, time.perf_counter, inspect.isawaitable
+    mapped = isinstance(server_codec, Mapping)  # a codec per result tensor: _reply_leaves
+
+    def encode(out: Any, kv_call: bool, call: context.CallContext) -> Tuple[List[Any], int, Any]:
+        try:
+            return _reply_leaves(out, kv_call, server_codec, registry)
+        except Abort as e:
+            if e.sl_code == grpc.StatusCode.INTERNAL.value[0]:
+                _log_exception("a codec encoding the result", call, e)
+            raise
+
     def dispatch(c: Any) -> Any:
         call = context.CallContext(c.method, c.peer, c.metadata, c.request_metadata, c.deadline,
                                    c.request_id, c.state)
-        context._set(call)
+        set_call(call)
         model_id: Optional[str] = None
         method = c.method
         t0 = 0.0
         try:
-            fields = c.fields or {}
-            model_id, compute_fn = models.pick(fields.get("model_id"))
-            name = type(compute_fn).__name__
-            backward = getattr(compute_fn, "backward", None)
-            if c.backward and not callable(backward):
-                raise Abort(grpc.StatusCode.UNIMPLEMENTED,
-                            f"{name} does not support ComputeBackward "
-                            "(it has no backward() method; see docs/training.md)")
-            # every tensor decoded in C; wrapped (torch.from_dlpack) and the structure
-            # rebuilt in one pass
-            if c.values is not None:  # made by the binding (convert=): one pass in C
-                x, values = c.value, c.values
-            elif (convert := _tensor.from_dlpack()) is not None:
-                x, values = _core.rebuild(c.form, c.leaves, c.nodes, convert)
-            else:  # pragma: no cover - NumPy arrays where torch is absent
-                values = _tensor.as_tensors(c.leaves)
-                x = _structure.unflatten(c.form, values, [leaf.name for leaf in c.leaves],
-                                         c.nodes)
-            # only a call that may carry a KV cache asks what compute() takes
-            takes_cache = (c.n_kv > 0 or c.use_cache is not None) and \
-                models.takes_cache(compute_fn)
-            kv_call = not c.backward and c.form == _structure.SINGLE and (
-                c.n_kv > 0 or (c.use_cache is not None and takes_cache))
-            t0 = time.perf_counter()
-
-            def run() -> Any:
-                if c.backward:
-                    return backward(x, **_backward_args(fields,
-                                                        models.takes_backward_seq(compute_fn)))
-                if kv_call:
-                    if not takes_cache:
-                        raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"the request carries a KV cache (past_key_values) but "
-                                    f"{name}.compute() takes no past_key_values/use_cache "
-                                    "keywords")
-                    pkv = tuple((values[1 + 2 * i], values[2 + 2 * i]) for i in range(c.n_kv))
-                    return compute_fn.compute(x, past_key_values=pkv or None,
-                                              use_cache=bool(c.use_cache))
-                if (fields.get("forward_id") is not None
-                        or fields.get("training_mode") is not None) and \
-                        getattr(compute_fn, "supports_training", False):
-                    return compute_fn.compute_training(
-                        x, forward_id=fields.get("forward_id"),
-                        training=bool(fields.get("training_mode")))
-                return compute_fn.compute(x)
-
-            if sessions is not None and fields.get("session_id") is not None:
-                from .sessions import run_step
-
-                # a session's steps run in order: an async step is awaited here
-                out = run_step(sessions, fields, call, lambda: aio.wait(run(), loop, call),
-                               backward=bool(c.backward))
-                if fields.get("session_close"):
-                    # a close answers an empty tensor
-                    out = x[:0] if _structure.is_tensor(x) else None
+            compute_fn = models.single
+            kv_call = False
+            if (c.fields is None and compute_fn is not None and not c.backward and not c.n_kv
+                    and c.use_cache is None and c.values is not None):
+                # the common call: one compute function, no training, model, session or
+                # KV cache field; its tensors were made by the binding (convert=)
+                x = c.value
+                t0 = perf_counter()
+                out = compute_fn.compute(x)
             else:
-                out = run()
-
-            def encode(out: Any) -> Tuple[List[Any], int, Any]:
-                try:
-                    return _reply_leaves(out, kv_call, server_codec, registry)
-                except Abort as e:
-                    if e.sl_code == grpc.StatusCode.INTERNAL.value[0]:
-                        _log_exception("a codec encoding the result", call, e)
-                    raise
-
-            if type(out) is not tensor_type and inspect.isawaitable(out):
+                fields = c.fields or {}
+                model_id, compute_fn = models.pick(fields.get("model_id"))
+                t0 = perf_counter()
+                out, kv_call = _general_call(c, call, fields, compute_fn, models, sessions, loop)
+            if type(out) is not tensor_type and isawaitable(out):
                 # an async def compute(): runs on the server's loop
                 if c.state is not None and hasattr(c.state, "defer"):
                     aio.defer(_counted(out, models, model_id, method, call, t0), loop, call,
-                              c.state, encode, t0)
+                              c.state, lambda o: encode(o, kv_call, call), t0)
                     return None
                 out = aio.wait(out, loop, call)
-            ms = (time.perf_counter() - t0) * 1e3
-            leaves, form, nodes = encode(out)
+            ms = (perf_counter() - t0) * 1e3
+            if type(out) is tensor_type and not mapped:
+                leaves, form, nodes = [("", out)], _structure.SINGLE, None
+            else:
+                leaves, form, nodes = encode(out, kv_call, call)
             models.count(model_id, method, "OK", ms / 1e3)
             return leaves, ms, call._trailing, form, nodes
         except Abort as e:
             models.count(model_id, method, _code_name(e.sl_code),
-                         time.perf_counter() - t0 if t0 else 0.0)
+                         perf_counter() - t0 if t0 else 0.0)
             if call._trailing and not getattr(e, "sl_trailing", None):
                 e.sl_trailing = call._trailing  # type: ignore[attr-defined]
             raise
         except Exception as e:
             _log_exception("compute()", call, e)
-            models.count(model_id, method, "INTERNAL", time.perf_counter() - t0 if t0 else 0.0)
+            models.count(model_id, method, "INTERNAL", perf_counter() - t0 if t0 else 0.0)
             if call._trailing:
                 e.sl_trailing = call._trailing  # type: ignore[attr-defined]
             raise
         finally:
-            context._set(None)
+            set_call(None)
 
     return dispatch
 

@@ -33,6 +33,11 @@ typedef struct server_obj {
   PyObject *convert;   /* strong: what wraps a received tensor's capsule, or None */
   slpy_state *st;
   PyTypeObject *holder_type; /* strong */
+  /* The last call's method, peer and invocation metadata as Python objects
+   * (strong, or NULL), reused while the next call's text is the same, as it is
+   * for the calls of one connection: str and tuples of str are immutable, so
+   * calls may share them. Read and replaced with the GIL held. */
+  PyObject *last_method, *last_peer, *last_metadata;
 } server_obj;
 
 /* ---- CallState: a call's liveness, for current_call().is_active() ---- */
@@ -190,6 +195,64 @@ static int callstate_end(PyObject *o) {
   c->state = NULL;
   c->pending = NULL;
   return 0;
+}
+
+/* ---- the text of a call, reused from the last call (server_obj.last_*) ---- */
+
+/* Whether `o` (str or bytes) holds exactly the n bytes at s (str: as UTF-8). */
+static int same_text(PyObject *o, const char *s, size_t n) {
+  const char *u;
+  Py_ssize_t len;
+  if (PyBytes_Check(o)) {
+    u = PyBytes_AS_STRING(o);
+    len = PyBytes_GET_SIZE(o);
+  } else {
+    u = PyUnicode_AsUTF8AndSize(o, &len);
+    if (u == NULL) {
+      PyErr_Clear();
+      return 0;
+    }
+  }
+  return (size_t)len == n && memcmp(u, s, n) == 0;
+}
+
+/* A str of `s` (new reference): *slot again when it holds the same text, else a
+ * new one, which replaces it. NULL with an exception when s is not UTF-8. */
+static PyObject *cached_str(PyObject **slot, const char *s) {
+  size_t n = strlen(s);
+  PyObject *o;
+  if (*slot != NULL && same_text(*slot, s, n)) return Py_NewRef(*slot);
+  o = PyUnicode_FromStringAndSize(s, (Py_ssize_t)n);
+  if (o != NULL) Py_XSETREF(*slot, Py_NewRef(o));
+  return o;
+}
+
+/* slpy_metadata_tuple(kv, n) (new reference), or *slot again when it was made
+ * from the same keys and values (the same bytes give the same str or bytes). */
+static PyObject *cached_metadata(PyObject **slot, const sl_kv *kv, size_t n) {
+  PyObject *t = *slot;
+  if (t != NULL && PyTuple_GET_SIZE(t) == (Py_ssize_t)n) {
+    size_t i;
+    for (i = 0; i < n; i++) {
+      PyObject *pair = PyTuple_GET_ITEM(t, (Py_ssize_t)i);
+      if (!same_text(PyTuple_GET_ITEM(pair, 0), kv[i].key, strlen(kv[i].key)) ||
+          !same_text(PyTuple_GET_ITEM(pair, 1), kv[i].value, kv[i].value_len)) {
+        break;
+      }
+    }
+    if (i == n) return Py_NewRef(t);
+  }
+  t = slpy_metadata_tuple(kv, n);
+  if (t != NULL) Py_XSETREF(*slot, Py_NewRef(t));
+  return t;
+}
+
+/* Whether a call's fields are all unset (no training, model, session or
+ * optimizer field): its Call then carries fields=None rather than a dict. */
+static int fields_unset(const sl_call_fields *f) {
+  return f->forward_id == NULL && (f->model_id == NULL || f->model_id[0] == '\0') &&
+         f->training_mode < 0 && !f->has_learning_rate && !f->has_accumulation_step &&
+         f->backward_seq <= 1 && f->session_id == NULL;
 }
 
 /* ---- hooks: called without the GIL, on the core's worker threads ---- */
@@ -350,7 +413,7 @@ static int hook_compute(void *user, const sl_call_info *call, sl_compute_args *a
     value = Py_NewRef(Py_None);
     values = Py_NewRef(Py_None);
   }
-  md = slpy_metadata_tuple(call->metadata, call->n_metadata);
+  md = cached_metadata(&self->last_metadata, call->metadata, call->n_metadata);
   reqmd = PyDict_New();
   if (md == NULL || reqmd == NULL) goto pyerror;
   for (size_t i = 0; i < args->n_req_metadata; i++) {
@@ -364,7 +427,7 @@ static int hook_compute(void *user, const sl_call_info *call, sl_compute_args *a
   deadline = call->deadline > 0 ? PyFloat_FromDouble(call->deadline) : Py_NewRef(Py_None);
   rid = args->has_request_id ? PyLong_FromLong(args->request_id) : Py_NewRef(Py_None);
   cstate = callstate_new(self->st, call->state);
-  fields = fields_dict(&args->fields);
+  fields = fields_unset(&args->fields) ? Py_NewRef(Py_None) : fields_dict(&args->fields);
   pycall = PyStructSequence_New(self->st->call_type);
   if (deadline == NULL || rid == NULL || cstate == NULL || fields == NULL || pycall == NULL) {
     goto pyerror;
@@ -376,8 +439,8 @@ static int hook_compute(void *user, const sl_call_info *call, sl_compute_args *a
     v[2] = Py_NewRef(nodes);
     v[3] = PyLong_FromSize_t(args->tensor->n_kv);
     v[4] = PyBool_FromLong(args->backward);
-    v[5] = PyUnicode_FromString(call->method);
-    v[6] = PyUnicode_FromString(call->peer);
+    v[5] = cached_str(&self->last_method, call->method);
+    v[6] = cached_str(&self->last_peer, call->peer);
     v[7] = Py_NewRef(md);
     v[8] = Py_NewRef(reqmd);
     v[9] = Py_NewRef(deadline);
@@ -516,18 +579,22 @@ static int hook_intercept(void *user, const sl_call_info *call, sl_err *err) {
   server_obj *self = user;
   PyGILState_STATE g;
   PyObject *md = NULL, *deadline = NULL, *ret = NULL, *cstate = NULL;
+  PyObject *method = NULL, *peer = NULL;
   int status = SL_EUSER;
 
   if (slpy_is_finalizing()) {
     return sl_err_set(err, SL_ESTATE, SL_STATUS_UNAVAILABLE, "the server is shutting down");
   }
   g = PyGILState_Ensure();
-  md = slpy_metadata_tuple(call->metadata, call->n_metadata);
+  md = cached_metadata(&self->last_metadata, call->metadata, call->n_metadata);
+  method = cached_str(&self->last_method, call->method);
+  peer = cached_str(&self->last_peer, call->peer);
   deadline = call->deadline > 0 ? PyFloat_FromDouble(call->deadline) : Py_NewRef(Py_None);
   cstate = callstate_new(self->st, call->state);
-  if (md == NULL || deadline == NULL || cstate == NULL) goto pyerror;
-  ret = PyObject_CallFunction(self->intercept, "ssOOO", call->method, call->peer, md, deadline,
-                              cstate);
+  if (md == NULL || method == NULL || peer == NULL || deadline == NULL || cstate == NULL) {
+    goto pyerror;
+  }
+  ret = PyObject_CallFunctionObjArgs(self->intercept, method, peer, md, deadline, cstate, NULL);
   if (ret == NULL) goto pyerror;
   status = SL_OK;
   goto cleanup;
@@ -539,6 +606,8 @@ cleanup:
   Py_XDECREF(ret);
   Py_XDECREF(deadline);
   Py_XDECREF(md);
+  Py_XDECREF(peer);
+  Py_XDECREF(method);
   PyGILState_Release(g);
   return status;
 }
@@ -811,6 +880,9 @@ static int server_traverse(server_obj *self, visitproc visit, void *arg) {
   Py_VISIT(self->intercept);
   Py_VISIT(self->convert);
   Py_VISIT(self->holder_type);
+  Py_VISIT(self->last_method);
+  Py_VISIT(self->last_peer);
+  Py_VISIT(self->last_metadata);
   return 0;
 }
 
@@ -824,6 +896,9 @@ static int server_clear(server_obj *self) {
   Py_CLEAR(self->intercept);
   Py_CLEAR(self->convert);
   Py_CLEAR(self->holder_type);
+  Py_CLEAR(self->last_method);
+  Py_CLEAR(self->last_peer);
+  Py_CLEAR(self->last_metadata);
   return 0;
 }
 

@@ -78,7 +78,7 @@ static PyStructSequence_Field call_fields[] = {
     {"deadline", "sl_now()-clock deadline, or None"},
     {"request_id", "the request's request_id, or None"},
     {"state", "the CallState (liveness)"},
-    {"fields", "the training fields (dict)"},
+    {"fields", "the training, model and session fields (dict), or None when none is set"},
     {"use_cache", "ComputeRequest.use_cache: None, False or True"},
     {"value", "with the server's convert=: the object the tensors were sent as (leaves and "
               "nodes are None then); else None"},
