@@ -395,3 +395,38 @@ def test_ctrl_c_ends_wait_for_termination():
 def test_bad_addresses_are_value_errors(address):
     with pytest.raises(ValueError, match="server_address"):
         slc.GRPCComputeClient(address)
+
+
+def test_each_call_sees_its_own_peer_and_metadata(serve, connect):
+    """The server reuses the last call's method, peer and metadata objects while
+    their text is the same (server_py.c, last_*): calls that alternate between two
+    connections, and between metadata that differ in one value or one binary
+    byte, still see their own."""
+    seen = []
+
+    class Recorder(slc.ComputeFunction):
+        def compute(self, input_tensor):
+            call = slc.current_call()
+            seen.append((call.peer, dict(call.metadata).get("x-who"),
+                         dict(call.metadata).get("x-raw-bin"), call.method))
+            return input_tensor
+
+    server = serve(Recorder(), max_workers=2)
+    a = connect(server, metadata=[("x-who", "a"), ("x-raw-bin", b"\x00\x01")])
+    # its own subchannel pool: its own connection (channels of one process share one)
+    b = connect(server, metadata=[("x-who", "b"), ("x-raw-bin", b"\x00\x02")],
+                options=[("grpc.use_local_subchannel_pool", 1)])
+    expected = []
+    clients = ((a, "a", b"\x00\x01"), (b, "b", b"\x00\x02"))
+    for i in range(6):  # consecutive calls with as many metadata entries, one differing
+        for client, who, raw in clients:
+            client.compute(torch.ones(1))
+            expected.append((who, raw))
+        for client, who, raw in clients:
+            client.compute(torch.ones(1), metadata=[("x-who", f"{who}{i % 2}")])
+            expected.append((f"{who}{i % 2}", raw))
+    assert [(w, r) for _, w, r, _ in seen] == expected
+    peers = ({p for p, w, _, _ in seen if w[0] == "a"},
+             {p for p, w, _, _ in seen if w[0] == "b"})
+    assert len(peers[0]) == 1 and len(peers[1]) == 1 and peers[0] != peers[1]
+    assert {m for *_, m in seen} == {"/splitlearn.comm.ComputeService/Compute"}
