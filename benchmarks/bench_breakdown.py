@@ -20,6 +20,11 @@ clients run in this process, the C rows in their own. For the Python rows it als
 counts the server's CPU time and the context switches per round trip (client and
 server threads together, from /proc): each is a thread put to sleep or woken.
 
+Two more columns split each Python row between its sides: "client side" is the
+row's client calling our C core's server (build/bench/core_echo run with
+CORE_ECHO_SERVE_ONLY=1), "server side" our C core's client calling the row's server
+(core_echo with CORE_ECHO_PORT). Each is measured in the same rounds.
+
 Every row is measured twice: with the processes where the scheduler puts them
 ("spread": on a small machine most of a 3 KiB round trip is then the client's and
 the server's threads waking each other across CPUs, which moves from run to run),
@@ -70,6 +75,12 @@ ROWS = [
 ]
 
 
+# the rows whose client, and whose server, differ from the row above: measured
+# alone against our C core's other side
+CLIENT_SIDE = ("bind", "torch", "api")
+SERVER_SIDE = ("bind", "torch", "dispatch")
+
+
 class Identity(ComputeFunction):
     def compute(self, input_tensor: Any) -> Any:
         return input_tensor
@@ -109,11 +120,18 @@ def serve(kind: str) -> None:
 
 
 class Child:
+    """A server process: this file run with --serve KIND, or (KIND "c") our C core's
+    server alone (core_echo with CORE_ECHO_SERVE_ONLY=1). It prints its port and
+    pid and serves until its stdin closes."""
+
     def __init__(self, kind: str) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", kind],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        env["CORE_ECHO_SERVE_ONLY"] = "1"
+        command = [c_program("core_echo")] if kind == "c" else \
+            [sys.executable, os.path.abspath(__file__), "--serve", kind]
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env=env)
         assert self.proc.stdout is not None
         ready = select.select([self.proc.stdout], [], [], 60.0)[0]
         line = self.proc.stdout.readline().decode() if ready else ""
@@ -170,13 +188,21 @@ def make_call(kind: str, port: int) -> Tuple[Callable[[torch.Tensor], Any], Call
     return call, c.close
 
 
-def run_c(program: str, nbytes: int, n: int) -> Dict[str, float]:
-    """p50 of a C row and its client's CPU per round trip, in microseconds."""
+def c_program(program: str) -> str:
     path = os.path.join(BENCH_BIN, program)
     if not os.path.exists(path):
         subprocess.run(["make", "-s", "-C", ROOT, "bench-floor"], check=True)
-    out = subprocess.run([path, "--sizes", str(nbytes), "--n", str(n)], check=True,
-                         capture_output=True, text=True, timeout=600)
+    return path
+
+
+def run_c(program: str, nbytes: int, n: int, port: Optional[int] = None) -> Dict[str, float]:
+    """p50 of a C row and its client's CPU per round trip, in microseconds; with
+    ``port``, core_echo's client calls the server there instead of its own."""
+    env = dict(os.environ)
+    if port is not None:
+        env["CORE_ECHO_PORT"] = str(port)
+    out = subprocess.run([c_program(program), "--sizes", str(nbytes), "--n", str(n)], check=True,
+                         capture_output=True, text=True, timeout=600, env=env)
     row = json.loads(out.stdout.strip().splitlines()[-1])
     return {"p50": float(row["p50_us"]), "cpu": float(row.get("client_cpu_us", "nan"))}
 
@@ -197,21 +223,30 @@ def measure(kinds: List[str], x: torch.Tensor, args: argparse.Namespace,
     if cpus is not None:
         os.sched_setaffinity(0, cpus)  # the children (servers, C rows) inherit it
     py_kinds = [k for k in kinds if k not in ("floor", "core")]
+    client_side = [k for k in py_kinds if k in CLIENT_SIDE]
+    server_side = [k for k in py_kinds if k in SERVER_SIDE]
     calls = {}
+    calls_c: Dict[str, Tuple[Callable[[torch.Tensor], Any], Callable[[], None]]] = {}
     children: Dict[str, Child] = {}
     try:
         for k in py_kinds:
             children[k] = Child("full" if k in ("dispatch", "api") else k)
+        c_server = Child("c")
+        children["c"] = c_server
         for k in py_kinds:
             calls[k] = make_call(k, children[k].port)
+        for k in client_side:
+            calls_c[k] = make_call(k, c_server.port)
         lat: Dict[str, List[float]] = {k: [] for k in kinds}  # us
         c_p50: Dict[str, List[float]] = {"floor": [], "core": []}
         cpu: Dict[str, List[float]] = {k: [] for k in kinds}  # client CPU us per call
         scpu: Dict[str, List[float]] = {k: [] for k in py_kinds}  # server CPU us per call
         switches: Dict[str, List[float]] = {k: [] for k in py_kinds}
-        for k in py_kinds:  # warm-up
-            for _ in range(max(20, args.n // 10)):
-                calls[k][0](x)
+        lat_client: Dict[str, List[float]] = {k: [] for k in client_side}  # us
+        p50_server: Dict[str, List[float]] = {k: [] for k in server_side}
+        for call in [c[0] for c in calls.values()] + [c[0] for c in calls_c.values()]:
+            for _ in range(max(20, args.n // 10)):  # warm-up
+                call(x)
         for rnd in range(args.rounds):
             for k in kinds:
                 if k in c_p50:
@@ -233,11 +268,20 @@ def measure(kinds: List[str], x: torch.Tensor, args: argparse.Namespace,
                 scpu[k].append((server_cpu(pid) - sc0) / args.n * 1e6)
                 s1 = ctx_switches(os.getpid()) + ctx_switches(pid)
                 switches[k].append((s1 - s0) / args.n)
+                if k in calls_c:  # the row's client alone: against our C server
+                    call = calls_c[k][0]
+                    for _ in range(args.n):
+                        t0 = clock()
+                        call(x)
+                        lat_client[k].append((clock() - t0) / 1e3)
+                if k in p50_server:  # the row's server alone: our C client
+                    p50_server[k].append(run_c("core_echo", x.numel() * 4, args.n,
+                                               port=children[k].port)["p50"])
             print(f"{'spread' if cpus is None else 'one CPU'}: round {rnd + 1}/{args.rounds} "
                   "done", flush=True)
     finally:
-        for k in calls:
-            calls[k][1]()
+        for c in list(calls.values()) + list(calls_c.values()):
+            c[1]()
         for ch in children.values():
             ch.stop()
         os.sched_setaffinity(0, before)
@@ -249,6 +293,10 @@ def measure(kinds: List[str], x: torch.Tensor, args: argparse.Namespace,
         if k in scpu:
             out[k]["server_cpu"] = statistics.median(scpu[k])
             out[k]["switches"] = statistics.median(switches[k])
+        if k in lat_client:
+            out[k]["client_side"] = statistics.median(lat_client[k])
+        if k in p50_server:
+            out[k]["server_side"] = statistics.median(p50_server[k])
     return out
 
 
@@ -286,7 +334,10 @@ def main(argv: List[str]) -> int:
         "context switches per round trip in the client and server processes together "
         "(threads put to sleep or woken). `client CPU`: CPU time of the client process "
         "per round trip (all its threads), which the machine's load disturbs less than "
-        "latency.",
+        "latency. `client side` and `server side`: the p50 of the row's client calling our "
+        "C core's server, and of our C core's client calling the row's server (the row "
+        "with the other side's Python taken away; the core row's p50 is where both "
+        "start).",
         "",
         f"Machine: {cpu_model()}, {os.cpu_count()} CPUs; "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
@@ -301,9 +352,9 @@ def main(argv: List[str]) -> int:
                                 "every process pinned to one CPU: no cross-CPU wake-ups, so "
                                 "the latency is the length of the path"),
             "",
-            "| stack | what it adds | p50 us | added us | x floor | client CPU us "
-            "| server CPU us | switches |",
-            "|---|---|--:|--:|--:|--:|--:|--:|",
+            "| stack | what it adds | p50 us | added us | x floor | client side us "
+            "| server side us | client CPU us | server CPU us | switches |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
         ]
         prev = None
         for k, name, what in ROWS:
@@ -311,8 +362,11 @@ def main(argv: List[str]) -> int:
             added = "" if prev is None else f"{r['p50'] - res[prev]['p50']:+.1f}"
             sw = f"{r['switches']:.1f}" if "switches" in r else "-"
             sc = f"{r['server_cpu']:.0f}" if "server_cpu" in r else "-"
+            cs = f"{r['client_side']:.1f}" if "client_side" in r else "-"
+            ss = f"{r['server_side']:.1f}" if "server_side" in r else "-"
             lines.append(f"| {name} | {what} | {r['p50']:.1f} | {added} | "
-                         f"{r['p50'] / floor:.2f}x | {r['client_cpu']:.1f} | {sc} | {sw} |")
+                         f"{r['p50'] / floor:.2f}x | {cs} | {ss} | {r['client_cpu']:.1f} | "
+                         f"{sc} | {sw} |")
             prev = k
         lines.append("")
     lines += [END, ""]

@@ -12,6 +12,12 @@
  *   build/bench/core_echo [--sizes 3072,1048576] [--n 2000,300] [--cold 268435456]
  *
  * Output: JSON lines (floor_common.h), bench "core_echo".
+ *
+ * Either side alone, for bench_breakdown.py's split of the Python layers:
+ *   CORE_ECHO_SERVE_ONLY=1 core_echo   starts the server, prints "PORT p PID pid" and
+ *                                      serves until its stdin closes
+ *   CORE_ECHO_PORT=p core_echo ...     the client calls the server on 127.0.0.1:p
+ *                                      (any splitlearn-comm server) instead of its own
  */
 #include "client.h"
 #include "server.h"
@@ -158,7 +164,18 @@ int main(int argc, char **argv) {
   parse_env_args();
   for (int k = 0; k < o.nsizes; k++) biggest = o.sizes[k] > biggest ? o.sizes[k] : biggest;
   biggest = o.cold > biggest ? o.cold : biggest;
-  if (o.nsizes > 0 && floor_spawn(&steady) != 0) return 1;
+  if (getenv("CORE_ECHO_SERVE_ONLY")) {
+    char b[16];
+    if (floor_spawn(&steady) != 0) return 1;
+    printf("PORT %d PID %d\n", steady.port, (int)steady.pid);
+    fflush(stdout);
+    while (fread(b, 1, sizeof(b), stdin) > 0) {
+    }
+    floor_stop(&steady);
+    return 0;
+  }
+  if (getenv("CORE_ECHO_PORT")) steady.port = atoi(getenv("CORE_ECHO_PORT"));
+  else if (o.nsizes > 0 && floor_spawn(&steady) != 0) return 1;
   if (o.cold > 0 && floor_spawn(&cold) != 0) return 1;
   if (sl_storage_alloc(biggest, &buf) != SL_OK) return 1;
   floor_fill(buf, biggest);
@@ -194,7 +211,7 @@ int main(int argc, char **argv) {
       free(lat);
     }
     sl_client_destroy(c);
-    floor_stop(&steady);
+    if (!getenv("CORE_ECHO_PORT")) floor_stop(&steady);
   }
   sl_storage_free(buf);
   return 0;
