@@ -633,13 +633,13 @@ static int tcall_begin(sl_server *s, const sl_call_info *ci, sl__bbspans *in, sl
   }
   if (rc != SL_OK) goto fail;
   if (tc->msg.n_items > 0) {
-    snprintf(r->rec.codec, sizeof(r->rec.codec), "%s", tc->msg.items[0].codec);
+    sl_strlcpy(r->rec.codec, tc->msg.items[0].codec, sizeof(r->rec.codec));
     record_desc(&tc->msg.items[0].desc, &r->rec.in_dtype, &r->rec.in_ndim, r->rec.in_shape);
   }
   if (decode_request(s, &tc->msg, &tc->reserved, &r->err) != SL_OK) goto fail;
   sl_call_fields_from_request(req_kind, tc->msg.header, &args->fields);
   if (args->fields.forward_id != NULL) {
-    snprintf(r->rec.forward_id, sizeof(r->rec.forward_id), "%s", args->fields.forward_id);
+    sl_strlcpy(r->rec.forward_id, args->fields.forward_id, sizeof(r->rec.forward_id));
   }
   if (!backward) {
     Splitlearn__Comm__ComputeRequest *req = (Splitlearn__Comm__ComputeRequest *)tc->msg.header;
@@ -1269,8 +1269,8 @@ static int serve_call(served *sv, grpc_call_details *details, grpc_metadata_arra
   }
   ci.method = sv->method;
   ci.peer = sv->peer ? sv->peer : "";
-  snprintf(sv->r.rec.method_name, sizeof(sv->r.rec.method_name), "%s", sv->method);
-  snprintf(sv->r.rec.peer, sizeof(sv->r.rec.peer), "%s", ci.peer);
+  sl_strlcpy(sv->r.rec.method_name, sv->method, sizeof(sv->r.rec.method_name));
+  sl_strlcpy(sv->r.rec.peer, ci.peer, sizeof(sv->r.rec.peer));
   remaining = sl__seconds_until(details->deadline);
   ci.deadline = remaining > 1e15 ? 0.0 : sl_now() + remaining;
   ci.metadata = sv->kv;

@@ -130,6 +130,12 @@ char *sl_strndup(const char *s, size_t n) {
   return p;
 }
 
+void sl_strlcpy(char *dst, const char *src, size_t size) {
+  size_t n = strnlen(src, size - 1);
+  memcpy(dst, src, n);
+  dst[n] = '\0';
+}
+
 struct sl_arena_chunk {
   struct sl_arena_chunk *next;
   size_t used, cap;

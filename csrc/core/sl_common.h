@@ -90,6 +90,11 @@ const char *sl_status_name(int code);
  * when out of memory. The caller frees it with free(). */
 char *sl_strndup(const char *s, size_t n);
 
+/* Copy `src` into dst[size] (size > 0), cut to size - 1 bytes and NUL-terminated:
+ * what snprintf(dst, size, "%s", src) gives, without parsing a format (a copy
+ * per call for the access log). */
+void sl_strlcpy(char *dst, const char *src, size_t size);
+
 /* Length of the well-formed UTF-8 sequence at s[0..n) (1 to 4), or 0 when the
  * bytes there are not one (a stray continuation byte, an overlong form, a
  * surrogate, a code point past U+10FFFF, or a sequence cut off by `n`). The same

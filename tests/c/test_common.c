@@ -1,5 +1,6 @@
 /* test_common.c: the error record and the UTF-8 helpers of sl_common. */
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -97,10 +98,26 @@ static void test_arena_blocks_stay_put_until_cleared(void) {
   sl_arena_clear(&a);
 }
 
+/* sl_strlcpy gives what snprintf(dst, size, "%s", src) gives. */
+static void test_strlcpy_is_snprintf_of_a_string(void) {
+  const char *srcs[] = {"", "a", "exactly8", "longer than the buffer"};
+  for (size_t i = 0; i < 4; i++) {
+    for (size_t size = 1; size <= 12; size++) {
+      char a[16], b[16];
+      memset(a, '#', sizeof(a));
+      memset(b, '#', sizeof(b));
+      sl_strlcpy(a, srcs[i], size);
+      snprintf(b, size, "%s", srcs[i]);
+      CHECK(memcmp(a, b, sizeof(a)) == 0);
+    }
+  }
+}
+
 int main(void) {
   RUN(test_err_cut_on_character_boundary);
   RUN(test_err_replaces_bad_bytes);
   RUN(test_utf8_valid);
   RUN(test_arena_blocks_stay_put_until_cleared);
+  RUN(test_strlcpy_is_snprintf_of_a_string);
   return sl_test_done("test_common");
 }
