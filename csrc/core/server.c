@@ -1119,10 +1119,14 @@ static void alone_set(served *sv, int on) {
   }
 }
 
+/* Whether a call moves a stream alone and the server is not stopping. */
+static int moving_alone(sl_server *s) {
+  return atomic_load(&s->alone) > 0 && !atomic_load(&s->park_stop);
+}
+
 /* Whether an idle worker is to stay out of gRPC now (or take a handed call). */
 static int parking(sl_server *s) {
-  return (atomic_load(&s->alone) > 0 && !atomic_load(&s->park_stop)) ||
-         atomic_load(&s->n_handed) > 0;
+  return moving_alone(s) || atomic_load(&s->n_handed) > 0;
 }
 
 /* For an idle worker: a call handed over (1, *sv and *success set), or 0 once no
@@ -1130,7 +1134,7 @@ static int parking(sl_server *s) {
 static int park(sl_server *s, served **sv, int *success) {
   int got = 0;
   pthread_mutex_lock(&s->park_mu);
-  while (s->handed == NULL && atomic_load(&s->alone) > 0 && !atomic_load(&s->park_stop)) {
+  while (s->handed == NULL && moving_alone(s)) {
     pthread_cond_wait(&s->park_cv, &s->park_mu);
   }
   if (s->handed != NULL) {
