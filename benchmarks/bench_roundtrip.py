@@ -764,7 +764,7 @@ def measure(servers: Servers, plan: Sequence[Tuple[str, Tuple[int, ...], int, in
             call = servers.clients[impl]
             check_identity(call, x, impl, label)
             run_timed(call, x, warm, k)
-        rounds = ROUNDS if k == 1 and with_c else 1
+        rounds = min(ROUNDS, n) if k == 1 and with_c else 1  # no round without calls
         shares = [n // rounds + (1 if i < n % rounds else 0) for i in range(rounds)]
         c_rows: Dict[str, List[Dict[str, Any]]] = {impl: [] for impl in C_PROGRAMS}
         timed: Dict[str, List[Tuple[List[int], int, int]]] = {impl: [] for impl in IMPLS}
