@@ -450,7 +450,9 @@ def test_calls_that_arrive_while_a_stream_is_received_are_served(serve, connect,
             assert torch.equal(client.compute(x, timeout=10), x)
         big = torch.arange(20000, dtype=torch.float32)
         assert torch.equal(streaming(connect(server)).compute(big, timeout=10), big)
-        assert server.metrics()["in_flight"] == 1  # the held stream, still waiting
+        # the held stream, still waiting (a call counts as in flight until the server
+        # has recorded its end, a moment after its client has the reply)
+        wait_for(lambda: server.metrics()["in_flight"] == 1, "the other calls to end")
         hold.set()
         reader.join(60)
     out = replies[0]
@@ -482,7 +484,8 @@ def test_calls_that_arrive_while_a_reply_streams_out_are_served(serve, connect, 
         for k in range(20):
             x = torch.full((64,), float(k))
             assert torch.equal(client.compute(x, timeout=10), x)
-        assert server.metrics()["in_flight"] == 1  # the reply, still going out
+        # the reply, still going out
+        wait_for(lambda: server.metrics()["in_flight"] == 1, "the other calls to end")
         out = first.data + b"".join(c.data for c in reply)
     message = stubs.pb.ComputeResponse.FromString(out)
     assert list(message.shape) == [16 * 2**20]
