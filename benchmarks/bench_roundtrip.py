@@ -80,7 +80,11 @@ from splitlearn_comm import ComputeFunction, GRPCComputeClient, GRPCComputeServe
 
 IMPL_SLC = "splitlearn-comm"
 IMPL_GRPCIO = "grpcio+numpy"
-IMPLS = (IMPL_SLC, IMPL_GRPCIO)
+IMPLS = (IMPL_SLC, IMPL_GRPCIO)  # the servers (child processes)
+# a second client of the splitlearn-comm server, with busy polling off (every call
+# sleeps while it waits: docs/api.md, "Busy polling"), timed in the one-thread rows
+IMPL_SLC_SLEEP = "splitlearn-comm, busy_poll=0"
+CLIENT_IMPLS = (IMPL_SLC, IMPL_SLC_SLEEP, IMPL_GRPCIO)
 IMPL_FLOOR = "C-core echo (floor)"
 IMPL_CORE = "splitlearn-comm core, C hook"
 # the C rows: implementation name -> program under build/bench (make bench-floor)
@@ -281,9 +285,11 @@ class Child:
 # --------------------------------------------------------------------------------------
 
 class SplitlearnClient:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, busy_poll: Optional[float] = None) -> None:
         # over TCP: same-host shared memory has its own benchmark (bench_shm.py)
-        self.client = GRPCComputeClient(address, retry_strategy=None, shared_memory=False)
+        extra = {} if busy_poll is None else {"busy_poll": busy_poll}  # None: the default
+        self.client = GRPCComputeClient(address, retry_strategy=None, shared_memory=False,
+                                        **extra)
 
     def wait_ready(self, timeout: float) -> None:
         if not self.client.connect(timeout) or not self.client.health_check(timeout):
@@ -494,7 +500,7 @@ def floor_ratios(results: List[Result]) -> List[str]:
     """Each one-thread row's p50 as a multiple of the C-core echo's in the same run."""
     one = [r for r in results if r.concurrency == 1]
     floors = {r.size: r for r in one if r.impl == IMPL_FLOOR}
-    impls = [i for i in (IMPL_FLOOR, IMPL_CORE, IMPL_SLC, IMPL_GRPCIO)
+    impls = [i for i in (IMPL_FLOOR, IMPL_CORE, IMPL_SLC, IMPL_SLC_SLEEP, IMPL_GRPCIO)
              if any(r.impl == i for r in one)]
     if not floors:
         return []
@@ -532,8 +538,11 @@ def floor_section(results: List[Result]) -> List[str]:
         "(`sl_server` with an identity compute hook in C, `sl_client`, one copy per "
         "received tensor on each side), no Python (`benchmarks/floor/core_echo.c`). Both "
         "are built by `make bench-floor` and, like the Python servers, serve from a child "
-        "process. At 3 KiB a round trip is mostly cross-CPU wake-ups, so these ratios "
-        "move with where the scheduler puts the processes.",
+        "process. **splitlearn-comm, busy_poll=0**: the same server, called by a client "
+        "with busy polling off, so that each call sleeps while it waits for its reply as "
+        "the floor's client does (docs/api.md, \"Busy polling\"). At 3 KiB a round trip "
+        "is mostly cross-CPU wake-ups, so these ratios move with where the scheduler puts "
+        "the processes.",
         "",
     ] + lines + [""]
 
@@ -660,7 +669,7 @@ def data(results: List[Result], overlap: List[Result], info: Dict[str, str],
     sizes = {label: math.prod(shape) * 4 for label, shape, *_ in SIZES}
     floor = {r.size: r.p50_ms for r in results if r.impl == IMPL_FLOOR}
     return {"script": "bench_roundtrip.py", "quick": bool(args.quick), "info": info,
-            "results": rows([r for r in results if r.impl in IMPLS]),
+            "results": rows([r for r in results if r.impl in CLIENT_IMPLS]),
             "c_rows": rows([r for r in results if r.impl in C_PROGRAMS]),
             "overlap": rows(overlap),
             "reference_p50_ms": {
@@ -727,8 +736,9 @@ class Servers:
                 self.children.append(Child(impl, stub_dir, delay_ms))
             by_impl = {c.impl: c for c in self.children}
             self.clients[IMPL_SLC] = SplitlearnClient(by_impl[IMPL_SLC].address)
+            self.clients[IMPL_SLC_SLEEP] = SplitlearnClient(by_impl[IMPL_SLC].address, 0.0)
             self.clients[IMPL_GRPCIO] = GrpcioClient(by_impl[IMPL_GRPCIO].address, stub_dir)
-            for impl in IMPLS:
+            for impl in CLIENT_IMPLS:
                 self.clients[impl].wait_ready(30.0)
         except BaseException:
             self.close()
@@ -760,19 +770,20 @@ def measure(servers: Servers, plan: Sequence[Tuple[str, Tuple[int, ...], int, in
         x = torch.randn(shape, dtype=torch.float32)
         nbytes = x.numel() * x.element_size()
         warm = max(3, n // 10)
-        for impl in IMPLS:
+        impls = CLIENT_IMPLS if k == 1 else IMPLS
+        for impl in impls:
             call = servers.clients[impl]
             check_identity(call, x, impl, label)
             run_timed(call, x, warm, k)
         rounds = min(ROUNDS, n) if k == 1 and with_c else 1  # no round without calls
         shares = [n // rounds + (1 if i < n % rounds else 0) for i in range(rounds)]
         c_rows: Dict[str, List[Dict[str, Any]]] = {impl: [] for impl in C_PROGRAMS}
-        timed: Dict[str, List[Tuple[List[int], int, int]]] = {impl: [] for impl in IMPLS}
+        timed: Dict[str, List[Tuple[List[int], int, int]]] = {impl: [] for impl in impls}
         for share in shares:
             if rounds > 1:
                 for impl in C_PROGRAMS:
                     c_rows[impl].append(run_c(impl, nbytes, share, max(3, warm // rounds)))
-            for impl in IMPLS:
+            for impl in impls:
                 if rounds > 1:
                     # as each C row's new process does: the other rows ran meanwhile,
                     # and a server that sat idle has given its memory back (a second
@@ -785,7 +796,7 @@ def measure(servers: Servers, plan: Sequence[Tuple[str, Tuple[int, ...], int, in
                 results.append(r)
                 print(f"{label:>7} {impl:<28} n={r.n:<5} p50={_fmt_ms(r.p50_ms):>8} ms "
                       f"p99={_fmt_ms(r.p99_ms):>8} ms", flush=True)
-        for impl in IMPLS:
+        for impl in impls:
             lat = [v for t in timed[impl] for v in t[0]]
             r = Result(label, nbytes, impl, k, n, lat, sum(t[1] for t in timed[impl]),
                        sum(t[2] for t in timed[impl]))

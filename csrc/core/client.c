@@ -4,6 +4,7 @@
  * with one batch carrying every op of the unary call. Retries (built-in policies)
  * run here, attempts and sleeps alike, with no Python lock held.
  */
+#define _GNU_SOURCE /* sched_getaffinity, CPU_COUNT */
 #include "client.h"
 
 #include <grpc/grpc.h>
@@ -12,7 +13,7 @@
 #include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
 #include <pthread.h>
-#include <stdatomic.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
@@ -51,7 +52,18 @@ struct sl_client {
                                      [0] / ComputeBackwardStream [1]: unary from now on */
   atomic_int refs;
   atomic_int closed; /* sl_client_destroy() ran: calls in flight end CANCELLED */
+  /* busy polling (sl_client_set_busy_poll): the window (0: off); polls in a row
+   * whose reply did not come within it; calls left to sleep through before the
+   * next poll, and how many the last back-off skipped. Updated without a lock:
+   * a lost update between threads only moves a back-off by a call. */
+  atomic_llong busy_poll_ns;
+  atomic_int poll_misses, poll_skip, poll_backoff;
 };
+
+/* Whether a thread of this process busy-polls now: one at a time, so that busy
+ * polling never keeps more than one CPU from the process's other work. A flag
+ * changed only by compare-and-swap (taken) and store (given back): no lock. */
+static atomic_int busy_polling;
 
 static void set_note(sl_client *c, const char *fmt, const char *arg) {
   pthread_mutex_lock(&c->note_mu);
@@ -82,6 +94,65 @@ void sl_client_shm_stats(sl_client *c, int *state, size_t *segments, long long *
 void sl_client_set_streaming(sl_client *c, size_t threshold, size_t chunk) {
   atomic_store(&c->stream_threshold, threshold);
   atomic_store(&c->stream_chunk, chunk);
+}
+
+void sl_client_set_busy_poll(sl_client *c, double seconds) {
+  cpu_set_t cpus;
+  long long ns = seconds > 0 ? (long long)(seconds * 1e9) : 0;
+  /* one CPU: the reply's sender needs the CPU the poller would keep */
+  if (sched_getaffinity(0, sizeof(cpus), &cpus) == 0 && CPU_COUNT(&cpus) < 2) ns = 0;
+  atomic_store(&c->busy_poll_ns, ns);
+}
+
+double sl_client_busy_poll(const sl_client *c) {
+  return (double)atomic_load(&c->busy_poll_ns) * 1e-9;
+}
+
+/* After POLL_MISSES polls in a row whose reply came later than the window, the
+ * client's calls sleep through the next POLL_BACKOFF_MIN calls, then poll once to
+ * see whether polling pays again; each further miss doubles the calls skipped,
+ * up to POLL_BACKOFF_MAX, and a poll that gets its reply ends the back-off. */
+#define POLL_MISSES 4
+#define POLL_BACKOFF_MIN 16
+#define POLL_BACKOFF_MAX 1024
+
+/* Busy polling (client.h): look at `cq` without sleeping until its one event
+ * comes or the window ends. Returns 1 with the event taken, 0 when the caller is
+ * to wait as usual (not polling now, or no event within the window). */
+static int busy_poll(sl_client *c, grpc_completion_queue *cq) {
+  long long window = atomic_load_explicit(&c->busy_poll_ns, memory_order_relaxed);
+  int idle = 0, done = 0, backoff;
+  double until;
+  if (window <= 0) return 0;
+  if (atomic_load_explicit(&c->poll_skip, memory_order_relaxed) > 0) {
+    atomic_fetch_sub_explicit(&c->poll_skip, 1, memory_order_relaxed);
+    return 0;
+  }
+  if (!atomic_compare_exchange_strong(&busy_polling, &idle, 1)) return 0;
+  until = sl_now() + (double)window * 1e-9;
+  do {
+    /* a past deadline: one look at the queue and one poll of the sockets */
+    done = grpc_completion_queue_next(cq, gpr_inf_past(GPR_CLOCK_MONOTONIC), NULL).type ==
+           GRPC_OP_COMPLETE;
+    /* a thread waiting for this CPU (the server's, on the same host) runs first */
+    if (!done) sched_yield();
+  } while (!done && sl_now() < until);
+  atomic_store(&busy_polling, 0);
+  if (done) {
+    atomic_store_explicit(&c->poll_misses, 0, memory_order_relaxed);
+    atomic_store_explicit(&c->poll_backoff, 0, memory_order_relaxed);
+  } else if (atomic_fetch_add_explicit(&c->poll_misses, 1, memory_order_relaxed) + 1 >=
+                 POLL_MISSES ||
+             atomic_load_explicit(&c->poll_backoff, memory_order_relaxed) > 0) {
+    /* a run of misses, or the probe after a back-off missed too */
+    backoff = atomic_load_explicit(&c->poll_backoff, memory_order_relaxed);
+    backoff = backoff == 0 ? POLL_BACKOFF_MIN : backoff >= POLL_BACKOFF_MAX / 2 ? POLL_BACKOFF_MAX
+                                                                             : 2 * backoff;
+    atomic_store_explicit(&c->poll_backoff, backoff, memory_order_relaxed);
+    atomic_store_explicit(&c->poll_misses, 0, memory_order_relaxed);
+    atomic_store_explicit(&c->poll_skip, backoff, memory_order_relaxed);
+  }
+  return done;
 }
 
 void sl_client_streaming(const sl_client *c, size_t *threshold, size_t *chunk, int *no_stream,
@@ -117,6 +188,10 @@ int sl_client_create(const char *target, const sl_chan_arg *args, size_t nargs,
   grpc_init();
   sl_malloc_tune(); /* large messages: see tensor.h */
   sl_client_set_streaming(c, SL_STREAM_THRESHOLD_DEFAULT, SL_STREAM_CHUNK_DEFAULT);
+  {
+    const char *v = getenv("SPLITLEARN_BUSY_POLL");
+    sl_client_set_busy_poll(c, v != NULL && strcmp(v, "0") == 0 ? 0 : SL_BUSY_POLL_DEFAULT);
+  }
   c->max_send = c->max_recv = SL_MAX_DECODED_BYTES;
   for (size_t i = 0; i < nargs; i++) {
     if (args[i].is_string || args[i].ival < 0) continue;
@@ -336,7 +411,7 @@ static int attempt(sl_client *c, const char *method, sl_payload *p, double deadl
                         (int)ce);
     goto cleanup;
   }
-  for (;;) {
+  for (int polled = busy_poll(c, cq); !polled;) {
     grpc_event ev = grpc_completion_queue_next(cq, sl__deadline_in(SLICE_S), NULL);
     if (ev.type == GRPC_OP_COMPLETE) break;
     if (!interrupted && o->interrupt != NULL && o->interrupt(o->interrupt_user)) {

@@ -99,6 +99,23 @@ void sl_client_set_streaming(sl_client *c, size_t threshold, size_t chunk);
 void sl_client_streaming(const sl_client *c, size_t *threshold, size_t *chunk, int *no_stream,
                          int *no_stream_backward);
 
+/* Busy polling: a blocking unary call looks for its reply without sleeping (it
+ * polls its completion queue, and with it the sockets) for up to `seconds` before
+ * it sleeps as usual. A reply that comes meanwhile is read by a thread already
+ * running instead of one the kernel has to wake, which on a machine whose idle
+ * CPUs sleep costs tens of microseconds per call. It polls only where it pays:
+ * after a few polls in a row whose reply came later than the window, the client's
+ * calls sleep at once, and poll again only now and then (after 16 calls, then
+ * 32, ... up to 1024) to see whether the replies are quick again; one thread of
+ * the process polls at a time (the others sleep as usual); and a process that may
+ * run on one CPU only (checked here) never polls. 0 turns it off; default SL_BUSY_POLL_DEFAULT
+ * (0 when the environment has SPLITLEARN_BUSY_POLL=0).
+ * Streamed calls and asynchronous calls do not poll. Safe from any thread. */
+#define SL_BUSY_POLL_DEFAULT 200e-6
+void sl_client_set_busy_poll(sl_client *c, double seconds);
+/* The window in seconds (0: off). */
+double sl_client_busy_poll(const sl_client *c);
+
 /* Wait until the channel is ready, at most `timeout` seconds. Returns SL_OK when
  * ready, SL_ETIMEDOUT or SL_EINTR. */
 int sl_client_connect(sl_client *c, double timeout, sl_interrupt_fn interrupt, void *user);

@@ -957,6 +957,40 @@ static PyObject *client_streaming(client_obj *self, PyObject *unused) {
                        (Py_ssize_t)chunk, no0 ? Py_True : Py_False, no1 ? Py_True : Py_False);
 }
 
+/* busy_poll: the window of busy polling in seconds (client.h; 0: off) */
+static PyObject *client_get_busy_poll(client_obj *self, void *closure) {
+  (void)closure;
+  return PyFloat_FromDouble(self->client != NULL ? sl_client_busy_poll(self->client) : 0.0);
+}
+
+static int client_set_busy_poll(client_obj *self, PyObject *value, void *closure) {
+  double seconds;
+  (void)closure;
+  if (value == NULL) {
+    PyErr_SetString(PyExc_AttributeError, "busy_poll cannot be deleted");
+    return -1;
+  }
+  seconds = PyFloat_AsDouble(value);
+  if (seconds == -1.0 && PyErr_Occurred()) return -1;
+  if (!(seconds >= 0 && seconds <= 1.0)) {
+    PyErr_SetString(PyExc_ValueError, "busy_poll must be seconds in [0, 1] (0: off)");
+    return -1;
+  }
+  if (self->client == NULL) {
+    PyErr_SetString(PyExc_ValueError, "the client is closed");
+    return -1;
+  }
+  sl_client_set_busy_poll(self->client, seconds);
+  return 0;
+}
+
+static PyGetSetDef client_getset[] = {
+    {"busy_poll", (getter)client_get_busy_poll, (setter)client_set_busy_poll,
+     "seconds a blocking unary call polls for its reply before it sleeps (0: off; 0 also "
+     "where the process may run on one CPU only)",
+     NULL},
+    {NULL, NULL, NULL, NULL, NULL}};
+
 static PyObject *client_async_in_flight(client_obj *self, PyObject *unused) {
   (void)unused;
   return PyLong_FromSize_t(self->async != NULL ? sl_async_in_flight(self->async) : 0);
@@ -1071,6 +1105,7 @@ static PyType_Slot client_slots[] = {
     {Py_tp_traverse, client_traverse},
     {Py_tp_clear, client_clear},
     {Py_tp_methods, client_methods},
+    {Py_tp_getset, client_getset},
     {Py_tp_doc, "The C client (internal; use splitlearn_comm.GRPCComputeClient)."},
     {0, NULL}};
 

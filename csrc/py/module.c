@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "client.h"
 #include "methods.h"
 #include "retry.h"
 #include "runtime.h"
@@ -247,6 +248,12 @@ static int module_exec(PyObject *m) {
     return -1;
   }
   if (PyModule_AddIntConstant(m, "MAX_NDIM", SL_MAX_NDIM) < 0) return -1;
+  {
+    PyObject *v = PyFloat_FromDouble(SL_BUSY_POLL_DEFAULT);
+    int rc = v != NULL ? PyModule_AddObjectRef(m, "BUSY_POLL", v) : -1;
+    Py_XDECREF(v);
+    if (rc < 0) return -1;
+  }
   return 0;
 }
 
