@@ -347,10 +347,13 @@ def main(argv: List[str]) -> int:
         floor = res["floor"]["p50"]
         lines += [
             f"**{label}**: " + ("every process where the scheduler puts it (the client's "
-                                "and the server's threads wake each other across the CPUs)"
+                                "and the server's threads wake each other across the CPUs; "
+                                "our clients, C and Python, busy-poll for the reply, the "
+                                "floor's client sleeps)"
                                 if label == "spread" else
                                 "every process pinned to one CPU: no cross-CPU wake-ups, so "
-                                "the latency is the length of the path"),
+                                "the latency is the length of the path (nothing busy-polls "
+                                "on one CPU)"),
             "",
             "| stack | what it adds | p50 us | added us | x floor | client side us "
             "| server side us | client CPU us | server CPU us | switches |",
