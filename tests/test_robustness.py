@@ -363,3 +363,55 @@ def test_response_text_field_not_utf8_is_an_rpc_error():
                                                "of ComputeResponse is not valid UTF-8")
     finally:
         server.stop(0)
+
+
+EXIT_WITH_CALLS_IN_FLIGHT = """
+import sys, threading, time
+import numpy as np
+import splitlearn_comm as slc
+
+class Slow(slc.ComputeFunction):
+    def compute(self, x):
+        time.sleep(0.002)
+        return x + 1
+
+server = slc.GRPCComputeServer(Slow(), host="127.0.0.1", port=0, max_workers=4)
+server.start()
+client = slc.GRPCComputeClient(f"127.0.0.1:{server.port}", retry_strategy=None)
+calls = [0]
+
+def call_forever():
+    while True:
+        try:
+            client.compute(np.ones(4))
+            calls[0] += 1
+        except Exception:
+            pass
+
+for _ in range(4):
+    threading.Thread(target=call_forever, daemon=True).start()
+while calls[0] < 50:
+    time.sleep(0.01)
+print("exiting with calls in flight", "torch" in sys.modules, flush=True)
+"""
+
+
+def test_the_interpreter_exits_cleanly_with_calls_in_flight() -> None:
+    """A script that ends while its server serves and its client calls (neither
+    closed): the server's C workers see the interpreter exiting (the atexit flag of
+    slpy_is_finalizing) and stop calling into Python; the process exits at once with
+    status 0, no crash and no hang. The calling threads send NumPy arrays: a daemon
+    thread that frees a torch tensor while the interpreter finalizes aborts the
+    process inside torch itself (THPVariable_clear retakes the GIL and CPython ends
+    the thread by unwinding through C++ frames: "terminate called without an active
+    exception"), whatever library it uses."""
+    import subprocess
+
+    from conftest import PYTHON, subprocess_env
+
+    for _ in range(3):
+        done = subprocess.run([PYTHON, "-c", EXIT_WITH_CALLS_IN_FLIGHT], env=subprocess_env(),
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "exiting with calls in flight" in done.stdout
+        assert "Fatal Python error" not in done.stderr

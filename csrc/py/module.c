@@ -152,8 +152,35 @@ static PyMethodDef module_methods[] = {
      "decode(name, payload, shape, dtype, metadata) -> DLPackTensor (built-in codecs)."},
     {NULL, NULL, 0, NULL}};
 
+atomic_int slpy_exiting; /* slpy.h; set once, by note_exiting */
+
+static PyObject *note_exiting(PyObject *self, PyObject *unused) {
+  (void)self;
+  (void)unused;
+  atomic_store(&slpy_exiting, 1);
+  Py_RETURN_NONE;
+}
+
+static PyMethodDef note_exiting_def = {"_note_exiting", note_exiting, METH_NOARGS,
+                                       "atexit: the interpreter is exiting (slpy.h)"};
+
+/* Register note_exiting with atexit (see slpy_is_finalizing). */
+static int register_exiting(PyObject *m) {
+  PyObject *atexit = PyImport_ImportModule("atexit");
+  PyObject *name = PyModule_GetNameObject(m);
+  PyObject *fn = name != NULL ? PyCFunction_NewEx(&note_exiting_def, NULL, name) : NULL;
+  PyObject *r = NULL;
+  if (atexit != NULL && fn != NULL) r = PyObject_CallMethod(atexit, "register", "O", fn);
+  Py_XDECREF(r);
+  Py_XDECREF(fn);
+  Py_XDECREF(name);
+  Py_XDECREF(atexit);
+  return r != NULL ? 0 : -1;
+}
+
 static int module_exec(PyObject *m) {
   slpy_state *st = slpy_state_of_module(m);
+  if (register_exiting(m) < 0) return -1;
   /* One gRPC reference for the life of the process: servers and clients take and
    * drop their own, and dropping the last one would run gRPC's whole shutdown
    * (joining its executor threads, seconds under load) inside whatever Python

@@ -26,13 +26,19 @@
 #error "splitlearn_comm needs CPython 3.10 or newer (Py_NewRef, PyModule_AddObjectRef)"
 #endif
 
-/* Whether the interpreter has begun finalizing; safe to call without the GIL.
- * Py_IsFinalizing() is public API from CPython 3.13; before that the same
- * function exists only under its private name, so it is used there alone. */
+/* Whether the interpreter is exiting; safe to call without the GIL. `slpy_exiting`
+ * is set by an atexit callback that module_exec registers when _core is imported:
+ * atexit runs its callbacks last registered first, so this one runs after those of
+ * the library and the user (registered later, e.g. a server's stop), and before
+ * the interpreter begins finalizing. From CPython 3.13 the public
+ * Py_IsFinalizing() is asked too (before 3.13 it exists only as private API,
+ * which the extension does not use). */
+#include <stdatomic.h>
+extern atomic_int slpy_exiting;
 #if PY_VERSION_HEX >= 0x030D0000
-#define slpy_is_finalizing() Py_IsFinalizing()
+#define slpy_is_finalizing() (atomic_load(&slpy_exiting) || Py_IsFinalizing())
 #else
-#define slpy_is_finalizing() _Py_IsFinalizing()
+#define slpy_is_finalizing() atomic_load(&slpy_exiting)
 #endif
 
 /* Module state: one per module object (heap types, no static type objects). */
